@@ -1,0 +1,1 @@
+def foo(): return 1

@@ -1,0 +1,1 @@
+"""CS336 assignment 2: systems."""
