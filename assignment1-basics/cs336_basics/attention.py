@@ -77,7 +77,9 @@ class MultiHeadSelfAttention(nn.Module):
         x: Float[Tensor, "... seq d_model"],
         token_positions: Int[Tensor, "... seq"] | None = None,
         kv_cache: KVCache | None = None,
+        key_mask: Bool[Tensor, "batch keys"] | None = None,
     ) -> Float[Tensor, "... seq d_model"]:
+        """`key_mask` (True = real token) hides left-padding from batched decoding."""
         seq_len = x.shape[-2]
         offset = kv_cache.length if kv_cache is not None else 0
         q, k, v = (
@@ -93,9 +95,14 @@ class MultiHeadSelfAttention(nn.Module):
             k, v = kv_cache.append(k, v)
         # Query i sits at absolute index offset + i and sees every key at or before it.
         query_index = torch.arange(offset, offset + seq_len, device=x.device)
-        causal = torch.arange(k.shape[-2], device=x.device) <= query_index[:, None]
+        key_index = torch.arange(k.shape[-2], device=x.device)
+        causal = key_index <= query_index[:, None]
+        if key_mask is not None:
+            # Each query keeps its own key, so padded rows never become all -inf (NaNs would then leak
+            # into later layers through those rows' values).
+            causal = causal & (key_mask[:, None, None, :] | (key_index == query_index[:, None]))
         if self.use_torch_sdpa:
-            if offset == 0 and k.shape[-2] == seq_len:
+            if offset == 0 and k.shape[-2] == seq_len and key_mask is None:
                 out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
             else:
                 out = F.scaled_dot_product_attention(q, k, v, attn_mask=causal)

@@ -24,13 +24,20 @@ def load_tokens(path: str | os.PathLike, dtype: npt.DTypeLike = np.uint16) -> np
 
 
 def get_batch(
-    dataset: npt.NDArray, batch_size: int, context_length: int, device: str | torch.device
+    dataset: npt.NDArray,
+    batch_size: int,
+    context_length: int,
+    device: str | torch.device,
+    generator: torch.Generator | None = None,
 ) -> tuple[Int[Tensor, "batch ctx"], Int[Tensor, "batch ctx"]]:
-    """Samples `batch_size` windows uniformly over every valid start; targets are inputs shifted by one."""
+    """Samples `batch_size` windows uniformly over every valid start; targets are inputs shifted by one.
+
+    Only the sampled windows are read, so `dataset` can be a memory map far larger than RAM.
+    """
     num_starts = len(dataset) - context_length
     if num_starts <= 0:
         raise ValueError(f"dataset of {len(dataset)} tokens is too short for context_length={context_length}")
-    starts = torch.randint(0, num_starts, (batch_size,)).numpy()
+    starts = torch.randint(0, num_starts, (batch_size,), generator=generator).numpy()
     windows = np.asarray(dataset[starts[:, None] + np.arange(context_length + 1)], dtype=np.int64)
     batch = torch.from_numpy(windows)
     device = torch.device(device)

@@ -65,14 +65,15 @@ class TransformerBlock(nn.Module):
         x: Float[Tensor, "batch seq d_model"],
         token_positions: Int[Tensor, "batch seq"] | None = None,
         kv_cache: KVCache | None = None,
+        key_mask: Tensor | None = None,
     ) -> Float[Tensor, "batch seq d_model"]:
         if self.norm == "pre":
-            x = x + self.attn(self.ln1(x), token_positions, kv_cache)
+            x = x + self.attn(self.ln1(x), token_positions, kv_cache, key_mask)
             return x + self.ffn(self.ln2(x))
         if self.norm == "post":
-            x = self.ln1(x + self.attn(x, token_positions, kv_cache))
+            x = self.ln1(x + self.attn(x, token_positions, kv_cache, key_mask))
             return self.ln2(x + self.ffn(x))
-        x = x + self.attn(x, token_positions, kv_cache)
+        x = x + self.attn(x, token_positions, kv_cache, key_mask)
         return x + self.ffn(x)
 
 
@@ -100,8 +101,13 @@ class TransformerLM(nn.Module):
         in_indices: Int[Tensor, "batch seq"],
         token_positions: Int[Tensor, "batch seq"] | None = None,
         kv_caches: list[KVCache] | None = None,
+        key_mask: Tensor | None = None,
     ) -> Float[Tensor, "batch seq vocab"]:
-        """Returns unnormalised next-token logits for every position."""
+        """Unnormalised next-token logits for every position.
+
+        `kv_caches` (from `new_kv_caches`) make decoding incremental; `key_mask` (batch, cached + new keys,
+        True = real token) hides left-padding when prompts of different lengths share a batch.
+        """
         past = kv_caches[0].length if kv_caches else 0
         if past + in_indices.shape[-1] > self.config.context_length:
             raise ValueError(
@@ -110,7 +116,7 @@ class TransformerLM(nn.Module):
             )
         x = self.token_embeddings(in_indices)
         for i, layer in enumerate(self.layers):
-            x = layer(x, token_positions, kv_caches[i] if kv_caches else None)
+            x = layer(x, token_positions, kv_caches[i] if kv_caches else None, key_mask)
         return self.lm_head(self.ln_final(x))
 
     def new_kv_caches(self, batch_size: int, max_len: int | None = None) -> list[KVCache]:
