@@ -1,0 +1,229 @@
+"""FlashAttention-2 as a `torch.autograd.Function` over the Triton kernels in `triton_kernels`.
+
+Tile sizes are autotuned per (head dim, dtype width) from a few configs each (compiles in seconds);
+set CS336_FA2_AUTOTUNE=0 to use the first config of each list without tuning (fast test runs).
+The backward comes in two forms, chosen by CS336_FA2_BWD or `set_backward_mode`:
+"split" (default): one kernel for dK/dV per key tile and one for dQ per query tile, no atomics;
+"atomic": the dK/dV kernel also adds dQ into a float32 buffer with atomics (saves recomputing P and dP).
+float32 inputs multiply on the tensor cores in tf32 (`set_fp32_precision("ieee")` for exact float32).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import torch
+import triton
+from torch import Tensor
+
+from cs336_systems.flash_attention import triton_kernels as tk
+from cs336_systems.flash_attention._common import alloc, as_4d, check_qkv
+
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+MAX_HEAD_DIM = 128
+
+_settings: dict[str, Any] = {
+    "autotune": os.environ.get("CS336_FA2_AUTOTUNE", "1") != "0",
+    "backward": os.environ.get("CS336_FA2_BWD", "split"),
+    "fp32_precision": "tf32",
+}
+
+
+def set_backward_mode(mode: str) -> None:
+    """"split" (dK/dV kernel + dQ kernel) or "atomic" (one kernel, float32 atomic dQ)."""
+    if mode not in ("split", "atomic"):
+        raise ValueError(f"backward mode must be 'split' or 'atomic', not {mode!r}")
+    _settings["backward"] = mode
+
+
+def set_fp32_precision(precision: str) -> None:
+    """How float32 inputs are multiplied: "tf32" (tensor cores, default), "tf32x3" or "ieee"."""
+    if precision not in ("tf32", "tf32x3", "ieee"):
+        raise ValueError(f"unknown precision {precision!r}")
+    _settings["fp32_precision"] = precision
+
+
+def set_autotune(enabled: bool) -> None:
+    _settings["autotune"] = bool(enabled)
+
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages); the first of each list is the untuned default.
+# BLOCK_M is the query tile, BLOCK_N the key tile, in every kernel.
+def _fwd_configs(head_dim: int, wide: bool) -> list[tuple[int, int, int, int]]:
+    if wide:  # float32: twice the shared memory per tile
+        if head_dim <= 64:
+            return [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 3)]
+        return [(64, 32, 4, 2), (64, 64, 4, 2), (128, 32, 8, 2)]
+    if head_dim <= 64:
+        return [(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3)]
+    return [(128, 64, 8, 3), (128, 64, 4, 2), (128, 128, 8, 2), (64, 64, 4, 3)]
+
+
+def _dkdv_configs(head_dim: int, wide: bool) -> list[tuple[int, int, int, int]]:
+    if wide:
+        if head_dim <= 64:
+            return [(32, 64, 4, 2), (64, 64, 8, 2), (32, 128, 8, 2)]
+        return [(32, 64, 4, 2), (32, 64, 8, 2), (16, 64, 4, 2)]
+    if head_dim <= 64:
+        return [(64, 128, 8, 2), (32, 128, 4, 3), (64, 128, 4, 3), (64, 64, 4, 3)]
+    return [(64, 128, 8, 2), (32, 128, 8, 2), (64, 64, 4, 2), (32, 64, 4, 3)]
+
+
+def _dq_configs(head_dim: int, wide: bool) -> list[tuple[int, int, int, int]]:
+    if wide:
+        if head_dim <= 64:
+            return [(64, 32, 4, 2), (64, 64, 8, 2), (32, 32, 4, 2)]
+        return [(64, 32, 4, 2), (32, 32, 4, 2), (64, 32, 8, 2)]
+    if head_dim <= 64:
+        return [(128, 64, 8, 2), (128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 4, 3)]
+    return [(128, 64, 8, 2), (64, 64, 4, 2), (128, 32, 8, 2), (64, 32, 4, 3)]
+
+
+_CONFIG_LISTS = {"fwd": _fwd_configs, "dkdv": _dkdv_configs, "dq": _dq_configs}
+_KERNELS = {"fwd": tk.flash_fwd_kernel, "dkdv": tk.flash_bwd_dkdv_kernel, "dq": tk.flash_bwd_dq_kernel}
+_tuned_cache: dict[tuple, Any] = {}
+
+
+def _launch(kind: str, grid_rows: int, n_bh: int, head_dim: int, wide: bool, args: tuple, consts: dict) -> None:
+    """Launch kernel `kind` on a (cdiv(grid_rows, tile), batch·heads) grid, autotuned or with the default tiles."""
+    configs = _CONFIG_LISTS[kind](head_dim, wide)
+    tile_of_grid = "BLOCK_N" if kind == "dkdv" else "BLOCK_M"
+
+    def grid(meta):
+        return (triton.cdiv(grid_rows, meta[tile_of_grid]), n_bh)
+
+    if _settings["autotune"] and len(configs) > 1:
+        key = (kind, head_dim, wide, consts.get("ATOMIC_DQ", False))
+        kernel = _tuned_cache.get(key)
+        if kernel is None:
+            kernel = triton.autotune(
+                configs=[
+                    triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in configs
+                ],
+                key=["N_QUERIES", "N_KEYS", "IS_CAUSAL"],
+                reset_to_zero=["DQ_ACC"] if consts.get("ATOMIC_DQ", False) else None,
+            )(_KERNELS[kind])
+            _tuned_cache[key] = kernel
+        kernel[grid](*args, **consts)
+    else:
+        m, n, w, s = configs[0]
+        _KERNELS[kind][grid](*args, **consts, BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s)
+
+
+def _padded_head_dim(d: int) -> int:
+    if d > MAX_HEAD_DIM:
+        raise ValueError(f"head dimension {d} > {MAX_HEAD_DIM} is not supported by the Triton kernels")
+    return max(16, triton.next_power_of_2(d))
+
+
+def _prep(x: Tensor, d_pad: int) -> Tensor:
+    """(b, s, d) or (b, h, s, d) → (b, h, s, d_pad) view (a zero-padded copy only when d is not a power of 2)."""
+    x = as_4d(x)
+    if x.shape[-1] != d_pad:
+        x = torch.nn.functional.pad(x, (0, d_pad - x.shape[-1]))
+    return x
+
+
+def _strides(x: Tensor) -> tuple[int, ...]:
+    return tuple(x.stride())
+
+
+def _precision(dtype: torch.dtype) -> str:
+    return _settings["fp32_precision"] if dtype == torch.float32 else "tf32"
+
+
+def flash_forward(q: Tensor, k: Tensor, v: Tensor, is_causal: bool) -> tuple[Tensor, Tensor]:
+    """O (q's shape and dtype) and L (q.shape[:-1], float32) via the Triton forward kernel."""
+    d = q.shape[-1]
+    d_pad = _padded_head_dim(d)
+    q4, k4, v4 = _prep(q, d_pad), _prep(k, d_pad), _prep(v, d_pad)
+    b, h, n_q, _ = q4.shape
+    n_k = k4.shape[2]
+    o4 = alloc((b, h, n_q, d_pad), like=q4)
+    lse = alloc((b, h, n_q), like=q4, dtype=torch.float32)
+    args = (
+        q4, k4, v4, o4, lse,
+        *_strides(q4), *_strides(k4), *_strides(v4), *_strides(o4), *_strides(lse),
+        h, n_q, n_k, 1.0 / math.sqrt(d),
+    )
+    consts = {"HEAD_DIM": d_pad, "IS_CAUSAL": bool(is_causal), "PRECISION": _precision(q.dtype)}
+    _launch("fwd", n_q, b * h, d_pad, q.dtype == torch.float32, args, consts)
+    o = o4[..., :d] if d_pad != d else o4
+    if q.ndim == 3:
+        o, lse = o.squeeze(1), lse.squeeze(1)
+    return o, lse
+
+
+def flash_backward(
+    q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, grad_o: Tensor, is_causal: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """dQ, dK, dV in the inputs' dtype: D = rowsum(dO ∘ O), then the dK/dV and dQ kernels."""
+    d = q.shape[-1]
+    d_pad = _padded_head_dim(d)
+    q4, k4, v4, o4, do4 = (_prep(x, d_pad) for x in (q, k, v, o, grad_o))
+    b, h, n_q, _ = q4.shape
+    n_k = k4.shape[2]
+    lse = lse.reshape(b * h, n_q).contiguous()
+    wide = q.dtype == torch.float32
+    precision = _precision(q.dtype)
+    sm_scale = 1.0 / math.sqrt(d)
+
+    delta = alloc((b * h, n_q), like=q4, dtype=torch.float32)
+    pre_block = 64
+    tk.flash_bwd_preprocess_kernel[(triton.cdiv(n_q, pre_block), b * h)](
+        o4, do4, delta, *_strides(o4), *_strides(do4), h, n_q, HEAD_DIM=d_pad, BLOCK_M=pre_block, num_warps=4
+    )
+
+    dq4 = alloc((b, h, n_q, d_pad), like=q4)
+    dk4 = alloc((b, h, n_k, d_pad), like=k4)
+    dv4 = alloc((b, h, n_k, d_pad), like=v4)
+    atomic = _settings["backward"] == "atomic"
+    dq_acc = torch.zeros((b * h, n_q, d_pad), dtype=torch.float32, device=q.device) if atomic else dk4
+    args = (
+        q4, k4, v4, do4, lse, delta, dk4, dv4, dq_acc,
+        *_strides(q4), *_strides(k4), *_strides(v4), *_strides(do4), *_strides(dk4), *_strides(dv4),
+        h, n_q, n_k, sm_scale,
+    )
+    consts = {"HEAD_DIM": d_pad, "IS_CAUSAL": bool(is_causal), "ATOMIC_DQ": atomic, "PRECISION": precision}
+    _launch("dkdv", n_k, b * h, d_pad, wide, args, consts)
+    if atomic:
+        tk.flash_bwd_dq_convert_kernel[(triton.cdiv(n_q, pre_block), b * h)](
+            dq_acc, dq4, *_strides(dq4), h, n_q, HEAD_DIM=d_pad, BLOCK_M=pre_block, num_warps=4
+        )
+    else:
+        args = (
+            q4, k4, v4, do4, lse, delta, dq4,
+            *_strides(q4), *_strides(k4), *_strides(v4), *_strides(do4), *_strides(dq4),
+            h, n_q, n_k, sm_scale,
+        )
+        consts = {"HEAD_DIM": d_pad, "IS_CAUSAL": bool(is_causal), "PRECISION": precision}
+        _launch("dq", n_q, b * h, d_pad, wide, args, consts)
+
+    grads = []
+    for g, like in ((dq4, q), (dk4, k), (dv4, v)):
+        g = g[..., :d] if d_pad != d else g
+        grads.append(g.squeeze(1) if like.ndim == 3 else g)
+    return grads[0], grads[1], grads[2]
+
+
+class FlashAttentionTriton(torch.autograd.Function):
+    """`FlashAttentionTriton.apply(q, k, v, is_causal=False)` on CUDA tensors of shape (b, s, d) or (b, h, s, d);
+    saves Q, K, V, O and L (shape q.shape[:-1], float32)."""
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, is_causal: bool = False) -> Tensor:
+        check_qkv(q, k, v, allowed_dtypes=SUPPORTED_DTYPES)
+        if q.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError(f"the Triton FlashAttention needs CUDA tensors; got {q.device}")
+        o, lse = flash_forward(q, k, v, bool(is_causal))
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.is_causal = bool(is_causal)
+        return o
+
+    @staticmethod
+    def backward(ctx, grad_o: Tensor):
+        q, k, v, o, lse = ctx.saved_tensors
+        dq, dk, dv = flash_backward(q, k, v, o, lse, grad_o, ctx.is_causal)
+        return dq, dk, dv, None

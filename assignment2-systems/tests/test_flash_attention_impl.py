@@ -1,0 +1,218 @@
+"""FlashAttention-2 (PyTorch and Triton) against a float64 dense reference on fresh random inputs.
+
+Every run allocates outputs prefilled with NaN (`poisoned_outputs`), so an unwritten tile fails the test.
+Errors are relative Frobenius norms ‖out − ref‖ / ‖ref‖ (per tensor), with bounds set by the arithmetic:
+float32 accumulation ≪ 1e-4; Triton float32 via tf32 tensor cores ~1e-3; bf16 operands a few 1e-3.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from cs336_systems.flash_attention import FlashAttentionPytorch, attention_with_lse, poisoned_outputs
+
+CUDA = torch.cuda.is_available()
+needs_cuda = pytest.mark.skipif(not CUDA, reason="the Triton kernels need a CUDA GPU")
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def _inputs(shape_q, n_k, dtype, device, seed=None):
+    gen = torch.Generator(device="cpu")
+    gen.manual_seed(seed if seed is not None else int.from_bytes(os.urandom(4), "little"))
+    *lead, _, d = shape_q
+
+    def rnd(*s):
+        return torch.randn(*s, generator=gen).to(device=device, dtype=dtype).requires_grad_()
+
+    return rnd(*shape_q), rnd(*lead, n_k, d), rnd(*lead, n_k, d), torch.randn(*shape_q, generator=gen).to(device, dtype)
+
+
+def _check(fn, shape_q, n_k, causal, dtype, device, tol_out, tol_grad):
+    q, k, v, do = _inputs(shape_q, n_k, dtype, device)
+    with poisoned_outputs():
+        o = fn(q, k, v, causal)
+        saved = [t for t in o.grad_fn.saved_tensors if t.shape == q.shape[:-1]]
+        grads = torch.autograd.grad(o, (q, k, v), do)
+    assert len(saved) == 1, "forward must save exactly one tensor shaped like q without its last dim (L)"
+    lse = saved[0]
+    q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
+    o_ref, lse_ref = attention_with_lse(q64, k64, v64, causal)
+    grads_ref = torch.autograd.grad(o_ref, (q64, k64, v64), do.double())
+
+    assert o.dtype == dtype and o.shape == q.shape
+    for name, t in [("O", o), ("L", lse), ("dQ", grads[0]), ("dK", grads[1]), ("dV", grads[2])]:
+        assert torch.isfinite(t).all(), f"{name} has NaN/inf: an unwritten tile or an overflow"
+    assert all(g.dtype == dtype for g in grads)
+    assert _rel(o, o_ref) < tol_out, f"O rel err {_rel(o, o_ref):.2e}"
+    assert (lse.double() - lse_ref).abs().max().item() < 10 * tol_out, "L differs"
+    for name, g, gr in zip(("dQ", "dK", "dV"), grads, grads_ref, strict=True):
+        assert _rel(g, gr) < tol_grad, f"{name} rel err {_rel(g, gr):.2e}"
+
+
+# ---------------------------------------------------------------------------------------------- PyTorch, CPU
+
+CPU_CASES = [
+    # (q shape, n_keys) — sequence lengths off the 64-tile grid, 3-D and 4-D, n_q ≠ n_k
+    ((2, 67, 16), 67),
+    ((1, 130, 64), 130),
+    ((2, 2, 45, 128), 45),
+    ((1, 3, 100, 32), 161),
+    ((1, 150, 64), 37),
+]
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize(("shape_q", "n_k"), CPU_CASES)
+def test_pytorch_flash_float32(shape_q, n_k, causal):
+    _check(FlashAttentionPytorch.apply, shape_q, n_k, causal, torch.float32, "cpu", 1e-5, 1e-5)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_pytorch_flash_bfloat16(causal):
+    _check(FlashAttentionPytorch.apply, (2, 83, 64), 83, causal, torch.bfloat16, "cpu", 1.5e-2, 2e-2)
+
+
+def test_pytorch_flash_small_tiles_skip_causal_tiles():
+    """Tiles of 16 × 32 make many key tiles invisible to early query tiles: the skipping must not lose rows."""
+    old = FlashAttentionPytorch.q_tile, FlashAttentionPytorch.k_tile, FlashAttentionPytorch.backward_k_tile
+    FlashAttentionPytorch.q_tile, FlashAttentionPytorch.k_tile, FlashAttentionPytorch.backward_k_tile = 16, 32, 16
+    try:
+        _check(FlashAttentionPytorch.apply, (1, 2, 99, 32), 99, True, torch.float64, "cpu", 1e-10, 1e-10)
+    finally:
+        FlashAttentionPytorch.q_tile, FlashAttentionPytorch.k_tile, FlashAttentionPytorch.backward_k_tile = old
+
+
+@pytest.mark.parametrize(
+    ("q", "k", "v", "error"),
+    [
+        (torch.zeros(2, 8, 16), torch.zeros(2, 8, 32), torch.zeros(2, 8, 32), ValueError),
+        (torch.zeros(2, 8, 16), torch.zeros(3, 8, 16), torch.zeros(3, 8, 16), ValueError),
+        (torch.zeros(2, 8, 16), torch.zeros(2, 8, 16), torch.zeros(2, 9, 16), ValueError),
+        (torch.zeros(8, 16), torch.zeros(8, 16), torch.zeros(8, 16), ValueError),
+        (torch.zeros(2, 8, 16), torch.zeros(2, 8, 16, dtype=torch.float64), torch.zeros(2, 8, 16), TypeError),
+        (torch.zeros(2, 8, 16, dtype=torch.long),) * 3 + (TypeError,),
+    ],
+)
+def test_bad_inputs_raise(q, k, v, error):
+    with pytest.raises(error):
+        FlashAttentionPytorch.apply(q, k, v, False)
+
+
+# ---------------------------------------------------------------------------------------------- Triton kernels on CPU
+
+
+def test_triton_kernels_in_interpreter():
+    """The Triton kernels' indexing and masking, run by Triton's CPU interpreter in a child process
+    (TRITON_INTERPRET must be set before the kernels are defined). Both backward forms, ragged tiles."""
+    pytest.importorskip("triton")
+    code = textwrap.dedent(
+        """
+        import torch
+        from cs336_systems.flash_attention import FlashAttentionTriton, attention_with_lse, poisoned_outputs
+        from cs336_systems.flash_attention import triton_impl
+        for mode, shape, n_k in [("split", (1, 2, 75, 32), 75), ("atomic", (1, 90, 16), 40)]:
+            triton_impl.set_backward_mode(mode)
+            for causal in (False, True):
+                q = torch.randn(shape, requires_grad=True)
+                k = torch.randn(*shape[:-2], n_k, shape[-1], requires_grad=True)
+                v = torch.randn_like(k, requires_grad=True)
+                do = torch.randn(shape)
+                with poisoned_outputs():
+                    o = FlashAttentionTriton.apply(q, k, v, causal)
+                    g = torch.autograd.grad(o, (q, k, v), do)
+                q2, k2, v2 = (x.detach().double().requires_grad_() for x in (q, k, v))
+                o2, _ = attention_with_lse(q2, k2, v2, causal)
+                g2 = torch.autograd.grad(o2, (q2, k2, v2), do.double())
+                for a, b in zip((o, *g), (o2, *g2)):
+                    err = ((a.double() - b).norm() / b.norm()).item()
+                    assert err < 1e-5, (mode, causal, err)
+        print("ok")
+        """
+    )
+    env = dict(os.environ, TRITON_INTERPRET="1", CS336_FA2_AUTOTUNE="0")
+    root = Path(__file__).resolve().parents[1]
+    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
+
+
+# ---------------------------------------------------------------------------------------------- Triton, GPU
+
+GPU_CASES = [
+    ((2, 1000, 16), 1000),
+    ((1, 4, 333, 64), 333),
+    ((2, 2, 517, 128), 517),
+    ((1, 2, 200, 64), 700),
+    ((1, 700, 64), 129),
+    ((1, 2, 257, 80), 257),  # head dim that is not a power of two: zero-padded to 128
+]
+
+
+def _triton():
+    from cs336_systems.flash_attention import FlashAttentionTriton
+
+    return FlashAttentionTriton.apply
+
+
+@needs_cuda
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize(("shape_q", "n_k"), GPU_CASES)
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 4e-3), (torch.bfloat16, 1.5e-2)])
+def test_triton_flash(shape_q, n_k, causal, dtype, tol):
+    _check(_triton(), shape_q, n_k, causal, dtype, "cuda", tol, 2 * tol)
+
+
+@needs_cuda
+@pytest.mark.parametrize("mode", ["split", "atomic"])
+def test_triton_backward_modes(mode):
+    from cs336_systems.flash_attention import triton_impl
+
+    old = triton_impl._settings["backward"]
+    triton_impl.set_backward_mode(mode)
+    try:
+        for causal in (False, True):
+            _check(_triton(), (1, 3, 777, 64), 777, causal, torch.bfloat16, "cuda", 1.5e-2, 3e-2)
+    finally:
+        triton_impl.set_backward_mode(old)
+
+
+@needs_cuda
+def test_triton_repeatable():
+    """Same inputs twice give bitwise the same outputs and gradients (the split backward has no atomics):
+    a moving result would mean a race."""
+    from cs336_systems.flash_attention import triton_impl
+
+    old = triton_impl._settings["backward"]
+    triton_impl.set_backward_mode("split")
+    try:
+        q, k, v, do = _inputs((1, 4, 1500, 64), 1500, torch.bfloat16, "cuda")
+        runs = []
+        for _ in range(2):
+            o = _triton()(q, k, v, True)
+            runs.append((o, *torch.autograd.grad(o, (q, k, v), do)))
+        for a, b in zip(*runs, strict=True):
+            assert torch.equal(a, b)
+    finally:
+        triton_impl.set_backward_mode(old)
+
+
+@needs_cuda
+def test_triton_rejects_cpu_and_long_heads():
+    q = torch.randn(1, 16, 16)
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        with pytest.raises(ValueError):
+            _triton()(q, q, q, False)
+    big = torch.randn(1, 16, 256, device="cuda")
+    with pytest.raises(ValueError):
+        _triton()(big, big, big, False)
