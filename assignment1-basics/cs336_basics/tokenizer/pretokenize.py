@@ -138,7 +138,7 @@ def _find_from(file: BinaryIO, position: int, token: bytes, scan_bytes: int) -> 
         index = data.find(token)
         if index >= 0:
             return position - len(tail) + index
-        tail = data[len(data) - len(token) + 1 :] if len(token) > 1 else b""
+        tail = data[max(0, len(data) - len(token) + 1) :]
         position += len(block)
     return None
 
