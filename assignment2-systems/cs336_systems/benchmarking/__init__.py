@@ -1,0 +1,1 @@
+"""Benchmarks of cs336_systems components (timed on a GPU; reports rendered anywhere)."""

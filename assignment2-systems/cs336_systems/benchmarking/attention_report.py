@@ -1,0 +1,131 @@
+"""Markdown tables and a figure from the JSON that `benchmarking.attention` writes (no GPU needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+LABELS = {
+    "triton": "ours, Triton",
+    "triton_atomic": "ours, Triton (atomic dQ)",
+    "pytorch_fa2": "ours, PyTorch",
+    "naive": "naive PyTorch",
+    "sdpa_flash": "SDPA flash",
+    "sdpa_cudnn": "SDPA cuDNN",
+    "sdpa_efficient": "SDPA efficient",
+}
+
+
+def _cell(row: dict[str, Any], key: str) -> str:
+    return f"{row[key]:.3f}" if row.get("status") == "ok" else "—"
+
+
+def _status_note(row: dict[str, Any]) -> str:
+    s = row.get("status", "")
+    return "" if s == "ok" else s.split(":")[0]
+
+
+def markdown(results: dict[str, Any]) -> str:
+    env = results.get("env", {})
+    lines = [
+        "# FlashAttention-2 benchmark",
+        "",
+        f"{env.get('gpu', '?')}, torch {env.get('torch', '?')}, Triton {env.get('triton', '?')}, "
+        f"{env.get('date', '')}. Median of `triton.testing.do_bench` runs, milliseconds; backward = "
+        "`torch.autograd.grad` on a retained graph; forward runs with autograd on.",
+        "",
+    ]
+    lb = results.get("leaderboard")
+    if lb:
+        s = lb["shape"]
+        lines += [
+            f"## Leaderboard shape: batch {s['batch']}, {s['heads']} heads, seq {s['seq']}, d_head {s['d']}, "
+            f"{s['dtype']}, causal={s['causal']}",
+            "",
+            "| implementation | forward ms | backward ms | forward+backward ms | fwd+bwd TFLOP/s | note |",
+            "|---|---:|---:|---:|---:|---|",
+        ]
+        for row in lb["rows"]:
+            tf = f"{row['tflops']['fwd_bwd']:.0f}" if "tflops" in row else "—"
+            lines.append(
+                f"| {LABELS.get(row['impl'], row['impl'])} | {_cell(row, 'fwd')} | {_cell(row, 'bwd')} | "
+                f"{_cell(row, 'fwd_bwd')} | {tf} | {_status_note(row)} |"
+            )
+        harness = lb.get("course_harness_ms")
+        if harness is not None:
+            val = f"{harness:.3f} ms" if isinstance(harness, float) else harness
+            lines += ["", f"Course leaderboard harness (`torch.compile(apply)`, 3-D (16, 16384, 64), "
+                      f"`o.sum().backward()`), ours: {val}."]
+        if lb.get("checks"):
+            lines += ["", "Agreement on fresh inputs (relative Frobenius error, bf16):", ""]
+            for name, errs in lb["checks"].items():
+                parts = ", ".join(f"{k} {v:.1e}" for k, v in errs.items() if not k.endswith("_finite"))
+                lines.append(f"- {name}: {parts}")
+        lines.append("")
+    grid = results.get("grid")
+    if grid:
+        impls = list(dict.fromkeys(r["impl"] for r in grid))
+        lines += [
+            f"## Grid ({results.get('grid_name', '')}): batch 1, one head, causal; cells are forward / backward / "
+            "forward+backward ms",
+            "",
+        ]
+        for dtype in dict.fromkeys(r["dtype"] for r in grid):
+            lines += [
+                f"### {dtype}",
+                "",
+                "| d | seq | " + " | ".join(LABELS.get(i, i) for i in impls) + " |",
+                "|---:|---:|" + "---|" * len(impls),
+            ]
+            keys = list(dict.fromkeys((r["d"], r["seq"]) for r in grid if r["dtype"] == dtype))
+            for d, seq in keys:
+                cells = []
+                for impl in impls:
+                    row = next(
+                        r for r in grid if r["dtype"] == dtype and r["d"] == d and r["seq"] == seq and r["impl"] == impl
+                    )
+                    if row.get("status") == "ok":
+                        cells.append(f"{row['fwd']:.3g} / {row['bwd']:.3g} / {row['fwd_bwd']:.3g}")
+                    else:
+                        cells.append(_status_note(row) or "—")
+                lines.append(f"| {d} | {seq} | " + " | ".join(cells) + " |")
+            lines.append("")
+    return "\n".join(lines)
+
+
+def figure(results: dict[str, Any], path: Path) -> bool:
+    """Forward+backward time against sequence length, one panel per (dtype, d); False when there is no grid."""
+    grid = results.get("grid")
+    if not grid:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = list(dict.fromkeys((r["dtype"], r["d"]) for r in grid))
+    dtypes = list(dict.fromkeys(p[0] for p in panels))
+    dims = list(dict.fromkeys(p[1] for p in panels))
+    fig, axes = plt.subplots(len(dtypes), len(dims), figsize=(4 * len(dims), 3.4 * len(dtypes)), squeeze=False)
+    for (dtype, d), ax in zip(
+        [(t, d) for t in dtypes for d in dims], [a for row in axes for a in row], strict=True
+    ):
+        for impl in dict.fromkeys(r["impl"] for r in grid):
+            pts = sorted(
+                (r["seq"], r["fwd_bwd"])
+                for r in grid
+                if r["dtype"] == dtype and r["d"] == d and r["impl"] == impl and r.get("status") == "ok"
+            )
+            if pts:
+                ax.plot(*zip(*pts, strict=True), marker="o", ms=3, label=LABELS.get(impl, impl))
+        ax.set(xscale="log", yscale="log", title=f"{dtype}, d={d}", xlabel="sequence length")
+        ax.set_xscale("log", base=2)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("forward+backward ms")
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(f"Causal attention, batch 1 ({results.get('env', {}).get('gpu', '')})")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
