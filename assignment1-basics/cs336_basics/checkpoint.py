@@ -51,7 +51,13 @@ def save_checkpoint(
 def load_checkpoint_state(src: PathOrFile, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     if isinstance(src, str | os.PathLike) and not os.path.isfile(src):
         raise FileNotFoundError(f"checkpoint not found: {os.fspath(src)}")
-    state = torch.load(src, map_location=map_location, weights_only=True)
+    try:
+        state = torch.load(src, map_location=map_location, weights_only=True)
+    except Exception as e:  # truncated zip, foreign pickle, disallowed global: all mean "not loadable"
+        name = os.fspath(src) if isinstance(src, str | os.PathLike) else "checkpoint stream"
+        raise ValueError(f"cannot read checkpoint {name}: {str(e).splitlines()[0]}") from e
+    if not isinstance(state, dict):
+        raise ValueError("not a cs336 checkpoint: expected a dict")
     missing = {"model", "optimizer", "iteration"} - set(state)
     if missing:
         raise ValueError(f"not a cs336 checkpoint: missing {sorted(missing)}")

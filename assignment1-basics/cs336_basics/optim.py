@@ -37,6 +37,7 @@ class AdamW(torch.optim.Optimizer):
                 loss = closure()
         for group in self.param_groups:
             lr, (beta1, beta2), eps, weight_decay = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+            params, grads, exp_avgs, exp_avg_sqs, step_sizes = [], [], [], [], []
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -49,12 +50,21 @@ class AdamW(torch.optim.Optimizer):
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["step"] += 1
                 t = state["step"]
-                m, v = state["exp_avg"], state["exp_avg_sq"]
-                p.mul_(1.0 - lr * weight_decay)
-                m.lerp_(p.grad, 1.0 - beta1)
-                v.mul_(beta2).addcmul_(p.grad, p.grad, value=1.0 - beta2)
-                step_size = lr * math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t)
-                p.addcdiv_(m, v.sqrt().add_(eps), value=-step_size)
+                params.append(p)
+                grads.append(p.grad)
+                exp_avgs.append(state["exp_avg"])
+                exp_avg_sqs.append(state["exp_avg_sq"])
+                step_sizes.append(-lr * math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t))
+            if not params:
+                continue
+            # The same update as a per-parameter loop, as a few multi-tensor kernels (far fewer launches).
+            torch._foreach_mul_(params, 1.0 - lr * weight_decay)
+            torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
+            torch._foreach_mul_(exp_avg_sqs, beta2)
+            torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
+            denominators = torch._foreach_sqrt(exp_avg_sqs)
+            torch._foreach_add_(denominators, eps)
+            torch._foreach_addcdiv_(params, exp_avgs, denominators, step_sizes)
         return loss
 
 

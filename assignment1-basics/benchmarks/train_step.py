@@ -1,0 +1,127 @@
+"""Training-step time of our TransformerLM vs the same network built from HF transformers' LlamaForCausalLM.
+
+Both models get the same shape, dtype policy (fp32 weights, bf16 autocast), attention kernel (PyTorch SDPA),
+loss, optimizer (our AdamW) and compile setting; one step = forward + backward + clip + AdamW.
+
+    python assignment1-basics/benchmarks/train_step.py --out assignment1-basics/benchmarks/results/train_step_h100.json
+"""
+
+import argparse
+import json
+import platform
+import time
+
+import torch
+
+from cs336_basics.model import TransformerLM
+from cs336_basics.nn_utils import cross_entropy
+from cs336_basics.optim import AdamW, clip_gradients
+from cs336_basics.training.config import config_from_preset
+from cs336_basics.training.metrics import peak_flops, training_flops_per_token
+
+
+def build_llama(model_config, device):
+    import transformers
+
+    c = model_config
+    config = transformers.LlamaConfig(
+        vocab_size=c.vocab_size, hidden_size=c.d_model, intermediate_size=c.d_ff, num_hidden_layers=c.num_layers,
+        num_attention_heads=c.num_heads, num_key_value_heads=c.num_heads, max_position_embeddings=c.context_length,
+        rms_norm_eps=c.rmsnorm_eps, rope_theta=c.rope_theta, tie_word_embeddings=False, attention_bias=False,
+        mlp_bias=False, attn_implementation="sdpa")
+    return transformers.LlamaForCausalLM(config).to(device)
+
+
+def time_steps(forward, model, batch, steps: int, warmup: int, compile_model: bool) -> list[float]:
+    optimizer = AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
+    fn = torch.compile(forward) if compile_model else forward
+    x, y = batch
+    times = []
+    for i in range(warmup + steps):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = cross_entropy(fn(x), y)
+        loss.backward()
+        clip_gradients(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return times
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="tinystories-17m")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--figure", default=None)
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("this benchmark needs a CUDA GPU")
+    torch.backends.cuda.matmul.allow_tf32 = True
+    device = torch.device("cuda")
+    config = config_from_preset(args.preset, batch_size=args.batch_size, use_torch_sdpa=True)
+    mc = config.model_config()
+    gen = torch.Generator(device=device).manual_seed(0)
+    ids = torch.randint(0, mc.vocab_size, (args.batch_size, mc.context_length + 1), device=device, generator=gen)
+    batch = (ids[:, :-1], ids[:, 1:])
+    tokens = args.batch_size * mc.context_length
+    peak = peak_flops(device, "bf16", True)
+    rows = []
+    for compile_model in (False, True):
+        for name in ("ours", "hf-llama"):
+            torch.manual_seed(0)
+            if name == "ours":
+                model = TransformerLM(mc, device=device)
+                flops = training_flops_per_token(model)
+                forward = model
+            else:
+                model = build_llama(mc, device)
+                forward = lambda x, m=model: m(input_ids=x).logits
+            times = time_steps(forward, model, batch, args.steps, args.warmup, compile_model)
+            mean = sum(times) / len(times)
+            std = (sum((t - mean) ** 2 for t in times) / len(times)) ** 0.5
+            row = {"model": name, "compile": compile_model, "ms_per_step": mean * 1e3, "std_ms": std * 1e3,
+                   "tokens_per_s": tokens / mean, "mfu": tokens / mean * flops / peak if peak else None,
+                   "params": sum(p.numel() for p in model.parameters())}
+            rows.append(row)
+            print(f"{name:9s} compile={compile_model!s:5s} {row['ms_per_step']:7.2f} ± {row['std_ms']:.2f} ms  "
+                  f"{row['tokens_per_s']:,.0f} tok/s  MFU {row['mfu'] or 0:.1%}", flush=True)
+            del model, forward
+            torch.cuda.empty_cache()
+    ratios = {}
+    for compile_model in (False, True):
+        ours, hf = (next(r for r in rows if r["model"] == m and r["compile"] == compile_model)
+                    for m in ("ours", "hf-llama"))
+        ratios[f"compile={compile_model}"] = ours["ms_per_step"] / hf["ms_per_step"]
+    print("ours / HF step time:", {k: round(v, 3) for k, v in ratios.items()})
+    result = {"preset": args.preset, "batch_size": args.batch_size, "context_length": mc.context_length,
+              "device": torch.cuda.get_device_name(device), "torch": torch.__version__,
+              "python": platform.python_version(), "flops_per_token": flops, "peak_flops": peak,
+              "rows": rows, "ours_over_hf": ratios}
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=2)
+    if args.figure:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        labels = [f"{r['model']}\n{'compiled' if r['compile'] else 'eager'}" for r in rows]
+        bars = ax.bar(labels, [r["ms_per_step"] for r in rows], color=["C0", "C1", "C0", "C1"])
+        ax.bar_label(bars, fmt="%.1f ms")
+        ax.set_ylabel("ms per training step")
+        ax.set_title(f"{args.preset}, batch {args.batch_size}×{mc.context_length}, bf16, {result['device']}",
+                     fontsize=9)
+        fig.tight_layout()
+        fig.savefig(args.figure, dpi=120)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,3 @@
+from cs336_basics.cli import main
+
+raise SystemExit(main())

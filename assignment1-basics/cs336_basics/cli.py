@@ -1,0 +1,252 @@
+"""`cs336-basics`: train a tokenizer, encode text, train and sample a language model, plot, quickstart."""
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+import typing
+
+from cs336_basics.training.config import PRESETS, TrainConfig
+
+DEFAULT_SPECIAL = "<|endoftext|>"
+
+
+def _peak_rss_mb() -> float:
+    import resource
+
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB on Linux
+    return max(own, children) * scale / 2**20
+
+
+def _existing_file(path: str) -> str:
+    if not os.path.isfile(path):
+        raise argparse.ArgumentTypeError(f"no such file: {path}")
+    return path
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+# ---------------------------------------------------------------------------------------------- tokenizer
+def cmd_train_tokenizer(args) -> dict:
+    from cs336_basics.tokenizer import save_tokenizer, train_bpe
+
+    start = time.perf_counter()
+    vocab, merges = train_bpe(args.input, args.vocab_size, args.special_token, num_workers=args.workers,
+                              progress=True)
+    seconds = time.perf_counter() - start
+    save_tokenizer(vocab, merges, args.out_dir)
+    longest = max(vocab.values(), key=len)
+    report = {"vocab_size": len(vocab), "merges": len(merges), "seconds": round(seconds, 3),
+              "peak_rss_mb": round(_peak_rss_mb(), 1), "longest_token": longest.decode("utf-8", "replace"),
+              "longest_token_bytes": len(longest), "out_dir": args.out_dir}
+    print(json.dumps(report, ensure_ascii=False))
+    return report
+
+
+def _load_tokenizer(tokenizer_dir: str, special_tokens: list[str]):
+    from cs336_basics.tokenizer import Tokenizer
+
+    vocab_path, merges_path = (os.path.join(tokenizer_dir, name) for name in ("vocab.json", "merges.txt"))
+    for path in (vocab_path, merges_path):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path} not found (run `cs336-basics train-tokenizer --out-dir {tokenizer_dir}`)")
+    return Tokenizer.from_files(vocab_path, merges_path, special_tokens)
+
+
+def cmd_encode(args) -> dict:
+    from cs336_basics.encode import encode_file
+
+    tokenizer = _load_tokenizer(args.tokenizer, args.special_token)
+    start = time.perf_counter()
+    num_tokens = encode_file(tokenizer, args.input, args.output, num_workers=args.workers, progress=True)
+    seconds = time.perf_counter() - start
+    num_bytes = os.path.getsize(args.input)
+    report = {"tokens": num_tokens, "bytes": num_bytes, "bytes_per_token": round(num_bytes / max(num_tokens, 1), 3),
+              "seconds": round(seconds, 3), "mb_per_s": round(num_bytes / 1e6 / seconds, 3), "output": args.output}
+    print(json.dumps(report))
+    return report
+
+
+# ---------------------------------------------------------------------------------------------- training
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field; defaults stay None so a preset's values show through."""
+    hints = typing.get_type_hints(TrainConfig)
+    for field in dataclasses.fields(TrainConfig):
+        flag = "--" + field.name.replace("_", "-")
+        hint = hints[field.name]
+        help_text = f"default: {field.default}"
+        if hint is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        elif typing.get_origin(hint) is typing.Literal:
+            parser.add_argument(flag, choices=typing.get_args(hint), default=None, help=help_text)
+        else:
+            parser.add_argument(flag, type=hint, default=None, help=help_text)
+
+
+def config_from_args(args) -> TrainConfig:
+    from cs336_basics.training.config import config_from_preset
+
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+                 if getattr(args, f.name, None) is not None}
+    return config_from_preset(args.preset, **overrides)
+
+
+def cmd_train(args) -> dict:
+    from cs336_basics.training import train
+
+    summary = train(config_from_args(args))
+    print(json.dumps(summary))
+    return summary
+
+
+def load_trained_model(run_dir: str, device: str = "auto"):
+    """The model saved by `train` in `run_dir` (config.json + checkpoint.pt), in eval mode."""
+    from cs336_basics.checkpoint import load_checkpoint_state
+    from cs336_basics.model import TransformerConfig, TransformerLM
+    from cs336_basics.training.trainer import resolve_device
+
+    path = os.path.join(run_dir, "checkpoint.pt")
+    state = load_checkpoint_state(path, map_location="cpu")
+    model_config = state["extra"].get("model_config")
+    if model_config is None:
+        raise ValueError(f"{path} does not record its model configuration")
+    model = TransformerLM(TransformerConfig(**model_config))
+    model.load_state_dict(state["model"])
+    return model.to(resolve_device(device)).eval()
+
+
+def sample_text(model, tokenizer, prompts: list[str], max_new_tokens: int, temperature: float, top_p: float,
+                seed: int, stop_token: str = DEFAULT_SPECIAL) -> list[str]:
+    import torch
+
+    from cs336_basics.decoding import generate
+
+    stop_ids = tokenizer.encode(stop_token) if stop_token else []
+    generator = torch.Generator(device=model.lm_head.weight.device).manual_seed(seed)
+    outputs = generate(model, [tokenizer.encode(p) for p in prompts], max_new_tokens, temperature, top_p,
+                       stop_token_id=stop_ids[0] if len(stop_ids) == 1 else None, generator=generator)
+    return [tokenizer.decode(ids) for ids in outputs]
+
+
+def cmd_generate(args) -> list[str]:
+    tokenizer = _load_tokenizer(args.tokenizer, [DEFAULT_SPECIAL])
+    model = load_trained_model(args.run_dir, args.device)
+    texts = sample_text(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.top_p, args.seed)
+    for prompt, text in zip(args.prompt, texts, strict=True):
+        print(f"### {prompt}{text}\n")
+    return texts
+
+
+def cmd_plot(args) -> str:
+    from cs336_basics.plotting import plot_runs
+
+    path = plot_runs(args.runs, args.out, args.labels, args.title)
+    print(f"wrote {path}")
+    return path
+
+
+def cmd_sweep(args) -> dict:
+    from cs336_basics.experiments import run_sweep
+
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+                 if getattr(args, f.name, None) is not None and f.name != "out_dir"}
+    figure = args.figure or f"fig/sweep_{args.kind}.png"
+    results = run_sweep(args.kind, args.values, args.preset, args.out_root, figure, **overrides)
+    print(json.dumps(results, default=str))
+    return results
+
+
+def cmd_quickstart(args) -> dict:
+    from cs336_basics.quickstart import quickstart
+
+    return quickstart(args)
+
+
+# ---------------------------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cs336-basics", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train-tokenizer", help="train a byte-level BPE tokenizer on a text file")
+    p.add_argument("--input", required=True, type=_existing_file)
+    p.add_argument("--vocab-size", required=True, type=_positive_int)
+    p.add_argument("--special-token", action="append", default=None, help=f"repeatable; default {DEFAULT_SPECIAL}")
+    p.add_argument("--out-dir", required=True, help="writes vocab.json and merges.txt (GPT-2 format) here")
+    p.add_argument("--workers", type=_positive_int, default=None, help="pre-tokenization processes (default: cores)")
+    p.set_defaults(func=cmd_train_tokenizer)
+
+    p = sub.add_parser("encode", help="encode a text file into a uint16 .npy token array")
+    p.add_argument("--tokenizer", required=True, help="folder with vocab.json and merges.txt")
+    p.add_argument("--input", required=True, type=_existing_file)
+    p.add_argument("--output", required=True, help="destination .npy")
+    p.add_argument("--special-token", action="append", default=None, help=f"repeatable; default {DEFAULT_SPECIAL}")
+    p.add_argument("--workers", type=_positive_int, default=None)
+    p.set_defaults(func=cmd_encode)
+
+    p = sub.add_parser("train", help="train a Transformer LM on encoded token files",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="start from a named configuration")
+    _add_config_flags(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("sweep", help="the handout's experiments: learning rate, batch size, ablations",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("kind", choices=["lr", "batch-size", "ablations"])
+    p.add_argument("--values", nargs="*", default=[], help="learning rates, batch sizes or ablation names")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="tinystories-17m")
+    p.add_argument("--out-root", default="runs/sweeps")
+    p.add_argument("--figure", default=None, help="default: fig/sweep_<kind>.png")
+    _add_config_flags(p)
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("generate", help="sample continuations from a trained run")
+    p.add_argument("--run-dir", required=True, help="the --out-dir of a `train` run")
+    p.add_argument("--tokenizer", required=True, help="folder with vocab.json and merges.txt")
+    p.add_argument("--prompt", action="append", required=True, help="repeatable: one batch of prompts")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=256)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("plot", help="plot learning curves of runs (loss vs step and vs wall-clock)")
+    p.add_argument("--runs", nargs="+", required=True, help="run folders holding metrics.jsonl")
+    p.add_argument("--labels", nargs="+", default=None)
+    p.add_argument("--out", required=True, help="output image, e.g. fig/lr_sweep.png")
+    p.add_argument("--title", default="")
+    p.set_defaults(func=cmd_plot)
+
+    p = sub.add_parser("quickstart", help="tokenizer → encode → train → sample on a generated corpus, offline")
+    p.add_argument("--out-dir", default="runs/quickstart")
+    p.add_argument("--train-text", type=_existing_file, default=None, help="real data instead of the generated corpus")
+    p.add_argument("--val-text", type=_existing_file, default=None)
+    p.add_argument("--vocab-size", type=_positive_int, default=None)
+    p.add_argument("--steps", type=_positive_int, default=None)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--figure", default="fig/quickstart_loss.png")
+    p.set_defaults(func=cmd_quickstart)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "special_token", "unset") is None:
+        args.special_token = [DEFAULT_SPECIAL]
+    if args.command == "generate" and (args.temperature < 0 or not 0 < args.top_p <= 1):
+        build_parser().error("need --temperature >= 0 and 0 < --top-p <= 1")
+    try:
+        args.func(args)
+    except (ValueError, FileNotFoundError, RuntimeError, FloatingPointError) as e:
+        print(f"cs336-basics {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    return 0

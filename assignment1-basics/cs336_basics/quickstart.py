@@ -1,0 +1,85 @@
+"""The whole assignment-1 pipeline in one command, offline by default (see `cs336-basics quickstart`)."""
+
+import json
+import os
+import time
+
+DEFAULT_SPECIAL = "<|endoftext|>"
+
+
+def _step(title: str):
+    print(f"\n== {title}", flush=True)
+    return time.perf_counter()
+
+
+def quickstart(args) -> dict:
+    from cs336_basics.cli import _load_tokenizer, load_trained_model, sample_text
+    from cs336_basics.corpus import write_corpus
+    from cs336_basics.encode import encode_file
+    from cs336_basics.plotting import plot_runs
+    from cs336_basics.tokenizer import save_tokenizer, train_bpe
+    from cs336_basics.training import train
+    from cs336_basics.training.config import config_from_preset
+
+    started = time.perf_counter()
+    out = args.out_dir
+    data_dir, tokenizer_dir, run_dir = (os.path.join(out, name) for name in ("data", "tokenizer", "run"))
+    os.makedirs(data_dir, exist_ok=True)
+    timings: dict[str, float] = {}
+
+    t = _step("corpus")
+    if args.train_text:
+        if not args.val_text:
+            raise ValueError("--train-text needs --val-text too")
+        train_text, val_text = args.train_text, args.val_text
+        print(f"using {train_text} and {val_text}")
+    else:
+        train_text, val_text = os.path.join(data_dir, "train.txt"), os.path.join(data_dir, "val.txt")
+        size = write_corpus(train_text, num_stories=6_000, seed=0)
+        write_corpus(val_text, num_stories=500, seed=1)
+        print(f"generated {size / 1e6:.2f} MB of stories in {train_text}")
+    timings["corpus_s"] = time.perf_counter() - t
+
+    t = _step("train tokenizer")
+    vocab_size = args.vocab_size or (1_000 if not args.train_text else 10_000)
+    vocab, merges = train_bpe(train_text, vocab_size, [DEFAULT_SPECIAL])
+    save_tokenizer(vocab, merges, tokenizer_dir)
+    timings["tokenizer_s"] = time.perf_counter() - t
+    print(f"{len(vocab)} tokens in {timings['tokenizer_s']:.1f}s; longest: {max(vocab.values(), key=len)!r}")
+
+    t = _step("encode")
+    tokenizer = _load_tokenizer(tokenizer_dir, [DEFAULT_SPECIAL])
+    paths = {}
+    for split, text in (("train", train_text), ("val", val_text)):
+        paths[split] = os.path.join(data_dir, f"{split}.npy")
+        n = encode_file(tokenizer, text, paths[split])
+        print(f"{split}: {n:,} tokens, {os.path.getsize(text) / n:.2f} bytes/token")
+    timings["encode_s"] = time.perf_counter() - t
+
+    t = _step("train")
+    overrides = dict(train_data=paths["train"], val_data=paths["val"], out_dir=run_dir, vocab_size=vocab_size,
+                     device=args.device)
+    if args.steps:
+        overrides["max_steps"] = args.steps
+    summary = train(config_from_preset("quickstart", **overrides))
+    timings["train_s"] = time.perf_counter() - t
+
+    t = _step("plot")
+    figure = plot_runs([run_dir], args.figure, labels=["quickstart"], title="quickstart: generated stories")
+    print(f"wrote {figure}")
+
+    _step("sample")
+    model = load_trained_model(run_dir, args.device)
+    sample = sample_text(model, tokenizer, ["Once upon a time,"], max_new_tokens=120, temperature=0.7,
+                         top_p=0.95, seed=0)[0]
+    print("Once upon a time," + sample)
+    timings["total_s"] = time.perf_counter() - started
+
+    report = {"val_loss": summary["val_loss"], "train_loss": summary["train_loss"], "steps": summary["steps"],
+              "figure": figure, "sample": "Once upon a time," + sample,
+              **{k: round(v, 2) for k, v in timings.items()}}
+    with open(os.path.join(out, "quickstart.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    print(f"\nvalidation loss {summary['val_loss']:.3f} after {summary['steps']} steps; "
+          f"total {timings['total_s']:.0f}s")
+    return report
