@@ -11,6 +11,9 @@ from typing import IO, Any, BinaryIO
 
 import numpy.typing as npt
 import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+
 from cs336_basics.attention import MultiHeadSelfAttention, scaled_dot_product_attention
 from cs336_basics.checkpoint import load_checkpoint, save_checkpoint
 from cs336_basics.data import get_batch
@@ -19,8 +22,6 @@ from cs336_basics.model import TransformerBlock, TransformerConfig, TransformerL
 from cs336_basics.nn_utils import cross_entropy, silu, softmax
 from cs336_basics.optim import AdamW, clip_gradients, get_lr_cosine_schedule
 from cs336_basics.tokenizer import Tokenizer, train_bpe
-from jaxtyping import Bool, Float, Int
-from torch import Tensor
 
 
 def _like(weights: Tensor) -> dict[str, Any]:

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+
 from cs336_basics.attention import MultiHeadSelfAttention, scaled_dot_product_attention
 from cs336_basics.layers import Embedding, Linear, RMSNorm, RotaryPositionalEmbedding, SiLUFeedForward, SwiGLU
 from cs336_basics.nn_utils import cross_entropy, log_softmax, silu, softmax

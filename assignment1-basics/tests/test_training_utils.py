@@ -8,6 +8,7 @@ import os
 import numpy as np
 import pytest
 import torch
+
 from cs336_basics.checkpoint import load_checkpoint, save_checkpoint
 from cs336_basics.data import get_batch, load_tokens
 from cs336_basics.model import TransformerConfig, TransformerLM

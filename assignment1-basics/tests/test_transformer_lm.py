@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+
 from cs336_basics.model import TransformerConfig, TransformerLM
 
 transformers = pytest.importorskip("transformers")
