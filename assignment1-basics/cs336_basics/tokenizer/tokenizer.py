@@ -73,6 +73,10 @@ class Tokenizer:
         # Per instance and bounded: frequent pre-tokens (" the", ".") are merged once.
         self._encode_pretoken = lru_cache(maxsize=self.cache_size)(self._bpe)
 
+    def cache_info(self):
+        """Hits, misses and size of the pre-token cache (`functools.lru_cache` statistics)."""
+        return self._encode_pretoken.cache_info()
+
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         del state["_encode_pretoken"]  # a cache wrapping a bound method does not pickle

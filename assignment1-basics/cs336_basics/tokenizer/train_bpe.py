@@ -134,6 +134,8 @@ def _learn_merges(
             merged = _merge_word(words[index], a, b, new, freqs[index], delta, pair_words, index)
             if merged is not None:
                 words[index] = merged
+        del pair_counts[a, b]  # no occurrence is left (for a == b, `delta` holds part of its count: drop it)
+        delta.pop((a, b), None)
         for pair, change in delta.items():
             count = pair_counts.get(pair, 0) + change
             if count:
@@ -157,16 +159,15 @@ def _merge_word(
 ) -> list[int] | None:
     """`word` with each non-overlapping (a, b), left to right, replaced by `new`, or None if it has none.
 
-    Adds the change of pair counts (times `freq`) to `delta` and registers word `index` under the new pairs,
-    touching only the pairs around each occurrence; the pair between two adjacent occurrences is handled by
-    the second one.
+    Adds the change of the counts of the neighbouring pairs (times `freq`) to `delta` and registers word `index`
+    under the new pairs, touching only the pairs around each occurrence; the pair between two adjacent
+    occurrences is handled by the second one. The count of (a, b) itself is left to the caller.
     """
     n = len(word)
     out: list[int] = []
     i = 0
     while i < n:
         if word[i] == a and i + 1 < n and word[i + 1] == b:
-            delta[a, b] -= freq
             if out:
                 delta[word[i - 1], a] -= freq
                 delta[out[-1], new] += freq
