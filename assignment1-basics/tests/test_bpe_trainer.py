@@ -185,3 +185,5 @@ def test_clear_errors(tmp_path):
         train_bpe(path, 300, [""])
     with pytest.raises(ValueError, match="num_workers"):
         train_bpe(path, 300, [], num_workers=0)
+    with pytest.raises(TypeError, match="list of strings"):
+        train_bpe(path, 300, EOT)

@@ -1,6 +1,7 @@
 """Tokenizer against tiktoken built on the same ranks, streaming encode, memory bound, file round trips."""
 
 import json
+import pickle
 import random
 import subprocess
 import sys
@@ -164,6 +165,13 @@ def test_rejects_inconsistent_vocab_and_merges():
         Tokenizer(vocab, [(b"a", b"b")])  # b"ab" is not in the vocab
     with pytest.raises(ValueError, match="single-byte"):
         Tokenizer({i: bytes([i]) for i in range(255)}, [])
+
+
+def test_pickles_for_worker_processes(trained):
+    vocab, merges = trained
+    tokenizer = Tokenizer(vocab, merges, [EOT])
+    text = make_text(random.Random(4), 200) + EOT
+    assert pickle.loads(pickle.dumps(tokenizer)).encode(text) == tokenizer.encode(text)
 
 
 AWKWARD = [b" ", b"\n", b"\r\n", b" \t", b"\x00", b"\xff\xfe", b"a b", b"#version", b"\xc3", "é".encode(), EOT.encode()]

@@ -26,14 +26,22 @@ CHUNKS_PER_WORKER = 4  # more chunks than workers evens out the load
 STREAM_MIN_CHARS = 1 << 12  # text gathered from small pieces (e.g. lines) before pre-tokenizing it
 
 
+def unique_special_tokens(special_tokens: Iterable[str] | None) -> list[str]:
+    """The special tokens in order without repeats, checked to be non-empty strings (None means none)."""
+    if isinstance(special_tokens, str):
+        raise TypeError(f"special_tokens must be a list of strings, not the string {special_tokens!r}")
+    tokens = list(dict.fromkeys(special_tokens or []))
+    for token in tokens:
+        if not isinstance(token, str) or not token:
+            raise ValueError(f"special tokens must be non-empty strings, got {token!r}")
+    return tokens
+
+
 class SpecialSplitter:
     """Finds special tokens in text; where several match at one position the longest wins."""
 
-    def __init__(self, special_tokens: Sequence[str]):
-        for token in special_tokens:
-            if not isinstance(token, str) or not token:
-                raise ValueError(f"special tokens must be non-empty strings, got {token!r}")
-        self.tokens = sorted(set(special_tokens), key=len, reverse=True)
+    def __init__(self, special_tokens: Iterable[str] | None):
+        self.tokens = sorted(unique_special_tokens(special_tokens), key=len, reverse=True)
         # Alternation tries the alternatives in order, so longest-first makes the longest token win.
         self.regex = regex.compile("|".join(map(regex.escape, self.tokens))) if self.tokens else None
         self.max_len = len(self.tokens[0]) if self.tokens else 0

@@ -6,7 +6,7 @@ from collections.abc import Iterable, Iterator
 from functools import lru_cache
 from itertools import chain, pairwise
 
-from cs336_basics.tokenizer.pretokenize import SpecialSplitter, pretokenize, pretokenize_stream
+from cs336_basics.tokenizer.pretokenize import SpecialSplitter, pretokenize, pretokenize_stream, unique_special_tokens
 from cs336_basics.tokenizer.serialization import load_merges, load_vocab
 
 
@@ -26,7 +26,7 @@ class Tokenizer:
     ):
         self.vocab = dict(vocab)
         self.merges = list(merges)
-        self.special_tokens = list(dict.fromkeys(special_tokens or []))
+        self.special_tokens = unique_special_tokens(special_tokens)
         self.cache_size = cache_size
         self._splitter = SpecialSplitter(self.special_tokens)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from cs336_basics.tokenizer.pretokenize import SpecialSplitter, count_pretokens
+from cs336_basics.tokenizer.pretokenize import count_pretokens, unique_special_tokens
 
 Pair = tuple[int, int]
 
@@ -34,7 +34,7 @@ class _Descending:
 def train_bpe(
     input_path: str | os.PathLike,
     vocab_size: int,
-    special_tokens: Sequence[str] = (),
+    special_tokens: Sequence[str] | None = None,
     *,
     num_workers: int | None = None,
     progress: bool = False,
@@ -48,9 +48,8 @@ def train_bpe(
     path = Path(input_path)
     if not path.is_file():
         raise FileNotFoundError(f"training corpus {path} does not exist or is not a file")
-    special_tokens = list(dict.fromkeys(special_tokens))
+    special_tokens = unique_special_tokens(special_tokens)
     _check_vocab_size(vocab_size, special_tokens)
-    SpecialSplitter(special_tokens)  # validates the tokens before any work starts
     counts = count_pretokens(path, special_tokens, num_workers=num_workers)
     pretoken_counts = {pretoken.encode("utf-8"): count for pretoken, count in counts.items()}
     return train_bpe_from_counts(pretoken_counts, vocab_size, special_tokens, progress=progress)
@@ -59,12 +58,12 @@ def train_bpe(
 def train_bpe_from_counts(
     pretoken_counts: Mapping[bytes, int],
     vocab_size: int,
-    special_tokens: Sequence[str] = (),
+    special_tokens: Sequence[str] | None = None,
     *,
     progress: bool = False,
 ) -> tuple[dict[int, bytes], list[tuple[bytes, bytes]]]:
     """Learns merges from pre-token counts (the part of training after pre-tokenization)."""
-    special_tokens = list(dict.fromkeys(special_tokens))
+    special_tokens = unique_special_tokens(special_tokens)
     _check_vocab_size(vocab_size, special_tokens)
     token_bytes = [bytes([i]) for i in range(256)] + [token.encode("utf-8") for token in special_tokens]
     num_merges = vocab_size - len(token_bytes)
