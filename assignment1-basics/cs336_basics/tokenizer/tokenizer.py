@@ -47,7 +47,6 @@ class Tokenizer:
 
         # Merge ranks keyed by id pairs; a pair listed twice keeps its first (highest-priority) rank.
         self._ranks: dict[tuple[int, int], int] = {}
-        self._rank_pairs: list[tuple[int, int]] = []
         self._merged_ids: list[int] = []
         for rank, (left, right) in enumerate(self.merges):
             try:
@@ -55,7 +54,6 @@ class Tokenizer:
                 self._merged_ids.append(ids_by_bytes[left + right])
             except KeyError:
                 raise ValueError(f"merge {rank} ({left!r}, {right!r}) uses or makes a token not in the vocab") from None
-            self._rank_pairs.append(pair)
             self._ranks.setdefault(pair, rank)
         self._init_cache()
 
@@ -87,6 +85,7 @@ class Tokenizer:
         self._init_cache()
 
     def encode(self, text: str) -> list[int]:
+        """All ids of `text` at once (see `encode_iterable` for text too large to hold with its pre-tokens)."""
         ids: list[int] = []
         for pretokens, special in pretokenize(text, self._splitter):
             ids.extend(chain.from_iterable(map(self._encode_pretoken, pretokens)))
