@@ -115,7 +115,9 @@ def test_bad_inputs_raise(q, k, v, error):
 def test_triton_kernels_in_interpreter():
     """The Triton kernels' indexing and masking, run by Triton's CPU interpreter in a child process
     (TRITON_INTERPRET must be set before the kernels are defined). Both backward forms, ragged tiles."""
-    pytest.importorskip("triton")
+    triton = pytest.importorskip("triton")
+    if tuple(int(x) for x in triton.__version__.split(".")[:2]) < (3, 9):
+        pytest.skip("Triton's interpreter before 3.9 cannot loop over tensor-valued range bounds")
     code = textwrap.dedent(
         """
         import torch

@@ -21,6 +21,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--impls", nargs="+", default=GRID_IMPLS, choices=ALL_IMPLS, help="implementations in the grid")
     p.add_argument("--leaderboard-impls", nargs="+", default=ALL_IMPLS, choices=ALL_IMPLS)
     p.add_argument("--no-leaderboard", action="store_true", help="skip the leaderboard shape")
+    p.add_argument("--no-autotune", action="store_true",
+                   help="our Triton kernels use the first config of each list (no tuning: faster sweeps)")
     p.add_argument("--course-harness", action="store_true",
                    help="also time the course's torch.compile + o.sum().backward() harness (compiles: slow)")
     p.add_argument("--warmup", type=int, default=25, help="do_bench warm-up, ms (grid)")
@@ -64,14 +66,19 @@ def run(args: argparse.Namespace) -> int:
     if not torch.cuda.is_available():
         raise SystemExit("bench-attention needs a CUDA GPU (use --render to draw tables from a JSON)")
     deadline = time.monotonic() + args.time_budget
-    results: dict = {"env": bench.environment(), "grid_name": args.grid}
+    if args.no_autotune:
+        from cs336_systems.flash_attention import triton_impl
+
+        triton_impl.set_autotune(False)
+    results: dict = {"env": bench.environment(), "grid_name": args.grid, "autotune": not args.no_autotune,
+                     "do_bench_ms": {"warmup": args.warmup, "rep": args.rep}}
     if not args.no_leaderboard:
         results["leaderboard"] = bench.run_leaderboard(
             args.leaderboard_impls, warmup=100, rep=args.leaderboard_rep, course_harness=args.course_harness
         )
     if args.grid != "leaderboard":
         results["grid"] = bench.run_grid(args.grid, args.impls, args.warmup, args.rep, deadline)
-    results["autotune"] = bench.autotune_choices()
+    results["autotune_choices"] = bench.autotune_choices()
 
     paths = _paths(args, f"fa2_{args.grid}")
     for key in ("json", "fig_json"):

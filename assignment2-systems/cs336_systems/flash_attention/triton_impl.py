@@ -67,7 +67,7 @@ def _dkdv_configs(head_dim: int, wide: bool) -> list[tuple[int, int, int, int]]:
             return [(32, 64, 4, 2), (64, 64, 8, 2), (32, 128, 8, 2)]
         return [(32, 64, 4, 2), (32, 64, 8, 2), (16, 64, 4, 2)]
     if head_dim <= 64:
-        return [(64, 128, 8, 2), (32, 128, 4, 3), (64, 128, 4, 3), (64, 128, 8, 3), (64, 64, 4, 3)]
+        return [(64, 128, 4, 3), (32, 128, 4, 3), (64, 128, 8, 2), (64, 128, 8, 3), (64, 64, 4, 3)]
     return [(64, 128, 8, 2), (32, 128, 8, 2), (64, 64, 4, 2), (32, 64, 4, 3)]
 
 
@@ -77,39 +77,38 @@ def _dq_configs(head_dim: int, wide: bool) -> list[tuple[int, int, int, int]]:
             return [(64, 32, 4, 2), (64, 64, 8, 2), (32, 32, 4, 2)]
         return [(64, 32, 4, 2), (32, 32, 4, 2), (64, 32, 8, 2)]
     if head_dim <= 64:
-        return [(128, 64, 8, 2), (128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 4, 3), (128, 32, 8, 3)]
+        return [(64, 64, 4, 3), (128, 32, 4, 3), (128, 64, 8, 2), (128, 64, 4, 3), (128, 32, 8, 3)]
     return [(128, 64, 8, 2), (64, 64, 4, 2), (128, 32, 8, 2), (64, 32, 4, 3)]
 
 
 _CONFIG_LISTS = {"fwd": _fwd_configs, "dkdv": _dkdv_configs, "dq": _dq_configs}
 _KERNELS = {"fwd": tk.flash_fwd_kernel, "dkdv": tk.flash_bwd_dkdv_kernel, "dq": tk.flash_bwd_dq_kernel}
 _tuned_cache: dict[tuple, Any] = {}
+# kind -> (BLOCK_M, BLOCK_N, num_warps, num_stages): bypasses tuning (for kernel-tuning scripts)
+forced_configs: dict[str, tuple[int, int, int, int]] = {}
 
 
-def _launch(kind: str, grid_rows: int, n_bh: int, head_dim: int, wide: bool, args: tuple, consts: dict) -> None:
-    """Launch kernel `kind` on a (cdiv(grid_rows, tile), batch·heads) grid, autotuned or with the default tiles."""
+def _launch(kind: str, grid_rows: int, n_bh: int, head_dim: int, wide: bool, args: tuple, consts: dict):
+    """Launch kernel `kind` on a (batch·heads, cdiv(grid_rows, tile)) grid, autotuned or with fixed tiles."""
     configs = _CONFIG_LISTS[kind](head_dim, wide)
     tile_of_grid = "BLOCK_N" if kind == "dkdv" else "BLOCK_M"
 
     def grid(meta):
-        return (triton.cdiv(grid_rows, meta[tile_of_grid]), n_bh)
+        return (n_bh, triton.cdiv(grid_rows, meta[tile_of_grid]))
 
-    if _settings["autotune"] and len(configs) > 1:
-        key = (kind, head_dim, wide, consts.get("ATOMIC_DQ", False))
-        kernel = _tuned_cache.get(key)
-        if kernel is None:
-            kernel = triton.autotune(
-                configs=[
-                    triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in configs
-                ],
-                key=["N_QUERIES", "N_KEYS", "IS_CAUSAL"],
-                reset_to_zero=["DQ_ACC"] if consts.get("ATOMIC_DQ", False) else None,
-            )(_KERNELS[kind])
-            _tuned_cache[key] = kernel
-        kernel[grid](*args, **consts)
-    else:
-        m, n, w, s = configs[0]
-        _KERNELS[kind][grid](*args, **consts, BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s)
+    if kind in forced_configs or not _settings["autotune"] or len(configs) == 1:
+        m, n, w, s = forced_configs.get(kind, configs[0])
+        return _KERNELS[kind][grid](*args, **consts, BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s)
+    key = (kind, head_dim, wide, consts.get("ATOMIC_DQ", False))
+    kernel = _tuned_cache.get(key)
+    if kernel is None:
+        kernel = triton.autotune(
+            configs=[triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in configs],
+            key=["N_QUERIES", "N_KEYS", "IS_CAUSAL"],
+            reset_to_zero=["DQ_ACC"] if consts.get("ATOMIC_DQ", False) else None,
+        )(_KERNELS[kind])
+        _tuned_cache[key] = kernel
+    return kernel[grid](*args, **consts)
 
 
 def _padded_head_dim(d: int) -> int:
@@ -159,53 +158,83 @@ def flash_forward(q: Tensor, k: Tensor, v: Tensor, is_causal: bool) -> tuple[Ten
 def flash_backward(
     q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, grad_o: Tensor, is_causal: bool
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """dQ, dK, dV in the inputs' dtype: D = rowsum(dO ∘ O), then the dK/dV and dQ kernels."""
+    """dQ, dK, dV in the inputs' dtype.
+
+    split: the dQ kernel (which also writes D = rowsum(dO ∘ O)) then the dK/dV kernel;
+    atomic: D preprocess, the dK/dV kernel adding dQ into float32 with atomics, a cast of dQ."""
     d = q.shape[-1]
     d_pad = _padded_head_dim(d)
-    q4, k4, v4, o4, do4 = (_prep(x, d_pad) for x in (q, k, v, o, grad_o))
-    b, h, n_q, _ = q4.shape
-    n_k = k4.shape[2]
-    lse = lse.reshape(b * h, n_q).contiguous()
-    wide = q.dtype == torch.float32
-    precision = _precision(q.dtype)
-    sm_scale = 1.0 / math.sqrt(d)
-
-    delta = alloc((b * h, n_q), like=q4, dtype=torch.float32)
-    pre_block = 64
-    tk.flash_bwd_preprocess_kernel[(triton.cdiv(n_q, pre_block), b * h)](
-        o4, do4, delta, *_strides(o4), *_strides(do4), h, n_q, HEAD_DIM=d_pad, BLOCK_M=pre_block, num_warps=4
-    )
-
-    dq4 = alloc((b, h, n_q, d_pad), like=q4)
-    dk4 = alloc((b, h, n_k, d_pad), like=k4)
-    dv4 = alloc((b, h, n_k, d_pad), like=v4)
-    atomic = _settings["backward"] == "atomic"
-    dq_acc = torch.zeros((b * h, n_q, d_pad), dtype=torch.float32, device=q.device) if atomic else dk4
-    args = (
-        q4, k4, v4, do4, lse, delta, dk4, dv4, dq_acc,
-        *_strides(q4), *_strides(k4), *_strides(v4), *_strides(do4), *_strides(dk4), *_strides(dv4),
-        h, n_q, n_k, sm_scale,
-    )
-    consts = {"HEAD_DIM": d_pad, "IS_CAUSAL": bool(is_causal), "ATOMIC_DQ": atomic, "PRECISION": precision}
-    _launch("dkdv", n_k, b * h, d_pad, wide, args, consts)
-    if atomic:
-        tk.flash_bwd_dq_convert_kernel[(triton.cdiv(n_q, pre_block), b * h)](
-            dq_acc, dq4, *_strides(dq4), h, n_q, HEAD_DIM=d_pad, BLOCK_M=pre_block, num_warps=4
-        )
+    t = BackwardTensors(*(_prep(x, d_pad) for x in (q, k, v, o, grad_o)), lse, d)
+    if _settings["backward"] == "atomic":
+        launch_preprocess(t)
+        launch_dkdv(t, is_causal, atomic=True)
+        launch_dq_convert(t)
     else:
-        args = (
-            q4, k4, v4, do4, lse, delta, dq4,
-            *_strides(q4), *_strides(k4), *_strides(v4), *_strides(do4), *_strides(dq4),
-            h, n_q, n_k, sm_scale,
-        )
-        consts = {"HEAD_DIM": d_pad, "IS_CAUSAL": bool(is_causal), "PRECISION": precision}
-        _launch("dq", n_q, b * h, d_pad, wide, args, consts)
-
+        launch_dq(t, is_causal)
+        launch_dkdv(t, is_causal)
     grads = []
-    for g, like in ((dq4, q), (dk4, k), (dv4, v)):
+    for g, like in ((t.dq, q), (t.dk, k), (t.dv, v)):
         g = g[..., :d] if d_pad != d else g
         grads.append(g.squeeze(1) if like.ndim == 3 else g)
     return grads[0], grads[1], grads[2]
+
+
+class BackwardTensors:
+    """Inputs (as (b, h, s, d_pad) views) and freshly allocated outputs of one backward pass."""
+
+    def __init__(self, q4: Tensor, k4: Tensor, v4: Tensor, o4: Tensor, do4: Tensor, lse: Tensor, d: int):
+        self.q, self.k, self.v, self.o, self.do = q4, k4, v4, o4, do4
+        self.b, self.h, self.n_q, self.d_pad = q4.shape
+        self.n_k = k4.shape[2]
+        self.lse = lse.reshape(self.b * self.h, self.n_q).contiguous()
+        self.sm_scale = 1.0 / math.sqrt(d)
+        self.wide = q4.dtype == torch.float32
+        self.precision = _precision(q4.dtype)
+        self.delta = alloc((self.b * self.h, self.n_q), like=q4, dtype=torch.float32)
+        self.dq = alloc(tuple(q4.shape), like=q4)
+        self.dk = alloc(tuple(k4.shape), like=k4)
+        self.dv = alloc(tuple(v4.shape), like=v4)
+        self.dq_acc: Tensor | None = None
+
+
+_PRE_BLOCK = 64
+
+
+def launch_preprocess(t: BackwardTensors) -> None:
+    grid = (t.b * t.h, triton.cdiv(t.n_q, _PRE_BLOCK))
+    tk.flash_bwd_preprocess_kernel[grid](
+        t.o, t.do, t.delta, *_strides(t.o), *_strides(t.do), t.h, t.n_q,
+        HEAD_DIM=t.d_pad, BLOCK_M=_PRE_BLOCK, num_warps=4,
+    )
+
+
+def launch_dq(t: BackwardTensors, is_causal: bool):
+    args = (
+        t.q, t.k, t.v, t.o, t.do, t.lse, t.delta, t.dq,
+        *_strides(t.q), *_strides(t.k), *_strides(t.v), *_strides(t.o), *_strides(t.do), *_strides(t.dq),
+        t.h, t.n_q, t.n_k, t.sm_scale,
+    )
+    consts = {"HEAD_DIM": t.d_pad, "IS_CAUSAL": bool(is_causal), "COMPUTE_DELTA": True, "PRECISION": t.precision}
+    return _launch("dq", t.n_q, t.b * t.h, t.d_pad, t.wide, args, consts)
+
+
+def launch_dkdv(t: BackwardTensors, is_causal: bool, atomic: bool = False):
+    if atomic:
+        t.dq_acc = torch.zeros((t.b * t.h, t.n_q, t.d_pad), dtype=torch.float32, device=t.q.device)
+    args = (
+        t.q, t.k, t.v, t.do, t.lse, t.delta, t.dk, t.dv, t.dq_acc if atomic else t.dk,
+        *_strides(t.q), *_strides(t.k), *_strides(t.v), *_strides(t.do), *_strides(t.dk), *_strides(t.dv),
+        t.h, t.n_q, t.n_k, t.sm_scale,
+    )
+    consts = {"HEAD_DIM": t.d_pad, "IS_CAUSAL": bool(is_causal), "ATOMIC_DQ": atomic, "PRECISION": t.precision}
+    return _launch("dkdv", t.n_k, t.b * t.h, t.d_pad, t.wide, args, consts)
+
+
+def launch_dq_convert(t: BackwardTensors) -> None:
+    grid = (t.b * t.h, triton.cdiv(t.n_q, _PRE_BLOCK))
+    tk.flash_bwd_dq_convert_kernel[grid](
+        t.dq_acc, t.dq, *_strides(t.dq), t.h, t.n_q, HEAD_DIM=t.d_pad, BLOCK_M=_PRE_BLOCK, num_warps=4
+    )
 
 
 class FlashAttentionTriton(torch.autograd.Function):

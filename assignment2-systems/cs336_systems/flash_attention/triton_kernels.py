@@ -76,12 +76,15 @@ def flash_fwd_kernel(
     HEAD_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """One program = one query tile of one (batch, head); grid (cdiv(N_QUERIES, BLOCK_M), batch·heads)."""
+    """One program = one query tile of one (batch, head); grid (batch·heads, cdiv(N_QUERIES, BLOCK_M)).
+
+    Heads vary fastest, so the longest (causal: last) query tiles of every head launch first."""
     tl.static_assert(BLOCK_M % BLOCK_N == 0)
-    pid_m = tl.program_id(0)
-    if IS_CAUSAL:  # the longest rows first: better tail balance across the grid
-        pid_m = tl.num_programs(0) - 1 - pid_m
-    bh = tl.program_id(1)
+    bh = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    if IS_CAUSAL:
+        pid_m = tl.num_programs(1) - 1 - pid_m
+    sm_scale = tl.cast(sm_scale, tl.float32)  # a float64 scale (torch.compile passes one) would promote acc
     b = (bh // N_HEADS).to(tl.int64)
     h = (bh % N_HEADS).to(tl.int64)
     start_m = pid_m * BLOCK_M
@@ -141,8 +144,8 @@ def flash_bwd_preprocess_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     """Delta[bh, i] = Σ_d O[i, d]·dO[i, d] in float32 (= rowsum(P ∘ dP)); Delta is (batch·heads, N_QUERIES)."""
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(0)
+    pid_m = tl.program_id(1)
     b = (bh // N_HEADS).to(tl.int64)
     h = (bh % N_HEADS).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -215,13 +218,15 @@ def flash_bwd_dkdv_kernel(
     HEAD_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr, ATOMIC_DQ: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """One program = one key tile (BLOCK_N keys) of one (batch, head), looping over query tiles.
+    """One program = one key tile (BLOCK_N keys) of one (batch, head), looping over query tiles;
+    grid (batch·heads, cdiv(N_KEYS, BLOCK_N)).
 
     L and Delta are (batch·heads, N_QUERIES) contiguous float32. With ATOMIC_DQ, dQ·(1) is also added
     into the float32 buffer DQ_ACC (batch·heads, N_QUERIES, HEAD_DIM) with atomics."""
     tl.static_assert(BLOCK_N % BLOCK_M == 0)
-    pid_n = tl.program_id(0)  # under a causal mask, low key tiles see the most queries and launch first
-    bh = tl.program_id(1)
+    bh = tl.program_id(0)
+    pid_n = tl.program_id(1)  # under a causal mask low key tiles see the most queries: they launch first
+    sm_scale = tl.cast(sm_scale, tl.float32)
     b = (bh // N_HEADS).to(tl.int64)
     h = (bh % N_HEADS).to(tl.int64)
     start_n = pid_n * BLOCK_N
@@ -310,22 +315,28 @@ def _bwd_dq_key_loop(
 
 @triton.jit
 def flash_bwd_dq_kernel(
-    Q, K, V, DO, L, Delta, DQ,
+    Q, K, V, Out, DO, L, Delta, DQ,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_om, stride_od,
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
     N_HEADS, N_QUERIES, N_KEYS, sm_scale,
-    HEAD_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+    HEAD_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr, COMPUTE_DELTA: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """One program = one query tile of one (batch, head), looping over key tiles (recomputes P and dP)."""
+    """One program = one query tile of one (batch, head), looping over key tiles (recomputes P and dP);
+    grid (batch·heads, cdiv(N_QUERIES, BLOCK_M)).
+
+    With COMPUTE_DELTA it first computes Delta = rowsum(O ∘ dO) of its tile and stores it for the dK/dV
+    kernel that runs next (no separate preprocess launch)."""
     tl.static_assert(BLOCK_M % BLOCK_N == 0)
-    pid_m = tl.program_id(0)
+    bh = tl.program_id(0)
+    pid_m = tl.program_id(1)
     if IS_CAUSAL:
-        pid_m = tl.num_programs(0) - 1 - pid_m
-    bh = tl.program_id(1)
+        pid_m = tl.num_programs(1) - 1 - pid_m
+    sm_scale = tl.cast(sm_scale, tl.float32)
     b = (bh // N_HEADS).to(tl.int64)
     h = (bh % N_HEADS).to(tl.int64)
     start_m = pid_m * BLOCK_M
@@ -340,7 +351,13 @@ def flash_bwd_dq_kernel(
                  mask=row_ok[:, None], other=0.0)
     row_base = bh.to(tl.int64) * N_QUERIES
     l2 = tl.load(L + row_base + offs_m, mask=row_ok, other=float("inf")) * 1.4426950408889634
-    delta = tl.load(Delta + row_base + offs_m, mask=row_ok, other=0.0)
+    if COMPUTE_DELTA:
+        o = tl.load(Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
+                    mask=row_ok[:, None], other=0.0)
+        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+        tl.store(Delta + row_base + offs_m, delta, mask=row_ok)
+    else:
+        delta = tl.load(Delta + row_base + offs_m, mask=row_ok, other=0.0)
     k_ptrs = K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
     v_ptrs = V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
 
@@ -372,8 +389,8 @@ def flash_bwd_dq_convert_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     """Cast the float32 atomic dQ accumulator (batch·heads, N_QUERIES, HEAD_DIM) into dQ's dtype and layout."""
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(0)
+    pid_m = tl.program_id(1)
     b = (bh // N_HEADS).to(tl.int64)
     h = (bh % N_HEADS).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)

@@ -1,0 +1,80 @@
+"""Time each FlashAttention-2 Triton kernel alone over candidate tiles at one shape (default: the
+leaderboard's), with the compiler's register and spill counts, to choose the autotune lists.
+
+    PYTHONPATH=assignment1-basics:assignment2-systems python3 assignment2-systems/benchmarks/tune_kernels.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+from triton.testing import do_bench
+
+from cs336_systems.flash_attention import triton_impl as ti
+from cs336_systems.flash_attention.triton_impl import BackwardTensors, launch_dkdv, launch_dq
+
+CANDIDATES = {
+    "fwd": [(128, 64, 4, 3), (128, 64, 8, 3), (128, 64, 4, 4), (128, 64, 8, 4), (128, 32, 4, 3), (128, 128, 8, 3),
+            (64, 64, 4, 3), (256, 64, 8, 3), (256, 64, 8, 2), (128, 64, 8, 2)],
+    "dq": [(64, 64, 4, 3), (64, 64, 4, 4), (64, 64, 4, 2), (64, 32, 4, 3), (64, 32, 4, 4), (128, 64, 8, 3),
+           (128, 32, 4, 4), (64, 64, 8, 3), (128, 128, 8, 2)],
+    "dkdv": [(64, 128, 4, 3), (64, 128, 4, 4), (64, 128, 4, 2), (32, 128, 4, 3), (32, 128, 4, 4), (32, 128, 4, 5),
+             (128, 128, 8, 3), (128, 128, 8, 2), (16, 128, 4, 4)],
+}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shape", type=int, nargs=4, default=[1, 16, 16384, 64], metavar=("B", "H", "N", "D"))
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--non-causal", action="store_true")
+    p.add_argument("--kinds", nargs="+", default=["fwd", "dq", "dkdv"])
+    p.add_argument("--rep", type=int, default=200)
+    p.add_argument("--json", default=None)
+    args = p.parse_args()
+    b, h, n, d = args.shape
+    causal = not args.non_causal
+    dtype = getattr(torch, args.dtype)
+    ti.set_autotune(False)
+    q, k, v, do = (torch.randn(b, h, n, d, device="cuda", dtype=dtype) for _ in range(4))
+    o, lse = ti.flash_forward(q, k, v, causal)
+    one = 2.0 * b * h * n * n * d * (0.5 if causal else 1.0)
+    products = {"fwd": 2, "dq": 3, "dkdv": 4}
+    rows = []
+    for kind in args.kinds:
+        for cfg in CANDIDATES[kind]:
+            ti.forced_configs[kind] = cfg
+            t = BackwardTensors(q, k, v, o, do, lse, d)
+            launchers = {
+                "fwd": lambda: ti.flash_forward(q, k, v, causal),
+                "dq": lambda t=t: launch_dq(t, causal),
+                "dkdv": lambda t=t: launch_dkdv(t, causal),
+            }
+            fn = launchers[kind]
+            row = {"kind": kind, "cfg": cfg}
+            try:
+                compiled = fn()
+                ms = do_bench(fn, warmup=25, rep=args.rep, return_mode="median")
+                row.update(ms=ms, tflops=products[kind] * one / (ms * 1e-3) / 1e12)
+                if kind != "fwd":
+                    row.update(regs=getattr(compiled, "n_regs", None), spills=getattr(compiled, "n_spills", None))
+            except Exception as e:  # out of shared memory/registers: report and go on
+                row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:90]}"
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+        ti.forced_configs.pop(kind, None)
+    print("\nbest per kernel:")
+    for kind in args.kinds:
+        ok = [r for r in rows if r["kind"] == kind and "ms" in r]
+        if ok:
+            best = min(ok, key=lambda r: r["ms"])
+            print(f"  {kind:5s} {best['cfg']} {best['ms']:.3f} ms {best['tflops']:.0f} TFLOP/s")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"shape": args.shape, "dtype": args.dtype, "causal": causal, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
