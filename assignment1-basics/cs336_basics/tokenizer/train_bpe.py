@@ -6,7 +6,7 @@ by their frequency); ties go to the lexicographically greater pair of byte strin
 """
 
 import heapq
-import itertools
+import operator
 import os
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
@@ -15,8 +15,6 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from cs336_basics.tokenizer.pretokenize import count_pretokens, unique_special_tokens
-
-Pair = tuple[int, int]
 
 
 class _Descending:
@@ -85,28 +83,30 @@ def _learn_merges(
 ) -> list[tuple[bytes, bytes]]:
     """Runs `num_merges` merges, appending each new token to `token_bytes` (ids are list positions).
 
-    Keeps pair -> count, pair -> words that (may) contain it, and each distinct pre-token's current token ids;
-    a merge rewrites only the words listed for its pair and updates the counts by the difference. The best pair
-    comes from a heap of (-count, descending pair bytes) entries; an entry whose count no longer matches the
-    current count is stale and skipped when popped.
+    Each distinct pre-token is held as a str with one character per token (chr(id)), so a pair is a 2-character
+    string and a merge is `str.replace`, which like BPE replaces non-overlapping occurrences left to right (in
+    C; about 1.3x faster overall than lists of ids). Keeps pair -> count and pair -> words that (may) contain
+    it; a merge rewrites only the words listed for its pair and updates the counts by the difference. The best
+    pair comes from a heap of (-count, descending pair bytes) entries; an entry whose count no longer matches
+    is stale: dropped when popped, or re-pushed with the lower current count.
     """
-    words: list[list[int]] = []
+    words: list[str] = []
     freqs: list[int] = []
     for pretoken, count in pretoken_counts.items():
         if len(pretoken) > 1 and count > 0:  # single bytes have no pairs
-            words.append(list(pretoken))
+            words.append(pretoken.decode("latin-1"))  # byte b -> chr(b), its id
             freqs.append(count)
 
-    pair_counts: dict[Pair, int] = defaultdict(int)
-    pair_words: dict[Pair, set[int]] = defaultdict(set)
+    pair_counts: dict[str, int] = defaultdict(int)
+    pair_words: dict[str, set[int]] = defaultdict(set)
     for index, (word, freq) in enumerate(zip(words, freqs, strict=True)):
-        for pair in itertools.pairwise(word):
+        for pair in map(operator.add, word, word[1:]):
             pair_counts[pair] += freq
             pair_words[pair].add(index)
     pair_counts = dict(pair_counts)
 
-    def entry(pair: Pair, count: int) -> tuple[int, _Descending, int, int]:
-        return -count, _Descending((token_bytes[pair[0]], token_bytes[pair[1]])), pair[0], pair[1]
+    def entry(pair: str, count: int) -> tuple[int, _Descending, str]:
+        return -count, _Descending((token_bytes[ord(pair[0])], token_bytes[ord(pair[1])])), pair
 
     heap = [entry(pair, count) for pair, count in pair_counts.items()]
     heapq.heapify(heap)
@@ -114,70 +114,63 @@ def _learn_merges(
     merges: list[tuple[bytes, bytes]] = []
     for _ in tqdm(range(num_merges), desc="BPE merges", disable=not progress):
         while heap:
-            negative_count, _, a, b = heap[0]
-            count = pair_counts.get((a, b), 0)
+            negative_count, _, pair = heap[0]
+            count = pair_counts.get(pair, 0)
             if count == -negative_count:
                 break
             heapq.heappop(heap)
             if count:  # the count went down since this entry was pushed (increases push their own entry)
-                heapq.heappush(heap, entry((a, b), count))
+                heapq.heappush(heap, entry(pair, count))
         if not heap:
             break
-        _, _, a, b = heapq.heappop(heap)
-        new = len(token_bytes)
-        token_bytes.append(token_bytes[a] + token_bytes[b])
-        merges.append((token_bytes[a], token_bytes[b]))
+        _, _, pair = heapq.heappop(heap)
+        left, right = token_bytes[ord(pair[0])], token_bytes[ord(pair[1])]
+        new = chr(len(token_bytes))
+        token_bytes.append(left + right)
+        merges.append((left, right))
 
-        delta: dict[Pair, int] = defaultdict(int)
-        for index in pair_words.pop((a, b)):
-            merged = _merge_word(words[index], a, b, new, freqs[index], delta, pair_words, index)
+        delta: dict[str, int] = defaultdict(int)
+        for index in pair_words.pop(pair):
+            merged = _merge_word(words[index], pair, new, freqs[index], delta, pair_words, index)
             if merged is not None:
                 words[index] = merged
-        del pair_counts[a, b]  # no occurrence is left (for a == b, `delta` holds part of its count: drop it)
-        delta.pop((a, b), None)
-        for pair, change in delta.items():
-            count = pair_counts.get(pair, 0) + change
+        del pair_counts[pair]  # no occurrence is left (for a pair like "aa", `delta` holds part of it: drop it)
+        delta.pop(pair, None)
+        for changed, change in delta.items():
+            count = pair_counts.get(changed, 0) + change
             if count:
-                pair_counts[pair] = count
+                pair_counts[changed] = count
                 if change > 0:
-                    heapq.heappush(heap, entry(pair, count))
+                    heapq.heappush(heap, entry(changed, count))
             else:
-                pair_counts.pop(pair, None)
+                pair_counts.pop(changed, None)
     return merges
 
 
 def _merge_word(
-    word: list[int],
-    a: int,
-    b: int,
-    new: int,
-    freq: int,
-    delta: dict[Pair, int],
-    pair_words: dict[Pair, set[int]],
-    index: int,
-) -> list[int] | None:
-    """`word` with each non-overlapping (a, b), left to right, replaced by `new`, or None if it has none.
+    word: str, pair: str, new: str, freq: int, delta: dict[str, int], pair_words: dict[str, set[int]], index: int
+) -> str | None:
+    """`word` with `pair` replaced by `new`, or None if the pair is no longer in it.
 
     Adds the change of the counts of the neighbouring pairs (times `freq`) to `delta` and registers word `index`
-    under the new pairs, touching only the pairs around each occurrence; the pair between two adjacent
-    occurrences is handled by the second one. The count of (a, b) itself is left to the caller.
+    under the new pairs. Where two occurrences are adjacent, the pair between them is handled by the second
+    one. The count of `pair` itself is left to the caller.
     """
-    n = len(word)
-    out: list[int] = []
-    i = 0
-    while i < n:
-        if word[i] == a and i + 1 < n and word[i + 1] == b:
-            if out:
-                delta[word[i - 1], a] -= freq
-                delta[out[-1], new] += freq
-                pair_words[out[-1], new].add(index)
-            if i + 2 < n and not (word[i + 2] == a and i + 3 < n and word[i + 3] == b):
-                delta[b, word[i + 2]] -= freq
-                delta[new, word[i + 2]] += freq
-                pair_words[new, word[i + 2]].add(index)
-            out.append(new)
-            i += 2
-        else:
-            out.append(word[i])
-            i += 1
-    return out if len(out) < n else None
+    position = word.find(pair)
+    if position < 0:
+        return None
+    end = -1  # where the previous occurrence ended
+    while position >= 0:
+        if position:
+            delta[word[position - 1 : position + 1]] -= freq
+            created = (new if position == end else word[position - 1]) + new
+            delta[created] += freq
+            pair_words[created].add(index)
+        end = position + 2
+        position = word.find(pair, end)
+        if end < len(word) and position != end:
+            delta[word[end - 1 : end + 1]] -= freq
+            created = new + word[end]
+            delta[created] += freq
+            pair_words[created].add(index)
+    return word.replace(pair, new)
