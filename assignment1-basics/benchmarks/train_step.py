@@ -60,6 +60,7 @@ def main():
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--out", required=True)
     parser.add_argument("--figure", default=None)
+    parser.add_argument("--profile", action="store_true", help="print the top ops of one eager step per model")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("this benchmark needs a CUDA GPU")
@@ -84,6 +85,12 @@ def main():
                 model = build_llama(mc, device)
                 forward = lambda x, m=model: m(input_ids=x).logits
             times = time_steps(forward, model, batch, args.steps, args.warmup, compile_model)
+            if args.profile and not compile_model:
+                from torch.profiler import ProfilerActivity, profile
+
+                with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                    time_steps(forward, model, batch, 3, 0, False)
+                print(name, prof.key_averages().table(sort_by="cpu_time_total", row_limit=18))
             mean = sum(times) / len(times)
             std = (sum((t - mean) ** 2 for t in times) / len(times)) ** 0.5
             row = {"model": name, "compile": compile_model, "ms_per_step": mean * 1e3, "std_ms": std * 1e3,

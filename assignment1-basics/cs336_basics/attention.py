@@ -87,25 +87,24 @@ class MultiHeadSelfAttention(nn.Module):
             for proj in (self.q_proj, self.k_proj, self.v_proj)
         )
         if self.rope is not None:
-            if token_positions is None:
-                token_positions = torch.arange(offset, offset + seq_len, device=x.device)
-            positions = token_positions.unsqueeze(-2)  # broadcast over the heads axis
-            q, k = self.rope(q, positions), self.rope(k, positions)
+            if token_positions is not None:
+                token_positions = token_positions.unsqueeze(-2)  # broadcast over the heads axis
+            q, k = self.rope(q, token_positions, offset), self.rope(k, token_positions, offset)
         if kv_cache is not None:
             k, v = kv_cache.append(k, v)
-        # Query i sits at absolute index offset + i and sees every key at or before it.
-        query_index = torch.arange(offset, offset + seq_len, device=x.device)
-        key_index = torch.arange(k.shape[-2], device=x.device)
-        causal = key_index <= query_index[:, None]
-        if key_mask is not None:
-            # Each query keeps its own key, so padded rows never become all -inf (NaNs would then leak
-            # into later layers through those rows' values).
-            causal = causal & (key_mask[:, None, None, :] | (key_index == query_index[:, None]))
-        if self.use_torch_sdpa:
-            if offset == 0 and k.shape[-2] == seq_len and key_mask is None:
-                out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-            else:
-                out = F.scaled_dot_product_attention(q, k, v, attn_mask=causal)
+        if self.use_torch_sdpa and offset == 0 and key_mask is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # no mask tensor: flash kernels
         else:
-            out = scaled_dot_product_attention(q, k, v, causal)
+            # Query i sits at absolute index offset + i and sees every key at or before it.
+            query_index = torch.arange(offset, offset + seq_len, device=x.device)
+            key_index = torch.arange(k.shape[-2], device=x.device)
+            mask = key_index <= query_index[:, None]
+            if key_mask is not None:
+                # Each query keeps its own key, so padded rows never become all -inf (NaNs would then leak
+                # into later layers through those rows' values).
+                mask = mask & (key_mask[:, None, None, :] | (key_index == query_index[:, None]))
+            if self.use_torch_sdpa:
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            else:
+                out = scaled_dot_product_attention(q, k, v, mask)
         return self.output_proj(rearrange(out, "... heads seq d -> ... seq (heads d)"))

@@ -6,7 +6,6 @@ Parameter names match the course's reference state dict so its weights load with
 import math
 
 import torch
-from einops import einsum, rearrange
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
@@ -27,7 +26,7 @@ class Linear(nn.Module):
         _trunc_normal_(self.weight, std=math.sqrt(2.0 / (in_features + out_features)))
 
     def forward(self, x: Float[Tensor, "... d_in"]) -> Float[Tensor, "... d_out"]:
-        return einsum(x, self.weight, "... d_in, d_out d_in -> ... d_out")
+        return x @ self.weight.mT  # = einsum("... i, o i -> ... o"), via one GEMM with no extra copies
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}"
@@ -104,14 +103,22 @@ class RotaryPositionalEmbedding(nn.Module):
         self.register_buffer("sin", angles.sin().float(), persistent=False)
 
     def forward(
-        self, x: Float[Tensor, "... seq d_k"], token_positions: Int[Tensor, "... seq"]
+        self, x: Float[Tensor, "... seq d_k"], token_positions: Int[Tensor, "... seq"] | None = None, offset: int = 0
     ) -> Float[Tensor, "... seq d_k"]:
-        if token_positions.numel() and int(token_positions.max()) >= self.max_seq_len:
-            raise ValueError(
-                f"token position {int(token_positions.max())} is beyond max_seq_len={self.max_seq_len}"
-            )
-        cos, sin = self.cos[token_positions], self.sin[token_positions]  # (..., seq, d_k/2)
-        pairs = rearrange(x.float(), "... (half two) -> ... half two", two=2)
+        """Rotates x at `token_positions`, or at offset, offset+1, ... when none are given (a cheap slice)."""
+        seq_len = x.shape[-2]
+        if token_positions is None:
+            if offset + seq_len > self.max_seq_len:
+                raise ValueError(f"positions up to {offset + seq_len - 1} exceed max_seq_len={self.max_seq_len}")
+            cos, sin = self.cos[offset : offset + seq_len], self.sin[offset : offset + seq_len]
+        else:
+            if not torch.compiler.is_compiling() and token_positions.numel():
+                largest = int(token_positions.max())  # a host sync, so only outside compiled graphs
+                if largest >= self.max_seq_len:
+                    raise ValueError(f"token position {largest} is beyond max_seq_len={self.max_seq_len}")
+            cos, sin = self.cos[token_positions], self.sin[token_positions]  # (..., seq, d_k/2)
+        # Float32 inputs rotate in float32; bf16 activations rotate in bf16, as in common LLaMA code.
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+        pairs = x.unflatten(-1, (-1, 2))
         even, odd = pairs[..., 0], pairs[..., 1]
-        rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)
-        return rearrange(rotated, "... half two -> ... (half two)").to(x.dtype)
+        return torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1).flatten(-2)
