@@ -88,7 +88,7 @@ def main() -> None:
             "file_bytes": len(original.encode("utf-8")),
             "copies": copies,
             "encoded_bytes": num_bytes,
-            "note": "the file concatenated `copies` times to reach --min-mb",
+            "note": "the file concatenated `copies` times to reach --min-mb" if copies > 1 else "the file as is",
         },
         "tokenizer": {**source, "vocab_size": len(vocab), "merges": len(merges), "special_tokens": special_tokens},
         "tokens": len(ids),
