@@ -56,7 +56,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="tinystories-17m")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--out", required=True)
     parser.add_argument("--figure", default=None)
@@ -93,11 +93,14 @@ def main():
                 print(name, prof.key_averages().table(sort_by="cpu_time_total", row_limit=18))
             mean = sum(times) / len(times)
             std = (sum((t - mean) ** 2 for t in times) / len(times)) ** 0.5
-            row = {"model": name, "compile": compile_model, "ms_per_step": mean * 1e3, "std_ms": std * 1e3,
-                   "tokens_per_s": tokens / mean, "mfu": tokens / mean * flops / peak if peak else None,
+            median = sorted(times)[len(times) // 2]
+            row = {"model": name, "compile": compile_model, "ms_per_step": median * 1e3, "mean_ms": mean * 1e3,
+                   "std_ms": std * 1e3,
+                   "tokens_per_s": tokens / median, "mfu": tokens / median * flops / peak if peak else None,
                    "params": sum(p.numel() for p in model.parameters())}
             rows.append(row)
-            print(f"{name:9s} compile={compile_model!s:5s} {row['ms_per_step']:7.2f} ± {row['std_ms']:.2f} ms  "
+            print(f"{name:9s} compile={compile_model!s:5s} median {row['ms_per_step']:7.2f} ms "
+                  f"(mean {mean * 1e3:.2f} ± {row['std_ms']:.2f})  "
                   f"{row['tokens_per_s']:,.0f} tok/s  MFU {row['mfu'] or 0:.1%}", flush=True)
             del model, forward
             torch.cuda.empty_cache()

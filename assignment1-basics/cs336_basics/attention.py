@@ -82,9 +82,10 @@ class MultiHeadSelfAttention(nn.Module):
         """`key_mask` (True = real token) hides left-padding from batched decoding."""
         seq_len = x.shape[-2]
         offset = kv_cache.length if kv_cache is not None else 0
-        q, k, v = (
-            rearrange(proj(x), "... seq (heads d) -> ... heads seq d", heads=self.num_heads)
-            for proj in (self.q_proj, self.k_proj, self.v_proj)
+        # One GEMM for the three projections (weights concatenated on the fly; keys stay q/k/v_proj).
+        qkv_weight = torch.cat((self.q_proj.weight, self.k_proj.weight, self.v_proj.weight))
+        q, k, v = rearrange(
+            x @ qkv_weight.mT, "... seq (three heads d) -> three ... heads seq d", three=3, heads=self.num_heads
         )
         if self.rope is not None:
             if token_positions is not None:

@@ -70,7 +70,9 @@ class SwiGLU(nn.Module):
         self.w3 = Linear(d_model, d_ff, device=device, dtype=dtype)
 
     def forward(self, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
-        return self.w2(silu(self.w1(x)) * self.w3(x))
+        # W1 and W3 as one GEMM (their weights concatenated): half the launches, same parameters and keys.
+        gate, up = (x @ torch.cat((self.w1.weight, self.w3.weight)).mT).chunk(2, dim=-1)
+        return self.w2(silu(gate) * up)
 
 
 class SiLUFeedForward(nn.Module):
