@@ -13,15 +13,17 @@ import torch
 from triton.testing import do_bench
 
 from cs336_systems.flash_attention import triton_impl as ti
-from cs336_systems.flash_attention.triton_impl import BackwardTensors, launch_dkdv, launch_dq
+from cs336_systems.flash_attention.triton_impl import BackwardTensors, launch_dkdv, launch_dq, launch_preprocess
 
 CANDIDATES = {
     "fwd": [(128, 64, 4, 3), (128, 64, 8, 3), (128, 64, 4, 4), (128, 64, 8, 4), (128, 32, 4, 3), (128, 128, 8, 3),
             (64, 64, 4, 3), (256, 64, 8, 3), (256, 64, 8, 2), (128, 64, 8, 2)],
     "dq": [(64, 64, 4, 3), (64, 64, 4, 4), (64, 64, 4, 2), (64, 32, 4, 3), (64, 32, 4, 4), (128, 64, 8, 3),
            (128, 32, 4, 4), (64, 64, 8, 3), (128, 128, 8, 2)],
-    "dkdv": [(64, 128, 4, 3), (64, 128, 4, 4), (64, 128, 4, 2), (32, 128, 4, 3), (32, 128, 4, 4), (32, 128, 4, 5),
-             (128, 128, 8, 3), (128, 128, 8, 2), (16, 128, 4, 4)],
+    # fifth entry: DIRECT (queries × keys form, K and V in shared memory) or not (keys × queries)
+    "dkdv": [(64, 128, 4, 3, False), (16, 128, 4, 4, False), (64, 128, 4, 3, True), (64, 128, 4, 4, True),
+             (32, 128, 4, 3, True), (32, 128, 4, 4, True), (128, 128, 8, 3, True), (128, 128, 8, 2, True),
+             (64, 128, 8, 3, True), (64, 64, 4, 3, True)],
 }
 
 
@@ -44,9 +46,11 @@ def main() -> None:
     products = {"fwd": 2, "dq": 3, "dkdv": 4}
     rows = []
     for kind in args.kinds:
+        reference = None
         for cfg in CANDIDATES[kind]:
             ti.forced_configs[kind] = cfg
             t = BackwardTensors(q, k, v, o, do, lse, d)
+            launch_preprocess(t)  # D, which the dQ kernel would otherwise write
             launchers = {
                 "fwd": lambda: ti.flash_forward(q, k, v, causal),
                 "dq": lambda t=t: launch_dq(t, causal),
@@ -56,6 +60,10 @@ def main() -> None:
             row = {"kind": kind, "cfg": cfg}
             try:
                 compiled = fn()
+                if kind != "fwd":  # same gradients as the first candidate (a broken variant shows here)
+                    out = torch.cat([t.dq.flatten()] if kind == "dq" else [t.dk.flatten(), t.dv.flatten()]).float()
+                    reference = out if reference is None else reference
+                    row["rel_err_vs_first"] = ((out - reference).norm() / reference.norm()).item()
                 ms = do_bench(fn, warmup=25, rep=args.rep, return_mode="median")
                 row.update(ms=ms, tflops=products[kind] * one / (ms * 1e-3) / 1e12)
                 if kind != "fwd":

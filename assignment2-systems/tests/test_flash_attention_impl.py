@@ -218,3 +218,16 @@ def test_triton_rejects_cpu_and_long_heads():
     big = torch.randn(1, 16, 256, device="cuda")
     with pytest.raises(ValueError):
         _triton()(big, big, big, False)
+
+
+@needs_cuda
+def test_triton_every_bf16_dkdv_config():
+    """Each dK/dV tile config the autotuner may pick for bf16, d ≤ 64 (both operand forms), forced in turn."""
+    from cs336_systems.flash_attention import triton_impl
+
+    try:
+        for cfg in triton_impl._dkdv_configs(64, wide=False):
+            triton_impl.forced_configs["dkdv"] = cfg
+            _check(_triton(), (1, 2, 301, 64), 301, True, torch.bfloat16, "cuda", 1.5e-2, 3e-2)
+    finally:
+        triton_impl.forced_configs.pop("dkdv", None)

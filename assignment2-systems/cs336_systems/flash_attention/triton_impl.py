@@ -61,14 +61,16 @@ def _fwd_configs(head_dim: int, wide: bool) -> list[tuple[int, int, int, int]]:
     return [(128, 64, 8, 3), (128, 64, 4, 2), (128, 128, 8, 2), (64, 64, 4, 3)]
 
 
-def _dkdv_configs(head_dim: int, wide: bool) -> list[tuple[int, int, int, int]]:
+# dK/dV configs carry a fifth entry, DIRECT: compute queries × keys (K, V in shared memory) or keys × queries
+def _dkdv_configs(head_dim: int, wide: bool) -> list[tuple]:
     if wide:
         if head_dim <= 64:
-            return [(32, 64, 4, 2), (64, 64, 8, 2), (32, 128, 8, 2)]
-        return [(32, 64, 4, 2), (32, 64, 8, 2), (16, 64, 4, 2)]
+            return [(32, 64, 4, 2, False), (64, 64, 8, 2, False), (32, 128, 8, 2, False)]
+        return [(32, 64, 4, 2, False), (32, 64, 8, 2, False), (16, 64, 4, 2, False)]
     if head_dim <= 64:
-        return [(64, 128, 4, 3), (32, 128, 4, 3), (64, 128, 8, 2), (64, 128, 8, 3), (64, 64, 4, 3)]
-    return [(64, 128, 8, 2), (32, 128, 8, 2), (64, 64, 4, 2), (32, 64, 4, 3)]
+        return [(64, 128, 4, 3, False), (16, 128, 4, 4, False), (64, 128, 4, 3, True), (32, 128, 4, 3, True),
+                (128, 128, 8, 3, True)]
+    return [(64, 128, 8, 2, False), (32, 128, 8, 2, False), (64, 64, 4, 2, False), (64, 128, 8, 2, True)]
 
 
 def _dq_configs(head_dim: int, wide: bool) -> list[tuple[int, int, int, int]]:
@@ -84,8 +86,15 @@ def _dq_configs(head_dim: int, wide: bool) -> list[tuple[int, int, int, int]]:
 _CONFIG_LISTS = {"fwd": _fwd_configs, "dkdv": _dkdv_configs, "dq": _dq_configs}
 _KERNELS = {"fwd": tk.flash_fwd_kernel, "dkdv": tk.flash_bwd_dkdv_kernel, "dq": tk.flash_bwd_dq_kernel}
 _tuned_cache: dict[tuple, Any] = {}
-# kind -> (BLOCK_M, BLOCK_N, num_warps, num_stages): bypasses tuning (for kernel-tuning scripts)
-forced_configs: dict[str, tuple[int, int, int, int]] = {}
+# kind -> (BLOCK_M, BLOCK_N, num_warps, num_stages[, DIRECT]): bypasses tuning (for kernel-tuning scripts)
+forced_configs: dict[str, tuple] = {}
+
+
+def _meta(cfg: tuple) -> dict[str, Any]:
+    meta: dict[str, Any] = {"BLOCK_M": cfg[0], "BLOCK_N": cfg[1]}
+    if len(cfg) > 4:
+        meta["DIRECT"] = cfg[4]
+    return meta
 
 
 def _launch(kind: str, grid_rows: int, n_bh: int, head_dim: int, wide: bool, args: tuple, consts: dict):
@@ -97,13 +106,13 @@ def _launch(kind: str, grid_rows: int, n_bh: int, head_dim: int, wide: bool, arg
         return (n_bh, triton.cdiv(grid_rows, meta[tile_of_grid]))
 
     if kind in forced_configs or not _settings["autotune"] or len(configs) == 1:
-        m, n, w, s = forced_configs.get(kind, configs[0])
-        return _KERNELS[kind][grid](*args, **consts, BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s)
+        cfg = forced_configs.get(kind, configs[0])
+        return _KERNELS[kind][grid](*args, **consts, **_meta(cfg), num_warps=cfg[2], num_stages=cfg[3])
     key = (kind, head_dim, wide, consts.get("ATOMIC_DQ", False))
     kernel = _tuned_cache.get(key)
     if kernel is None:
         kernel = triton.autotune(
-            configs=[triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in configs],
+            configs=[triton.Config(_meta(c), num_warps=c[2], num_stages=c[3]) for c in configs],
             key=["N_QUERIES", "N_KEYS", "IS_CAUSAL"],
             reset_to_zero=["DQ_ACC"] if consts.get("ATOMIC_DQ", False) else None,
         )(_KERNELS[kind])

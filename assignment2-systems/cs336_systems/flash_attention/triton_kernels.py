@@ -164,9 +164,10 @@ def _bwd_dkdv_query_loop(
     dk, dv, k, v, q_ptrs, do_ptrs, l_ptrs, delta_ptrs, dq_ptrs, offs_n, offs_m_base, key_ok,
     lo, hi, stride_qm, stride_dom, stride_dqm, qk_scale, sm_scale, N_QUERIES,
     BLOCK_M: tl.constexpr, CAUSAL_MASK: tl.constexpr, QUERY_MASK: tl.constexpr,
-    ATOMIC_DQ: tl.constexpr, PRECISION: tl.constexpr,
+    ATOMIC_DQ: tl.constexpr, PRECISION: tl.constexpr, DIRECT: tl.constexpr,
 ):
-    """Accumulate dK, dV of one key tile over query tiles [lo, hi), in transposed form (keys × queries)."""
+    """Accumulate dK, dV of one key tile over query tiles [lo, hi); DIRECT picks which operands of the
+    products live in registers (both forms are autotuned: register pressure decides)."""
     for start_m in range(lo, hi, BLOCK_M):
         start_m = tl.multiple_of(start_m, BLOCK_M)
         offs_m = start_m + offs_m_base
@@ -178,26 +179,45 @@ def _bwd_dkdv_query_loop(
         else:
             q = tl.load(q_ptrs + start_m * stride_qm)
             l2 = tl.load(l_ptrs + offs_m) * 1.4426950408889634
-        qk_t = tl.dot(k, tl.trans(q), input_precision=PRECISION)
-        if CAUSAL_MASK:
-            qk_t = tl.where(offs_m[None, :] >= offs_n[:, None], qk_t * qk_scale, float("-inf"))
-            p_t = tl.math.exp2(qk_t - l2[None, :])
-        else:
-            p_t = tl.math.exp2(qk_t * qk_scale - l2[None, :])
-        if ATOMIC_DQ:  # dQ reads every key row: rows past N_KEYS (zero-loaded) must give P = 0, not exp(−L)
-            p_t = tl.where(key_ok[:, None], p_t, 0.0)
         if QUERY_MASK:
             do = tl.load(do_ptrs + start_m * stride_dom, mask=row_ok[:, None], other=0.0)
             delta = tl.load(delta_ptrs + offs_m, mask=row_ok, other=0.0)
         else:
             do = tl.load(do_ptrs + start_m * stride_dom)
             delta = tl.load(delta_ptrs + offs_m)
-        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PRECISION)
-        dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
-        ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
-        dk = tl.dot(ds_t, q, dk, input_precision=PRECISION)
+        if DIRECT:
+            # queries × keys: K and V are the B operands (shared memory), P and dS are transposed for dV, dK
+            qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+            if CAUSAL_MASK:
+                qk = tl.where(offs_m[:, None] >= offs_n[None, :], qk * qk_scale, float("-inf"))
+                p = tl.math.exp2(qk - l2[:, None])
+            else:
+                p = tl.math.exp2(qk * qk_scale - l2[:, None])
+            if ATOMIC_DQ:  # dQ reads every key row: rows past N_KEYS (zero-loaded) must give P = 0
+                p = tl.where(key_ok[None, :], p, 0.0)
+            dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv, input_precision=PRECISION)
+            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+            ds = (p * (dp - delta[:, None])).to(q.dtype)
+            dk = tl.dot(tl.trans(ds), q, dk, input_precision=PRECISION)
+            if ATOMIC_DQ:
+                dq = tl.dot(ds, k, input_precision=PRECISION) * sm_scale
+        else:
+            # keys × queries: K and V are the A operands (registers), P and dS feed dV, dK untransposed
+            qk_t = tl.dot(k, tl.trans(q), input_precision=PRECISION)
+            if CAUSAL_MASK:
+                qk_t = tl.where(offs_m[None, :] >= offs_n[:, None], qk_t * qk_scale, float("-inf"))
+                p_t = tl.math.exp2(qk_t - l2[None, :])
+            else:
+                p_t = tl.math.exp2(qk_t * qk_scale - l2[None, :])
+            if ATOMIC_DQ:
+                p_t = tl.where(key_ok[:, None], p_t, 0.0)
+            dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PRECISION)
+            dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+            ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
+            dk = tl.dot(ds_t, q, dk, input_precision=PRECISION)
+            if ATOMIC_DQ:
+                dq = tl.dot(tl.trans(ds_t), k, input_precision=PRECISION) * sm_scale
         if ATOMIC_DQ:
-            dq = tl.dot(tl.trans(ds_t), k, input_precision=PRECISION) * sm_scale
             if QUERY_MASK:
                 tl.atomic_add(dq_ptrs + start_m * stride_dqm, dq, mask=row_ok[:, None], sem="relaxed")
             else:
@@ -216,7 +236,7 @@ def flash_bwd_dkdv_kernel(
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
     N_HEADS, N_QUERIES, N_KEYS, sm_scale,
     HEAD_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr, ATOMIC_DQ: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DIRECT: tl.constexpr,
 ):
     """One program = one key tile (BLOCK_N keys) of one (batch, head), looping over query tiles;
     grid (batch·heads, cdiv(N_KEYS, BLOCK_N)).
@@ -256,7 +276,7 @@ def flash_bwd_dkdv_kernel(
         dk, dv = _bwd_dkdv_query_loop(
             dk, dv, k, v, q_ptrs, do_ptrs, l_ptrs, delta_ptrs, dq_ptrs, offs_n, offs_m, key_ok,
             start_n, tl.minimum(diag_hi, N_QUERIES), stride_qm, stride_dom, HEAD_DIM, qk_scale, sm_scale,
-            N_QUERIES, BLOCK_M, True, True, ATOMIC_DQ, PRECISION,
+            N_QUERIES, BLOCK_M, True, True, ATOMIC_DQ, PRECISION, DIRECT,
         )
         lo = diag_hi
     else:
@@ -264,12 +284,12 @@ def flash_bwd_dkdv_kernel(
     dk, dv = _bwd_dkdv_query_loop(
         dk, dv, k, v, q_ptrs, do_ptrs, l_ptrs, delta_ptrs, dq_ptrs, offs_n, offs_m, key_ok,
         lo, full_queries, stride_qm, stride_dom, HEAD_DIM, qk_scale, sm_scale,
-        N_QUERIES, BLOCK_M, False, False, ATOMIC_DQ, PRECISION,
+        N_QUERIES, BLOCK_M, False, False, ATOMIC_DQ, PRECISION, DIRECT,
     )
     dk, dv = _bwd_dkdv_query_loop(
         dk, dv, k, v, q_ptrs, do_ptrs, l_ptrs, delta_ptrs, dq_ptrs, offs_n, offs_m, key_ok,
         tl.maximum(lo, full_queries), N_QUERIES, stride_qm, stride_dom, HEAD_DIM, qk_scale, sm_scale,
-        N_QUERIES, BLOCK_M, False, True, ATOMIC_DQ, PRECISION,
+        N_QUERIES, BLOCK_M, False, True, ATOMIC_DQ, PRECISION, DIRECT,
     )
 
     dk = dk * sm_scale
