@@ -32,24 +32,29 @@ def build_llama(model_config, device):
     return transformers.LlamaForCausalLM(config).to(device)
 
 
-def time_steps(forward, model, batch, steps: int, warmup: int, compile_model: bool) -> list[float]:
-    optimizer = AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
-    fn = torch.compile(forward) if compile_model else forward
-    x, y = batch
-    times = []
-    for i in range(warmup + steps):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = cross_entropy(fn(x), y)
-        loss.backward()
-        clip_gradients(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        torch.cuda.synchronize()
-        if i >= warmup:
+class Runner:
+    """One model with its optimizer; `run(n)` times n full training steps (synchronised, seconds each)."""
+
+    def __init__(self, forward, model, batch, compile_model: bool):
+        self.model, self.batch = model, batch
+        self.optimizer = AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
+        self.forward = torch.compile(forward) if compile_model else forward
+
+    def run(self, steps: int) -> list[float]:
+        x, y = self.batch
+        times = []
+        for _ in range(steps):
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = cross_entropy(self.forward(x), y)
+            loss.backward()
+            clip_gradients(self.model.parameters(), 1.0)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            torch.cuda.synchronize()
             times.append(time.perf_counter() - start)
-    return times
+        return times
 
 
 def main():
@@ -75,35 +80,44 @@ def main():
     peak = peak_flops(device, "bf16", True)
     rows = []
     for compile_model in (False, True):
+        runners = {}
         for name in ("ours", "hf-llama"):
             torch.manual_seed(0)
             if name == "ours":
                 model = TransformerLM(mc, device=device)
                 flops = training_flops_per_token(model)
-                forward = model
+                runners[name] = Runner(model, model, batch, compile_model)
             else:
                 model = build_llama(mc, device)
-                forward = lambda x, m=model: m(input_ids=x).logits
-            times = time_steps(forward, model, batch, args.steps, args.warmup, compile_model)
+                runners[name] = Runner(lambda x, m=model: m(input_ids=x).logits, model, batch, compile_model)
+            runners[name].run(args.warmup)
+        # Alternate blocks of steps so that clock or host-load drift hits both models alike.
+        times = {name: [] for name in runners}
+        rounds = 5
+        for _ in range(rounds):
+            for name, runner in runners.items():
+                times[name] += runner.run(max(1, args.steps // rounds))
+        for name, runner in runners.items():
             if args.profile and not compile_model:
                 from torch.profiler import ProfilerActivity, profile
 
                 with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-                    time_steps(forward, model, batch, 3, 0, False)
+                    runner.run(3)
                 print(name, prof.key_averages().table(sort_by="cpu_time_total", row_limit=18))
-            mean = sum(times) / len(times)
-            std = (sum((t - mean) ** 2 for t in times) / len(times)) ** 0.5
-            median = sorted(times)[len(times) // 2]
+            t = times[name]
+            mean = sum(t) / len(t)
+            std = (sum((v - mean) ** 2 for v in t) / len(t)) ** 0.5
+            median = sorted(t)[len(t) // 2]
             row = {"model": name, "compile": compile_model, "ms_per_step": median * 1e3, "mean_ms": mean * 1e3,
-                   "std_ms": std * 1e3,
-                   "tokens_per_s": tokens / median, "mfu": tokens / median * flops / peak if peak else None,
-                   "params": sum(p.numel() for p in model.parameters())}
+                   "std_ms": std * 1e3, "tokens_per_s": tokens / median,
+                   "mfu": tokens / median * flops / peak if peak else None,
+                   "params": sum(p.numel() for p in runner.model.parameters())}
             rows.append(row)
             print(f"{name:9s} compile={compile_model!s:5s} median {row['ms_per_step']:7.2f} ms "
                   f"(mean {mean * 1e3:.2f} ± {row['std_ms']:.2f})  "
                   f"{row['tokens_per_s']:,.0f} tok/s  MFU {row['mfu'] or 0:.1%}", flush=True)
-            del model, forward
-            torch.cuda.empty_cache()
+        del runners
+        torch.cuda.empty_cache()
     ratios = {}
     for compile_model in (False, True):
         ours, hf = (next(r for r in rows if r["model"] == m and r["compile"] == compile_model)

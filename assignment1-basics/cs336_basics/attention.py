@@ -84,13 +84,14 @@ class MultiHeadSelfAttention(nn.Module):
         offset = kv_cache.length if kv_cache is not None else 0
         # One GEMM for the three projections (weights concatenated on the fly; keys stay q/k/v_proj).
         qkv_weight = torch.cat((self.q_proj.weight, self.k_proj.weight, self.v_proj.weight))
-        q, k, v = rearrange(
+        qkv = rearrange(
             x @ qkv_weight.mT, "... seq (three heads d) -> three ... heads seq d", three=3, heads=self.num_heads
         )
+        q, k, v = qkv.unbind(0)
         if self.rope is not None:
             if token_positions is not None:
                 token_positions = token_positions.unsqueeze(-2)  # broadcast over the heads axis
-            q, k = self.rope(q, token_positions, offset), self.rope(k, token_positions, offset)
+            q, k = self.rope(qkv[:2], token_positions, offset).unbind(0)  # q and k rotated in one pass
         if kv_cache is not None:
             k, v = kv_cache.append(k, v)
         if self.use_torch_sdpa and offset == 0 and key_mask is None:
