@@ -4,34 +4,21 @@ import itertools
 import multiprocessing as mp
 import os
 import tempfile
-from collections.abc import Iterator
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from cs336_basics.tokenizer import Tokenizer
-from cs336_basics.tokenizer.pretokenize import find_chunk_boundaries
+from cs336_basics.tokenizer.pretokenize import find_chunk_boundaries, read_text_range
 
 _BLOCK_TOKENS = 1 << 20  # tokens buffered per write
-
-
-def _lines(path: str, start: int, end: int) -> Iterator[str]:
-    with open(path, "rb") as f:
-        f.seek(start)
-        position = start
-        while position < end:
-            line = f.readline(end - position)
-            if not line:
-                break
-            position += len(line)
-            yield line.decode("utf-8", errors="replace")
 
 
 def _encode_range(task: tuple[Tokenizer, str, int, int, str]) -> tuple[int, int]:
     tokenizer, path, start, end, out_path = task
     count, buffer = 0, []
     with open(out_path, "wb") as out:
-        for token in tokenizer.encode_iterable(_lines(path, start, end)):
+        for token in tokenizer.encode_iterable(read_text_range(path, start, end)):
             buffer.append(token)
             if len(buffer) == _BLOCK_TOKENS:
                 np.asarray(buffer, dtype=np.uint16).tofile(out)

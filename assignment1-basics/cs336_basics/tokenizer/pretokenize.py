@@ -151,7 +151,7 @@ def _find_from(file: BinaryIO, position: int, token: bytes, scan_bytes: int) -> 
     return None
 
 
-def _read_text(path: str | os.PathLike, start: int, end: int) -> Iterator[str]:
+def read_text_range(path: str | os.PathLike, start: int, end: int) -> Iterator[str]:
     """Decodes bytes [start, end) of a UTF-8 file in blocks (characters split across blocks are handled)."""
     decoder = codecs.getincrementaldecoder("utf-8")()
     with open(path, "rb") as f:
@@ -168,7 +168,7 @@ def count_pretokens_in_range(
 ) -> Counter[str]:
     """Pre-token counts of bytes [start, end) of a file; special tokens are dropped, not counted."""
     counts: Counter[str] = Counter()
-    for pretokens, _ in pretokenize_stream(_read_text(path, start, end), SpecialSplitter(special_tokens)):
+    for pretokens, _ in pretokenize_stream(read_text_range(path, start, end), SpecialSplitter(special_tokens)):
         counts.update(pretokens)
     return counts
 
