@@ -1,0 +1,1 @@
+"""CS336 assignment 4: web-data filtering pipeline."""

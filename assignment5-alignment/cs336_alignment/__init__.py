@@ -1,0 +1,1 @@
+"""CS336 assignment 5: alignment (SFT, expert iteration, GRPO, DPO)."""
