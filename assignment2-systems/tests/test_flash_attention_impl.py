@@ -222,11 +222,12 @@ def test_triton_rejects_cpu_and_long_heads():
 
 @needs_cuda
 def test_triton_every_bf16_dkdv_config():
-    """Each dK/dV tile config the autotuner may pick for bf16, d ≤ 64 (both operand forms), forced in turn."""
+    """Each dK/dV tile config the autotuner may pick for bf16, d ≤ 64, and the untuned queries × keys
+    form, forced in turn."""
     from cs336_systems.flash_attention import triton_impl
 
     try:
-        for cfg in triton_impl._dkdv_configs(64, wide=False):
+        for cfg in triton_impl._dkdv_configs(64, wide=False) + triton_impl.EXTRA_DKDV_CONFIGS:
             triton_impl.forced_configs["dkdv"] = cfg
             _check(_triton(), (1, 2, 301, 64), 301, True, torch.bfloat16, "cuda", 1.5e-2, 3e-2)
     finally:

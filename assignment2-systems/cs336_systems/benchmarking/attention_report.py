@@ -35,6 +35,14 @@ def markdown(results: dict[str, Any]) -> str:
         "`torch.autograd.grad` on a retained graph; forward runs with autograd on.",
         "",
     ]
+    if "autotune" in results:
+        bench = results.get("do_bench_ms", {})
+        lines += [
+            f"Our Triton tiles: {'autotuned' if results['autotune'] else 'first config of each list (no autotuning)'};"
+            f" grid do_bench warm-up {bench.get('warmup', '?')} ms, repetitions {bench.get('rep', '?')} ms"
+            " (leaderboard: 100 / 1000 ms).",
+            "",
+        ]
     lb = results.get("leaderboard")
     if lb:
         s = lb["shape"]
@@ -110,19 +118,21 @@ def figure(results: dict[str, Any], path: Path) -> bool:
     for (dtype, d), ax in zip(
         [(t, d) for t in dtypes for d in dims], [a for row in axes for a in row], strict=True
     ):
-        for impl in dict.fromkeys(r["impl"] for r in grid):
+        for i, impl in enumerate(dict.fromkeys(r["impl"] for r in grid)):
             pts = sorted(
                 (r["seq"], r["fwd_bwd"])
                 for r in grid
                 if r["dtype"] == dtype and r["d"] == d and r["impl"] == impl and r.get("status") == "ok"
             )
             if pts:
-                ax.plot(*zip(*pts, strict=True), marker="o", ms=3, label=LABELS.get(impl, impl))
+                # one colour per implementation in every panel, also where some have no points (n/a, OOM)
+                ax.plot(*zip(*pts, strict=True), marker="o", ms=3, color=f"C{i}", label=LABELS.get(impl, impl))
         ax.set(xscale="log", yscale="log", title=f"{dtype}, d={d}", xlabel="sequence length")
         ax.set_xscale("log", base=2)
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("forward+backward ms")
-    axes[0][0].legend(fontsize=7)
+    for row in axes:
+        row[0].set_ylabel("forward+backward ms")
+        row[0].legend(fontsize=7)
     fig.suptitle(f"Causal attention, batch 1 ({results.get('env', {}).get('gpu', '')})")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -62,15 +62,19 @@ def _fwd_configs(head_dim: int, wide: bool) -> list[tuple[int, int, int, int]]:
 
 
 # dK/dV configs carry a fifth entry, DIRECT: compute queries × keys (K, V in shared memory) or keys × queries
+# (K, V in registers); the second won every measured tile at the leaderboard shape
 def _dkdv_configs(head_dim: int, wide: bool) -> list[tuple]:
     if wide:
         if head_dim <= 64:
             return [(32, 64, 4, 2, False), (64, 64, 8, 2, False), (32, 128, 8, 2, False)]
         return [(32, 64, 4, 2, False), (32, 64, 8, 2, False), (16, 64, 4, 2, False)]
     if head_dim <= 64:
-        return [(64, 128, 4, 3, False), (16, 128, 4, 4, False), (64, 128, 4, 3, True), (32, 128, 4, 3, True),
-                (128, 128, 8, 3, True)]
-    return [(64, 128, 8, 2, False), (32, 128, 8, 2, False), (64, 64, 4, 2, False), (64, 128, 8, 2, True)]
+        return [(64, 128, 4, 3, False), (16, 128, 4, 4, False), (32, 128, 4, 3, False), (128, 128, 8, 3, False)]
+    return [(64, 128, 8, 2, False), (32, 128, 8, 2, False), (64, 64, 4, 2, False), (32, 64, 4, 3, False)]
+
+
+# measured slower at the leaderboard shape (NOTES.md, v3) and kept out of the tuned lists; tests still run them
+EXTRA_DKDV_CONFIGS = [(64, 128, 4, 3, True), (128, 128, 8, 3, True)]
 
 
 def _dq_configs(head_dim: int, wide: bool) -> list[tuple[int, int, int, int]]:
