@@ -1,0 +1,3 @@
+from cs336_scaling.cli import main
+
+raise SystemExit(main())
