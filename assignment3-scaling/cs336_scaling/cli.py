@@ -126,9 +126,12 @@ def cmd_train(args) -> dict:
 
 def cmd_profile(args) -> dict:
     """A real isoFLOP grid: every budget × every shape, appended to a JSONL file (rerunning skips done runs)."""
+    import time
+
     from cs336_scaling.isoflops import Run, fit_isoflops, plot_law, plot_profiles
 
     trainer = _real_trainer(args)
+    started = time.perf_counter()
     done = {}
     if os.path.exists(args.results):
         with open(args.results) as f:
@@ -141,6 +144,9 @@ def cmd_profile(args) -> dict:
             run = RunConfig(d_model, layers, heads, args.batch_size, args.learning_rate, int(flops))
             if (d_model, layers, int(flops)) in done:
                 continue
+            if args.time_limit_s and time.perf_counter() - started > args.time_limit_s:
+                print("time limit reached; rerun with the same --results to continue", flush=True)
+                break
             row = {**run.to_dict(), "n": run.non_embedding_params, **trainer.train(run)}
             print(json.dumps(row), flush=True)
             done[(d_model, layers, int(flops))] = row
@@ -157,21 +163,25 @@ def cmd_profile(args) -> dict:
 
 def cmd_make_tokens(args) -> dict:
     """Generated stories → BPE (cs336_basics) → uint16 token file, for the real trainer where no corpus exists."""
+    import time
+
     import numpy as np
 
     from cs336_basics.corpus import write_corpus
     from cs336_basics.tokenizer import Tokenizer, train_bpe
 
+    started = time.perf_counter()
     os.makedirs(args.work_dir, exist_ok=True)
     text = os.path.join(args.work_dir, "stories.txt")
     write_corpus(text, args.stories, seed=args.seed)
     vocab, merges = train_bpe(text, args.vocab_size, ["<|endoftext|>"])
     tokenizer = Tokenizer(vocab, merges, ["<|endoftext|>"])
-    with open(text) as f:
+    with open(text) as f:  # single process: cs336_basics' parallel encoder needs tqdm, absent on bare machines
         ids = np.fromiter(tokenizer.encode_iterable(f), dtype=np.uint16)
     np.save(args.out, ids)
-    print(f"{len(ids):,} tokens, vocab {len(vocab)} → {args.out}")
-    return {"tokens": len(ids), "vocab_size": len(vocab)}
+    count = len(ids)
+    print(f"{count:,} tokens, vocab {len(vocab)} → {args.out} ({time.perf_counter() - started:.0f} s)")
+    return {"tokens": count, "vocab_size": len(vocab)}
 
 
 def _add_trainer_flags(p: argparse.ArgumentParser) -> None:
@@ -239,12 +249,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--learning-rate", type=float, default=1e-3)
     p.add_argument("--results", default="runs/a3_real_profile.jsonl")
     p.add_argument("--figure-prefix", default="fig/a3_real")
+    p.add_argument("--time-limit-s", type=float, default=0, help="start no new run after this (resume later)")
     _add_trainer_flags(p)
     p.set_defaults(func=cmd_profile)
 
     p = sub.add_parser("make-tokens", help="generated stories → BPE → token file (offline data for the trainer)")
     p.add_argument("--out", required=True)
-    p.add_argument("--vocab-size", type=int, default=2048)
+    p.add_argument("--vocab-size", type=int, default=1024)
     p.add_argument("--stories", type=int, default=100_000)
     p.add_argument("--work-dir", default="runs/a3_tokens")
     p.add_argument("--seed", type=int, default=0)
