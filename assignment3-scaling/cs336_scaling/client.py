@@ -77,6 +77,8 @@ class TrainingAPIClient:
             cached = self.lookup(config)
             if cached is not None:
                 return cached
+            if self._server_total is None:
+                self._sync_total()
             used = self.flops_used()
             if used + config.train_flops > self.budget:
                 raise BudgetExceededError(budget_message(config.train_flops, used, self.budget))
@@ -92,6 +94,15 @@ class TrainingAPIClient:
     def total_flops_used(self) -> float:
         self._server_total = float(self._get("total_flops_used", {"api_key": self.api_key}))
         return self._server_total
+
+    def _sync_total(self) -> None:
+        """Learns what this key spent elsewhere (another machine, a lost cache) before the first paid query."""
+        try:
+            self.total_flops_used()
+        except APIError as error:
+            if "Invalid API key" in error.message:
+                raise
+            self._server_total = 0.0  # the course API answers 422 for a key with no queries yet
 
     def previous_runs(self) -> list[dict]:
         return list(self._get("previous_runs", {"api_key": self.api_key})["previous_runs"])

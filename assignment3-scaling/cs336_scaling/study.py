@@ -175,6 +175,7 @@ def surrogate_truth(law: SurrogateLaw, result: dict, target: float) -> dict:
     actual = law.expected_loss(chosen)
     return {**truth, "chosen_config_true_loss": actual,
             "n_error": result["prediction"]["n_opt_config"] / truth["n_opt"] - 1,
+            "n_law_error": result["prediction"]["n_opt_law"] / truth["n_opt"] - 1,
             "loss_error": result["prediction"]["loss"] - truth["loss"],
             "chosen_vs_optimal_loss": actual - truth["loss"]}
 
@@ -206,7 +207,8 @@ def write_report(result: dict, path: str, truth: dict | None = None) -> str:
         lines += [
             "## Against the surrogate's truth", "",
             "| | study | surrogate | error |", "|---|---|---|---|",
-            f"| N_opt | {p['n_opt_config']:.4g} | {truth['n_opt']:.4g} | {100 * truth['n_error']:+.1f} % |",
+            f"| N_opt (law) | {p['n_opt_law']:.4g} | {truth['n_opt']:.4g} | {100 * truth['n_law_error']:+.1f} % |",
+            f"| N (chosen shape) | {p['n_opt_config']:.4g} | {truth['n_opt']:.4g} | {100 * truth['n_error']:+.1f} % |",
             f"| loss | {p['loss']:.4f} | {truth['loss']:.4f} | {truth['loss_error']:+.4f} |",
             f"| batch, lr | {p['batch_size']}, {p['learning_rate']:.3g} | {truth['batch_size']}, "
             f"{truth['learning_rate']:.3g} | |",

@@ -132,6 +132,11 @@ def test_server_enforces_budget_against_a_lax_client(server):
         lax.loss({**GOOD, "train_flops": int(3e16), "d_model": 512})
     assert error.value.status == 403
     assert lax.total_flops_used() == pytest.approx(3e16)
+    # a new client (empty cache) learns the key's spending from the server and refuses before sending /loss
+    careful = TrainingAPIClient(server.url, "key-c", budget=SERVER_BUDGET)
+    with pytest.raises(BudgetExceededError, match="Budget exceeded"):
+        careful.loss({**GOOD, "train_flops": int(3e16), "d_model": 512})
+    assert careful.requests_sent == 1  # the /total_flops_used check only
 
 
 def test_client_never_exceeds_budget_under_random_queries(server):
@@ -144,7 +149,9 @@ def test_client_never_exceeds_budget_under_random_queries(server):
     store = RunStore(":memory:")
     service = TrainingService(CountingTrainer(), ["k"], store, budget=1e15)
     client = TrainingAPIClient("http://unused", "k", budget=1e15)
-    client._get = lambda endpoint, params: service.loss({k: str(v) for k, v in params.items()})  # no HTTP here
+    endpoints = {"loss": lambda p: service.loss({k: str(v) for k, v in p.items()}),
+                 "total_flops_used": lambda p: service.total_flops_used(p["api_key"])}
+    client._get = lambda endpoint, params: endpoints[endpoint](params)  # the service without HTTP
     refused = 0
     for _ in range(200):
         query = {**GOOD, "d_model": rng.choice([64, 128, 256]), "train_flops": rng.choice(TRAIN_FLOPS[:7])}
