@@ -53,8 +53,8 @@ def fit_parametric(n: np.ndarray, d: np.ndarray, loss: np.ndarray, delta: float 
     log_n, log_d, log_l = (np.log(np.asarray(x, float)) for x in (n, d, loss))
     if len(log_l) < 5:
         raise ValueError(f"approach 3 fits 5 parameters; got {len(log_l)} runs")
-    grid = inits or {"a": [0.0, 5.0, 10.0, 20.0], "b": [0.0, 5.0, 10.0, 20.0], "e": [-1.0, 0.5, 1.0],
-                     "alpha": [0.1, 0.3, 0.6], "beta": [0.1, 0.3, 0.6]}
+    grid = inits or {"a": [0.0, 5.0, 10.0, 20.0], "b": [0.0, 5.0, 10.0, 20.0], "e": [-1.0, 1.0],
+                     "alpha": [0.2, 0.5], "beta": [0.2, 0.5]}
 
     def objective(theta: np.ndarray) -> tuple[float, np.ndarray]:
         a, b, e, alpha, beta = theta
@@ -72,7 +72,9 @@ def fit_parametric(n: np.ndarray, d: np.ndarray, loss: np.ndarray, delta: float 
     best_value, best_theta = math.inf, None
     bounds = [(-10, 60), (-10, 60), (-5, 5), (0.0, 2.5), (0.0, 2.5)]
     for start in itertools.product(grid["a"], grid["b"], grid["e"], grid["alpha"], grid["beta"]):
-        result = minimize(objective, np.array(start), jac=True, method="L-BFGS-B", bounds=bounds)
+        # Tight tolerances: the objective is tiny (δ = 1e-3), so the defaults would stop short of the optimum.
+        result = minimize(objective, np.array(start), jac=True, method="L-BFGS-B", bounds=bounds,
+                          options={"ftol": 1e-15, "gtol": 1e-13, "maxiter": 2000})
         if result.fun < best_value:
             best_value, best_theta = float(result.fun), result.x
     a, b, e, alpha, beta = best_theta

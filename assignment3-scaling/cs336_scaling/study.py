@@ -125,7 +125,9 @@ class Study:
 
     def run(self) -> dict:
         cfg = self.config
-        if self.planned_cost() > self.client.remaining():
+        # Cached answers are free, so a resumed study may reuse them; the client still refuses any query
+        # that would pass the budget.
+        if self.planned_cost() > self.client.remaining() + self.client.cached_flops():
             raise ValueError(f"the plan costs {self.planned_cost():.3g} FLOPs but only "
                              f"{self.client.remaining():.3g} remain")
         started = time.perf_counter()

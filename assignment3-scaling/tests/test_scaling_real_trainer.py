@@ -83,7 +83,8 @@ def test_profile_cli_without_fastapi(tokens, tmp_path):
             "try:\n    runpy.run_module('cs336_scaling', run_name='__main__')\n"
             "finally:\n    assert 'fastapi' not in sys.modules and 'uvicorn' not in sys.modules")
     results = tmp_path / "profile.jsonl"
-    subprocess.run([sys.executable, "-c", code, "profile", "--budgets", "2e9", "6e9", "--shapes", "64x2x2", "--results", str(results), "--figure-prefix", str(tmp_path / "real"),
+    subprocess.run([sys.executable, "-c", code, "profile", "--budgets", "2e9", "6e9", "--shapes", "64x2x2",
+                    "--results", str(results), "--figure-prefix", str(tmp_path / "real"),
                     "--tokens", tokens, "--vocab-size", "32", "--context-length", "32", "--device", "cpu",
                     "--eval-batches", "1"], env=env, capture_output=True, text=True, timeout=120, check=True)
     rows = [json.loads(line) for line in results.read_text().splitlines()]

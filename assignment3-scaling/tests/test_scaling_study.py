@@ -63,3 +63,34 @@ def test_study_end_to_end_against_the_surrogate(tmp_path, capsys):
     assert "Against the surrogate's truth" in text and "a3_study_n_opt.png" in text
     assert (tmp_path / "a3_study_profiles.png").exists()
     assert "surrogate truth" in capsys.readouterr().out
+
+
+def test_rerun_study_is_free_from_the_cache(tmp_path, monkeypatch):
+    """A study run again on the same cache file sends nothing and reaches the same prediction."""
+    from functools import partial
+
+    from cs336_scaling import study
+    from cs336_scaling.client import TrainingAPIClient
+    from cs336_scaling.server import RunStore, TrainingService
+    from cs336_scaling.study import Study, StudyConfig
+
+    small_grid = {"a": [5.0], "b": [5.0], "e": [0.5], "alpha": [0.3], "beta": [0.3]}  # speed; the fit is not tested
+    monkeypatch.setattr(study, "fit_parametric", partial(study.fit_parametric, inits=small_grid))
+
+    service = TrainingService(SurrogateLaw().loss, ["k"], RunStore(":memory:"), budget=2e17)
+    config = StudyConfig(budget=2e17, lr_probe_flops=int(1e15), profile_flops=(int(1e15), int(3e15), int(1e16)),
+                         profile_sizes=(5, 5, 5), batch_probe_flops=(int(1e15), int(3e15), int(1e16)),
+                         out_dir=str(tmp_path))
+    results = []
+    for _ in range(2):
+        client = TrainingAPIClient("http://in-process", "k", budget=2e17, cache_path=tmp_path / "cache.sqlite")
+        endpoints = {"loss": lambda p: service.loss({k: str(v) for k, v in p.items()}),
+                     "total_flops_used": lambda p: service.total_flops_used(p["api_key"])}
+        sent = []
+        client._get = lambda endpoint, params, endpoints=endpoints, sent=sent: sent.append(1) or endpoints[endpoint](
+            params)
+        results.append((Study(client, config).run(), len(sent)))
+    (first, sent_first), (second, sent_second) = results
+    assert sent_first > 0 and sent_second == 0
+    assert second["prediction"] == first["prediction"]
+    assert service.total_flops_used("k") == first["flops_used"] <= 2e17
