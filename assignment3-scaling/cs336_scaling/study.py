@@ -1,12 +1,12 @@
 """A budgeted scaling-law study against a training API: plan, query, fit, predict, write up.
 
-Phases (defaults spend ≈1.9e18 of the 2e18 budget; the whole plan is priced before the first query):
+Phases (defaults spend ≈1.88e18 of the 2e18 budget; the whole plan is priced before the first query):
  1. learning rate: at 1e16 FLOPs, three sizes around the Chinchilla guess N ≈ √(C/120) × three rates;
     a parabola in log lr per size gives lr*(N), fitted as a power law (the optimum moves with size).
  2. isoFLOP profiles at 3e15 … 3e17 FLOPs, each centred on the N_opt law fitted so far (so later, dearer
     profiles do not waste runs far from the optimum), runs at lr*(N) and batch 128, shapes with
     d_model/n_layer ≈ 64 and d_head = 64.
- 3. batch size: each of three profiles' best run again at batch 256; the loss difference, linear in log D,
+ 3. batch size: each of four profiles' best run again at batch 256; the loss difference, linear in log D,
     is extrapolated to D_opt(target) to pick 128 or 256.
  4. fits: approach 2 (parabola per profile → N_opt ∝ C^a) and approach 3 (parametric law, Huber in log
     space) on the profile runs; approach 3's L(N, D) gives the predicted loss.
@@ -35,7 +35,7 @@ class StudyConfig:
     profile_flops: tuple[int, ...] = tuple(int(x) for x in (3e15, 1e16, 3e16, 1e17, 3e17))
     profile_sizes: tuple[int, ...] = (6, 6, 6, 5, 3)
     profile_span: float = 4.0  # sizes from N̂/span to N̂·span (log-spaced), narrowed for the 3-run profiles
-    batch_probe_flops: tuple[int, ...] = tuple(int(x) for x in (1e16, 3e16, 1e17))
+    batch_probe_flops: tuple[int, ...] = tuple(int(x) for x in (3e15, 1e16, 3e16, 1e17))
     out_dir: str = "fig"
     prefix: str = "a3_study"
     seed: int = 0
@@ -227,7 +227,7 @@ def write_report(result: dict, path: str, truth: dict | None = None) -> str:
         "2. **IsoFLOP profiles** (most of the budget): each profile is centred on the N_opt law fitted from the "
         "cheaper profiles before it, so the dear profiles sample near their minimum; shapes keep "
         "d_model/n_layer ≈ 64 and d_head = 64, batch 128, lr*(N).",
-        "3. **Batch size**: the best run of three profiles again at batch 256; the loss difference is linear in "
+        "3. **Batch size**: the best run of four profiles again at batch 256; the loss difference is linear in "
         f"log D, extrapolated to D_opt(1e19): Δ = {batch['predicted_delta']:+.4f} → batch {batch['batch_size']}.",
         "",
         "| phase | d_model | layers | heads | batch | lr | FLOPs | N | loss |", "|---|---|---|---|---|---|---|---|---|",
