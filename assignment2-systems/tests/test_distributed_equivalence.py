@@ -71,6 +71,8 @@ def test_matches_single_process(variant: str) -> None:
         torch.nn.functional.mse_loss(ref_model(x), y).backward()
         opt.step()
     out = mp.Manager().dict()
-    mp.spawn(_worker, args=(2, _free_port(), variant, ref, out), nprocs=2, join=True)
+    # fork, not spawn: children inherit this module, which pytest's importlib mode makes unimportable by name
+    mp.start_processes(_worker, args=(2, _free_port(), variant, ref, out), nprocs=2, join=True,
+                       start_method="fork")
     for k, v in ref_model.state_dict().items():
         torch.testing.assert_close(out[k], v, rtol=1e-5, atol=1e-6)
