@@ -1,0 +1,2 @@
+def main(argv=None):
+    raise SystemExit("cs336-align: not implemented yet")
