@@ -1,1 +1,1 @@
-"""CS336 assignment 4: web-data filtering pipeline."""
+"""CS336 assignment 4: a web-data filtering pipeline."""

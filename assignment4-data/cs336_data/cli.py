@@ -1,0 +1,240 @@
+"""The `cs336-data` command: assets, extraction, filtering, deduplication, tokenization, quality classifier."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+
+from cs336_data.assets import ASSETS, MissingModelError, asset_path, download_asset
+
+
+def _assets(args: argparse.Namespace) -> int:
+    if args.action == "list":
+        for name, asset in ASSETS.items():
+            path = asset_path(name)
+            state = "present" if path.is_file() else "missing"
+            print(f"{name:<10} {state:<8} {path}  (${asset.env}; {asset.url or 'trained locally'})")
+        return 0
+    names = args.names or [n for n, a in ASSETS.items() if a.url and n != "wiki-urls"]
+    failed = 0
+    for name in names:
+        try:
+            print(f"{name}: {download_asset(name, Path(args.dir) if args.dir else None, args.timeout, args.force)}")
+        except (OSError, ValueError) as exc:
+            print(f"cs336-data: {exc}", file=sys.stderr)
+            failed += 1
+    return 1 if failed else 0
+
+
+def _extract(args: argparse.Namespace) -> int:
+    from cs336_data.document import Document
+    from cs336_data.extract import ExtractText
+    from cs336_data.warc_io import iter_warc_documents, write_wet
+
+    stats: Counter[str] = Counter()
+    step = ExtractText()
+    docs = (d for d in (step(doc) for doc in iter_warc_documents(args.input, "response", stats)) if d is not None)
+    if str(args.out).endswith((".wet", ".wet.gz")):
+        n = write_wet(args.out, docs)
+    else:
+        from xopen import xopen
+
+        n = 0
+        with xopen(args.out, "wt", threads=0) as out:
+            for doc in docs:
+                out.write(json.dumps(Document.to_json(doc), ensure_ascii=False) + "\n")
+                n += 1
+    print(json.dumps({"written": n, "read": dict(stats), "extract": dict(step.counters)}))
+    return 0
+
+
+def _filter(args: argparse.Namespace) -> int:
+    from cs336_data.pipeline import FilterConfig, format_summary, run_filter, run_filter_slurm
+
+    config = FilterConfig(
+        input_kind="response" if args.input_kind == "warc" else "conversion",
+        min_chars=args.min_chars,
+        languages=args.lang,
+        lang_threshold=None if args.no_langid else args.lang_threshold,
+        nsfw_threshold=None if args.no_harmful else args.nsfw_threshold,
+        toxic_threshold=args.toxic_threshold,
+        gopher=not args.no_gopher,
+        quality_threshold=args.quality_threshold,
+        mask_pii=not args.no_pii,
+    )
+    if args.slurm:
+        report = run_filter_slurm(args.inputs, args.out_dir, config, max_parallel=args.workers,
+                                  slurm_partition=args.slurm_partition, timeout_min=args.slurm_timeout_min)
+    else:
+        report = run_filter(args.inputs, args.out_dir, config, workers=args.workers, progress=not args.no_progress)
+    print(format_summary(report["summary"]))
+    return 1 if report["summary"]["failed_files"] else 0
+
+
+def _dedup(args: argparse.Namespace) -> int:
+    if args.method == "exact":
+        from cs336_data.dedup_exact import exact_line_deduplicate
+
+        stats = exact_line_deduplicate(args.inputs, args.out_dir, progress=True)
+        print(json.dumps(stats))
+        return 0
+    from cs336_data.corpus import FileCorpus, JsonlCorpus
+    from cs336_data.minhash import minhash_deduplicate
+
+    corpus = JsonlCorpus(args.inputs) if args.jsonl else FileCorpus(args.inputs)
+    result = minhash_deduplicate(corpus, args.out_dir, args.num_hashes, args.num_bands, args.ngrams, args.threshold,
+                                 seed=args.seed, workers=args.workers, progress=True)
+    print(json.dumps(dict(result.stats)))
+    return 0
+
+
+def _tokenize(args: argparse.Namespace) -> int:
+    from cs336_data.tokenization import gpt2_encoding, iter_document_texts, tokenize_to_uint16
+
+    stats = tokenize_to_uint16(iter_document_texts(args.inputs), args.out, gpt2_encoding(args.gpt2_vocab),
+                               workers=args.workers)
+    print(json.dumps(stats))
+    return 0
+
+
+def _quality(args: argparse.Namespace) -> int:
+    from cs336_data import quality
+
+    if args.action == "sample-urls":
+        urls = quality.sample_urls(args.urls or asset_path("wiki-urls"), args.n, args.seed)
+        Path(args.out).write_text("\n".join(urls) + "\n")
+        print(f"{len(urls)} URLs in {args.out}; fetch them with:\n"
+              f"  wget --timeout=5 --tries=1 -i {args.out} --warc-file={Path(args.out).stem} -O /dev/null")
+        return 0
+    steps = []
+    if not args.no_filter:
+        from cs336_data.gopher import GopherFilter
+        from cs336_data.langid import LanguageFilter
+
+        steps = [LanguageFilter(["en"], 0.65), GopherFilter()]
+    split = quality.write_training_data(quality.iter_texts(args.positives), quality.iter_texts(args.negatives),
+                                        args.work_dir, steps, args.max_per_class, seed=args.seed)
+    model = quality.train_quality_classifier(split.train, args.out, epoch=args.epoch, word_ngrams=args.word_ngrams)
+    print(json.dumps({"model": str(model), "counts": split.counts, "valid": quality.evaluate(model, split.valid)}))
+    return 0
+
+
+def _classify(args: argparse.Namespace) -> int:
+    text = sys.stdin.read() if args.file == "-" else Path(args.file).read_text(encoding="utf-8", errors="replace")
+    if args.what == "gopher":
+        from cs336_data.gopher import GopherRules
+
+        failed = GopherRules().failures(text)
+        print(json.dumps({"keep": not failed, "failed": failed}))
+        return 0
+    if args.what == "pii":
+        from cs336_data.pii import mask_pii
+
+        masked, counts = mask_pii(text)
+        print(json.dumps(counts))
+        print(masked)
+        return 0
+    from cs336_data.fasttext_model import load_classifier
+
+    asset = {"lang": "lid", "nsfw": "nsfw", "toxic": "toxic", "quality": "quality"}[args.what]
+    print(json.dumps(load_classifier(asset).predict(text, args.k)))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cs336-data", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    a = sub.add_parser("assets", help="list or download the fastText models")
+    a.add_argument("action", choices=["list", "download"])
+    a.add_argument("names", nargs="*", choices=[[], *ASSETS], help="assets to download (default: the three models)")
+    a.add_argument("--dir", help="target folder (default: $CS336_DATA_CACHE or ~/.cache/cs336_data)")
+    a.add_argument("--timeout", type=float, default=30.0)
+    a.add_argument("--force", action="store_true")
+    a.set_defaults(func=_assets)
+
+    e = sub.add_parser("extract", help="WARC responses -> extracted text (JSONL, or WET when --out ends in .wet[.gz])")
+    e.add_argument("input")
+    e.add_argument("--out", required=True)
+    e.set_defaults(func=_extract)
+
+    f = sub.add_parser("filter", help="WET/WARC files -> filtered JSONL shards + report.json")
+    f.add_argument("inputs", nargs="+")
+    f.add_argument("--out-dir", required=True)
+    f.add_argument("--workers", type=int, default=1)
+    f.add_argument("--input-kind", choices=["wet", "warc"], default="wet")
+    f.add_argument("--min-chars", type=int, default=200)
+    f.add_argument("--lang", nargs="+", default=["en"])
+    f.add_argument("--lang-threshold", type=float, default=0.65)
+    f.add_argument("--no-langid", action="store_true")
+    f.add_argument("--nsfw-threshold", type=float, default=0.5)
+    f.add_argument("--toxic-threshold", type=float, default=0.5)
+    f.add_argument("--no-harmful", action="store_true")
+    f.add_argument("--no-gopher", action="store_true")
+    f.add_argument("--quality-threshold", type=float, default=None, help="keep P(wiki) >= this (off by default)")
+    f.add_argument("--no-pii", action="store_true")
+    f.add_argument("--no-progress", action="store_true")
+    f.add_argument("--slurm", action="store_true", help="run as a Slurm array via submitit (--workers = parallel)")
+    f.add_argument("--slurm-partition", default=None)
+    f.add_argument("--slurm-timeout-min", type=int, default=15)
+    f.set_defaults(func=_filter)
+
+    d = sub.add_parser("dedup", help="exact line or MinHash document deduplication")
+    d.add_argument("method", choices=["exact", "minhash"])
+    d.add_argument("inputs", nargs="+")
+    d.add_argument("--out-dir", required=True)
+    d.add_argument("--jsonl", action="store_true", help="minhash: one document per JSONL line, not per file")
+    d.add_argument("--num-hashes", type=int, default=100)
+    d.add_argument("--num-bands", type=int, default=10)
+    d.add_argument("--ngrams", type=int, default=5)
+    d.add_argument("--threshold", type=float, default=0.8)
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--workers", type=int, default=1)
+    d.set_defaults(func=_dedup)
+
+    t = sub.add_parser("tokenize", help="JSONL/text documents -> uint16 GPT-2 token file")
+    t.add_argument("inputs", nargs="+")
+    t.add_argument("--out", required=True)
+    t.add_argument("--gpt2-vocab", default=None, help="GPT-2 vocab.json to build the encoding offline")
+    t.add_argument("--workers", type=int, default=1)
+    t.set_defaults(func=_tokenize)
+
+    q = sub.add_parser("quality", help="sample Wikipedia reference URLs, or train the quality classifier")
+    q.add_argument("action", choices=["sample-urls", "train"])
+    q.add_argument("--urls", help="sample-urls: the reference URL list (default: the wiki-urls asset)")
+    q.add_argument("--n", type=int, default=20000)
+    q.add_argument("--out", default=None, help="sample-urls: URL file; train: model path (default: quality asset)")
+    q.add_argument("--positives", nargs="+", default=[], help="train: WARC/WET/text files of wiki-linked pages")
+    q.add_argument("--negatives", nargs="+", default=[], help="train: WARC/WET/text files of random CC pages")
+    q.add_argument("--work-dir", default="quality_data")
+    q.add_argument("--max-per-class", type=int, default=None)
+    q.add_argument("--no-filter", action="store_true", help="train: skip the English + Gopher cleaning")
+    q.add_argument("--epoch", type=int, default=10)
+    q.add_argument("--word-ngrams", type=int, default=2)
+    q.add_argument("--seed", type=int, default=0)
+    q.set_defaults(func=_quality)
+
+    c = sub.add_parser("classify", help="run one classifier or rule on a text file ('-' for stdin)")
+    c.add_argument("what", choices=["lang", "nsfw", "toxic", "quality", "gopher", "pii"])
+    c.add_argument("file")
+    c.add_argument("-k", type=int, default=1)
+    c.set_defaults(func=_classify)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "quality" and args.action == "sample-urls" and not args.out:
+        args.out = "sampled_urls.txt"
+    if args.command == "quality" and args.action == "train" and not (args.positives and args.negatives):
+        print("cs336-data: error: quality train needs --positives and --negatives", file=sys.stderr)
+        return 2
+    try:
+        return args.func(args)
+    except (MissingModelError, FileNotFoundError, ValueError, RuntimeError) as exc:
+        print(f"cs336-data: error: {exc}", file=sys.stderr)
+        return 2

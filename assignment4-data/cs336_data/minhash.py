@@ -1,0 +1,249 @@
+"""Fuzzy document deduplication with MinHash signatures and LSH banding, verified by exact n-gram Jaccard.
+
+1. Normalise (NFD, drop accents and punctuation, lowercase, collapse whitespace) and take word n-grams.
+2. Signature: for each of `num_hashes` functions h(x) = (a·x + b) mod (2^61 − 1) over the n-grams' 32-bit
+   MurmurHash3 values, the minimum (kept as its low 32 bits). Signatures are the only per-document state of the
+   streaming pass; above `memmap_bytes` they go to a disk-backed array.
+3. LSH: split each signature into `num_bands` bands of r = num_hashes / num_bands rows; documents whose band
+   values agree in any band are candidates (grouped by sorting a 64-bit key per band, no Python dict of buckets).
+4. Each candidate pair not already in one cluster is checked against the exact Jaccard similarity of its n-gram
+   sets (re-read from the corpus, bounded LRU cache); pairs at or above the threshold are joined (union-find).
+5. In every cluster one document, chosen at random (seeded), survives.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import multiprocessing
+import re
+import tempfile
+import unicodedata
+from collections import Counter, OrderedDict
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import mmh3
+import numpy as np
+from tqdm import tqdm
+
+MERSENNE_61 = np.uint64((1 << 61) - 1)
+EMPTY = np.uint32(0xFFFFFFFF)
+_NON_WORD = re.compile(r"[^\w\s]")
+
+
+class Corpus(Protocol):
+    def __len__(self) -> int: ...
+    def __iter__(self) -> Iterator[str]: ...
+    def text(self, i: int) -> str: ...
+
+
+def normalize_text(text: str) -> str:
+    """NFD, lowercase, strip punctuation and combining accents (neither is a word character), collapse spaces.
+
+    Underscores (word characters to the regex) become spaces.
+    """
+    text = unicodedata.normalize("NFD", text).lower()
+    return " ".join(_NON_WORD.sub("", text.replace("_", " ")).split())
+
+
+def word_ngrams(text: str, n: int) -> set[str]:
+    """Set of word n-grams of the normalised text; a document shorter than n words is its own single n-gram."""
+    if n < 1:
+        raise ValueError(f"ngrams must be >= 1, got {n}")
+    words = normalize_text(text).split()
+    if not words:
+        return set()
+    if len(words) < n:
+        return {" ".join(words)}
+    return {" ".join(words[i : i + n]) for i in range(len(words) - n + 1)}
+
+
+def jaccard(a: set[str], b: set[str]) -> float:
+    """|A ∩ B| / |A ∪ B|; two empty sets score 0 (empty documents are never called duplicates)."""
+    if not a or not b:
+        return 0.0
+    inter = len(a & b)
+    return inter / (len(a) + len(b) - inter)
+
+
+class MinHasher:
+    """`num_hashes` universal hash functions over 32-bit n-gram hashes; a, b < 2^32 keep a·x + b inside uint64."""
+
+    def __init__(self, num_hashes: int, ngrams: int, seed: int = 0, block: int = 2048) -> None:
+        if num_hashes < 1:
+            raise ValueError(f"num_hashes must be >= 1, got {num_hashes}")
+        rng = np.random.default_rng(seed)
+        self.num_hashes, self.ngrams, self.block = num_hashes, ngrams, block
+        self.a = rng.integers(1, 1 << 32, size=num_hashes, dtype=np.uint64)
+        self.b = rng.integers(0, 1 << 32, size=num_hashes, dtype=np.uint64)
+
+    def signature_of_grams(self, grams: set[str]) -> np.ndarray:
+        if not grams:
+            return np.full(self.num_hashes, EMPTY, dtype=np.uint32)
+        x = np.fromiter((mmh3.hash(g, signed=False) for g in grams), dtype=np.uint64, count=len(grams))
+        mins = np.full(self.num_hashes, np.iinfo(np.uint64).max, dtype=np.uint64)
+        for s in range(0, x.size, self.block):
+            v = (np.outer(x[s : s + self.block], self.a) + self.b) % MERSENNE_61
+            np.minimum(mins, v.min(axis=0), out=mins)
+        return (mins & np.uint64(0xFFFFFFFF)).astype(np.uint32)
+
+    def signature(self, text: str) -> np.ndarray:
+        return self.signature_of_grams(word_ngrams(text, self.ngrams))
+
+
+def band_keys(signatures: np.ndarray, num_bands: int, seed: int = 0) -> np.ndarray:
+    """(n, num_bands) 64-bit keys: a random odd-multiplier linear form of each band's rows, wrapping mod 2^64."""
+    n, k = signatures.shape
+    if num_bands < 1 or k % num_bands:
+        raise ValueError(f"num_hashes ({k}) must be divisible by num_bands ({num_bands})")
+    r = k // num_bands
+    mult = np.random.default_rng(seed + 1).integers(0, 1 << 63, size=k, dtype=np.uint64) * np.uint64(2) + np.uint64(1)
+    keys = np.empty((n, num_bands), dtype=np.uint64)
+    for j in range(num_bands):
+        cols = np.asarray(signatures[:, j * r : (j + 1) * r], dtype=np.uint64)
+        with np.errstate(over="ignore"):
+            keys[:, j] = (cols * mult[j * r : (j + 1) * r]).sum(axis=1, dtype=np.uint64) + np.uint64(j)
+    return keys
+
+
+def candidate_groups(keys: np.ndarray) -> Iterator[np.ndarray]:
+    """For each band, the sorted index groups (size >= 2) of documents sharing that band's key."""
+    for j in range(keys.shape[1]):
+        order = np.argsort(keys[:, j], kind="stable")
+        sorted_keys = keys[order, j]
+        starts = np.flatnonzero(np.r_[True, sorted_keys[1:] != sorted_keys[:-1]])
+        ends = np.r_[starts[1:], sorted_keys.size]
+        for s, e in zip(starts, ends, strict=True):
+            if e - s > 1:
+                yield np.sort(order[s:e])
+
+
+class UnionFind:
+    def __init__(self, n: int) -> None:
+        self.parent = np.arange(n, dtype=np.int64)
+
+    def find(self, x: int) -> int:
+        root = x
+        while self.parent[root] != root:
+            root = int(self.parent[root])
+        while self.parent[x] != root:
+            self.parent[x], x = root, int(self.parent[x])
+        return root
+
+    def union(self, a: int, b: int) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            self.parent[max(ra, rb)] = min(ra, rb)
+
+
+@dataclass
+class DedupResult:
+    keep: np.ndarray  # bool per document
+    clusters: list[list[int]]  # duplicate clusters (size >= 2), sorted members
+    stats: Counter[str] = field(default_factory=Counter)
+
+
+def _signature_range(corpus: Corpus, hasher: MinHasher, start: int, end: int) -> tuple[int, np.ndarray]:
+    return start, np.stack([hasher.signature(corpus.text(i)) for i in range(start, end)])
+
+
+def compute_signatures(corpus: Corpus, hasher: MinHasher, workers: int = 1, progress: bool = False,
+                       scratch_dir: str | None = None, memmap_bytes: int = 1 << 30, chunk: int = 512) -> np.ndarray:
+    """Signatures of every document, streamed; process-parallel over index ranges when workers > 1.
+
+    With `scratch_dir` set and more than `memmap_bytes` of signatures, they live in a memory-mapped file there.
+    """
+    n = len(corpus)
+    shape = (n, hasher.num_hashes)
+    if scratch_dir is not None and n * hasher.num_hashes * 4 > memmap_bytes:
+        sigs = np.lib.format.open_memmap(f"{scratch_dir}/signatures.npy", mode="w+", dtype=np.uint32, shape=shape)
+    else:
+        sigs = np.empty(shape, dtype=np.uint32)
+    bar = tqdm(total=n, desc="minhash", unit=" docs", disable=not progress)
+    if workers <= 1:
+        for i, text in enumerate(corpus):
+            sigs[i] = hasher.signature(text)
+            bar.update(1)
+    else:
+        ctx = multiprocessing.get_context("fork")
+        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+            futures = [pool.submit(_signature_range, corpus, hasher, s, min(n, s + chunk)) for s in range(0, n, chunk)]
+            for fut in concurrent.futures.as_completed(futures):
+                start, block = fut.result()
+                sigs[start : start + len(block)] = block
+                bar.update(len(block))
+    bar.close()
+    return sigs
+
+
+def find_duplicates(corpus: Corpus, num_hashes: int, num_bands: int, ngrams: int, jaccard_threshold: float,
+                    seed: int = 0, workers: int = 1, progress: bool = False, cache_size: int = 4096) -> DedupResult:
+    """Cluster near-duplicate documents and pick one survivor per cluster (see the module docstring)."""
+    if not 0.0 <= jaccard_threshold <= 1.0:
+        raise ValueError(f"jaccard_threshold must be in [0, 1], got {jaccard_threshold}")
+    if num_bands < 1 or num_hashes % num_bands:
+        raise ValueError(f"num_hashes ({num_hashes}) must be divisible by num_bands ({num_bands})")
+    hasher = MinHasher(num_hashes, ngrams, seed)
+    n = len(corpus)
+    stats: Counter[str] = Counter(documents=n)
+    with tempfile.TemporaryDirectory(prefix="minhash_") as scratch:
+        sigs = compute_signatures(corpus, hasher, workers, progress, scratch)
+        keys = band_keys(sigs, num_bands, seed)
+        del sigs
+    uf = UnionFind(n)
+    cache: OrderedDict[int, set[str]] = OrderedDict()
+
+    def grams(i: int) -> set[str]:
+        if i in cache:
+            cache.move_to_end(i)
+            return cache[i]
+        g = word_ngrams(corpus.text(i), ngrams)
+        cache[i] = g
+        if len(cache) > cache_size:
+            cache.popitem(last=False)
+        return g
+
+    rejected: set[tuple[int, int]] = set()
+    for group in tqdm(candidate_groups(keys), desc="verify", unit=" buckets", disable=not progress):
+        members = [int(i) for i in group]
+        for x in range(len(members)):
+            for y in range(x + 1, len(members)):
+                a, b = members[x], members[y]
+                if (a, b) in rejected or uf.find(a) == uf.find(b):
+                    continue
+                stats["candidate_pairs"] += 1
+                if jaccard(grams(a), grams(b)) >= jaccard_threshold:
+                    uf.union(a, b)
+                    stats["duplicate_pairs"] += 1
+                else:
+                    rejected.add((a, b))
+    groups: dict[int, list[int]] = {}
+    for i in range(n):
+        groups.setdefault(uf.find(i), []).append(i)
+    clusters = [members for members in groups.values() if len(members) > 1]
+    keep = np.ones(n, dtype=bool)
+    rng = np.random.default_rng(seed)
+    for members in clusters:
+        keep[members] = False
+        keep[members[int(rng.integers(len(members)))]] = True
+    stats["clusters"] = len(clusters)
+    stats["removed"] = int(n - keep.sum())
+    return DedupResult(keep, clusters, stats)
+
+
+def minhash_deduplicate(corpus: Corpus, output_directory: str, num_hashes: int, num_bands: int, ngrams: int,
+                        jaccard_threshold: float, **kwargs: object) -> DedupResult:
+    """Deduplicate and write the survivors with `corpus.write_kept` (same file names)."""
+    result = find_duplicates(corpus, num_hashes, num_bands, ngrams, jaccard_threshold, **kwargs)  # type: ignore[arg-type]
+    corpus.write_kept(result.keep, output_directory)  # type: ignore[attr-defined]
+    return result
+
+
+def minhash_deduplicate_files(input_files: Sequence[str], output_directory: str, num_hashes: int, num_bands: int,
+                              ngrams: int, jaccard_threshold: float, **kwargs: object) -> DedupResult:
+    """One document per file: kept files are copied byte for byte into the output folder."""
+    from cs336_data.corpus import FileCorpus
+
+    return minhash_deduplicate(FileCorpus(input_files), output_directory, num_hashes, num_bands, ngrams,
+                               jaccard_threshold, **kwargs)

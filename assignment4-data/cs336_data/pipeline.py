@@ -1,0 +1,216 @@
+"""The filtering pipeline: WET (or WARC) files in, JSONL shards of surviving documents out, with a report.
+
+Each input file is one task; tasks run in a process pool (or as a Slurm array through submitit). Inside a task a
+document that makes a step raise is dropped and counted under that step's `errors`, and a file that cannot be
+read at all is reported as failed: neither stops the run.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import multiprocessing
+import os
+import time
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+from xopen import xopen
+
+from cs336_data.document import Document, Step, step_report
+from cs336_data.extract import ExtractText
+from cs336_data.gopher import GopherFilter
+from cs336_data.pii import MaskPII
+from cs336_data.warc_io import iter_warc_documents
+
+
+@dataclass
+class FilterConfig:
+    """Which steps run, in this order: extract (WARC only), min length, langid, harmful, gopher, quality, PII."""
+
+    input_kind: str = "conversion"  # "conversion" for WET, "response" for WARC
+    min_chars: int = 200
+    languages: list[str] = field(default_factory=lambda: ["en"])
+    lang_threshold: float | None = 0.65  # None disables language ID
+    nsfw_threshold: float | None = 0.5  # None disables the harmful-content step
+    toxic_threshold: float = 0.5
+    gopher: bool = True
+    quality_threshold: float | None = None  # None disables the quality classifier
+    mask_pii: bool = True
+    lid_model: str | None = None
+    nsfw_model: str | None = None
+    toxic_model: str | None = None
+    quality_model: str | None = None
+
+
+class MinLength(Step):
+    """Drops documents shorter than `min_chars` after stripping whitespace."""
+
+    name = "min_length"
+
+    def __init__(self, min_chars: int) -> None:
+        super().__init__()
+        self.min_chars = min_chars
+
+    def apply(self, doc: Document) -> Document | None:
+        return doc if len(doc.text.strip()) >= self.min_chars else None
+
+
+def build_steps(config: FilterConfig) -> list[Step]:
+    """Instantiate the enabled steps; a model-backed step raises MissingModelError here, before any work."""
+    steps: list[Step] = []
+    if config.input_kind == "response":
+        steps.append(ExtractText())
+    steps.append(MinLength(config.min_chars))
+    if config.lang_threshold is not None:
+        from cs336_data.langid import LanguageFilter
+
+        steps.append(LanguageFilter(config.languages, config.lang_threshold, config.lid_model))
+    if config.nsfw_threshold is not None:
+        from cs336_data.harmful import HarmfulFilter
+
+        steps.append(HarmfulFilter(config.nsfw_threshold, config.toxic_threshold, config.nsfw_model,
+                                   config.toxic_model))
+    if config.gopher:
+        steps.append(GopherFilter())
+    if config.quality_threshold is not None:
+        from cs336_data.quality import QualityFilter
+
+        steps.append(QualityFilter(config.quality_threshold, config.quality_model))
+    if config.mask_pii:
+        steps.append(MaskPII())
+    return steps
+
+
+def run_steps_safely(docs: Iterable[Document], steps: list[Step]) -> Iterator[Document]:
+    """Like `run_steps`, but a step that raises on a document drops it and counts an error for that step."""
+    for doc in docs:
+        out: Document | None = doc
+        for step in steps:
+            try:
+                out = step(out)
+            except Exception:
+                step.counters["errors"] += 1
+                out = None
+            if out is None:
+                break
+        if out is not None:
+            yield out
+
+
+def filter_file(input_path: str, output_path: str, config: FilterConfig) -> dict[str, Any]:
+    """Filter one crawl file into one JSONL shard (gzip when the name ends in .gz); returns its report."""
+    start = time.perf_counter()
+    report: dict[str, Any] = {"input": input_path, "output": output_path, "bytes_in": os.path.getsize(input_path)}
+    read_stats: Counter[str] = Counter()
+    try:
+        steps = build_steps(config)
+        kept = 0
+        Path(output_path).parent.mkdir(parents=True, exist_ok=True)
+        with xopen(output_path, "wt", threads=0) as out:
+            docs = iter_warc_documents(input_path, config.input_kind, read_stats)
+            for doc in run_steps_safely(docs, steps):
+                out.write(json.dumps(doc.to_json(), ensure_ascii=False) + "\n")
+                kept += 1
+        report.update(ok=True, kept=kept, steps=step_report(steps))
+    except Exception as exc:  # one bad file is reported, never the end of the run
+        report.update(ok=False, error=f"{type(exc).__name__}: {exc}", kept=0, steps={})
+    report["read"] = dict(read_stats)
+    report["seconds"] = time.perf_counter() - start
+    return report
+
+
+def output_name(input_path: str) -> str:
+    name = Path(input_path).name
+    for suffix in (".gz", ".warc", ".wet"):
+        name = name.removesuffix(suffix)
+    return name + ".jsonl.gz"
+
+
+def summarize(reports: list[dict[str, Any]], wall_seconds: float, workers: int) -> dict[str, Any]:
+    """Totals over files: per-step counters summed, read statistics, throughput in MB/s overall and per worker."""
+    steps: dict[str, Counter[str]] = {}
+    read: Counter[str] = Counter()
+    for rep in reports:
+        read.update(rep.get("read", {}))
+        for name, counts in rep.get("steps", {}).items():
+            steps.setdefault(name, Counter()).update(counts)
+    mb = sum(r["bytes_in"] for r in reports) / 1e6
+    return {
+        "files": len(reports),
+        "failed_files": [{"input": r["input"], "error": r["error"]} for r in reports if not r.get("ok")],
+        "documents_read": read.get("records", 0),
+        "documents_kept": sum(r.get("kept", 0) for r in reports),
+        "read": dict(read),
+        "steps": {name: dict(c) for name, c in steps.items()},
+        "input_mb": mb,
+        "wall_seconds": wall_seconds,
+        "mb_per_second": mb / wall_seconds if wall_seconds else 0.0,
+        "mb_per_second_per_worker": mb / wall_seconds / workers if wall_seconds else 0.0,
+        "cpu_seconds": sum(r["seconds"] for r in reports),
+    }
+
+
+def run_filter(inputs: list[str], out_dir: str, config: FilterConfig, workers: int = 1,
+               progress: bool = True) -> dict[str, Any]:
+    """Filter many files in a process pool; writes `report.json` (summary, config, per-file reports) to out_dir."""
+    build_steps(config)  # fail fast, in the parent, on a missing model
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    jobs = [(p, str(out / output_name(p))) for p in inputs]
+    start = time.perf_counter()
+    reports: list[dict[str, Any]] = []
+    if workers <= 1:
+        for inp, outp in tqdm(jobs, desc="filter", unit=" files", disable=not progress):
+            reports.append(filter_file(inp, outp, config))
+    else:
+        ctx = multiprocessing.get_context("fork")
+        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+            futures = [pool.submit(filter_file, inp, outp, config) for inp, outp in jobs]
+            for fut in tqdm(concurrent.futures.as_completed(futures), total=len(futures), desc="filter",
+                            unit=" files", disable=not progress):
+                reports.append(fut.result())
+    summary = summarize(reports, time.perf_counter() - start, max(1, workers))
+    full = {"summary": summary, "config": asdict(config), "files": sorted(reports, key=lambda r: r["input"])}
+    (out / "report.json").write_text(json.dumps(full, indent=2))
+    return full
+
+
+def run_filter_slurm(inputs: list[str], out_dir: str, config: FilterConfig, log_dir: str = "slurm_logs",
+                     max_parallel: int = 16, **slurm: Any) -> dict[str, Any]:
+    """The same tasks as a Slurm job array through submitit (`pip install submitit`; not a dependency here)."""
+    try:
+        import submitit
+    except ImportError as exc:
+        raise RuntimeError("the Slurm launcher needs submitit: `uv pip install submitit`") from exc
+    executor = submitit.AutoExecutor(folder=log_dir)
+    executor.update_parameters(slurm_array_parallelism=max_parallel, **slurm)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    with executor.batch():
+        futures = [executor.submit(filter_file, p, str(out / output_name(p)), config) for p in inputs]
+    reports = [f.result() for f in tqdm(submitit.helpers.as_completed(futures), total=len(futures), desc="slurm")]
+    summary = summarize(reports, time.perf_counter() - start, max_parallel)
+    full = {"summary": summary, "config": asdict(config), "files": sorted(reports, key=lambda r: r["input"])}
+    (out / "report.json").write_text(json.dumps(full, indent=2))
+    return full
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """A short human-readable table: per step, documents seen, dropped and the share of all drops."""
+    total_dropped = sum(c.get("dropped", 0) for c in summary["steps"].values()) or 1
+    lines = [f"{summary['files']} files, {summary['documents_read']} documents read, "
+             f"{summary['documents_kept']} kept; {summary['input_mb']:.1f} MB in {summary['wall_seconds']:.1f} s "
+             f"({summary['mb_per_second_per_worker']:.2f} MB/s per worker)",
+             f"{'step':<12}{'seen':>10}{'dropped':>10}{'modified':>10}{'of drops':>10}"]
+    for name, c in summary["steps"].items():
+        d = c.get("dropped", 0)
+        lines.append(f"{name:<12}{c.get('seen', 0):>10}{d:>10}{c.get('modified', 0):>10}{d / total_dropped:>10.1%}")
+    for f in summary["failed_files"]:
+        lines.append(f"FAILED {f['input']}: {f['error']}")
+    return "\n".join(lines)

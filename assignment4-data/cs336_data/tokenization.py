@@ -1,0 +1,90 @@
+"""Filtered documents to a flat uint16 token file (GPT-2 BPE, `<|endoftext|>` after each document).
+
+The output is what `cs336_basics` training reads with `np.memmap(path, dtype=np.uint16)`. The GPT-2 encoding
+comes from tiktoken; offline, pass the GPT-2 `encoder.json`/`vocab.json` to rebuild it locally.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+import tiktoken
+from tqdm import tqdm
+from xopen import xopen
+
+GPT2_SPLIT = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+EOT = "<|endoftext|>"
+
+
+def _byte_to_char() -> dict[int, str]:
+    """GPT-2's reversible byte-to-printable-character table: printable Latin-1 bytes map to themselves."""
+    keep = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    table = {b: chr(b) for b in keep}
+    extra = 0
+    for b in range(256):
+        if b not in table:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+def gpt2_encoding(vocab_json: str | os.PathLike | None = None) -> tiktoken.Encoding:
+    """tiktoken's GPT-2 encoding, or the same rebuilt from a GPT-2 vocab JSON (token ids are the merge ranks)."""
+    if vocab_json is None:
+        return tiktoken.get_encoding("gpt2")
+    char_to_byte = {c: b for b, c in _byte_to_char().items()}
+    vocab = json.loads(Path(vocab_json).read_text(encoding="utf-8"))
+    ranks = {bytes(char_to_byte[c] for c in tok): i for tok, i in vocab.items() if tok != EOT}
+    return tiktoken.Encoding(name="gpt2-local", pat_str=GPT2_SPLIT, mergeable_ranks=ranks,
+                             special_tokens={EOT: vocab.get(EOT, len(ranks))})
+
+
+_ENCODING: tiktoken.Encoding | None = None
+
+
+def _encode(text: str) -> list[int]:
+    assert _ENCODING is not None
+    return [*_ENCODING.encode_ordinary(text), _ENCODING.eot_token]
+
+
+def iter_document_texts(paths: Iterable[str | os.PathLike], field: str = "text") -> Iterator[str]:
+    """Texts from JSONL shards (`field` of each object) or plain-text files (each file one document)."""
+    for path in paths:
+        name = str(path)
+        if ".jsonl" in name:
+            with xopen(path, "rt", threads=0) as f:
+                for line in f:
+                    if line.strip():
+                        yield json.loads(line)[field]
+        else:
+            with xopen(path, "rt", threads=0) as f:
+                yield f.read()
+
+
+def tokenize_to_uint16(texts: Iterable[str], output_path: str | os.PathLike, encoding: tiktoken.Encoding,
+                       workers: int = 1, chunksize: int = 64, progress: bool = True) -> dict[str, int]:
+    """Encode documents in order, append EOT to each, and stream the ids to `output_path` as uint16."""
+    global _ENCODING
+    if encoding.n_vocab > 1 << 16:
+        raise ValueError(f"vocabulary of {encoding.n_vocab} ids does not fit in uint16")
+    _ENCODING = encoding
+    stats = {"documents": 0, "tokens": 0}
+    Path(output_path).parent.mkdir(parents=True, exist_ok=True)
+    with open(output_path, "wb") as out:
+        pool = multiprocessing.get_context("fork").Pool(workers) if workers > 1 else None
+        try:
+            ids_iter = pool.imap(_encode, texts, chunksize=chunksize) if pool else map(_encode, texts)
+            for ids in tqdm(ids_iter, desc="tokenize", unit=" docs", disable=not progress):
+                np.asarray(ids, dtype=np.uint16).tofile(out)
+                stats["documents"] += 1
+                stats["tokens"] += len(ids)
+        finally:
+            if pool:
+                pool.close()
+                pool.join()
+    return stats
