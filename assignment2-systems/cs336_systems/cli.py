@@ -14,6 +14,22 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "cs336_systems.benchmarking.attention_cli",
         "time FlashAttention-2 (ours) against naive PyTorch and SDPA backends; write JSON, Markdown, figure",
     ),
+    "bench-model": (
+        "cs336_systems.benchmarking.model_cli",
+        "time forward, forward+backward and AdamW steps of the LM over model sizes; write JSON, Markdown, figure",
+    ),
+    "mixed-precision": (
+        "cs336_systems.benchmarking.precision_cli",
+        "the handout's accumulation experiment (fp32/fp16/bf16 sums) and autocast dtypes of its toy model",
+    ),
+    "bench-allreduce": (
+        "cs336_systems.benchmarking.allreduce_cli",
+        "all-reduce time and bandwidth over sizes, world sizes and backends; write JSON, Markdown, figure",
+    ),
+    "bench-ddp": (
+        "cs336_systems.benchmarking.ddp_cli",
+        "step time, communication and hidden share of each DDP variant, and memory per rank; JSON, Markdown, figure",
+    ),
 }
 
 
