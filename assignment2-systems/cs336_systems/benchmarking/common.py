@@ -64,6 +64,7 @@ def environment(device: str = "cuda") -> dict[str, Any]:
         "python": platform.python_version(),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "device": device,
+        "float32_matmul_precision": torch.get_float32_matmul_precision(),
     }
     if device.startswith("cuda") and torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name(0)

@@ -233,16 +233,25 @@ def derived(point: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-def run_sweep(cfg: ModelBenchConfig, progress: bool = True) -> dict[str, Any]:
-    """Every point of the sweep, in order, until the time budget runs out (later points: skipped)."""
+def run_sweep(
+    cfg: ModelBenchConfig, progress: bool = True, on_point: Callable[[dict[str, Any]], None] | None = None
+) -> dict[str, Any]:
+    """Every point of the sweep, in order, until the time budget runs out (later points: skipped).
+
+    `on_point` gets the results so far after each point (the CLI saves them, so a killed run leaves data)."""
     from tqdm import tqdm
 
     from cs336_systems.benchmarking.common import environment
 
-    points = [(s, c, p, cm) for s in cfg.sizes for c in cfg.contexts for p in cfg.precisions
+    # contexts outermost: when the budget runs out, the longest contexts go first, not the largest models
+    points = [(s, c, p, cm) for c in cfg.contexts for s in cfg.sizes for p in cfg.precisions
               for cm in cfg.compile_modes]
     deadline = time.monotonic() + cfg.time_budget_s
-    rows = []
+    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}
+    if math.isinf(cfg.time_budget_s):
+        config["time_budget_s"] = None
+    results: dict[str, Any] = {"env": environment(cfg.device), "config": config, "rows": []}
+    rows = results["rows"]
     for size, context, precision, compile_mode in tqdm(points, desc="bench-model", disable=not progress):
         if time.monotonic() > deadline:
             rows.append({"size": size, "context": context, "precision": precision, "compile": compile_mode,
@@ -256,7 +265,6 @@ def run_sweep(cfg: ModelBenchConfig, progress: bool = True) -> dict[str, Any]:
             for m, r in point["modes"].items()
         )
         tqdm.write(f"  {size} ctx={context} {precision} {compile_mode}: {cells}")
-    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}
-    if math.isinf(cfg.time_budget_s):
-        config["time_budget_s"] = None
-    return {"env": environment(cfg.device), "config": config, "rows": rows}
+        if on_point is not None:
+            on_point(results)
+    return results

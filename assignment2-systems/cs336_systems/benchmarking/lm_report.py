@@ -22,6 +22,15 @@ def _mem(r: dict[str, Any] | None) -> str:
     return f"{r['peak_allocated_mib'] / 1024:.2f}"
 
 
+def _order(row: dict[str, Any]) -> tuple:
+    """Table order: model size as in the handout, then context, precision, compile mode."""
+    from cs336_systems.benchmarking.model_sizes import MODEL_SIZES
+
+    sizes = list(MODEL_SIZES)
+    return (sizes.index(row["size"]) if row["size"] in sizes else len(sizes), row["context"], row["precision"],
+            row["compile"])
+
+
 def markdown(results: dict[str, Any]) -> str:
     env, cfg = results["env"], results["config"]
     modes = cfg["modes"]
@@ -41,7 +50,7 @@ def markdown(results: dict[str, Any]) -> str:
         + " |",
         "|---|---:|---:|---|---|" + "---:|" * (2 * len(modes) + 2),
     ]
-    for row in results["rows"]:
+    for row in sorted(results["rows"], key=_order):
         m = row["modes"]
         params = f"{row['params'] / 1e6:.0f}M" if "params" in row else "—"
         bwd = f"{row['backward_ms']:.2f}" if "backward_ms" in row else "—"

@@ -86,6 +86,12 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"bench-model: {e}") from None
     from cs336_systems.benchmarking.lm_bench import run_sweep
 
-    results = run_sweep(cfg, progress=not args.no_progress)
+    partial = cfg.out_dir / f"{cfg.stem}.json"
+
+    def save(results: dict) -> None:
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        partial.write_text(json.dumps(results, indent=1, default=str))
+
+    results = run_sweep(cfg, progress=not args.no_progress, on_point=save)
     write_reports(results, cfg.out_dir, cfg.stem)
     return 0
