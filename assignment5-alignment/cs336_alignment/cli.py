@@ -1,2 +1,128 @@
-def main(argv=None):
-    raise SystemExit("cs336-align: not implemented yet")
+"""`cs336-align`: evaluation commands, reward grading and the packaged prompts, from the shell."""
+
+import argparse
+import json
+import sys
+
+from cs336_alignment.evaluation.runner import markdown_table
+
+TASK_DEFAULTS = {  # (prompt style, temperature, max tokens): MATH samples as the handout says, the rest greedy
+    "math": ("r1_zero", 1.0, 1024),
+    "gsm8k": ("zero_shot", 0.0, 512),
+    "mmlu": ("zero_shot", 0.0, 256),
+    "alpaca-eval": ("zero_shot", 0.0, 1024),
+    "sst": ("zero_shot", 0.0, 512),
+}
+
+
+def _build_backend(args):
+    from cs336_alignment.generation import make_backend
+
+    if args.backend == "vllm":
+        if not args.model:
+            raise ValueError("--backend vllm needs --model (a Hugging Face model directory)")
+        return make_backend("vllm", args.model, seed=args.seed or 0)
+    if args.model:
+        from cs336_alignment.models import load_hf
+
+        model, tokenizer = load_hf(args.model, args.device, args.dtype)
+    elif args.basics_run and args.basics_tokenizer:
+        from cs336_alignment.models import load_basics
+
+        model, tokenizer = load_basics(args.basics_run, args.basics_tokenizer, args.device)
+    else:
+        raise ValueError("give --model DIR, or --basics-run DIR with --basics-tokenizer DIR")
+    return make_backend("native", model, tokenizer, batch_size=args.batch_size)
+
+
+def cmd_eval(args) -> dict:
+    from cs336_alignment.evaluation import TASKS
+    from cs336_alignment.generation import SamplingParams
+
+    style, temperature, max_tokens = TASK_DEFAULTS[args.task]
+    params = SamplingParams(
+        temperature=temperature if args.temperature is None else args.temperature,
+        top_p=args.top_p,
+        max_tokens=max_tokens if args.max_tokens is None else args.max_tokens,
+        min_tokens=args.min_tokens,
+        stop=tuple(args.stop or ()),
+        n=args.n,
+        seed=args.seed,
+    )
+    backend = _build_backend(args)
+    kwargs = {"style": args.style or style, "limit": args.limit}
+    summary = TASKS[args.task](args.data, backend, params, args.out, **kwargs)
+    print(markdown_table(summary))
+    return summary
+
+
+def cmd_grade(args) -> dict:
+    from cs336_alignment.reward import question_only_reward, r1_zero_reward
+
+    reward = r1_zero_reward if args.reward == "r1_zero" else question_only_reward
+    scores = reward(args.response, args.truth)
+    print(json.dumps(scores))
+    return scores
+
+
+def cmd_prompt(args) -> str:
+    from cs336_alignment.prompts import load_prompt
+
+    text = load_prompt(args.name)
+    print(text)
+    return text
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from cs336_alignment.prompts import PROMPT_NAMES
+
+    parser = argparse.ArgumentParser(prog="cs336-align", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("eval", help="generate on an evaluation set and grade it")
+    p.add_argument("task", choices=sorted(TASK_DEFAULTS))
+    p.add_argument("--data", required=True, help="JSONL/CSV file (MMLU: a CSV or a folder of CSVs)")
+    p.add_argument("--out", required=True, help="folder for <task>_results.jsonl and <task>_summary.{json,md}")
+    p.add_argument("--model", help="Hugging Face model directory")
+    p.add_argument("--basics-run", help="cs336-basics run directory (config + checkpoint.pt)")
+    p.add_argument("--basics-tokenizer", help="folder with the run's vocab.json and merges.txt")
+    p.add_argument("--backend", choices=("native", "vllm"), default="native")
+    p.add_argument("--style", help="prompt style: r1_zero|question_only (math); zero_shot|alpaca|plain (others)")
+    p.add_argument("--limit", type=int, help="evaluate only the first N examples")
+    p.add_argument("--temperature", type=float)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--max-tokens", type=int)
+    p.add_argument("--min-tokens", type=int, default=0)
+    p.add_argument("--stop", action="append", help="stop string (repeatable; default depends on the style)")
+    p.add_argument("--n", type=int, default=1, help="samples per prompt")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--batch-size", type=int, default=16, help="native backend rows per batch")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("grade", help="score one response with the R1-Zero-style reward")
+    p.add_argument("--response", required=True)
+    p.add_argument("--truth", required=True)
+    p.add_argument("--reward", choices=("r1_zero", "question_only"), default="r1_zero")
+    p.set_defaults(func=cmd_grade)
+
+    p = sub.add_parser("prompt", help="print a packaged prompt template")
+    p.add_argument("name", choices=PROMPT_NAMES)
+    p.set_defaults(func=cmd_prompt)
+    return parser
+
+
+def main(argv: list[str] | None = None):
+    args = build_parser().parse_args(argv)
+    if args.command == "eval" and args.limit is not None and args.limit < 1:
+        build_parser().error("--limit must be >= 1")
+    try:
+        return args.func(args)
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        print(f"cs336-align: error: {str(e).splitlines()[0]}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -11,8 +11,10 @@ def _upcast(logits: Tensor) -> Tensor:
 
 
 def compute_entropy(logits: Float[Tensor, "... vocab"]) -> Float[Tensor, "..."]:
-    """H = logsumexp(z) - sum softmax(z) * z, which never exponentiates a large logit; -inf logits add 0."""
+    """H = logsumexp(z) - sum softmax(z) * z on max-shifted logits (shift-invariant, so no overflow and no
+    cancellation between two huge terms); -inf logits contribute 0."""
     logits = _upcast(logits)
+    logits = logits - logits.max(dim=-1, keepdim=True).values.detach()
     log_z = torch.logsumexp(logits, dim=-1, keepdim=True)
     probs = torch.exp(logits - log_z)
     weighted = torch.where(probs > 0, probs * logits, torch.zeros((), dtype=logits.dtype, device=logits.device))

@@ -1,0 +1,3 @@
+from cs336_alignment.cli import main
+
+main()

@@ -1,0 +1,116 @@
+"""Batched sampling with a KV cache on any HF causal LM or the cs336_basics LM (CPU or GPU, no vLLM)."""
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from cs336_alignment.generation.params import Completion, SamplingParams
+from cs336_alignment.generation.steppers import make_stepper
+from cs336_alignment.lm import model_device
+from cs336_alignment.text_tokenizer import encode, pad_token_id, stop_token_ids
+from cs336_basics.decoding import sample_next_token
+
+
+def find_stop(text: str, stops: Sequence[str]) -> tuple[int, str] | None:
+    """(index, stop string) of the earliest stop string in `text`, or None."""
+    hits = [(text.find(s), s) for s in stops if s in text]
+    return min(hits) if hits else None
+
+
+class NativeBackend:
+    """Generates completions in batches of `batch_size` rows (prompts x n), one cached forward per token.
+
+    EOS ends a completion and is not part of its text; with `min_tokens` EOS is masked out until then.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer: Any, batch_size: int = 16):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+
+    def generate(self, prompts: Sequence[str], params: SamplingParams) -> list[Completion]:
+        if isinstance(prompts, str):
+            raise TypeError("prompts must be a sequence of strings, not one string")
+        encoded = [encode(self.tokenizer, p, add_special_tokens=True) for p in prompts]
+        if any(not ids for ids in encoded):
+            raise ValueError("every prompt must encode to at least one token")
+        requests = [(i, ids) for i, ids in enumerate(encoded) for _ in range(params.n)]
+        device = model_device(self.model)
+        generator = None
+        if params.seed is not None:
+            generator = torch.Generator(device=device).manual_seed(params.seed)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            completions: list[Completion] = []
+            for start in range(0, len(requests), self.batch_size):
+                completions += self._generate_batch(requests[start : start + self.batch_size], params, generator)
+        finally:
+            self.model.train(was_training)
+        return completions
+
+    @torch.no_grad()
+    def _generate_batch(
+        self, requests: list[tuple[int, list[int]]], params: SamplingParams, generator: torch.Generator | None
+    ) -> list[Completion]:
+        device = model_device(self.model)
+        batch, longest = len(requests), max(len(ids) for _, ids in requests)
+        pad = pad_token_id(self.tokenizer)
+        tokens = torch.full((batch, longest), pad, dtype=torch.long, device=device)
+        mask = torch.zeros((batch, longest), dtype=torch.bool, device=device)
+        for row, (_, ids) in enumerate(requests):
+            tokens[row, longest - len(ids) :] = torch.tensor(ids, device=device)
+            mask[row, longest - len(ids) :] = True
+
+        stepper = make_stepper(self.model)
+        budget = stepper.budget(longest, params.max_tokens)
+        eos = sorted(stop_token_ids(self.tokenizer))
+        window = 2 * max((len(s) for s in params.stop), default=0) + 8
+        outputs: list[list[int]] = [[] for _ in range(batch)]
+        texts: list[str | None] = [None] * batch
+        finished = [False] * batch
+        logits: Tensor | None = stepper.start(tokens, mask, budget) if budget > 0 else None
+        for step in range(budget):
+            assert logits is not None
+            logits = logits.float()
+            if step < params.min_tokens and eos:
+                logits[:, eos] = float("-inf")
+            chosen = sample_next_token(logits, params.temperature, params.top_p, generator)
+            for row, token in enumerate(chosen.tolist()):
+                if finished[row]:
+                    continue
+                if token in eos:
+                    finished[row] = True
+                    continue
+                outputs[row].append(token)
+                if params.stop and len(outputs[row]) >= params.min_tokens:
+                    texts[row] = self._cut_at_stop(outputs[row], params, window)
+                    finished[row] = texts[row] is not None
+            if all(finished) or step == budget - 1:
+                break
+            feed = torch.where(torch.tensor(finished, device=device), torch.full_like(chosen, pad), chosen)
+            logits = stepper.step(feed)
+
+        results = []
+        for row, (index, _) in enumerate(requests):
+            text = texts[row]
+            if text is None:
+                text = self.tokenizer.decode(outputs[row], skip_special_tokens=True)
+            reason = "stop" if finished[row] else "length"
+            results.append(Completion(index, text, outputs[row], reason))
+        return results
+
+    def _cut_at_stop(self, ids: list[int], params: SamplingParams, window: int) -> str | None:
+        """The completion's text cut at its first stop string, or None while no stop string has appeared."""
+        if find_stop(self.tokenizer.decode(ids[-window:], skip_special_tokens=True), params.stop) is None:
+            return None
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        hit = find_stop(text, params.stop)
+        if hit is None:
+            return None
+        index, stop = hit
+        return text[: index + len(stop)] if params.include_stop_str_in_output else text[:index]

@@ -1,0 +1,73 @@
+"""Tiny models and tokenizers the tests build themselves (no downloads): a BPE trained by cs336_basics and
+exposed as a transformers fast tokenizer, a random-weight Llama, and a random-weight cs336_basics LM."""
+
+from functools import cache
+from pathlib import Path
+
+import torch
+
+from cs336_basics.model import TransformerConfig, TransformerLM
+from cs336_basics.tokenizer import Tokenizer, train_bpe
+from cs336_basics.tokenizer.serialization import token_to_str
+
+EOS = "<|endoftext|>"
+BOS = "<|begin_of_text|>"
+CORPUS = "\n".join(
+    f"Question {i}: what is {i} plus {i + 3}? Answer: {2 * i + 3}. The quick brown fox jumps over the lazy dog. "
+    f"<think> reasoning </think> <answer> {i} </answer> Below is an instruction that describes a task."
+    for i in range(60)
+)
+
+
+@cache
+def _bpe(vocab_size: int = 400) -> tuple[dict[int, bytes], list[tuple[bytes, bytes]]]:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "corpus.txt"
+        path.write_text(CORPUS, encoding="utf-8")
+        return train_bpe(path, vocab_size, [EOS], num_workers=1)
+
+
+def basics_tokenizer() -> Tokenizer:
+    vocab, merges = _bpe()
+    return Tokenizer(vocab, merges, [EOS])
+
+
+def hf_tokenizer(with_bos: bool = False):
+    """Our BPE as a `PreTrainedTokenizerFast`; `with_bos` prepends a BOS like Llama 3's tokenizer does."""
+    from tokenizers import Tokenizer as RawTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab, merges = _bpe()
+    str_vocab = {token_to_str(b): i for i, b in vocab.items()}
+    str_merges = [(token_to_str(a), token_to_str(b)) for a, b in merges]
+    raw = RawTokenizer(models.BPE(vocab=str_vocab, merges=str_merges))
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.decoder = decoders.ByteLevel()
+    special = [EOS] + ([BOS] if with_bos else [])
+    raw.add_special_tokens(special)
+    if with_bos:
+        bos_id = raw.token_to_id(BOS)
+        raw.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", special_tokens=[(BOS, bos_id)])
+    kwargs = {"bos_token": BOS} if with_bos else {}
+    return PreTrainedTokenizerFast(tokenizer_object=raw, eos_token=EOS, pad_token=EOS, **kwargs)
+
+
+def tiny_llama(vocab_size: int, seed: int = 0, dtype=torch.float32):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, attn_implementation="eager",
+    )
+    return LlamaForCausalLM(config).to(dtype).eval()
+
+
+def tiny_basics_lm(vocab_size: int, seed: int = 0, context_length: int = 128) -> TransformerLM:
+    torch.manual_seed(seed)
+    config = TransformerConfig(vocab_size=vocab_size, context_length=context_length, d_model=32, num_layers=2,
+                               num_heads=4, d_ff=64)
+    return TransformerLM(config).eval()
