@@ -1,9 +1,10 @@
 """Fuzzy document deduplication with MinHash signatures and LSH banding, verified by exact n-gram Jaccard.
 
 1. Normalise (NFD, drop accents and punctuation, lowercase, collapse whitespace) and take word n-grams.
-2. Signature: for each of `num_hashes` functions h(x) = (a·x + b) mod (2^61 − 1) over the n-grams' 32-bit
-   MurmurHash3 values, the minimum (kept as its low 32 bits). Signatures are the only per-document state of the
-   streaming pass; above `memmap_bytes` they go to a disk-backed array.
+2. Signature: for each of `num_hashes` functions h_i(x) = mix64(x XOR s_i) over the n-grams' 64-bit MurmurHash3
+   values (mix64: the SplitMix64 finaliser, s_i random seeds), the minimum, kept as its high 32 bits.
+   Signatures are the only per-document state of the streaming pass; above `memmap_bytes` they go to a
+   disk-backed array.
 3. LSH: split each signature into `num_bands` bands of r = num_hashes / num_bands rows; documents whose band
    values agree in any band are candidates (grouped by sorting a 64-bit key per band, no Python dict of buckets).
 4. Each candidate pair not already in one cluster is checked against the exact Jaccard similarity of its n-gram
@@ -27,7 +28,8 @@ import mmh3
 import numpy as np
 from tqdm import tqdm
 
-MERSENNE_61 = np.uint64((1 << 61) - 1)
+_M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+_S30, _S27, _S31, _S32 = np.uint64(30), np.uint64(27), np.uint64(31), np.uint64(32)
 EMPTY = np.uint32(0xFFFFFFFF)
 _NON_WORD = re.compile(r"[^\w\s]")
 
@@ -67,26 +69,37 @@ def jaccard(a: set[str], b: set[str]) -> float:
     return inter / (len(a) + len(b) - inter)
 
 
+def mix64(z: np.ndarray) -> np.ndarray:
+    """SplitMix64's finaliser, elementwise on uint64 (wrapping multiplication is intended)."""
+    with np.errstate(over="ignore"):
+        z = (z ^ (z >> _S30)) * _M1
+        z = (z ^ (z >> _S27)) * _M2
+        return z ^ (z >> _S31)
+
+
 class MinHasher:
-    """`num_hashes` universal hash functions over 32-bit n-gram hashes; a, b < 2^32 keep a·x + b inside uint64."""
+    """`num_hashes` hash functions: each XORs a random 64-bit seed into the n-gram hash and mixes the result.
+
+    (A linear family a·x + b mod p with small a keeps x's order for small x and correlates the functions; mixing
+    every bit avoids that, and the signature agreement then tracks the Jaccard similarity, see the tests.)
+    """
 
     def __init__(self, num_hashes: int, ngrams: int, seed: int = 0, block: int = 2048) -> None:
         if num_hashes < 1:
             raise ValueError(f"num_hashes must be >= 1, got {num_hashes}")
         rng = np.random.default_rng(seed)
         self.num_hashes, self.ngrams, self.block = num_hashes, ngrams, block
-        self.a = rng.integers(1, 1 << 32, size=num_hashes, dtype=np.uint64)
-        self.b = rng.integers(0, 1 << 32, size=num_hashes, dtype=np.uint64)
+        self.seeds = rng.integers(0, np.iinfo(np.uint64).max, size=num_hashes, dtype=np.uint64, endpoint=True)
 
     def signature_of_grams(self, grams: set[str]) -> np.ndarray:
         if not grams:
             return np.full(self.num_hashes, EMPTY, dtype=np.uint32)
-        x = np.fromiter((mmh3.hash(g, signed=False) for g in grams), dtype=np.uint64, count=len(grams))
+        x = np.fromiter((mmh3.hash64(g, signed=False)[0] for g in grams), dtype=np.uint64, count=len(grams))
         mins = np.full(self.num_hashes, np.iinfo(np.uint64).max, dtype=np.uint64)
         for s in range(0, x.size, self.block):
-            v = (np.outer(x[s : s + self.block], self.a) + self.b) % MERSENNE_61
+            v = mix64(x[s : s + self.block, None] ^ self.seeds[None, :])
             np.minimum(mins, v.min(axis=0), out=mins)
-        return (mins & np.uint64(0xFFFFFFFF)).astype(np.uint32)
+        return (mins >> _S32).astype(np.uint32)
 
     def signature(self, text: str) -> np.ndarray:
         return self.signature_of_grams(word_ngrams(text, self.ngrams))

@@ -125,9 +125,10 @@ def filter_file(input_path: str, output_path: str, config: FilterConfig) -> dict
 
 
 def output_name(input_path: str) -> str:
+    """`CC-x.warc.wet.gz` -> `CC-x.jsonl.gz`: crawl and compression suffixes dropped, whatever their order."""
     name = Path(input_path).name
-    for suffix in (".gz", ".warc", ".wet"):
-        name = name.removesuffix(suffix)
+    while (stripped := name.removesuffix(".gz").removesuffix(".wet").removesuffix(".warc")) != name:
+        name = stripped
     return name + ".jsonl.gz"
 
 

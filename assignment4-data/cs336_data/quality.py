@@ -117,10 +117,10 @@ def write_training_data(positives: Iterable[str], negatives: Iterable[str], out_
 
 def train_quality_classifier(train_file: str | os.PathLike, model_out: str | os.PathLike | None = None,
                              epoch: int = 10, lr: float = 0.1, word_ngrams: int = 2, dim: int = 100,
-                             min_count: int = 1, seed: int = 0) -> Path:
+                             min_count: int = 1, bucket: int = 2_000_000, seed: int = 0) -> Path:
     """Train fastText on a `__label__wiki|cc text` file and save it (default: the quality asset's path)."""
     model = fasttext.train_supervised(input=str(train_file), epoch=epoch, lr=lr, wordNgrams=word_ngrams, dim=dim,
-                                      minCount=min_count, seed=seed, thread=1, verbose=0)
+                                      minCount=min_count, bucket=bucket, seed=seed, thread=1, verbose=0)
     out = Path(model_out) if model_out else asset_path("quality")
     out.parent.mkdir(parents=True, exist_ok=True)
     model.save_model(str(out))
