@@ -106,11 +106,13 @@ def ddp_markdown(results: dict[str, Any]) -> str:
     mem = results.get("memory", [])
     if mem:
         lines += ["", "## Memory per rank", "",
-                  "Peak = `torch.cuda.max_memory_allocated` since the model was built (after init, just before and "
-                  "just after the optimizer step, second step). Held = bytes in this rank's parameters, gradients "
+                  "After init = `torch.cuda.memory_allocated` once the model is wrapped and the optimizer made "
+                  "(FSDP has by then freed the full weights it was built with); peaks = "
+                  "`torch.cuda.max_memory_allocated` since then, just before and just after the optimizer step "
+                  "(over two steps). Held = bytes in this rank's parameters, gradients "
                   "and optimizer state; theory = fp32 parameters + gradients + two AdamW moments, divided by the "
                   "world size where the setup shards them (ZeRO-1: optimizer state; FSDP: all three).", "",
-                  "| setup | rank | peak after init | peak before step | peak after step | params held / theory | "
+                  "| setup | rank | after init | peak before step | peak after step | params held / theory | "
                   "grads held / theory | opt. state held / theory | total held / theory |",
                   "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for m in mem:
@@ -120,7 +122,7 @@ def ddp_markdown(results: dict[str, Any]) -> str:
             t = m["theory_mib"]
             held = m["params_mib"] + m["grads_mib"] + m["optimizer_state_mib"]
             lines.append(
-                f"| {m['setup']} | {m['rank']} | {_g(m['after_init_peak_mib'])} | {_g(m['before_step_peak_mib'])} | "
+                f"| {m['setup']} | {m['rank']} | {_g(m['after_init_mib'])} | {_g(m['before_step_peak_mib'])} | "
                 f"{_g(m['after_step_peak_mib'])} | {_g(m['params_mib'])} / {_g(t['params'])} | "
                 f"{_g(m['grads_mib'])} / {_g(t['grads'])} | {_g(m['optimizer_state_mib'])} / "
                 f"{_g(t['optimizer_state'])} | {_g(held)} / {_g(t['total'])} |")
