@@ -143,4 +143,5 @@ done
 ls -l "$OUT_DIR"
 echo "=== stage $STAGE done in $((SECONDS - T_START))s; failed steps: ${FAILED[*]:-none}"
 rm -rf "$WORK"
+sleep 1  # let tee write the last lines of the log
 exit 0

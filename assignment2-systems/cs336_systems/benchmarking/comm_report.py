@@ -92,16 +92,18 @@ def ddp_markdown(results: dict[str, Any]) -> str:
     ]
     if results.get("status", "ok") != "ok":
         lines += [f"Run failed: {results['status']}", ""]
-    lines += ["| variant | step ms | forward | backward | exposed comm | optimizer | comm alone | hidden | overhead |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines += ["| variant | step ms | forward | backward | exposed comm | share of step | optimizer | comm alone | "
+              "hidden | overhead |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for v in results.get("variants", []):
         if v.get("status") != "ok":
-            lines.append(f"| {v['label']} | {v.get('status')} |  |  |  |  |  |  |  |")
+            lines.append(f"| {v['label']} | {v.get('status')} |  |  |  |  |  |  |  |  |")
             continue
         hidden = "—" if v["hidden_share"] is None else f"{100 * v['hidden_share']:.0f}%"
         overhead = f"{v['overhead_vs_none_ms']:.2f}" if "overhead_vs_none_ms" in v else "—"
         lines.append(f"| {v['label']} | {_ms(v['total'])} | {v['forward']['mean_ms']:.2f} | "
                      f"{v['backward']['mean_ms']:.2f} | {v['grad_sync']['mean_ms']:.2f} | "
+                     f"{100 * v['grad_sync']['mean_ms'] / v['total']['mean_ms']:.0f}% | "
                      f"{v['optimizer']['mean_ms']:.2f} | {v['comm_alone_ms']:.2f} | {hidden} | {overhead} |")
     mem = results.get("memory", [])
     if mem:

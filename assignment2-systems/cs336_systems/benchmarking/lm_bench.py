@@ -193,6 +193,7 @@ def bench_point(cfg: ModelBenchConfig, size: str, context: int, precision: str, 
     except Exception as e:  # OOM while building, or anything else: recorded for every mode
         status = "OOM" if _is_oom(e) else short_error(e)
         point["modes"] = {m: {"status": status} for m in cfg.modes}
+    if point["modes"]:
         model = optimizer = compiled = None
         _free(device)
         return point
@@ -208,6 +209,7 @@ def bench_point(cfg: ModelBenchConfig, size: str, context: int, precision: str, 
             if device.type == "cuda" and snap is not None:
                 torch.cuda.memory._record_memory_history(enabled=None)
             point["modes"][mode] = {"status": "OOM" if _is_oom(e) else short_error(e)}
+        if point["modes"][mode]["status"] != "ok":  # outside the handler: its traceback no longer pins tensors
             optimizer.zero_grad(set_to_none=True)
             _free(device)
     model = optimizer = compiled = x = y = None
