@@ -20,6 +20,9 @@ def _assets(args: argparse.Namespace) -> int:
             print(f"{name:<10} {state:<8} {path}  (${asset.env}; {asset.url or 'trained locally'})")
         return 0
     names = args.names or [n for n, a in ASSETS.items() if a.url and n != "wiki-urls"]
+    unknown = [n for n in names if n not in ASSETS]
+    if unknown:
+        raise ValueError(f"unknown asset {unknown[0]!r}; known: {', '.join(ASSETS)}")
     failed = 0
     for name in names:
         try:
@@ -65,6 +68,7 @@ def _filter(args: argparse.Namespace) -> int:
         gopher=not args.no_gopher,
         quality_threshold=args.quality_threshold,
         mask_pii=not args.no_pii,
+        sample_dropped=args.sample_dropped,
     )
     if args.slurm:
         report = run_filter_slurm(args.inputs, args.out_dir, config, max_parallel=args.workers,
@@ -151,7 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     a = sub.add_parser("assets", help="list or download the fastText models")
     a.add_argument("action", choices=["list", "download"])
-    a.add_argument("names", nargs="*", choices=[[], *ASSETS], help="assets to download (default: the three models)")
+    a.add_argument("names", nargs="*", metavar="NAME", help=f"assets to download, of {', '.join(ASSETS)} "
+                   "(default: the three models)")
     a.add_argument("--dir", help="target folder (default: $CS336_DATA_CACHE or ~/.cache/cs336_data)")
     a.add_argument("--timeout", type=float, default=30.0)
     a.add_argument("--force", action="store_true")
@@ -178,6 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--quality-threshold", type=float, default=None, help="keep P(wiki) >= this (off by default)")
     f.add_argument("--no-pii", action="store_true")
     f.add_argument("--no-progress", action="store_true")
+    f.add_argument("--sample-dropped", type=int, default=0, metavar="N",
+                   help="also write up to N dropped documents per step and file to *.dropped.jsonl.gz")
     f.add_argument("--slurm", action="store_true", help="run as a Slurm array via submitit (--workers = parallel)")
     f.add_argument("--slurm-partition", default=None)
     f.add_argument("--slurm-timeout-min", type=int, default=15)

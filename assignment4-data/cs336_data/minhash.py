@@ -157,7 +157,12 @@ class DedupResult:
     stats: Counter[str] = field(default_factory=Counter)
 
 
-def _signature_range(corpus: Corpus, hasher: MinHasher, start: int, end: int) -> tuple[int, np.ndarray]:
+_FORKED: tuple[Corpus, MinHasher] | None = None  # set before the pool forks, so workers inherit, not unpickle
+
+
+def _signature_range(start: int, end: int) -> tuple[int, np.ndarray]:
+    assert _FORKED is not None
+    corpus, hasher = _FORKED
     return start, np.stack([hasher.signature(corpus.text(i)) for i in range(start, end)])
 
 
@@ -179,13 +184,16 @@ def compute_signatures(corpus: Corpus, hasher: MinHasher, workers: int = 1, prog
             sigs[i] = hasher.signature(text)
             bar.update(1)
     else:
+        global _FORKED
+        _FORKED = (corpus, hasher)
         ctx = multiprocessing.get_context("fork")
         with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
-            futures = [pool.submit(_signature_range, corpus, hasher, s, min(n, s + chunk)) for s in range(0, n, chunk)]
+            futures = [pool.submit(_signature_range, s, min(n, s + chunk)) for s in range(0, n, chunk)]
             for fut in concurrent.futures.as_completed(futures):
                 start, block = fut.result()
                 sigs[start : start + len(block)] = block
                 bar.update(len(block))
+        _FORKED = None
     bar.close()
     return sigs
 

@@ -13,7 +13,7 @@ import multiprocessing
 import os
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +41,7 @@ class FilterConfig:
     gopher: bool = True
     quality_threshold: float | None = None  # None disables the quality classifier
     mask_pii: bool = True
+    sample_dropped: int = 0  # keep up to this many dropped documents per step and file, for inspection
     lid_model: str | None = None
     nsfw_model: str | None = None
     toxic_model: str | None = None
@@ -86,8 +87,12 @@ def build_steps(config: FilterConfig) -> list[Step]:
     return steps
 
 
-def run_steps_safely(docs: Iterable[Document], steps: list[Step]) -> Iterator[Document]:
-    """Like `run_steps`, but a step that raises on a document drops it and counts an error for that step."""
+def run_steps_safely(docs: Iterable[Document], steps: list[Step],
+                     on_drop: Callable[[str, Document], None] | None = None) -> Iterator[Document]:
+    """Like `run_steps`, but a step that raises on a document drops it and counts an error for that step.
+
+    `on_drop(step_name, document)` sees every dropped document (for sampling what each step removes).
+    """
     for doc in docs:
         out: Document | None = doc
         for step in steps:
@@ -97,9 +102,19 @@ def run_steps_safely(docs: Iterable[Document], steps: list[Step]) -> Iterator[Do
                 step.counters["errors"] += 1
                 out = None
             if out is None:
+                if on_drop is not None:
+                    on_drop(step.name, doc)
                 break
         if out is not None:
             yield out
+
+
+def _count_bytes(docs: Iterable[Document], stats: Counter[str]) -> Iterator[Document]:
+    """Pass documents through, adding their payload size (UTF-8 text, or raw HTML) to `stats['payload_bytes']`."""
+    for doc in docs:
+        html = doc.meta.get("html")
+        stats["payload_bytes"] += len(html) if html is not None else len(doc.text.encode("utf-8"))
+        yield doc
 
 
 def filter_file(input_path: str, output_path: str, config: FilterConfig) -> dict[str, Any]:
@@ -111,11 +126,22 @@ def filter_file(input_path: str, output_path: str, config: FilterConfig) -> dict
         steps = build_steps(config)
         kept = 0
         Path(output_path).parent.mkdir(parents=True, exist_ok=True)
+        dropped: dict[str, list[dict[str, Any]]] = {}
+
+        def sample(step_name: str, doc: Document) -> None:
+            bucket = dropped.setdefault(step_name, [])
+            if len(bucket) < config.sample_dropped:
+                bucket.append({"step": step_name, **doc.to_json()})
+
         with xopen(output_path, "wt", threads=0) as out:
-            docs = iter_warc_documents(input_path, config.input_kind, read_stats)
-            for doc in run_steps_safely(docs, steps):
+            docs = _count_bytes(iter_warc_documents(input_path, config.input_kind, read_stats), read_stats)
+            for doc in run_steps_safely(docs, steps, sample if config.sample_dropped else None):
                 out.write(json.dumps(doc.to_json(), ensure_ascii=False) + "\n")
                 kept += 1
+        if config.sample_dropped:
+            with xopen(output_path.replace(".jsonl", ".dropped.jsonl"), "wt", threads=0) as out:
+                for rows in dropped.values():
+                    out.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
         report.update(ok=True, kept=kept, steps=step_report(steps))
     except Exception as exc:  # one bad file is reported, never the end of the run
         report.update(ok=False, error=f"{type(exc).__name__}: {exc}", kept=0, steps={})
@@ -133,7 +159,10 @@ def output_name(input_path: str) -> str:
 
 
 def summarize(reports: list[dict[str, Any]], wall_seconds: float, workers: int) -> dict[str, Any]:
-    """Totals over files: per-step counters summed, read statistics, throughput in MB/s overall and per worker."""
+    """Totals over files: per-step counters summed, read statistics, throughput in MB/s overall and per worker.
+
+    `input_mb` is the size of the files as stored (compressed); `text_mb` the payload read from them.
+    """
     steps: dict[str, Counter[str]] = {}
     read: Counter[str] = Counter()
     for rep in reports:
@@ -149,6 +178,7 @@ def summarize(reports: list[dict[str, Any]], wall_seconds: float, workers: int) 
         "read": dict(read),
         "steps": {name: dict(c) for name, c in steps.items()},
         "input_mb": mb,
+        "text_mb": read.get("payload_bytes", 0) / 1e6,
         "wall_seconds": wall_seconds,
         "mb_per_second": mb / wall_seconds if wall_seconds else 0.0,
         "mb_per_second_per_worker": mb / wall_seconds / workers if wall_seconds else 0.0,
@@ -206,8 +236,8 @@ def format_summary(summary: dict[str, Any]) -> str:
     """A short human-readable table: per step, documents seen, dropped and the share of all drops."""
     total_dropped = sum(c.get("dropped", 0) for c in summary["steps"].values()) or 1
     lines = [f"{summary['files']} files, {summary['documents_read']} documents read, "
-             f"{summary['documents_kept']} kept; {summary['input_mb']:.1f} MB in {summary['wall_seconds']:.1f} s "
-             f"({summary['mb_per_second_per_worker']:.2f} MB/s per worker)",
+             f"{summary['documents_kept']} kept; {summary['input_mb']:.1f} MB ({summary['text_mb']:.1f} MB of text) "
+             f"in {summary['wall_seconds']:.1f} s ({summary['mb_per_second_per_worker']:.2f} MB/s per worker)",
              f"{'step':<12}{'seen':>10}{'dropped':>10}{'modified':>10}{'of drops':>10}"]
     for name, c in summary["steps"].items():
         d = c.get("dropped", 0)

@@ -119,7 +119,7 @@ def test_filter_pipeline_parallel_report(tmp_path):
     (tmp_path / "junk.warc.wet.gz").write_bytes(b"\x1f\x8b\x08garbage")
     inputs = [str(tmp_path / f) for f in ("in0.warc.wet.gz", "in1.warc.wet.gz", "cut.warc.wet.gz",
                                           "junk.warc.wet.gz")]
-    config = FilterConfig(min_chars=50, lang_threshold=None, nsfw_threshold=None)
+    config = FilterConfig(min_chars=50, lang_threshold=None, nsfw_threshold=None, sample_dropped=3)
     report = run_filter(inputs, str(tmp_path / "out"), config, workers=2, progress=False)
     summary = report["summary"]
     assert summary["files"] == 4 and summary["failed_files"] == []
@@ -134,6 +134,10 @@ def test_filter_pipeline_parallel_report(tmp_path):
         kept = [json.loads(line) for line in f]
     assert len(kept) == 10 and all(EMAIL_TOKEN in d["text"] and "@" not in d["text"] for d in kept)
     assert kept[0]["url"] == "http://site0.example/" and kept[0]["meta"]["pii"]["emails"] == 1
+    with gzip.open(tmp_path / "out" / "in0.dropped.jsonl.gz", "rt") as f:
+        dropped = [json.loads(line) for line in f]
+    assert [d["step"] for d in dropped] == ["min_length"] * 3 + ["gopher"] * 3
+    assert dropped[0]["text"] == "Too short to keep."
     on_disk = json.loads((tmp_path / "out" / "report.json").read_text())
     assert on_disk["summary"]["documents_kept"] == summary["documents_kept"]
     assert summary["mb_per_second_per_worker"] > 0

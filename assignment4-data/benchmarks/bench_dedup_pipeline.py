@@ -1,0 +1,206 @@
+"""Benchmarks: MinHash dedup (ours vs datasketch's MinHashLSH, same corpus, one run) and pipeline MB/s per core.
+
+    uv run python assignment4-data/benchmarks/bench_dedup_pipeline.py --out assignment4-data/benchmarks/results.json
+
+Corpus: families of a random base document (Zipf-distributed words) and copies with a share of their words
+replaced (0 to 30 %). Words are drawn independently, so 5-grams shared across families are negligible (the
+script checks a random sample of cross-family pairs); the ground truth is the exact Jaccard of every
+within-family pair. Recall = true pairs (J >= threshold) found together; precision = found pairs that are true.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import platform
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from cs336_data.document import Document
+from cs336_data.minhash import find_duplicates, jaccard, word_ngrams
+from cs336_data.pipeline import FilterConfig, run_filter
+from cs336_data.warc_io import write_warc_responses, write_wet
+
+EDIT_RATES = [0.0, 0.01, 0.015, 0.02, 0.025, 0.03, 0.05, 0.1, 0.2]  # 5-gram Jaccard ~1 .. 0.5
+
+
+class ListCorpus:
+    def __init__(self, texts: list[str]) -> None:
+        self.texts = texts
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def __iter__(self):
+        return iter(self.texts)
+
+    def text(self, i: int) -> str:
+        return self.texts[i]
+
+
+def make_corpus(n_families: int, length: int, seed: int) -> tuple[list[str], list[int]]:
+    rng = np.random.default_rng(seed)
+    vocab = np.array([f"w{i}" for i in range(50_000)])
+    probs = 1.0 / np.arange(1, vocab.size + 1) ** 1.1
+    probs /= probs.sum()
+    texts, family = [], []
+    for f in range(n_families):
+        base = rng.choice(vocab, size=length, p=probs)
+        texts.append(" ".join(base))
+        family.append(f)
+        for rate in rng.choice(EDIT_RATES, size=int(rng.integers(0, 3)), replace=False):
+            copy = base.copy()
+            idx = rng.choice(length, size=int(rate * length), replace=False)
+            copy[idx] = rng.choice(vocab, size=idx.size, p=probs)
+            texts.append(" ".join(copy))
+            family.append(f)
+    order = rng.permutation(len(texts))
+    return [texts[i] for i in order], [family[i] for i in order]
+
+
+def ground_truth(texts: list[str], family: list[int], ngrams: int, threshold: float, seed: int) -> dict:
+    grams = [word_ngrams(t, ngrams) for t in texts]
+    members: dict[int, list[int]] = {}
+    for i, f in enumerate(family):
+        members.setdefault(f, []).append(i)
+    true = {(a, b) for m in members.values() for a, b in itertools.combinations(sorted(m), 2)
+            if jaccard(grams[a], grams[b]) >= threshold}
+    rng = random.Random(seed)
+    sample, worst = 0, 0.0
+    while sample < 2000:
+        a, b = rng.sample(range(len(texts)), 2)
+        if family[a] != family[b]:
+            worst = max(worst, jaccard(grams[a], grams[b]))
+            sample += 1
+    return {"pairs": true, "grams": grams, "max_cross_family_jaccard_sampled": worst}
+
+
+def score(found: set[tuple[int, int]], true: set[tuple[int, int]]) -> dict[str, float]:
+    tp = len(found & true)
+    return {"recall": tp / len(true) if true else 1.0, "precision": tp / len(found) if found else 1.0,
+            "found_pairs": len(found)}
+
+
+def bench_ours(texts, num_hashes, num_bands, ngrams, threshold, workers):
+    start = time.perf_counter()
+    result = find_duplicates(ListCorpus(texts), num_hashes, num_bands, ngrams, threshold, workers=workers)
+    seconds = time.perf_counter() - start
+    found = {(a, b) for c in result.clusters for a, b in itertools.combinations(c, 2)}
+    return seconds, found, dict(result.stats)
+
+
+def bench_datasketch(texts, grams, num_hashes, num_bands, threshold):
+    from datasketch import MinHash, MinHashLSH
+
+    start = time.perf_counter()
+    lsh = MinHashLSH(num_perm=num_hashes, params=(num_bands, num_hashes // num_bands))
+    sigs = []
+    for i, t in enumerate(texts):
+        m = MinHash(num_perm=num_hashes, seed=1)
+        m.update_batch([g.encode() for g in word_ngrams(t, 5)])
+        lsh.insert(i, m)
+        sigs.append(m)
+    candidates = {(min(i, j), max(i, j)) for i, m in enumerate(sigs) for j in lsh.query(m) if j != i}
+    seconds = time.perf_counter() - start
+    verified = {(a, b) for a, b in candidates if jaccard(grams[a], grams[b]) >= threshold}
+    return seconds, candidates, verified
+
+
+def bench_pipeline(tmp: Path, mb_per_file: float, files: int, workers_list: list[int]) -> dict:
+    """Offline steps only (min length, Gopher, PII; language ID and harmful when their models are present)."""
+    rng = random.Random(0)
+    words = ["the", "of", "and", "to", "in", "is", "was", "for", "on", "that", "with", "as", "by", "at", "from",
+             "his", "her", "this", "which", "river", "history", "science", "village", "library", "garden",
+             "morning", "market", "bridge", "forest", "community", "research", "government", "education"]
+    wet_paths = []
+    for f in range(files):
+        docs, size = [], 0
+        while size < mb_per_file * 1e6:
+            n = rng.randrange(50, 1500)
+            text = " ".join(rng.choice(words) for _ in range(n)) + f". Reach me at user{size}@example.com."
+            docs.append(Document(text, url=f"http://example.org/{f}/{len(docs)}"))
+            size += len(text)
+        path = tmp / f"bench{f}.warc.wet.gz"
+        write_wet(path, docs)
+        wet_paths.append(str(path))
+    from cs336_data.assets import asset_path
+
+    have = {n: asset_path(n).is_file() for n in ("lid", "nsfw", "toxic")}
+    config = FilterConfig(min_chars=100, lang_threshold=0.65 if have["lid"] else None,
+                          nsfw_threshold=0.5 if have["nsfw"] and have["toxic"] else None)
+    out = {"steps": [], "models_present": have, "files": files}
+    for w in workers_list:
+        rep = run_filter(wet_paths, str(tmp / f"out{w}"), config, workers=w, progress=False)["summary"]
+        out["steps"] = list(rep["steps"])
+        out[f"workers_{w}"] = {"compressed_mb": rep["input_mb"], "text_mb": rep["text_mb"],
+                               "wall_seconds": rep["wall_seconds"],
+                               "compressed_mb_per_second_per_core": rep["mb_per_second_per_worker"],
+                               "text_mb_per_second_per_core": rep["text_mb"] / rep["wall_seconds"] / w,
+                               "documents": rep["documents_read"], "kept": rep["documents_kept"],
+                               "docs_per_second": rep["documents_read"] / rep["wall_seconds"]}
+    # extraction from WARC HTML responses, single core
+    pages = []
+    for i in range(2000):
+        body = "".join(f"<p>{' '.join(rng.choice(words) for _ in range(60))}</p>" for _ in range(rng.randrange(3, 20)))
+        html = (f"<html><head><title>t{i}</title><script>var x={i};</script></head>"
+                f"<body><nav>menu</nav>{body}</body></html>")
+        pages.append((f"http://example.org/p{i}", html.encode(), "text/html; charset=utf-8"))
+    write_warc_responses(tmp / "pages.warc.gz", pages)
+    html_mb = sum(len(p[1]) for p in pages) / 1e6
+    config = FilterConfig(input_kind="response", min_chars=100, lang_threshold=None, nsfw_threshold=None)
+    rep = run_filter([str(tmp / "pages.warc.gz")], str(tmp / "outwarc"), config, workers=1, progress=False)["summary"]
+    out["warc_extract_1_core"] = {"html_mb": html_mb, "wall_seconds": rep["wall_seconds"],
+                                  "html_mb_per_second": html_mb / rep["wall_seconds"],
+                                  "pages_per_second": rep["documents_read"] / rep["wall_seconds"]}
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--families", type=int, default=3000)
+    p.add_argument("--length", type=int, default=300)
+    p.add_argument("--num-hashes", type=int, default=100)
+    p.add_argument("--num-bands", type=int, default=20)
+    p.add_argument("--threshold", type=float, default=0.8)
+    p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
+    p.add_argument("--pipeline-mb", type=float, default=4.0, help="uncompressed MB per generated WET file")
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+
+    texts, family = make_corpus(args.families, args.length, seed=0)
+    truth = ground_truth(texts, family, 5, args.threshold, seed=0)
+    true = truth["pairs"]
+    results = {"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0], "platform": platform.platform(),
+                           "load_average_at_start": os.getloadavg()},
+               "corpus": {"documents": len(texts), "families": args.families, "words_per_doc": args.length,
+                          "true_pairs": len(true), "ngrams": 5, "threshold": args.threshold,
+                          "max_cross_family_jaccard_sampled": truth["max_cross_family_jaccard_sampled"]},
+               "params": {"num_hashes": args.num_hashes, "num_bands": args.num_bands}}
+    for workers in sorted({1, args.workers}):
+        sec, found, stats = bench_ours(texts, args.num_hashes, args.num_bands, 5, args.threshold, workers)
+        results[f"ours_workers_{workers}"] = {"seconds": sec, "docs_per_second": len(texts) / sec,
+                                             **score(found, true), "stats": stats}
+        print(f"ours ({workers} proc): {len(texts) / sec:,.0f} docs/s", results[f"ours_workers_{workers}"])
+    sec, candidates, verified = bench_datasketch(texts, truth["grams"], args.num_hashes, args.num_bands,
+                                                 args.threshold)
+    results["datasketch"] = {"seconds_signature_and_lsh": sec, "docs_per_second": len(texts) / sec,
+                             "candidates": score(candidates, true), "after_exact_jaccard": score(verified, true)}
+    print(f"datasketch: {len(texts) / sec:,.0f} docs/s", results["datasketch"])
+    with tempfile.TemporaryDirectory() as tmp:
+        results["pipeline"] = bench_pipeline(Path(tmp), args.pipeline_mb, files=4,
+                                             workers_list=sorted({1, args.workers}))
+    print(json.dumps(results["pipeline"], indent=1))
+    results["machine"]["load_average_at_end"] = os.getloadavg()
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
