@@ -16,6 +16,7 @@
 #   gloo      CPU only: gloo all-reduce, world sizes 2, 4, 6
 #   all-single = single memory compile;  all-multi = multi multi-xl gloo
 #
+# A collective that hangs (a rank died) is given up after 60 s (process-group timeout), inside each step's bound.
 # Uses `python3` (override: PYTHON=...) with PYTHONPATH on the source trees: no installed package is needed.
 # Outputs go to $OUT when set (else ./gpu_bench_out): gpu_STAGE.log, gpu_STAGE_summary.md (every Markdown
 # table), gpu_STAGE.tar.gz (JSON, Markdown, figures) and gzipped memory snapshots — at most 5 files.
@@ -100,16 +101,16 @@ stage_compile() {
 stage_multi() {
   echo "GPUs visible: $(gpus)"
   run "NCCL all-reduce" 90 "${CLI[@]}" bench-allreduce --backends nccl --world-sizes 2 4 6 \
-    --sizes-mb 1 10 100 1000 --warmup 5 --iters 10 --out-dir "$WORK" --stem allreduce_nccl
+    --sizes-mb 1 10 100 1000 --warmup 5 --iters 10 --timeout 60 --out-dir "$WORK" --stem allreduce_nccl
   run "DDP medium" 140 "${CLI[@]}" bench-ddp --backend nccl --world-size 2 --size medium --context 512 \
-    --batch-size 4 --bucket-sizes-mb 1 10 25 100 1000 --warmup 3 --steps 8 --memory adamw zero1 fsdp \
+    --batch-size 4 --bucket-sizes-mb 1 10 25 100 1000 --warmup 3 --steps 8 --memory adamw zero1 fsdp --timeout 60 \
     --out-dir "$WORK" --stem ddp_medium
 }
 
 stage_multi_xl() {
   echo "GPUs visible: $(gpus)"
   run "DDP xl" 220 "${CLI[@]}" bench-ddp --backend nccl --world-size 2 --size xl --context 128 \
-    --batch-size 4 --bucket-sizes-mb 1 10 100 1000 --warmup 3 --steps 5 --memory adamw zero1 fsdp \
+    --batch-size 4 --bucket-sizes-mb 1 10 100 1000 --warmup 3 --steps 5 --memory adamw zero1 fsdp --timeout 60 \
     --out-dir "$WORK" --stem ddp_xl
 }
 

@@ -145,6 +145,7 @@ def test_theoretical_bytes() -> None:
     (["bench-model", "--device", "tpu"], "bench-model: device must be cpu or cuda"),
     (["bench-allreduce", "--world-sizes", "1"], "bench-allreduce: world sizes must be at least 2"),
     (["bench-allreduce", "--backends", "mpi"], "bench-allreduce: backend 'mpi'"),
+    (["bench-allreduce", "--backends", "nccl", "--start-method", "fork"], "bench-allreduce: nccl workers must not"),
     (["bench-ddp", "--variants", "zero3", "--backend", "gloo"], "bench-ddp: variant 'zero3'"),
     (["bench-ddp", "--backend", "gloo", "--bucket-sizes-mb", "0"], "bench-ddp: bucket sizes must be positive"),
     (["mixed-precision", "--n", "0"], "mixed-precision: --n must be positive"),

@@ -55,6 +55,8 @@ class AllReduceConfig:
             raise ValueError(f"need iters > 0 and warmup >= 0, got {self.iters} and {self.warmup}")
         if self.start_method not in ("spawn", "fork", "forkserver"):
             raise ValueError(f"start method must be spawn, fork or forkserver, got {self.start_method!r}")
+        if "nccl" in self.backends and self.start_method == "fork":
+            raise ValueError("nccl workers must not inherit CUDA state: use --start-method spawn")
         if self.timeout_s <= 0:
             raise ValueError(f"timeout must be positive, got {self.timeout_s}")
 

@@ -84,6 +84,10 @@ class DDPBenchConfig:
                              f"{torch.cuda.device_count()} visible (use --backend gloo)")
         if self.start_method not in ("spawn", "fork", "forkserver"):
             raise ValueError(f"start method must be spawn, fork or forkserver, got {self.start_method!r}")
+        if self.backend == "nccl" and self.start_method == "fork":
+            raise ValueError("nccl workers must not inherit CUDA state: use --start-method spawn")
+        if self.timeout_s <= 0:
+            raise ValueError(f"timeout must be positive, got {self.timeout_s}")
 
     def variant_specs(self) -> list[tuple[str, float | None]]:
         """(label, bucket MiB or None) for each run; bucketed expands into one run per bucket size."""
