@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import os
 import sys
 
 from cs336_alignment.evaluation.runner import markdown_table
@@ -39,6 +40,8 @@ def cmd_eval(args) -> dict:
     from cs336_alignment.evaluation import TASKS
     from cs336_alignment.generation import SamplingParams
 
+    if not os.path.exists(args.data):  # fail before spending time on loading a model
+        raise FileNotFoundError(f"{args.data} does not exist")
     style, temperature, max_tokens = TASK_DEFAULTS[args.task]
     params = SamplingParams(
         temperature=temperature if args.temperature is None else args.temperature,

@@ -19,7 +19,9 @@ def resolve_device(device: str) -> torch.device:
 def load_hf(path: str, device: str = "auto", dtype: str = "auto") -> tuple[nn.Module, Any]:
     """AutoModelForCausalLM + AutoTokenizer from a local directory (offline: nothing is downloaded)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()
     if not os.path.isdir(path):
         raise FileNotFoundError(f"model directory {path} does not exist")
     target = resolve_device(device)
