@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -44,16 +45,30 @@ class FileCorpus:
         return int(np.sum(keep))
 
 
+COMPRESSED = (".gz", ".zst", ".bz2", ".xz")
+
+
 class JsonlCorpus:
-    """JSONL shards (plain files: random access needs seeking) with the text under `field`."""
+    """JSONL shards with the text under `field`; compressed shards are first expanded into a scratch folder,
+    since re-reading one document needs a seek. Outputs keep each shard's name and compression."""
 
     def __init__(self, paths: Sequence[str | os.PathLike], field: str = "text") -> None:
-        self.paths = [Path(p) for p in paths]
+        self.sources = [Path(p) for p in paths]
         self.field = field
+        self._scratch: tempfile.TemporaryDirectory[str] | None = None
+        self.paths = []
+        for i, path in enumerate(self.sources):
+            if path.suffix in COMPRESSED:
+                if self._scratch is None:
+                    self._scratch = tempfile.TemporaryDirectory(prefix="jsonl_corpus_")
+                plain = Path(self._scratch.name) / f"{i}.jsonl"
+                with xopen(path, "rb", threads=0) as src, open(plain, "wb") as dst:
+                    shutil.copyfileobj(src, dst, 1 << 20)
+                self.paths.append(plain)
+            else:
+                self.paths.append(path)
         shard, offset = [], []
         for s, path in enumerate(self.paths):
-            if path.suffix in (".gz", ".zst", ".bz2", ".xz"):
-                raise ValueError(f"{path}: JSONL dedup needs uncompressed shards (random access)")
             pos = 0
             with open(path, "rb") as f:
                 for line in f:
@@ -84,8 +99,8 @@ class JsonlCorpus:
         out = Path(output_directory)
         out.mkdir(parents=True, exist_ok=True)
         i = 0
-        for path in self.paths:
-            with open(path, "rb") as f, open(out / path.name, "wb") as w:
+        for path, source in zip(self.paths, self.sources, strict=True):
+            with open(path, "rb") as f, xopen(out / source.name, "wb", threads=0) as w:
                 for line in f:
                     if line.strip():
                         if keep[i]:

@@ -1,8 +1,10 @@
 """Fuzzy document deduplication with MinHash signatures and LSH banding, verified by exact n-gram Jaccard.
 
 1. Normalise (NFD, drop accents and punctuation, lowercase, collapse whitespace) and take word n-grams.
-2. Signature: for each of `num_hashes` functions h_i(x) = mix64(x XOR s_i) over the n-grams' 64-bit MurmurHash3
-   values (mix64: the SplitMix64 finaliser, s_i random seeds), the minimum, kept as its high 32 bits.
+2. Signature: each word gets a 64-bit MurmurHash3; an n-gram's hash is mix64(sum_j word_{i+j} * P_j) (odd
+   constants P_j, wrapping, so all n-grams of a document are hashed in a few NumPy operations); then for each of
+   `num_hashes` functions h_i(x) = mix64(x XOR s_i) (mix64: the SplitMix64 finaliser, s_i random seeds) the
+   minimum over the distinct n-gram hashes, kept as its high 32 bits.
    Signatures are the only per-document state of the streaming pass; above `memmap_bytes` they go to a
    disk-backed array.
 3. LSH: split each signature into `num_bands` bands of r = num_hashes / num_bands rows; documents whose band
@@ -90,11 +92,25 @@ class MinHasher:
         rng = np.random.default_rng(seed)
         self.num_hashes, self.ngrams, self.block = num_hashes, ngrams, block
         self.seeds = rng.integers(0, np.iinfo(np.uint64).max, size=num_hashes, dtype=np.uint64, endpoint=True)
+        self.positions = rng.integers(0, 1 << 63, size=ngrams, dtype=np.uint64) * np.uint64(2) + np.uint64(1)
 
-    def signature_of_grams(self, grams: set[str]) -> np.ndarray:
-        if not grams:
+    def gram_hashes(self, text: str) -> np.ndarray:
+        """Distinct 64-bit hashes of the document's word n-grams (same n-gram definition as `word_ngrams`)."""
+        words = normalize_text(text).split()
+        if not words:
+            return np.empty(0, dtype=np.uint64)
+        w = np.fromiter((mmh3.hash64(t, signed=False)[0] for t in words), dtype=np.uint64, count=len(words))
+        n = min(self.ngrams, len(words))  # a document shorter than n words is one n-gram
+        m = len(words) - n + 1
+        acc = np.full(m, np.uint64(n), dtype=np.uint64)
+        with np.errstate(over="ignore"):
+            for j in range(n):
+                acc += w[j : j + m] * self.positions[j]
+        return np.unique(mix64(acc))
+
+    def signature_of_hashes(self, x: np.ndarray) -> np.ndarray:
+        if x.size == 0:
             return np.full(self.num_hashes, EMPTY, dtype=np.uint32)
-        x = np.fromiter((mmh3.hash64(g, signed=False)[0] for g in grams), dtype=np.uint64, count=len(grams))
         mins = np.full(self.num_hashes, np.iinfo(np.uint64).max, dtype=np.uint64)
         for s in range(0, x.size, self.block):
             v = mix64(x[s : s + self.block, None] ^ self.seeds[None, :])
@@ -102,7 +118,7 @@ class MinHasher:
         return (mins >> _S32).astype(np.uint32)
 
     def signature(self, text: str) -> np.ndarray:
-        return self.signature_of_grams(word_ngrams(text, self.ngrams))
+        return self.signature_of_hashes(self.gram_hashes(text))
 
 
 def band_keys(signatures: np.ndarray, num_bands: int, seed: int = 0) -> np.ndarray:

@@ -202,6 +202,14 @@ def test_minhash_files_and_jsonl_and_workers(tmp_path):
     assert kept_ids == [i for i, k in enumerate(res.keep) if k]
     assert (res.keep == single.keep).all()
 
+    with gzip.open(tmp_path / "a.jsonl.gz", "wb") as f:  # compressed shards work the same, output keeps gzip
+        f.write(shard_a.read_bytes())
+    res_gz = minhash_deduplicate(JsonlCorpus([tmp_path / "a.jsonl.gz", shard_b]), tmp_path / "out3", 100, 20, 5, 0.8,
+                                 seed=7)
+    assert (res_gz.keep == res.keep).all()
+    expected = (tmp_path / "out2" / "a.jsonl").read_bytes()
+    assert gzip.decompress((tmp_path / "out3" / "a.jsonl.gz").read_bytes()) == expected
+
 
 def test_minhash_ignores_empty_documents(tmp_path):
     paths = []
