@@ -63,19 +63,19 @@ run() {
 render_if_missing() {
   local stem=$1
   if [ -f "$WORK/$stem.json" ] && [ ! -f "$WORK/$stem.md" ]; then
-    run "render $stem" 60 "${CLI[@]}" bench-model --render "$WORK/$stem.json" --out-dir "$WORK"
+    run "render $stem" 20 "${CLI[@]}" bench-model --render "$WORK/$stem.json" --out-dir "$WORK"
   fi
 }
 
 gpus() { "$PY" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0; }
 
 stage_single() {
-  run "model table fp32" 150 "${CLI[@]}" bench-model --sizes small medium large xl 2.7B --contexts 128 256 512 \
-    --precisions fp32 --warmup "$WARMUP" --steps "$STEPS" --time-budget 120 --no-progress \
+  run "model table fp32" 125 "${CLI[@]}" bench-model --sizes small medium large xl 2.7B --contexts 128 256 512 \
+    --precisions fp32 --warmup "$WARMUP" --steps "$STEPS" --time-budget 95 --no-progress \
     --out-dir "$WORK" --stem model_fp32
   render_if_missing model_fp32
-  run "model table bf16" 80 "${CLI[@]}" bench-model --sizes small medium large xl 2.7B --contexts 128 256 512 \
-    --precisions bf16 --warmup "$WARMUP" --steps "$STEPS" --time-budget 55 --no-progress \
+  run "model table bf16" 65 "${CLI[@]}" bench-model --sizes small medium large xl 2.7B --contexts 128 256 512 \
+    --precisions bf16 --warmup "$WARMUP" --steps "$STEPS" --time-budget 40 --no-progress \
     --out-dir "$WORK" --stem model_bf16
   render_if_missing model_bf16
 }
@@ -91,8 +91,8 @@ stage_memory() {
 }
 
 stage_compile() {
-  run "eager vs compiled" 210 "${CLI[@]}" bench-model --sizes small medium large --contexts 256 \
-    --precisions fp32 bf16 --compile eager compiled --warmup "$WARMUP" --steps "$STEPS" --time-budget 170 \
+  run "eager vs compiled" 190 "${CLI[@]}" bench-model --sizes small medium large --contexts 256 \
+    --precisions fp32 bf16 --compile eager compiled --warmup "$WARMUP" --steps "$STEPS" --time-budget 150 \
     --no-progress --out-dir "$WORK" --stem model_compile
   render_if_missing model_compile
   run "mixed-precision tables" 25 "${CLI[@]}" mixed-precision --out-dir "$WORK"

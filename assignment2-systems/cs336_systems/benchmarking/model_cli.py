@@ -86,6 +86,9 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"bench-model: {e}") from None
     from cs336_systems.benchmarking.lm_bench import run_sweep
 
+    if cfg.memory_snapshot is not None and cfg.device == "cpu":
+        print("bench-model: memory snapshots record CUDA allocations; none will be written on cpu")
+
     partial = cfg.out_dir / f"{cfg.stem}.json"
 
     def save(results: dict) -> None:
