@@ -8,7 +8,8 @@
    Signatures are the only per-document state of the streaming pass; above `memmap_bytes` they go to a
    disk-backed array.
 3. LSH: split each signature into `num_bands` bands of r = num_hashes / num_bands rows; documents whose band
-   values agree in any band are candidates (grouped by sorting a 64-bit key per band, no Python dict of buckets).
+   values agree in any band are candidates (grouped by sorting a 64-bit key per band, one band at a time, no
+   Python dict of buckets).
 4. Each candidate pair not already in one cluster is checked against the exact Jaccard similarity of its n-gram
    sets (re-read from the corpus, bounded LRU cache); pairs at or above the threshold are joined (union-find).
 5. In every cluster one document, chosen at random (seeded), survives.
@@ -121,31 +122,43 @@ class MinHasher:
         return self.signature_of_hashes(self.gram_hashes(text))
 
 
+def band_multipliers(num_hashes: int, seed: int = 0) -> np.ndarray:
+    """Random odd 64-bit multipliers, one per signature row, for the band keys."""
+    rng = np.random.default_rng(seed + 1)
+    return rng.integers(0, 1 << 63, size=num_hashes, dtype=np.uint64) * np.uint64(2) + np.uint64(1)
+
+
+def band_key(signatures: np.ndarray, band: int, rows: int, mult: np.ndarray) -> np.ndarray:
+    """One band's 64-bit key per document: a linear form of the band's rows with odd multipliers, mod 2^64."""
+    cols = np.asarray(signatures[:, band * rows : (band + 1) * rows], dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        return (cols * mult[band * rows : (band + 1) * rows]).sum(axis=1, dtype=np.uint64) + np.uint64(band)
+
+
 def band_keys(signatures: np.ndarray, num_bands: int, seed: int = 0) -> np.ndarray:
-    """(n, num_bands) 64-bit keys: a random odd-multiplier linear form of each band's rows, wrapping mod 2^64."""
-    n, k = signatures.shape
+    """(n, num_bands) keys of all bands at once (the dedup itself makes them one band at a time)."""
+    k = signatures.shape[1]
     if num_bands < 1 or k % num_bands:
         raise ValueError(f"num_hashes ({k}) must be divisible by num_bands ({num_bands})")
-    r = k // num_bands
-    mult = np.random.default_rng(seed + 1).integers(0, 1 << 63, size=k, dtype=np.uint64) * np.uint64(2) + np.uint64(1)
-    keys = np.empty((n, num_bands), dtype=np.uint64)
-    for j in range(num_bands):
-        cols = np.asarray(signatures[:, j * r : (j + 1) * r], dtype=np.uint64)
-        with np.errstate(over="ignore"):
-            keys[:, j] = (cols * mult[j * r : (j + 1) * r]).sum(axis=1, dtype=np.uint64) + np.uint64(j)
-    return keys
+    mult = band_multipliers(k, seed)
+    return np.stack([band_key(signatures, j, k // num_bands, mult) for j in range(num_bands)], axis=1)
+
+
+def band_groups(keys: np.ndarray) -> Iterator[np.ndarray]:
+    """Sorted index groups (size >= 2) of documents sharing a key, found by sorting the keys of one band."""
+    order = np.argsort(keys, kind="stable")
+    sorted_keys = keys[order]
+    starts = np.flatnonzero(np.r_[True, sorted_keys[1:] != sorted_keys[:-1]])
+    ends = np.r_[starts[1:], sorted_keys.size]
+    for s, e in zip(starts, ends, strict=True):
+        if e - s > 1:
+            yield np.sort(order[s:e])
 
 
 def candidate_groups(keys: np.ndarray) -> Iterator[np.ndarray]:
-    """For each band, the sorted index groups (size >= 2) of documents sharing that band's key."""
+    """For each band (column of `keys`), the groups of documents sharing that band's key."""
     for j in range(keys.shape[1]):
-        order = np.argsort(keys[:, j], kind="stable")
-        sorted_keys = keys[order, j]
-        starts = np.flatnonzero(np.r_[True, sorted_keys[1:] != sorted_keys[:-1]])
-        ends = np.r_[starts[1:], sorted_keys.size]
-        for s, e in zip(starts, ends, strict=True):
-            if e - s > 1:
-                yield np.sort(order[s:e])
+        yield from band_groups(keys[:, j])
 
 
 class UnionFind:
@@ -224,10 +237,6 @@ def find_duplicates(corpus: Corpus, num_hashes: int, num_bands: int, ngrams: int
     hasher = MinHasher(num_hashes, ngrams, seed)
     n = len(corpus)
     stats: Counter[str] = Counter(documents=n)
-    with tempfile.TemporaryDirectory(prefix="minhash_") as scratch:
-        sigs = compute_signatures(corpus, hasher, workers, progress, scratch)
-        keys = band_keys(sigs, num_bands, seed)
-        del sigs
     uf = UnionFind(n)
     cache: OrderedDict[int, set[str]] = OrderedDict()
 
@@ -242,8 +251,8 @@ def find_duplicates(corpus: Corpus, num_hashes: int, num_bands: int, ngrams: int
         return g
 
     rejected: set[tuple[int, int]] = set()
-    for group in tqdm(candidate_groups(keys), desc="verify", unit=" buckets", disable=not progress):
-        members = [int(i) for i in group]
+
+    def verify(members: list[int]) -> None:
         for x in range(len(members)):
             for y in range(x + 1, len(members)):
                 a, b = members[x], members[y]
@@ -255,6 +264,14 @@ def find_duplicates(corpus: Corpus, num_hashes: int, num_bands: int, ngrams: int
                     stats["duplicate_pairs"] += 1
                 else:
                     rejected.add((a, b))
+
+    with tempfile.TemporaryDirectory(prefix="minhash_") as scratch:
+        sigs = compute_signatures(corpus, hasher, workers, progress, scratch)
+        mult = band_multipliers(num_hashes, seed)
+        for band in tqdm(range(num_bands), desc="LSH bands", disable=not progress):
+            for group in band_groups(band_key(sigs, band, num_hashes // num_bands, mult)):
+                verify([int(i) for i in group])
+        del sigs
     groups: dict[int, list[int]] = {}
     for i in range(n):
         groups.setdefault(uf.find(i), []).append(i)

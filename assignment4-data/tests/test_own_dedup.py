@@ -83,6 +83,27 @@ def test_signature_agreement_estimates_jaccard():
     assert (hasher.signature(a) == hasher.signature(a.upper() + " !!")).all()  # normalisation
 
 
+@pytest.mark.parametrize("overlap", [0, 40, 70, 85, 100])
+def test_lsh_collision_rate_follows_the_s_curve(overlap):
+    """Sets with a known Jaccard J: per-row agreement ~ J and band collision ~ 1 - (1 - J^r)^b over many seeds."""
+    a = " ".join(f"a{i}" for i in range(100))
+    b = " ".join([f"a{i}" for i in range(overlap)] + [f"b{i}" for i in range(100 - overlap)])
+    j = overlap / (200 - overlap)
+    assert jaccard(word_ngrams(a, 1), word_ngrams(b, 1)) == pytest.approx(j)
+    rows, bands, trials = 4, 5, 300
+    agree, collide = [], []
+    for seed in range(trials):
+        hasher = MinHasher(rows * bands, ngrams=1, seed=seed)
+        sig = np.stack([hasher.signature(a), hasher.signature(b)])
+        agree.append(float(np.mean(sig[0] == sig[1])))
+        keys = band_keys(sig, bands, seed)
+        collide.append(bool((keys[0] == keys[1]).any()))
+    se_row = (j * (1 - j) / (trials * rows * bands)) ** 0.5
+    assert abs(np.mean(agree) - j) <= 4 * se_row + 1e-9
+    p = 1 - (1 - j**rows) ** bands
+    assert abs(np.mean(collide) - p) <= 4 * (p * (1 - p) / trials) ** 0.5 + 1e-9
+
+
 def test_bands_must_divide_hashes():
     with pytest.raises(ValueError, match="divisible"):
         band_keys(np.zeros((2, 10), dtype=np.uint32), 3)
