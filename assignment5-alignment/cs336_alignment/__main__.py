@@ -1,3 +1,5 @@
+import sys
+
 from cs336_alignment.cli import main
 
-main()
+sys.exit(main())

@@ -116,7 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None):
+def run(argv: list[str] | None = None):
+    """Parses and runs one command; returns its result (summaries for `eval`), for scripts and tests."""
     args = build_parser().parse_args(argv)
     if args.command == "eval" and args.limit is not None and args.limit < 1:
         build_parser().error("--limit must be >= 1")
@@ -125,6 +126,11 @@ def main(argv: list[str] | None = None):
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         print(f"cs336-align: error: {str(e).splitlines()[0]}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    run(argv)
+    return 0
 
 
 if __name__ == "__main__":

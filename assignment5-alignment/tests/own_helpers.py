@@ -61,7 +61,7 @@ def tiny_llama(vocab_size: int, seed: int = 0, dtype=torch.float32):
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, attn_implementation="eager",
+        num_key_value_heads=2, max_position_embeddings=1024, attn_implementation="eager",
     )
     return LlamaForCausalLM(config).to(dtype).eval()
 

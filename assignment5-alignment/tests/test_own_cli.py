@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from cs336_alignment.cli import main
+from cs336_alignment.cli import main, run
 from cs336_basics.checkpoint import save_checkpoint
 from cs336_basics.tokenizer import save_tokenizer
 
@@ -46,7 +46,7 @@ def data_dir(tmp_path_factory):
     ("sst", "sst.csv", "refusal_rate_heuristic"),
 ])
 def test_eval_commands_write_results_and_summary(task, data, metric, model_dir, data_dir, tmp_path, capsys):
-    summary = main(["eval", task, "--data", str(data_dir / data), "--out", str(tmp_path), "--model", model_dir,
+    summary = run(["eval", task, "--data", str(data_dir / data), "--out", str(tmp_path), "--model", model_dir,
                     "--max-tokens", "6", "--temperature", "0", "--device", "cpu"])
     name = {"alpaca-eval": "alpaca_eval"}.get(task, task)
     rows = [json.loads(line) for line in (tmp_path / f"{name}_results.jsonl").read_text().splitlines()]
@@ -71,15 +71,17 @@ def test_eval_with_a_cs336_basics_run(data_dir, tmp_path):
     lm = tiny_basics_lm(len(vocab) + 1, context_length=512)
     save_checkpoint(lm, torch.optim.SGD(lm.parameters(), lr=0.1), 0, run_dir / "checkpoint.pt",
                     extra={"model_config": lm.config.to_dict()})
-    summary = main(["eval", "gsm8k", "--data", str(data_dir / "gsm8k.jsonl"), "--out", str(tmp_path / "o"),
+    summary = run(["eval", "gsm8k", "--data", str(data_dir / "gsm8k.jsonl"), "--out", str(tmp_path / "o"),
                     "--basics-run", str(run_dir), "--basics-tokenizer", str(tok_dir), "--max-tokens", "4"])
     assert summary["samples"] == 1
 
 
 def test_grade_and_prompt_commands(capsys):
-    assert main(["grade", "--response", " x </think> <answer>\\frac{1}{2}</answer>", "--truth", "0.5"])["reward"] == 1
-    assert "<think>" in main(["prompt", "r1_zero"])
+    assert run(["grade", "--response", " x </think> <answer>\\frac{1}{2}</answer>", "--truth", "0.5"])["reward"] == 1
+    assert "<think>" in run(["prompt", "r1_zero"])
     capsys.readouterr()
+    assert main(["prompt", "question_only"]) == 0
+    assert capsys.readouterr().out.strip() == "{question}"
 
 
 def test_bad_input_is_a_one_line_error(tmp_path, model_dir, capsys):
@@ -93,3 +95,8 @@ def test_bad_input_is_a_one_line_error(tmp_path, model_dir, capsys):
     with pytest.raises(SystemExit):
         main(["eval", "gsm8k", "--data", str(tmp_path / "x.jsonl"), "--out", str(tmp_path)])
     assert "give --model" in capsys.readouterr().err
+    long_question = json.dumps({"question": "Question 1 " * 400, "answer": "#### 1"})
+    (tmp_path / "long.jsonl").write_text(long_question + "\n")
+    with pytest.raises(SystemExit):
+        main(["eval", "gsm8k", "--data", str(tmp_path / "long.jsonl"), "--out", str(tmp_path), "--model", model_dir])
+    assert "leaves no room to generate" in capsys.readouterr().err

@@ -68,14 +68,15 @@ class NativeBackend:
 
         stepper = make_stepper(self.model)
         budget = stepper.budget(longest, params.max_tokens)
+        if budget == 0:
+            raise ValueError(f"a prompt of {longest} tokens leaves no room to generate in the model's context")
         eos = sorted(stop_token_ids(self.tokenizer))
         window = 2 * max((len(s) for s in params.stop), default=0) + 8
         outputs: list[list[int]] = [[] for _ in range(batch)]
         texts: list[str | None] = [None] * batch
         finished = [False] * batch
-        logits: Tensor | None = stepper.start(tokens, mask, budget) if budget > 0 else None
+        logits: Tensor = stepper.start(tokens, mask, budget)
         for step in range(budget):
-            assert logits is not None
             logits = logits.float()
             if step < params.min_tokens and eos:
                 logits[:, eos] = float("-inf")
