@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from cs336_data.document import Document
-from cs336_data.minhash import find_duplicates, jaccard, word_ngrams
+from cs336_data.minhash import MinHasher, band_keys, compute_signatures, find_duplicates, jaccard, word_ngrams
 from cs336_data.pipeline import FilterConfig, run_filter
 from cs336_data.warc_io import write_warc_responses, write_wet
 
@@ -137,6 +137,49 @@ def cluster_pairs(n: int, pairs: set[tuple[int, int]]) -> set[tuple[int, int]]:
     return {(a, b) for g in groups.values() for a, b in itertools.combinations(g, 2)}
 
 
+def s_curve(texts, family, grams, num_hashes, num_bands, fig_path: str | None) -> list[dict]:
+    """Empirical share of within-family pairs that share a band, by Jaccard bin, against 1 - (1 - J^r)^b."""
+    sigs = compute_signatures(ListCorpus(texts), MinHasher(num_hashes, 5, seed=0))
+    keys = band_keys(sigs, num_bands, seed=0)
+    members: dict[int, list[int]] = {}
+    for i, f in enumerate(family):
+        members.setdefault(f, []).append(i)
+    js, hits = [], []
+    for m in members.values():
+        for a, b in itertools.combinations(m, 2):
+            js.append(jaccard(grams[a], grams[b]))
+            hits.append(bool((keys[a] == keys[b]).any()))
+    js_arr, hits_arr = np.array(js), np.array(hits)
+    r = num_hashes // num_bands
+    rows = []
+    for lo in np.arange(0.0, 1.0, 0.05):
+        sel = (js_arr >= lo) & (js_arr < lo + 0.05 if lo < 0.95 else js_arr <= 1.0)
+        if sel.sum():
+            mid = float(js_arr[sel].mean())
+            rows.append({"jaccard_bin": [round(float(lo), 2), round(float(lo) + 0.05, 2)], "pairs": int(sel.sum()),
+                         "mean_jaccard": mid, "candidate_rate": float(hits_arr[sel].mean()),
+                         "theory_at_mean": 1 - (1 - mid**r) ** num_bands})
+    if fig_path:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        grid = np.linspace(0, 1, 200)
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.plot(grid, 1 - (1 - grid**r) ** num_bands, label=f"theory 1-(1-J^{r})^{num_bands}")
+        ax.scatter([x["mean_jaccard"] for x in rows], [x["candidate_rate"] for x in rows],
+                   s=[8 + x["pairs"] ** 0.5 * 4 for x in rows], color="C1", label="measured (area ~ pairs)", zorder=3)
+        ax.axvline(0.8, color="grey", ls=":", label="threshold 0.8")
+        ax.set_xlabel("exact 5-gram Jaccard of a near-duplicate pair")
+        ax.set_ylabel("share of pairs that share a band")
+        ax.set_title(f"MinHash LSH, {num_hashes} hashes in {num_bands} bands")
+        ax.legend(loc="upper left", fontsize=8)
+        fig.tight_layout()
+        fig.savefig(fig_path, dpi=120)
+    return rows
+
+
 def bench_pipeline(tmp: Path, mb_per_file: float, files: int, workers_list: list[int]) -> dict:
     """Offline steps only (min length, Gopher, PII; language ID and harmful when their models are present)."""
     rng = random.Random(0)
@@ -196,6 +239,7 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
     p.add_argument("--pipeline-mb", type=float, default=4.0, help="uncompressed MB per generated WET file")
     p.add_argument("--out", default=None)
+    p.add_argument("--fig", default=None, help="PNG of the measured LSH S-curve (e.g. fig/a4_lsh_scurve.png)")
     args = p.parse_args()
 
     texts, family = make_corpus(args.families, args.length, seed=0)
@@ -219,6 +263,7 @@ def main() -> None:
                              "clustered_after_exact_jaccard": score(cluster_pairs(len(texts), verified), true)}
     results["true_pairs_clustered"] = score(cluster_pairs(len(texts), true), true)
     print(f"datasketch: {len(texts) / sec:,.0f} docs/s", results["datasketch"])
+    results["lsh_s_curve"] = s_curve(texts, family, truth["grams"], args.num_hashes, args.num_bands, args.fig)
     with tempfile.TemporaryDirectory() as tmp:
         results["pipeline"] = bench_pipeline(Path(tmp), args.pipeline_mb, files=4,
                                              workers_list=sorted({1, args.workers}))
