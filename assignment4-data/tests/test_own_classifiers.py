@@ -5,7 +5,8 @@ import random
 
 import pytest
 
-from cs336_data.assets import MissingModelError, asset_path, require_asset
+from cs336_data import assets
+from cs336_data.assets import Asset, MissingModelError, asset_path, download_asset, require_asset
 from cs336_data.document import Document, run_steps
 from cs336_data.fasttext_model import FastTextClassifier
 from cs336_data.harmful import HarmfulFilter, classify_nsfw, classify_toxic_speech
@@ -48,6 +49,22 @@ def test_env_override_wins(tmp_path, monkeypatch):
     monkeypatch.setenv("CS336_LID_MODEL", str(tmp_path / "lid.bin"))
     assert asset_path("lid") == tmp_path / "lid.bin"
     assert asset_path("lid", "/x/y.bin").as_posix() == "/x/y.bin"
+
+
+def test_download_is_atomic_and_fails_in_one_line(tmp_path, monkeypatch):
+    """The download path against a local file:// URL (no network): a whole copy, or no file and one line."""
+    source = tmp_path / "model.bin"
+    source.write_bytes(b"\x00fake model" * 1000)
+    fake = Asset("fake", "fake.bin", "CS336_FAKE_MODEL", source.as_uri(), "cs336-data assets download fake")
+    monkeypatch.setitem(assets.ASSETS, "fake", fake)
+    got = download_asset("fake", tmp_path / "cache")
+    assert got.read_bytes() == source.read_bytes() and not list((tmp_path / "cache").glob("*.part"))
+    monkeypatch.setitem(assets.ASSETS, "gone", Asset("gone", "gone.bin", "X", (tmp_path / "no").as_uri(), "x"))
+    with pytest.raises(OSError, match="could not download gone") as info:
+        download_asset("gone", tmp_path / "cache")
+    assert "\n" not in str(info.value) and not (tmp_path / "cache" / "gone.bin").exists()
+    with pytest.raises(ValueError, match="not downloadable"):
+        download_asset("quality", tmp_path / "cache")
 
 
 # ---------------------------------------------------------------- real models (skip when absent)
