@@ -45,13 +45,18 @@ class NativeBackend:
             generator = torch.Generator(device=device).manual_seed(params.seed)
         was_training = self.model.training
         self.model.eval()
+        # Batches of similar prompt lengths waste less compute on padding; results go back in request order.
+        order = sorted(range(len(requests)), key=lambda r: len(requests[r][1]))
+        results: list[Completion | None] = [None] * len(requests)
         try:
-            completions: list[Completion] = []
-            for start in range(0, len(requests), self.batch_size):
-                completions += self._generate_batch(requests[start : start + self.batch_size], params, generator)
+            for start in range(0, len(order), self.batch_size):
+                chunk = order[start : start + self.batch_size]
+                for r, completion in zip(chunk, self._generate_batch([requests[r] for r in chunk], params, generator),
+                                         strict=True):
+                    results[r] = completion
         finally:
             self.model.train(was_training)
-        return completions
+        return [c for c in results if c is not None]
 
     @torch.no_grad()
     def _generate_batch(
