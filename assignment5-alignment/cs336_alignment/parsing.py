@@ -10,7 +10,8 @@ LETTERS = ("A", "B", "C", "D")
 _ANSWER_IS = re.compile(r"answer\s*(?:is|:)?\s*[:\-]?\s*[\*\(\[]*\s*([ABCD])\b(?![\w'])", re.IGNORECASE)
 # An output that is only a letter, possibly decorated: "B", "(B)", "B.", "B) 10".
 _LEADING_LETTER = re.compile(r"^\s*[\*\(\[]*([ABCD])(?:[\)\]\.:\*]|\s*$)")
-_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+# A minus sign counts only where it cannot be subtraction ("10-3" ends in 3, "is -3" in -3).
+_NUMBER = re.compile(r"(?:(?<![\w).])-)?\d[\d,]*(?:\.\d+)?")
 
 
 def parse_mmlu_response(mmlu_example: Mapping[str, Any], model_output: str) -> str | None:

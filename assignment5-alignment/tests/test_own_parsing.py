@@ -27,6 +27,8 @@ def test_mmlu_letters(output, letter):
     ("It costs $1,234.50 in total.", "1234.50"),
     ("The temperature fell to -3 degrees.", "-3"),
     ("The answer is 18.", "18"),
+    ("So 10-3 = 7, and 7-3", "3"),
+    ("The change is (-4).", "-4"),
     ("seventy-two clips", None),
 ])
 def test_gsm8k_last_number(output, number):
