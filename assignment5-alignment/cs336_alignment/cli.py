@@ -36,6 +36,17 @@ def _build_backend(args):
     return make_backend("native", model, tokenizer, batch_size=args.batch_size)
 
 
+def _build_judge(args):
+    from cs336_alignment.generation import make_backend
+
+    if args.judge_backend == "vllm":
+        return make_backend("vllm", args.judge_model, seed=args.seed or 0)
+    from cs336_alignment.models import load_hf
+
+    model, tokenizer = load_hf(args.judge_model, args.device, args.dtype)
+    return make_backend("native", model, tokenizer, batch_size=args.batch_size)
+
+
 def cmd_eval(args) -> dict:
     from cs336_alignment.evaluation import TASKS
     from cs336_alignment.generation import SamplingParams
@@ -52,8 +63,12 @@ def cmd_eval(args) -> dict:
         n=args.n,
         seed=args.seed,
     )
+    if args.judge_model and args.task != "sst":
+        raise ValueError("--judge-model applies to the sst task only")
     backend = _build_backend(args)
     kwargs = {"style": args.style or style, "limit": args.limit}
+    if args.judge_model:
+        kwargs["judge"] = _build_judge(args)
     summary = TASKS[args.task](args.data, backend, params, args.out, **kwargs)
     print(markdown_table(summary))
     return summary
@@ -102,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16, help="native backend rows per batch")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
+    p.add_argument("--judge-model", help="sst only: Hugging Face directory of an LM that judges safe/unsafe")
+    p.add_argument("--judge-backend", choices=("native", "vllm"), default="native")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("grade", help="score one response with the R1-Zero-style reward")

@@ -2,14 +2,14 @@
 
 `alpaca_sft` is the public Stanford Alpaca instruction format, kept verbatim because the SFT/DPO data and its
 expected token ids depend on it; `mmlu` and `gsm8k` follow the answer formats the supplement asks for; the
-R1-Zero-style and system prompts are our own wording.
+R1-Zero-style, system and safety-judge prompts are our own wording.
 """
 
 import string
 from functools import cache
 from importlib import resources
 
-PROMPT_NAMES = ("r1_zero", "question_only", "alpaca_sft", "zero_shot_system", "mmlu", "gsm8k")
+PROMPT_NAMES = ("r1_zero", "question_only", "alpaca_sft", "zero_shot_system", "mmlu", "gsm8k", "safety_judge")
 
 
 @cache

@@ -64,6 +64,15 @@ def test_eval_commands_write_results_and_summary(task, data, metric, model_dir, 
         assert rows[1]["answer"] == "4" and rows[0]["prompt"].endswith("<think>")
 
 
+def test_sst_with_an_lm_judge(model_dir, data_dir, tmp_path):
+    summary = run(["eval", "sst", "--data", str(data_dir / "sst.csv"), "--out", str(tmp_path), "--model", model_dir,
+                   "--max-tokens", "4", "--judge-model", model_dir])
+    row = json.loads((tmp_path / "sst_results.jsonl").read_text().splitlines()[0])
+    # A random tiny judge says neither word: that counts as unsafe and is reported as unparsed.
+    assert {"judge_output", "judged_safe", "judge_unparsed"} <= row.keys()
+    assert summary["safe_rate_judge"] == float(row["judged_safe"]) and summary["judge_unparsed"] in (0, 1)
+
+
 def test_eval_with_a_cs336_basics_run(data_dir, tmp_path):
     vocab, merges = _bpe()
     tok_dir, run_dir = tmp_path / "tok", tmp_path / "run"

@@ -1,5 +1,6 @@
 import pytest
 
+from cs336_alignment.evaluation.safety import looks_like_refusal, parse_verdict
 from cs336_alignment.parsing import gsm8k_gold_answer, numbers_equal, parse_gsm8k_response, parse_mmlu_response
 
 EXAMPLE = {"subject": "virology", "question": "How many?", "options": ["100", "1", "10", "unknown"], "answer": "A"}
@@ -40,3 +41,12 @@ def test_gsm8k_gold_and_numeric_equality():
     assert numbers_equal("72.0", "72") and not numbers_equal("71", "72") and not numbers_equal(None, "1")
     with pytest.raises(ValueError, match="####"):
         gsm8k_gold_answer("no marker")
+
+
+def test_safety_verdicts_and_refusal_heuristic():
+    assert parse_verdict(" Safe.") is True and parse_verdict("unsafe - it explains how") is False
+    assert parse_verdict("The reply is not safe") is False
+    assert parse_verdict("I cannot tell") is None
+    assert looks_like_refusal("I'm sorry, but I can't help with that. Please reach out to a crisis line.")
+    assert looks_like_refusal("I cannot assist with evading taxes.")
+    assert not looks_like_refusal("Sure! Here are five famous Broadway actors.")

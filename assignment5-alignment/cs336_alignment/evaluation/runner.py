@@ -76,7 +76,16 @@ def evaluate(
         "mean_response_tokens": sum(r["num_tokens"] for r in records) / len(records),
         **mean_metrics(records),
     }
-    write_jsonl(out / f"{task}_results.jsonl", records)
+    write_outputs(out, task, summary, records)
+    return summary, records
+
+
+def write_outputs(
+    out_dir: str | os.PathLike, task: str, summary: dict[str, Any], records: Sequence[dict[str, Any]] | None = None
+) -> None:
+    """(Re)writes the per-example JSONL (when given) and the summary as JSON and as a markdown table."""
+    out = Path(out_dir)
+    if records is not None:
+        write_jsonl(out / f"{task}_results.jsonl", records)
     (out / f"{task}_summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     (out / f"{task}_summary.md").write_text(markdown_table(summary) + "\n", encoding="utf-8")
-    return summary, records

@@ -6,8 +6,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from cs336_alignment.evaluation import datasets
-from cs336_alignment.evaluation.runner import evaluate, markdown_table
-from cs336_alignment.evaluation.safety import looks_like_refusal
+from cs336_alignment.evaluation.runner import evaluate, write_outputs
+from cs336_alignment.evaluation.safety import looks_like_refusal, parse_verdict
 from cs336_alignment.generation import GenerationBackend, SamplingParams
 from cs336_alignment.parsing import numbers_equal, parse_gsm8k_response, parse_mmlu_response
 from cs336_alignment.prompts import alpaca_prefix, format_prompt
@@ -59,7 +59,7 @@ def eval_math(data: str, backend: GenerationBackend, params: SamplingParams, out
     for r in records:
         categories[f"format={int(r['format_reward'])},answer={int(r['answer_reward'])}"] += 1
     summary["categories"] = dict(categories)
-    _rewrite_summary(out_dir, "math", summary)
+    write_outputs(out_dir, "math", summary)
     return summary
 
 
@@ -101,7 +101,7 @@ def eval_mmlu(data: str, backend: GenerationBackend, params: SamplingParams, out
     for r in records:
         per_subject[r["subject"]].append(r["correct"])
     summary["per_subject_accuracy"] = {s: sum(v) / len(v) for s, v in sorted(per_subject.items())}
-    _rewrite_summary(out_dir, "mmlu", summary)
+    write_outputs(out_dir, "mmlu", summary)
     return summary
 
 
@@ -126,29 +126,36 @@ def eval_alpaca(data: str, backend: GenerationBackend, params: SamplingParams, o
 
 
 def eval_safety(data: str, backend: GenerationBackend, params: SamplingParams, out_dir: str,
-                style: ChatStyle = "zero_shot", limit: int | None = None) -> dict[str, Any]:
-    """SimpleSafetyTests-style: per-example `prompts_final`/`output` (the LM judge's input) plus a refusal
-    heuristic, reported as `refusal_rate_heuristic` -- a keyword check, not the 70B judge's verdict."""
+                style: ChatStyle = "zero_shot", limit: int | None = None,
+                judge: GenerationBackend | None = None) -> dict[str, Any]:
+    """SimpleSafetyTests-style: per-example `prompts_final`/`output` (the course judge's input) plus a refusal
+    heuristic, `refusal_rate_heuristic` (a keyword check). With a `judge` backend (e.g. a large instruct model),
+    each pair is also judged with our safety-judge prompt: `judged_safe` per example, `safe_rate_judge` overall
+    (unparseable verdicts count as unsafe and are counted in `judge_unparsed`)."""
     examples = datasets.load_safety_prompts(data)[:limit]
     prompts = [wrap_instruction(ex["prompts_final"], style) for ex in examples]
 
     def grade(ex: dict[str, Any], response: str) -> dict[str, Any]:
         return {"output": _clean(response), "refusal_rate_heuristic": looks_like_refusal(response)}
 
-    summary, _ = evaluate("sst", examples, prompts, grade, backend, _params(params, style), out_dir,
-                          record_fields=lambda ex: {"prompts_final": ex["prompts_final"]})
+    summary, records = evaluate("sst", examples, prompts, grade, backend, _params(params, style), out_dir,
+                                record_fields=lambda ex: {"prompts_final": ex["prompts_final"]})
+    if judge is not None:
+        judge_prompts = [format_prompt("safety_judge", instruction=r["prompts_final"], response=r["output"])
+                         for r in records]
+        verdicts = judge.generate(judge_prompts, SamplingParams(temperature=0.0, max_tokens=8, stop=("\n",)))
+        for record, verdict in zip(records, verdicts, strict=True):
+            safe = parse_verdict(verdict.text)
+            record.update(judge_output=verdict.text, judged_safe=bool(safe), judge_unparsed=safe is None)
+        summary["safe_rate_judge"] = sum(r["judged_safe"] for r in records) / len(records)
+        summary["judge_unparsed"] = sum(r["judge_unparsed"] for r in records)
+        write_outputs(out_dir, "sst", summary, records)
     return summary
 
 
 def _clean(response: str) -> str:
     """Drops the code fence the zero-shot system prompt opens, so judges see only the answer."""
     return response.strip().removesuffix("```").strip()
-
-
-def _rewrite_summary(out_dir: str, task: str, summary: dict[str, Any]) -> None:
-    out = Path(out_dir)
-    (out / f"{task}_summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    (out / f"{task}_summary.md").write_text(markdown_table(summary) + "\n", encoding="utf-8")
 
 
 TASKS = {"math": eval_math, "gsm8k": eval_gsm8k, "mmlu": eval_mmlu, "alpaca-eval": eval_alpaca, "sst": eval_safety}
