@@ -4,6 +4,7 @@ from collections.abc import Callable, Sequence
 from typing import Literal
 
 import torch
+from einops import rearrange
 from jaxtyping import Bool, Float
 from torch import Tensor
 
@@ -33,12 +34,12 @@ def compute_group_normalized_rewards(
         raise ValueError(f"{len(rollout_responses)} rollouts do not split into groups of {group_size}")
     scores = [reward_fn(r, g) for r, g in zip(rollout_responses, repeated_ground_truths, strict=True)]
     raw = torch.tensor([float(s["reward"]) for s in scores], dtype=torch.float32)
-    groups = raw.view(-1, group_size)
+    groups = rearrange(raw, "(groups size) -> groups size", size=group_size)
     centred = groups - groups.mean(dim=1, keepdim=True)
     if normalize_by_std:
         std = groups.std(dim=1, keepdim=True) if group_size > 1 else torch.zeros_like(groups[:, :1])
         centred = centred / (std + advantage_eps)
-    advantages = centred.reshape(-1)
+    advantages = rearrange(centred, "groups size -> (groups size)")
     metadata = {
         "reward_mean": raw.mean().item(),
         "reward_std": raw.std().item() if raw.numel() > 1 else 0.0,
