@@ -66,6 +66,16 @@ def tiny_llama(vocab_size: int, seed: int = 0, dtype=torch.float32):
     return LlamaForCausalLM(config).to(dtype).eval()
 
 
+def tiny_gpt2(vocab_size: int, seed: int = 0):
+    """Learned absolute positions: left padding is only right if position ids start at each real token."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=vocab_size, n_embd=32, n_layer=2, n_head=4, n_positions=256,
+                        attn_implementation="eager")
+    return GPT2LMHeadModel(config).eval()
+
+
 def tiny_basics_lm(vocab_size: int, seed: int = 0, context_length: int = 128) -> TransformerLM:
     torch.manual_seed(seed)
     config = TransformerConfig(vocab_size=vocab_size, context_length=context_length, d_model=32, num_layers=2,

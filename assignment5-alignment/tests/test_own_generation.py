@@ -8,7 +8,7 @@ from cs336_alignment.generation import NativeBackend, SamplingParams, make_backe
 from cs336_alignment.generation.vllm_backend import VLLMBackend
 from cs336_alignment.lm import BasicsCausalLM
 
-from .own_helpers import hf_tokenizer, tiny_basics_lm, tiny_llama
+from .own_helpers import hf_tokenizer, tiny_basics_lm, tiny_gpt2, tiny_llama
 
 PROMPTS = ["Question 7: what is", "The quick brown fox jumps over the lazy", "a", "<think> reasoning"]
 
@@ -27,11 +27,13 @@ def _greedy_by_full_recomputation(model, ids, steps, eos):
     return new
 
 
-@pytest.mark.parametrize("family", ["hf_llama", "cs336_basics"])
+@pytest.mark.parametrize("family", ["hf_llama", "hf_gpt2", "cs336_basics"])
 def test_cached_batched_greedy_equals_full_recomputation(family):
     tokenizer = hf_tokenizer()
     if family == "hf_llama":
         model = tiny_llama(len(tokenizer), seed=3)  # float32: transformers' float64 padding masks give NaN
+    elif family == "hf_gpt2":
+        model = tiny_gpt2(len(tokenizer), seed=3)
     else:
         model = BasicsCausalLM(tiny_basics_lm(len(tokenizer), seed=3)).double()
     backend = NativeBackend(model, tokenizer, batch_size=3)  # 4 prompts: a full batch and a batch of one
