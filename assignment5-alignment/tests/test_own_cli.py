@@ -5,10 +5,9 @@ import pytest
 import torch
 
 from cs336_alignment.cli import main, run
+from cs336_alignment.testing import bpe_vocab_and_merges, hf_tokenizer, tiny_basics_lm, tiny_llama
 from cs336_basics.checkpoint import save_checkpoint
 from cs336_basics.tokenizer import save_tokenizer
-
-from .own_helpers import _bpe, hf_tokenizer, tiny_basics_lm, tiny_llama
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +73,7 @@ def test_sst_with_an_lm_judge(model_dir, data_dir, tmp_path):
 
 
 def test_eval_with_a_cs336_basics_run(data_dir, tmp_path):
-    vocab, merges = _bpe()
+    vocab, merges = bpe_vocab_and_merges()
     tok_dir, run_dir = tmp_path / "tok", tmp_path / "run"
     save_tokenizer(vocab, merges, tok_dir)
     lm = tiny_basics_lm(len(vocab) + 1, context_length=512)

@@ -6,8 +6,7 @@ import torch
 from cs336_alignment.dpo import per_instance_dpo_loss, preference_sequence
 from cs336_alignment.lm import BasicsCausalLM
 from cs336_alignment.prompts import load_prompt
-
-from .own_helpers import hf_tokenizer, tiny_basics_lm, tiny_llama
+from cs336_alignment.testing import hf_tokenizer, tiny_basics_lm, tiny_llama
 
 PROMPT, GOOD, BAD = "The quick brown fox jumps over", "the lazy dog.", "their crazy frog."
 

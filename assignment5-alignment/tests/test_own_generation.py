@@ -7,8 +7,7 @@ import torch
 from cs336_alignment.generation import NativeBackend, SamplingParams, make_backend
 from cs336_alignment.generation.vllm_backend import VLLMBackend
 from cs336_alignment.lm import BasicsCausalLM
-
-from .own_helpers import hf_tokenizer, tiny_basics_lm, tiny_gpt2, tiny_llama
+from cs336_alignment.testing import hf_tokenizer, tiny_basics_lm, tiny_gpt2, tiny_llama
 
 PROMPTS = ["Question 7: what is", "The quick brown fox jumps over the lazy", "a", "<think> reasoning"]
 

@@ -6,9 +6,8 @@ from cs336_alignment.grpo import compute_group_normalized_rewards, grpo_microbat
 from cs336_alignment.logprobs import get_response_log_probs
 from cs336_alignment.masked import masked_sum
 from cs336_alignment.sft import sft_microbatch_train_step
+from cs336_alignment.testing import hf_tokenizer, tiny_llama
 from cs336_alignment.tokenization import tokenize_prompt_and_output
-
-from .own_helpers import hf_tokenizer, tiny_llama
 
 
 def _sequence_log_probs(model, batch):

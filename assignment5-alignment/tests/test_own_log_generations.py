@@ -3,8 +3,7 @@ import pytest
 from cs336_alignment.generation import Completion, SamplingParams
 from cs336_alignment.log_generations import log_generations, response_entropies
 from cs336_alignment.reward import r1_zero_reward
-
-from .own_helpers import hf_tokenizer, tiny_llama
+from cs336_alignment.testing import hf_tokenizer, tiny_llama
 
 
 class FixedBackend:

@@ -4,8 +4,7 @@ import torch
 
 from cs336_alignment.lm import BasicsCausalLM, as_causal_lm
 from cs336_alignment.logprobs import compute_entropy, get_response_log_probs, label_log_probs
-
-from .own_helpers import tiny_basics_lm, tiny_llama
+from cs336_alignment.testing import tiny_basics_lm, tiny_llama
 
 
 def _entropy_brute(row):

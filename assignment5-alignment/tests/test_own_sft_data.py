@@ -5,8 +5,7 @@ import torch
 
 from cs336_alignment.prompts import load_prompt
 from cs336_alignment.sft_data import PackedSFTDataset, iterate_batches, pack_token_stream
-
-from .own_helpers import hf_tokenizer
+from cs336_alignment.testing import hf_tokenizer
 
 
 def test_pack_token_stream_matches_handout_example():

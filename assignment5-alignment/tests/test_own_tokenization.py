@@ -1,10 +1,9 @@
 import pytest
 import torch
 
+from cs336_alignment.testing import basics_tokenizer, hf_tokenizer
 from cs336_alignment.text_tokenizer import BasicsTokenizer
 from cs336_alignment.tokenization import tokenize_prompt_and_output
-
-from .own_helpers import basics_tokenizer, hf_tokenizer
 
 PROMPTS = ["Question 3: what is 3 plus 6?", "Hi", "The quick brown fox"]
 OUTPUTS = [" Answer: 9.", " <think> reasoning </think> <answer> 1 </answer>", ""]

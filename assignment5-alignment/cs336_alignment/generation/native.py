@@ -33,6 +33,7 @@ class NativeBackend:
         self.batch_size = batch_size
 
     def generate(self, prompts: Sequence[str], params: SamplingParams) -> list[Completion]:
+        """`params.n` completions per prompt, prompt-major; a seed makes the whole call reproducible."""
         if isinstance(prompts, str):
             raise TypeError("prompts must be a sequence of strings, not one string")
         encoded = [encode(self.tokenizer, p, add_special_tokens=True) for p in prompts]

@@ -1,5 +1,7 @@
-"""Tiny models and tokenizers the tests build themselves (no downloads): a BPE trained by cs336_basics and
-exposed as a transformers fast tokenizer, a random-weight Llama, and a random-weight cs336_basics LM."""
+"""Tiny offline stand-ins for tests and smoke runs of the training loops (nothing is downloaded): a BPE trained
+by cs336_basics on a built-in corpus and exposed as a transformers fast tokenizer (optionally with a Llama-style
+BOS), and random-weight Llama, GPT-2 and cs336_basics models. Kept in the package because pytest's shared
+`tests` package name across the workspace rules out a test-side helper module."""
 
 from functools import cache
 from pathlib import Path
@@ -20,7 +22,7 @@ CORPUS = "\n".join(
 
 
 @cache
-def _bpe(vocab_size: int = 400) -> tuple[dict[int, bytes], list[tuple[bytes, bytes]]]:
+def bpe_vocab_and_merges(vocab_size: int = 400) -> tuple[dict[int, bytes], list[tuple[bytes, bytes]]]:
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -30,7 +32,7 @@ def _bpe(vocab_size: int = 400) -> tuple[dict[int, bytes], list[tuple[bytes, byt
 
 
 def basics_tokenizer() -> Tokenizer:
-    vocab, merges = _bpe()
+    vocab, merges = bpe_vocab_and_merges()
     return Tokenizer(vocab, merges, [EOS])
 
 
@@ -40,7 +42,7 @@ def hf_tokenizer(with_bos: bool = False):
     from tokenizers import decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    vocab, merges = _bpe()
+    vocab, merges = bpe_vocab_and_merges()
     str_vocab = {token_to_str(b): i for i, b in vocab.items()}
     str_merges = [(token_to_str(a), token_to_str(b)) for a, b in merges]
     raw = RawTokenizer(models.BPE(vocab=str_vocab, merges=str_merges))
