@@ -58,3 +58,20 @@ def test_grpo_clip_steps_favour_the_rewarded_rollout():
         gap_after = (lambda s: s[0] - s[1])(_sequence_log_probs(model, batch))
     assert gap_after > gap_before
     assert 0 <= meta["clip_fraction"] <= 1
+
+
+def test_sample_rollouts_groups_by_question_and_feeds_the_reward_code():
+    from cs336_alignment.generation import NativeBackend, SamplingParams
+    from cs336_alignment.rollouts import sample_rollouts
+
+    tokenizer = hf_tokenizer()
+    backend = NativeBackend(tiny_llama(len(tokenizer), seed=2), tokenizer, batch_size=4)
+    batch = sample_rollouts(backend, ["Question 1", "Question 2"], ["1", "2"], group_size=3,
+                            params=SamplingParams(temperature=1.0, max_tokens=4, seed=0))
+    assert batch.prompts == ["Question 1"] * 3 + ["Question 2"] * 3
+    assert batch.ground_truths == ["1"] * 3 + ["2"] * 3 and len(batch.responses) == 6
+    advantages, _, _ = compute_group_normalized_rewards(
+        lambda r, t: {"reward": float(len(r) % 2)}, batch.responses, batch.ground_truths, 3, 1e-6, False)
+    assert abs(advantages[:3].sum()) < 1e-6 and abs(advantages[3:].sum()) < 1e-6
+    tokenized = tokenize_prompt_and_output(batch.prompts, batch.responses, tokenizer)
+    assert tokenized["input_ids"].shape[0] == 6
