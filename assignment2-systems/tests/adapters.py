@@ -1,14 +1,13 @@
 """The course harness's adapter functions (union of the 2025 rev e495ed7 and 2026 HEAD adapters).
 
 Drop the course's `tests/` files next to this one and they run against `cs336_systems`.
-FSDP adapters arrive with issue 5; DDP and ZeRO-1 adapters are in.
 """
 
 from __future__ import annotations
 
 import torch
 
-from cs336_systems.distributed import DDPBucketed, DDPIndividualParameters, ShardedOptimizer
+from cs336_systems.distributed import FSDP, DDPBucketed, DDPIndividualParameters, ShardedOptimizer
 
 
 def get_flashattention_autograd_function_pytorch() -> type:
@@ -60,15 +59,15 @@ def ddp_on_after_backward(ddp_model: torch.nn.Module, optimizer: torch.optim.Opt
 
 
 def get_fsdp(module: torch.nn.Module, compute_dtype: torch.dtype | None = None) -> torch.nn.Module:
-    raise NotImplementedError("issue 5")
+    return FSDP(module, compute_dtype=compute_dtype)
 
 
 def fsdp_on_after_backward(fsdp_model: torch.nn.Module, optimizer: torch.optim.Optimizer):
-    raise NotImplementedError("issue 5")
+    fsdp_model.finish_gradient_synchronization()
 
 
 def fsdp_gather_full_params(fsdp_model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    raise NotImplementedError("issue 5")
+    return fsdp_model.gather_full_params()
 
 
 # ---- both harnesses: ZeRO-1 optimizer-state sharding

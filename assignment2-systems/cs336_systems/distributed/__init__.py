@@ -1,6 +1,7 @@
-"""Data-parallel training: DDP variants and the ZeRO-1 sharded optimizer."""
+"""Data-parallel training: DDP variants, the ZeRO-1 sharded optimizer and FSDP."""
 
-from cs336_systems.distributed.ddp import DDPBucketed, DDPIndividualParameters
+from cs336_systems.distributed.ddp import DDPBucketed, DDPFlat, DDPIndividualParameters, DDPNaive
+from cs336_systems.distributed.fsdp import FSDP
 from cs336_systems.distributed.sharded_optimizer import ShardedOptimizer
 
-__all__ = ["DDPBucketed", "DDPIndividualParameters", "ShardedOptimizer"]
+__all__ = ["FSDP", "DDPBucketed", "DDPFlat", "DDPIndividualParameters", "DDPNaive", "ShardedOptimizer"]

@@ -24,6 +24,51 @@ def _unique_trainable(module: nn.Module) -> list[nn.Parameter]:
     return out
 
 
+class DDPNaive(nn.Module):
+    """The baseline: after backward, one blocking all-reduce per parameter gradient (no overlap)."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+        self.world_size = dist.get_world_size()
+        self._params = _unique_trainable(module)
+        _broadcast_from_rank0(module)
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    def finish_gradient_synchronization(self) -> None:
+        for p in self._params:
+            if p.grad is not None:
+                dist.all_reduce(p.grad)
+                p.grad.div_(self.world_size)
+
+
+class DDPFlat(nn.Module):
+    """After backward, all gradients flattened into one buffer and all-reduced in a single call:
+    fewer, larger messages than DDPNaive, still no overlap with backward."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+        self.world_size = dist.get_world_size()
+        self._params = _unique_trainable(module)
+        _broadcast_from_rank0(module)
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    def finish_gradient_synchronization(self) -> None:
+        grads = [p.grad for p in self._params if p.grad is not None]
+        if not grads:
+            return
+        flat = torch._utils._flatten_dense_tensors(grads)
+        dist.all_reduce(flat)
+        flat.div_(self.world_size)
+        for g, s in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads), strict=True):
+            g.copy_(s)
+
+
 class DDPIndividualParameters(nn.Module):
     """One async all-reduce per parameter, launched by its post-accumulate-grad hook."""
 
