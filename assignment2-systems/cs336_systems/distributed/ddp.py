@@ -82,6 +82,7 @@ class DDPIndividualParameters(nn.Module):
             p.register_post_accumulate_grad_hook(self._hook)
 
     def _hook(self, p: torch.Tensor) -> None:
+        p.grad.div_(self.world_size)  # averaging before the sum keeps the wait in finish_... free of compute
         self._handles.append((dist.all_reduce(p.grad, async_op=True), p.grad))
 
     def forward(self, *args, **kwargs):
@@ -89,9 +90,8 @@ class DDPIndividualParameters(nn.Module):
 
     def finish_gradient_synchronization(self) -> None:
         """Wait for the outstanding all-reduces and turn sums into means."""
-        for work, grad in self._handles:
+        for work, _ in self._handles:
             work.wait()
-            grad.div_(self.world_size)
         self._handles.clear()
 
 
@@ -131,7 +131,7 @@ class DDPBucketed(nn.Module):
         self._pending[i] -= 1
         if self._pending[i] == 0:
             grads = [q.grad for q in self._buckets[i]]
-            flat = torch._utils._flatten_dense_tensors(grads)
+            flat = torch._utils._flatten_dense_tensors(grads).div_(self.world_size)
             self._works.append((dist.all_reduce(flat, async_op=True), flat, i))
 
     def forward(self, *args, **kwargs):
@@ -140,7 +140,6 @@ class DDPBucketed(nn.Module):
     def finish_gradient_synchronization(self) -> None:
         for work, flat, i in self._works:
             work.wait()
-            flat.div_(self.world_size)
             grads = [q.grad for q in self._buckets[i]]
             for g, s in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads), strict=True):
                 g.copy_(s)
