@@ -233,3 +233,29 @@ def test_fsdp_shards_linear_and_embedding_weights_only() -> None:
             assert shapes[name] == ((-(-full[name].numel() // WORLD),), True)  # flat, ceil(numel / world)
         for name in ("norm.weight", "frozen.weight", "frozen.bias"):
             assert shapes[name] == (tuple(full[name].shape), full[name].requires_grad)
+
+
+def _release_worker(rank: int, port: int, out: dict) -> None:
+    import gc
+    import weakref
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    refs = {}
+    for name in ("naive", "flat", "individual", "bucketed", "fsdp"):
+        model = _wrap(name, _Toy())
+        _loss(model(torch.randint(0, 32, (2, 8))), torch.randint(0, 32, (2,))).backward()
+        model.finish_gradient_synchronization()
+        refs[name] = weakref.ref(model)
+        del model
+    gc.collect()
+    out[rank] = [name for name, r in refs.items() if r() is not None]
+    dist.destroy_process_group()
+
+
+def test_wrappers_are_freed_when_dropped() -> None:
+    """Gradient hooks must not pin a dropped wrapper (and its model) in memory."""
+    out = mp.Manager().dict()
+    mp.start_processes(_release_worker, args=(_free_port(), out), nprocs=WORLD, join=True, start_method="fork")
+    assert out[0] == [] and out[1] == []

@@ -2,9 +2,26 @@
 
 from __future__ import annotations
 
+import weakref
+from collections.abc import Callable
+
 import torch
 import torch.distributed as dist
 from torch import nn
+
+
+def weak_grad_hook(owner: object, method: str) -> Callable[[torch.Tensor], None]:
+    """A gradient hook calling `owner.method` through a weak reference. Tensor hooks live in C++, where Python's
+    garbage collector cannot see them, so a hook holding its wrapper strongly would keep wrapper, model and
+    gradients alive forever (parameter -> hook -> wrapper -> module -> parameter)."""
+    ref = weakref.ref(owner)
+
+    def hook(p: torch.Tensor) -> None:
+        target = ref()
+        if target is not None:
+            getattr(target, method)(p)
+
+    return hook
 
 
 def _broadcast_from_rank0(module: nn.Module) -> None:
@@ -79,7 +96,7 @@ class DDPIndividualParameters(nn.Module):
         self._handles: list[tuple[dist.Work, torch.Tensor]] = []
         _broadcast_from_rank0(module)
         for p in _unique_trainable(module):
-            p.register_post_accumulate_grad_hook(self._hook)
+            p.register_post_accumulate_grad_hook(weak_grad_hook(self, "_hook"))
 
     def _hook(self, p: torch.Tensor) -> None:
         p.grad.div_(self.world_size)  # averaging before the sum keeps the wait in finish_... free of compute
@@ -119,7 +136,7 @@ class DDPBucketed(nn.Module):
         self._works: list[tuple[dist.Work, torch.Tensor, int]] = []
         self.reset()
         for p in _unique_trainable(module):
-            p.register_post_accumulate_grad_hook(self._hook)
+            p.register_post_accumulate_grad_hook(weak_grad_hook(self, "_hook"))
 
     def reset(self) -> None:
         """Call at the start of each train step."""

@@ -22,6 +22,7 @@ from torch import nn
 
 from cs336_basics.layers import Embedding, Linear
 from cs336_basics.model import TransformerBlock
+from cs336_systems.distributed.ddp import weak_grad_hook
 
 # cs336_basics layers only: they have no bias, so casting the gathered weight is all compute_dtype needs
 SHARDED_TYPES: tuple[type[nn.Module], ...] = (Linear, Embedding)
@@ -101,7 +102,7 @@ class FSDP(nn.Module):
                 continue
             seen.add(id(p))
             self._replicated.append(p)
-            p.register_post_accumulate_grad_hook(self._all_reduce_hook)
+            p.register_post_accumulate_grad_hook(weak_grad_hook(self, "_all_reduce_hook"))
 
     # ---- forward: swap shards for gathered full weights while a unit runs
 
