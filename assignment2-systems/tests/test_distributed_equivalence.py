@@ -93,7 +93,8 @@ def _worker(rank: int, port: int, variant: str, model_name: str, ref: dict, opt_
         model = _wrap(variant, model)
         opt = _optimizer(opt_name, model.parameters())
     g = torch.Generator().manual_seed(0)
-    for _ in range(STEPS):
+    for step in range(STEPS):
+        _schedule_lr(opt, step)
         x, y = _batch(g, model_name)
         opt.zero_grad()
         _loss(model(x.chunk(WORLD)[rank]), y.chunk(WORLD)[rank]).backward()
@@ -116,6 +117,13 @@ def _optimizer(name: str, params) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=0.05) if name == "sgd" else torch.optim.AdamW(params, lr=1e-2)
 
 
+def _schedule_lr(opt: torch.optim.Optimizer, step: int) -> None:
+    """A warm-up schedule set on the (possibly sharded) optimizer's groups, as a training loop would."""
+    for group in opt.param_groups:
+        group.setdefault("base_lr", group["lr"])
+        group["lr"] = group["base_lr"] * (step + 1) / STEPS
+
+
 def _reference(model_name: str, opt_name: str, half_batches: bool,
                compute_dtype: torch.dtype | None = None) -> tuple[dict, dict]:
     """(initial state, parameters after STEPS) of one process: full-batch gradients, or the mean of the two
@@ -125,7 +133,8 @@ def _reference(model_name: str, opt_name: str, half_batches: bool,
     init = deepcopy(model.state_dict())
     opt = _optimizer(opt_name, model.parameters())
     g = torch.Generator().manual_seed(0)
-    for _ in range(STEPS):
+    for step in range(STEPS):
+        _schedule_lr(opt, step)
         x, y = _batch(g, model_name)
         opt.zero_grad()
         parts = list(zip(x.chunk(WORLD), y.chunk(WORLD), strict=True)) if half_batches else [(x, y)]
