@@ -176,7 +176,7 @@ def test_triton_flash(shape_q, n_k, causal, dtype, tol):
 
 
 @needs_cuda
-@pytest.mark.parametrize("mode", ["split", "atomic"])
+@pytest.mark.parametrize("mode", ["split", "concurrent", "atomic"])
 def test_triton_backward_modes(mode):
     from cs336_systems.flash_attention import triton_impl
 

@@ -29,7 +29,8 @@ GRIDS: dict[str, dict[str, Any]] = {
     },
 }
 LEADERBOARD = {"batch": 1, "heads": 16, "seq": 16384, "d": 64, "dtype": "bfloat16", "causal": True}
-ALL_IMPLS = ["triton", "triton_atomic", "pytorch_fa2", "naive", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient"]
+ALL_IMPLS = ["triton", "triton_concurrent", "triton_atomic", "pytorch_fa2", "naive",
+             "sdpa_flash", "sdpa_cudnn", "sdpa_efficient"]
 GRID_IMPLS = ["triton", "pytorch_fa2", "naive", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient"]
 # our PyTorch twin loops over key tiles in Python: past this length a measurement costs seconds
 SLOW_IMPL_MAX_SEQ = {"pytorch_fa2": 16384}
@@ -65,10 +66,11 @@ def _triton_mode(mode: str) -> Iterator[None]:
 
 def make_impl(name: str) -> tuple[Callable, contextlib.AbstractContextManager]:
     """(attention function (q, k, v, causal) -> o, context to hold while timing it)."""
-    if name in ("triton", "triton_atomic"):
+    if name in ("triton", "triton_concurrent", "triton_atomic"):
         from cs336_systems.flash_attention import FlashAttentionTriton
 
-        return FlashAttentionTriton.apply, _triton_mode("atomic" if name == "triton_atomic" else "split")
+        mode = {"triton": "split", "triton_concurrent": "concurrent", "triton_atomic": "atomic"}[name]
+        return FlashAttentionTriton.apply, _triton_mode(mode)
     if name == "pytorch_fa2":
         return FlashAttentionPytorch.apply, _pytorch_tiles(128, 128, 256)
     if name == "naive":

@@ -4,7 +4,9 @@ Tile sizes are autotuned per (head dim, dtype width) from a few configs each (co
 set CS336_FA2_AUTOTUNE=0 to use the first config of each list without tuning (fast test runs).
 The backward comes in two forms, chosen by CS336_FA2_BWD or `set_backward_mode`:
 "split" (default): one kernel for dK/dV per key tile and one for dQ per query tile, no atomics;
-"atomic": the dK/dV kernel also adds dQ into a float32 buffer with atomics (saves recomputing P and dP).
+"atomic": the dK/dV kernel also adds dQ into a float32 buffer with atomics (saves recomputing P and dP);
+"concurrent": D preprocess, then the dQ kernel on a side stream while the dK/dV kernel runs, so each fills the
+other's tail of idle SMs.
 float32 inputs multiply on the tensor cores in tf32 (`set_fp32_precision("ieee")` for exact float32).
 """
 
@@ -32,9 +34,10 @@ _settings: dict[str, Any] = {
 
 
 def set_backward_mode(mode: str) -> None:
-    """"split" (dK/dV kernel + dQ kernel) or "atomic" (one kernel, float32 atomic dQ)."""
-    if mode not in ("split", "atomic"):
-        raise ValueError(f"backward mode must be 'split' or 'atomic', not {mode!r}")
+    """"split" (dQ kernel, then dK/dV kernel), "concurrent" (the two on two streams) or "atomic" (one kernel,
+    float32 atomic dQ)."""
+    if mode not in ("split", "concurrent", "atomic"):
+        raise ValueError(f"backward mode must be 'split', 'concurrent' or 'atomic', not {mode!r}")
     _settings["backward"] = mode
 
 
@@ -182,6 +185,14 @@ def flash_backward(
         launch_preprocess(t)
         launch_dkdv(t, is_causal, atomic=True)
         launch_dq_convert(t)
+    elif _settings["backward"] == "concurrent" and q.is_cuda:
+        launch_preprocess(t)
+        main, side = torch.cuda.current_stream(q.device), _side_stream(q.device)
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            launch_dq(t, is_causal, compute_delta=False)
+        launch_dkdv(t, is_causal)
+        main.wait_stream(side)  # later frees/reuses on the main stream are ordered after the dQ kernel
     else:
         launch_dq(t, is_causal)
         launch_dkdv(t, is_causal)
@@ -221,13 +232,23 @@ def launch_preprocess(t: BackwardTensors) -> None:
     )
 
 
-def launch_dq(t: BackwardTensors, is_causal: bool):
+_side_streams: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    if device not in _side_streams:
+        _side_streams[device] = torch.cuda.Stream(device)
+    return _side_streams[device]
+
+
+def launch_dq(t: BackwardTensors, is_causal: bool, compute_delta: bool = True):
     args = (
         t.q, t.k, t.v, t.o, t.do, t.lse, t.delta, t.dq,
         *_strides(t.q), *_strides(t.k), *_strides(t.v), *_strides(t.o), *_strides(t.do), *_strides(t.dq),
         t.h, t.n_q, t.n_k, t.sm_scale,
     )
-    consts = {"HEAD_DIM": t.d_pad, "IS_CAUSAL": bool(is_causal), "COMPUTE_DELTA": True, "PRECISION": t.precision}
+    consts = {"HEAD_DIM": t.d_pad, "IS_CAUSAL": bool(is_causal), "COMPUTE_DELTA": compute_delta,
+              "PRECISION": t.precision}
     return _launch("dq", t.n_q, t.b * t.h, t.d_pad, t.wide, args, consts)
 
 
