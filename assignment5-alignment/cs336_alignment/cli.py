@@ -1,4 +1,4 @@
-"""`cs336-align`: evaluation commands, reward grading and the packaged prompts, from the shell."""
+"""`cs336-align`: evaluation, the training loops (sft, ei, grpo, dpo), reward grading and the packaged prompts."""
 
 import argparse
 import json
@@ -120,6 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--judge-model", help="sst only: Hugging Face directory of an LM that judges safe/unsafe")
     p.add_argument("--judge-backend", choices=("native", "vllm"), default="native")
     p.set_defaults(func=cmd_eval)
+
+    from cs336_alignment.training.commands import add_loop_parsers
+
+    add_loop_parsers(sub)
 
     p = sub.add_parser("grade", help="score one response with the R1-Zero-style reward")
     p.add_argument("--response", required=True)

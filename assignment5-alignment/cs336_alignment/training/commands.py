@@ -1,0 +1,131 @@
+"""`cs336-align sft|ei|grpo|dpo`: load a model and data, build the loop's config from flags, run, save."""
+
+import argparse
+import os
+from typing import Any
+
+from cs336_alignment.training.config_cli import add_config_arguments, config_from_args
+
+LOOPS = ("sft", "ei", "grpo", "dpo")
+
+
+def _config_class(name: str) -> type:
+    from cs336_alignment.training import DPOConfig, EIConfig, GRPOConfig, SFTConfig
+
+    return {"sft": SFTConfig, "ei": EIConfig, "grpo": GRPOConfig, "dpo": DPOConfig}[name]
+
+
+def add_loop_parsers(sub: Any) -> None:
+    helps = {
+        "sft": "SFT on prompt/response pairs (or --packed: the supplement's instruction tuning)",
+        "ei": "expert iteration on MATH-style questions",
+        "grpo": "GRPO on MATH-style questions (native backend, or vLLM with weights pushed each step)",
+        "dpo": "DPO on prompt/chosen/rejected pairs",
+    }
+    for name in LOOPS:
+        p = sub.add_parser(name, help=helps[name], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        p.add_argument("--out-dir", required=True, help="checkpoint.pt, metrics.jsonl, generations.jsonl, config")
+        p.add_argument("--model", help="Hugging Face model directory (local files only)")
+        p.add_argument("--basics-run", help="cs336-basics run directory (config + checkpoint.pt)")
+        p.add_argument("--basics-tokenizer", help="folder with the run's vocab.json and merges.txt")
+        p.add_argument("--device", default="auto")
+        p.add_argument("--dtype", default="float32", help="weights' dtype (training keeps fp32 master weights)")
+        p.add_argument("--resume", action="store_true", help="continue from --out-dir/checkpoint.pt (exact)")
+        if name == "sft":
+            p.add_argument("--data", required=True, help="JSONL with prompt and response fields")
+            p.add_argument("--packed", action="store_true",
+                           help="instruction tuning: Alpaca template, documents packed into --seq-length chunks")
+            p.add_argument("--seq-length", type=int, default=512, help="--packed only")
+        elif name == "dpo":
+            p.add_argument("--data", required=True, help="JSONL with prompt, chosen and rejected fields")
+        else:
+            p.add_argument("--data", required=True, help="MATH-style JSONL (problem/question + answer or solution)")
+        p.add_argument("--eval-data", help="held-out set (MATH-style; for dpo: preference pairs)")
+        add_config_arguments(p, _config_class(name))
+        p.set_defaults(func=run_loop)
+
+
+def _load_policy(args: argparse.Namespace) -> tuple[Any, Any]:
+    from cs336_alignment.models import load_basics, load_hf
+
+    if args.model:
+        model, tokenizer = load_hf(args.model, args.device, args.dtype)
+    elif args.basics_run and args.basics_tokenizer:
+        model, tokenizer = load_basics(args.basics_run, args.basics_tokenizer, args.device)
+    else:
+        raise ValueError("give --model DIR, or --basics-run DIR with --basics-tokenizer DIR")
+    return model.train(), tokenizer
+
+
+def _questions(path: str | None):
+    from cs336_alignment.evaluation.datasets import load_math
+    from cs336_alignment.prompts import format_prompt
+    from cs336_alignment.training.eval_config import QuestionSet
+
+    if path is None:
+        return None
+    rows = load_math(path)
+    return QuestionSet([format_prompt("r1_zero", question=r["question"]) for r in rows], [r["answer"] for r in rows])
+
+
+def _rows(path: str | None, fields: tuple[str, ...]) -> list[dict[str, str]] | None:
+    from cs336_alignment.sft_data import read_jsonl
+
+    if path is None:
+        return None
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} does not exist")
+    rows = read_jsonl(path)
+    for number, row in enumerate(rows, 1):
+        missing = [f for f in fields if f not in row]
+        if missing:
+            raise ValueError(f"{path}:{number} lacks field(s) {missing}")
+    return [{f: str(row[f]) for f in fields} for row in rows]
+
+
+def run_loop(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Validates flags and data before loading the model, runs the loop, saves HF models with save_pretrained."""
+    from cs336_alignment import training
+
+    name = args.command
+    config = config_from_args(_config_class(name), args)
+    for path in (args.data, args.eval_data):
+        if path is not None and not os.path.exists(path):
+            raise FileNotFoundError(f"{path} does not exist")
+    if name == "sft" and args.packed:
+        from cs336_alignment.sft_data import PackedSFTDataset
+
+        policy, tokenizer = _load_policy(args)
+        dataset = PackedSFTDataset(tokenizer, args.data, args.seq_length, shuffle=True, seed=config.seed)
+        packed = training.InstructionSFTConfig(
+            learning_rate=config.learning_rate, seq_length=args.seq_length, train_batch_size=config.train_batch_size,
+            gradient_accumulation_steps=config.gradient_accumulation_steps, num_steps=config.num_steps,
+            max_grad_norm=config.max_grad_norm, precision=config.precision, seed=config.seed,
+            time_budget_s=config.time_budget_s)
+        history = training.run_instruction_sft(policy, dataset, packed, args.out_dir)
+    elif name == "sft":
+        examples = _rows(args.data, ("prompt", "response"))
+        eval_questions = _questions(args.eval_data)
+        policy, tokenizer = _load_policy(args)
+        history = training.run_sft(policy, tokenizer, examples, config, eval_questions, args.out_dir, args.resume)
+    elif name in ("ei", "grpo"):
+        train_questions, eval_questions = _questions(args.data), _questions(args.eval_data)
+        policy, tokenizer = _load_policy(args)
+        if name == "ei":
+            history = training.run_expert_iteration(policy, tokenizer, train_questions, config, eval_questions,
+                                                    args.out_dir, args.resume)
+        else:
+            history = training.run_grpo(policy, tokenizer, train_questions, config, eval_questions, args.out_dir,
+                                        args.resume, model_path=args.model)
+    else:
+        fields = ("prompt", "chosen", "rejected")
+        train_pairs, eval_pairs = _rows(args.data, fields), _rows(args.eval_data, fields)
+        policy, tokenizer = _load_policy(args)
+        history = training.run_dpo(policy, tokenizer, train_pairs, config, eval_pairs, args.out_dir, args.resume)
+    if args.model and hasattr(policy, "save_pretrained"):
+        policy.save_pretrained(os.path.join(args.out_dir, "model"))
+        tokenizer.save_pretrained(os.path.join(args.out_dir, "model"))
+    last = [h for h in history if h.get("kind") == "eval"][-1:] or history[-1:]
+    if last:
+        print({k: v for k, v in last[0].items() if isinstance(v, int | float | str)})
+    return history

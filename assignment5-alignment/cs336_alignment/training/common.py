@@ -1,0 +1,229 @@
+"""What every loop shares: seeded data order, optimizer steps with clipping, checkpoints, JSONL metrics,
+and reward evaluation through a generation backend."""
+
+import contextlib
+import json
+import os
+import random
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, is_dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from cs336_alignment.generation import GenerationBackend, NativeBackend, SamplingParams
+from cs336_alignment.lm import model_device
+from cs336_alignment.log_generations import log_generations, response_entropies
+from cs336_basics.checkpoint import load_checkpoint_state, save_checkpoint
+from cs336_basics.model import TransformerConfig
+
+RewardFn = Callable[[str, str], dict[str, float]]
+CHECKPOINT_NAME = "checkpoint.pt"
+METRICS_NAME = "metrics.jsonl"
+
+
+def check_positive(**values: float | int | None) -> None:
+    """One-line errors for non-positive sizes and rates (None means "not set" and passes)."""
+    for name, value in values.items():
+        if value is not None and value <= 0:
+            raise ValueError(f"{name} must be positive, got {value}")
+
+
+def check_divides(divisor_name: str, divisor: int, name: str, value: int) -> None:
+    if divisor <= 0 or value % divisor:
+        raise ValueError(f"{name} ({value}) must be divisible by {divisor_name} ({divisor})")
+
+
+def epoch_order(n: int, step: int, batch_size: int, seed: int) -> list[int]:
+    """Indices of optimizer step `step`'s batch in a stream of seeded per-epoch permutations.
+
+    A pure function of (n, step, batch size, seed), so a resumed run sees exactly the batches it would have seen.
+    """
+    start = step * batch_size
+    out: list[int] = []
+    while len(out) < batch_size:
+        epoch, offset = divmod(start + len(out), n)
+        perm = list(range(n))
+        random.Random(seed * 1_000_003 + epoch).shuffle(perm)
+        out.extend(perm[offset : offset + batch_size - len(out)])
+    return out
+
+
+def chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA when asked (weights stay fp32 for the optimizer); otherwise a no-op."""
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
+    if precision == "bf16" and device.type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def make_adamw(model: nn.Module, lr: float, weight_decay: float, beta1: float, beta2: float) -> torch.optim.Optimizer:
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
+                             weight_decay=weight_decay, betas=(beta1, beta2))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def warmup_lr(base: float, step: int, warmup_steps: int) -> float:
+    """Linear warm-up to `base` over `warmup_steps`, then constant (what the handout's loops use)."""
+    return base if warmup_steps <= 0 else base * min(1.0, (step + 1) / warmup_steps)
+
+
+def clip_and_step(model: nn.Module, optimizer: torch.optim.Optimizer, max_grad_norm: float | None) -> float:
+    """Clips the accumulated gradients (when `max_grad_norm` is set), steps, zeroes; returns the pre-clip norm."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    if max_grad_norm is not None and max_grad_norm > 0:
+        norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    else:
+        norm = torch.linalg.vector_norm(torch.stack([p.grad.detach().norm() for p in params])) if params else \
+            torch.zeros(())
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(norm)
+
+
+def config_dict(config: Any) -> dict[str, Any]:
+    return asdict(config) if is_dataclass(config) else dict(config)
+
+
+class RunDir:
+    """A loop's output folder: `checkpoint.pt` (atomic, weights-only loadable), `metrics.jsonl`, `config.json`.
+
+    Without a folder every method is a no-op, so loops run the same in memory (tests, the demo's inner stages).
+    """
+
+    def __init__(self, out_dir: str | os.PathLike | None, config: Any = None):
+        self.out_dir = None if out_dir is None else os.fspath(out_dir)
+        if self.out_dir is not None:
+            os.makedirs(self.out_dir, exist_ok=True)
+            if config is not None:
+                with open(os.path.join(self.out_dir, "config.json"), "w") as f:
+                    json.dump(config_dict(config), f, indent=2, default=str)
+
+    @property
+    def checkpoint_path(self) -> str | None:
+        return None if self.out_dir is None else os.path.join(self.out_dir, CHECKPOINT_NAME)
+
+    def log(self, record: dict[str, Any]) -> None:
+        if self.out_dir is not None:
+            with open(os.path.join(self.out_dir, METRICS_NAME), "a") as f:
+                f.write(json.dumps(record, default=float) + "\n")
+
+    def log_generations(self, step: int, records: Sequence[dict[str, Any]]) -> None:
+        """Keeps sample generations (prompt, response, rewards, entropy, length) per evaluation."""
+        if self.out_dir is not None and records:
+            with open(os.path.join(self.out_dir, "generations.jsonl"), "a") as f:
+                for record in records:
+                    f.write(json.dumps({"step": step, **record}, default=float) + "\n")
+
+    def save(self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int, extra: dict | None = None) -> None:
+        """Atomic checkpoint; a cs336_basics model also records its config, so `load_basics` can rebuild it."""
+        if self.checkpoint_path is not None:
+            extra = dict(extra or {})
+            config = getattr(getattr(model, "_orig_mod", model), "config", None)
+            if hasattr(config, "to_dict") and isinstance(config, TransformerConfig):
+                extra.setdefault("model_config", config.to_dict())
+            save_checkpoint(model, optimizer, step, self.checkpoint_path, extra=extra)
+
+    def resume(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[int, dict[str, Any]]:
+        """Loads the folder's checkpoint into model and optimizer; returns (completed steps, extra).
+
+        Metric lines written after that checkpoint are dropped, so a crashed-and-resumed run logs each step once.
+        """
+        path = self.checkpoint_path
+        if path is None or not os.path.isfile(path):
+            raise FileNotFoundError(f"nothing to resume: {path or 'no --out-dir'} has no {CHECKPOINT_NAME}")
+        state = load_checkpoint_state(path, map_location=model_device(model))
+        getattr(model, "_orig_mod", model).load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        step = int(state["iteration"])
+        metrics = os.path.join(self.out_dir, METRICS_NAME)
+        if os.path.isfile(metrics):
+            with open(metrics) as f:
+                kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+            with open(metrics, "w") as f:
+                f.writelines(kept)
+        return step, state.get("extra", {})
+
+
+def native_backend(policy: nn.Module, tokenizer: Any, batch_size: int) -> GenerationBackend:
+    """The in-process KV-cached sampler over the live policy: no weight copies needed between steps."""
+    return NativeBackend(policy, tokenizer, batch_size=batch_size)
+
+
+def evaluate_reward(
+    backend: GenerationBackend,
+    policy: nn.Module | None,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    truths: Sequence[str],
+    reward_fn: RewardFn,
+    params: SamplingParams,
+    entropy_batch_size: int = 32,
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """`log_generations` over a whole evaluation set, with entropies scored in chunks (memory stays bounded).
+
+    Returns per-example records and a summary: mean reward, format and answer reward, mean token entropy,
+    response length (all / correct / incorrect), generated tokens and generation tokens per second.
+    """
+    start = time.perf_counter()
+    records, _ = log_generations(backend, prompts, truths, reward_fn, params)
+    gen_seconds = time.perf_counter() - start
+    if policy is not None and records:
+        entropies: list[float] = []
+        for chunk in chunks(records, entropy_batch_size):
+            entropies += response_entropies(policy, tokenizer, [r["prompt"] for r in chunk],
+                                            [r["response"] for r in chunk])
+        for record, entropy in zip(records, entropies, strict=True):
+            record["mean_token_entropy"] = entropy
+    return records, summarize_generations(records, gen_seconds)
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def summarize_generations(records: Sequence[dict[str, Any]], gen_seconds: float | None = None) -> dict[str, Any]:
+    correct = [r["response_tokens"] for r in records if r["reward"] > 0]
+    wrong = [r["response_tokens"] for r in records if r["reward"] <= 0]
+    tokens = sum(correct) + sum(wrong)
+    summary: dict[str, Any] = {
+        "n": len(records),
+        "reward": _mean([r["reward"] for r in records]),
+        "format_reward": _mean([r.get("format_reward", 0.0) for r in records]),
+        "answer_reward": _mean([r.get("answer_reward", 0.0) for r in records]),
+        "mean_token_entropy": _mean([r["mean_token_entropy"] for r in records
+                                     if r.get("mean_token_entropy") is not None]),
+        "response_length": _mean(correct + wrong),
+        "response_length_correct": _mean(correct),
+        "response_length_incorrect": _mean(wrong),
+        "generated_tokens": tokens,
+    }
+    if gen_seconds is not None:
+        summary["generation_seconds"] = gen_seconds
+        summary["generation_tokens_per_s"] = tokens / gen_seconds if gen_seconds > 0 else None
+    return summary
+
+
+class Deadline:
+    """A wall-clock budget; loops check it between steps and stop cleanly (after a checkpoint)."""
+
+    def __init__(self, seconds: float | None):
+        self.end = None if seconds is None else time.monotonic() + seconds
+
+    def passed(self) -> bool:
+        return self.end is not None and time.monotonic() >= self.end
+
+    def left(self) -> float:
+        return float("inf") if self.end is None else self.end - time.monotonic()

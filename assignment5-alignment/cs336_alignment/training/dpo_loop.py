@@ -1,0 +1,176 @@
+"""DPO (supplement section 5): a frozen reference copy, the per-instance loss batched, preference accuracy."""
+
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from cs336_alignment.dpo import dpo_loss_from_log_probs, preference_sequence
+from cs336_alignment.lm import model_device
+from cs336_alignment.logprobs import label_log_probs
+from cs336_alignment.text_tokenizer import pad_token_id
+from cs336_alignment.training.common import (
+    Deadline,
+    RunDir,
+    autocast,
+    check_divides,
+    check_positive,
+    chunks,
+    clip_and_step,
+    epoch_order,
+)
+
+
+@dataclass
+class DPOConfig:
+    """The supplement's settings: beta 0.1, RMSprop at lr 1e-6, 64 pairs per step via accumulation."""
+
+    beta: float = 0.1
+    learning_rate: float = 1e-6
+    optimizer: str = "rmsprop"  # or adamw
+    train_batch_size: int = 64
+    gradient_accumulation_steps: int = 64
+    num_steps: int | None = None  # default: one epoch
+    epochs: float = 1.0
+    max_grad_norm: float | None = None
+    eval_every: int = 0
+    eval_batch_size: int = 8
+    precision: str = "fp32"
+    reference_device: str | None = None  # e.g. cuda:1 (the supplement puts the reference on its own GPU)
+    checkpoint_every: int = 0
+    seed: int = 0
+    time_budget_s: float | None = None
+
+    def validate(self) -> None:
+        check_positive(beta=self.beta, learning_rate=self.learning_rate, train_batch_size=self.train_batch_size,
+                       gradient_accumulation_steps=self.gradient_accumulation_steps, num_steps=self.num_steps,
+                       epochs=self.epochs, eval_batch_size=self.eval_batch_size)
+        check_divides("gradient_accumulation_steps", self.gradient_accumulation_steps, "train_batch_size",
+                      self.train_batch_size)
+        if self.optimizer not in ("rmsprop", "adamw"):
+            raise ValueError(f"optimizer must be 'rmsprop' or 'adamw', got {self.optimizer!r}")
+
+
+def frozen_reference(policy: nn.Module, device: str | torch.device | None = None) -> nn.Module:
+    """A deep copy of the policy with gradients off, in eval mode (optionally on another device)."""
+    ref = copy.deepcopy(policy)
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    return ref.to(device if device is not None else model_device(policy)).eval()
+
+
+def batched_sequence_log_probs(model: nn.Module, sequences: Sequence[list[int]], pad: int) -> Tensor:
+    """Σ log p(ids[t] | ids[<t]) for t >= 1 per sequence, one right-padded forward (padding comes after every
+    real token, so a causal model's real positions are unaffected and only the label mask is needed)."""
+    device = model_device(model)
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad, dtype=torch.long)
+    valid = torch.zeros((len(sequences), width), dtype=torch.bool)
+    for row, seq in enumerate(sequences):
+        ids[row, : len(seq)] = torch.tensor(seq)
+        valid[row, : len(seq)] = True
+    ids, valid = ids.to(device), valid.to(device)
+    logits = model(ids[:, :-1]).logits
+    per_token = label_log_probs(logits, ids[:, 1:])
+    return torch.where(valid[:, 1:], per_token, torch.zeros_like(per_token)).sum(dim=-1)
+
+
+def dpo_batch(
+    policy: nn.Module, reference: nn.Module, tokenizer: Any, pairs: Sequence[dict[str, str]], beta: float,
+    precision: str = "fp32",
+) -> tuple[Tensor, Tensor]:
+    """Per-pair DPO losses (batched forward: chosen and rejected together) and the implicit-reward margins."""
+    sequences = [preference_sequence(tokenizer, p["prompt"], p[key]) for key in ("chosen", "rejected") for p in pairs]
+    pad = pad_token_id(tokenizer)
+    n = len(pairs)
+    with autocast(model_device(policy), precision):
+        policy_lp = batched_sequence_log_probs(policy, sequences, pad)
+    with torch.no_grad(), autocast(model_device(reference), precision):
+        ref_lp = batched_sequence_log_probs(reference, sequences, pad).to(policy_lp.device)
+    losses = dpo_loss_from_log_probs(policy_lp[:n], policy_lp[n:], ref_lp[:n], ref_lp[n:], beta)
+    margins = (policy_lp[:n] - ref_lp[:n]) - (policy_lp[n:] - ref_lp[n:])
+    return losses, margins.detach()
+
+
+@torch.no_grad()
+def preference_accuracy(
+    policy: nn.Module, reference: nn.Module, tokenizer: Any, pairs: Sequence[dict[str, str]], beta: float,
+    batch_size: int = 8,
+) -> dict[str, float]:
+    """Fraction of pairs whose implicit reward prefers `chosen` (margin > 0), and the mean DPO loss."""
+    correct, loss, n = 0, 0.0, 0
+    for chunk in chunks(pairs, batch_size):
+        losses, margins = dpo_batch(policy, reference, tokenizer, chunk, beta)
+        correct += int((margins > 0).sum())
+        loss += float(losses.sum())
+        n += len(chunk)
+    return {"preference_accuracy": correct / max(n, 1), "loss": loss / max(n, 1)}
+
+
+def run_dpo(
+    policy: nn.Module,
+    tokenizer: Any,
+    train_pairs: Sequence[dict[str, str]],
+    config: DPOConfig,
+    eval_pairs: Sequence[dict[str, str]] | None = None,
+    out_dir: str | None = None,
+    resume: bool = False,
+    reference: nn.Module | None = None,
+) -> list[dict[str, Any]]:
+    """DPO over seeded epochs of {"prompt", "chosen", "rejected"} pairs; the reference starts as the policy."""
+    config.validate()
+    if not train_pairs:
+        raise ValueError("DPO needs at least one preference pair")
+    if reference is None:
+        reference = frozen_reference(policy, config.reference_device)
+    run_dir = RunDir(out_dir, config)
+    params = [p for p in policy.parameters() if p.requires_grad]
+    optimizer: torch.optim.Optimizer = torch.optim.RMSprop(params, lr=config.learning_rate) \
+        if config.optimizer == "rmsprop" else torch.optim.AdamW(params, lr=config.learning_rate)
+    steps = config.num_steps or max(1, int(config.epochs * len(train_pairs) / config.train_batch_size))
+    start = run_dir.resume(policy, optimizer)[0] if resume else 0
+    micro = config.train_batch_size // config.gradient_accumulation_steps
+    deadline = Deadline(config.time_budget_s)
+    history: list[dict[str, Any]] = []
+
+    def evaluate(step: int) -> None:
+        if eval_pairs:
+            policy.eval()
+            summary = preference_accuracy(policy, reference, tokenizer, eval_pairs, config.beta,
+                                          config.eval_batch_size)
+            policy.train()
+            record = {"step": step, "kind": "eval", **{f"eval_{k}": v for k, v in summary.items()}}
+            run_dir.log(record)
+            history.append(record)
+
+    if start == 0:
+        evaluate(0)
+    policy.train()
+    step = start
+    for step in tqdm(range(start, steps), desc="dpo", initial=start, total=steps, leave=False):
+        if deadline.passed():
+            break
+        batch = [train_pairs[i] for i in epoch_order(len(train_pairs), step, config.train_batch_size, config.seed)]
+        loss_sum, correct = 0.0, 0
+        for part in chunks(batch, micro):
+            losses, margins = dpo_batch(policy, reference, tokenizer, part, config.beta, config.precision)
+            (losses.mean() / config.gradient_accumulation_steps).backward()
+            loss_sum += float(losses.detach().mean()) / config.gradient_accumulation_steps
+            correct += int((margins > 0).sum())
+        grad_norm = clip_and_step(policy, optimizer, config.max_grad_norm)
+        record = {"step": step + 1, "kind": "train", "loss": loss_sum, "train_accuracy": correct / len(batch),
+                  "grad_norm": grad_norm}
+        run_dir.log(record)
+        history.append(record)
+        if config.checkpoint_every and (step + 1) % config.checkpoint_every == 0:
+            run_dir.save(policy, optimizer, step + 1)
+        if config.eval_every and (step + 1) % config.eval_every == 0 and step + 1 < steps:
+            evaluate(step + 1)
+        step += 1
+    run_dir.save(policy, optimizer, step)
+    evaluate(step)
+    return history

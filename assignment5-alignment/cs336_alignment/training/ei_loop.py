@@ -1,0 +1,132 @@
+"""Expert iteration: sample G responses per question, keep the correct ones, SFT on them, repeat."""
+
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+from tqdm import tqdm
+
+from cs336_alignment.generation import SamplingParams
+from cs336_alignment.reward import r1_zero_reward
+from cs336_alignment.rollouts import sample_rollouts
+from cs336_alignment.training.common import (
+    Deadline,
+    RewardFn,
+    RunDir,
+    check_divides,
+    check_positive,
+    epoch_order,
+    make_adamw,
+    native_backend,
+    set_lr,
+)
+from cs336_alignment.training.eval_config import EvalSettings, QuestionSet, run_eval
+from cs336_alignment.training.sft_loop import sft_update
+
+
+@dataclass
+class EIConfig(EvalSettings):
+    """The handout's EI: `n_ei_steps` rounds over `ei_batch_size` questions with G rollouts each."""
+
+    n_ei_steps: int = 5
+    ei_batch_size: int = 512  # questions per round
+    rollouts_per_question: int = 4  # G
+    sampling_temperature: float = 1.0
+    sampling_min_tokens: int = 4
+    sampling_max_tokens: int = 1024
+    sft_epochs: int = 1  # passes over each round's correct responses
+    learning_rate: float = 1e-5
+    train_batch_size: int = 32
+    gradient_accumulation_steps: int = 16
+    max_grad_norm: float = 1.0
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    precision: str = "fp32"
+    generation_batch_size: int = 64
+    stop: tuple[str, ...] = ("</answer>",)
+    seed: int = 0
+    time_budget_s: float | None = None
+
+    def validate(self) -> None:
+        check_positive(n_ei_steps=self.n_ei_steps, ei_batch_size=self.ei_batch_size,
+                       rollouts_per_question=self.rollouts_per_question, sft_epochs=self.sft_epochs,
+                       learning_rate=self.learning_rate, train_batch_size=self.train_batch_size,
+                       gradient_accumulation_steps=self.gradient_accumulation_steps,
+                       sampling_max_tokens=self.sampling_max_tokens)
+        check_divides("gradient_accumulation_steps", self.gradient_accumulation_steps, "train_batch_size",
+                      self.train_batch_size)
+
+
+def run_expert_iteration(
+    policy: nn.Module,
+    tokenizer: Any,
+    train_questions: QuestionSet,
+    config: EIConfig,
+    eval_questions: QuestionSet | None = None,
+    out_dir: str | None = None,
+    resume: bool = False,
+    reward_fn: RewardFn = r1_zero_reward,
+) -> list[dict[str, Any]]:
+    """Rounds of (sample, filter by reward == 1, deduplicate, SFT); checkpoints after every round."""
+    config.validate()
+    run_dir = RunDir(out_dir, config)
+    optimizer = make_adamw(policy, config.learning_rate, config.weight_decay, config.adam_beta1, config.adam_beta2)
+    set_lr(optimizer, config.learning_rate)
+    start = run_dir.resume(policy, optimizer)[0] if resume else 0
+    backend = native_backend(policy, tokenizer, config.generation_batch_size)
+    deadline = Deadline(config.time_budget_s)
+    history: list[dict[str, Any]] = []
+    per_round = min(config.ei_batch_size, len(train_questions))
+
+    def evaluate(round_: int) -> None:
+        if eval_questions is not None and len(eval_questions):
+            summary = run_eval(round_, config, backend, policy, tokenizer, eval_questions, reward_fn, run_dir,
+                               config.stop)
+            history.append({"step": round_, "kind": "eval", **summary})
+
+    if start == 0:
+        evaluate(0)
+    round_ = start
+    for round_ in tqdm(range(start, config.n_ei_steps), desc="ei", initial=start, total=config.n_ei_steps,
+                       leave=False):
+        if deadline.passed():
+            break
+        rows = epoch_order(len(train_questions), round_, per_round, config.seed)
+        params = SamplingParams(temperature=config.sampling_temperature, max_tokens=config.sampling_max_tokens,
+                                min_tokens=config.sampling_min_tokens, stop=config.stop,
+                                include_stop_str_in_output=True, seed=config.seed * 7919 + round_)
+        rollouts = sample_rollouts(backend, [train_questions.prompts[i] for i in rows],
+                                   [train_questions.truths[i] for i in rows], config.rollouts_per_question, params)
+        kept: dict[tuple[str, str], None] = {}
+        for prompt, response, truth in zip(rollouts.prompts, rollouts.responses, rollouts.ground_truths,
+                                           strict=True):
+            if reward_fn(response, truth)["reward"] >= 1.0:
+                kept.setdefault((prompt, response))
+        examples = [{"prompt": p, "response": r} for p, r in kept]
+        record: dict[str, Any] = {"step": round_ + 1, "kind": "train", "rollouts": len(rollouts.responses),
+                                  "kept": len(examples),
+                                  "kept_fraction": len(examples) / max(1, len(rollouts.responses)), "sft_steps": 0}
+        # Fewer correct responses than a batch: train on them as one (smaller) batch with one micro-batch each.
+        batch_size = min(config.train_batch_size, len(examples))
+        accumulation = config.gradient_accumulation_steps if batch_size == config.train_batch_size else batch_size
+        sft_steps = (config.sft_epochs * len(examples)) // batch_size if examples else 0
+        losses = []
+        policy.train()
+        for sft_step in range(sft_steps):
+            batch = [examples[i] for i in epoch_order(len(examples), sft_step, batch_size, config.seed + round_)]
+            metrics = sft_update(policy, optimizer, tokenizer, [e["prompt"] for e in batch],
+                                 [e["response"] for e in batch], accumulation, config.max_grad_norm,
+                                 precision=config.precision)
+            losses.append(metrics["loss"])
+        record.update(sft_steps=sft_steps, sft_loss_first=losses[0] if losses else None,
+                      sft_loss_last=losses[-1] if losses else None)
+        run_dir.log(record)
+        history.append(record)
+        run_dir.save(policy, optimizer, round_ + 1)
+        if config.eval_every and (round_ + 1) % config.eval_every == 0 and round_ + 1 < config.n_ei_steps:
+            evaluate(round_ + 1)
+        round_ += 1
+    run_dir.save(policy, optimizer, round_)
+    evaluate(round_)
+    return history

@@ -1,0 +1,278 @@
+"""GRPO: group-normalised rewards on sampled rollouts, policy-gradient steps on- or off-policy.
+
+Defaults are the handout's (`n_grpo_steps` 200, lr 1e-5, rollout batch 256 in groups of 8, temperature 1,
+4-1024 new tokens, one epoch per rollout batch, train batch 256 in 128 micro-batches, REINFORCE with baseline,
+std normalisation, AdamW with weight decay 0 and betas (0.9, 0.95)).
+"""
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from cs336_alignment.generation import GenerationBackend, SamplingParams
+from cs336_alignment.grpo import LOSS_TYPES, compute_group_normalized_rewards, grpo_microbatch_train_step
+from cs336_alignment.lm import model_device
+from cs336_alignment.logprobs import get_response_log_probs
+from cs336_alignment.masked import masked_mean
+from cs336_alignment.reward import r1_zero_reward
+from cs336_alignment.rollouts import sample_rollouts
+from cs336_alignment.tokenization import tokenize_prompt_and_output
+from cs336_alignment.training.common import (
+    Deadline,
+    RewardFn,
+    RunDir,
+    autocast,
+    check_divides,
+    check_positive,
+    clip_and_step,
+    epoch_order,
+    make_adamw,
+    native_backend,
+)
+from cs336_alignment.training.eval_config import EvalSettings, QuestionSet, run_eval
+
+LENGTH_NORMALIZATIONS = ("masked_mean", "masked_normalize")
+
+
+@dataclass
+class GRPOConfig(EvalSettings):
+    """Every field is a `cs336-align grpo` flag; the defaults are the handout's GRPO experiment."""
+
+    n_grpo_steps: int = 200
+    learning_rate: float = 1e-5
+    advantage_eps: float = 1e-6
+    rollout_batch_size: int = 256
+    group_size: int = 8
+    sampling_temperature: float = 1.0
+    sampling_min_tokens: int = 4  # as in EI: no empty responses
+    sampling_max_tokens: int = 1024
+    epochs_per_rollout_batch: int = 1  # 1 is on-policy
+    train_batch_size: int = 256  # on-policy: one optimizer step per rollout batch
+    gradient_accumulation_steps: int = 128  # micro-batch 2
+    gpu_memory_utilization: float = 0.85  # vLLM only
+    loss_type: str = "reinforce_with_baseline"
+    use_std_normalization: bool = True
+    cliprange: float = 0.2
+    length_normalization: str = "masked_mean"  # or masked_normalize (Dr. GRPO: sum / sampling_max_tokens)
+    max_grad_norm: float = 1.0
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    precision: str = "fp32"
+    backend: str = "native"  # or vllm (weights pushed into the engine before every rollout)
+    generation_batch_size: int = 256  # native backend rows per decoding batch
+    stop: tuple[str, ...] = ("</answer>",)
+    checkpoint_every: int = 0
+    seed: int = 0
+    time_budget_s: float | None = None
+
+    def validate(self) -> None:
+        check_positive(n_grpo_steps=self.n_grpo_steps, learning_rate=self.learning_rate,
+                       rollout_batch_size=self.rollout_batch_size, group_size=self.group_size,
+                       epochs_per_rollout_batch=self.epochs_per_rollout_batch,
+                       train_batch_size=self.train_batch_size,
+                       gradient_accumulation_steps=self.gradient_accumulation_steps,
+                       sampling_max_tokens=self.sampling_max_tokens, generation_batch_size=self.generation_batch_size)
+        if self.loss_type not in LOSS_TYPES:
+            raise ValueError(f"unknown loss_type {self.loss_type!r}; expected one of {LOSS_TYPES}")
+        if self.length_normalization not in LENGTH_NORMALIZATIONS:
+            raise ValueError(f"unknown length_normalization {self.length_normalization!r}; expected one of "
+                             f"{LENGTH_NORMALIZATIONS}")
+        if self.backend not in ("native", "vllm"):
+            raise ValueError(f"backend must be 'native' or 'vllm', got {self.backend!r}")
+        check_divides("group_size", self.group_size, "rollout_batch_size", self.rollout_batch_size)
+        check_divides("gradient_accumulation_steps", self.gradient_accumulation_steps, "train_batch_size",
+                      self.train_batch_size)
+        check_divides("train_batch_size", self.train_batch_size, "rollout_batch_size", self.rollout_batch_size)
+        if self.train_batch_size < self.group_size:
+            raise ValueError(f"train_batch_size ({self.train_batch_size}) must be >= group_size ({self.group_size})")
+        off_policy = self.epochs_per_rollout_batch > 1 or self.train_batch_size < self.rollout_batch_size
+        if off_policy and self.loss_type in ("no_baseline", "reinforce_with_baseline"):
+            raise ValueError(f"off-policy training (several optimizer steps per rollout batch) needs an importance-"
+                             f"weighted loss (grpo_clip or grpo_no_clip), not {self.loss_type}")
+
+    @property
+    def needs_old_log_probs(self) -> bool:
+        return self.loss_type in ("grpo_clip", "grpo_no_clip")
+
+    def rollout_params(self, seed: int) -> SamplingParams:
+        return SamplingParams(temperature=self.sampling_temperature, max_tokens=self.sampling_max_tokens,
+                              min_tokens=self.sampling_min_tokens, stop=self.stop, include_stop_str_in_output=True,
+                              seed=seed)
+
+
+@torch.no_grad()
+def old_log_probs(policy: nn.Module, batch: dict[str, torch.Tensor], micro: int, precision: str) -> torch.Tensor:
+    """log pi_old of every label, computed once per rollout batch before any update (in micro-batches)."""
+    device = model_device(policy)
+    parts = []
+    for start in range(0, batch["input_ids"].shape[0], micro):
+        with autocast(device, precision):
+            out = get_response_log_probs(policy, batch["input_ids"][start : start + micro].to(device),
+                                         batch["labels"][start : start + micro].to(device))
+        parts.append(out["log_probs"].float())
+    return torch.cat(parts)
+
+
+def grpo_train_on_rollouts(
+    policy: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batch: dict[str, torch.Tensor],
+    advantages: torch.Tensor,
+    raw_rewards: torch.Tensor,
+    config: GRPOConfig,
+    seed: int,
+) -> list[dict[str, float]]:
+    """`epochs_per_rollout_batch` passes over one rollout batch in train batches of `train_batch_size`, each an
+    optimizer step accumulated over micro-batches; returns one metrics dict per optimizer step."""
+    device = model_device(policy)
+    n = batch["input_ids"].shape[0]
+    micro = config.train_batch_size // config.gradient_accumulation_steps
+    old = old_log_probs(policy, batch, micro, config.precision) if config.needs_old_log_probs else None
+    constant = config.sampling_max_tokens if config.length_normalization == "masked_normalize" else None
+    steps_per_epoch = n // config.train_batch_size
+    out: list[dict[str, float]] = []
+    policy.train()
+    for update in range(config.epochs_per_rollout_batch * steps_per_epoch):
+        # Shuffled per epoch (seeded) when the rollout batch spans several optimizer steps.
+        rows = epoch_order(n, update, config.train_batch_size, seed) if steps_per_epoch > 1 or \
+            config.epochs_per_rollout_batch > 1 else list(range(n))
+        totals = {"loss": 0.0, "token_entropy": 0.0, "clip_fraction": 0.0, "ratio_mean": 0.0}
+        for start in range(0, config.train_batch_size, micro):
+            idx = torch.tensor(rows[start : start + micro])
+            mask = batch["response_mask"][idx].to(device)
+            with autocast(device, config.precision):
+                result = get_response_log_probs(policy, batch["input_ids"][idx].to(device),
+                                                batch["labels"][idx].to(device), True)
+            loss, meta = grpo_microbatch_train_step(
+                result["log_probs"], mask, config.gradient_accumulation_steps, config.loss_type,
+                raw_rewards=raw_rewards[idx].unsqueeze(-1).to(device),
+                advantages=advantages[idx].unsqueeze(-1).to(device),
+                old_log_probs=None if old is None else old[idx.to(old.device)],
+                cliprange=config.cliprange, normalize_constant=constant,
+            )
+            share = 1.0 / config.gradient_accumulation_steps
+            totals["loss"] += float(loss)
+            totals["token_entropy"] += float(masked_mean(result["token_entropy"].detach(), mask)) * share
+            totals["clip_fraction"] += float(meta.get("clip_fraction", 0.0)) * share
+            totals["ratio_mean"] += float(meta.get("ratio_mean", 1.0)) * share
+        totals["grad_norm"] = clip_and_step(policy, optimizer, config.max_grad_norm)
+        out.append(totals)
+    return out
+
+
+def _vllm_backend(config: GRPOConfig, model_path: str | None) -> GenerationBackend:
+    from cs336_alignment.generation import make_backend
+
+    if not model_path:
+        raise ValueError("--backend vllm needs the policy's Hugging Face directory (--model)")
+    return make_backend("vllm", model_path, gpu_memory_utilization=config.gpu_memory_utilization, seed=config.seed)
+
+
+def run_grpo(
+    policy: nn.Module,
+    tokenizer: Any,
+    train_questions: QuestionSet,
+    config: GRPOConfig,
+    eval_questions: QuestionSet | None = None,
+    out_dir: str | None = None,
+    resume: bool = False,
+    reward_fn: RewardFn = r1_zero_reward,
+    backend: GenerationBackend | None = None,
+    model_path: str | None = None,
+) -> list[dict[str, Any]]:
+    """`n_grpo_steps` rollout batches: sample groups, score, normalise, train; log and checkpoint.
+
+    Rollouts go through the generation interface: the native backend samples from the live policy; a vLLM
+    backend gets the policy's weights pushed (`load_policy_weights`) before every rollout batch.
+    """
+    config.validate()
+    if not len(train_questions):
+        raise ValueError("GRPO needs at least one training question")
+    run_dir = RunDir(out_dir, config)
+    optimizer = make_adamw(policy, config.learning_rate, config.weight_decay, config.adam_beta1, config.adam_beta2)
+    start = run_dir.resume(policy, optimizer)[0] if resume else 0
+    if backend is None:
+        backend = _vllm_backend(config, model_path) if config.backend == "vllm" else \
+            native_backend(policy, tokenizer, config.generation_batch_size)
+    eval_backend = native_backend(policy, tokenizer, config.generation_batch_size) if config.backend == "native" \
+        else backend
+    deadline = Deadline(config.time_budget_s)
+    questions_per_step = config.rollout_batch_size // config.group_size
+    history: list[dict[str, Any]] = []
+
+    def evaluate(step: int) -> None:
+        if eval_questions is not None and len(eval_questions):
+            if hasattr(eval_backend, "load_policy_weights"):
+                eval_backend.load_policy_weights(policy)
+            summary = run_eval(step, config, eval_backend, policy, tokenizer, eval_questions, reward_fn, run_dir,
+                               config.stop)
+            history.append({"step": step, "kind": "eval", **summary})
+
+    if start == 0:
+        evaluate(0)
+    step = start
+    for step in tqdm(range(start, config.n_grpo_steps), desc="grpo", initial=start, total=config.n_grpo_steps,
+                     leave=False):
+        if deadline.passed():
+            break
+        record = grpo_step(policy, optimizer, tokenizer, backend, train_questions, config, step, questions_per_step,
+                           reward_fn)
+        run_dir.log(record)
+        history.append(record)
+        if config.checkpoint_every and (step + 1) % config.checkpoint_every == 0:
+            run_dir.save(policy, optimizer, step + 1)
+        if config.eval_every and (step + 1) % config.eval_every == 0 and step + 1 < config.n_grpo_steps:
+            evaluate(step + 1)
+        step += 1
+    run_dir.save(policy, optimizer, step)
+    evaluate(step)
+    return history
+
+
+def grpo_step(
+    policy: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    tokenizer: Any,
+    backend: GenerationBackend,
+    train_questions: QuestionSet,
+    config: GRPOConfig,
+    step: int,
+    questions_per_step: int,
+    reward_fn: RewardFn,
+) -> dict[str, Any]:
+    """One rollout batch and its optimizer step(s); every random choice is seeded by (seed, step)."""
+    rows = epoch_order(len(train_questions), step, questions_per_step, config.seed)
+    prompts: Sequence[str] = [train_questions.prompts[i] for i in rows]
+    truths: Sequence[str] = [train_questions.truths[i] for i in rows]
+    if hasattr(backend, "load_policy_weights"):
+        backend.load_policy_weights(policy)
+    started = time.perf_counter()
+    rollouts = sample_rollouts(backend, prompts, truths, config.group_size,
+                               config.rollout_params(config.seed * 7919 + step))
+    rollout_seconds = time.perf_counter() - started
+    advantages, raw, reward_meta = compute_group_normalized_rewards(
+        reward_fn, rollouts.responses, rollouts.ground_truths, config.group_size, config.advantage_eps,
+        config.use_std_normalization)
+    batch = tokenize_prompt_and_output(rollouts.prompts, rollouts.responses, tokenizer)
+    lengths = batch["response_mask"].sum(dim=-1).float()
+    updates = grpo_train_on_rollouts(policy, optimizer, batch, advantages, raw, config, config.seed * 104729 + step)
+    generated = int(lengths.sum())
+    record: dict[str, Any] = {
+        "step": step + 1,
+        "kind": "train",
+        **reward_meta,
+        "response_length": float(lengths.mean()),
+        "rollout_seconds": rollout_seconds,
+        "rollout_tokens_per_s": generated / rollout_seconds if rollout_seconds > 0 else None,
+        "optimizer_steps": len(updates),
+    }
+    for key in updates[0]:
+        record[key] = sum(u[key] for u in updates) / len(updates)
+    record["grad_norm_last"] = updates[-1]["grad_norm"]
+    return record

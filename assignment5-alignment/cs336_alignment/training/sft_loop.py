@@ -1,0 +1,223 @@
+"""SFT on prompt/response pairs (R1-Zero-style reasoning traces) and the supplement's packed instruction tuning."""
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from cs336_alignment.lm import model_device
+from cs336_alignment.logprobs import get_response_log_probs, label_log_probs
+from cs336_alignment.masked import masked_mean
+from cs336_alignment.reward import r1_zero_reward
+from cs336_alignment.sft import sft_microbatch_train_step
+from cs336_alignment.sft_data import iterate_batches
+from cs336_alignment.tokenization import tokenize_prompt_and_output
+from cs336_alignment.training.common import (
+    Deadline,
+    RewardFn,
+    RunDir,
+    autocast,
+    check_divides,
+    check_positive,
+    chunks,
+    clip_and_step,
+    epoch_order,
+    make_adamw,
+    native_backend,
+    set_lr,
+    warmup_lr,
+)
+from cs336_alignment.training.eval_config import EvalSettings, QuestionSet, run_eval
+
+
+@dataclass
+class SFTConfig(EvalSettings):
+    """SFT on (prompt, response) pairs; the loss is the response tokens' summed NLL / `normalize_constant`."""
+
+    learning_rate: float = 1e-5
+    train_batch_size: int = 32  # examples per optimizer step
+    gradient_accumulation_steps: int = 16  # micro-batches per optimizer step (micro-batch = 2)
+    num_steps: int | None = None  # default: `epochs` passes over the data
+    epochs: float = 1.0
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    normalize_constant: float = 1.0
+    precision: str = "fp32"  # or bf16 (autocast on CUDA)
+    generation_batch_size: int = 64
+    checkpoint_every: int = 0  # 0: at the end only
+    seed: int = 0
+    time_budget_s: float | None = None
+
+    def validate(self) -> None:
+        check_positive(learning_rate=self.learning_rate, train_batch_size=self.train_batch_size,
+                       gradient_accumulation_steps=self.gradient_accumulation_steps, num_steps=self.num_steps,
+                       epochs=self.epochs, normalize_constant=self.normalize_constant,
+                       generation_batch_size=self.generation_batch_size)
+        check_divides("gradient_accumulation_steps", self.gradient_accumulation_steps, "train_batch_size",
+                      self.train_batch_size)
+
+
+def sft_update(
+    policy: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    responses: Sequence[str],
+    gradient_accumulation_steps: int,
+    max_grad_norm: float | None,
+    normalize_constant: float = 1.0,
+    precision: str = "fp32",
+) -> dict[str, float]:
+    """One optimizer step over a batch split into micro-batches: forward, `sft_microbatch_train_step`, clip."""
+    device = model_device(policy)
+    micro = len(prompts) // gradient_accumulation_steps
+    loss, entropy, tokens = 0.0, 0.0, 0
+    for start in range(0, gradient_accumulation_steps * micro, micro):
+        batch = tokenize_prompt_and_output(prompts[start : start + micro], responses[start : start + micro],
+                                           tokenizer)
+        mask = batch["response_mask"].to(device)
+        with autocast(device, precision):
+            out = get_response_log_probs(policy, batch["input_ids"].to(device), batch["labels"].to(device), True)
+        scaled, meta = sft_microbatch_train_step(out["log_probs"], mask, gradient_accumulation_steps,
+                                                 normalize_constant)
+        loss += float(scaled)
+        entropy += float(masked_mean(out["token_entropy"].detach(), mask)) / gradient_accumulation_steps
+        tokens += int(meta["response_tokens"])
+    grad_norm = clip_and_step(policy, optimizer, max_grad_norm)
+    return {"loss": loss, "token_entropy": entropy, "response_tokens": tokens, "grad_norm": grad_norm}
+
+
+def run_sft(
+    policy: nn.Module,
+    tokenizer: Any,
+    examples: Sequence[dict[str, str]],
+    config: SFTConfig,
+    eval_questions: QuestionSet | None = None,
+    out_dir: str | None = None,
+    resume: bool = False,
+    reward_fn: RewardFn = r1_zero_reward,
+) -> list[dict[str, Any]]:
+    """SFT for `num_steps` optimizer steps over seeded epochs of `examples` ({"prompt", "response"} dicts).
+
+    Evaluates held-out reward at the start, every `eval_every` steps and at the end (native backend on the
+    live policy), checkpoints atomically, and returns the metric records it logged.
+    """
+    config.validate()
+    if not examples:
+        raise ValueError("SFT needs at least one example")
+    run_dir = RunDir(out_dir, config)
+    optimizer = make_adamw(policy, config.learning_rate, config.weight_decay, config.adam_beta1, config.adam_beta2)
+    steps = config.num_steps or max(1, int(config.epochs * len(examples) / config.train_batch_size))
+    start = run_dir.resume(policy, optimizer)[0] if resume else 0
+    backend = native_backend(policy, tokenizer, config.generation_batch_size)
+    deadline = Deadline(config.time_budget_s)
+    history: list[dict[str, Any]] = []
+
+    def evaluate(step: int) -> None:
+        if eval_questions is not None and len(eval_questions):
+            summary = run_eval(step, config, backend, policy, tokenizer, eval_questions, reward_fn, run_dir)
+            history.append({"step": step, "kind": "eval", **summary})
+
+    if start == 0:
+        evaluate(0)
+    policy.train()
+    step = start
+    for step in tqdm(range(start, steps), desc="sft", initial=start, total=steps, leave=False):
+        if deadline.passed():
+            break
+        set_lr(optimizer, warmup_lr(config.learning_rate, step, config.warmup_steps))
+        batch = [examples[i] for i in epoch_order(len(examples), step, config.train_batch_size, config.seed)]
+        metrics = sft_update(policy, optimizer, tokenizer, [e["prompt"] for e in batch],
+                             [e["response"] for e in batch], config.gradient_accumulation_steps,
+                             config.max_grad_norm, config.normalize_constant, config.precision)
+        record = {"step": step + 1, "kind": "train", "lr": optimizer.param_groups[0]["lr"], **metrics}
+        run_dir.log(record)
+        history.append(record)
+        if config.checkpoint_every and (step + 1) % config.checkpoint_every == 0:
+            run_dir.save(policy, optimizer, step + 1)
+        if config.eval_every and (step + 1) % config.eval_every == 0 and step + 1 < steps:
+            evaluate(step + 1)
+        step += 1
+    run_dir.save(policy, optimizer, step)
+    evaluate(step)
+    return history
+
+
+@dataclass
+class InstructionSFTConfig:
+    """The supplement's instruction tuning: Alpaca-format documents packed into `seq_length` chunks, next-token
+    cross-entropy on every token, cosine-free linear warm-up then constant LR (lr 2e-5, batch 32)."""
+
+    learning_rate: float = 2e-5
+    seq_length: int = 512
+    train_batch_size: int = 32
+    gradient_accumulation_steps: int = 16
+    epochs: int = 1
+    num_steps: int | None = None
+    warmup_ratio: float = 0.03
+    max_grad_norm: float = 1.0
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    precision: str = "fp32"
+    seed: int = 0
+    time_budget_s: float | None = None
+
+    def validate(self) -> None:
+        check_positive(learning_rate=self.learning_rate, seq_length=self.seq_length,
+                       train_batch_size=self.train_batch_size, epochs=self.epochs, num_steps=self.num_steps,
+                       gradient_accumulation_steps=self.gradient_accumulation_steps)
+        check_divides("gradient_accumulation_steps", self.gradient_accumulation_steps, "train_batch_size",
+                      self.train_batch_size)
+
+
+def run_instruction_sft(
+    model: nn.Module, dataset: torch.utils.data.Dataset, config: InstructionSFTConfig, out_dir: str | None = None
+) -> list[dict[str, Any]]:
+    """Packed-sequence SFT over a `PackedSFTDataset`: mean token NLL per optimizer step (accumulated)."""
+    config.validate()
+    run_dir = RunDir(out_dir, config)
+    optimizer = make_adamw(model, config.learning_rate, config.weight_decay, config.adam_beta1, config.adam_beta2)
+    device = model_device(model)
+    micro = config.train_batch_size // config.gradient_accumulation_steps
+    total = config.num_steps or max(1, config.epochs * len(dataset) // config.train_batch_size)
+    warmup = int(config.warmup_ratio * total)
+    deadline = Deadline(config.time_budget_s)
+    history: list[dict[str, Any]] = []
+    model.train()
+    step, accumulated, loss_sum = 0, 0, 0.0
+    progress = tqdm(total=total, desc="instruction-sft", leave=False)
+    for epoch in range(max(config.epochs, 1) if config.num_steps is None else 10**9):
+        for batch in iterate_batches(dataset, micro, shuffle=True, seed=config.seed + epoch):
+            with autocast(device, config.precision):
+                logits = model(batch["input_ids"].to(device)).logits
+            loss = -label_log_probs(logits, batch["labels"].to(device)).mean()
+            (loss / config.gradient_accumulation_steps).backward()
+            loss_sum += float(loss) / config.gradient_accumulation_steps
+            accumulated += 1
+            if accumulated < config.gradient_accumulation_steps:
+                continue
+            set_lr(optimizer, warmup_lr(config.learning_rate, step, warmup))
+            grad_norm = clip_and_step(model, optimizer, config.max_grad_norm)
+            step += 1
+            record = {"step": step, "kind": "train", "loss": loss_sum, "grad_norm": grad_norm}
+            run_dir.log(record)
+            history.append(record)
+            progress.update(1)
+            accumulated, loss_sum = 0, 0.0
+            if step >= total or deadline.passed():
+                break
+        if step >= total or deadline.passed():
+            break
+    progress.close()
+    run_dir.save(model, optimizer, step)
+    return history
+
+
+__all__ = ["InstructionSFTConfig", "SFTConfig", "chunks", "run_instruction_sft", "run_sft", "sft_update"]
