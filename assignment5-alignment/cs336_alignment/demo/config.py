@@ -1,0 +1,91 @@
+"""The demonstration's settings: one dataclass, two presets (an H200 run of a few minutes, a CPU smoke test)."""
+
+from dataclasses import dataclass, fields, replace
+
+
+@dataclass
+class DemoConfig:
+    """Sizes are chosen so every stage fits its share of `time_budget_s` (each stage also stops on its clock)."""
+
+    seed: int = 0
+    device: str = "auto"
+    time_budget_s: float = 420.0
+    # data
+    max_steps_per_problem: int = 4
+    error_rate: float = 0.3  # share of pretraining and SFT traces with one arithmetic slip
+    n_pretrain_problems: int = 300_000
+    n_sft_examples: int = 2048
+    n_heldout: int = 512
+    vocab_size: int = 600
+    encode_workers: int = 8
+    # model (cs336_basics TransformerLM)
+    d_model: int = 384
+    num_layers: int = 6
+    num_heads: int = 6
+    d_ff: int = 1024
+    context_length: int = 256
+    # pretraining on plain problem + reasoning text
+    pretrain_batch_size: int = 128
+    pretrain_lr: float = 1e-3
+    pretrain_warmup: int = 100
+    pretrain_max_steps: int = 6000
+    pretrain_share: float = 0.38  # of the time budget
+    # SFT into the R1-Zero format (deliberately short)
+    sft_steps: int = 40
+    sft_batch_size: int = 64
+    sft_grad_accum: int = 1
+    sft_lr: float = 2e-4
+    # GRPO
+    grpo_steps: int = 150
+    grpo_lr: float = 3e-5
+    rollout_batch_size: int = 256
+    group_size: int = 8
+    train_batch_size: int = 256
+    grpo_grad_accum: int = 2
+    epochs_per_rollout_batch: int = 1
+    loss_type: str = "reinforce_with_baseline"
+    cliprange: float = 0.2
+    max_new_tokens: int = 96
+    grpo_share: float = 0.42
+    eval_every: int = 10
+    n_eval_in_loop: int = 256
+    generation_batch_size: int = 512
+    throughput_rows: int = 256
+    throughput_tokens: int = 128
+
+    def stage_budgets(self) -> dict[str, float]:
+        return {"pretrain": self.pretrain_share * self.time_budget_s, "grpo": self.grpo_share * self.time_budget_s,
+                "sft": 0.06 * self.time_budget_s}
+
+
+PRESETS: dict[str, DemoConfig] = {
+    "h200": DemoConfig(),
+    "cpu-smoke": DemoConfig(
+        time_budget_s=50.0, n_pretrain_problems=1500, n_sft_examples=64, n_heldout=16, vocab_size=600,
+        encode_workers=1, d_model=64, num_layers=2, num_heads=4, d_ff=128, context_length=256,
+        pretrain_batch_size=8, pretrain_warmup=5, pretrain_max_steps=40, sft_steps=4, sft_batch_size=8,
+        sft_grad_accum=2, grpo_steps=2, rollout_batch_size=16, group_size=4, train_batch_size=16,
+        grpo_grad_accum=2, max_new_tokens=32, eval_every=1, n_eval_in_loop=8, generation_batch_size=32,
+        throughput_rows=8, throughput_tokens=16,
+    ),
+}
+
+
+def preset(name: str, overrides: list[str] | None = None) -> DemoConfig:
+    """A preset with `key=value` overrides (typed from the field's default)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; expected one of {sorted(PRESETS)}")
+    config = PRESETS[name]
+    types = {f.name: type(getattr(config, f.name)) for f in fields(config)}
+    changes = {}
+    for item in overrides or []:
+        key, sep, value = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or key not in types:
+            raise ValueError(f"bad override {item!r}: expected key=value with key one of the DemoConfig fields")
+        kind = types[key]
+        try:
+            changes[key] = (value.lower() in ("1", "true", "yes")) if kind is bool else kind(value)
+        except ValueError:
+            raise ValueError(f"bad override {item!r}: {value!r} is not a {kind.__name__}") from None
+    return replace(config, **changes)

@@ -1,0 +1,93 @@
+"""Figures and the markdown summary of a demo run (matplotlib imported only here, with the Agg backend)."""
+
+import os
+from typing import Any
+
+
+def plot_curves(results: dict[str, Any], out_dir: str) -> list[str]:
+    """`a5_demo_reward.png` (held-out and rollout reward over GRPO steps, SFT start marked) and
+    `a5_demo_entropy_length.png` (token entropy and response length over GRPO steps)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = results["curves"]["grpo_train"]
+    evals = results["curves"]["grpo_eval"]
+    held = results["heldout"]
+    paths = []
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    if evals:
+        ax.plot([e["step"] for e in evals], [e["reward"] for e in evals], "o-", label="held-out reward (T=1, in loop)")
+        ax.plot([e["step"] for e in evals], [e["format_reward"] for e in evals], "s--", alpha=0.6,
+                label="held-out format reward")
+    if train:
+        ax.plot([r["step"] for r in train], [r["reward_mean"] for r in train], alpha=0.4,
+                label="rollout reward (training batch)")
+    last = train[-1]["step"] if train else 0
+    for kind, style in (("sampled", "tab:red"), ("greedy", "tab:green")):
+        ax.scatter([0, last], [held["sft"][kind]["reward"], held["grpo"][kind]["reward"]], color=style, zorder=5,
+                   marker="D", label=f"held-out {kind} (n={held['n']}): SFT start vs GRPO end")
+    ax.set_xlabel("GRPO step")
+    ax.set_ylabel("reward")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title("R1-Zero-style reward, arithmetic word problems (step 0 = SFT model)")
+    ax.legend(fontsize=7, loc="lower right")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    paths.append(os.path.join(out_dir, "a5_demo_reward.png"))
+    fig.savefig(paths[-1], dpi=130)
+    plt.close(fig)
+
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.6))
+    if train:
+        a1.plot([r["step"] for r in train], [r["token_entropy"] for r in train], label="rollouts (training)")
+        a2.plot([r["step"] for r in train], [r["response_length"] for r in train], label="rollouts (training)")
+    if evals:
+        a1.plot([e["step"] for e in evals], [e["mean_token_entropy"] for e in evals], "o-", label="held-out")
+        a2.plot([e["step"] for e in evals], [e["response_length"] for e in evals], "o-", label="held-out")
+    a1.set_title("mean response-token entropy (nats)")
+    a2.set_title("response length (tokens)")
+    for a in (a1, a2):
+        a.set_xlabel("GRPO step")
+        a.grid(alpha=0.3)
+        a.legend(fontsize=7)
+    fig.tight_layout()
+    paths.append(os.path.join(out_dir, "a5_demo_entropy_length.png"))
+    fig.savefig(paths[-1], dpi=130)
+    plt.close(fig)
+    return paths
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+def markdown_summary(results: dict[str, Any]) -> str:
+    held = results["heldout"]
+    rows = ["| model | held-out reward (T=1) | format reward (T=1) | greedy reward | entropy | length |",
+            "|---|---|---|---|---|---|"]
+    for stage in ("sft", "grpo"):
+        s, g = held[stage]["sampled"], held[stage]["greedy"]
+        rows.append(f"| {'SFT start' if stage == 'sft' else 'GRPO end'} | {_fmt(s['reward'])} | "
+                    f"{_fmt(s['format_reward'])} | {_fmt(g['reward'])} | {_fmt(s['mean_token_entropy'])} | "
+                    f"{_fmt(s['response_length'])} |")
+    tp = results["native_throughput"]
+    lines = [
+        "# Assignment 5 demo: pretrain -> SFT -> GRPO on generated arithmetic word problems", "",
+        f"Device: {results['device']}; model {results['model']['parameters'] / 1e6:.1f}M parameters "
+        f"(d_model {results['model']['d_model']}, {results['model']['num_layers']} layers), vocab "
+        f"{results['tokenizer_vocab']}.", "",
+        f"Pretraining: {results['pretrain']['steps']} steps, {results['pretrain']['tokens'] / 1e6:.1f}M tokens at "
+        f"{results['pretrain']['tokens_per_s'] / 1e3:.0f}k tokens/s. SFT: {results['sft_steps_run']} steps. "
+        f"GRPO: {results['grpo_steps_run']} steps.", "",
+        *rows, "",
+        f"Gain (held-out, T=1): {results['reward_gain_sampled']:+.3f}; greedy: {results['reward_gain_greedy']:+.3f}.",
+        "",
+        f"Native backend (KV cache) throughput: {tp['tokens_per_s']:.0f} tokens/s ({tp['rows']} rows x "
+        f"{tp['new_tokens_per_row']} new tokens, {tp['decode_steps_per_s']:.1f} decoding steps/s); mean during "
+        f"GRPO rollouts: {_fmt(results['rollout_tokens_per_s_mean'])} tokens/s.", "",
+        "Stage wall times (s): " + ", ".join(f"{k} {v:.1f}" for k, v in results["timings_s"].items()), "",
+    ]
+    return "\n".join(lines)
