@@ -199,7 +199,7 @@ def run_instruction_sft(
                 logits = model(batch["input_ids"].to(device)).logits
             loss = -label_log_probs(logits, batch["labels"].to(device)).mean()
             (loss / config.gradient_accumulation_steps).backward()
-            loss_sum += float(loss) / config.gradient_accumulation_steps
+            loss_sum += float(loss.detach()) / config.gradient_accumulation_steps
             accumulated += 1
             if accumulated < config.gradient_accumulation_steps:
                 continue
