@@ -23,7 +23,14 @@ CANDIDATES = {
     # fifth entry: DIRECT (queries × keys form, K and V in shared memory) or not (keys × queries)
     "dkdv": [(64, 128, 4, 3, False), (16, 128, 4, 4, False), (64, 128, 4, 3, True), (64, 128, 4, 4, True),
              (32, 128, 4, 3, True), (32, 128, 4, 4, True), (128, 128, 8, 3, True), (128, 128, 8, 2, True),
-             (64, 128, 8, 3, True), (64, 64, 4, 3, True)],
+             (64, 128, 8, 3, True), (64, 64, 4, 3, True),
+             # 64-key tiles in the keys × queries form: half the K, V and dK, dV registers of 128-key tiles
+             (64, 64, 4, 3, False), (32, 64, 4, 3, False), (64, 64, 4, 4, False), (128, 64, 8, 3, False),
+             (64, 64, 8, 3, False), (16, 64, 4, 4, False)],
+    # the dK/dV kernel that also reduces dQ tiles through the TMA (backward mode "tma")
+    "dkdv_tma": [(64, 128, 8, 3, False), (64, 128, 4, 3, False), (64, 128, 8, 3, True), (128, 128, 8, 3, True),
+                 (32, 128, 4, 3, False), (64, 64, 4, 3, True), (128, 64, 8, 3, True), (64, 128, 8, 2, False),
+                 (128, 128, 8, 2, True), (32, 128, 8, 3, False)],
 }
 
 
@@ -32,7 +39,7 @@ def main() -> None:
     p.add_argument("--shape", type=int, nargs=4, default=[1, 16, 16384, 64], metavar=("B", "H", "N", "D"))
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--non-causal", action="store_true")
-    p.add_argument("--kinds", nargs="+", default=["fwd", "dq", "dkdv"])
+    p.add_argument("--kinds", nargs="+", default=["fwd", "dq", "dkdv"], choices=list(CANDIDATES))
     p.add_argument("--rep", type=int, default=200)
     p.add_argument("--json", default=None)
     args = p.parse_args()
@@ -43,25 +50,27 @@ def main() -> None:
     q, k, v, do = (torch.randn(b, h, n, d, device="cuda", dtype=dtype) for _ in range(4))
     o, lse = ti.flash_forward(q, k, v, causal)
     one = 2.0 * b * h * n * n * d * (0.5 if causal else 1.0)
-    products = {"fwd": 2, "dq": 3, "dkdv": 4}
+    products = {"fwd": 2, "dq": 3, "dkdv": 4, "dkdv_tma": 5}
     rows = []
     for kind in args.kinds:
         reference = None
         for cfg in CANDIDATES[kind]:
             ti.forced_configs[kind] = cfg
             t = BackwardTensors(q, k, v, o, do, lse, d)
-            launch_preprocess(t)  # D, which the dQ kernel would otherwise write
+            launch_preprocess(t, zero_dq=kind == "dkdv_tma")  # D, which the dQ kernel would otherwise write
             launchers = {
                 "fwd": lambda: ti.flash_forward(q, k, v, causal),
                 "dq": lambda t=t: launch_dq(t, causal),
                 "dkdv": lambda t=t: launch_dkdv(t, causal),
+                "dkdv_tma": lambda t=t: launch_dkdv(t, causal, atomic=True, tma=True),
             }
             fn = launchers[kind]
             row = {"kind": kind, "cfg": cfg}
             try:
                 compiled = fn()
                 if kind != "fwd":  # same gradients as the first candidate (a broken variant shows here)
-                    out = torch.cat([t.dq.flatten()] if kind == "dq" else [t.dk.flatten(), t.dv.flatten()]).float()
+                    parts = {"dq": [t.dq], "dkdv": [t.dk, t.dv], "dkdv_tma": [t.dk, t.dv, t.dq_acc]}[kind]
+                    out = torch.cat([x.flatten().float() for x in parts])
                     reference = out if reference is None else reference
                     row["rel_err_vs_first"] = ((out - reference).norm() / reference.norm()).item()
                 ms = do_bench(fn, warmup=25, rep=args.rep, return_mode="median")

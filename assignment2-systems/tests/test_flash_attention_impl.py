@@ -176,8 +176,10 @@ def test_triton_flash(shape_q, n_k, causal, dtype, tol):
 
 
 @needs_cuda
-@pytest.mark.parametrize("mode", ["split", "concurrent", "atomic"])
+@pytest.mark.parametrize("mode", ["split", "concurrent", "atomic", "tma"])
 def test_triton_backward_modes(mode):
+    """Every backward form at ragged lengths over several heads (a TMA dQ tile that runs past one head's
+    queries spills into the next head's rows: they must receive exact zeros), every head dim class, fp32."""
     from cs336_systems.flash_attention import triton_impl
 
     old = triton_impl._settings["backward"]
@@ -185,7 +187,25 @@ def test_triton_backward_modes(mode):
     try:
         for causal in (False, True):
             _check(_triton(), (1, 3, 777, 64), 777, causal, torch.bfloat16, "cuda", 1.5e-2, 3e-2)
+            _check(_triton(), (2, 2, 301, 128), 190, causal, torch.bfloat16, "cuda", 1.5e-2, 3e-2)
+            _check(_triton(), (3, 129, 16), 129, causal, torch.float32, "cuda", 4e-3, 8e-3)
     finally:
+        triton_impl.set_backward_mode(old)
+
+
+@needs_cuda
+def test_triton_every_tma_dkdv_config():
+    """Each tile config of the TMA-reduced dQ backward, forced in turn (bf16, d 64, ragged, 3 heads)."""
+    from cs336_systems.flash_attention import triton_impl
+
+    old = triton_impl._settings["backward"]
+    triton_impl.set_backward_mode("tma")
+    try:
+        for cfg in triton_impl._dkdv_tma_configs(64, wide=False):
+            triton_impl.forced_configs["dkdv_tma"] = cfg
+            _check(_triton(), (1, 3, 301, 64), 301, True, torch.bfloat16, "cuda", 1.5e-2, 3e-2)
+    finally:
+        triton_impl.forced_configs.pop("dkdv_tma", None)
         triton_impl.set_backward_mode(old)
 
 

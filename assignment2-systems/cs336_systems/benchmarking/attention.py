@@ -29,8 +29,9 @@ GRIDS: dict[str, dict[str, Any]] = {
     },
 }
 LEADERBOARD = {"batch": 1, "heads": 16, "seq": 16384, "d": 64, "dtype": "bfloat16", "causal": True}
-ALL_IMPLS = ["triton", "triton_concurrent", "triton_atomic", "pytorch_fa2", "naive",
+ALL_IMPLS = ["triton", "triton_tma", "triton_concurrent", "triton_atomic", "pytorch_fa2", "naive",
              "sdpa_flash", "sdpa_cudnn", "sdpa_efficient"]
+TRITON_MODES = {"triton": "split", "triton_tma": "tma", "triton_concurrent": "concurrent", "triton_atomic": "atomic"}
 GRID_IMPLS = ["triton", "pytorch_fa2", "naive", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient"]
 # our PyTorch twin loops over key tiles in Python: past this length a measurement costs seconds
 SLOW_IMPL_MAX_SEQ = {"pytorch_fa2": 16384}
@@ -66,10 +67,10 @@ def _triton_mode(mode: str) -> Iterator[None]:
 
 def make_impl(name: str) -> tuple[Callable, contextlib.AbstractContextManager]:
     """(attention function (q, k, v, causal) -> o, context to hold while timing it)."""
-    if name in ("triton", "triton_concurrent", "triton_atomic"):
+    if name in TRITON_MODES:
         from cs336_systems.flash_attention import FlashAttentionTriton
 
-        mode = {"triton": "split", "triton_concurrent": "concurrent", "triton_atomic": "atomic"}[name]
+        mode = TRITON_MODES[name]
         return FlashAttentionTriton.apply, _triton_mode(mode)
     if name == "pytorch_fa2":
         return FlashAttentionPytorch.apply, _pytorch_tiles(128, 128, 256)
@@ -207,22 +208,27 @@ def run_leaderboard(impls: list[str], warmup: int, rep: int, course_harness: boo
                 with contextlib.suppress(RuntimeError):
                     checks[f"{name}_vs_{ref}"] = check_against(name, ref, shape, dtype, True)
     out["checks"] = checks
-    for mode in ("split", "atomic"):
-        if ("triton" if mode == "split" else "triton_atomic") in impls:
+    triton_names = [n for n in impls if n in TRITON_MODES]
+    for name in triton_names:
+        mode = TRITON_MODES[name]
+        if mode in ("split", "tma", "atomic"):
             try:
                 table = profile_triton(shape, dtype, True, mode)
                 out[f"profile_{mode}"] = table
                 print(f"  per-kernel profile ({mode} backward, 5 forward+backward steps):\n{table}")
             except Exception as e:  # the profiler is optional diagnostics
                 print(f"  profiler failed: {e}")
-    if course_harness:
+    for name in triton_names if course_harness else []:
+        key = "course_harness_ms" if name == "triton" else f"course_harness_ms_{name}"
         try:
-            ms = compiled_course_harness((lb["heads"], lb["seq"], lb["d"]), dtype, warmup, rep)
-            out["course_harness_ms"] = ms
-            print(f"  leaderboard course harness (torch.compile, (16, 16384, 64), o.sum().backward()): {ms:.3f} ms")
+            with make_impl(name)[1]:
+                ms = compiled_course_harness((lb["heads"], lb["seq"], lb["d"]), dtype, warmup, rep)
+            out[key] = ms
+            print(f"  leaderboard course harness, {name} (torch.compile, (16, 16384, 64), o.sum().backward()): "
+                  f"{ms:.3f} ms")
         except Exception as e:  # torch.compile failures are many-typed; report and go on
-            out["course_harness_ms"] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
-            print("  course harness failed:", out["course_harness_ms"])
+            out[key] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
+            print("  course harness failed:", out[key])
     return out
 
 
@@ -275,7 +281,7 @@ def profile_triton(shape: tuple[int, ...], dtype: torch.dtype, causal: bool, mod
     """Per-kernel CUDA time of a few forward+backward steps of our Triton version (torch.profiler table)."""
     from torch.profiler import ProfilerActivity, profile
 
-    fn, ctx = make_impl("triton_atomic" if mode == "atomic" else "triton")
+    fn, ctx = make_impl({mode: name for name, mode in TRITON_MODES.items()}[mode])
     q, k, v, do = _inputs(shape, dtype)
     with ctx:
         for _ in range(3):

@@ -6,7 +6,9 @@ The backward comes in two forms, chosen by CS336_FA2_BWD or `set_backward_mode`:
 "split" (default): one kernel for dK/dV per key tile and one for dQ per query tile, no atomics;
 "atomic": the dK/dV kernel also adds dQ into a float32 buffer with atomics (saves recomputing P and dP);
 "concurrent": D preprocess, then the dQ kernel on a side stream while the dK/dV kernel runs, so each fills the
-other's tail of idle SMs.
+other's tail of idle SMs;
+"tma" (Hopper and newer): like "atomic", but each dQ tile is added by one bulk reduction of the tensor memory
+accelerator (`cp.reduce.async.bulk.tensor`) instead of one atomic per element, off the compute threads.
 float32 inputs multiply on the tensor cores in tf32 (`set_fp32_precision("ieee")` for exact float32).
 """
 
@@ -24,6 +26,7 @@ from cs336_systems.flash_attention import triton_kernels as tk
 from cs336_systems.flash_attention._common import alloc, as_4d, check_qkv
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+BACKWARD_MODES = ("split", "concurrent", "atomic", "tma")
 MAX_HEAD_DIM = 128
 
 _settings: dict[str, Any] = {
@@ -34,10 +37,10 @@ _settings: dict[str, Any] = {
 
 
 def set_backward_mode(mode: str) -> None:
-    """"split" (dQ kernel, then dK/dV kernel), "concurrent" (the two on two streams) or "atomic" (one kernel,
-    float32 atomic dQ)."""
-    if mode not in ("split", "concurrent", "atomic"):
-        raise ValueError(f"backward mode must be 'split', 'concurrent' or 'atomic', not {mode!r}")
+    """"split" (dQ kernel, then dK/dV kernel), "concurrent" (the two on two streams), "atomic" (one kernel,
+    float32 atomic dQ) or "tma" (one kernel, dQ tiles reduced by the tensor memory accelerator)."""
+    if mode not in BACKWARD_MODES:
+        raise ValueError(f"backward mode must be one of {BACKWARD_MODES}, not {mode!r}")
     _settings["backward"] = mode
 
 
@@ -90,8 +93,20 @@ def _dq_configs(head_dim: int, wide: bool) -> list[tuple[int, int, int, int]]:
     return [(128, 64, 8, 2), (64, 64, 4, 2), (128, 32, 8, 2), (64, 32, 4, 3)]
 
 
-_CONFIG_LISTS = {"fwd": _fwd_configs, "dkdv": _dkdv_configs, "dq": _dq_configs}
-_KERNELS = {"fwd": tk.flash_fwd_kernel, "dkdv": tk.flash_bwd_dkdv_kernel, "dq": tk.flash_bwd_dq_kernel}
+# the dK/dV kernel that also reduces dQ tiles through the TMA: one more product and a float32 dQ tile live,
+# so wider tiles and 8 warps are in the running
+def _dkdv_tma_configs(head_dim: int, wide: bool) -> list[tuple]:
+    if wide:
+        return [(32, 64, 4, 2, False), (32, 64, 8, 2, False), (32, 64, 4, 2, True)]
+    if head_dim <= 64:
+        return [(64, 128, 8, 3, False), (64, 128, 4, 3, False), (64, 128, 8, 3, True), (128, 128, 8, 3, True),
+                (32, 128, 4, 3, False), (64, 64, 4, 3, True)]
+    return [(64, 128, 8, 2, False), (64, 64, 4, 2, True), (32, 128, 8, 2, False), (64, 128, 8, 2, True)]
+
+
+_CONFIG_LISTS = {"fwd": _fwd_configs, "dkdv": _dkdv_configs, "dq": _dq_configs, "dkdv_tma": _dkdv_tma_configs}
+_KERNELS = {"fwd": tk.flash_fwd_kernel, "dkdv": tk.flash_bwd_dkdv_kernel, "dq": tk.flash_bwd_dq_kernel,
+            "dkdv_tma": tk.flash_bwd_dkdv_kernel}
 _tuned_cache: dict[tuple, Any] = {}
 # kind -> (BLOCK_M, BLOCK_N, num_warps, num_stages[, DIRECT]): bypasses tuning (for kernel-tuning scripts)
 forced_configs: dict[str, tuple] = {}
@@ -104,22 +119,32 @@ def _meta(cfg: tuple) -> dict[str, Any]:
     return meta
 
 
+def _set_dq_block(nargs: dict) -> None:
+    """Autotune pre-hook: the dQ descriptor's block is the config's query tile."""
+    if nargs.get("DQ_DESC") is not None:
+        nargs["DQ_DESC"].block_shape = [nargs["BLOCK_M"], nargs["HEAD_DIM"]]
+
+
 def _launch(kind: str, grid_rows: int, n_bh: int, head_dim: int, wide: bool, args: tuple, consts: dict):
     """Launch kernel `kind` on a (batch·heads, cdiv(grid_rows, tile)) grid, autotuned or with fixed tiles."""
     configs = _CONFIG_LISTS[kind](head_dim, wide)
-    tile_of_grid = "BLOCK_N" if kind == "dkdv" else "BLOCK_M"
+    tile_of_grid = "BLOCK_N" if kind.startswith("dkdv") else "BLOCK_M"
+    pre_hook = _set_dq_block if kind == "dkdv_tma" else None
 
     def grid(meta):
         return (n_bh, triton.cdiv(grid_rows, meta[tile_of_grid]))
 
     if kind in forced_configs or not _settings["autotune"] or len(configs) == 1:
         cfg = forced_configs.get(kind, configs[0])
-        return _KERNELS[kind][grid](*args, **consts, **_meta(cfg), num_warps=cfg[2], num_stages=cfg[3])
+        meta = _meta(cfg)
+        if pre_hook is not None:
+            pre_hook({**consts, **meta, "DQ_DESC": args[9]})
+        return _KERNELS[kind][grid](*args, **consts, **meta, num_warps=cfg[2], num_stages=cfg[3])
     key = (kind, head_dim, wide, consts.get("ATOMIC_DQ", False))
     kernel = _tuned_cache.get(key)
     if kernel is None:
         kernel = triton.autotune(
-            configs=[triton.Config(_meta(c), num_warps=c[2], num_stages=c[3]) for c in configs],
+            configs=[triton.Config(_meta(c), num_warps=c[2], num_stages=c[3], pre_hook=pre_hook) for c in configs],
             key=["N_QUERIES", "N_KEYS", "IS_CAUSAL"],
             reset_to_zero=["DQ_ACC"] if consts.get("ATOMIC_DQ", False) else None,
         )(_KERNELS[kind])
@@ -181,9 +206,10 @@ def flash_backward(
     d = q.shape[-1]
     d_pad = _padded_head_dim(d)
     t = BackwardTensors(*(_prep(x, d_pad) for x in (q, k, v, o, grad_o)), lse, d)
-    if _settings["backward"] == "atomic":
-        launch_preprocess(t)
-        launch_dkdv(t, is_causal, atomic=True)
+    if _settings["backward"] in ("atomic", "tma"):
+        tma = _settings["backward"] == "tma" and _has_tma(q)
+        launch_preprocess(t, zero_dq=True)
+        launch_dkdv(t, is_causal, atomic=True, tma=tma)
         launch_dq_convert(t)
     elif _settings["backward"] == "concurrent" and q.is_cuda:
         launch_preprocess(t)
@@ -201,6 +227,14 @@ def flash_backward(
         g = g[..., :d] if d_pad != d else g
         grads.append(g.squeeze(1) if like.ndim == 3 else g)
     return grads[0], grads[1], grads[2]
+
+
+def _has_tma(x: Tensor) -> bool:
+    """Bulk tensor reductions need Hopper or newer; Triton's CPU interpreter has none (it then runs the
+    per-element atomics instead)."""
+    if os.environ.get("TRITON_INTERPRET") == "1" or not x.is_cuda:
+        return False
+    return torch.cuda.get_device_capability(x.device)[0] >= 9
 
 
 class BackwardTensors:
@@ -224,11 +258,14 @@ class BackwardTensors:
 _PRE_BLOCK = 64
 
 
-def launch_preprocess(t: BackwardTensors) -> None:
+def launch_preprocess(t: BackwardTensors, zero_dq: bool = False) -> None:
+    """D = rowsum(dO ∘ O); with zero_dq also allocates the float32 dQ accumulator and clears it."""
+    if zero_dq:
+        t.dq_acc = torch.empty((t.b * t.h, t.n_q, t.d_pad), dtype=torch.float32, device=t.q.device)
     grid = (t.b * t.h, triton.cdiv(t.n_q, _PRE_BLOCK))
     tk.flash_bwd_preprocess_kernel[grid](
-        t.o, t.do, t.delta, *_strides(t.o), *_strides(t.do), t.h, t.n_q,
-        HEAD_DIM=t.d_pad, BLOCK_M=_PRE_BLOCK, num_warps=4,
+        t.o, t.do, t.delta, t.dq_acc if zero_dq else t.delta, *_strides(t.o), *_strides(t.do), t.h, t.n_q,
+        HEAD_DIM=t.d_pad, BLOCK_M=_PRE_BLOCK, ZERO_DQ=zero_dq, num_warps=4,
     )
 
 
@@ -252,16 +289,26 @@ def launch_dq(t: BackwardTensors, is_causal: bool, compute_delta: bool = True):
     return _launch("dq", t.n_q, t.b * t.h, t.d_pad, t.wide, args, consts)
 
 
-def launch_dkdv(t: BackwardTensors, is_causal: bool, atomic: bool = False):
-    if atomic:
+def launch_dkdv(t: BackwardTensors, is_causal: bool, atomic: bool = False, tma: bool = False):
+    """dK, dV; with `atomic` also dQ into t.dq_acc (zeroed here unless launch_preprocess did it), per
+    element or, with `tma`, per tile through a tensor descriptor."""
+    if atomic and t.dq_acc is None:
         t.dq_acc = torch.zeros((t.b * t.h, t.n_q, t.d_pad), dtype=torch.float32, device=t.q.device)
+    desc = None
+    if atomic and tma:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        rows = t.b * t.h * t.n_q
+        # block_shape is set per config by _set_dq_block
+        desc = TensorDescriptor(t.dq_acc, [rows, t.d_pad], [t.d_pad, 1], [16, t.d_pad])
     args = (
-        t.q, t.k, t.v, t.do, t.lse, t.delta, t.dk, t.dv, t.dq_acc if atomic else t.dk,
+        t.q, t.k, t.v, t.do, t.lse, t.delta, t.dk, t.dv, t.dq_acc if atomic else t.dk, desc,
         *_strides(t.q), *_strides(t.k), *_strides(t.v), *_strides(t.do), *_strides(t.dk), *_strides(t.dv),
         t.h, t.n_q, t.n_k, t.sm_scale,
     )
-    consts = {"HEAD_DIM": t.d_pad, "IS_CAUSAL": bool(is_causal), "ATOMIC_DQ": atomic, "PRECISION": t.precision}
-    return _launch("dkdv", t.n_k, t.b * t.h, t.d_pad, t.wide, args, consts)
+    consts = {"HEAD_DIM": t.d_pad, "IS_CAUSAL": bool(is_causal), "ATOMIC_DQ": atomic, "PRECISION": t.precision,
+              "DQ_TMA": bool(atomic and tma)}
+    return _launch("dkdv_tma" if desc is not None else "dkdv", t.n_k, t.b * t.h, t.d_pad, t.wide, args, consts)
 
 
 def launch_dq_convert(t: BackwardTensors) -> None:

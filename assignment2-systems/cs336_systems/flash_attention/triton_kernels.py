@@ -137,13 +137,16 @@ def flash_fwd_kernel(
 
 @triton.jit
 def flash_bwd_preprocess_kernel(
-    Out, DO, Delta,
+    Out, DO, Delta, DQ_ACC,
     stride_ob, stride_oh, stride_om, stride_od,
     stride_dob, stride_doh, stride_dom, stride_dod,
     N_HEADS, N_QUERIES,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, ZERO_DQ: tl.constexpr,
 ):
-    """Delta[bh, i] = Σ_d O[i, d]·dO[i, d] in float32 (= rowsum(P ∘ dP)); Delta is (batch·heads, N_QUERIES)."""
+    """Delta[bh, i] = Σ_d O[i, d]·dO[i, d] in float32 (= rowsum(P ∘ dP)); Delta is (batch·heads, N_QUERIES).
+
+    With ZERO_DQ it also clears its rows of the float32 dQ accumulator (batch·heads, N_QUERIES, HEAD_DIM),
+    which saves the atomic backward a memset launch."""
     bh = tl.program_id(0)
     pid_m = tl.program_id(1)
     b = (bh // N_HEADS).to(tl.int64)
@@ -157,14 +160,17 @@ def flash_bwd_preprocess_kernel(
                  mask=ok, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
     tl.store(Delta + bh.to(tl.int64) * N_QUERIES + offs_m, delta, mask=offs_m < N_QUERIES)
+    if ZERO_DQ:
+        zeros = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+        tl.store(DQ_ACC + (bh.to(tl.int64) * N_QUERIES + offs_m[:, None]) * HEAD_DIM + offs_d[None, :], zeros, mask=ok)
 
 
 @triton.jit
 def _bwd_dkdv_query_loop(
-    dk, dv, k, v, q_ptrs, do_ptrs, l_ptrs, delta_ptrs, dq_ptrs, offs_n, offs_m_base, key_ok,
+    dk, dv, k, v, q_ptrs, do_ptrs, l_ptrs, delta_ptrs, dq_ptrs, dq_desc, dq_row0, offs_n, offs_m_base, key_ok,
     lo, hi, stride_qm, stride_dom, stride_dqm, qk_scale, sm_scale, N_QUERIES,
     BLOCK_M: tl.constexpr, CAUSAL_MASK: tl.constexpr, QUERY_MASK: tl.constexpr,
-    ATOMIC_DQ: tl.constexpr, PRECISION: tl.constexpr, DIRECT: tl.constexpr,
+    ATOMIC_DQ: tl.constexpr, DQ_TMA: tl.constexpr, PRECISION: tl.constexpr, DIRECT: tl.constexpr,
 ):
     """Accumulate dK, dV of one key tile over query tiles [lo, hi); DIRECT picks which operands of the
     products live in registers (both forms are autotuned: register pressure decides)."""
@@ -218,7 +224,11 @@ def _bwd_dkdv_query_loop(
             if ATOMIC_DQ:
                 dq = tl.dot(tl.trans(ds_t), k, input_precision=PRECISION) * sm_scale
         if ATOMIC_DQ:
-            if QUERY_MASK:
+            if DQ_TMA:
+                # one bulk reduce-add of the whole tile by the copy engine (cp.reduce.async.bulk.tensor);
+                # rows past N_QUERIES are exactly zero (P = 0 there), so spilling into the next head adds 0
+                dq_desc.atomic_add([dq_row0 + start_m, 0], dq)  # int32 row index
+            elif QUERY_MASK:
                 tl.atomic_add(dq_ptrs + start_m * stride_dqm, dq, mask=row_ok[:, None], sem="relaxed")
             else:
                 tl.atomic_add(dq_ptrs + start_m * stride_dqm, dq, sem="relaxed")
@@ -227,7 +237,7 @@ def _bwd_dkdv_query_loop(
 
 @triton.jit
 def flash_bwd_dkdv_kernel(
-    Q, K, V, DO, L, Delta, DK, DV, DQ_ACC,
+    Q, K, V, DO, L, Delta, DK, DV, DQ_ACC, DQ_DESC,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -236,13 +246,15 @@ def flash_bwd_dkdv_kernel(
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
     N_HEADS, N_QUERIES, N_KEYS, sm_scale,
     HEAD_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr, ATOMIC_DQ: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DIRECT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DIRECT: tl.constexpr, DQ_TMA: tl.constexpr = False,
 ):
     """One program = one key tile (BLOCK_N keys) of one (batch, head), looping over query tiles;
     grid (batch·heads, cdiv(N_KEYS, BLOCK_N)).
 
     L and Delta are (batch·heads, N_QUERIES) contiguous float32. With ATOMIC_DQ, dQ·(1) is also added
-    into the float32 buffer DQ_ACC (batch·heads, N_QUERIES, HEAD_DIM) with atomics."""
+    into the float32 buffer DQ_ACC (batch·heads, N_QUERIES, HEAD_DIM) with atomics: per element, or with
+    DQ_TMA one tensor-memory-accelerator reduction per tile through DQ_DESC, a (batch·heads·N_QUERIES,
+    HEAD_DIM) descriptor of DQ_ACC with blocks (BLOCK_M, HEAD_DIM)."""
     tl.static_assert(BLOCK_N % BLOCK_M == 0)
     bh = tl.program_id(0)
     pid_n = tl.program_id(1)  # under a causal mask low key tiles see the most queries: they launch first
@@ -274,22 +286,22 @@ def flash_bwd_dkdv_kernel(
         # queries < start_n see none of these keys; [start_n, start_n + BLOCK_N) is the masked diagonal band
         diag_hi = start_n + BLOCK_N
         dk, dv = _bwd_dkdv_query_loop(
-            dk, dv, k, v, q_ptrs, do_ptrs, l_ptrs, delta_ptrs, dq_ptrs, offs_n, offs_m, key_ok,
+            dk, dv, k, v, q_ptrs, do_ptrs, l_ptrs, delta_ptrs, dq_ptrs, DQ_DESC, bh * N_QUERIES, offs_n, offs_m, key_ok,
             start_n, tl.minimum(diag_hi, N_QUERIES), stride_qm, stride_dom, HEAD_DIM, qk_scale, sm_scale,
-            N_QUERIES, BLOCK_M, True, True, ATOMIC_DQ, PRECISION, DIRECT,
+            N_QUERIES, BLOCK_M, True, True, ATOMIC_DQ, DQ_TMA, PRECISION, DIRECT,
         )
         lo = diag_hi
     else:
         lo = 0
     dk, dv = _bwd_dkdv_query_loop(
-        dk, dv, k, v, q_ptrs, do_ptrs, l_ptrs, delta_ptrs, dq_ptrs, offs_n, offs_m, key_ok,
+        dk, dv, k, v, q_ptrs, do_ptrs, l_ptrs, delta_ptrs, dq_ptrs, DQ_DESC, bh * N_QUERIES, offs_n, offs_m, key_ok,
         lo, full_queries, stride_qm, stride_dom, HEAD_DIM, qk_scale, sm_scale,
-        N_QUERIES, BLOCK_M, False, False, ATOMIC_DQ, PRECISION, DIRECT,
+        N_QUERIES, BLOCK_M, False, False, ATOMIC_DQ, DQ_TMA, PRECISION, DIRECT,
     )
     dk, dv = _bwd_dkdv_query_loop(
-        dk, dv, k, v, q_ptrs, do_ptrs, l_ptrs, delta_ptrs, dq_ptrs, offs_n, offs_m, key_ok,
+        dk, dv, k, v, q_ptrs, do_ptrs, l_ptrs, delta_ptrs, dq_ptrs, DQ_DESC, bh * N_QUERIES, offs_n, offs_m, key_ok,
         tl.maximum(lo, full_queries), N_QUERIES, stride_qm, stride_dom, HEAD_DIM, qk_scale, sm_scale,
-        N_QUERIES, BLOCK_M, False, True, ATOMIC_DQ, PRECISION, DIRECT,
+        N_QUERIES, BLOCK_M, False, True, ATOMIC_DQ, DQ_TMA, PRECISION, DIRECT,
     )
 
     dk = dk * sm_scale

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# FlashAttention-2 on a GPU machine, from the repository root, in one call:
+#
+#   bash assignment2-systems/scripts/fa2_device.sh [tests] [tune] [leaderboard] [course]
+#
+#   tests        our Triton GPU tests (first tile config of each list, plus the every-config tests)
+#   tune         per-kernel tile sweep of the dK/dV kernels (split and TMA-reduced dQ) at the leaderboard shape
+#   leaderboard  ours (split, TMA) against every SDPA backend, forward/backward/forward+backward, course harness
+#   course       the course's attention tests, when COURSE_TESTS points at an unpacked course tests/ folder
+# Uses the machine's python3 with PYTHONPATH on the source trees; writes logs and results into $OUT
+# (else ./fa2_out). Each step is bounded by `timeout`.
+set -u
+PY=${PYTHON:-python3}
+OUT=${OUT:-fa2_out}
+mkdir -p "$OUT"
+export PYTHONPATH=assignment1-basics:assignment2-systems${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+steps=${*:-tests tune leaderboard}
+nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,temperature.gpu,power.draw --format=csv | tee "$OUT/gpu.txt"
+for step in $steps; do
+  echo "=== $step $(date +%T)"
+  case $step in
+    tests)
+      CS336_FA2_AUTOTUNE=0 timeout 240 $PY -m pytest -q -p no:cacheprovider -o addopts="" \
+        assignment2-systems/tests/test_flash_attention_impl.py -k "triton" 2>&1 | tee "$OUT/tests.log" | tail -4 ;;
+    tune)
+      timeout 180 $PY assignment2-systems/benchmarks/tune_kernels.py --kinds dkdv_tma dkdv --rep 100 \
+        --json "$OUT/tune.json" 2>&1 | tail -26 ;;
+    leaderboard)
+      timeout 300 $PY -m cs336_systems.cli bench-attention --grid leaderboard --course-harness \
+        --leaderboard-impls ${LB_IMPLS:-triton triton_tma sdpa_flash sdpa_cudnn} --out-dir "$OUT" 2>&1 \
+        | tee "$OUT/leaderboard.log" | grep -v "^ *[A-Za-z_]*  *[0-9.]*%" | tail -40 ;;
+    course)
+      [ -n "${COURSE_TESTS:-}" ] && timeout 200 $PY -m pytest -q -p no:cacheprovider -o addopts="" \
+        "$COURSE_TESTS" -k "flash" 2>&1 | tail -4 ;;
+    *) echo "unknown step $step" ;;
+  esac
+done
