@@ -36,6 +36,16 @@ from cs336_alignment.training.dpo_loop import dpo_batch
 from cs336_alignment.training.eval_config import QuestionSet
 from cs336_alignment.training.grpo_loop import grpo_train_on_rollouts
 
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run faster on one thread, and the 2-core CI machine is not oversubscribed."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 PROMPTS = [f"Question {i}: what is {i} plus {i + 3}?" for i in range(8)]
 GOOD, BAD = " Answer: <answer> 7 </answer>", " The quick brown fox"
 
@@ -275,7 +285,7 @@ def test_batched_dpo_matches_the_per_instance_loss(tok):
     for pair, loss in zip(PAIRS, losses, strict=True):
         expected = per_instance_dpo_loss(policy, reference, tok, 0.5, pair["prompt"], pair["chosen"],
                                          pair["rejected"])
-        assert float(loss) == pytest.approx(float(expected), rel=1e-5)
+        assert float(loss.detach()) == pytest.approx(float(expected.detach()), rel=1e-5)
     assert torch.equal(margins > 0, losses < torch.log(torch.tensor(2.0)))
 
 

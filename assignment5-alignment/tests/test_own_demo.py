@@ -1,0 +1,117 @@
+"""The demonstration's parts: the problem generator against an independent evaluation of its own text, the
+digit-preserving tokenizer, the held-out split, and the whole pipeline on a CPU-sized configuration."""
+
+import json
+import random
+import re
+from dataclasses import replace
+
+import pytest
+import torch
+
+from cs336_alignment.demo.__main__ import main
+from cs336_alignment.demo.config import preset
+from cs336_alignment.demo.problems import generate, is_held_out, maybe_slip
+from cs336_alignment.demo.tokenizer import train_demo_tokenizer
+from cs336_alignment.reward import r1_zero_reward
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run faster on one thread, and the 2-core CI machine is not oversubscribed."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+WORD_OPS = {"buys": "+", "finds": "+", "gives away": "-", "loses": "-"}
+
+
+def solve_from_text(question: str) -> int:
+    """Reads the question's sentences and computes the answer (independent of the generator's step list)."""
+    value = int(re.match(r"\w+ has (\d+) ", question).group(1))
+    for sentence in re.split(r"(?<=\.) ", question)[1:-1]:
+        if m := re.search(r"(buys|finds|gives away|loses) (\d+)", sentence):
+            value = value + int(m.group(2)) if WORD_OPS[m.group(1)] == "+" else value - int(m.group(2))
+        elif "doubles" in sentence:
+            value *= 2
+        elif "triples" in sentence:
+            value *= 3
+        elif m := re.search(r"makes it (\d+) times", sentence):
+            value *= int(m.group(1))
+        elif m := re.search(r"among (\d+) friends", sentence):
+            assert value % int(m.group(1)) == 0
+            value //= int(m.group(1))
+        else:
+            raise AssertionError(f"unparsed sentence {sentence!r}")
+    return value
+
+
+def test_problems_are_consistent_with_their_text_and_reward():
+    problems = generate(300, seed=3, held_out=False)
+    rng = random.Random(0)
+    for p in problems:
+        assert solve_from_text(p.question) == p.answer and 0 <= p.answer <= 999
+        # The trace's equations are true arithmetic, and the clean SFT target earns the full reward.
+        for a, op, b, c in re.findall(r"(\d+) ([-+*/]) (\d+) = (\d+)\.", p.r1_response()):
+            assert {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b),
+                    "/": int(a) // int(b)}[op] == int(c)
+        assert r1_zero_reward(p.r1_response(), str(p.answer))["reward"] == 1.0
+        slip = maybe_slip(p, rng, error_rate=1.0)
+        noisy = p.r1_response(slip)
+        if p.reasoning(slip)[1] != p.answer:
+            assert r1_zero_reward(noisy, str(p.answer)) == {"format_reward": 1.0, "answer_reward": 0.0,
+                                                            "reward": 0.0}
+    assert len({p.question for p in problems}) == 300
+
+
+def test_held_out_split_is_disjoint_and_seeded():
+    train = generate(2000, seed=0, held_out=False)
+    held = generate(200, seed=1, held_out=True)
+    assert not {p.question for p in train} & {p.question for p in held}
+    assert all(is_held_out(p) for p in held) and not any(is_held_out(p) for p in train)
+    assert [p.question for p in generate(50, seed=1, held_out=True)] == [p.question for p in held[:50]]
+
+
+def test_tokenizer_keeps_digits_single_and_round_trips():
+    problems = generate(300, seed=5, held_out=False)
+    text = "<|endoftext|>".join(p.plain_text() for p in problems)
+    tok = train_demo_tokenizer(text, 400)
+    for p in problems[:50]:
+        s = p.r1_prompt() + p.r1_response()
+        ids = tok.encode(s)
+        assert tok.decode(ids) == s
+        assert all(len(tok.decode([i])) == 1 for i in ids if any(ch.isdigit() for ch in tok.decode([i])))
+    assert len(tok.encode(problems[0].plain_text())) < 0.7 * len(problems[0].plain_text())  # merges still help
+
+
+def test_preset_overrides_and_errors(capsys):
+    assert preset("cpu-smoke", ["grpo_steps=3", "grpo_lr=0.5"]).grpo_steps == 3
+    with pytest.raises(ValueError, match="bad override"):
+        preset("cpu-smoke", ["no_such_field=1"])
+    assert main(["--preset", "cpu-smoke", "--out-dir", "x", "--set", "grpo_steps=abc"]) == 2
+    assert "not a int" in capsys.readouterr().err
+
+
+def test_pipeline_end_to_end_on_cpu(tmp_path, monkeypatch):
+    import cs336_alignment.demo.__main__ as entry
+
+    config = replace(preset("cpu-smoke"), n_pretrain_problems=400, pretrain_max_steps=3, pretrain_batch_size=2,
+                     sft_steps=2, sft_batch_size=2, sft_grad_accum=1, n_heldout=4, n_eval_in_loop=4, max_new_tokens=8,
+                     throughput_rows=4, throughput_tokens=8, grpo_steps=2, rollout_batch_size=8, train_batch_size=8,
+                     grpo_grad_accum=1)
+    monkeypatch.setattr(entry, "preset", lambda name, overrides: config)
+    assert main(["--preset", "cpu-smoke", "--out-dir", str(tmp_path)]) == 0
+    names = sorted(f.name for f in tmp_path.iterdir())
+    assert names == ["a5_demo_entropy_length.png", "a5_demo_log.jsonl", "a5_demo_results.json", "a5_demo_reward.png",
+                     "a5_demo_samples.jsonl", "a5_demo_summary.md"]
+    results = json.loads((tmp_path / "a5_demo_results.json").read_text())
+    assert results["pretrain"]["steps"] == 3 and results["sft_steps_run"] == 2 and results["grpo_steps_run"] == 2
+    held = results["heldout"]
+    assert held["n"] == 4 and 0 <= held["sft"]["sampled"]["reward"] <= 1
+    assert results["reward_gain_sampled"] == pytest.approx(held["grpo"]["sampled"]["reward"]
+                                                           - held["sft"]["sampled"]["reward"])
+    tp = results["native_throughput"]
+    assert tp["tokens"] == tp["rows"] * tp["new_tokens_per_row"] and tp["tokens_per_s"] > 0
+    assert [e["step"] for e in results["curves"]["grpo_eval"]] == [0, 1, 2]
