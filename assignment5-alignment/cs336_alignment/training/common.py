@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from cs336_alignment.generation import GenerationBackend, NativeBackend, SamplingParams
-from cs336_alignment.lm import model_device
+from cs336_alignment.lm import BasicsCausalLM, model_device
 from cs336_alignment.log_generations import log_generations, response_entropies
 from cs336_basics.checkpoint import load_checkpoint_state, save_checkpoint
 from cs336_basics.model import TransformerConfig
@@ -97,6 +97,13 @@ def config_dict(config: Any) -> dict[str, Any]:
     return asdict(config) if is_dataclass(config) else dict(config)
 
 
+def _core(model: nn.Module) -> nn.Module:
+    """The module whose keys checkpoints hold: no `torch.compile` wrapper, a bare cs336_basics LM (so the file
+    is a regular cs336-basics checkpoint that `load_basics` and `cs336-align eval --basics-run` read)."""
+    model = getattr(model, "_orig_mod", model)
+    return model.model if isinstance(model, BasicsCausalLM) else model
+
+
 class RunDir:
     """A loop's output folder: `checkpoint.pt` (atomic, weights-only loadable), `metrics.jsonl`, `config.json`.
 
@@ -131,10 +138,10 @@ class RunDir:
         """Atomic checkpoint; a cs336_basics model also records its config, so `load_basics` can rebuild it."""
         if self.checkpoint_path is not None:
             extra = dict(extra or {})
-            config = getattr(getattr(model, "_orig_mod", model), "config", None)
-            if hasattr(config, "to_dict") and isinstance(config, TransformerConfig):
-                extra.setdefault("model_config", config.to_dict())
-            save_checkpoint(model, optimizer, step, self.checkpoint_path, extra=extra)
+            core = _core(model)
+            if isinstance(getattr(core, "config", None), TransformerConfig):
+                extra.setdefault("model_config", core.config.to_dict())
+            save_checkpoint(core, optimizer, step, self.checkpoint_path, extra=extra)
 
     def resume(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[int, dict[str, Any]]:
         """Loads the folder's checkpoint into model and optimizer; returns (completed steps, extra).
@@ -145,7 +152,7 @@ class RunDir:
         if path is None or not os.path.isfile(path):
             raise FileNotFoundError(f"nothing to resume: {path or 'no --out-dir'} has no {CHECKPOINT_NAME}")
         state = load_checkpoint_state(path, map_location=model_device(model))
-        getattr(model, "_orig_mod", model).load_state_dict(state["model"])
+        _core(model).load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         step = int(state["iteration"])
         metrics = os.path.join(self.out_dir, METRICS_NAME)
