@@ -294,12 +294,12 @@ def test_dpo_step_lowers_the_loss_and_leaves_the_reference_alone(tok, tmp_path):
     reference = copy.deepcopy(policy).eval()
     frozen = copy.deepcopy(reference)
     before = float(torch.stack([per_instance_dpo_loss(policy, reference, tok, 0.1, p["prompt"], p["chosen"],
-                                                      p["rejected"]) for p in PAIRS]).mean())
+                                                      p["rejected"]).detach() for p in PAIRS]).mean())
     config = DPOConfig(learning_rate=1e-3, optimizer="rmsprop", train_batch_size=4, gradient_accumulation_steps=2,
                        num_steps=2)
     history = run_dpo(policy, tok, PAIRS, config, eval_pairs=PAIRS, out_dir=str(tmp_path), reference=reference)
     after = float(torch.stack([per_instance_dpo_loss(policy, reference, tok, 0.1, p["prompt"], p["chosen"],
-                                                     p["rejected"]) for p in PAIRS]).mean())
+                                                     p["rejected"]).detach() for p in PAIRS]).mean())
     assert before == pytest.approx(float(torch.log(torch.tensor(2.0))), abs=1e-6)  # policy == reference
     assert after < before and states_equal(reference, frozen)
     evals = [h for h in history if h["kind"] == "eval"]

@@ -9,12 +9,13 @@ class DemoConfig:
 
     seed: int = 0
     device: str = "auto"
-    time_budget_s: float = 420.0
+    time_budget_s: float = 400.0
     # data
     max_steps_per_problem: int = 4
     error_rate: float = 0.3  # share of pretraining and SFT traces with one arithmetic slip
-    n_pretrain_problems: int = 300_000
+    n_pretrain_problems: int = 150_000
     n_sft_examples: int = 2048
+    n_grpo_questions: int = 20_000  # taken from the pool after the SFT examples
     n_heldout: int = 512
     vocab_size: int = 600
     encode_workers: int = 8
@@ -37,7 +38,7 @@ class DemoConfig:
     sft_lr: float = 2e-4
     # GRPO
     grpo_steps: int = 150
-    grpo_lr: float = 3e-5
+    grpo_lr: float = 5e-5
     rollout_batch_size: int = 256
     group_size: int = 8
     train_batch_size: int = 256

@@ -169,7 +169,7 @@ def run_demo(config: DemoConfig, out_dir: str) -> dict[str, Any]:
     sft_problems = pool[: config.n_sft_examples]
     sft_examples = [{"prompt": p.r1_prompt(), "response": p.r1_response(maybe_slip(p, rng, config.error_rate))}
                     for p in sft_problems]
-    grpo_questions = _question_set(pool[config.n_sft_examples :])
+    grpo_questions = _question_set(pool[config.n_sft_examples : config.n_sft_examples + config.n_grpo_questions])
     heldout_set = _question_set(heldout)
     pretrain_texts = [p.plain_text(maybe_slip(p, rng, config.error_rate)) for p in pool]
     sample = "<|endoftext|>".join(pretrain_texts[:3000] + [e["prompt"] + e["response"] for e in sft_examples[:300]])

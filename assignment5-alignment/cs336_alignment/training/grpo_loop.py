@@ -64,7 +64,7 @@ class GRPOConfig(EvalSettings):
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95
     precision: str = "fp32"
-    backend: str = "native"  # or vllm (weights pushed into the engine before every rollout)
+    backend: str = "auto"  # vllm when installed with a GPU and an HF model path (weights pushed each step); else native
     generation_batch_size: int = 256  # native backend rows per decoding batch
     stop: tuple[str, ...] = ("</answer>",)
     checkpoint_every: int = 0
@@ -83,8 +83,8 @@ class GRPOConfig(EvalSettings):
         if self.length_normalization not in LENGTH_NORMALIZATIONS:
             raise ValueError(f"unknown length_normalization {self.length_normalization!r}; expected one of "
                              f"{LENGTH_NORMALIZATIONS}")
-        if self.backend not in ("native", "vllm"):
-            raise ValueError(f"backend must be 'native' or 'vllm', got {self.backend!r}")
+        if self.backend not in ("auto", "native", "vllm"):
+            raise ValueError(f"backend must be 'auto', 'native' or 'vllm', got {self.backend!r}")
         check_divides("group_size", self.group_size, "rollout_batch_size", self.rollout_batch_size)
         check_divides("gradient_accumulation_steps", self.gradient_accumulation_steps, "train_batch_size",
                       self.train_batch_size)
@@ -166,6 +166,16 @@ def grpo_train_on_rollouts(
     return out
 
 
+def resolve_backend(kind: str, model_path: str | None) -> str:
+    """"auto" means vLLM where it can run (installed, a GPU, a Hugging Face model directory), else native."""
+    if kind != "auto":
+        return kind
+    import importlib.util
+
+    usable = model_path is not None and torch.cuda.is_available() and importlib.util.find_spec("vllm") is not None
+    return "vllm" if usable else "native"
+
+
 def _vllm_backend(config: GRPOConfig, model_path: str | None) -> GenerationBackend:
     from cs336_alignment.generation import make_backend
 
@@ -197,11 +207,11 @@ def run_grpo(
     run_dir = RunDir(out_dir, config)
     optimizer = make_adamw(policy, config.learning_rate, config.weight_decay, config.adam_beta1, config.adam_beta2)
     start = run_dir.resume(policy, optimizer)[0] if resume else 0
+    kind = resolve_backend(config.backend, model_path)
     if backend is None:
-        backend = _vllm_backend(config, model_path) if config.backend == "vllm" else \
+        backend = _vllm_backend(config, model_path) if kind == "vllm" else \
             native_backend(policy, tokenizer, config.generation_batch_size)
-    eval_backend = native_backend(policy, tokenizer, config.generation_batch_size) if config.backend == "native" \
-        else backend
+    eval_backend = backend if kind == "vllm" else native_backend(policy, tokenizer, config.generation_batch_size)
     deadline = Deadline(config.time_budget_s)
     questions_per_step = config.rollout_batch_size // config.group_size
     history: list[dict[str, Any]] = []
