@@ -113,10 +113,18 @@ forced_configs: dict[str, tuple] = {}
 
 
 def _meta(cfg: tuple) -> dict[str, Any]:
+    """Kernel meta-parameters of a config (BLOCK_M, BLOCK_N, warps, stages[, DIRECT[, max registers]])."""
     meta: dict[str, Any] = {"BLOCK_M": cfg[0], "BLOCK_N": cfg[1]}
-    if len(cfg) > 4:
+    if len(cfg) > 4 and cfg[4] is not None:
         meta["DIRECT"] = cfg[4]
     return meta
+
+
+def _launch_options(cfg: tuple) -> dict[str, Any]:
+    options: dict[str, Any] = {"num_warps": cfg[2], "num_stages": cfg[3]}
+    if len(cfg) > 5 and cfg[5]:
+        options["maxnreg"] = cfg[5]  # a register cap per thread, so that more programs share a multiprocessor
+    return options
 
 
 def _set_dq_block(nargs: dict) -> None:
@@ -139,12 +147,12 @@ def _launch(kind: str, grid_rows: int, n_bh: int, head_dim: int, wide: bool, arg
         meta = _meta(cfg)
         if pre_hook is not None:
             pre_hook({**consts, **meta, "DQ_DESC": args[9]})
-        return _KERNELS[kind][grid](*args, **consts, **meta, num_warps=cfg[2], num_stages=cfg[3])
+        return _KERNELS[kind][grid](*args, **consts, **meta, **_launch_options(cfg))
     key = (kind, head_dim, wide, consts.get("ATOMIC_DQ", False))
     kernel = _tuned_cache.get(key)
     if kernel is None:
         kernel = triton.autotune(
-            configs=[triton.Config(_meta(c), num_warps=c[2], num_stages=c[3], pre_hook=pre_hook) for c in configs],
+            configs=[triton.Config(_meta(c), **_launch_options(c), pre_hook=pre_hook) for c in configs],
             key=["N_QUERIES", "N_KEYS", "IS_CAUSAL"],
             reset_to_zero=["DQ_ACC"] if consts.get("ATOMIC_DQ", False) else None,
         )(_KERNELS[kind])
