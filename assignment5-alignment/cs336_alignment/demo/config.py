@@ -9,7 +9,7 @@ class DemoConfig:
 
     seed: int = 0
     device: str = "auto"
-    time_budget_s: float = 400.0
+    time_budget_s: float = 380.0
     # data
     max_steps_per_problem: int = 4
     error_rate: float = 0.3  # share of pretraining and SFT traces with one arithmetic slip
