@@ -55,15 +55,17 @@ def set_autotune(enabled: bool) -> None:
     _settings["autotune"] = bool(enabled)
 
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages); the first of each list is the untuned default.
+# (BLOCK_M, BLOCK_N, num_warps, num_stages[, DIRECT[, register cap per thread]]); the first of each list is
+# the untuned default.
 # BLOCK_M is the query tile, BLOCK_N the key tile, in every kernel.
-def _fwd_configs(head_dim: int, wide: bool) -> list[tuple[int, int, int, int]]:
+def _fwd_configs(head_dim: int, wide: bool) -> list[tuple]:
     if wide:  # float32: twice the shared memory per tile
         if head_dim <= 64:
             return [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 3)]
         return [(64, 32, 4, 2), (64, 64, 4, 2), (128, 32, 8, 2)]
-    if head_dim <= 64:
-        return [(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 3), (128, 128, 4, 3), (64, 64, 4, 3)]
+    if head_dim <= 64:  # register caps (sixth entry) measured on the H200: NOTES.md, v6
+        return [(128, 64, 8, 3, None, 112), (128, 64, 8, 3, None, 128), (128, 64, 4, 3), (128, 64, 8, 3),
+                (64, 64, 4, 3)]
     return [(128, 64, 8, 3), (128, 64, 4, 2), (128, 128, 8, 2), (64, 64, 4, 3)]
 
 
@@ -75,7 +77,8 @@ def _dkdv_configs(head_dim: int, wide: bool) -> list[tuple]:
             return [(32, 64, 4, 2, False), (64, 64, 8, 2, False), (32, 128, 8, 2, False)]
         return [(32, 64, 4, 2, False), (32, 64, 8, 2, False), (16, 64, 4, 2, False)]
     if head_dim <= 64:
-        return [(64, 128, 4, 3, False), (16, 128, 4, 4, False), (32, 128, 4, 3, False), (128, 128, 8, 3, False)]
+        return [(64, 64, 4, 3, False, 152), (64, 64, 4, 3, False, 168), (64, 128, 4, 3, False),
+                (16, 128, 4, 4, False), (32, 128, 4, 3, False)]
     return [(64, 128, 8, 2, False), (32, 128, 8, 2, False), (64, 64, 4, 2, False), (32, 64, 4, 3, False)]
 
 
@@ -83,13 +86,14 @@ def _dkdv_configs(head_dim: int, wide: bool) -> list[tuple]:
 EXTRA_DKDV_CONFIGS = [(64, 128, 4, 3, True), (128, 128, 8, 3, True)]
 
 
-def _dq_configs(head_dim: int, wide: bool) -> list[tuple[int, int, int, int]]:
+def _dq_configs(head_dim: int, wide: bool) -> list[tuple]:
     if wide:
         if head_dim <= 64:
             return [(64, 32, 4, 2), (64, 64, 8, 2), (32, 32, 4, 2)]
         return [(64, 32, 4, 2), (32, 32, 4, 2), (64, 32, 8, 2)]
     if head_dim <= 64:
-        return [(64, 64, 4, 3), (128, 32, 4, 3), (128, 64, 8, 2), (128, 64, 4, 3), (128, 32, 8, 3)]
+        return [(128, 64, 8, 3, None, 128), (128, 32, 4, 4, None, 168), (64, 64, 4, 2), (64, 64, 4, 3),
+                (128, 32, 4, 3)]
     return [(128, 64, 8, 2), (64, 64, 4, 2), (128, 32, 8, 2), (64, 32, 4, 3)]
 
 
