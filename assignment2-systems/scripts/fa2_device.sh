@@ -6,7 +6,7 @@
 #   tests        our Triton GPU tests (first tile config of each list, plus the every-config tests)
 #   tune         per-kernel tile sweep of the dK/dV kernels (split and TMA-reduced dQ) at the leaderboard shape
 #   leaderboard  ours (split, TMA) against every SDPA backend, forward/backward/forward+backward, course harness
-#   course       the course's attention tests, when COURSE_TESTS points at an unpacked course tests/ folder
+#   course       the course's attention tests in each folder of COURSE_TESTS (unpacked course tests/ folders)
 # Uses the machine's python3 with PYTHONPATH on the source trees; writes logs and results into $OUT
 # (else ./fa2_out). Each step is bounded by `timeout`.
 set -u
@@ -30,8 +30,11 @@ for step in $steps; do
         --leaderboard-impls ${LB_IMPLS:-triton triton_tma sdpa_flash sdpa_cudnn} --out-dir "$OUT" 2>&1 \
         | tee "$OUT/leaderboard.log" | grep -v "^ *[A-Za-z_]*  *[0-9.]*%" | tail -40 ;;
     course)
-      [ -n "${COURSE_TESTS:-}" ] && timeout 200 $PY -m pytest -q -p no:cacheprovider -o addopts="" \
-        "$COURSE_TESTS" -k "flash" 2>&1 | tail -4 ;;
+      # COURSE_TESTS: one or more unpacked course tests/ folders (with our adapters.py copied in)
+      for dir in ${COURSE_TESTS:-}; do
+        echo "--- $dir"
+        timeout 200 $PY -m pytest -q -p no:cacheprovider -o addopts="" "$dir" -k "flash" 2>&1 | tail -3
+      done ;;
     *) echo "unknown step $step" ;;
   esac
 done
