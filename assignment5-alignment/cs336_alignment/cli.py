@@ -23,16 +23,9 @@ def _build_backend(args):
         if not args.model:
             raise ValueError("--backend vllm needs --model (a Hugging Face model directory)")
         return make_backend("vllm", args.model, seed=args.seed or 0)
-    if args.model:
-        from cs336_alignment.models import load_hf
+    from cs336_alignment.models import load_model
 
-        model, tokenizer = load_hf(args.model, args.device, args.dtype)
-    elif args.basics_run and args.basics_tokenizer:
-        from cs336_alignment.models import load_basics
-
-        model, tokenizer = load_basics(args.basics_run, args.basics_tokenizer, args.device)
-    else:
-        raise ValueError("give --model DIR, or --basics-run DIR with --basics-tokenizer DIR")
+    model, tokenizer = load_model(args.model, args.basics_run, args.basics_tokenizer, args.device, args.dtype)
     return make_backend("native", model, tokenizer, batch_size=args.batch_size)
 
 

@@ -52,3 +52,15 @@ def load_basics(run_dir: str, tokenizer_dir: str, device: str = "auto", eos_toke
             raise FileNotFoundError(f"{p} not found")
     tokenizer = BasicsTokenizer(Tokenizer.from_files(*paths, special_tokens=[eos_token]), eos_token)
     return BasicsCausalLM(model).to(resolve_device(device)).eval(), tokenizer
+
+
+def load_model(
+    model: str | None, basics_run: str | None, basics_tokenizer: str | None, device: str = "auto",
+    dtype: str = "auto",
+) -> tuple[nn.Module, Any]:
+    """The CLI's model flags: a Hugging Face directory (`--model`), or a cs336-basics run with its tokenizer."""
+    if model:
+        return load_hf(model, device, dtype)
+    if basics_run and basics_tokenizer:
+        return load_basics(basics_run, basics_tokenizer, device)
+    raise ValueError("give --model DIR, or --basics-run DIR with --basics-tokenizer DIR")

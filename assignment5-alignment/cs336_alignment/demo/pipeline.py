@@ -22,6 +22,7 @@ from cs336_alignment.demo.problems import Problem, generate, maybe_slip
 from cs336_alignment.demo.tokenizer import train_demo_tokenizer
 from cs336_alignment.generation import NativeBackend, SamplingParams
 from cs336_alignment.lm import BasicsCausalLM
+from cs336_alignment.models import resolve_device
 from cs336_alignment.reward import r1_zero_reward
 from cs336_alignment.text_tokenizer import BasicsTokenizer
 from cs336_alignment.training import GRPOConfig, SFTConfig, run_grpo, run_sft
@@ -148,12 +149,20 @@ def _question_set(problems: list[Problem]) -> QuestionSet:
     return QuestionSet([p.r1_prompt() for p in problems], [str(p.answer) for p in problems])
 
 
+def evaluate_sampled_and_greedy(
+    policy: BasicsCausalLM, tokenizer: BasicsTokenizer, questions: QuestionSet, config: DemoConfig
+) -> tuple[list[dict[str, Any]], dict[str, Any], dict[str, Any]]:
+    """(samples at T=1, their summary, the greedy summary) on the held-out questions."""
+    samples, sampled = evaluate(policy, tokenizer, questions, config, temperature=1.0)
+    _, greedy = evaluate(policy, tokenizer, questions, config, temperature=0.0)
+    return samples, sampled, greedy
+
+
 def run_demo(config: DemoConfig, out_dir: str) -> dict[str, Any]:
     """All stages; returns (and writes to `out_dir`) the results dictionary."""
     t0 = time.perf_counter()
     os.makedirs(out_dir, exist_ok=True)
-    device = torch.device("cuda" if config.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if config.device == "auto" else config.device))
+    device = resolve_device(config.device)
     torch.manual_seed(config.seed)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -196,8 +205,7 @@ def run_demo(config: DemoConfig, out_dir: str) -> dict[str, Any]:
     timings["sft"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    sft_samples, sft_sampled = evaluate(policy, tokenizer, heldout_set, config, temperature=1.0)
-    _, sft_greedy = evaluate(policy, tokenizer, heldout_set, config, temperature=0.0)
+    sft_samples, sft_sampled, sft_greedy = evaluate_sampled_and_greedy(policy, tokenizer, heldout_set, config)
     timings["eval_sft"] = time.perf_counter() - t
 
     grpo_config = GRPOConfig(
@@ -214,8 +222,7 @@ def run_demo(config: DemoConfig, out_dir: str) -> dict[str, Any]:
     timings["grpo"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    grpo_samples, grpo_sampled = evaluate(policy, tokenizer, heldout_set, config, temperature=1.0)
-    _, grpo_greedy = evaluate(policy, tokenizer, heldout_set, config, temperature=0.0)
+    grpo_samples, grpo_sampled, grpo_greedy = evaluate_sampled_and_greedy(policy, tokenizer, heldout_set, config)
     timings["eval_grpo"] = time.perf_counter() - t
     throughput = rollout_throughput(policy, tokenizer, heldout_set.prompts, config)
     timings["total"] = time.perf_counter() - t0

@@ -46,14 +46,9 @@ def add_loop_parsers(sub: Any) -> None:
 
 
 def _load_policy(args: argparse.Namespace) -> tuple[Any, Any]:
-    from cs336_alignment.models import load_basics, load_hf
+    from cs336_alignment.models import load_model
 
-    if args.model:
-        model, tokenizer = load_hf(args.model, args.device, args.dtype)
-    elif args.basics_run and args.basics_tokenizer:
-        model, tokenizer = load_basics(args.basics_run, args.basics_tokenizer, args.device)
-    else:
-        raise ValueError("give --model DIR, or --basics-run DIR with --basics-tokenizer DIR")
+    model, tokenizer = load_model(args.model, args.basics_run, args.basics_tokenizer, args.device, args.dtype)
     return model.train(), tokenizer
 
 

@@ -164,6 +164,29 @@ class RunDir:
         return step, state.get("extra", {})
 
 
+def record_step(
+    run_dir: RunDir,
+    history: list[dict[str, Any]],
+    record: dict[str, Any],
+    policy: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    done: int,
+    total: int,
+    checkpoint_every: int | None,
+    eval_every: int | None,
+    evaluate: Callable[[int], None],
+) -> None:
+    """After step `done` (1-based) of `total`: log and keep its record, checkpoint and evaluate on their
+    schedules. The last step's checkpoint and evaluation are left to the loop, which also runs them when its
+    time budget ends it early."""
+    run_dir.log(record)
+    history.append(record)
+    if checkpoint_every and done % checkpoint_every == 0:
+        run_dir.save(policy, optimizer, done)
+    if eval_every and done % eval_every == 0 and done < total:
+        evaluate(done)
+
+
 def native_backend(policy: nn.Module, tokenizer: Any, batch_size: int) -> GenerationBackend:
     """The in-process KV-cached sampler over the live policy: no weight copies needed between steps."""
     return NativeBackend(policy, tokenizer, batch_size=batch_size)

@@ -22,6 +22,7 @@ from cs336_alignment.training.common import (
     chunks,
     clip_and_step,
     epoch_order,
+    record_step,
 )
 
 
@@ -164,12 +165,8 @@ def run_dpo(
         grad_norm = clip_and_step(policy, optimizer, config.max_grad_norm)
         record = {"step": step + 1, "kind": "train", "loss": loss_sum, "train_accuracy": correct / len(batch),
                   "grad_norm": grad_norm}
-        run_dir.log(record)
-        history.append(record)
-        if config.checkpoint_every and (step + 1) % config.checkpoint_every == 0:
-            run_dir.save(policy, optimizer, step + 1)
-        if config.eval_every and (step + 1) % config.eval_every == 0 and step + 1 < steps:
-            evaluate(step + 1)
+        record_step(run_dir, history, record, policy, optimizer, step + 1, steps, config.checkpoint_every,
+                    config.eval_every, evaluate)
         step += 1
     run_dir.save(policy, optimizer, step)
     evaluate(step)

@@ -18,6 +18,7 @@ from cs336_alignment.training.common import (
     epoch_order,
     make_adamw,
     native_backend,
+    record_step,
     set_lr,
 )
 from cs336_alignment.training.eval_config import EvalSettings, QuestionSet, run_eval
@@ -121,11 +122,8 @@ def run_expert_iteration(
             losses.append(metrics["loss"])
         record.update(sft_steps=sft_steps, sft_loss_first=losses[0] if losses else None,
                       sft_loss_last=losses[-1] if losses else None)
-        run_dir.log(record)
-        history.append(record)
-        run_dir.save(policy, optimizer, round_ + 1)
-        if config.eval_every and (round_ + 1) % config.eval_every == 0 and round_ + 1 < config.n_ei_steps:
-            evaluate(round_ + 1)
+        record_step(run_dir, history, record, policy, optimizer, round_ + 1, config.n_ei_steps, 1, config.eval_every,
+                    evaluate)  # a checkpoint after every round
         round_ += 1
     run_dir.save(policy, optimizer, round_)
     evaluate(round_)

@@ -33,6 +33,7 @@ from cs336_alignment.training.common import (
     epoch_order,
     make_adamw,
     native_backend,
+    record_step,
 )
 from cs336_alignment.training.eval_config import EvalSettings, QuestionSet, run_eval
 
@@ -233,12 +234,8 @@ def run_grpo(
             break
         record = grpo_step(policy, optimizer, tokenizer, backend, train_questions, config, step, questions_per_step,
                            reward_fn)
-        run_dir.log(record)
-        history.append(record)
-        if config.checkpoint_every and (step + 1) % config.checkpoint_every == 0:
-            run_dir.save(policy, optimizer, step + 1)
-        if config.eval_every and (step + 1) % config.eval_every == 0 and step + 1 < config.n_grpo_steps:
-            evaluate(step + 1)
+        record_step(run_dir, history, record, policy, optimizer, step + 1, config.n_grpo_steps, config.checkpoint_every,
+                    config.eval_every, evaluate)
         step += 1
     run_dir.save(policy, optimizer, step)
     evaluate(step)

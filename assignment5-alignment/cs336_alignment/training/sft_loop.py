@@ -27,6 +27,7 @@ from cs336_alignment.training.common import (
     epoch_order,
     make_adamw,
     native_backend,
+    record_step,
     set_lr,
     warmup_lr,
 )
@@ -137,12 +138,8 @@ def run_sft(
                              [e["response"] for e in batch], config.gradient_accumulation_steps,
                              config.max_grad_norm, config.normalize_constant, config.precision)
         record = {"step": step + 1, "kind": "train", "lr": optimizer.param_groups[0]["lr"], **metrics}
-        run_dir.log(record)
-        history.append(record)
-        if config.checkpoint_every and (step + 1) % config.checkpoint_every == 0:
-            run_dir.save(policy, optimizer, step + 1)
-        if config.eval_every and (step + 1) % config.eval_every == 0 and step + 1 < steps:
-            evaluate(step + 1)
+        record_step(run_dir, history, record, policy, optimizer, step + 1, steps, config.checkpoint_every,
+                    config.eval_every, evaluate)
         step += 1
     run_dir.save(policy, optimizer, step)
     evaluate(step)
