@@ -54,6 +54,30 @@ REFINE = {
 }
 
 
+# v7: one exponential in n on the FMA pipe (seventh entry, EXP2_POLY = n) around the v6 winners, and
+# 32-key dQ tiles that fit the 128-register cap without serialising the warpgroup products
+POLY = {
+    "fwd": [(128, 64, 8, 3, None, 112), (128, 64, 8, 3, None, 112, 8), (128, 64, 8, 3, None, 112, 4),
+            (128, 64, 8, 3, None, 112, 2), (128, 64, 8, 3, None, 128, 4)],
+    "dq": [(128, 64, 8, 3, None, 128), (128, 64, 8, 3, None, 128, 8), (128, 64, 8, 3, None, 128, 4),
+           (128, 64, 8, 3, None, 128, 2), (128, 32, 8, 3, None, 128), (128, 32, 8, 3, None, 128, 4),
+           (128, 32, 8, 4, None, 128)],
+    "dkdv": [(64, 64, 4, 3, False, 152), (64, 64, 4, 3, False, 152, 8), (64, 64, 4, 3, False, 152, 4),
+             (64, 64, 4, 3, False, 152, 2), (64, 64, 4, 3, False, 168, 4)],
+}
+ROUNDS = {"v6": CANDIDATES, "v6-refine": REFINE, "v7": POLY}
+
+
+def sass_stats(compiled) -> dict[str, int]:
+    """Warpgroup products, waits on them (one per product = serialised by ptxas) and MUFU.EX2 in the SASS."""
+    try:
+        sass = compiled.asm["sass"]
+    except Exception:  # no disassembler on this machine
+        return {}
+    return {"hgmma": sass.count("HGMMA."), "wgmma_waits": sass.count("WARPGROUP.DEPBAR"),
+            "mufu_ex2": sass.count("MUFU.EX2")}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shape", type=int, nargs=4, default=[1, 16, 16384, 64], metavar=("B", "H", "N", "D"))
@@ -61,6 +85,8 @@ def main() -> None:
     p.add_argument("--non-causal", action="store_true")
     p.add_argument("--kinds", nargs="+", default=["fwd", "dq", "dkdv"], choices=list(CANDIDATES))
     p.add_argument("--refine", action="store_true", help="the second-round register-cap candidates")
+    p.add_argument("--round", choices=list(ROUNDS), default=None, help="candidate list (default v6, or "
+                   "v6-refine with --refine)")
     p.add_argument("--rep", type=int, default=200)
     p.add_argument("--json", default=None)
     args = p.parse_args()
@@ -75,7 +101,8 @@ def main() -> None:
     rows = []
     for kind in args.kinds:
         reference = None
-        for cfg in (REFINE if args.refine else CANDIDATES)[kind]:
+        candidates = ROUNDS[args.round or ("v6-refine" if args.refine else "v6")]
+        for cfg in candidates[kind]:
             ti.forced_configs[kind] = cfg
             t = BackwardTensors(q, k, v, o, do, lse, d)
             launch_preprocess(t, zero_dq=kind == "dkdv_tma")  # D, which the dQ kernel would otherwise write
@@ -97,8 +124,9 @@ def main() -> None:
                 row["rel_err_vs_first"] = ((out - reference).norm() / reference.norm()).item()
                 ms = do_bench(fn, warmup=25, rep=args.rep, return_mode="median")
                 row.update(ms=ms, tflops=products[kind] * one / (ms * 1e-3) / 1e12)
-                if kind != "fwd":
-                    row.update(regs=getattr(compiled, "n_regs", None), spills=getattr(compiled, "n_spills", None))
+                compiled = ti.last_compiled.get(kind)
+                row.update(regs=getattr(compiled, "n_regs", None), spills=getattr(compiled, "n_spills", None),
+                           **sass_stats(compiled))
             except Exception as e:  # out of shared memory/registers: report and go on
                 row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:90]}"
             rows.append(row)

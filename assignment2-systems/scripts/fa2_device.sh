@@ -7,6 +7,8 @@
 #   tune         per-kernel tile sweep of the dK/dV kernels (split and TMA-reduced dQ) at the leaderboard shape
 #   leaderboard  ours (split, TMA) against every SDPA backend, forward/backward/forward+backward, course harness
 #   course       the course's attention tests in each folder of COURSE_TESTS (unpacked course tests/ folders)
+#   profile      kernel times and idle gaps inside the leaderboard step, and the host cost of one call
+#   quick        the GPU tests whose names match QUICK_K (default: exp2)
 # Uses the machine's python3 with PYTHONPATH on the source trees; writes logs and results into $OUT
 # (else ./fa2_out). Each step is bounded by `timeout`.
 set -u
@@ -29,6 +31,16 @@ for step in $steps; do
       timeout 300 $PY -m cs336_systems.cli bench-attention --grid leaderboard --course-harness \
         --leaderboard-impls ${LB_IMPLS:-triton triton_tma sdpa_flash sdpa_cudnn} --out-dir "$OUT" 2>&1 \
         | tee "$OUT/leaderboard.log" | grep -v "^ *[A-Za-z_]*  *[0-9.]*%" | tail -40 ;;
+    profile)
+      # the SM clock, power and throttle reasons every 200 ms while it runs (sustained load can lower the clock)
+      nvidia-smi --query-gpu=timestamp,clocks.sm,power.draw,temperature.gpu,clocks_throttle_reasons.active \
+        --format=csv,noheader -lms 200 > "$OUT/clocks.csv" 2>/dev/null & smi=$!
+      timeout 300 $PY assignment2-systems/benchmarks/profile_leaderboard.py --json "$OUT/profile.json" \
+        ${PROFILE_ARGS:-} 2>&1 | tail -14
+      kill $smi 2>/dev/null ;;
+    quick)
+      CS336_FA2_AUTOTUNE=0 timeout 240 $PY -m pytest -q -p no:cacheprovider -o addopts="" \
+        assignment2-systems/tests/test_flash_attention_impl.py -k "${QUICK_K:-exp2}" 2>&1 | tail -4 ;;
     course)
       # COURSE_TESTS: one or more unpacked course tests/ folders (with our adapters.py copied in)
       for dir in ${COURSE_TESTS:-}; do

@@ -241,14 +241,61 @@ def test_triton_rejects_cpu_and_long_heads():
 
 
 @needs_cuda
-def test_triton_every_bf16_dkdv_config():
-    """Each dK/dV tile config the autotuner may pick for bf16, d ≤ 64, and the untuned queries × keys
-    form, forced in turn."""
+@pytest.mark.parametrize("kind", ["fwd", "dq", "dkdv"])
+def test_triton_every_bf16_config(kind):
+    """Each tile config the autotuner may pick for bf16, d ≤ 64 (register caps, polynomial exponentials), and
+    the untuned queries × keys dK/dV form, forced in turn, causal and not (interior tiles: polynomial path)."""
     from cs336_systems.flash_attention import triton_impl
 
+    configs = {
+        "fwd": triton_impl._fwd_configs(64, wide=False),
+        "dq": triton_impl._dq_configs(64, wide=False),
+        "dkdv": triton_impl._dkdv_configs(64, wide=False) + triton_impl.EXTRA_DKDV_CONFIGS,
+    }[kind]
     try:
-        for cfg in triton_impl._dkdv_configs(64, wide=False) + triton_impl.EXTRA_DKDV_CONFIGS:
-            triton_impl.forced_configs["dkdv"] = cfg
-            _check(_triton(), (1, 2, 301, 64), 301, True, torch.bfloat16, "cuda", 1.5e-2, 3e-2)
+        for cfg in configs:
+            triton_impl.forced_configs[kind] = cfg
+            for causal in (False, True):
+                _check(_triton(), (1, 2, 301, 64), 301, causal, torch.bfloat16, "cuda", 1.5e-2, 3e-2)
     finally:
-        triton_impl.forced_configs.pop("dkdv", None)
+        triton_impl.forced_configs.pop(kind, None)
+
+
+@needs_cuda
+@pytest.mark.parametrize("poly", [1, 2, 4, 8])
+def test_exp2_polynomial_share(poly):
+    """`_exp2` with one element in `poly` on the FMA-pipe polynomial: within 1e-4 (relative) of float64 exp2
+    over the range softmax uses, never negative or NaN far below it (-inf included), and really different
+    from the MUFU-only result (the polynomial ran)."""
+    import triton
+
+    x = torch.cat([torch.linspace(-125.0, 0.0, 1 << 16), -30 * torch.rand(1 << 16)]).cuda()
+    low = torch.tensor([-126.0, -140.0, -1e30, float("-inf")] * 256, device="cuda")
+    xs = torch.cat([x, low])
+    out = torch.empty_like(xs)
+    mufu = torch.empty_like(xs)
+    grid = (triton.cdiv(xs.numel(), 1024),)
+    _exp2_kernel[grid](xs, out, xs.numel(), POLY=poly, BLOCK=1024)
+    _exp2_kernel[grid](xs, mufu, xs.numel(), POLY=0, BLOCK=1024)
+    n = x.numel()
+    ref = torch.exp2(x.double())
+    rel = ((out[:n].double() - ref).abs() / ref).max().item()
+    assert rel < 1e-4, f"max relative error {rel:.2e}"
+    tail = out[n:]
+    assert torch.isfinite(tail).all() and (tail >= 0).all() and (tail <= 2.0**-125).all()
+    assert not torch.equal(out[:n], mufu[:n])
+
+
+try:
+    import triton
+    import triton.language as tl
+
+    from cs336_systems.flash_attention.triton_kernels import _exp2
+
+    @triton.jit
+    def _exp2_kernel(X, Y, N, POLY: tl.constexpr, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        x = tl.load(X + offs, mask=offs < N, other=0.0)
+        tl.store(Y + offs, _exp2(x, POLY), mask=offs < N)
+except ImportError:  # no Triton: the GPU tests above are skipped anyway
+    _exp2_kernel = None

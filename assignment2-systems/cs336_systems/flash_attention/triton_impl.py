@@ -55,7 +55,7 @@ def set_autotune(enabled: bool) -> None:
     _settings["autotune"] = bool(enabled)
 
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages[, DIRECT[, register cap per thread]]); the first of each list is
+# (BLOCK_M, BLOCK_N, num_warps, num_stages[, DIRECT[, register cap per thread[, EXP2_POLY]]]); the first of each list is
 # the untuned default.
 # BLOCK_M is the query tile, BLOCK_N the key tile, in every kernel.
 def _fwd_configs(head_dim: int, wide: bool) -> list[tuple]:
@@ -114,13 +114,20 @@ _KERNELS = {"fwd": tk.flash_fwd_kernel, "dkdv": tk.flash_bwd_dkdv_kernel, "dq": 
 _tuned_cache: dict[tuple, Any] = {}
 # kind -> (BLOCK_M, BLOCK_N, num_warps, num_stages[, DIRECT]): bypasses tuning (for kernel-tuning scripts)
 forced_configs: dict[str, tuple] = {}
+# kind -> the compiled kernel of its last untuned launch (registers, spills, SASS for the tuning scripts)
+last_compiled: dict[str, Any] = {}
 
 
 def _meta(cfg: tuple) -> dict[str, Any]:
-    """Kernel meta-parameters of a config (BLOCK_M, BLOCK_N, warps, stages[, DIRECT[, max registers]])."""
+    """Kernel meta-parameters of a config (BLOCK_M, BLOCK_N, warps, stages[, DIRECT[, max registers[,
+    EXP2_POLY]]])."""
     meta: dict[str, Any] = {"BLOCK_M": cfg[0], "BLOCK_N": cfg[1]}
     if len(cfg) > 4 and cfg[4] is not None:
         meta["DIRECT"] = cfg[4]
+    # one exponential in EXP2_POLY by an FMA-pipe polynomial (inline PTX: not in Triton's CPU interpreter);
+    # always passed, since torch.compile's wrapper of user kernels wants every parameter, defaulted or not
+    poly = cfg[6] if len(cfg) > 6 and cfg[6] else 0
+    meta["EXP2_POLY"] = 0 if os.environ.get("TRITON_INTERPRET") == "1" else poly
     return meta
 
 
@@ -151,7 +158,9 @@ def _launch(kind: str, grid_rows: int, n_bh: int, head_dim: int, wide: bool, arg
         meta = _meta(cfg)
         if pre_hook is not None:
             pre_hook({**consts, **meta, "DQ_DESC": args[9]})
-        return _KERNELS[kind][grid](*args, **consts, **meta, **_launch_options(cfg))
+        compiled = _KERNELS[kind][grid](*args, **consts, **meta, **_launch_options(cfg))
+        last_compiled[kind] = compiled
+        return compiled
     key = (kind, head_dim, wide, consts.get("ATOMIC_DQ", False))
     kernel = _tuned_cache.get(key)
     if kernel is None:
