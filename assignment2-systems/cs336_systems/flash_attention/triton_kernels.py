@@ -29,50 +29,71 @@ LN2 = 0.6931471805599453
 # Inputs at or below -126 give ~1e-38 rather than 0, so only loops without masked (-inf) scores use it.
 
 
-def _exp2_asm(n: int) -> str:
-    """PTX for `pack = n` elements: element 0 by the polynomial, elements 1..n-1 by ex2.approx."""
-    poly = [
-        "{", ".reg .f32 x, t, j, f, p;", ".reg .b32 tb, pb;",
-        f"max.ftz.f32 x, ${n}, 0fC2FC0000;",  # clamp at -126: the exponent field stays positive
-        "add.rn.ftz.f32 t, x, 0f4B400000;",  # t = x + 1.5·2^23: round(x) lands in t's low mantissa bits
-        "sub.rn.ftz.f32 j, t, 0f4B400000;",
-        "sub.rn.ftz.f32 f, x, j;",  # f = x - round(x) in [-1/2, 1/2]
-        "fma.rn.ftz.f32 p, f, 0f3D61FB53, 0f3E786EE6;",
-        "fma.rn.ftz.f32 p, p, f, 0f3F31798D;",
-        "fma.rn.ftz.f32 p, p, f, 0f3F7FFB4A;",  # p = 2^f
-        "mov.b32 tb, t;", "mov.b32 pb, p;",
-        "shl.b32 tb, tb, 23;", "add.s32 pb, pb, tb;",  # add round(x) to p's exponent
-        "mov.b32 $0, pb;", "}",
-    ]
-    mufu = [f"ex2.approx.ftz.f32 ${i}, ${n + i};" for i in range(1, n)]
-    return "\n".join(poly + mufu)
-
-
-def _exp2_constraints(n: int) -> str:
-    return ",".join(["=r"] * n + ["r"] * n)
-
-
-_EXP2_ASM_1, _EXP2_CON_1 = tl.constexpr(_exp2_asm(1)), tl.constexpr(_exp2_constraints(1))
-_EXP2_ASM_2, _EXP2_CON_2 = tl.constexpr(_exp2_asm(2)), tl.constexpr(_exp2_constraints(2))
-_EXP2_ASM_4, _EXP2_CON_4 = tl.constexpr(_exp2_asm(4)), tl.constexpr(_exp2_constraints(4))
-_EXP2_ASM_8, _EXP2_CON_8 = tl.constexpr(_exp2_asm(8)), tl.constexpr(_exp2_constraints(8))
 EXP2_POLY_CHOICES = (0, 1, 2, 4, 8)
 
 
 @triton.jit
 def _exp2(x, POLY: tl.constexpr):
-    """exp2 of float32 x; with POLY = n, one element in n goes through the FMA-pipe polynomial."""
+    """exp2 of float32 x; with POLY = n, one element in n goes through the FMA-pipe polynomial.
+
+    The PTX of each pack size is written out literally (no module-level constants): torch.compile copies a
+    user kernel's source and its jit helpers into generated code, where such constants would be missing.
+    Per pack: clamp at -126 (the exponent field stays positive); t = x + 1.5·2^23 puts round(x) in t's low
+    mantissa bits; f = x - round(x) in [-1/2, 1/2]; p = 2^f by Horner; round(x) is added to p's exponent;
+    the other n - 1 elements take ex2.approx."""
     if POLY == 0:
         return tl.math.exp2(x)
     elif POLY == 1:
-        return tl.inline_asm_elementwise(_EXP2_ASM_1, _EXP2_CON_1, [x], dtype=tl.float32, is_pure=True, pack=1)
+        return tl.inline_asm_elementwise(
+            (
+                "{ .reg .f32 x, t, j, f, p; .reg .b32 tb, pb; max.ftz.f32 x, $1, "
+                "0fC2FC0000; add.rn.ftz.f32 t, x, 0f4B400000; sub.rn.ftz.f32 j, t, "
+                "0f4B400000; sub.rn.ftz.f32 f, x, j; fma.rn.ftz.f32 p, f, 0f3D61FB53, "
+                "0f3E786EE6; fma.rn.ftz.f32 p, p, f, 0f3F31798D; fma.rn.ftz.f32 p, p, "
+                "f, 0f3F7FFB4A; mov.b32 tb, t; mov.b32 pb, p; shl.b32 tb, tb, 23; "
+                "add.s32 pb, pb, tb; mov.b32 $0, pb; }"
+            ), "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1,
+        )
     elif POLY == 2:
-        return tl.inline_asm_elementwise(_EXP2_ASM_2, _EXP2_CON_2, [x], dtype=tl.float32, is_pure=True, pack=2)
+        return tl.inline_asm_elementwise(
+            (
+                "{ .reg .f32 x, t, j, f, p; .reg .b32 tb, pb; max.ftz.f32 x, $2, "
+                "0fC2FC0000; add.rn.ftz.f32 t, x, 0f4B400000; sub.rn.ftz.f32 j, t, "
+                "0f4B400000; sub.rn.ftz.f32 f, x, j; fma.rn.ftz.f32 p, f, 0f3D61FB53, "
+                "0f3E786EE6; fma.rn.ftz.f32 p, p, f, 0f3F31798D; fma.rn.ftz.f32 p, p, "
+                "f, 0f3F7FFB4A; mov.b32 tb, t; mov.b32 pb, p; shl.b32 tb, tb, 23; "
+                "add.s32 pb, pb, tb; mov.b32 $0, pb; } ex2.approx.ftz.f32 $1, $3;"
+            ), "=r,=r,r,r", [x], dtype=tl.float32, is_pure=True, pack=2,
+        )
     elif POLY == 4:
-        return tl.inline_asm_elementwise(_EXP2_ASM_4, _EXP2_CON_4, [x], dtype=tl.float32, is_pure=True, pack=4)
+        return tl.inline_asm_elementwise(
+            (
+                "{ .reg .f32 x, t, j, f, p; .reg .b32 tb, pb; max.ftz.f32 x, $4, "
+                "0fC2FC0000; add.rn.ftz.f32 t, x, 0f4B400000; sub.rn.ftz.f32 j, t, "
+                "0f4B400000; sub.rn.ftz.f32 f, x, j; fma.rn.ftz.f32 p, f, 0f3D61FB53, "
+                "0f3E786EE6; fma.rn.ftz.f32 p, p, f, 0f3F31798D; fma.rn.ftz.f32 p, p, "
+                "f, 0f3F7FFB4A; mov.b32 tb, t; mov.b32 pb, p; shl.b32 tb, tb, 23; "
+                "add.s32 pb, pb, tb; mov.b32 $0, pb; } ex2.approx.ftz.f32 $1, $5; "
+                "ex2.approx.ftz.f32 $2, $6; ex2.approx.ftz.f32 $3, $7;"
+            ), "=r,=r,=r,=r,r,r,r,r", [x], dtype=tl.float32, is_pure=True, pack=4,
+        )
+    elif POLY == 8:
+        return tl.inline_asm_elementwise(
+            (
+                "{ .reg .f32 x, t, j, f, p; .reg .b32 tb, pb; max.ftz.f32 x, $8, "
+                "0fC2FC0000; add.rn.ftz.f32 t, x, 0f4B400000; sub.rn.ftz.f32 j, t, "
+                "0f4B400000; sub.rn.ftz.f32 f, x, j; fma.rn.ftz.f32 p, f, 0f3D61FB53, "
+                "0f3E786EE6; fma.rn.ftz.f32 p, p, f, 0f3F31798D; fma.rn.ftz.f32 p, p, "
+                "f, 0f3F7FFB4A; mov.b32 tb, t; mov.b32 pb, p; shl.b32 tb, tb, 23; "
+                "add.s32 pb, pb, tb; mov.b32 $0, pb; } ex2.approx.ftz.f32 $1, $9; "
+                "ex2.approx.ftz.f32 $2, $10; ex2.approx.ftz.f32 $3, $11; "
+                "ex2.approx.ftz.f32 $4, $12; ex2.approx.ftz.f32 $5, $13; "
+                "ex2.approx.ftz.f32 $6, $14; ex2.approx.ftz.f32 $7, $15;"
+            ), "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r,r,r,r,r", [x], dtype=tl.float32, is_pure=True, pack=8,
+        )
     else:
-        tl.static_assert(POLY == 8, "EXP2_POLY must be one of 0, 1, 2, 4, 8")
-        return tl.inline_asm_elementwise(_EXP2_ASM_8, _EXP2_CON_8, [x], dtype=tl.float32, is_pure=True, pack=8)
+        tl.static_assert(False, "EXP2_POLY must be one of 0, 1, 2, 4, 8")
+        return x
 
 
 # ---------------------------------------------------------------------------------------------- forward
