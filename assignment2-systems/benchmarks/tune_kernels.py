@@ -65,7 +65,14 @@ POLY = {
     "dkdv": [(64, 64, 4, 3, False, 152), (64, 64, 4, 3, False, 152, 8), (64, 64, 4, 3, False, 152, 4),
              (64, 64, 4, 3, False, 152, 2), (64, 64, 4, 3, False, 168, 4)],
 }
-ROUNDS = {"v6": CANDIDATES, "v6-refine": REFINE, "v7": POLY}
+# v7, sustained: the contenders of each list timed over 1 s windows (--rep 1000), where the GPU holds its power
+# cap instead of its boost clock, to see whether energy per step reorders them
+SUSTAINED = {
+    "fwd": [(128, 64, 8, 3, None, 112), (128, 64, 8, 3, None, 128), (128, 64, 4, 3)],
+    "dq": [(128, 64, 8, 3, None, 128), (128, 32, 4, 4, None, 168), (64, 64, 4, 2)],
+    "dkdv": [(64, 64, 4, 3, False, 152), (64, 64, 4, 3, False, 168), (64, 128, 4, 3, False), (16, 128, 4, 4, False)],
+}
+ROUNDS = {"v6": CANDIDATES, "v6-refine": REFINE, "v7": POLY, "v7-sustained": SUSTAINED}
 
 
 def sass_stats(compiled) -> dict[str, int]:

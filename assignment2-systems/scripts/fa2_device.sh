@@ -25,7 +25,7 @@ for step in $steps; do
       CS336_FA2_AUTOTUNE=0 timeout 240 $PY -m pytest -q -p no:cacheprovider -o addopts="" \
         assignment2-systems/tests/test_flash_attention_impl.py -k "triton" 2>&1 | tee "$OUT/tests.log" | tail -4 ;;
     tune)
-      timeout ${TUNE_TIMEOUT:-420} $PY assignment2-systems/benchmarks/tune_kernels.py --kinds ${TUNE_KINDS:-dkdv_tma dkdv} ${TUNE_ARGS:-} --rep 100 \
+      timeout ${TUNE_TIMEOUT:-420} $PY assignment2-systems/benchmarks/tune_kernels.py --kinds ${TUNE_KINDS:-dkdv_tma dkdv} ${TUNE_ARGS:-} --rep ${TUNE_REP:-100} \
         --json "$OUT/tune.json" 2>&1 | tail -${TUNE_TAIL:-30} ;;
     leaderboard)
       timeout 300 $PY -m cs336_systems.cli bench-attention --grid leaderboard --course-harness \
