@@ -18,8 +18,20 @@ import time
 
 import torch
 
+from cs336_systems.benchmarking.attention import LEADERBOARD, _inputs
 from cs336_systems.flash_attention import FlashAttentionTriton
 from cs336_systems.flash_attention import triton_impl as ti
+
+
+def leaderboard_step():
+    """One forward+backward of our Triton attention on the benchmark's leaderboard inputs."""
+    lb = LEADERBOARD
+    q, k, v, do = _inputs((lb["batch"], lb["heads"], lb["seq"], lb["d"]), getattr(torch, lb["dtype"]))
+
+    def step():
+        torch.autograd.grad(FlashAttentionTriton.apply(q, k, v, lb["causal"]), (q, k, v), do)
+
+    return step
 
 
 def host_cost_us(n_calls: int = 300) -> dict[str, float]:
@@ -51,15 +63,8 @@ def profile_steps(steps: int) -> dict:
     """Kernel durations and gaps over `steps` leaderboard forward+backward steps, each after an L2 flush."""
     from torch.profiler import ProfilerActivity, profile
 
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    shape = (1, 16, 16384, 64)
-    q, k, v, do = (torch.randn(shape, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(4))
-    for t in (q, k, v):
-        t.requires_grad_()
+    step = leaderboard_step()
     flush = torch.empty(256 * 1024 * 1024 // 4, dtype=torch.int32, device="cuda")
-
-    def step():
-        torch.autograd.grad(FlashAttentionTriton.apply(q, k, v, True), (q, k, v), do)
 
     for _ in range(3):  # autotuning happens here, outside the trace
         step()
@@ -108,14 +113,7 @@ def sustained_ms(reps_ms: list[int]) -> dict[str, float]:
     gives the same number for each, one that throttles under sustained load gets slower with the window."""
     from triton.testing import do_bench
 
-    shape = (1, 16, 16384, 64)
-    q, k, v, do = (torch.randn(shape, device="cuda", dtype=torch.bfloat16) for _ in range(4))
-    for t in (q, k, v):
-        t.requires_grad_()
-
-    def step():
-        torch.autograd.grad(FlashAttentionTriton.apply(q, k, v, True), (q, k, v), do)
-
+    step = leaderboard_step()
     out = {}
     for rep in reps_ms:
         out[str(rep)] = do_bench(step, warmup=100, rep=rep, return_mode="median")
