@@ -13,7 +13,14 @@ import torch
 from triton.testing import do_bench
 
 from cs336_systems.flash_attention import triton_impl as ti
-from cs336_systems.flash_attention.triton_impl import BackwardTensors, launch_dkdv, launch_dq, launch_preprocess
+from cs336_systems.flash_attention.triton_impl import (
+    BackwardTensors,
+    launch_dkdv,
+    launch_dkdv_desc,
+    launch_dq,
+    launch_dq_desc,
+    launch_preprocess,
+)
 
 # (BLOCK_M, BLOCK_N, warps, stages[, DIRECT[, register cap per thread]])
 CANDIDATES = {
@@ -72,7 +79,19 @@ SUSTAINED = {
     "dq": [(128, 64, 8, 3, None, 128), (128, 32, 4, 4, None, 168), (64, 64, 4, 2)],
     "dkdv": [(64, 64, 4, 3, False, 152), (64, 64, 4, 3, False, 168), (64, 128, 4, 3, False), (16, 128, 4, 4, False)],
 }
-ROUNDS = {"v6": CANDIDATES, "v6-refine": REFINE, "v7": POLY, "v7-sustained": SUSTAINED}
+# v8: the tensor-descriptor backward kernels (triton_kernels_desc), whose warpgroup products ptxas no longer
+# serialises, beside the v7 pointer winners in the same run (sixth entry: register cap)
+DESC = {
+    "dq": [(128, 64, 8, 3, None, 128)],
+    "dq_desc": [(128, 64, 8, 3, None, 128), (128, 64, 8, 3), (64, 64, 4, 3), (64, 64, 4, 3, None, 128),
+                (128, 128, 8, 3), (128, 32, 8, 3, None, 128), (128, 64, 8, 4, None, 128), (128, 64, 8, 2, None, 128)],
+    "dkdv": [(64, 64, 4, 3, False, 152)],
+    "dkdv_desc": [(64, 64, 4, 3, None, 168), (64, 64, 4, 3), (64, 64, 4, 3, None, 152), (64, 64, 4, 4, None, 168),
+                  (64, 64, 4, 2, None, 168), (64, 128, 8, 3), (32, 64, 4, 3, None, 128), (32, 64, 4, 4, None, 128),
+                  (32, 64, 4, 3), (64, 128, 8, 2)],
+}
+ROUNDS = {"v6": CANDIDATES, "v6-refine": REFINE, "v7": POLY, "v7-sustained": SUSTAINED, "v8": DESC}
+KINDS = ["fwd", "dq", "dkdv", "dkdv_tma", "dq_desc", "dkdv_desc"]
 
 
 def sass_stats(compiled) -> dict[str, int]:
@@ -90,7 +109,7 @@ def main() -> None:
     p.add_argument("--shape", type=int, nargs=4, default=[1, 16, 16384, 64], metavar=("B", "H", "N", "D"))
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--non-causal", action="store_true")
-    p.add_argument("--kinds", nargs="+", default=["fwd", "dq", "dkdv"], choices=list(CANDIDATES))
+    p.add_argument("--kinds", nargs="+", default=["fwd", "dq", "dkdv"], choices=KINDS)
     p.add_argument("--refine", action="store_true", help="the second-round register-cap candidates")
     p.add_argument("--round", choices=list(ROUNDS), default=None, help="candidate list (default v6, or "
                    "v6-refine with --refine)")
@@ -104,7 +123,7 @@ def main() -> None:
     q, k, v, do = (torch.randn(b, h, n, d, device="cuda", dtype=dtype) for _ in range(4))
     o, lse = ti.flash_forward(q, k, v, causal)
     one = 2.0 * b * h * n * n * d * (0.5 if causal else 1.0)
-    products = {"fwd": 2, "dq": 3, "dkdv": 4, "dkdv_tma": 5}
+    products = {"fwd": 2, "dq": 3, "dkdv": 4, "dkdv_tma": 5, "dq_desc": 3, "dkdv_desc": 4}
     rows = []
     for kind in args.kinds:
         reference = None
@@ -113,11 +132,14 @@ def main() -> None:
             ti.forced_configs[kind] = cfg
             t = BackwardTensors(q, k, v, o, do, lse, d)
             launch_preprocess(t, zero_dq=kind == "dkdv_tma")  # D, which the dQ kernel would otherwise write
+            t.l2 = t.lse * 1.4426950408889634  # what the descriptor dQ kernel writes for its dK/dV kernel
             launchers = {
                 "fwd": lambda: ti.flash_forward(q, k, v, causal),
                 "dq": lambda t=t: launch_dq(t, causal),
                 "dkdv": lambda t=t: launch_dkdv(t, causal),
                 "dkdv_tma": lambda t=t: launch_dkdv(t, causal, atomic=True, tma=True),
+                "dq_desc": lambda t=t: launch_dq_desc(t, causal),
+                "dkdv_desc": lambda t=t: launch_dkdv_desc(t, causal),
             }
             fn = launchers[kind]
             row = {"kind": kind, "cfg": cfg}
@@ -125,7 +147,7 @@ def main() -> None:
                 compiled = fn()
                 # same outputs as the first candidate (a broken variant shows here)
                 parts = {"fwd": list(compiled) if kind == "fwd" else [], "dq": [t.dq], "dkdv": [t.dk, t.dv],
-                         "dkdv_tma": [t.dk, t.dv, t.dq_acc]}[kind]
+                         "dkdv_tma": [t.dk, t.dv, t.dq_acc], "dq_desc": [t.dq], "dkdv_desc": [t.dk, t.dv]}[kind]
                 out = torch.cat([x.flatten().float() for x in parts])
                 reference = out if reference is None else reference
                 row["rel_err_vs_first"] = ((out - reference).norm() / reference.norm()).item()
@@ -144,7 +166,7 @@ def main() -> None:
         ok = [r for r in rows if r["kind"] == kind and "ms" in r]
         if ok:
             best = min(ok, key=lambda r: r["ms"])
-            print(f"  {kind:5s} {best['cfg']} {best['ms']:.3f} ms {best['tflops']:.0f} TFLOP/s")
+            print(f"  {kind:9s} {best['cfg']} {best['ms']:.3f} ms {best['tflops']:.0f} TFLOP/s")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"shape": args.shape, "dtype": args.dtype, "causal": causal, "rows": rows}, f, indent=1)

@@ -241,24 +241,75 @@ def test_triton_rejects_cpu_and_long_heads():
 
 
 @needs_cuda
-@pytest.mark.parametrize("kind", ["fwd", "dq", "dkdv"])
+@pytest.mark.parametrize("kind", ["fwd", "dq", "dkdv", "dq_desc", "dkdv_desc"])
 def test_triton_every_bf16_config(kind):
-    """Each tile config the autotuner may pick for bf16, d ≤ 64 (register caps, polynomial exponentials), and
-    the untuned queries × keys dK/dV form, forced in turn, causal and not (interior tiles: polynomial path)."""
+    """Each tile config the autotuner may pick for bf16, d ≤ 64 (register caps, polynomial exponentials, the
+    tensor-descriptor backward), and the untuned queries × keys dK/dV form, forced in turn, causal and not."""
     from cs336_systems.flash_attention import triton_impl
 
     configs = {
         "fwd": triton_impl._fwd_configs(64, wide=False),
         "dq": triton_impl._dq_configs(64, wide=False),
         "dkdv": triton_impl._dkdv_configs(64, wide=False) + triton_impl.EXTRA_DKDV_CONFIGS,
+        "dq_desc": triton_impl._dq_desc_configs(64, wide=False),
+        "dkdv_desc": triton_impl._dkdv_desc_configs(64, wide=False),
     }[kind]
+    old = triton_impl._settings["descriptors"]
+    triton_impl.set_descriptors(kind.endswith("_desc"))  # the pointer dq/dkdv kernels run only without them
     try:
         for cfg in configs:
             triton_impl.forced_configs[kind] = cfg
             for causal in (False, True):
+                triton_impl.last_compiled.pop(kind, None)
                 _check(_triton(), (1, 2, 301, 64), 301, causal, torch.bfloat16, "cuda", 1.5e-2, 3e-2)
+                assert kind in triton_impl.last_compiled, f"the {kind} kernel did not run"
     finally:
         triton_impl.forced_configs.pop(kind, None)
+        triton_impl.set_descriptors(old)
+
+
+@needs_cuda
+def test_triton_descriptor_backward_and_fallback(monkeypatch):
+    """The tensor-descriptor backward at every head-dim class, fp16 and bf16, several heads with ragged lengths
+    (a tile past one head's last row must be clipped there, not read from the next head), and the pointer
+    kernels where descriptors cannot be made (a row stride of 130 bytes) or are switched off."""
+    from cs336_systems.flash_attention import triton_impl
+
+    calls = {"desc": 0}
+    real = triton_impl.launch_dkdv_desc
+
+    def counting(*args, **kwargs):
+        calls["desc"] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(triton_impl, "launch_dkdv_desc", counting)
+    monkeypatch.setitem(triton_impl._settings, "backward", "split")
+    monkeypatch.setitem(triton_impl._settings, "descriptors", True)
+    for shape_q, n_k, dtype in [((2, 3, 333, 16), 333, torch.bfloat16), ((1, 2, 200, 64), 517, torch.float16),
+                                ((1, 3, 301, 128), 190, torch.bfloat16)]:
+        for causal in (False, True):
+            before = calls["desc"]
+            _check(_triton(), shape_q, n_k, causal, dtype, "cuda", 1.5e-2, 3e-2)
+            assert calls["desc"] == before + 1, "the descriptor backward did not run"
+
+    q, k, v = (torch.randn(1, 2, 301, 64, device="cuda", dtype=torch.bfloat16).requires_grad_() for _ in range(3))
+    wide = torch.randn(1, 2, 301, 65, device="cuda", dtype=torch.bfloat16)
+    q_odd = wide[..., :64].requires_grad_()  # a row stride of 65 elements: not 16-byte aligned
+    do = torch.randn_like(q)
+    for query in (q, q_odd):
+        before = calls["desc"]
+        o = _triton()(query, k, v, True)
+        grads = torch.autograd.grad(o, (query, k, v), do)
+        q64, k64, v64 = (x.detach().double().requires_grad_() for x in (query, k, v))
+        o_ref, _ = attention_with_lse(q64, k64, v64, True)
+        grads_ref = torch.autograd.grad(o_ref, (q64, k64, v64), do.double())
+        assert all(_rel(g, r) < 3e-2 for g, r in zip(grads, grads_ref, strict=True))
+        assert calls["desc"] == before + (query is q), "descriptors used where they cannot be, or not used"
+
+    monkeypatch.setitem(triton_impl._settings, "descriptors", False)
+    before = calls["desc"]
+    _check(_triton(), (1, 2, 301, 64), 301, True, torch.bfloat16, "cuda", 1.5e-2, 3e-2)
+    assert calls["desc"] == before
 
 
 @needs_cuda

@@ -9,6 +9,9 @@ The backward comes in two forms, chosen by CS336_FA2_BWD or `set_backward_mode`:
 other's tail of idle SMs;
 "tma" (Hopper and newer): like "atomic", but each dQ tile is added by one bulk reduction of the tensor memory
 accelerator (`cp.reduce.async.bulk.tensor`) instead of one atomic per element, off the compute threads.
+On Hopper and newer, for 2-byte dtypes with 16-byte aligned strides, "split" runs the kernels of
+`triton_kernels_desc`, which move every tile through tensor descriptors (set CS336_FA2_DESC=0 or
+`set_descriptors(False)` for the pointer kernels).
 float32 inputs multiply on the tensor cores in tf32 (`set_fp32_precision("ieee")` for exact float32).
 """
 
@@ -23,6 +26,7 @@ import triton
 from torch import Tensor
 
 from cs336_systems.flash_attention import triton_kernels as tk
+from cs336_systems.flash_attention import triton_kernels_desc as tkd
 from cs336_systems.flash_attention._common import alloc, as_4d, check_qkv
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -33,6 +37,7 @@ _settings: dict[str, Any] = {
     "autotune": os.environ.get("CS336_FA2_AUTOTUNE", "1") != "0",
     "backward": os.environ.get("CS336_FA2_BWD", "split"),
     "fp32_precision": "tf32",
+    "descriptors": os.environ.get("CS336_FA2_DESC", "1") != "0",
 }
 
 
@@ -53,6 +58,11 @@ def set_fp32_precision(precision: str) -> None:
 
 def set_autotune(enabled: bool) -> None:
     _settings["autotune"] = bool(enabled)
+
+
+def set_descriptors(enabled: bool) -> None:
+    """Whether the split backward may use the tensor-descriptor kernels (where the inputs allow them)."""
+    _settings["descriptors"] = bool(enabled)
 
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages[, DIRECT[, register cap per thread[, EXP2_POLY]]]); the first of each list is
@@ -108,9 +118,26 @@ def _dkdv_tma_configs(head_dim: int, wide: bool) -> list[tuple]:
     return [(64, 128, 8, 2, False), (64, 64, 4, 2, True), (32, 128, 8, 2, False), (64, 128, 8, 2, True)]
 
 
-_CONFIG_LISTS = {"fwd": _fwd_configs, "dkdv": _dkdv_configs, "dq": _dq_configs, "dkdv_tma": _dkdv_tma_configs}
+# the tensor-descriptor backward (2-byte dtypes only); (BLOCK_M, BLOCK_N, warps, stages, None, register cap)
+def _dq_desc_configs(head_dim: int, wide: bool) -> list[tuple]:
+    if head_dim <= 64:
+        return [(128, 64, 8, 3, None, 128), (64, 64, 4, 3), (128, 128, 8, 3), (128, 32, 8, 3, None, 128),
+                (128, 64, 8, 4, None, 128)]
+    return [(128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3)]
+
+
+def _dkdv_desc_configs(head_dim: int, wide: bool) -> list[tuple]:
+    if head_dim <= 64:
+        return [(64, 64, 4, 3, None, 168), (64, 64, 4, 3), (64, 64, 4, 3, None, 152), (64, 128, 8, 3),
+                (32, 64, 4, 3, None, 128)]
+    return [(64, 64, 4, 3), (32, 64, 4, 3), (64, 128, 8, 2)]
+
+
+_CONFIG_LISTS = {"fwd": _fwd_configs, "dkdv": _dkdv_configs, "dq": _dq_configs, "dkdv_tma": _dkdv_tma_configs,
+                 "dq_desc": _dq_desc_configs, "dkdv_desc": _dkdv_desc_configs}
 _KERNELS = {"fwd": tk.flash_fwd_kernel, "dkdv": tk.flash_bwd_dkdv_kernel, "dq": tk.flash_bwd_dq_kernel,
-            "dkdv_tma": tk.flash_bwd_dkdv_kernel}
+            "dkdv_tma": tk.flash_bwd_dkdv_kernel, "dq_desc": tkd.flash_bwd_dq_desc_kernel,
+            "dkdv_desc": tkd.flash_bwd_dkdv_desc_kernel}
 _tuned_cache: dict[tuple, Any] = {}
 # kind -> (BLOCK_M, BLOCK_N, num_warps, num_stages[, DIRECT]): bypasses tuning (for kernel-tuning scripts)
 forced_configs: dict[str, tuple] = {}
@@ -118,7 +145,7 @@ forced_configs: dict[str, tuple] = {}
 last_compiled: dict[str, Any] = {}
 
 
-def _meta(cfg: tuple) -> dict[str, Any]:
+def _meta(cfg: tuple, kind: str) -> dict[str, Any]:
     """Kernel meta-parameters of a config (BLOCK_M, BLOCK_N, warps, stages[, DIRECT[, max registers[,
     EXP2_POLY]]])."""
     meta: dict[str, Any] = {"BLOCK_M": cfg[0], "BLOCK_N": cfg[1]}
@@ -126,8 +153,9 @@ def _meta(cfg: tuple) -> dict[str, Any]:
         meta["DIRECT"] = cfg[4]
     # one exponential in EXP2_POLY by an FMA-pipe polynomial (inline PTX: not in Triton's CPU interpreter);
     # always passed, since torch.compile's wrapper of user kernels wants every parameter, defaulted or not
-    poly = cfg[6] if len(cfg) > 6 and cfg[6] else 0
-    meta["EXP2_POLY"] = 0 if os.environ.get("TRITON_INTERPRET") == "1" else poly
+    if "EXP2_POLY" in _KERNELS[kind].arg_names:
+        poly = cfg[6] if len(cfg) > 6 and cfg[6] else 0
+        meta["EXP2_POLY"] = 0 if os.environ.get("TRITON_INTERPRET") == "1" else poly
     return meta
 
 
@@ -144,20 +172,35 @@ def _set_dq_block(nargs: dict) -> None:
         nargs["DQ_DESC"].block_shape = [nargs["BLOCK_M"], nargs["HEAD_DIM"]]
 
 
+_QUERY_ROW_DESCS = ("Q_DESC", "O_DESC", "DO_DESC", "DQ_DESC")
+_KEY_ROW_DESCS = ("K_DESC", "V_DESC", "DK_DESC", "DV_DESC")
+
+
+def _set_desc_blocks(nargs: dict) -> None:
+    """Autotune pre-hook of the descriptor kernels: blocks of (1, 1, query or key tile, head dim)."""
+    for names, rows in ((_QUERY_ROW_DESCS, nargs["BLOCK_M"]), (_KEY_ROW_DESCS, nargs["BLOCK_N"])):
+        for name in names:
+            if nargs.get(name) is not None:
+                nargs[name].block_shape = [1, 1, rows, nargs["HEAD_DIM"]]
+
+
+_PRE_HOOKS = {"dkdv_tma": _set_dq_block, "dq_desc": _set_desc_blocks, "dkdv_desc": _set_desc_blocks}
+
+
 def _launch(kind: str, grid_rows: int, n_bh: int, head_dim: int, wide: bool, args: tuple, consts: dict):
     """Launch kernel `kind` on a (batch·heads, cdiv(grid_rows, tile)) grid, autotuned or with fixed tiles."""
     configs = _CONFIG_LISTS[kind](head_dim, wide)
     tile_of_grid = "BLOCK_N" if kind.startswith("dkdv") else "BLOCK_M"
-    pre_hook = _set_dq_block if kind == "dkdv_tma" else None
+    pre_hook = _PRE_HOOKS.get(kind)
 
     def grid(meta):
         return (n_bh, triton.cdiv(grid_rows, meta[tile_of_grid]))
 
     if kind in forced_configs or not _settings["autotune"] or len(configs) == 1:
         cfg = forced_configs.get(kind, configs[0])
-        meta = _meta(cfg)
+        meta = _meta(cfg, kind)
         if pre_hook is not None:
-            pre_hook({**consts, **meta, "DQ_DESC": args[9]})
+            pre_hook({**dict(zip(_KERNELS[kind].arg_names, args, strict=False)), **consts, **meta})
         compiled = _KERNELS[kind][grid](*args, **consts, **meta, **_launch_options(cfg))
         last_compiled[kind] = compiled
         return compiled
@@ -165,7 +208,7 @@ def _launch(kind: str, grid_rows: int, n_bh: int, head_dim: int, wide: bool, arg
     kernel = _tuned_cache.get(key)
     if kernel is None:
         kernel = triton.autotune(
-            configs=[triton.Config(_meta(c), **_launch_options(c), pre_hook=pre_hook) for c in configs],
+            configs=[triton.Config(_meta(c, kind), **_launch_options(c), pre_hook=pre_hook) for c in configs],
             key=["N_QUERIES", "N_KEYS", "IS_CAUSAL"],
             reset_to_zero=["DQ_ACC"] if consts.get("ATOMIC_DQ", False) else None,
         )(_KERNELS[kind])
@@ -240,6 +283,9 @@ def flash_backward(
             launch_dq(t, is_causal, compute_delta=False)
         launch_dkdv(t, is_causal)
         main.wait_stream(side)  # later frees/reuses on the main stream are ordered after the dQ kernel
+    elif _settings["descriptors"] and _descriptors_fit(t):
+        launch_dq_desc(t, is_causal)
+        launch_dkdv_desc(t, is_causal)
     else:
         launch_dq(t, is_causal)
         launch_dkdv(t, is_causal)
@@ -258,6 +304,17 @@ def _has_tma(x: Tensor) -> bool:
     return torch.cuda.get_device_capability(x.device)[0] >= 9
 
 
+def _descriptors_fit(t: BackwardTensors) -> bool:
+    """Tensor descriptors need Hopper or newer (not the interpreter), and here a 2-byte dtype (the float32
+    path keeps the pointer kernels), 16-byte aligned bases and strides, unit stride along the head dim."""
+    if not _has_tma(t.q) or t.q.dtype.itemsize != 2:
+        return False
+    for x in (t.q, t.k, t.v, t.o, t.do, t.dq, t.dk, t.dv):
+        if x.stride(-1) != 1 or x.data_ptr() % 16 or any(s * x.element_size() % 16 for s in x.stride()[:-1]):
+            return False
+    return True
+
+
 class BackwardTensors:
     """Inputs (as (b, h, s, d_pad) views) and freshly allocated outputs of one backward pass."""
 
@@ -274,6 +331,7 @@ class BackwardTensors:
         self.dk = alloc(tuple(k4.shape), like=k4)
         self.dv = alloc(tuple(v4.shape), like=v4)
         self.dq_acc: Tensor | None = None
+        self.l2: Tensor | None = None  # base-2 logsumexp, written by the descriptor dQ kernel
 
 
 _PRE_BLOCK = 64
@@ -330,6 +388,35 @@ def launch_dkdv(t: BackwardTensors, is_causal: bool, atomic: bool = False, tma: 
     consts = {"HEAD_DIM": t.d_pad, "IS_CAUSAL": bool(is_causal), "ATOMIC_DQ": atomic, "PRECISION": t.precision,
               "DQ_TMA": bool(atomic and tma)}
     return _launch("dkdv_tma" if desc is not None else "dkdv", t.n_k, t.b * t.h, t.d_pad, t.wide, args, consts)
+
+
+def _descriptor(x: Tensor):
+    """A 4-D (batch, heads, seq, d) descriptor of x; its block is set per config by _set_desc_blocks."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    return TensorDescriptor(x, list(x.shape), list(x.stride()), [1, 1, 16, x.shape[-1]])
+
+
+def launch_dq_desc(t: BackwardTensors, is_causal: bool):
+    """dQ, Delta and L₂ = L·log₂e (for the dK/dV kernel that follows) through tensor descriptors."""
+    if t.l2 is None:
+        t.l2 = torch.empty_like(t.delta)
+    args = (
+        *(_descriptor(x) for x in (t.q, t.k, t.v, t.o, t.do, t.dq)), t.lse, t.delta, t.l2,
+        t.h, t.n_q, t.n_k, t.sm_scale,
+    )
+    consts = {"HEAD_DIM": t.d_pad, "IS_CAUSAL": bool(is_causal)}
+    return _launch("dq_desc", t.n_q, t.b * t.h, t.d_pad, t.wide, args, consts)
+
+
+def launch_dkdv_desc(t: BackwardTensors, is_causal: bool):
+    """dK, dV through tensor descriptors; needs t.l2 and t.delta from launch_dq_desc."""
+    args = (
+        *(_descriptor(x) for x in (t.q, t.k, t.v, t.do, t.dk, t.dv)), t.l2, t.delta,
+        t.h, t.n_q, t.n_k, t.sm_scale,
+    )
+    consts = {"HEAD_DIM": t.d_pad, "IS_CAUSAL": bool(is_causal)}
+    return _launch("dkdv_desc", t.n_k, t.b * t.h, t.d_pad, t.wide, args, consts)
 
 
 def launch_dq_convert(t: BackwardTensors) -> None:
