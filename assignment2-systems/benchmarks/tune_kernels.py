@@ -90,7 +90,17 @@ DESC = {
                   (64, 64, 4, 2, None, 168), (64, 128, 8, 3), (32, 64, 4, 3, None, 128), (32, 64, 4, 4, None, 128),
                   (32, 64, 4, 3), (64, 128, 8, 2)],
 }
-ROUNDS = {"v6": CANDIDATES, "v6-refine": REFINE, "v7": POLY, "v7-sustained": SUSTAINED, "v8": DESC}
+# v8, second round: on the device's Triton 3.6 ptxas still serialises the 3-stage 64 × 64 dK/dV tile; 2 stages
+# (less shared memory) did not, and 4 stages helped dQ: vary caps and stages around those two
+DESC_REFINE = {
+    "dq_desc": [(128, 64, 8, 4, None, 128), (128, 64, 8, 5, None, 128), (128, 64, 8, 4), (128, 64, 8, 4, None, 112),
+                (64, 64, 4, 4, None, 128), (64, 64, 4, 2)],
+    "dkdv_desc": [(64, 64, 4, 2, None, 168), (64, 64, 4, 2), (64, 64, 4, 2, None, 184), (64, 64, 4, 2, None, 160),
+                  (64, 64, 4, 2, None, 152), (32, 64, 4, 2, None, 128), (32, 64, 4, 2), (64, 64, 8, 2),
+                  (32, 32, 4, 2, None, 128)],
+}
+ROUNDS = {"v6": CANDIDATES, "v6-refine": REFINE, "v7": POLY, "v7-sustained": SUSTAINED, "v8": DESC,
+          "v8-refine": DESC_REFINE}
 KINDS = ["fwd", "dq", "dkdv", "dkdv_tma", "dq_desc", "dkdv_desc"]
 
 
