@@ -8,6 +8,7 @@
 #   leaderboard  ours (split, TMA) against every SDPA backend, forward/backward/forward+backward, course harness
 #   course       the course's attention tests in each folder of COURSE_TESTS (unpacked course tests/ folders)
 #   profile      kernel times and idle gaps inside the leaderboard step, and the host cost of one call
+#   harness      the course's compiled leaderboard step against the same step eager, per backward form
 #   quick        the GPU tests whose names match QUICK_K (default: exp2)
 # Uses the machine's python3 with PYTHONPATH on the source trees; writes logs and results into $OUT
 # (else ./fa2_out). Each step is bounded by `timeout`.
@@ -22,7 +23,7 @@ for step in $steps; do
   echo "=== $step $(date +%T)"
   case $step in
     tests)
-      CS336_FA2_AUTOTUNE=0 timeout 240 $PY -m pytest -q -p no:cacheprovider -o addopts="" \
+      CS336_FA2_AUTOTUNE=0 timeout ${TESTS_TIMEOUT:-400} $PY -m pytest -q -p no:cacheprovider -o addopts="" \
         assignment2-systems/tests/test_flash_attention_impl.py -k "triton" 2>&1 | tee "$OUT/tests.log" | tail -4 ;;
     tune)
       timeout ${TUNE_TIMEOUT:-420} $PY assignment2-systems/benchmarks/tune_kernels.py --kinds ${TUNE_KINDS:-dkdv_tma dkdv} ${TUNE_ARGS:-} --rep ${TUNE_REP:-100} \
@@ -38,6 +39,9 @@ for step in $steps; do
       timeout 300 $PY assignment2-systems/benchmarks/profile_leaderboard.py --json "$OUT/profile.json" \
         ${PROFILE_ARGS:-} 2>&1 | tail -14
       kill $smi 2>/dev/null ;;
+    harness)
+      timeout 400 $PY assignment2-systems/benchmarks/course_harness_check.py --json "$OUT/harness.json" 2>&1 \
+        | grep -v Warning | tail -6 ;;
     quick)
       CS336_FA2_AUTOTUNE=0 timeout 240 $PY -m pytest -q -p no:cacheprovider -o addopts="" \
         assignment2-systems/tests/test_flash_attention_impl.py -k "${QUICK_K:-exp2}" 2>&1 | tail -4 ;;

@@ -318,8 +318,10 @@ def _descriptors_fit(t: BackwardTensors) -> bool:
 
 
 def _descriptor_layout(x: Tensor) -> bool:
-    """A TMA descriptor takes x as it is: unit last stride, other strides positive multiples of 16 bytes."""
-    if x.stride(-1) != 1 or x.data_ptr() % 16:
+    """A TMA descriptor takes x as it is: unit last stride, other strides positive multiples of 16 bytes, a
+    16-byte aligned start (storage offsets checked rather than data_ptr, which torch.compile cannot trace;
+    PyTorch's CUDA allocator aligns every storage to 512 bytes)."""
+    if x.stride(-1) != 1 or x.storage_offset() * x.element_size() % 16:
         return False
     return all(s > 0 and s * x.element_size() % 16 == 0 for s in x.stride()[:-1])
 
