@@ -287,7 +287,7 @@ def test_triton_descriptor_backward_and_layouts(monkeypatch):
     monkeypatch.setitem(triton_impl._settings, "backward", "split")
     monkeypatch.setitem(triton_impl._settings, "descriptors", True)
     for shape_q, n_k, dtype in [((2, 3, 333, 16), 333, torch.bfloat16), ((1, 2, 200, 64), 517, torch.float16),
-                                ((1, 3, 301, 128), 190, torch.bfloat16)]:
+                                ((1, 3, 301, 128), 190, torch.bfloat16), ((2, 2, 10, 64), 7, torch.bfloat16)]:
         for causal in (False, True):
             before = calls["desc"]
             _check(_triton(), shape_q, n_k, causal, dtype, "cuda", 1.5e-2, 3e-2)
@@ -309,6 +309,10 @@ def test_triton_descriptor_backward_and_layouts(monkeypatch):
     monkeypatch.setitem(triton_impl._settings, "descriptors", False)
     before = calls["desc"]
     _check(_triton(), (1, 2, 301, 64), 301, True, torch.bfloat16, "cuda", 1.5e-2, 3e-2)
+    o = _triton()(q_odd, k, v, True)
+    grads = torch.autograd.grad(o, (q_odd, k, v), do_broadcast)  # the pointer kernels with a stride-0 dO
+    for g, r in zip(grads, grads_ref, strict=True):  # grads_ref: the broadcast dO's, from the loop above
+        assert _rel(g, r) < 3e-2
     assert calls["desc"] == before
 
 

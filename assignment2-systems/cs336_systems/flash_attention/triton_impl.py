@@ -268,6 +268,9 @@ def flash_backward(
     atomic: D preprocess, the dK/dV kernel adding dQ into float32 with atomics, a cast of dQ."""
     d = q.shape[-1]
     d_pad = _padded_head_dim(d)
+    if 0 in grad_o.stride():
+        # a broadcast dO (`o.sum().backward()`): the kernels' loads of it could not be vectorised
+        grad_o = grad_o.contiguous()
     t = BackwardTensors(*(_prep(x, d_pad) for x in (q, k, v, o, grad_o)), lse, d)
     if _settings["backward"] in ("atomic", "tma"):
         tma = _settings["backward"] == "tma" and _has_tma(q)
