@@ -322,8 +322,9 @@ def _descriptors_fit(t: BackwardTensors) -> bool:
 
 def _descriptor_layout(x: Tensor) -> bool:
     """A TMA descriptor takes x as it is: unit last stride, other strides positive multiples of 16 bytes, a
-    16-byte aligned start (storage offsets checked rather than data_ptr, which torch.compile cannot trace;
-    PyTorch's CUDA allocator aligns every storage to 512 bytes)."""
+    16-byte aligned start (storage offsets checked: PyTorch's CUDA allocator aligns every storage to 512
+    bytes). torch.compile breaks its graph at this check and runs the backward eagerly, at no measurable cost
+    (benchmarks/results/course_harness_v8b_h200.json)."""
     if x.stride(-1) != 1 or x.storage_offset() * x.element_size() % 16:
         return False
     return all(s > 0 and s * x.element_size() % 16 == 0 for s in x.stride()[:-1])
