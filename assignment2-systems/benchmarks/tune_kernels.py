@@ -13,6 +13,7 @@ import torch
 from triton.testing import do_bench
 
 from cs336_systems.flash_attention import triton_impl as ti
+from cs336_systems.flash_attention import triton_kernels as tk
 from cs336_systems.flash_attention.triton_impl import (
     BackwardTensors,
     launch_dkdv,
@@ -142,7 +143,7 @@ def main() -> None:
             ti.forced_configs[kind] = cfg
             t = BackwardTensors(q, k, v, o, do, lse, d)
             launch_preprocess(t, zero_dq=kind == "dkdv_tma")  # D, which the dQ kernel would otherwise write
-            t.l2 = t.lse * 1.4426950408889634  # what the descriptor dQ kernel writes for its dK/dV kernel
+            t.l2 = t.lse * tk.LOG2E  # what the descriptor dQ kernel writes for its dK/dV kernel
             launchers = {
                 "fwd": lambda: ti.flash_forward(q, k, v, causal),
                 "dq": lambda t=t: launch_dq(t, causal),

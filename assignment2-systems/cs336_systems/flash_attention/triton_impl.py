@@ -285,7 +285,7 @@ def flash_backward(
             launch_dq(t, is_causal, compute_delta=False)
         launch_dkdv(t, is_causal)
         main.wait_stream(side)  # later frees/reuses on the main stream are ordered after the dQ kernel
-    elif _settings["descriptors"] and _descriptors_fit(t):
+    elif _settings["descriptors"] and _ready_for_descriptors(t):
         launch_dq_desc(t, is_causal)
         launch_dkdv_desc(t, is_causal)
     else:
@@ -306,11 +306,11 @@ def _has_tma(x: Tensor) -> bool:
     return torch.cuda.get_device_capability(x.device)[0] >= 9
 
 
-def _descriptors_fit(t: BackwardTensors) -> bool:
-    """Whether the descriptor backward can run: Hopper or newer (not the interpreter) and a 2-byte dtype (the
-    float32 path keeps the pointer kernels). Inputs whose layout a descriptor cannot take (a base or stride
-    not 16-byte aligned, a broadcast stride of 0 as in the dO of `o.sum().backward()`) are copied into
-    contiguous tensors first: one copy costs ~1% of the kernels' time at the leaderboard shape."""
+def _ready_for_descriptors(t: BackwardTensors) -> bool:
+    """Whether the descriptor backward can run (Hopper or newer, not the interpreter, a 2-byte dtype: the float32
+    path keeps the pointer kernels); if so, replaces inputs whose layout a descriptor cannot take (a base or
+    stride not 16-byte aligned, a broadcast stride of 0) in t by contiguous copies, ~1% of the kernels' time
+    at the leaderboard shape."""
     if not _has_tma(t.q) or t.q.dtype.itemsize != 2:
         return False
     for name in ("q", "k", "v", "o", "do"):

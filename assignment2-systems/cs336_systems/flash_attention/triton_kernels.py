@@ -96,6 +96,22 @@ def _exp2(x, POLY: tl.constexpr):
         return x
 
 
+# ---------------------------------------------------------------------------------------------- masks
+
+
+@triton.jit
+def _masked_scores(qk, offs_m, offs_n, qk_scale, N_KEYS, CAUSAL_MASK: tl.constexpr, KEY_MASK: tl.constexpr):
+    """Scaled base-2 scores of a (queries × keys) tile with -inf where the causal mask or the ragged last key
+    tile hides them; only diagonal and ragged tiles call it (interior tiles fold the scale into the exponent)."""
+    if CAUSAL_MASK:
+        keep = offs_m[:, None] >= offs_n[None, :]
+        if KEY_MASK:
+            keep = keep & (offs_n[None, :] < N_KEYS)
+    else:
+        keep = offs_n[None, :] < N_KEYS
+    return tl.where(keep, qk * qk_scale, float("-inf"))
+
+
 # ---------------------------------------------------------------------------------------------- forward
 
 
@@ -116,13 +132,7 @@ def _fwd_key_loop(
             k = tl.load(k_ptrs + start_n * stride_kn)
         qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
         if CAUSAL_MASK or KEY_MASK:
-            if CAUSAL_MASK:
-                keep = offs_m[:, None] >= offs_n[None, :]
-                if KEY_MASK:
-                    keep = keep & (offs_n[None, :] < N_KEYS)
-            else:
-                keep = offs_n[None, :] < N_KEYS
-            qk = tl.where(keep, qk * qk_scale, float("-inf"))
+            qk = _masked_scores(qk, offs_m, offs_n, qk_scale, N_KEYS, CAUSAL_MASK, KEY_MASK)
             m_new = tl.maximum(m_i, tl.max(qk, 1))
             p = tl.math.exp2(qk - m_new[:, None])
         else:
@@ -408,13 +418,7 @@ def _bwd_dq_key_loop(
             v = tl.load(v_ptrs + start_n * stride_vn)
         qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
         if CAUSAL_MASK or KEY_MASK:
-            if CAUSAL_MASK:
-                keep = offs_m[:, None] >= offs_n[None, :]
-                if KEY_MASK:
-                    keep = keep & (offs_n[None, :] < N_KEYS)
-            else:
-                keep = offs_n[None, :] < N_KEYS
-            qk = tl.where(keep, qk * qk_scale, float("-inf"))
+            qk = _masked_scores(qk, offs_m, offs_n, qk_scale, N_KEYS, CAUSAL_MASK, KEY_MASK)
             p = tl.math.exp2(qk - l2[:, None])
         else:
             p = _exp2(qk * qk_scale - l2[:, None], POLY)

@@ -19,6 +19,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from cs336_systems.flash_attention.triton_kernels import _masked_scores
+
 
 @triton.jit
 def _dq_key_loop(
@@ -33,13 +35,7 @@ def _dq_key_loop(
         v = v_desc.load([b, h, start_n, 0]).reshape(BLOCK_N, HEAD_DIM)
         qk = tl.dot(q, tl.trans(k))
         if CAUSAL_MASK or KEY_MASK:
-            if CAUSAL_MASK:
-                keep = offs_m[:, None] >= offs_n[None, :]
-                if KEY_MASK:
-                    keep = keep & (offs_n[None, :] < N_KEYS)
-            else:
-                keep = offs_n[None, :] < N_KEYS
-            qk = tl.where(keep, qk * qk_scale, float("-inf"))
+            qk = _masked_scores(qk, offs_m, offs_n, qk_scale, N_KEYS, CAUSAL_MASK, KEY_MASK)
             p = tl.math.exp2(qk - l2[:, None])
         else:
             p = tl.math.exp2(qk * qk_scale - l2[:, None])
