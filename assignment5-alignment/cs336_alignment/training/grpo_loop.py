@@ -31,6 +31,8 @@ from cs336_alignment.training.common import (
     check_positive,
     clip_and_step,
     epoch_order,
+    set_lr,
+    warmup_lr,
     make_adamw,
     native_backend,
     record_step,
@@ -61,6 +63,8 @@ class GRPOConfig(EvalSettings):
     cliprange: float = 0.2
     length_normalization: str = "masked_mean"  # or masked_normalize (Dr. GRPO: sum / sampling_max_tokens)
     max_grad_norm: float = 1.0
+    warmup_steps: int = 0  # linear LR warm-up over this many optimizer steps (a fresh Adam's first steps are
+    # sign steps of the full lr on every weight, however noisy its gradient); 0 = the handout's constant lr
     weight_decay: float = 0.0
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95
@@ -79,6 +83,8 @@ class GRPOConfig(EvalSettings):
                        train_batch_size=self.train_batch_size,
                        gradient_accumulation_steps=self.gradient_accumulation_steps,
                        sampling_max_tokens=self.sampling_max_tokens, generation_batch_size=self.generation_batch_size)
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
         if self.loss_type not in LOSS_TYPES:
             raise ValueError(f"unknown loss_type {self.loss_type!r}; expected one of {LOSS_TYPES}")
         if self.length_normalization not in LENGTH_NORMALIZATIONS:
@@ -128,9 +134,12 @@ def grpo_train_on_rollouts(
     raw_rewards: torch.Tensor,
     config: GRPOConfig,
     seed: int,
+    steps_before: int = 0,
 ) -> list[dict[str, float]]:
     """`epochs_per_rollout_batch` passes over one rollout batch in train batches of `train_batch_size`, each an
-    optimizer step accumulated over micro-batches; returns one metrics dict per optimizer step."""
+    optimizer step accumulated over micro-batches; returns one metrics dict per optimizer step.
+
+    `steps_before` counts the optimizer steps already taken (it places these steps on the LR warm-up)."""
     device = model_device(policy)
     n = batch["input_ids"].shape[0]
     micro = config.train_batch_size // config.gradient_accumulation_steps
@@ -143,7 +152,9 @@ def grpo_train_on_rollouts(
         # Shuffled per epoch (seeded) when the rollout batch spans several optimizer steps.
         rows = epoch_order(n, update, config.train_batch_size, seed) if steps_per_epoch > 1 or \
             config.epochs_per_rollout_batch > 1 else list(range(n))
-        totals = {"loss": 0.0, "token_entropy": 0.0, "clip_fraction": 0.0, "ratio_mean": 0.0}
+        lr = warmup_lr(config.learning_rate, steps_before + update, config.warmup_steps)
+        set_lr(optimizer, lr)
+        totals = {"loss": 0.0, "token_entropy": 0.0, "clip_fraction": 0.0, "ratio_mean": 0.0, "lr": lr}
         for start in range(0, config.train_batch_size, micro):
             idx = torch.tensor(rows[start : start + micro])
             mask = batch["response_mask"][idx].to(device)
@@ -268,7 +279,9 @@ def grpo_step(
         config.use_std_normalization)
     batch = tokenize_prompt_and_output(rollouts.prompts, rollouts.responses, tokenizer)
     lengths = batch["response_mask"].sum(dim=-1).float()
-    updates = grpo_train_on_rollouts(policy, optimizer, batch, advantages, raw, config, config.seed * 104729 + step)
+    updates_per_batch = config.epochs_per_rollout_batch * (config.rollout_batch_size // config.train_batch_size)
+    updates = grpo_train_on_rollouts(policy, optimizer, batch, advantages, raw, config, config.seed * 104729 + step,
+                                     steps_before=step * updates_per_batch)
     generated = int(lengths.sum())
     record: dict[str, Any] = {
         "step": step + 1,
