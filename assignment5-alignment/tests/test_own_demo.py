@@ -97,7 +97,7 @@ def test_preset_overrides_and_errors(capsys):
 def test_pipeline_end_to_end_on_cpu(tmp_path, monkeypatch):
     import cs336_alignment.demo.__main__ as entry
 
-    config = replace(preset("cpu-smoke"), n_pretrain_problems=400, pretrain_max_steps=3, pretrain_batch_size=2,
+    config = replace(preset("cpu-smoke"), n_pretrain_problems=400, pretrain_steps=3, pretrain_batch_size=2,
                      sft_steps=2, sft_batch_size=2, sft_grad_accum=1, n_heldout=4, n_eval_in_loop=4, max_new_tokens=8,
                      throughput_rows=4, throughput_tokens=8, grpo_steps=2, rollout_batch_size=8, train_batch_size=8,
                      grpo_grad_accum=1)

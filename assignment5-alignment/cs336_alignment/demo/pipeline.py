@@ -1,7 +1,8 @@
 """The demonstration: pretrain a small cs336_basics LM on generated word problems, SFT it into the R1-Zero
 format, measure held-out reward, run GRPO (the package's loop, native KV-cached rollouts), measure again.
 
-Every stage is bounded by its share of the time budget, so the whole run fits one command on the device.
+Step counts decide every stage's length and the seed every random choice, so a (preset, seed) pair is one
+set of numbers; the time budget only guards against a much slower machine.
 """
 
 import json
@@ -9,8 +10,9 @@ import math
 import multiprocessing
 import os
 import random
+import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -26,7 +28,7 @@ from cs336_alignment.models import resolve_device
 from cs336_alignment.reward import r1_zero_reward
 from cs336_alignment.text_tokenizer import BasicsTokenizer
 from cs336_alignment.training import GRPOConfig, SFTConfig, run_grpo, run_sft
-from cs336_alignment.training.common import evaluate_reward
+from cs336_alignment.training.common import Deadline, evaluate_reward
 from cs336_alignment.training.eval_config import QuestionSet
 from cs336_basics.model import TransformerConfig, TransformerLM
 
@@ -68,29 +70,26 @@ def lr_at(progress: float, peak: float, warmup_fraction: float) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
 
 
-def pretrain(model: TransformerLM, stream: torch.Tensor, config: DemoConfig, budget_s: float,
+def pretrain(model: TransformerLM, stream: torch.Tensor, config: DemoConfig, guard_s: float,
              log: list[dict[str, Any]]) -> dict[str, Any]:
-    """Next-token training on random windows of the stream; the LR schedule runs on max(step, time) progress,
-    so it decays fully whichever of `pretrain_max_steps` and the time budget ends the stage."""
+    """Next-token training on random windows of the stream for exactly `pretrain_steps` steps (the schedule
+    follows the step count); `guard_s` only stops a far slower machine early, which the stats then record."""
     device = next(model.parameters()).device
     stream = stream.to(device)
-    ctx, batch = config.context_length, config.pretrain_batch_size
+    ctx, batch, total = config.context_length, config.pretrain_batch_size, config.pretrain_steps
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.pretrain_lr, betas=(0.9, 0.95), weight_decay=0.1,
                                   fused=device.type == "cuda")
     generator = torch.Generator(device=device).manual_seed(config.seed)
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu",
                                                                                                    enabled=False)
-    warm = config.pretrain_warmup / config.pretrain_max_steps
-    start, step, tokens = time.perf_counter(), 0, 0
+    warm = config.pretrain_warmup / total
+    deadline = Deadline(guard_s)
+    start, step, tokens, loss = time.perf_counter(), 0, 0, None
     model.train()
-    progress_bar = tqdm(total=config.pretrain_max_steps, desc="pretrain", leave=False)
-    while step < config.pretrain_max_steps:
-        elapsed = time.perf_counter() - start
-        progress = max(step / config.pretrain_max_steps, elapsed / budget_s)
-        if progress >= 1:
-            break
+    progress_bar = tqdm(total=total, desc="pretrain", leave=False)
+    while step < total and not deadline.passed():
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(progress, config.pretrain_lr, warm)
+            group["lr"] = lr_at(step / total, config.pretrain_lr, warm)
         offsets = torch.randint(0, stream.numel() - ctx - 1, (batch,), device=device, generator=generator)
         window = offsets[:, None] + torch.arange(ctx + 1, device=device)
         chunk = stream[window]
@@ -112,16 +111,28 @@ def pretrain(model: TransformerLM, stream: torch.Tensor, config: DemoConfig, bud
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     return {"steps": step, "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / max(seconds, 1e-9),
-            "final_loss": float(loss.detach()) if step else None}
+            "final_loss": float(loss.detach()) if loss is not None else None, "stopped_by_guard": step < total}
 
 
 def evaluate(policy: BasicsCausalLM, tokenizer: BasicsTokenizer, questions: QuestionSet, config: DemoConfig,
              temperature: float) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Reward on `questions` (one sample each) with the standard error of its mean."""
     backend = NativeBackend(policy, tokenizer, batch_size=config.generation_batch_size)
     params = SamplingParams(temperature=temperature, max_tokens=config.max_new_tokens, stop=("</answer>",),
                             include_stop_str_in_output=True, seed=config.seed + 99)
-    return evaluate_reward(backend, policy, tokenizer, questions.prompts, questions.truths, r1_zero_reward, params,
-                           entropy_batch_size=128)
+    records, summary = evaluate_reward(backend, policy, tokenizer, questions.prompts, questions.truths,
+                                       r1_zero_reward, params, entropy_batch_size=128)
+    summary["reward_se"] = standard_error([r["reward"] for r in records])
+    return records, summary
+
+
+def standard_error(values: list[float]) -> float | None:
+    """Sample standard deviation / sqrt(n): the error bar of a mean over independent examples."""
+    n = len(values)
+    if n < 2:
+        return None
+    mean = sum(values) / n
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
 
 
 def rollout_throughput(policy: BasicsCausalLM, tokenizer: BasicsTokenizer, prompts: list[str],
@@ -152,26 +163,42 @@ def _question_set(problems: list[Problem]) -> QuestionSet:
 def evaluate_sampled_and_greedy(
     policy: BasicsCausalLM, tokenizer: BasicsTokenizer, questions: QuestionSet, config: DemoConfig
 ) -> tuple[list[dict[str, Any]], dict[str, Any], dict[str, Any]]:
-    """(samples at T=1, their summary, the greedy summary) on the held-out questions."""
+    """(samples at T=1, their summary, the greedy records and summary) on the held-out questions."""
     samples, sampled = evaluate(policy, tokenizer, questions, config, temperature=1.0)
-    _, greedy = evaluate(policy, tokenizer, questions, config, temperature=0.0)
-    return samples, sampled, greedy
+    greedy_records, greedy = evaluate(policy, tokenizer, questions, config, temperature=0.0)
+    return samples, sampled, {**greedy, "_records": greedy_records}
 
 
-def run_demo(config: DemoConfig, out_dir: str) -> dict[str, Any]:
-    """All stages; returns (and writes to `out_dir`) the results dictionary."""
-    t0 = time.perf_counter()
-    os.makedirs(out_dir, exist_ok=True)
-    device = resolve_device(config.device)
-    torch.manual_seed(config.seed)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    budgets = config.stage_budgets()
-    timings: dict[str, float] = {}
-    log: list[dict[str, Any]] = []
+def paired_gain(before: list[dict[str, Any]], after: list[dict[str, Any]]) -> dict[str, float | None]:
+    """Mean reward change on the same questions and its paired standard error."""
+    diffs = [b["reward"] - a["reward"] for a, b in zip(before, after, strict=True)]
+    return {"gain": sum(diffs) / len(diffs) if diffs else None, "se": standard_error(diffs)}
 
-    # Data: a train pool (pretraining text, SFT traces, GRPO questions) and a disjoint held-out split.
+
+# ---- the run's stages --------------------------------------------------------------------------------------
+
+# Fields that decide the SFT start; a saved start is only reused by a run that agrees on all of them.
+START_FIELDS = ("seed", "max_steps_per_problem", "error_rate", "n_pretrain_problems", "n_sft_examples",
+                "vocab_size", "d_model", "num_layers", "num_heads", "d_ff", "context_length", "pretrain_batch_size",
+                "pretrain_lr", "pretrain_warmup", "pretrain_steps", "sft_steps", "sft_batch_size", "sft_grad_accum",
+                "sft_lr")
+
+
+class StartMismatch(ValueError):
+    """A saved start was made with other data, model or stage settings than the run that wants it."""
+
+
+@dataclass
+class DemoData:
+    tokenizer: BasicsTokenizer
+    pretrain_texts: list[str]
+    sft_examples: list[dict[str, str]]
+    grpo_questions: QuestionSet
+    heldout: QuestionSet
+
+
+def make_data(config: DemoConfig) -> DemoData:
+    """A train pool (pretraining text, SFT traces, GRPO questions), a disjoint held-out split, the tokenizer."""
     pool = generate(config.n_pretrain_problems, config.seed, held_out=False, max_steps=config.max_steps_per_problem)
     heldout = generate(config.n_heldout, config.seed + 1, held_out=True, max_steps=config.max_steps_per_problem)
     rng = random.Random(config.seed)
@@ -179,45 +206,133 @@ def run_demo(config: DemoConfig, out_dir: str) -> dict[str, Any]:
     sft_examples = [{"prompt": p.r1_prompt(), "response": p.r1_response(maybe_slip(p, rng, config.error_rate))}
                     for p in sft_problems]
     grpo_questions = _question_set(pool[config.n_sft_examples : config.n_sft_examples + config.n_grpo_questions])
-    heldout_set = _question_set(heldout)
     pretrain_texts = [p.plain_text(maybe_slip(p, rng, config.error_rate)) for p in pool]
     sample = "<|endoftext|>".join(pretrain_texts[:3000] + [e["prompt"] + e["response"] for e in sft_examples[:300]])
     tokenizer = train_demo_tokenizer(sample, config.vocab_size)
-    stream = encode_corpus(tokenizer, pretrain_texts, config.encode_workers)
-    timings["data_and_tokenizer"] = time.perf_counter() - t0
+    return DemoData(tokenizer, pretrain_texts, sft_examples, grpo_questions, _question_set(heldout))
 
-    model_config = TransformerConfig(vocab_size=len(tokenizer), context_length=config.context_length,
-                                     d_model=config.d_model, num_layers=config.num_layers, num_heads=config.num_heads,
-                                     d_ff=config.d_ff, use_torch_sdpa=device.type == "cuda")
-    model = TransformerLM(model_config).to(device)
+
+def model_config_for(config: DemoConfig, tokenizer: BasicsTokenizer, device: torch.device) -> TransformerConfig:
+    return TransformerConfig(vocab_size=len(tokenizer), context_length=config.context_length, d_model=config.d_model,
+                             num_layers=config.num_layers, num_heads=config.num_heads, d_ff=config.d_ff,
+                             use_torch_sdpa=device.type == "cuda")
+
+
+def train_start(config: DemoConfig, data: DemoData, device: torch.device, log: list[dict[str, Any]],
+                timings: dict[str, float]) -> tuple[BasicsCausalLM, dict[str, Any]]:
+    """Pretraining on plain problem + reasoning text, then SFT into the R1-Zero format: GRPO's starting policy."""
+    budgets = config.stage_budgets()
+    t = time.perf_counter()
+    stream = encode_corpus(data.tokenizer, data.pretrain_texts, config.encode_workers)
+    timings["encode"] = time.perf_counter() - t
+    torch.manual_seed(config.seed)
+    model = TransformerLM(model_config_for(config, data.tokenizer, device)).to(device)
     t = time.perf_counter()
     pretrain_stats = pretrain(model, stream, config, budgets["pretrain"], log)
     timings["pretrain"] = time.perf_counter() - t
     policy = BasicsCausalLM(model)
-    precision = "bf16" if device.type == "cuda" else "fp32"
-
     t = time.perf_counter()
-    sft_history = run_sft(policy, tokenizer, sft_examples, SFTConfig(
+    sft_history = run_sft(policy, data.tokenizer, data.sft_examples, SFTConfig(
         learning_rate=config.sft_lr, train_batch_size=config.sft_batch_size,
         gradient_accumulation_steps=config.sft_grad_accum, num_steps=config.sft_steps, warmup_steps=5,
-        precision=precision, seed=config.seed, time_budget_s=budgets["sft"]))
+        precision=_precision(device), seed=config.seed, time_budget_s=budgets["sft"]))
     log += [{"stage": "sft", **r} for r in sft_history]
     timings["sft"] = time.perf_counter() - t
+    return policy, {"pretrain": pretrain_stats, "sft_steps_run": sum(1 for r in sft_history if r["kind"] == "train")}
+
+
+def save_start(path: str, policy: BasicsCausalLM, config: DemoConfig, stats: dict[str, Any]) -> None:
+    """The SFT model and what made it, written atomically (a sweep's GRPO runs all start from this file)."""
+    state = {"model": policy.model.state_dict(), "model_config": policy.model.config.to_dict(),
+             "start_config": {k: getattr(config, k) for k in START_FIELDS}, "stats": stats}
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".pt")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def load_start(path: str, config: DemoConfig, data: DemoData, device: torch.device) -> tuple[BasicsCausalLM,
+                                                                                           dict[str, Any]]:
+    """A saved SFT start, refused when it was made with other data, model or stage settings."""
+    state = torch.load(path, map_location=device, weights_only=True)
+    mismatched = [k for k in START_FIELDS if state["start_config"].get(k) != getattr(config, k)]
+    if mismatched:
+        raise StartMismatch(f"{path} was made with other settings: " + ", ".join(
+            f"{k}={state['start_config'].get(k)!r} (this run: {getattr(config, k)!r})" for k in mismatched))
+    model = TransformerLM(model_config_for(config, data.tokenizer, device)).to(device)
+    model.load_state_dict(state["model"])
+    return BasicsCausalLM(model), state["stats"]
+
+
+def _precision(device: torch.device) -> str:
+    return "bf16" if device.type == "cuda" else "fp32"
+
+
+def make_deterministic(device: torch.device) -> None:
+    """Deterministic kernels (cuBLAS workspace, sorted scatter in embedding backward, deterministic SDPA
+    backward): bitwise-repeatable runs for a seed on one machine, at a small speed cost."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def grpo_config_for(config: DemoConfig, device: torch.device) -> GRPOConfig:
+    return GRPOConfig(
+        n_grpo_steps=config.grpo_steps, learning_rate=config.grpo_lr, warmup_steps=config.grpo_warmup_steps,
+        rollout_batch_size=config.rollout_batch_size, group_size=config.group_size,
+        sampling_max_tokens=config.max_new_tokens, epochs_per_rollout_batch=config.epochs_per_rollout_batch,
+        train_batch_size=config.train_batch_size, gradient_accumulation_steps=config.grpo_grad_accum,
+        loss_type=config.loss_type, cliprange=config.cliprange, precision=_precision(device),
+        generation_batch_size=config.generation_batch_size, seed=config.seed,
+        time_budget_s=config.stage_budgets()["grpo"], eval_every=config.eval_every,
+        eval_limit=config.n_eval_in_loop, eval_max_tokens=config.max_new_tokens, eval_seed=config.seed + 99,
+        log_generations=0)
+
+
+def run_demo(config: DemoConfig, out_dir: str, start_from: str | None = None,
+             save_start_to: str | None = None, start_only: bool = False) -> dict[str, Any]:
+    """All stages; returns (and writes to `out_dir`) the results dictionary.
+
+    `start_from` skips pretraining and SFT by loading a start saved with `save_start_to` (same seed and start
+    settings); `start_only` stops after saving it.
+    """
+    t0 = time.perf_counter()
+    os.makedirs(out_dir, exist_ok=True)
+    device = resolve_device(config.device)
+    if config.deterministic:
+        make_deterministic(device)
+    torch.manual_seed(config.seed)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    timings: dict[str, float] = {}
+    log: list[dict[str, Any]] = []
+
+    data = make_data(config)
+    timings["data_and_tokenizer"] = time.perf_counter() - t0
+    if start_from is not None:
+        policy, start_stats = load_start(start_from, config, data, device)
+    else:
+        policy, start_stats = train_start(config, data, device, log, timings)
+    if save_start_to is not None:
+        save_start(save_start_to, policy, config, start_stats)
+    if start_only:
+        return {"config": asdict(config), "start": save_start_to, **start_stats, "timings_s": timings}
+    tokenizer, heldout_set = data.tokenizer, data.heldout
 
     t = time.perf_counter()
     sft_samples, sft_sampled, sft_greedy = evaluate_sampled_and_greedy(policy, tokenizer, heldout_set, config)
     timings["eval_sft"] = time.perf_counter() - t
 
-    grpo_config = GRPOConfig(
-        n_grpo_steps=config.grpo_steps, learning_rate=config.grpo_lr, rollout_batch_size=config.rollout_batch_size,
-        group_size=config.group_size, sampling_max_tokens=config.max_new_tokens,
-        epochs_per_rollout_batch=config.epochs_per_rollout_batch, train_batch_size=config.train_batch_size,
-        gradient_accumulation_steps=config.grpo_grad_accum, loss_type=config.loss_type, cliprange=config.cliprange,
-        precision=precision, generation_batch_size=config.generation_batch_size, seed=config.seed,
-        time_budget_s=budgets["grpo"], eval_every=config.eval_every, eval_limit=config.n_eval_in_loop,
-        eval_max_tokens=config.max_new_tokens, eval_seed=config.seed + 99, log_generations=0)
     t = time.perf_counter()
-    grpo_history = run_grpo(policy, tokenizer, grpo_questions, grpo_config, eval_questions=heldout_set)
+    grpo_history = run_grpo(policy, tokenizer, data.grpo_questions, grpo_config_for(config, device),
+                            eval_questions=heldout_set)
     log += [{"stage": "grpo", **r} for r in grpo_history]
     timings["grpo"] = time.perf_counter() - t
 
@@ -227,26 +342,36 @@ def run_demo(config: DemoConfig, out_dir: str) -> dict[str, Any]:
     throughput = rollout_throughput(policy, tokenizer, heldout_set.prompts, config)
     timings["total"] = time.perf_counter() - t0
 
+    gains = {"sampled": paired_gain(sft_samples, grpo_samples),
+             "greedy": paired_gain(sft_greedy.pop("_records"), grpo_greedy.pop("_records"))}
     train = [r for r in grpo_history if r["kind"] == "train"]
+    model = policy.model
     results = {
         "config": asdict(config),
+        "started_from": start_from,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "model": {**model_config.to_dict(), "parameters": model.num_parameters()},
+        "model": {**model.config.to_dict(), "parameters": model.num_parameters()},
         "tokenizer_vocab": len(tokenizer),
-        "pretrain": pretrain_stats,
-        "sft_steps_run": sum(1 for r in sft_history if r["kind"] == "train"),
+        **start_stats,
         "grpo_steps_run": len(train),
+        "stopped_by_guard": [name for name, stopped in (
+            ("pretrain", start_stats["pretrain"].get("stopped_by_guard", False)),
+            ("sft", start_stats["sft_steps_run"] < config.sft_steps),
+            ("grpo", len(train) < config.grpo_steps)) if stopped],
         "heldout": {"n": len(heldout_set), "sft": {"sampled": sft_sampled, "greedy": sft_greedy},
                     "grpo": {"sampled": grpo_sampled, "greedy": grpo_greedy}},
-        "reward_gain_sampled": grpo_sampled["reward"] - sft_sampled["reward"],
-        "reward_gain_greedy": grpo_greedy["reward"] - sft_greedy["reward"],
+        "reward_gain_sampled": gains["sampled"]["gain"],
+        "reward_gain_sampled_se": gains["sampled"]["se"],
+        "reward_gain_greedy": gains["greedy"]["gain"],
+        "reward_gain_greedy_se": gains["greedy"]["se"],
         "rollout_tokens_per_s_mean": (sum(r["rollout_tokens_per_s"] for r in train) / len(train)) if train else None,
         "native_throughput": throughput,
         "timings_s": timings,
         "curves": {
             "grpo_train": [{k: r.get(k) for k in ("step", "reward_mean", "format_reward_mean", "token_entropy",
-                                                 "response_length", "clip_fraction", "grad_norm", "loss",
-                                                 "rollout_tokens_per_s")} for r in train],
+                                                 "response_length", "clip_fraction", "grad_norm", "loss", "lr",
+                                                 "fraction_groups_all_equal", "rollout_tokens_per_s")}
+                           for r in train],
             "grpo_eval": [{k: r.get(k) for k in ("step", "reward", "format_reward", "mean_token_entropy",
                                                 "response_length")} for r in grpo_history if r["kind"] == "eval"],
         },

@@ -64,27 +64,39 @@ def _fmt(value: Any) -> str:
     return f"{value:.3f}" if isinstance(value, float) else str(value)
 
 
+def _pm(summary: dict[str, Any]) -> str:
+    se = summary.get("reward_se")
+    return _fmt(summary["reward"]) + (f" ± {se:.3f}" if se is not None else "")
+
+
 def markdown_summary(results: dict[str, Any]) -> str:
     held = results["heldout"]
     rows = ["| model | held-out reward (T=1) | format reward (T=1) | greedy reward | entropy | length |",
             "|---|---|---|---|---|---|"]
     for stage in ("sft", "grpo"):
         s, g = held[stage]["sampled"], held[stage]["greedy"]
-        rows.append(f"| {'SFT start' if stage == 'sft' else 'GRPO end'} | {_fmt(s['reward'])} | "
-                    f"{_fmt(s['format_reward'])} | {_fmt(g['reward'])} | {_fmt(s['mean_token_entropy'])} | "
+        rows.append(f"| {'SFT start' if stage == 'sft' else 'GRPO end'} | {_pm(s)} | "
+                    f"{_fmt(s['format_reward'])} | {_pm(g)} | {_fmt(s['mean_token_entropy'])} | "
                     f"{_fmt(s['response_length'])} |")
     tp = results["native_throughput"]
+    guard = results.get("stopped_by_guard") or []
+    pretrain = results["pretrain"]
     lines = [
         "# Assignment 5 demo: pretrain -> SFT -> GRPO on generated arithmetic word problems", "",
-        f"Device: {results['device']}; model {results['model']['parameters'] / 1e6:.1f}M parameters "
-        f"(d_model {results['model']['d_model']}, {results['model']['num_layers']} layers), vocab "
-        f"{results['tokenizer_vocab']}.", "",
-        f"Pretraining: {results['pretrain']['steps']} steps, {results['pretrain']['tokens'] / 1e6:.1f}M tokens at "
-        f"{results['pretrain']['tokens_per_s'] / 1e3:.0f}k tokens/s. SFT: {results['sft_steps_run']} steps. "
-        f"GRPO: {results['grpo_steps_run']} steps.", "",
+        f"Device: {results['device']}; seed {results['config']['seed']}; model "
+        f"{results['model']['parameters'] / 1e6:.1f}M parameters (d_model {results['model']['d_model']}, "
+        f"{results['model']['num_layers']} layers), vocab {results['tokenizer_vocab']}.", "",
+        f"Pretraining: {pretrain['steps']} steps, {pretrain['tokens'] / 1e6:.1f}M tokens at "
+        f"{pretrain['tokens_per_s'] / 1e3:.0f}k tokens/s. SFT: {results['sft_steps_run']} steps. "
+        f"GRPO: {results['grpo_steps_run']} steps (lr {results['config']['grpo_lr']:g}, "
+        f"{results['config']['loss_type']})."
+        + (f" Started from {results['started_from']}." if results.get("started_from") else ""), "",
+        *([f"**Stopped early by the time guard: {', '.join(guard)}.**", ""] if guard else []),
+        f"Held-out set: {held['n']} problems; ± is one standard error.", "",
         *rows, "",
-        f"Gain (held-out, T=1): {results['reward_gain_sampled']:+.3f}; greedy: {results['reward_gain_greedy']:+.3f}.",
-        "",
+        f"Gain (held-out, paired): T=1 {results['reward_gain_sampled']:+.3f} ± "
+        f"{results['reward_gain_sampled_se'] or 0:.3f}; greedy {results['reward_gain_greedy']:+.3f} ± "
+        f"{results['reward_gain_greedy_se'] or 0:.3f}.", "",
         f"Native backend (KV cache) throughput: {tp['tokens_per_s']:.0f} tokens/s ({tp['rows']} rows x "
         f"{tp['new_tokens_per_row']} new tokens, {tp['decode_steps_per_s']:.1f} decoding steps/s); mean during "
         f"GRPO rollouts: {_fmt(results['rollout_tokens_per_s_mean'])} tokens/s.", "",

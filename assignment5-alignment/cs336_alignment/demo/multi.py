@@ -1,0 +1,271 @@
+"""Several demonstration runs at once, side by side on one GPU, gathered into one table, JSON and figure.
+
+    python -m cs336_alignment.demo.multi seeds --preset h200 --seeds 0 1 2 --repeat 0 --out-dir runs/seeds
+    python -m cs336_alignment.demo.multi sweep --preset h200 --lrs 1e-5 3e-5 1e-4 \\
+        --variant lr1e-4-warmup:grpo_lr=1e-4,grpo_warmup_steps=20 --out-dir runs/sweep
+
+`seeds` runs the whole chain once per seed (`--repeat S` runs seed S a second time to show that a seed fixes
+the numbers). `sweep` trains one SFT start, then runs GRPO from it once per setting, so the settings differ
+in nothing else. Each run is a child process (`python -m cs336_alignment.demo`) with its own folder and
+`log.txt`; the small model leaves the GPU mostly idle, so the runs share it well. `--fig-dir` also copies the
+figure there, `report` redraws from finished run folders.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from typing import Any
+
+from cs336_alignment.demo.config import PRESETS, preset
+
+
+def demo_command(preset_name: str, out_dir: str, overrides: list[str], *extra: str) -> list[str]:
+    command = [sys.executable, "-m", "cs336_alignment.demo", "--preset", preset_name, "--out-dir", out_dir]
+    for item in overrides:
+        command += ["--set", item]
+    return command + list(extra)
+
+
+def run_children(jobs: dict[str, list[str]], root: str) -> dict[str, int]:
+    """Starts every job at once, each logging to `root/<label>/log.txt`; returns exit codes by label."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    started, procs, logs = time.perf_counter(), {}, {}
+    for label, command in jobs.items():
+        os.makedirs(os.path.join(root, label), exist_ok=True)
+        logs[label] = open(os.path.join(root, label, "log.txt"), "w")  # noqa: SIM115 (closed when the child ends)
+        procs[label] = subprocess.Popen(command, stdout=logs[label], stderr=subprocess.STDOUT, env=env)
+    print(f"multi: started {len(procs)} runs: {', '.join(procs)}", flush=True)
+    codes: dict[str, int] = {}
+    while len(codes) < len(procs):
+        for label, proc in procs.items():
+            if label not in codes and proc.poll() is not None:
+                codes[label] = proc.returncode
+                logs[label].close()
+                print(f"multi: {label} finished with exit code {proc.returncode} after "
+                      f"{time.perf_counter() - started:.0f} s", flush=True)
+                if proc.returncode:
+                    print(tail(os.path.join(root, label, "log.txt")), file=sys.stderr, flush=True)
+        time.sleep(1.0)
+    return codes
+
+
+def tail(path: str, lines: int = 15) -> str:
+    with open(path, errors="replace") as f:
+        return "".join(f.readlines()[-lines:])
+
+
+def load_runs(root: str, labels: list[str]) -> dict[str, dict[str, Any]]:
+    runs = {}
+    for label in labels:
+        path = os.path.join(root, label, "a5_demo_results.json")
+        if os.path.isfile(path):
+            with open(path) as f:
+                runs[label] = json.load(f)
+    return runs
+
+
+def same_numbers(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Two runs agree on everything but wall times and speeds (what a fixed seed must fix)."""
+    def strip(results: dict[str, Any]) -> dict[str, Any]:
+        keep = {k: results[k] for k in ("heldout", "reward_gain_sampled", "reward_gain_greedy", "grpo_steps_run")}
+        keep["curves"] = [{k: v for k, v in r.items() if k != "rollout_tokens_per_s"}
+                          for r in results["curves"]["grpo_train"]], results["curves"]["grpo_eval"]
+        for stage in keep["heldout"].values():
+            if isinstance(stage, dict):
+                for summary in stage.values():
+                    for key in ("generation_seconds", "generation_tokens_per_s"):
+                        summary.pop(key, None)
+        return json.loads(json.dumps(keep))
+    return strip(a) == strip(b)
+
+
+def row(label: str, r: dict[str, Any]) -> str:
+    held, c = r["heldout"], r["config"]
+    s0, s1, g0, g1 = (held["sft"]["sampled"], held["grpo"]["sampled"], held["sft"]["greedy"], held["grpo"]["greedy"])
+
+    def pm(value: float | None, se: float | None) -> str:
+        return "–" if value is None else f"{value:.3f} ± {se or 0:.3f}"
+
+    return (f"| {label} | {c['seed']} | {c['grpo_lr']:g} | {c['grpo_warmup_steps']} | "
+            f"{pm(s0['reward'], s0.get('reward_se'))} | {pm(s1['reward'], s1.get('reward_se'))} | "
+            f"**{r['reward_gain_sampled']:+.3f}** ± {r['reward_gain_sampled_se'] or 0:.3f} | "
+            f"{pm(g0['reward'], g0.get('reward_se'))} | {pm(g1['reward'], g1.get('reward_se'))} | "
+            f"**{r['reward_gain_greedy']:+.3f}** ± {r['reward_gain_greedy_se'] or 0:.3f} | "
+            f"{s0['mean_token_entropy']:.3f} → {s1['mean_token_entropy']:.3f} | "
+            f"{s0['response_length']:.1f} → {s1['response_length']:.1f} | "
+            f"{r['grpo_steps_run']}{' (guard)' if r.get('stopped_by_guard') else ''} | "
+            f"{r['timings_s']['total']:.0f} |")
+
+
+def markdown(kind: str, runs: dict[str, dict[str, Any]], notes: list[str]) -> str:
+    first = next(iter(runs.values()))
+    held_n = first["heldout"]["n"]
+    lines = [f"# Assignment 5 demo, {kind}: GRPO from the SFT start", "",
+             f"Device: {first['device']}; held-out set {held_n} problems per seed; ± is one standard error (paired "
+             "for the gains). Sampled = one sample per problem at T=1; greedy = T=0.", "",
+             "| run | seed | lr | warm-up | sampled, SFT | sampled, GRPO | gain | greedy, SFT | greedy, GRPO | gain | "
+             "entropy (T=1) | length | GRPO steps | wall s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [row(label, r) for label, r in runs.items()]
+    return "\n".join([*lines, "", *notes, ""])
+
+
+def plot_runs(runs: dict[str, dict[str, Any]], title: str, path: str) -> None:
+    """Four panels over GRPO steps, one colour per run: held-out reward (in-loop, T=1) with the start and end
+    greedy rewards marked, rollout reward, rollout token entropy, rollout response length."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
+    (held, roll), (ent, length) = axes
+    for i, (label, r) in enumerate(runs.items()):
+        color = f"C{i}"
+        train, evals = r["curves"]["grpo_train"], r["curves"]["grpo_eval"]
+        steps = [t["step"] for t in train]
+        last = steps[-1] if steps else 0
+        if evals:
+            held.plot([e["step"] for e in evals], [e["reward"] for e in evals], "o-", ms=3, color=color,
+                      label=f"{label}: held-out, T=1")
+        g0, g1 = r["heldout"]["sft"]["greedy"]["reward"], r["heldout"]["grpo"]["greedy"]["reward"]
+        held.plot([0, last], [g0, g1], "^--", color=color, alpha=0.55, ms=7, label=f"{label}: greedy, start → end")
+        roll.plot(steps, [t["reward_mean"] for t in train], color=color, lw=1, label=f"{label}: reward")
+        roll.plot(steps, [t["format_reward_mean"] for t in train], color=color, lw=0.8, ls=":", alpha=0.8)
+        ent.plot(steps, [t["token_entropy"] for t in train], color=color, lw=1, label=label)
+        length.plot(steps, [t["response_length"] for t in train], color=color, lw=1, label=label)
+    held.set_title(f"held-out reward (in loop: {runs[next(iter(runs))]['config']['n_eval_in_loop']} problems, T=1;"
+                   " triangles: greedy on the full set)", fontsize=9)
+    held.set_ylim(-0.02, 1.02)
+    roll.set_title("rollout batch: reward (solid), format reward (dotted)", fontsize=9)
+    roll.set_ylim(-0.02, 1.02)
+    ent.set_title("rollout mean token entropy (nats)", fontsize=9)
+    length.set_title("rollout response length (tokens)", fontsize=9)
+    for ax in axes.flat:
+        ax.set_xlabel("GRPO step")
+        ax.grid(alpha=0.3)
+    held.legend(fontsize=6.5, loc="lower right", ncol=2)
+    ent.legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+def gather(kind: str, root: str, labels: list[str], repeat: tuple[str, str] | None, fig_dir: str | None) -> int:
+    """Writes `a5_<kind>.json`, `.md` and `.png` into `root` (figure also into `fig_dir`); 1 if a run is missing."""
+    runs = load_runs(root, labels)
+    missing = [label for label in labels if label not in runs]
+    notes = [f"Missing (failed) runs: {', '.join(missing)}; see their log.txt."] if missing else []
+    if repeat and all(label in runs for label in repeat):
+        same = same_numbers(runs[repeat[0]], runs[repeat[1]])
+        notes.append(f"Reproducibility: `{repeat[1]}` repeats `{repeat[0]}` with the same seed and "
+                     f"{'gives exactly the same numbers' if same else 'DIFFERS'} (every reward, entropy, length, "
+                     "curve point; wall times aside).")
+    if not runs:
+        print("multi: no run finished", file=sys.stderr)
+        return 1
+    name = {"seeds": "a5_seeds", "sweep": "a5_lr_sweep"}[kind]
+    plotted = {label: r for label, r in runs.items() if not (repeat and label == repeat[1])}
+    first = next(iter(plotted.values()))["config"]
+    title = (f"GRPO on the demo task, seeds {', '.join(str(r['config']['seed']) for r in plotted.values())}"
+             if kind == "seeds" else f"GRPO learning-rate sweep from one SFT start (seed {first['seed']})")
+    plot_runs(plotted, f"{title} — {first['loss_type']}, {first['rollout_batch_size']} rollouts/step", 
+              os.path.join(root, f"{name}.png"))
+    if fig_dir:
+        os.makedirs(fig_dir, exist_ok=True)
+        shutil.copy(os.path.join(root, f"{name}.png"), os.path.join(fig_dir, f"{name}.png"))
+    text = markdown(kind, runs, notes)
+    with open(os.path.join(root, f"{name}.md"), "w") as f:
+        f.write(text)
+    with open(os.path.join(root, f"{name}.json"), "w") as f:
+        json.dump({"kind": kind, "notes": notes, "runs": runs}, f, indent=1, default=float)
+    print(text)
+    return 1 if missing else 0
+
+
+def parse_variant(text: str) -> tuple[str, list[str]]:
+    label, sep, settings = text.partition(":")
+    if not sep or not label or not settings:
+        raise ValueError(f"bad --variant {text!r}: expected LABEL:key=value[,key=value...]")
+    return label, settings.split(",")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m cs336_alignment.demo.multi", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("kind", choices=("seeds", "sweep", "report"))
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="h200")
+    parser.add_argument("--out-dir", required=True)
+    parser.add_argument("--fig-dir", help="also copy the figure here (e.g. fig/)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every run")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--repeat", type=int, help="seeds: run this seed twice (reproducibility check)")
+    parser.add_argument("--seed", type=int, default=0, help="sweep: the seed of the shared start")
+    parser.add_argument("--lrs", type=float, nargs="*", default=[], help="sweep: GRPO learning rates")
+    parser.add_argument("--variant", action="append", default=[], metavar="LABEL:K=V,...",
+                        help="sweep: a further setting (repeatable)")
+    parser.add_argument("--of", choices=("seeds", "sweep"), help="report: which kind of folder to redraw")
+    args = parser.parse_args(argv)
+
+    def fail(message: str) -> int:
+        print(f"multi: error: {message}", file=sys.stderr)
+        return 2
+
+    try:
+        preset(args.preset, args.set)
+        variants = [parse_variant(v) for v in args.variant]
+        for _label, settings in variants:
+            preset(args.preset, args.set + settings)
+    except ValueError as e:
+        return fail(str(e))
+    if any(lr <= 0 for lr in args.lrs):
+        return fail("--lrs must be positive")
+    root = args.out_dir
+    os.makedirs(root, exist_ok=True)
+
+    if args.kind == "report":
+        if not args.of:
+            return fail("report needs --of seeds|sweep")
+        labels = sorted(d for d in os.listdir(root) if os.path.isfile(os.path.join(root, d, "a5_demo_results.json")))
+        return gather(args.of, root, labels, None, args.fig_dir)
+
+    if args.kind == "seeds":
+        if len(set(args.seeds)) != len(args.seeds):
+            return fail("--seeds must be distinct (use --repeat for a repeated seed)")
+        jobs = {f"seed{s}": demo_command(args.preset, os.path.join(root, f"seed{s}"), [*args.set, f"seed={s}"])
+                for s in args.seeds}
+        repeat = None
+        if args.repeat is not None:
+            if args.repeat not in args.seeds:
+                return fail("--repeat must be one of --seeds")
+            label = f"seed{args.repeat}-repeat"
+            jobs[label] = demo_command(args.preset, os.path.join(root, label), [*args.set, f"seed={args.repeat}"])
+            repeat = (f"seed{args.repeat}", label)
+        run_children(jobs, root)
+        return gather("seeds", root, list(jobs), repeat, args.fig_dir)
+
+    settings = [(f"lr{lr:g}", [f"grpo_lr={lr:g}"]) for lr in args.lrs] + variants
+    if not settings:
+        return fail("sweep needs --lrs and/or --variant")
+    if len({label for label, _ in settings}) != len(settings):
+        return fail("sweep labels must be distinct")
+    shared = [*args.set, f"seed={args.seed}"]
+    start = os.path.join(root, "start", "start.pt")
+    print("multi: training the shared SFT start", flush=True)
+    codes = run_children({"start": demo_command(args.preset, os.path.join(root, "start"), shared,
+                                                "--save-start", start, "--start-only")}, root)
+    if codes["start"]:
+        return fail("the shared start failed; see start/log.txt")
+    jobs = {label: demo_command(args.preset, os.path.join(root, label), shared + extra, "--start-from", start)
+            for label, extra in settings}
+    run_children(jobs, root)
+    return gather("sweep", root, list(jobs), None, args.fig_dir)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
