@@ -31,11 +31,11 @@ from cs336_alignment.training.common import (
     check_positive,
     clip_and_step,
     epoch_order,
-    set_lr,
-    warmup_lr,
     make_adamw,
     native_backend,
     record_step,
+    set_lr,
+    warmup_lr,
 )
 from cs336_alignment.training.eval_config import EvalSettings, QuestionSet, run_eval
 
