@@ -34,7 +34,7 @@ class DemoConfig:
     pretrain_batch_size: int = 128
     pretrain_lr: float = 1e-3
     pretrain_warmup: int = 100
-    pretrain_steps: int = 1000  # short on purpose: the SFT start is still a poor calculator (headroom for GRPO)
+    pretrain_steps: int = 500  # short on purpose: the SFT start is still a poor calculator (headroom for GRPO)
     # SFT into the R1-Zero format (deliberately short)
     sft_steps: int = 40
     sft_batch_size: int = 64
