@@ -13,9 +13,10 @@ from cs336_alignment.text_tokenizer import encode, pad_token_id, stop_token_ids
 from cs336_basics.decoding import sample_next_token
 
 
-def find_stop(text: str, stops: Sequence[str]) -> tuple[int, str] | None:
-    """(index, stop string) of the earliest stop string in `text`, or None."""
-    hits = [(text.find(s), s) for s in stops if s in text]
+def find_stop(text: str, stops: Sequence[str], after: int = 0) -> tuple[int, str] | None:
+    """(index, stop string) of the earliest stop string in `text` that ends after its first `after`
+    characters, or None."""
+    hits = [(i, s) for s in stops if (i := text.find(s, max(0, after - len(s) + 1))) >= 0]
     return min(hits) if hits else None
 
 
@@ -112,11 +113,16 @@ class NativeBackend:
         return results
 
     def _cut_at_stop(self, ids: list[int], params: SamplingParams, window: int) -> str | None:
-        """The completion's text cut at its first stop string, or None while no stop string has appeared."""
+        """The completion's text cut at its first stop string, or None while no stop string has appeared.
+
+        As in vLLM, a stop string counts only if it ends in the `min_tokens`-th token or later: one completed
+        earlier is ignored (else a response could be cut shorter than `min_tokens`, even to nothing)."""
         if find_stop(self.tokenizer.decode(ids[-window:], skip_special_tokens=True), params.stop) is None:
             return None
         text = self.tokenizer.decode(ids, skip_special_tokens=True)
-        hit = find_stop(text, params.stop)
+        before_min = len(self.tokenizer.decode(ids[: params.min_tokens - 1], skip_special_tokens=True)) \
+            if params.min_tokens > 1 else 0
+        hit = find_stop(text, params.stop, after=before_min)
         if hit is None:
             return None
         index, stop = hit
