@@ -10,20 +10,23 @@
   a large lr can wreck a pretrained policy in a couple of steps), and `warmup_steps` scales that first step.
 """
 
+from dataclasses import replace
+
 import pytest
 import torch
 
-from cs336_alignment.generation import Completion, SamplingParams
+from cs336_alignment.generation import Completion, NativeBackend, SamplingParams
 from cs336_alignment.grpo import grpo_microbatch_train_step
 from cs336_alignment.lm import BasicsCausalLM
 from cs336_alignment.logprobs import get_response_log_probs
-from cs336_alignment.testing import basics_tokenizer, tiny_basics_lm
+from cs336_alignment.rollouts import sample_rollouts
+from cs336_alignment.testing import basics_tokenizer, hf_tokenizer, tiny_basics_lm
 from cs336_alignment.text_tokenizer import BasicsTokenizer
-from cs336_alignment.tokenization import tokenize_prompt_and_output
+from cs336_alignment.tokenization import tokenize_prompt_and_output, tokenize_prompt_and_sampled_output
 from cs336_alignment.training import GRPOConfig, run_grpo
 from cs336_alignment.training.common import clip_and_step, make_adamw
 from cs336_alignment.training.eval_config import QuestionSet
-from cs336_alignment.training.grpo_loop import grpo_train_on_rollouts
+from cs336_alignment.training.grpo_loop import grpo_train_on_rollouts, rollout_training_batch
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -232,6 +235,7 @@ def test_grpo_learns_the_rewarded_arm_of_a_bandit(tok, case):
     assert rewarded_probability(policy, tok, BANDIT_HELD_OUT) > 0.9
     assert rewarded_probability(policy, tok, BANDIT_TRAIN) > 0.9
     assert history[-1]["reward_mean"] > 0.8
+    assert all(h["sampled_ids_fraction"] == 1.0 and h["noncanonical_fraction"] == 0.0 for h in history)
     if case == "grpo_clip_off_policy":  # four updates per rollout batch, the later ones really off-policy
         assert all(h["optimizer_steps"] == 4 for h in history)
         assert max(abs(h["ratio_mean"] - 1) for h in history) > 1e-3
@@ -309,3 +313,134 @@ def test_warmup_scales_the_loops_first_steps(tok):
     assert moved.numel() > first.numel() // 2
     assert moved.max() <= lr / warmup * (1 + 1e-6)
     assert (moved > 0.99 * lr / warmup).float().mean() > 0.99
+
+
+# ---- response masks of real sampled rollouts --------------------------------------------------------------
+
+STOP = "e"  # one common character: stop strings end inside multi-character tokens ("er", " the") as well
+MIN_TOKENS = 4  # the loop's default: EOS and stop strings do not count before the 4th token
+
+
+@pytest.fixture(scope="module")
+def sampler(tok: BasicsTokenizer) -> BasicsCausalLM:
+    """A random tiny LM with its EOS logit raised by 3, so rollouts end by EOS, by the stop string or by length."""
+    policy = make_policy(tok, seed=41).eval()
+    bias = torch.zeros(len(tok))
+    bias[tok.eos_token_id] = 3.0
+    policy.model.lm_head.register_forward_hook(lambda module, inputs, logits: logits + bias)
+    return policy
+
+
+class RecordingBackend:
+    """Passes generation through and keeps the completions, finish reasons and sampled ids included."""
+
+    def __init__(self, backend: NativeBackend):
+        self.backend = backend
+        self.completions: list[Completion] = []
+
+    def generate(self, prompts: list[str], params: SamplingParams) -> list[Completion]:
+        self.completions = self.backend.generate(prompts, params)
+        return self.completions
+
+
+def sample_as_grpo_step_does(policy: BasicsCausalLM, tok: BasicsTokenizer, include_stop: bool):
+    """Rollouts with the loop's sampling settings (stop string swapped) → the batch `grpo_step` trains on."""
+    config = GRPOConfig(sampling_max_tokens=12, sampling_min_tokens=MIN_TOKENS, stop=(STOP,))
+    params = replace(config.rollout_params(seed=3), include_stop_str_in_output=include_stop)
+    backend = RecordingBackend(NativeBackend(policy, tok, batch_size=64))
+    rollouts = sample_rollouts(backend, BANDIT_TRAIN, [""] * 4, 16, params)
+    return rollouts, backend.completions, rollout_training_batch(rollouts, tok)
+
+
+def finish_kind(tok: BasicsTokenizer, completion: Completion, include_stop: bool) -> str:
+    if completion.finish_reason == "length":
+        return "length"
+    cut = tok.decode(completion.token_ids) != completion.text  # the stop string, or what follows it, was cut
+    return "stop string" if cut or (include_stop and completion.text.endswith(STOP)) else "eos"
+
+
+@pytest.mark.parametrize("include_stop", [True, False], ids=["stop_in_text", "stop_cut"])
+def test_sampled_rollouts_are_trained_on_exactly_their_sampled_response_tokens(tok, sampler, include_stop):
+    rollouts, completions, batch = sample_as_grpo_step_does(sampler, tok, include_stop)
+    pad = tok.pad_token_id
+    kinds = set()
+    with torch.no_grad():
+        train_logp = get_response_log_probs(sampler, batch["input_ids"], batch["labels"])["log_probs"]
+    for row, (prompt, text, completion) in enumerate(zip(rollouts.prompts, rollouts.responses, completions,
+                                                         strict=True)):
+        kind = finish_kind(tok, completion, include_stop)
+        kinds.add(kind)
+        p, sampled = tok.encode(prompt), completion.token_ids
+        ids = torch.cat([batch["input_ids"][row, :1], batch["labels"][row]]).tolist()
+        mask, labels = batch["response_mask"][row], batch["labels"][row]
+        n = int(mask.sum())
+        # The prompt comes first, unmasked; the mask is one run starting at the first response label; the
+        # labels after it are padding.
+        assert ids[: len(p)] == p
+        assert mask.nonzero().flatten().tolist() == list(range(len(p) - 1, len(p) - 1 + n))
+        assert labels[len(p) - 1 + n :].eq(pad).all()
+        masked = labels[mask].tolist()
+        # The masked labels are what the sampler drew, cut to the shortest run that spells the response text.
+        assert masked == sampled[:n] and n >= 1
+        # (Dropping its last token would lose text, unless that token adds no character: a byte of a longer one.)
+        shorter = tok.decode(masked[:-1])
+        assert tok.decode(masked).startswith(text)
+        assert not shorter.startswith(text) or shorter == tok.decode(masked)
+        if kind == "stop string":  # ended by the first stop string completed in the 4th token or later
+            assert tok.decode(sampled).startswith(text if include_stop else text + STOP)
+            assert len(text) >= len(tok.decode(sampled[: MIN_TOKENS - 1]))
+            assert not include_stop or (text.endswith(STOP) and n >= MIN_TOKENS)
+        else:  # EOS (never in the ids) or max_tokens: every sampled token, spelling exactly the text, which
+            # has no stop string from the 4th token on
+            assert masked == sampled and tok.decode(masked) == text
+            assert STOP not in text[len(tok.decode(sampled[: MIN_TOKENS - 1])) :]
+        # So the training log-probs are those of the sampled tokens, as one plain forward gives them.
+        torch.testing.assert_close(train_logp[row][mask].double(), token_log_probs(sampler, p, masked).double(),
+                                   rtol=1e-5, atol=1e-5)
+    assert kinds == {"eos", "stop string", "length"}
+    assert batch["sampled"].all()
+
+
+def test_retokenising_sampled_text_often_changes_the_tokens(tok, sampler):
+    """Why the loop trains on sampled ids: re-encoding the text (the string path) trains on other tokens."""
+    rollouts, completions, batch = sample_as_grpo_step_does(sampler, tok, include_stop=True)
+    by_text = tokenize_prompt_and_output(rollouts.prompts, rollouts.responses, tok)
+    differs = [by_text["labels"][row][by_text["response_mask"][row]].tolist()
+               != batch["labels"][row][batch["response_mask"][row]].tolist() for row in range(len(completions))]
+    assert batch["noncanonical"].tolist() == differs
+    broken_utf8 = ["\ufffd" in r for r in rollouts.responses]
+    assert sum(differs) > len(differs) // 2  # a random policy samples stray bytes and non-canonical splits
+    assert any(d and not b for d, b in zip(differs, broken_utf8, strict=True))
+
+
+
+@pytest.mark.parametrize("kind", ["basics", "hf"])
+def test_sampled_ids_are_cut_to_the_returned_text_by_hand_made_cases(tok, kind):
+    """What a backend may return beyond the text, and what the training batch keeps of it (vLLM's tokenizers
+    are Hugging Face ones; the native backend's may be either)."""
+    tokenizer = tok if kind == "basics" else hf_tokenizer()
+
+    def enc(text: str) -> list[int]:
+        return tokenizer.encode(text, add_special_tokens=False)
+
+    answer = enc(" <answer> 5 </answer>")  # ' <', 'answer', '>', ' 5', ' </', 'answer', '>'
+    broken = enc(" 5") + enc("中")[:2]  # max_tokens ended inside a three-byte character
+    cases = [  # (text, sampled ids, ids to train on, re-encoding the text gives other ids)
+        (" <answer> 5 </answer>", [*answer, tokenizer.eos_token_id], answer, False),  # vLLM keeps EOS
+        (" <answer> 5 ", answer, answer[:5], True),  # stop "</answer>" cut: ' </' straddles, kept
+        (" <answer> 5 </ans", answer[:6], answer[:6], True),  # stop "</ans" ends inside 'answer'
+        (" brown fox", enc(" b") + enc("rown") + enc(" fox"), enc(" b") + enc("rown") + enc(" fox"), True),
+        (tokenizer.decode(broken), broken, broken, True),  # the last byte adds no character, still sampled
+        (" brown fox", [0], enc(" brown fox"), False),  # ids that do not spell the text: re-encoded
+    ]
+    texts = [c[0] for c in cases]
+    batch = tokenize_prompt_and_sampled_output(["Question 1"] * len(cases), texts, [c[1] for c in cases],
+                                               tokenizer)
+    for row, (_, _, expected, noncanonical) in enumerate(cases):
+        assert batch["labels"][row][batch["response_mask"][row]].tolist() == expected
+        assert bool(batch["noncanonical"][row]) == noncanonical
+    assert batch["sampled"].tolist() == [True] * 5 + [False]
+    # Without sampled ids it is the string path exactly.
+    plain = tokenize_prompt_and_sampled_output(["Question 1"] * len(cases), texts, [None] * len(cases), tokenizer)
+    by_text = tokenize_prompt_and_output(["Question 1"] * len(cases), texts, tokenizer)
+    assert all(torch.equal(plain[k], by_text[k]) for k in by_text) and not plain["sampled"].any()

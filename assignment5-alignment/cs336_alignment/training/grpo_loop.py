@@ -20,8 +20,8 @@ from cs336_alignment.lm import model_device
 from cs336_alignment.logprobs import get_response_log_probs
 from cs336_alignment.masked import masked_mean
 from cs336_alignment.reward import r1_zero_reward
-from cs336_alignment.rollouts import sample_rollouts
-from cs336_alignment.tokenization import tokenize_prompt_and_output
+from cs336_alignment.rollouts import RolloutBatch, sample_rollouts
+from cs336_alignment.tokenization import tokenize_prompt_and_sampled_output
 from cs336_alignment.training.common import (
     Deadline,
     RewardFn,
@@ -253,6 +253,14 @@ def run_grpo(
     return history
 
 
+def rollout_training_batch(rollouts: RolloutBatch, tokenizer: Any) -> dict[str, torch.Tensor]:
+    """Prompt + response token ids, labels and response mask to train on: each response as the tokens the
+    backend sampled (so log-probs, ratios and gradients are those of the sampled actions), re-encoded from its
+    text only where the backend gave no ids that decode to it."""
+    ids = rollouts.response_token_ids or [None] * len(rollouts.responses)
+    return tokenize_prompt_and_sampled_output(rollouts.prompts, rollouts.responses, ids, tokenizer)
+
+
 def grpo_step(
     policy: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -277,7 +285,7 @@ def grpo_step(
     advantages, raw, reward_meta = compute_group_normalized_rewards(
         reward_fn, rollouts.responses, rollouts.ground_truths, config.group_size, config.advantage_eps,
         config.use_std_normalization)
-    batch = tokenize_prompt_and_output(rollouts.prompts, rollouts.responses, tokenizer)
+    batch = rollout_training_batch(rollouts, tokenizer)
     lengths = batch["response_mask"].sum(dim=-1).float()
     updates_per_batch = config.epochs_per_rollout_batch * (config.rollout_batch_size // config.train_batch_size)
     updates = grpo_train_on_rollouts(policy, optimizer, batch, advantages, raw, config, config.seed * 104729 + step,
@@ -288,6 +296,9 @@ def grpo_step(
         "kind": "train",
         **reward_meta,
         "response_length": float(lengths.mean()),
+        # Rows trained on the sampled token ids, and among all rows those whose text re-encodes differently.
+        "sampled_ids_fraction": float(batch["sampled"].float().mean()),
+        "noncanonical_fraction": float(batch["noncanonical"].float().mean()),
         "rollout_seconds": rollout_seconds,
         "rollout_tokens_per_s": generated / rollout_seconds if rollout_seconds > 0 else None,
         "optimizer_steps": len(updates),
