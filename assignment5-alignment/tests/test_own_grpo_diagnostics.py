@@ -8,6 +8,9 @@
   the policy onto the rewarded string, on- and off-policy.
 * Optimizer: a fresh AdamW's first step moves every weight by the full lr whatever the gradient's scale (why
   a large lr can wreck a pretrained policy in a couple of steps), and `warmup_steps` scales that first step.
+* Masks: rollouts from the real native sampler (ended by EOS, by a stop string kept or cut, by max_tokens)
+  become training rows whose mask covers exactly the response, as the tokens the policy sampled; re-encoding
+  the text instead would often train on other tokens.
 """
 
 from dataclasses import replace
@@ -380,7 +383,7 @@ def test_sampled_rollouts_are_trained_on_exactly_their_sampled_response_tokens(t
         assert mask.nonzero().flatten().tolist() == list(range(len(p) - 1, len(p) - 1 + n))
         assert labels[len(p) - 1 + n :].eq(pad).all()
         masked = labels[mask].tolist()
-        # The masked labels are what the sampler drew, cut to the shortest run that spells the response text.
+        # The masked labels are what the sampler drew, cut to the run that spells the response text.
         assert masked == sampled[:n] and n >= 1
         # (Dropping its last token would lose text, unless that token adds no character: a byte of a longer one.)
         shorter = tok.decode(masked[:-1])
@@ -411,7 +414,6 @@ def test_retokenising_sampled_text_often_changes_the_tokens(tok, sampler):
     broken_utf8 = ["\ufffd" in r for r in rollouts.responses]
     assert sum(differs) > len(differs) // 2  # a random policy samples stray bytes and non-canonical splits
     assert any(d and not b for d, b in zip(differs, broken_utf8, strict=True))
-
 
 
 @pytest.mark.parametrize("kind", ["basics", "hf"])
