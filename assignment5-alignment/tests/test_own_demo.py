@@ -94,14 +94,27 @@ def test_preset_overrides_and_errors(capsys):
     assert "not a int" in capsys.readouterr().err
 
 
+TINY = replace(preset("cpu-smoke"), n_pretrain_problems=400, pretrain_steps=3, pretrain_batch_size=2, sft_steps=2,
+               sft_batch_size=2, sft_grad_accum=1, n_heldout=4, n_eval_in_loop=4, max_new_tokens=8,
+               throughput_rows=4, throughput_tokens=8, grpo_steps=2, rollout_batch_size=8, train_batch_size=8,
+               grpo_grad_accum=1, grpo_lr=1e-2)
+
+
+def numbers(results: dict) -> str:
+    """Everything a seed must fix: rewards, entropies, lengths, losses, curves (wall times and speeds aside)."""
+    def strip(value):
+        if isinstance(value, dict):
+            return {k: strip(v) for k, v in value.items()
+                    if k not in ("timings_s", "native_throughput", "started_from", "pretrain") and "second" not in k
+                    and "per_s" not in k}
+        return [strip(v) for v in value] if isinstance(value, list) else value
+    return json.dumps(strip(results), sort_keys=True, default=float)
+
+
 def test_pipeline_end_to_end_on_cpu(tmp_path, monkeypatch):
     import cs336_alignment.demo.__main__ as entry
 
-    config = replace(preset("cpu-smoke"), n_pretrain_problems=400, pretrain_steps=3, pretrain_batch_size=2,
-                     sft_steps=2, sft_batch_size=2, sft_grad_accum=1, n_heldout=4, n_eval_in_loop=4, max_new_tokens=8,
-                     throughput_rows=4, throughput_tokens=8, grpo_steps=2, rollout_batch_size=8, train_batch_size=8,
-                     grpo_grad_accum=1)
-    monkeypatch.setattr(entry, "preset", lambda name, overrides: config)
+    monkeypatch.setattr(entry, "preset", lambda name, overrides: TINY)
     assert main(["--preset", "cpu-smoke", "--out-dir", str(tmp_path)]) == 0
     names = sorted(f.name for f in tmp_path.iterdir())
     assert names == ["a5_demo_entropy_length.png", "a5_demo_log.jsonl", "a5_demo_results.json", "a5_demo_reward.png",
@@ -115,3 +128,41 @@ def test_pipeline_end_to_end_on_cpu(tmp_path, monkeypatch):
     tp = results["native_throughput"]
     assert tp["tokens"] == tp["rows"] * tp["new_tokens_per_row"] and tp["tokens_per_s"] > 0
     assert [e["step"] for e in results["curves"]["grpo_eval"]] == [0, 1, 2]
+
+
+def test_a_seed_fixes_every_number_and_a_saved_start_resumes_exactly(tmp_path):
+    """Step counts, not clocks, decide each stage: the same seed twice gives identical results (pretraining,
+    SFT, every sampled evaluation and rollout), and GRPO from a saved SFT start gives what the run that trained
+    the start gave. (The tiny model earns no reward, so its GRPO steps carry no gradient; the GRPO loop's own
+    exact resumption with a live signal is tested in test_own_loops.)"""
+    from cs336_alignment.demo.pipeline import run_demo
+
+    first = run_demo(TINY, str(tmp_path / "a"), save_start_to=str(tmp_path / "start.pt"))
+    again = run_demo(TINY, str(tmp_path / "b"))
+    resumed = run_demo(TINY, str(tmp_path / "c"), start_from=str(tmp_path / "start.pt"))
+    assert numbers(first) == numbers(again) == numbers(resumed)
+    assert first["pretrain"] == {**again["pretrain"], "seconds": first["pretrain"]["seconds"],
+                                 "tokens_per_s": first["pretrain"]["tokens_per_s"]}
+    other = run_demo(replace(TINY, seed=1), str(tmp_path / "d"))
+    assert numbers(other) != numbers(first)
+
+
+def test_a_start_made_with_other_settings_is_refused(tmp_path, capsys):
+    from cs336_alignment.demo.pipeline import run_demo
+
+    run_demo(TINY, str(tmp_path / "a"), save_start_to=str(tmp_path / "start.pt"), start_only=True)
+    assert (tmp_path / "start.pt").is_file() and not (tmp_path / "a" / "a5_demo_results.json").exists()
+    code = main(["--preset", "cpu-smoke", "--out-dir", str(tmp_path / "b"), "--start-from", str(tmp_path / "start.pt"),
+                 "--set", "pretrain_steps=4"])
+    assert code == 2 and "pretrain_steps=3" in capsys.readouterr().err
+    assert main(["--preset", "cpu-smoke", "--out-dir", "x", "--start-only"]) == 2
+
+
+def test_seed_changes_every_data_choice():
+    from cs336_alignment.demo.pipeline import make_data
+
+    small = replace(TINY, n_pretrain_problems=200, n_sft_examples=16, n_grpo_questions=32)
+    a, b, c = make_data(small), make_data(small), make_data(replace(small, seed=1))
+    assert a.sft_examples == b.sft_examples and a.heldout == b.heldout and a.pretrain_texts == b.pretrain_texts
+    assert a.sft_examples != c.sft_examples and a.heldout.prompts != c.heldout.prompts
+    assert a.grpo_questions.prompts != c.grpo_questions.prompts

@@ -8,7 +8,7 @@
 the numbers). `sweep` trains one SFT start, then runs GRPO from it once per setting, so the settings differ
 in nothing else. Each run is a child process (`python -m cs336_alignment.demo`) with its own folder and
 `log.txt`; the small model leaves the GPU mostly idle, so the runs share it well. `--fig-dir` also copies the
-figure there, `report` redraws from finished run folders.
+figure there; `report --of seeds|sweep` redraws from finished run folders or from a gathered `a5_*.json`.
 """
 
 import argparse
@@ -130,16 +130,16 @@ def plot_runs(runs: dict[str, dict[str, Any]], title: str, path: str) -> None:
         steps = [t["step"] for t in train]
         last = steps[-1] if steps else 0
         if evals:
-            held.plot([e["step"] for e in evals], [e["reward"] for e in evals], "o-", ms=3, color=color,
-                      label=f"{label}: held-out, T=1")
+            held.plot([e["step"] for e in evals], [e["reward"] for e in evals], "o-", ms=3, color=color, label=label)
         g0, g1 = r["heldout"]["sft"]["greedy"]["reward"], r["heldout"]["grpo"]["greedy"]["reward"]
-        held.plot([0, last], [g0, g1], "^--", color=color, alpha=0.55, ms=7, label=f"{label}: greedy, start → end")
+        held.plot([0, last], [g0, g1], "^--", color=color, alpha=0.55, ms=7)
         roll.plot(steps, [t["reward_mean"] for t in train], color=color, lw=1, label=f"{label}: reward")
         roll.plot(steps, [t["format_reward_mean"] for t in train], color=color, lw=0.8, ls=":", alpha=0.8)
         ent.plot(steps, [t["token_entropy"] for t in train], color=color, lw=1, label=label)
         length.plot(steps, [t["response_length"] for t in train], color=color, lw=1, label=label)
-    held.set_title(f"held-out reward (in loop: {runs[next(iter(runs))]['config']['n_eval_in_loop']} problems, T=1;"
-                   " triangles: greedy on the full set)", fontsize=9)
+    first = next(iter(runs.values()))
+    held.set_title(f"held-out reward: dots T=1 in the loop ({first['config']['n_eval_in_loop']} problems); "
+                   f"triangles greedy, start → end ({first['heldout']['n']})", fontsize=9)
     held.set_ylim(-0.02, 1.02)
     roll.set_title("rollout batch: reward (solid), format reward (dotted)", fontsize=9)
     roll.set_ylim(-0.02, 1.02)
@@ -148,17 +148,21 @@ def plot_runs(runs: dict[str, dict[str, Any]], title: str, path: str) -> None:
     for ax in axes.flat:
         ax.set_xlabel("GRPO step")
         ax.grid(alpha=0.3)
-    held.legend(fontsize=6.5, loc="lower right", ncol=2)
-    ent.legend(fontsize=7)
+    held.legend(fontsize=7, loc="best")
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)
 
 
-def gather(kind: str, root: str, labels: list[str], repeat: tuple[str, str] | None, fig_dir: str | None) -> int:
-    """Writes `a5_<kind>.json`, `.md` and `.png` into `root` (figure also into `fig_dir`); 1 if a run is missing."""
-    runs = load_runs(root, labels)
+NAMES = {"seeds": "a5_seeds", "sweep": "a5_lr_sweep"}
+
+
+def gather(kind: str, root: str, labels: list[str], repeat: tuple[str, str] | None, fig_dir: str | None,
+           runs: dict[str, dict[str, Any]] | None = None) -> int:
+    """Writes `a5_<kind>.json`, `.md` and `.png` into `root` (figure also into `fig_dir`); 1 if a run is missing.
+    Reads the run folders unless `runs` are given."""
+    runs = load_runs(root, labels) if runs is None else runs
     missing = [label for label in labels if label not in runs]
     notes = [f"Missing (failed) runs: {', '.join(missing)}; see their log.txt."] if missing else []
     if repeat and all(label in runs for label in repeat):
@@ -169,7 +173,7 @@ def gather(kind: str, root: str, labels: list[str], repeat: tuple[str, str] | No
     if not runs:
         print("multi: no run finished", file=sys.stderr)
         return 1
-    name = {"seeds": "a5_seeds", "sweep": "a5_lr_sweep"}[kind]
+    name = NAMES[kind]
     plotted = {label: r for label, r in runs.items() if not (repeat and label == repeat[1])}
     first = next(iter(plotted.values()))["config"]
     title = (f"GRPO on the demo task, seeds {', '.join(str(r['config']['seed']) for r in plotted.values())}"
@@ -232,6 +236,14 @@ def main(argv: list[str] | None = None) -> int:
         if not args.of:
             return fail("report needs --of seeds|sweep")
         labels = sorted(d for d in os.listdir(root) if os.path.isfile(os.path.join(root, d, "a5_demo_results.json")))
+        saved = os.path.join(root, f"{NAMES[args.of]}.json")
+        if not labels and os.path.isfile(saved):  # redraw from a gathered file (e.g. the committed results)
+            with open(saved) as f:
+                runs = json.load(f)["runs"]
+            repeat = next(((a, b) for b in runs for a in runs if b == f"{a}-repeat"), None)
+            return gather(args.of, root, list(runs), repeat, args.fig_dir, runs)
+        if not labels:
+            return fail(f"{root} has no finished runs and no {NAMES[args.of]}.json")
         return gather(args.of, root, labels, None, args.fig_dir)
 
     if args.kind == "seeds":
