@@ -447,3 +447,28 @@ def test_sampled_ids_are_cut_to_the_returned_text_by_hand_made_cases(tok, kind):
     plain = tokenize_prompt_and_sampled_output(["Question 1"] * len(cases), texts, [None] * len(cases), tokenizer)
     by_text = tokenize_prompt_and_output(["Question 1"] * len(cases), texts, tokenizer)
     assert all(torch.equal(plain[k], by_text[k]) for k in by_text) and not plain["sampled"].any()
+
+
+@pytest.mark.parametrize("skip", [True, False])
+def test_a_batch_without_signal_leaves_the_policy_and_optimizer_alone(tok, skip):
+    """All rewards of every group equal: every advantage is 0, so the gradient is exactly 0. Stepping Adam
+    anyway would replay the momentum of earlier steps (what drove the lr 3e-4 sweep run from broken answers to
+    no format at all); with `skip_steps_without_signal` the weights and optimizer state stay put."""
+    policy = make_policy(tok, seed=7)
+    prompts = ["Question 1: what is 1 plus 4?"] * 4
+    batch = tokenize_prompt_and_output(prompts, [" Answer: 5", " The quick", " Answer: 5", " brown fox"], tok)
+    config = GRPOConfig(rollout_batch_size=4, group_size=4, train_batch_size=4, gradient_accumulation_steps=2,
+                        learning_rate=1e-3, skip_steps_without_signal=skip)
+    optimizer = make_adamw(policy, config.learning_rate, 0.0, 0.9, 0.95)
+    signal = torch.tensor([1.0, -1.0, 1.0, -1.0])
+    grpo_train_on_rollouts(policy, optimizer, batch, signal, signal, config, seed=0)  # builds Adam momentum
+    before = {k: v.clone() for k, v in policy.state_dict().items()}
+    steps_before = [s["step"].item() for s in optimizer.state.values()]
+    flat = torch.zeros(4)
+    [record] = grpo_train_on_rollouts(policy, optimizer, batch, flat, torch.ones(4), config, seed=0, steps_before=1)
+    moved = max((policy.state_dict()[k] - v).abs().max().item() for k, v in before.items())
+    if skip:
+        assert moved == 0.0 and record["skipped_step"] == 1.0 and record["grad_norm"] == 0.0
+        assert [s["step"].item() for s in optimizer.state.values()] == steps_before
+    else:  # the counterfactual the skip exists for: no gradient, yet the weights move by about lr
+        assert record["grad_norm"] == 0.0 and record["skipped_step"] == 0.0 and moved > 0.5 * config.learning_rate

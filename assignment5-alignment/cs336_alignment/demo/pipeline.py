@@ -370,7 +370,8 @@ def run_demo(config: DemoConfig, out_dir: str, start_from: str | None = None,
         "curves": {
             "grpo_train": [{k: r.get(k) for k in ("step", "reward_mean", "format_reward_mean", "token_entropy",
                                                  "response_length", "clip_fraction", "grad_norm", "loss", "lr",
-                                                 "fraction_groups_all_equal", "rollout_tokens_per_s")}
+                                                 "fraction_groups_all_equal", "skipped_step", "sampled_ids_fraction",
+                                                 "noncanonical_fraction", "rollout_tokens_per_s")}
                            for r in train],
             "grpo_eval": [{k: r.get(k) for k in ("step", "reward", "format_reward", "mean_token_entropy",
                                                 "response_length")} for r in grpo_history if r["kind"] == "eval"],

@@ -63,6 +63,8 @@ class GRPOConfig(EvalSettings):
     cliprange: float = 0.2
     length_normalization: str = "masked_mean"  # or masked_normalize (Dr. GRPO: sum / sampling_max_tokens)
     max_grad_norm: float = 1.0
+    skip_steps_without_signal: bool = True  # a train batch whose every advantage is 0 has gradient exactly 0; an
+    # Adam step on it would only replay momentum (seen driving a collapsed run further: results/a5_lr_sweep.md)
     warmup_steps: int = 0  # linear LR warm-up over this many optimizer steps (a fresh Adam's first steps are
     # sign steps of the full lr on every weight, however noisy its gradient); 0 = the handout's constant lr
     weight_decay: float = 0.0
@@ -173,7 +175,12 @@ def grpo_train_on_rollouts(
             totals["token_entropy"] += float(masked_mean(result["token_entropy"].detach(), mask)) * share
             totals["clip_fraction"] += float(meta.get("clip_fraction", 0.0)) * share
             totals["ratio_mean"] += float(meta.get("ratio_mean", 1.0)) * share
-        totals["grad_norm"] = clip_and_step(policy, optimizer, config.max_grad_norm)
+        weights = raw_rewards if config.loss_type == "no_baseline" else advantages
+        if config.skip_steps_without_signal and not bool((weights[rows] != 0).any()):
+            optimizer.zero_grad(set_to_none=True)
+            totals["grad_norm"], totals["skipped_step"] = 0.0, 1.0
+        else:
+            totals["grad_norm"], totals["skipped_step"] = clip_and_step(policy, optimizer, config.max_grad_norm), 0.0
         out.append(totals)
     return out
 
