@@ -1,0 +1,32 @@
+"""What every cs336 command shares so that it keeps the user's files safe, rejects bad values and stops
+cleanly: one mechanism per concern, used by all five packages' CLIs.
+
+- `errors`: `UserError` and `run_command`, the error boundary that turns expected failures into one line
+  (`<prog>: error: ...`, exit 2) while a real bug still shows its traceback.
+- `atomic`: outputs written beside their destination and renamed into place only on success; outputs that
+  would overwrite inputs refused; run folders that need `--resume` or `--overwrite`.
+- `ranges`: declared valid ranges on config dataclass fields, checked at construction, errors naming the flag.
+- `interrupt`: SIGINT/SIGTERM turned into a request that a loop honours between steps (checkpoint, exit
+  130/143).
+- `jsonl`: JSON Lines reading that tolerates the half-written last line of a killed run.
+"""
+
+from cs336_basics.cli_support.atomic import atomic_path, atomic_write, prepare_run_dir, refuse_overwriting_inputs
+from cs336_basics.cli_support.errors import UserError, reading, run_command
+from cs336_basics.cli_support.interrupt import StopRequest
+from cs336_basics.cli_support.jsonl import read_jsonl_tolerant
+from cs336_basics.cli_support.ranges import bounded, check_ranges
+
+__all__ = [
+    "StopRequest",
+    "UserError",
+    "atomic_path",
+    "atomic_write",
+    "bounded",
+    "check_ranges",
+    "prepare_run_dir",
+    "read_jsonl_tolerant",
+    "reading",
+    "refuse_overwriting_inputs",
+    "run_command",
+]
