@@ -6,6 +6,8 @@ from typing import IO, Any, BinaryIO
 
 import torch
 
+from cs336_basics.cli_support import UserError
+
 PathOrFile = str | os.PathLike | BinaryIO | IO[bytes]
 
 
@@ -49,18 +51,25 @@ def save_checkpoint(
 
 
 def load_checkpoint_state(src: PathOrFile, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    if isinstance(src, str | os.PathLike) and not os.path.isfile(src):
-        raise FileNotFoundError(f"checkpoint not found: {os.fspath(src)}")
+    """The saved dict; a file that is missing, empty, truncated or not ours is one `UserError` naming it."""
+    name = os.fspath(src) if isinstance(src, str | os.PathLike) else "checkpoint stream"
+    if isinstance(src, str | os.PathLike):
+        if os.path.isdir(src):
+            raise UserError(f"checkpoint {name} is a folder")
+        if not os.path.isfile(src):
+            raise FileNotFoundError(f"checkpoint not found: {name}")
+        if os.path.getsize(src) == 0:
+            raise UserError(f"cannot read checkpoint {name}: the file is empty")
     try:
         state = torch.load(src, map_location=map_location, weights_only=True)
     except Exception as e:  # truncated zip, foreign pickle, disallowed global: all mean "not loadable"
-        name = os.fspath(src) if isinstance(src, str | os.PathLike) else "checkpoint stream"
-        raise ValueError(f"cannot read checkpoint {name}: {str(e).splitlines()[0]}") from e
+        lines = str(e).strip().splitlines()
+        raise UserError(f"cannot read checkpoint {name}: {lines[0] if lines else type(e).__name__}") from e
     if not isinstance(state, dict):
-        raise ValueError("not a cs336 checkpoint: expected a dict")
+        raise UserError(f"{name} is not a cs336 checkpoint: expected a dict")
     missing = {"model", "optimizer", "iteration"} - set(state)
     if missing:
-        raise ValueError(f"not a cs336 checkpoint: missing {sorted(missing)}")
+        raise UserError(f"{name} is not a cs336 checkpoint: missing {sorted(missing)}")
     return state
 
 

@@ -1,26 +1,89 @@
-"""Random language-modelling batches from a (memory-mapped) 1-D array of token ids."""
+"""Token files (memory-mapped, checked on load) and random language-modelling batches from them.
+
+Importing this module does not import torch (only `get_batch` needs it), so a bad token file is reported
+before the seconds torch takes to load.
+"""
+
+from __future__ import annotations
 
 import os
+import pickle
+from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
-import torch
-from jaxtyping import Int
-from torch import Tensor
+
+from cs336_basics.cli_support import UserError
+
+if TYPE_CHECKING:
+    import torch
+    from jaxtyping import Int
+    from torch import Tensor
+
+CHECK_CHUNK = 1 << 24  # token ids scanned per slice of the memory map (16M ids: tens of ms, bounded memory)
 
 
 def load_tokens(path: str | os.PathLike, dtype: npt.DTypeLike = np.uint16) -> np.ndarray:
-    """Opens a token file without reading it into memory: `.npy` via np.load, anything else as raw `dtype`."""
+    """Opens a token file without reading it into memory: `.npy` via np.load, anything else as raw `dtype`.
+
+    Refused with an error naming the file: a missing file, one that is not an array, a non-integer dtype
+    (float or bool ids would be silently cast), more than one dimension, no tokens at all.
+    """
     path = os.fspath(path)
     if not os.path.isfile(path):
+        if os.path.isdir(path):
+            raise UserError(f"token file {path} is a folder")
         raise FileNotFoundError(f"token file not found: {path}")
+    if os.path.getsize(path) == 0:
+        raise UserError(f"token file {path} is empty")
     if path.endswith(".npy"):
-        tokens = np.load(path, mmap_mode="r")
-    else:
-        tokens = np.memmap(path, dtype=dtype, mode="r")
+        with open(path, "rb") as f:
+            if f.read(6) != b"\x93NUMPY":
+                raise UserError(f"token file {path} is not a .npy array (no NumPy header)")
+    try:
+        if path.endswith(".npy"):
+            tokens = np.load(path, mmap_mode="r")
+        else:
+            tokens = np.memmap(path, dtype=dtype, mode="r")
+    except (ValueError, OSError, EOFError, pickle.UnpicklingError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"cannot read token file {path}: {reason}") from e
+    if not isinstance(tokens, np.ndarray):  # np.load of an .npz archive or a pickle
+        raise UserError(f"token file {path} is not a single array (got {type(tokens).__name__})")
+    if tokens.dtype == np.bool_ or not np.issubdtype(tokens.dtype, np.integer):
+        raise UserError(f"token file {path} holds {tokens.dtype} values; token ids must be integers "
+                        "(e.g. uint16 from `cs336-basics encode`)")
     if tokens.ndim != 1:
-        raise ValueError(f"{path}: expected a 1-D array of token ids, got shape {tokens.shape}")
+        raise UserError(f"token file {path}: expected a 1-D array of token ids, got shape {tokens.shape}")
+    if len(tokens) == 0:
+        raise UserError(f"token file {path} holds no tokens")
     return tokens
+
+
+def check_token_ids(tokens: np.ndarray, vocab_size: int, path: str | os.PathLike,
+                    chunk: int = CHECK_CHUNK) -> None:
+    """Every id in [0, vocab_size), scanned slice by slice of the memory map (one pass, bounded memory); the
+    first bad id is reported with its index and the file. Skipped when the dtype cannot hold a bad id."""
+    info = np.iinfo(tokens.dtype)
+    check_low, check_high = info.min < 0, info.max >= vocab_size
+    for start in range(0, len(tokens) if check_low or check_high else 0, chunk):
+        window = np.asarray(tokens[start : start + chunk])
+        bad = np.zeros(len(window), dtype=bool)
+        if check_low and window.min() < 0:
+            bad |= window < 0
+        if check_high and window.max() >= vocab_size:
+            bad |= window >= vocab_size
+        if bad.any():
+            index = int(np.argmax(bad))
+            raise UserError(f"token file {os.fspath(path)}: id {int(window[index])} at index {start + index} is "
+                            f"outside [0, vocab_size={vocab_size}); set --vocab-size to the tokenizer's size")
+
+
+def check_length(tokens: np.ndarray, context_length: int, path: str | os.PathLike) -> None:
+    """A batch window needs context_length + 1 tokens (inputs plus the shifted targets)."""
+    if len(tokens) <= context_length:
+        raise UserError(f"token file {os.fspath(path)} holds {len(tokens)} tokens, too few for "
+                        f"--context-length {context_length} (needs at least {context_length + 1})")
 
 
 def get_batch(
@@ -34,6 +97,8 @@ def get_batch(
 
     Only the sampled windows are read, so `dataset` can be a memory map far larger than RAM.
     """
+    import torch
+
     num_starts = len(dataset) - context_length
     if num_starts <= 0:
         raise ValueError(f"dataset of {len(dataset)} tokens is too short for context_length={context_length}")

@@ -1,10 +1,23 @@
-"""Every training hyperparameter in one dataclass, plus named presets (the handout's configurations)."""
+"""Every training hyperparameter in one dataclass, plus named presets (the handout's configurations).
 
-import dataclasses
+Every numeric field declares its valid range (`bounded`), checked when the config is built, so a nonsensical
+value fails at once with the flag named. Importing this module does not import torch: a bad flag is reported
+before the seconds torch takes to load.
+"""
+
+import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-from cs336_basics.model import TransformerConfig
+from cs336_basics.cli_support import UserError, bounded, check_ranges
+
+if TYPE_CHECKING:
+    from cs336_basics.model import TransformerConfig
+
+ARCHITECTURE = ("vocab_size", "context_length", "d_model", "num_layers", "num_heads", "d_ff", "rope_theta", "norm",
+                "position", "ffn", "use_torch_sdpa")
+CHOICES = {"norm": ("pre", "post", "none"), "position": ("rope", "none"), "ffn": ("swiglu", "silu"),
+           "precision": ("auto", "fp32", "bf16")}
 
 
 @dataclass
@@ -14,62 +27,67 @@ class TrainConfig:
     val_data: str = ""
     out_dir: str = "runs/default"
     # model (see TransformerConfig; norm/position/ffn are the handout's ablations)
-    vocab_size: int = 10_000
-    context_length: int = 256
-    d_model: int = 512
-    num_layers: int = 4
-    num_heads: int = 16
-    d_ff: int = 1344
-    rope_theta: float = 10_000.0
+    vocab_size: int = bounded(10_000, ge=1)
+    context_length: int = bounded(256, ge=1)
+    d_model: int = bounded(512, ge=1)
+    num_layers: int = bounded(4, ge=1)
+    num_heads: int = bounded(16, ge=1)
+    d_ff: int = bounded(1344, ge=1)
+    rope_theta: float = bounded(10_000.0, gt=0)
     norm: Literal["pre", "post", "none"] = "pre"
     position: Literal["rope", "none"] = "rope"
     ffn: Literal["swiglu", "silu"] = "swiglu"
     use_torch_sdpa: bool = True
     # optimisation
-    batch_size: int = 128
-    max_steps: int = 10_000
-    lr_max: float = 2e-3
-    lr_min: float = 2e-4
-    warmup_steps: int = 200
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    adam_eps: float = 1e-8
-    grad_clip: float = 1.0
+    batch_size: int = bounded(128, ge=1)
+    max_steps: int = bounded(10_000, ge=1)
+    lr_max: float = bounded(2e-3, ge=0)
+    lr_min: float = bounded(2e-4, ge=0)  # <= lr_max
+    warmup_steps: int = bounded(200, ge=0)  # may exceed max_steps: the whole run then warms up
+    weight_decay: float = bounded(0.1, ge=0)
+    beta1: float = bounded(0.9, ge=0, lt=1)
+    beta2: float = bounded(0.95, ge=0, lt=1)
+    adam_eps: float = bounded(1e-8, gt=0)
+    grad_clip: float = bounded(1.0, gt=0, allow=(math.inf,))  # max gradient L2 norm; inf: no clipping
     # evaluation, logging, checkpoints
-    eval_interval: int = 500
-    eval_batches: int = 20
-    log_interval: int = 10
-    checkpoint_interval: int = 1000
-    resume: bool = False
-    stop_after_steps: int = 0  # end this invocation early (0: never); `resume` continues the same schedule
-    time_limit_s: float = 0.0  # end gracefully with a checkpoint after this many seconds (0: no limit)
+    eval_interval: int = bounded(500, ge=1)
+    eval_batches: int = bounded(20, ge=1)
+    log_interval: int = bounded(10, ge=1)
+    checkpoint_interval: int = bounded(1000, ge=1)
+    resume: bool = False  # continue the run in out_dir from its checkpoint
+    overwrite: bool = False  # start over in an out_dir that already holds a run (its checkpoint and metrics go)
+    stop_after_steps: int = bounded(0, ge=0)  # end this invocation early (0: never); --resume continues it
+    time_limit_s: float = bounded(0.0, ge=0)  # end gracefully with a checkpoint after this many seconds (0: no limit)
     # system
     device: str = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     compile: bool = False
     tf32: bool = True
-    seed: int = 0
-    peak_flops: float = 0.0  # accelerator peak FLOP/s for MFU; 0 = look up by device name
+    seed: int = bounded(0, ge=0, lt=2**63)
+    peak_flops: float = bounded(0.0, ge=0)  # accelerator peak FLOP/s for MFU; 0 = look up by device name
     wandb: bool = False
     wandb_project: str = "cs336-basics"
     progress: bool = True
 
     def __post_init__(self):
-        positive = ("batch_size", "max_steps", "eval_interval", "eval_batches", "log_interval",
-                    "checkpoint_interval")
-        for name in positive:
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if not 0 <= self.lr_min <= self.lr_max:
-            raise ValueError(f"need 0 <= lr_min <= lr_max, got {self.lr_min}, {self.lr_max}")
-        if self.precision not in ("auto", "fp32", "bf16"):
-            raise ValueError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
-        self.model_config()  # validates the architecture fields
+        check_ranges(self)
+        for name, allowed in CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise UserError(f"{_flag(name)} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if self.lr_min > self.lr_max:
+            raise UserError(f"--lr-min ({self.lr_min:g}) must not exceed --lr-max ({self.lr_max:g})")
+        if self.d_model % self.num_heads:
+            raise UserError(f"--d-model ({self.d_model}) must be divisible by --num-heads ({self.num_heads})")
+        if self.position == "rope" and (self.d_model // self.num_heads) % 2:
+            raise UserError(f"rotary embeddings need an even head size; --d-model/--num-heads is "
+                            f"{self.d_model // self.num_heads}")
+        if self.resume and self.overwrite:
+            raise UserError("--resume and --overwrite exclude each other")
 
-    def model_config(self) -> TransformerConfig:
-        names = {f.name for f in dataclasses.fields(TransformerConfig)} - {"rmsnorm_eps"}
-        return TransformerConfig(**{name: getattr(self, name) for name in names})
+    def model_config(self) -> "TransformerConfig":
+        from cs336_basics.model import TransformerConfig
+
+        return TransformerConfig(**{name: getattr(self, name) for name in ARCHITECTURE})
 
     @property
     def tokens_per_step(self) -> int:
@@ -104,5 +122,9 @@ PRESETS: dict[str, dict] = {
 
 def config_from_preset(preset: str | None, **overrides) -> TrainConfig:
     if preset is not None and preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
+        raise UserError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
     return TrainConfig(**{**(PRESETS[preset] if preset else {}), **overrides})
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")

@@ -1,12 +1,17 @@
 """Throughput accounting (FLOPs per token, MFU) and the JSONL metrics log."""
 
+from __future__ import annotations
+
 import json
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+from cs336_basics.cli_support import atomic_write, read_jsonl_tolerant
 
-from cs336_basics.model import TransformerLM
+if TYPE_CHECKING:
+    import torch
+
+    from cs336_basics.model import TransformerLM
 
 # Dense peak throughput in FLOP/s (no sparsity) by device-name fragment: (bf16, tf32, fp32).
 PEAK_FLOPS = {
@@ -29,6 +34,8 @@ def training_flops_per_token(model: TransformerLM) -> float:
 def peak_flops(device: torch.device, precision: str, tf32: bool) -> float | None:
     if device.type != "cuda":
         return None
+    import torch
+
     name = torch.cuda.get_device_name(device)
     for fragment, (bf16, tf32_peak, fp32) in PEAK_FLOPS.items():
         if fragment in name:
@@ -37,18 +44,19 @@ def peak_flops(device: torch.device, precision: str, tf32: bool) -> float | None
 
 
 class JsonlLog:
-    """Appends one JSON object per line; on resume, drops records past the checkpoint's step."""
+    """Appends one JSON object per line. A new run starts an empty log; a resumed one keeps the records up to
+    the checkpoint's step (a half-written last line from a killed run is dropped with a warning), rewritten
+    atomically so a failure while resuming cannot lose the history."""
 
     def __init__(self, path: str, resume_from_step: int | None = None):
         self.path = path
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        if resume_from_step is None:
-            open(path, "w").close()
-        elif os.path.exists(path):
-            with open(path) as f:
-                kept = [line for line in f if line.strip() and json.loads(line)["step"] <= resume_from_step]
-            with open(path, "w") as f:
-                f.writelines(kept)
+        kept = []
+        if resume_from_step is not None and os.path.exists(path):
+            kept = [r for r in read_jsonl_tolerant(path)
+                    if not isinstance(r, dict) or r.get("step", 0) <= resume_from_step]
+        with atomic_write(path) as f:
+            f.writelines(json.dumps(r) + "\n" for r in kept)
 
     def write(self, record: dict[str, Any]) -> None:
         with open(self.path, "a") as f:
@@ -56,5 +64,5 @@ class JsonlLog:
 
 
 def read_jsonl(path: str) -> list[dict[str, Any]]:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """The records of a metrics log, also while its run is still writing (or was killed mid-line)."""
+    return read_jsonl_tolerant(path)

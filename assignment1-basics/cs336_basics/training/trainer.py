@@ -1,95 +1,159 @@
-"""The training loop: AdamW + cosine schedule + clipping over memory-mapped tokens, with exact resume."""
+"""The training loop: AdamW + cosine schedule + clipping over memory-mapped tokens, with exact resume.
+
+Everything the user gave is checked before the run folder is touched (flags, token files, the folder itself, a
+checkpoint to resume), so a rejected run leaves an existing one byte-identical. SIGINT/SIGTERM end the run
+after the current step with a checkpoint (exit 130/143); `--resume` continues it exactly. torch is imported
+only once the cheap checks have passed.
+"""
+
+from __future__ import annotations
 
 import contextlib
 import dataclasses
 import json
 import math
 import os
+import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-from tqdm.auto import tqdm
 
-from cs336_basics.checkpoint import load_checkpoint_state, save_checkpoint
-from cs336_basics.data import get_batch, load_tokens
-from cs336_basics.model import TransformerLM
-from cs336_basics.nn_utils import cross_entropy
-from cs336_basics.optim import AdamW, clip_gradients, get_lr_cosine_schedule
+from cs336_basics.cli_support import StopRequest, UserError, atomic_write, prepare_run_dir
+from cs336_basics.data import check_length, check_token_ids, get_batch, load_tokens
 from cs336_basics.training.config import TrainConfig
-from cs336_basics.training.metrics import JsonlLog, peak_flops, training_flops_per_token
+from cs336_basics.training.metrics import JsonlLog
+
+if TYPE_CHECKING:
+    import torch
+
+CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.jsonl"
+
+
+class TrainingDiverged(UserError, FloatingPointError):
+    """The loss became NaN/inf: a result of the chosen hyperparameters, reported in one line (a sweep records
+    it and goes on: it is still a `FloatingPointError`)."""
+
+
+class TrainingStopped(SystemExit):
+    """Raised after a SIGINT/SIGTERM stop has written its checkpoint: exits with 130/143 and no traceback."""
 
 
 def resolve_device(name: str) -> torch.device:
+    import torch
+
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
         if torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise UserError(f"--device {name!r} is not a device (cpu, cuda, cuda:1, mps, auto)") from e
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} requested but CUDA is not available")
+        raise UserError(f"--device {name!r} requested but CUDA is not available")
     if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"device {name!r} requested but MPS is not available")
+        raise UserError(f"--device {name!r} requested but MPS is not available")
     return device
 
 
 def _autocast(device: torch.device, precision: str):
+    import torch
+
     if precision == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
-def _check_tokens(tokens: np.ndarray, path: str, config: TrainConfig) -> None:
-    if len(tokens) <= config.context_length:
-        raise ValueError(f"{path}: {len(tokens)} tokens is too few for context_length={config.context_length}")
-    sample = np.asarray(tokens[: 1 << 20])
-    if sample.max() >= config.vocab_size:
-        raise ValueError(f"{path}: token id {int(sample.max())} >= vocab_size={config.vocab_size}")
+def load_token_files(config: TrainConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Both token files, memory-mapped and checked: integer ids, all in [0, vocab_size), a window long."""
+    if not config.train_data or not config.val_data:
+        raise UserError("--train-data and --val-data must name token files (see `cs336-basics encode`)")
+    loaded = []
+    for path in (config.train_data, config.val_data):
+        tokens = load_tokens(path)
+        check_length(tokens, config.context_length, path)
+        check_token_ids(tokens, config.vocab_size, path)
+        loaded.append(tokens)
+    return loaded[0], loaded[1]
 
 
-@torch.no_grad()
+def check_run_dir(config: TrainConfig) -> None:
+    """Before anything heavy: a folder holding a run needs --resume or --overwrite; --resume needs a checkpoint.
+    (Nothing is deleted here: --overwrite removes the old run files only once the new run is ready to start.)"""
+    if not config.overwrite:
+        prepare_run_dir(config.out_dir, resume=config.resume, overwrite=False)
+    checkpoint = os.path.join(config.out_dir, CHECKPOINT)
+    if config.resume and not os.path.isfile(checkpoint):
+        raise UserError(f"--resume: no checkpoint at {checkpoint} (leave out --resume to start a new run)")
+
+
+def _resume_state(config: TrainConfig, device: torch.device) -> dict[str, Any]:
+    """The checkpoint to continue from, checked against the requested architecture."""
+    from cs336_basics.checkpoint import load_checkpoint_state
+
+    path = os.path.join(config.out_dir, CHECKPOINT)
+    state = load_checkpoint_state(path, map_location=device)
+    extra = state.get("extra") or {}
+    saved = extra.get("model_config")
+    if saved is not None and saved != config.model_config().to_dict():
+        changed = sorted(k for k in saved if saved[k] != config.model_config().to_dict().get(k))
+        raise UserError(f"--resume: {path} was trained with another architecture (differs in {', '.join(changed)})")
+    if "cpu_rng" not in extra:
+        raise UserError(f"--resume: {path} holds no RNG state (not written by `cs336-basics train`)")
+    return state
+
+
 def evaluate(model, tokens, config: TrainConfig, device, precision) -> float:
     """Mean loss over a fixed set of validation windows (own generator: the training RNG is untouched)."""
+    import torch
+
+    from cs336_basics.nn_utils import cross_entropy
+
     model.eval()
     generator = torch.Generator().manual_seed(config.seed + 1)
     losses = []
-    for _ in range(config.eval_batches):
-        x, y = get_batch(tokens, config.batch_size, config.context_length, device, generator=generator)
-        with _autocast(device, precision):
-            losses.append(cross_entropy(model(x), y).item())
+    with torch.no_grad():
+        for _ in range(config.eval_batches):
+            x, y = get_batch(tokens, config.batch_size, config.context_length, device, generator=generator)
+            with _autocast(device, precision):
+                losses.append(cross_entropy(model(x), y).item())
     model.train()
     return float(np.mean(losses))
 
 
 def train(config: TrainConfig) -> dict[str, Any]:
-    """Trains (or resumes) the run in `config.out_dir`; returns a summary with the final losses."""
-    if not config.train_data or not config.val_data:
-        raise ValueError("train_data and val_data must name token files (see `cs336-basics encode`)")
+    """Trains (or resumes) the run in `config.out_dir`; returns a summary with the final losses.
+
+    Raises `TrainingStopped` (exit 130/143) after checkpointing when SIGINT/SIGTERM asked to stop."""
+    train_tokens, val_tokens = load_token_files(config)
+    check_run_dir(config)
+
+    import torch
+    from tqdm.auto import tqdm
+
+    from cs336_basics.checkpoint import save_checkpoint
+    from cs336_basics.model import TransformerLM
+    from cs336_basics.optim import AdamW, get_lr_cosine_schedule
+    from cs336_basics.training.metrics import peak_flops, training_flops_per_token
+
     device = resolve_device(config.device)
     precision = config.precision if config.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
     if device.type == "cuda" and config.tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    train_tokens, val_tokens = load_tokens(config.train_data), load_tokens(config.val_data)
-    _check_tokens(train_tokens, config.train_data, config)
-    _check_tokens(val_tokens, config.val_data, config)
+    state = _resume_state(config, device) if config.resume else None
 
     torch.manual_seed(config.seed)
     model = TransformerLM(config.model_config(), device=device)
     optimizer = AdamW(model.parameters(), lr=config.lr_max, betas=(config.beta1, config.beta2),
                       eps=config.adam_eps, weight_decay=config.weight_decay)
-    checkpoint_path = os.path.join(config.out_dir, "checkpoint.pt")
+    checkpoint_path = os.path.join(config.out_dir, CHECKPOINT)
     start_step, elapsed_before = 0, 0.0
-    if config.resume:
-        if not os.path.isfile(checkpoint_path):
-            raise FileNotFoundError(f"--resume: no checkpoint at {checkpoint_path}")
-        state = load_checkpoint_state(checkpoint_path, map_location=device)
-        saved = state["extra"].get("model_config")
-        if saved is not None and saved != config.model_config().to_dict():
-            raise ValueError(f"--resume: checkpoint architecture {saved} differs from the requested one")
+    if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start_step = state["iteration"]
@@ -97,73 +161,87 @@ def train(config: TrainConfig) -> dict[str, Any]:
         torch.set_rng_state(state["extra"]["cpu_rng"].cpu())
         if device.type == "cuda" and "cuda_rng" in state["extra"]:
             torch.cuda.set_rng_state(state["extra"]["cuda_rng"].cpu())
-    os.makedirs(config.out_dir, exist_ok=True)
-    with open(os.path.join(config.out_dir, "config.json"), "w") as f:
-        json.dump(dataclasses.asdict(config), f, indent=2)
-    log = JsonlLog(os.path.join(config.out_dir, "metrics.jsonl"), start_step if config.resume else None)
-    run = _init_wandb(config) if config.wandb else None
 
-    step_fn = _make_step(model, optimizer, config, device, precision)
-    flops_per_token = training_flops_per_token(model)
-    peak = config.peak_flops or peak_flops(device, precision, config.tf32)
+    with StopRequest() as stop:  # from here on the folder changes: a signal ends with a checkpoint
+        prepare_run_dir(config.out_dir, resume=config.resume, overwrite=config.overwrite)
+        os.makedirs(config.out_dir, exist_ok=True)
+        with atomic_write(os.path.join(config.out_dir, "config.json")) as f:
+            json.dump(dataclasses.asdict(config), f, indent=2)
+        log = JsonlLog(os.path.join(config.out_dir, METRICS), start_step if config.resume else None)
+        run = _init_wandb(config) if config.wandb else None
 
-    def checkpoint(step: int) -> None:
-        extra = {"model_config": config.model_config().to_dict(), "elapsed_s": elapsed_before + time.time() - t0,
-                 "cpu_rng": torch.get_rng_state()}
-        if device.type == "cuda":
-            extra["cuda_rng"] = torch.cuda.get_rng_state()
-        save_checkpoint(model, optimizer, step, checkpoint_path, extra=extra)
+        step_fn = _make_step(model, optimizer, config, device, precision)
+        flops_per_token = training_flops_per_token(model)
+        peak = config.peak_flops or peak_flops(device, precision, config.tf32)
 
-    t0 = time.time()
-    window_start, window_steps = time.time(), 0
-    last_train_loss, last_val_loss = math.nan, math.nan
-    end_step = config.max_steps
-    if config.stop_after_steps:
-        end_step = min(end_step, start_step + config.stop_after_steps)
-    bar = tqdm(range(start_step, end_step), initial=start_step, total=config.max_steps, disable=not config.progress,
-               desc="train", unit="step")
-    step = start_step
-    for step in bar:
-        lr = get_lr_cosine_schedule(step, config.lr_max, config.lr_min, config.warmup_steps, config.max_steps)
-        loss, grad_norm = step_fn(train_tokens, lr)
-        window_steps += 1
-        done = step + 1
-        if done % config.log_interval == 0 or done == end_step:
-            last_train_loss = loss.item()  # the only host sync of the step, once per log interval
-            now = time.time()
-            tokens_per_s = window_steps * config.tokens_per_step / (now - window_start)
-            record = {"step": done, "split": "train", "loss": last_train_loss, "lr": lr,
-                      "grad_norm": grad_norm.item(), "tokens": done * config.tokens_per_step,
-                      "wall_s": elapsed_before + now - t0, "tokens_per_s": tokens_per_s}
-            if peak:
-                record["mfu"] = tokens_per_s * flops_per_token / peak
-            log.write(record)
-            if run:
-                run.log(record, step=done)
-            if not math.isfinite(last_train_loss):
-                bar.close()
-                raise FloatingPointError(f"training diverged: loss {last_train_loss} at step {done}")
-            bar.set_postfix(loss=f"{last_train_loss:.3f}", tok_s=f"{tokens_per_s:,.0f}")
-            window_start, window_steps = time.time(), 0
-        if done % config.eval_interval == 0 or done == config.max_steps:
-            last_val_loss = evaluate(model, val_tokens, config, device, precision)
-            record = {"step": done, "split": "val", "loss": last_val_loss,
-                      "tokens": done * config.tokens_per_step, "wall_s": elapsed_before + time.time() - t0}
-            log.write(record)
-            if run:
-                run.log({"val_loss": last_val_loss}, step=done)
-            bar.write(f"step {done}: val loss {last_val_loss:.4f}")
-            window_start = time.time()  # evaluation time is not training throughput
-        out_of_time = config.time_limit_s and time.time() - t0 > config.time_limit_s
-        if done % config.checkpoint_interval == 0 or done == end_step or out_of_time:
-            checkpoint(done)
-        if out_of_time:
-            bar.write(f"time limit reached after step {done}; resume with --resume")
-            end_step = done
-            break
-    bar.close()
-    if run:
-        run.finish()
+        def checkpoint(step: int) -> None:
+            extra = {"model_config": config.model_config().to_dict(),
+                     "elapsed_s": elapsed_before + time.time() - t0, "cpu_rng": torch.get_rng_state()}
+            if device.type == "cuda":
+                extra["cuda_rng"] = torch.cuda.get_rng_state()
+            save_checkpoint(model, optimizer, step, checkpoint_path, extra=extra)
+
+        t0 = time.time()
+        window_start, window_steps = time.time(), 0
+        last_train_loss, last_val_loss = math.nan, math.nan
+        end_step = config.max_steps
+        if config.stop_after_steps:
+            end_step = min(end_step, start_step + config.stop_after_steps)
+        bar = tqdm(range(start_step, end_step), initial=start_step, total=config.max_steps,
+                   disable=not config.progress, desc="train", unit="step")
+        step, stopping = start_step, False
+        for step in bar:
+            lr = get_lr_cosine_schedule(step, config.lr_max, config.lr_min, config.warmup_steps, config.max_steps)
+            loss, grad_norm = step_fn(train_tokens, lr)
+            window_steps += 1
+            done = step + 1
+            if done % config.log_interval == 0 or done == end_step:
+                last_train_loss = loss.item()  # the only host sync of the step, once per log interval
+                now = time.time()
+                tokens_per_s = window_steps * config.tokens_per_step / (now - window_start)
+                record = {"step": done, "split": "train", "loss": last_train_loss, "lr": lr,
+                          "grad_norm": grad_norm.item(), "tokens": done * config.tokens_per_step,
+                          "wall_s": elapsed_before + now - t0, "tokens_per_s": tokens_per_s}
+                if peak:
+                    record["mfu"] = tokens_per_s * flops_per_token / peak
+                log.write(record)
+                if run:
+                    run.log(record, step=done)
+                if not math.isfinite(last_train_loss):
+                    bar.close()
+                    raise TrainingDiverged(f"training diverged: loss {last_train_loss} at step {done} "
+                                           f"(try a lower --lr-max or --grad-clip)")
+                bar.set_postfix(loss=f"{last_train_loss:.3f}", tok_s=f"{tokens_per_s:,.0f}")
+                window_start, window_steps = time.time(), 0
+            if done % config.eval_interval == 0 or done == config.max_steps:
+                last_val_loss = evaluate(model, val_tokens, config, device, precision)
+                record = {"step": done, "split": "val", "loss": last_val_loss,
+                          "tokens": done * config.tokens_per_step, "wall_s": elapsed_before + time.time() - t0}
+                log.write(record)
+                if run:
+                    run.log({"val_loss": last_val_loss}, step=done)
+                bar.write(f"step {done}: val loss {last_val_loss:.4f}")
+                window_start = time.time()  # evaluation time is not training throughput
+            stopping = stop.requested and done < end_step  # read once: a signal may land while we checkpoint
+            out_of_time = config.time_limit_s and time.time() - t0 > config.time_limit_s
+            if done % config.checkpoint_interval == 0 or done == end_step or out_of_time or stopping:
+                checkpoint(done)
+            if stopping:
+                log.write({"step": done, "split": "event", "event": "stopped", "signal": stop.name,
+                           "wall_s": elapsed_before + time.time() - t0})
+                end_step = done
+                break
+            if out_of_time:
+                bar.write(f"time limit reached after step {done}; resume with --resume")
+                end_step = done
+                break
+        bar.close()
+        if run:
+            run.finish()
+    if stopping:
+        print(f"cs336-basics train: stopped by {stop.name} after step {done}; checkpoint written to "
+              f"{checkpoint_path}; continue with --resume", file=sys.stderr, flush=True)
+        raise TrainingStopped(stop.exit_code)
     return {"steps": end_step if start_step < end_step else step, "train_loss": last_train_loss,
             "val_loss": last_val_loss, "finished": end_step >= config.max_steps, "out_dir": config.out_dir,
             "wall_s": elapsed_before + time.time() - t0, "num_parameters": model.num_parameters()}
@@ -171,6 +249,11 @@ def train(config: TrainConfig) -> dict[str, Any]:
 
 def _make_step(model, optimizer, config: TrainConfig, device, precision):
     """One optimizer step; the forward+backward is optionally compiled (the optimizer stays eager)."""
+    import torch
+
+    from cs336_basics.nn_utils import cross_entropy
+    from cs336_basics.optim import clip_gradients
+
     compiled = torch.compile(model) if config.compile else model
 
     def step(tokens, lr: float):
