@@ -1,15 +1,61 @@
-"""The `cs336-data` command: assets, extraction, filtering, deduplication, tokenization, quality classifier."""
+"""The `cs336-data` command: assets, extraction, filtering, deduplication, tokenization, quality classifier.
+
+Every subcommand checks its inputs and options before writing anything, writes each output beside its
+destination and renames it into place only on success, and refuses to write over one of its inputs. Expected
+failures end as one line, `cs336-data: error: <what> (<which file>)`, exit 2; `filter` exits 1 when some inputs
+failed (they are listed in report.json and the others are processed).
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
-from cs336_data.assets import ASSETS, MissingModelError, asset_path, download_asset
+from cs336_basics.cli_support import (
+    UserError,
+    atomic_path,
+    atomic_write,
+    bounded,
+    check_ranges,
+    refuse_overwriting_inputs,
+    run_command,
+)
+from cs336_data.assets import ASSETS, asset_path, download_asset, require_asset
+from cs336_data.safe_io import distinct_names, out_folder, require_files
+
+
+@dataclass
+class CliNumbers:
+    """The numeric options that belong to no library config, with their valid ranges (field name = flag);
+    FilterConfig and MinHashConfig check their own."""
+
+    workers: int | None = bounded(None, ge=1)
+    timeout: float | None = bounded(None, gt=0)
+    n: int | None = bounded(None, ge=1)
+    epoch: int | None = bounded(None, ge=1)
+    word_ngrams: int | None = bounded(None, ge=1)
+    max_per_class: int | None = bounded(None, ge=1)
+    k: int | None = bounded(None, ge=1)
+    slurm_timeout_min: int | None = bounded(None, ge=1)
+    seed: int | None = bounded(None, ge=0)
+
+    def __post_init__(self) -> None:
+        check_ranges(self)
+
+    @classmethod
+    def check(cls, args: argparse.Namespace) -> None:
+        cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)})
+
+
+def _progress(args: argparse.Namespace) -> bool:
+    """Progress bars only on a terminal: in a log or a pipe they would bury the one-line result or error."""
+    return sys.stderr.isatty() and not getattr(args, "no_progress", False)
 
 
 def _assets(args: argparse.Namespace) -> int:
@@ -22,7 +68,7 @@ def _assets(args: argparse.Namespace) -> int:
     names = args.names or [n for n, a in ASSETS.items() if a.url and n != "wiki-urls"]
     unknown = [n for n in names if n not in ASSETS]
     if unknown:
-        raise ValueError(f"unknown asset {unknown[0]!r}; known: {', '.join(ASSETS)}")
+        raise UserError(f"unknown asset {unknown[0]!r}; known: {', '.join(ASSETS)}")
     failed = 0
     for name in names:
         try:
@@ -36,21 +82,24 @@ def _assets(args: argparse.Namespace) -> int:
 def _extract(args: argparse.Namespace) -> int:
     from cs336_data.document import Document
     from cs336_data.extract import ExtractText
-    from cs336_data.warc_io import iter_warc_documents, write_wet
+    from cs336_data.warc_io import read_whole, write_wet
 
+    require_files([args.input])
+    refuse_overwriting_inputs([args.out], [args.input])
     stats: Counter[str] = Counter()
     step = ExtractText()
-    docs = (d for d in (step(doc) for doc in iter_warc_documents(args.input, "response", stats)) if d is not None)
-    if str(args.out).endswith((".wet", ".wet.gz")):
-        n = write_wet(args.out, docs)
-    else:
-        from xopen import xopen
+    docs = (d for d in (step(doc) for doc in read_whole(args.input, "response", stats)) if d is not None)
+    with atomic_path(args.out) as tmp:
+        if str(args.out).endswith((".wet", ".wet.gz")):
+            n = write_wet(tmp, docs)
+        else:
+            from xopen import xopen
 
-        n = 0
-        with xopen(args.out, "wt", threads=0) as out:
-            for doc in docs:
-                out.write(json.dumps(Document.to_json(doc), ensure_ascii=False) + "\n")
-                n += 1
+            n = 0
+            with xopen(tmp, "wt", threads=0) as out:
+                for doc in docs:
+                    out.write(json.dumps(Document.to_json(doc), ensure_ascii=False) + "\n")
+                    n += 1
     print(json.dumps({"written": n, "read": dict(stats), "extract": dict(step.counters)}))
     return 0
 
@@ -74,24 +123,38 @@ def _filter(args: argparse.Namespace) -> int:
         report = run_filter_slurm(args.inputs, args.out_dir, config, max_parallel=args.workers,
                                   slurm_partition=args.slurm_partition, timeout_min=args.slurm_timeout_min)
     else:
-        report = run_filter(args.inputs, args.out_dir, config, workers=args.workers, progress=not args.no_progress)
+        report = run_filter(args.inputs, args.out_dir, config, workers=args.workers, progress=_progress(args))
     print(format_summary(report["summary"]))
-    return 1 if report["summary"]["failed_files"] else 0
+    failed = report["summary"]["failed_files"]
+    if failed:
+        rest = "; the others were filtered" if len(failed) < report["summary"]["files"] else ""
+        print(f"cs336-data: {len(failed)} of {report['summary']['files']} inputs failed (listed in "
+              f"{Path(args.out_dir) / 'report.json'}){rest}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def _dedup(args: argparse.Namespace) -> int:
+    from cs336_data.minhash import MinHashConfig
+
+    if args.method == "minhash":
+        MinHashConfig(args.num_hashes, args.num_bands, args.ngrams, args.threshold, args.seed, args.workers)
+    inputs = require_files(args.inputs)
+    distinct_names(inputs)
+    refuse_overwriting_inputs([Path(args.out_dir) / p.name for p in inputs], inputs)
+    out_folder(args.out_dir)
     if args.method == "exact":
         from cs336_data.dedup_exact import exact_line_deduplicate
 
-        stats = exact_line_deduplicate(args.inputs, args.out_dir, progress=True)
+        stats = exact_line_deduplicate(args.inputs, args.out_dir, progress=_progress(args))
         print(json.dumps(stats))
         return 0
     from cs336_data.corpus import FileCorpus, JsonlCorpus
     from cs336_data.minhash import minhash_deduplicate
 
-    corpus = JsonlCorpus(args.inputs) if args.jsonl else FileCorpus(args.inputs)
+    jsonl = args.jsonl or all(".jsonl" in p.name for p in inputs)  # filter's shards are JSONL, one doc a line
+    corpus = JsonlCorpus(args.inputs) if jsonl else FileCorpus(args.inputs)
     result = minhash_deduplicate(corpus, args.out_dir, args.num_hashes, args.num_bands, args.ngrams, args.threshold,
-                                 seed=args.seed, workers=args.workers, progress=True)
+                                 seed=args.seed, workers=args.workers, progress=_progress(args))
     print(json.dumps(dict(result.stats)))
     return 0
 
@@ -99,8 +162,10 @@ def _dedup(args: argparse.Namespace) -> int:
 def _tokenize(args: argparse.Namespace) -> int:
     from cs336_data.tokenization import gpt2_encoding, iter_document_texts, tokenize_to_uint16
 
+    require_files(args.inputs)
+    refuse_overwriting_inputs([args.out], [*args.inputs, *([args.gpt2_vocab] if args.gpt2_vocab else [])])
     stats = tokenize_to_uint16(iter_document_texts(args.inputs), args.out, gpt2_encoding(args.gpt2_vocab),
-                               workers=args.workers)
+                               workers=args.workers, progress=_progress(args))
     print(json.dumps(stats))
     return 0
 
@@ -109,11 +174,19 @@ def _quality(args: argparse.Namespace) -> int:
     from cs336_data import quality
 
     if args.action == "sample-urls":
-        urls = quality.sample_urls(args.urls or asset_path("wiki-urls"), args.n, args.seed)
-        Path(args.out).write_text("\n".join(urls) + "\n")
+        source = require_files([args.urls])[0] if args.urls else require_asset("wiki-urls")
+        refuse_overwriting_inputs([args.out], [source])
+        urls = quality.sample_urls(source, args.n, args.seed, progress=_progress(args))
+        with atomic_write(args.out) as f:
+            f.write("\n".join(urls) + "\n")
         print(f"{len(urls)} URLs in {args.out}; fetch them with:\n"
               f"  wget --timeout=5 --tries=1 -i {args.out} --warc-file={Path(args.out).stem} -O /dev/null")
         return 0
+    inputs = require_files([*args.positives, *args.negatives])
+    work = Path(args.work_dir)
+    refuse_overwriting_inputs([args.out or asset_path("quality"), work / "quality.train", work / "quality.valid"],
+                              inputs)
+    out_folder(work, "--work-dir")
     steps = []
     if not args.no_filter:
         from cs336_data.gopher import GopherFilter
@@ -228,20 +301,28 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("classify", help="run one classifier or rule on a text file ('-' for stdin)")
     c.add_argument("what", choices=["lang", "nsfw", "toxic", "quality", "gopher", "pii"])
     c.add_argument("file")
-    c.add_argument("-k", type=int, default=1)
+    c.add_argument("-k", "--k", type=int, default=1, help="top k labels")
     c.set_defaults(func=_classify)
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def _run(args: argparse.Namespace) -> int:
+    """The subcommand, after the checks every subcommand shares."""
+    CliNumbers.check(args)
     if args.command == "quality" and args.action == "sample-urls" and not args.out:
         args.out = "sampled_urls.txt"
     if args.command == "quality" and args.action == "train" and not (args.positives and args.negatives):
-        print("cs336-data: error: quality train needs --positives and --negatives", file=sys.stderr)
-        return 2
-    try:
-        return args.func(args)
-    except (MissingModelError, FileNotFoundError, ValueError, RuntimeError) as exc:
-        print(f"cs336-data: error: {exc}", file=sys.stderr)
-        return 2
+        raise UserError("quality train needs --positives and --negatives")
+    return args.func(args)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parses the arguments and runs the subcommand inside the shared error boundary (`run_command`)."""
+    args = build_parser().parse_args(argv)
+    code = 0
+
+    def call() -> None:
+        nonlocal code
+        code = _run(args)
+
+    return run_command("cs336-data", call) or code

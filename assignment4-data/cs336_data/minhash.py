@@ -31,6 +31,8 @@ import mmh3
 import numpy as np
 from tqdm import tqdm
 
+from cs336_basics.cli_support import UserError, bounded, check_ranges
+
 _M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
 _S30, _S27, _S31, _S32 = np.uint64(30), np.uint64(27), np.uint64(31), np.uint64(32)
 EMPTY = np.uint32(0xFFFFFFFF)
@@ -186,6 +188,24 @@ class DedupResult:
     stats: Counter[str] = field(default_factory=Counter)
 
 
+@dataclass
+class MinHashConfig:
+    """The dedup's knobs with their valid ranges (field name = CLI flag), checked when built: a threshold of 0
+    would call every candidate pair a duplicate, bands must split the signature evenly."""
+
+    num_hashes: int = bounded(100, ge=1)
+    num_bands: int = bounded(10, ge=1)
+    ngrams: int = bounded(5, ge=1)
+    threshold: float = bounded(0.8, gt=0, le=1)
+    seed: int = bounded(0, ge=0)
+    workers: int = bounded(1, ge=1)
+
+    def __post_init__(self) -> None:
+        check_ranges(self)
+        if self.num_hashes % self.num_bands:
+            raise UserError(f"--num-hashes ({self.num_hashes}) must be divisible by --num-bands ({self.num_bands})")
+
+
 _FORKED: tuple[Corpus, MinHasher] | None = None  # set before the pool forks, so workers inherit, not unpickle
 
 
@@ -230,10 +250,7 @@ def compute_signatures(corpus: Corpus, hasher: MinHasher, workers: int = 1, prog
 def find_duplicates(corpus: Corpus, num_hashes: int, num_bands: int, ngrams: int, jaccard_threshold: float,
                     seed: int = 0, workers: int = 1, progress: bool = False, cache_size: int = 4096) -> DedupResult:
     """Cluster near-duplicate documents and pick one survivor per cluster (see the module docstring)."""
-    if not 0.0 <= jaccard_threshold <= 1.0:
-        raise ValueError(f"jaccard_threshold must be in [0, 1], got {jaccard_threshold}")
-    if num_bands < 1 or num_hashes % num_bands:
-        raise ValueError(f"num_hashes ({num_hashes}) must be divisible by num_bands ({num_bands})")
+    MinHashConfig(num_hashes, num_bands, ngrams, jaccard_threshold, seed, max(1, workers))
     hasher = MinHasher(num_hashes, ngrams, seed)
     n = len(corpus)
     stats: Counter[str] = Counter(documents=n)

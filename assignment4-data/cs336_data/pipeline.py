@@ -2,7 +2,10 @@
 
 Each input file is one task; tasks run in a process pool (or as a Slurm array through submitit). Inside a task a
 document that makes a step raise is dropped and counted under that step's `errors`, and a file that cannot be
-read at all is reported as failed: neither stops the run.
+read (missing, a folder, not gzip, not a WARC/WET, empty, the other kind) is reported as failed with the reason
+and writes no shard: neither stops the run. A file damaged partway (truncated download) is reported as failed
+too, with `partial: true`: the whole records before the damage are filtered and kept in its shard. Each shard,
+and report.json, is renamed into place only once complete, so a failure never leaves half a file over an old one.
 """
 
 from __future__ import annotations
@@ -21,31 +24,48 @@ from typing import Any
 from tqdm import tqdm
 from xopen import xopen
 
+from cs336_basics.cli_support import (
+    UserError,
+    atomic_path,
+    atomic_write,
+    bounded,
+    check_ranges,
+    refuse_overwriting_inputs,
+)
+from cs336_basics.cli_support.errors import describe
 from cs336_data.document import Document, Step, step_report
 from cs336_data.extract import ExtractText
 from cs336_data.gopher import GopherFilter
 from cs336_data.pii import MaskPII
-from cs336_data.warc_io import iter_warc_documents
+from cs336_data.safe_io import distinct_names, out_folder
+from cs336_data.warc_io import damage, iter_warc_documents
 
 
 @dataclass
 class FilterConfig:
-    """Which steps run, in this order: extract (WARC only), min length, langid, harmful, gopher, quality, PII."""
+    """Which steps run, in this order: extract (WARC only), min length, langid, harmful, gopher, quality, PII.
+
+    Numeric fields carry their valid range (field name = CLI flag), checked when the config is built."""
 
     input_kind: str = "conversion"  # "conversion" for WET, "response" for WARC
-    min_chars: int = 200
+    min_chars: int = bounded(200, ge=0)
     languages: list[str] = field(default_factory=lambda: ["en"])
-    lang_threshold: float | None = 0.65  # None disables language ID
-    nsfw_threshold: float | None = 0.5  # None disables the harmful-content step
-    toxic_threshold: float = 0.5
+    lang_threshold: float | None = bounded(0.65, ge=0, le=1)  # None disables language ID
+    nsfw_threshold: float | None = bounded(0.5, ge=0, le=1)  # None disables the harmful-content step
+    toxic_threshold: float = bounded(0.5, ge=0, le=1)
     gopher: bool = True
-    quality_threshold: float | None = None  # None disables the quality classifier
+    quality_threshold: float | None = bounded(None, ge=0, le=1)  # None disables the quality classifier
     mask_pii: bool = True
-    sample_dropped: int = 0  # keep up to this many dropped documents per step and file, for inspection
+    sample_dropped: int = bounded(0, ge=0)  # keep up to this many dropped documents per step and file
     lid_model: str | None = None
     nsfw_model: str | None = None
     toxic_model: str | None = None
     quality_model: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.input_kind not in ("conversion", "response"):
+            raise UserError(f"input kind must be 'conversion' (WET) or 'response' (WARC), got {self.input_kind!r}")
+        check_ranges(self)
 
 
 class MinLength(Step):
@@ -117,37 +137,68 @@ def _count_bytes(docs: Iterable[Document], stats: Counter[str]) -> Iterator[Docu
         yield doc
 
 
-def filter_file(input_path: str, output_path: str, config: FilterConfig) -> dict[str, Any]:
-    """Filter one crawl file into one JSONL shard (gzip when the name ends in .gz); returns its report."""
-    start = time.perf_counter()
-    report: dict[str, Any] = {"input": input_path, "output": output_path, "bytes_in": os.path.getsize(input_path)}
-    read_stats: Counter[str] = Counter()
-    try:
-        steps = build_steps(config)
-        kept = 0
-        Path(output_path).parent.mkdir(parents=True, exist_ok=True)
-        dropped: dict[str, list[dict[str, Any]]] = {}
+class _NothingRead(Exception):
+    """A file that yielded no document to filter (its reason is the message); its shard is not written."""
 
-        def sample(step_name: str, doc: Document) -> None:
-            bucket = dropped.setdefault(step_name, [])
-            if len(bucket) < config.sample_dropped:
-                bucket.append({"step": step_name, **doc.to_json()})
 
-        with xopen(output_path, "wt", threads=0) as out:
+def _filter_into(input_path: str, output_path: str, config: FilterConfig, steps: list[Step],
+                 read_stats: Counter[str]) -> tuple[int, str | None]:
+    """Filter one file into its shard (renamed into place only if the file gave at least one record);
+    returns the documents kept and what damage, if any, ended the reading early."""
+    dropped: dict[str, list[dict[str, Any]]] = {}
+
+    def sample(step_name: str, doc: Document) -> None:
+        bucket = dropped.setdefault(step_name, [])
+        if len(bucket) < config.sample_dropped:
+            bucket.append({"step": step_name, **doc.to_json()})
+
+    kept = 0
+    with atomic_path(output_path) as tmp:
+        with xopen(tmp, "wt", threads=0) as out:
             docs = _count_bytes(iter_warc_documents(input_path, config.input_kind, read_stats), read_stats)
             for doc in run_steps_safely(docs, steps, sample if config.sample_dropped else None):
                 out.write(json.dumps(doc.to_json(), ensure_ascii=False) + "\n")
                 kept += 1
-        if config.sample_dropped:
-            with xopen(output_path.replace(".jsonl", ".dropped.jsonl"), "wt", threads=0) as out:
-                for rows in dropped.values():
-                    out.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-        report.update(ok=True, kept=kept, steps=step_report(steps))
+        problem = damage(read_stats, config.input_kind)
+        if problem and not read_stats.get("records"):
+            raise _NothingRead(problem)
+    if config.sample_dropped:
+        with atomic_path(dropped_name(output_path)) as tmp, xopen(tmp, "wt", threads=0) as out:
+            for rows in dropped.values():
+                out.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    return kept, problem
+
+
+def filter_file(input_path: str, output_path: str, config: FilterConfig) -> dict[str, Any]:
+    """Filter one crawl file into one JSONL shard (gzip when the name ends in .gz); returns its report.
+
+    Never raises for a bad file: `ok: false` with the reason (`partial: true` when records before the damage
+    were kept)."""
+    start = time.perf_counter()
+    report: dict[str, Any] = {"input": input_path, "output": output_path, "bytes_in": 0}
+    read_stats: Counter[str] = Counter()
+    try:
+        report["bytes_in"] = os.path.getsize(input_path)
+        if os.path.isdir(input_path):
+            raise UserError(f"{input_path} is a folder; expected a WARC/WET file")
+        steps = build_steps(config)
+        kept, problem = _filter_into(input_path, output_path, config, steps, read_stats)
+        report.update(ok=problem is None, kept=kept, steps=step_report(steps))
+        if problem:
+            report.update(error=problem, partial=True)
+    except _NothingRead as exc:
+        report.update(ok=False, error=str(exc), kept=0, steps={})
     except Exception as exc:  # one bad file is reported, never the end of the run
-        report.update(ok=False, error=f"{type(exc).__name__}: {exc}", kept=0, steps={})
+        report.update(ok=False, error=f"{type(exc).__name__}: {describe(exc)}", kept=0, steps={})
     report["read"] = dict(read_stats)
     report["seconds"] = time.perf_counter() - start
     return report
+
+
+def dropped_name(shard: str) -> str:
+    """`out/x.jsonl.gz` -> `out/dropped/x.jsonl.gz`: a shard's dropped samples, in a subfolder so that a glob
+    over the shards (`out/*.jsonl.gz`, as the next command takes them) never mixes dropped documents back in."""
+    return str(Path(shard).parent / "dropped" / Path(shard).name)
 
 
 def output_name(input_path: str) -> str:
@@ -172,7 +223,8 @@ def summarize(reports: list[dict[str, Any]], wall_seconds: float, workers: int) 
     mb = sum(r["bytes_in"] for r in reports) / 1e6
     return {
         "files": len(reports),
-        "failed_files": [{"input": r["input"], "error": r["error"]} for r in reports if not r.get("ok")],
+        "failed_files": [{"input": r["input"], "error": r["error"], "partial": bool(r.get("partial"))}
+                         for r in reports if not r.get("ok")],
         "documents_read": read.get("records", 0),
         "documents_kept": sum(r.get("kept", 0) for r in reports),
         "read": dict(read),
@@ -188,11 +240,13 @@ def summarize(reports: list[dict[str, Any]], wall_seconds: float, workers: int) 
 
 def run_filter(inputs: list[str], out_dir: str, config: FilterConfig, workers: int = 1,
                progress: bool = True) -> dict[str, Any]:
-    """Filter many files in a process pool; writes `report.json` (summary, config, per-file reports) to out_dir."""
+    """Filter many files in a process pool; writes `report.json` (summary, config, per-file reports) to out_dir.
+
+    Refused before any work (a `UserError`): a missing model, an output folder that is a file, two inputs whose
+    shards would share a name, an output that would overwrite an input."""
     build_steps(config)  # fail fast, in the parent, on a missing model
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    jobs = [(p, str(out / output_name(p))) for p in inputs]
+    out = out_folder(out_dir)
+    jobs = _jobs(inputs, out, config)
     start = time.perf_counter()
     reports: list[dict[str, Any]] = []
     if workers <= 1:
@@ -207,8 +261,21 @@ def run_filter(inputs: list[str], out_dir: str, config: FilterConfig, workers: i
                 reports.append(fut.result())
     summary = summarize(reports, time.perf_counter() - start, max(1, workers))
     full = {"summary": summary, "config": asdict(config), "files": sorted(reports, key=lambda r: r["input"])}
-    (out / "report.json").write_text(json.dumps(full, indent=2))
+    with atomic_write(out / "report.json") as f:
+        f.write(json.dumps(full, indent=2))
     return full
+
+
+def _jobs(inputs: list[str], out: Path, config: FilterConfig) -> list[tuple[str, str]]:
+    """(input, shard) pairs, refusing colliding shard names and outputs that are inputs."""
+    names = [output_name(p) for p in inputs]
+    distinct_names(inputs, names)
+    jobs = [(p, str(out / n)) for p, n in zip(inputs, names, strict=True)]
+    outputs = [out / "report.json", *(o for _, o in jobs)]
+    if config.sample_dropped:
+        outputs += [dropped_name(o) for _, o in jobs]
+    refuse_overwriting_inputs(outputs, inputs)
+    return jobs
 
 
 def run_filter_slurm(inputs: list[str], out_dir: str, config: FilterConfig, log_dir: str = "slurm_logs",
@@ -217,18 +284,19 @@ def run_filter_slurm(inputs: list[str], out_dir: str, config: FilterConfig, log_
     try:
         import submitit
     except ImportError as exc:
-        raise RuntimeError("the Slurm launcher needs submitit: `uv pip install submitit`") from exc
+        raise UserError("the Slurm launcher needs submitit: `uv pip install submitit`") from exc
+    out = out_folder(out_dir)
+    jobs = _jobs(inputs, out, config)
     executor = submitit.AutoExecutor(folder=log_dir)
     executor.update_parameters(slurm_array_parallelism=max_parallel, **slurm)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     with executor.batch():
-        futures = [executor.submit(filter_file, p, str(out / output_name(p)), config) for p in inputs]
+        futures = [executor.submit(filter_file, p, o, config) for p, o in jobs]
     reports = [f.result() for f in tqdm(submitit.helpers.as_completed(futures), total=len(futures), desc="slurm")]
     summary = summarize(reports, time.perf_counter() - start, max_parallel)
     full = {"summary": summary, "config": asdict(config), "files": sorted(reports, key=lambda r: r["input"])}
-    (out / "report.json").write_text(json.dumps(full, indent=2))
+    with atomic_write(out / "report.json") as f:
+        f.write(json.dumps(full, indent=2))
     return full
 
 
@@ -243,5 +311,6 @@ def format_summary(summary: dict[str, Any]) -> str:
         d = c.get("dropped", 0)
         lines.append(f"{name:<12}{c.get('seen', 0):>10}{d:>10}{c.get('modified', 0):>10}{d / total_dropped:>10.1%}")
     for f in summary["failed_files"]:
-        lines.append(f"FAILED {f['input']}: {f['error']}")
+        kept = " (whole records before the damage kept)" if f.get("partial") else ""
+        lines.append(f"FAILED {f['input']}: {f['error']}{kept}")
     return "\n".join(lines)

@@ -17,11 +17,12 @@ import fasttext
 from tqdm import tqdm
 from xopen import xopen
 
+from cs336_basics.cli_support import UserError, atomic_path, atomic_write, reading
 from cs336_data.assets import asset_path
 from cs336_data.document import Document, Step
 from cs336_data.extract import ExtractText
 from cs336_data.fasttext_model import FastTextClassifier, load_classifier
-from cs336_data.warc_io import iter_warc_documents
+from cs336_data.warc_io import read_whole
 
 POSITIVE, NEGATIVE = "wiki", "cc"
 
@@ -31,12 +32,12 @@ def classify_quality(text: str, model_path: str | os.PathLike | None = None) -> 
     return load_classifier("quality", model_path).top(text)
 
 
-def sample_urls(url_file: str | os.PathLike, n: int, seed: int = 0) -> list[str]:
+def sample_urls(url_file: str | os.PathLike, n: int, seed: int = 0, progress: bool = True) -> list[str]:
     """A uniform sample of n lines of a (possibly gzipped) URL list, by reservoir sampling in one pass."""
     rng = random.Random(seed)
     sample: list[str] = []
-    with xopen(url_file, "rt", threads=0) as f:
-        for i, line in enumerate(tqdm(f, desc="urls", unit=" urls")):
+    with reading(url_file), xopen(url_file, "rt", threads=0) as f:
+        for i, line in enumerate(tqdm(f, desc="urls", unit=" urls", disable=not progress)):
             url = line.strip()
             if not url:
                 continue
@@ -50,20 +51,23 @@ def sample_urls(url_file: str | os.PathLike, n: int, seed: int = 0) -> list[str]
 
 
 def iter_texts(paths: Iterable[str | os.PathLike]) -> Iterator[str]:
-    """Texts of WARC (responses, extracted from HTML), WET (conversion records) or plain-text files (one per line)."""
+    """Texts of WARC (responses, extracted from HTML), WET (conversion records) or plain-text files (one per line).
+
+    A damaged, empty or wrong-kind crawl file is a `UserError` naming it (a quality model trained on part of its
+    data without a word would be a silent loss)."""
     extract = ExtractText()
     for path in paths:
         name = str(path)
         if name.endswith((".warc", ".warc.gz")) and ".wet" not in name:
-            for doc in iter_warc_documents(path, "response"):
+            for doc in read_whole(path, "response"):
                 out = extract(doc)
                 if out is not None:
                     yield out.text
         elif ".wet" in name:
-            for doc in iter_warc_documents(path, "conversion"):
+            for doc in read_whole(path, "conversion"):
                 yield doc.text
         else:
-            with xopen(path, "rt", threads=0) as f:
+            with reading(path), xopen(path, "rt", threads=0, encoding="utf-8") as f:
                 yield from (line.rstrip("\n") for line in f if line.strip())
 
 
@@ -101,7 +105,7 @@ def write_training_data(positives: Iterable[str], negatives: Iterable[str], out_
 
     pos, neg = kept(positives), kept(negatives)
     if not pos or not neg:
-        raise ValueError(f"need documents of both classes after filtering, got {len(pos)} wiki and {len(neg)} cc")
+        raise UserError(f"need documents of both classes after filtering, got {len(pos)} wiki and {len(neg)} cc")
     m = min(len(pos), len(neg))
     rows = [(POSITIVE, t) for t in rng.sample(pos, m)] + [(NEGATIVE, t) for t in rng.sample(neg, m)]
     rng.shuffle(rows)
@@ -110,7 +114,7 @@ def write_training_data(positives: Iterable[str], negatives: Iterable[str], out_
     out.mkdir(parents=True, exist_ok=True)
     split = TrainingSplit(out / "quality.train", out / "quality.valid", {"wiki": m, "cc": m, "valid": n_valid})
     for path, part in ((split.valid, rows[:n_valid]), (split.train, rows[n_valid:])):
-        with open(path, "w", encoding="utf-8") as f:
+        with atomic_write(path, encoding="utf-8") as f:
             f.writelines(fasttext_line(label, text) for label, text in part)
     return split
 
@@ -122,8 +126,8 @@ def train_quality_classifier(train_file: str | os.PathLike, model_out: str | os.
     model = fasttext.train_supervised(input=str(train_file), epoch=epoch, lr=lr, wordNgrams=word_ngrams, dim=dim,
                                       minCount=min_count, bucket=bucket, seed=seed, thread=1, verbose=0)
     out = Path(model_out) if model_out else asset_path("quality")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    model.save_model(str(out))
+    with atomic_path(out) as tmp:
+        model.save_model(tmp)
     return out
 
 

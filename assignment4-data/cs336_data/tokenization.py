@@ -17,6 +17,9 @@ import tiktoken
 from tqdm import tqdm
 from xopen import xopen
 
+from cs336_basics.cli_support import UserError, atomic_path, reading
+from cs336_data.safe_io import jsonl_field
+
 GPT2_SPLIT = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 EOT = "<|endoftext|>"
 
@@ -36,10 +39,21 @@ def _byte_to_char() -> dict[int, str]:
 def gpt2_encoding(vocab_json: str | os.PathLike | None = None) -> tiktoken.Encoding:
     """tiktoken's GPT-2 encoding, or the same rebuilt from a GPT-2 vocab JSON (token ids are the merge ranks)."""
     if vocab_json is None:
-        return tiktoken.get_encoding("gpt2")
+        try:
+            return tiktoken.get_encoding("gpt2")
+        except Exception as e:  # tiktoken fetches the files over HTTP on first use; offline that fails deep inside
+            raise UserError("cannot load tiktoken's GPT-2 encoding (it downloads on first use; offline, pass "
+                            f"--gpt2-vocab vocab.json): {type(e).__name__}") from e
     char_to_byte = {c: b for b, c in _byte_to_char().items()}
-    vocab = json.loads(Path(vocab_json).read_text(encoding="utf-8"))
-    ranks = {bytes(char_to_byte[c] for c in tok): i for tok, i in vocab.items() if tok != EOT}
+    with reading(vocab_json):
+        vocab = json.loads(Path(vocab_json).read_text(encoding="utf-8"))
+    if not isinstance(vocab, dict) or not all(isinstance(i, int) for i in vocab.values()):
+        raise UserError(f"{vocab_json} is not a GPT-2 vocab.json (an object of token -> id)")
+    try:
+        ranks = {bytes(char_to_byte[c] for c in tok): i for tok, i in vocab.items() if tok != EOT}
+    except KeyError as e:
+        raise UserError(f"{vocab_json} is not a GPT-2 vocab.json (a token holds {e.args[0]!r}, no byte's "
+                        "character)") from e
     return tiktoken.Encoding(name="gpt2-local", pat_str=GPT2_SPLIT, mergeable_ranks=ranks,
                              special_tokens={EOT: vocab.get(EOT, len(ranks))})
 
@@ -53,16 +67,18 @@ def _encode(text: str) -> list[int]:
 
 
 def iter_document_texts(paths: Iterable[str | os.PathLike], field: str = "text") -> Iterator[str]:
-    """Texts from JSONL shards (`field` of each object) or plain-text files (each file one document)."""
+    """Texts from JSONL shards (`field` of each object) or plain-text files (each file one document).
+
+    A damaged file (truncated gzip, not gzip, not UTF-8) or a record without its text is a `UserError` naming
+    the file (and line)."""
     for path in paths:
         name = str(path)
-        if ".jsonl" in name:
-            with xopen(path, "rt", threads=0) as f:
-                for line in f:
+        with reading(path), xopen(path, "rt", threads=0, encoding="utf-8") as f:
+            if ".jsonl" in name:
+                for lineno, line in enumerate(f, start=1):
                     if line.strip():
-                        yield json.loads(line)[field]
-        else:
-            with xopen(path, "rt", threads=0) as f:
+                        yield jsonl_field(line, path, lineno, field)
+            else:
                 yield f.read()
 
 
@@ -71,11 +87,10 @@ def tokenize_to_uint16(texts: Iterable[str], output_path: str | os.PathLike, enc
     """Encode documents in order, append EOT to each, and stream the ids to `output_path` as uint16."""
     global _ENCODING
     if encoding.n_vocab > 1 << 16:
-        raise ValueError(f"vocabulary of {encoding.n_vocab} ids does not fit in uint16")
+        raise UserError(f"vocabulary of {encoding.n_vocab} ids does not fit in uint16")
     _ENCODING = encoding
     stats = {"documents": 0, "tokens": 0}
-    Path(output_path).parent.mkdir(parents=True, exist_ok=True)
-    with open(output_path, "wb") as out:
+    with atomic_path(output_path) as tmp, open(tmp, "wb") as out:
         pool = multiprocessing.get_context("fork").Pool(workers) if workers > 1 else None
         try:
             ids_iter = pool.imap(_encode, texts, chunksize=chunksize) if pool else map(_encode, texts)

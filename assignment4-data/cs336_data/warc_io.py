@@ -16,6 +16,7 @@ from typing import BinaryIO
 from fastwarc.warc import ArchiveIterator, WarcRecord, WarcRecordType
 from xopen import xopen
 
+from cs336_basics.cli_support import UserError
 from cs336_data.document import Document
 
 RECORD_TYPES = {"conversion": WarcRecordType.conversion, "response": WarcRecordType.response,
@@ -67,14 +68,18 @@ def iter_warc_documents(path: str | os.PathLike, kind: str = "conversion",
                         stats: Counter[str] | None = None) -> Iterator[Document]:
     """Documents of one WARC/WET file: `conversion` records give text, `response` records give `meta['html']`.
 
-    `stats` (if given) counts `records`, `truncated`, `invalid`, `non_html` and `damaged_stream`.
+    `stats` (if given) counts `records`, `truncated`, `invalid`, `non_html` and `damaged_stream`, plus `empty`
+    (not one record of either kind) and `other_kind` (records of the other kind: a WARC read as WET or the
+    reverse), so that `damage` can tell a whole file from one that only looks empty.
     """
     if kind not in ("conversion", "response"):
         raise ValueError(f"kind must be 'conversion' (WET) or 'response' (WARC), got {kind!r}")
     stats = stats if stats is not None else Counter()
+    wanted = RECORD_TYPES[kind]
+    other = RECORD_TYPES["response" if kind == "conversion" else "conversion"]
     with xopen(path, "rb", threads=0) as raw:  # in-process decompression: errors surface where they occur
         stream = _EndAtDamage(raw)
-        iterator = ArchiveIterator(stream, record_types=RECORD_TYPES[kind], parse_http=(kind == "response"),
+        iterator = ArchiveIterator(stream, record_types=wanted | other, parse_http=(kind == "response"),
                                    stream_detect=False)
         while True:
             try:
@@ -84,6 +89,9 @@ def iter_warc_documents(path: str | os.PathLike, kind: str = "conversion",
             except OSError:  # not a WARC at all, or a header mangled mid-file: keep what came before
                 stats["invalid"] += 1
                 break
+            if record.record_type != wanted:
+                stats["other_kind"] += 1
+                continue
             body = record.reader.read()
             if not _complete(record, body):
                 stats["truncated"] += 1
@@ -102,6 +110,38 @@ def iter_warc_documents(path: str | os.PathLike, kind: str = "conversion",
             yield doc
         if stream.damaged:
             stats["damaged_stream"] += 1
+        if not (stream.damaged or stats["records"] or stats["other_kind"] or stats["invalid"]):
+            stats["empty"] += 1
+
+
+def damage(stats: Counter[str] | dict[str, int], kind: str = "conversion") -> str | None:
+    """Why a file read with `iter_warc_documents` is not whole (None when it is): damaged compression, a
+    record cut short, bytes that are no WARC, no bytes at all, or only records of the other kind."""
+    records = stats.get("records", 0)
+    after = f"after {records} whole record{'s' if records != 1 else ''}"
+    if stats.get("damaged_stream"):
+        return f"damaged compressed stream (truncated or not gzip) {after}"
+    if stats.get("truncated"):
+        return f"a record is cut short {after}"
+    if stats.get("invalid"):
+        return f"not a WARC/WET file (invalid record header {after})"
+    if stats.get("empty"):
+        return "no WARC records (an empty file, or not a WARC/WET file)"
+    if not records and stats.get("other_kind"):
+        have, flag = ("response", "--input-kind warc") if kind == "conversion" else ("conversion", "--input-kind wet")
+        return f"no {kind} records, only {stats['other_kind']} {have} records (wrong kind of file? see {flag})"
+    return None
+
+
+def read_whole(path: str | os.PathLike, kind: str = "conversion",
+               stats: Counter[str] | None = None) -> Iterator[Document]:
+    """`iter_warc_documents` for commands that must not work on part of a file: after the last document, a
+    damaged, empty or wrong-kind file raises a `UserError` naming it (the caller's output is then discarded)."""
+    stats = stats if stats is not None else Counter()
+    yield from iter_warc_documents(path, kind, stats)
+    problem = damage(stats, kind)
+    if problem:
+        raise UserError(f"cannot read {os.fspath(path)}: {problem}")
 
 
 def _new_record(record_type: WarcRecordType, url: str, content: bytes, content_type: str) -> WarcRecord:

@@ -4,6 +4,7 @@ import gzip
 import json
 import random
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -122,7 +123,13 @@ def test_filter_pipeline_parallel_report(tmp_path):
     config = FilterConfig(min_chars=50, lang_threshold=None, nsfw_threshold=None, sample_dropped=3)
     report = run_filter(inputs, str(tmp_path / "out"), config, workers=2, progress=False)
     summary = report["summary"]
-    assert summary["files"] == 4 and summary["failed_files"] == []
+    assert summary["files"] == 4
+    # damaged inputs are failures with their reason, not "ok with fewer documents": the truncated file keeps the
+    # whole records before the damage (partial), the garbage one writes no shard
+    failed = {Path(f["input"]).name: f for f in summary["failed_files"]}
+    assert sorted(failed) == ["cut.warc.wet.gz", "junk.warc.wet.gz"]
+    assert failed["cut.warc.wet.gz"]["partial"] and "damaged compressed stream" in failed["cut.warc.wet.gz"]["error"]
+    assert not failed["junk.warc.wet.gz"]["partial"] and not (tmp_path / "out" / "junk.jsonl.gz").exists()
     steps = summary["steps"]
     assert steps["min_length"]["seen"] == summary["documents_read"]
     assert steps["gopher"]["seen"] == steps["min_length"]["kept"]  # each step sees what the previous kept
@@ -134,7 +141,7 @@ def test_filter_pipeline_parallel_report(tmp_path):
         kept = [json.loads(line) for line in f]
     assert len(kept) == 10 and all(EMAIL_TOKEN in d["text"] and "@" not in d["text"] for d in kept)
     assert kept[0]["url"] == "http://site0.example/" and kept[0]["meta"]["pii"]["emails"] == 1
-    with gzip.open(tmp_path / "out" / "in0.dropped.jsonl.gz", "rt") as f:
+    with gzip.open(tmp_path / "out" / "dropped" / "in0.jsonl.gz", "rt") as f:
         dropped = [json.loads(line) for line in f]
     assert [d["step"] for d in dropped] == ["min_length"] * 3 + ["gopher"] * 3
     assert dropped[0]["text"] == "Too short to keep."

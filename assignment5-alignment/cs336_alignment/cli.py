@@ -3,9 +3,20 @@
 import argparse
 import json
 import os
-import sys
+from dataclasses import dataclass
+from typing import Any
 
+from cs336_alignment.cli_inputs import (
+    check_model_flags,
+    loading,
+    model_label,
+    require_file,
+    values_checked_downstream,
+)
 from cs336_alignment.evaluation.runner import markdown_table
+from cs336_basics.cli_support import UserError, bounded, check_ranges, refuse_overwriting_inputs, run_command
+
+PROG = "cs336-align"
 
 TASK_DEFAULTS = {  # (prompt style, temperature, max tokens): MATH samples as the handout says, the rest greedy
     "math": ("r1_zero", 1.0, 1024),
@@ -16,16 +27,44 @@ TASK_DEFAULTS = {  # (prompt style, temperature, max tokens): MATH samples as th
 }
 
 
+@dataclass
+class EvalFlags:
+    """`cs336-align eval`'s numeric flags and their valid ranges (checked before any model is loaded)."""
+
+    limit: int | None = bounded(None, ge=1)
+    temperature: float | None = bounded(None, ge=0)
+    top_p: float = bounded(1.0, gt=0, le=1)
+    max_tokens: int | None = bounded(None, ge=1)
+    min_tokens: int = bounded(0, ge=0)
+    n: int = bounded(1, ge=1)
+    seed: int | None = bounded(None, ge=0)
+    batch_size: int = bounded(16, ge=1)
+
+    def __post_init__(self) -> None:
+        check_ranges(self)
+
+
+def _vllm(model: str, **kwargs: Any):
+    """vLLM missing or unusable is the environment's state, not a bug: one line."""
+    from cs336_alignment.generation import make_backend
+
+    try:
+        return make_backend("vllm", model, **kwargs)
+    except (RuntimeError, ImportError) as e:
+        raise UserError(f"--backend vllm: {str(e).strip().splitlines()[0] if str(e).strip() else e!r}") from e
+
+
 def _build_backend(args):
     from cs336_alignment.generation import make_backend
 
     if args.backend == "vllm":
         if not args.model:
-            raise ValueError("--backend vllm needs --model (a Hugging Face model directory)")
-        return make_backend("vllm", args.model, seed=args.seed or 0)
+            raise UserError("--backend vllm needs --model (a Hugging Face model directory)")
+        return _vllm(args.model, seed=args.seed or 0)
     from cs336_alignment.models import load_model
 
-    model, tokenizer = load_model(args.model, args.basics_run, args.basics_tokenizer, args.device, args.dtype)
+    with loading(model_label(args.model, args.basics_run)):
+        model, tokenizer = load_model(args.model, args.basics_run, args.basics_tokenizer, args.device, args.dtype)
     return make_backend("native", model, tokenizer, batch_size=args.batch_size)
 
 
@@ -33,19 +72,43 @@ def _build_judge(args):
     from cs336_alignment.generation import make_backend
 
     if args.judge_backend == "vllm":
-        return make_backend("vllm", args.judge_model, seed=args.seed or 0)
+        return _vllm(args.judge_model, seed=args.seed or 0)
     from cs336_alignment.models import load_hf
 
-    model, tokenizer = load_hf(args.judge_model, args.device, args.dtype)
+    with loading(f"--judge-model {args.judge_model}"):
+        model, tokenizer = load_hf(args.judge_model, args.device, args.dtype)
     return make_backend("native", model, tokenizer, batch_size=args.batch_size)
+
+
+def _eval_outputs(out: str, task: str) -> list[str]:
+    names = [f"{task}_results.jsonl", f"{task}_summary.json", f"{task}_summary.md"]
+    if task == "alpaca-eval":
+        names.append("alpaca_eval_outputs.json")
+    return [os.path.join(out, name) for name in names]
+
+
+def _check_eval_paths(args) -> None:
+    """Data present, an output folder that is a folder, and no output that would overwrite an input."""
+    if args.task != "mmlu":  # MMLU also takes a folder of CSVs
+        require_file(args.data, "data file")
+    elif not os.path.exists(args.data):
+        raise FileNotFoundError(f"{args.data} does not exist")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise UserError(f"--out {args.out} is a file; expected a folder")
+    refuse_overwriting_inputs(_eval_outputs(args.out, args.task), [args.data])
 
 
 def cmd_eval(args) -> dict:
     from cs336_alignment.evaluation import TASKS
     from cs336_alignment.generation import SamplingParams
 
-    if not os.path.exists(args.data):  # fail before spending time on loading a model
-        raise FileNotFoundError(f"{args.data} does not exist")
+    EvalFlags(args.limit, args.temperature, args.top_p, args.max_tokens, args.min_tokens, args.n, args.seed,
+              args.batch_size)
+    _check_eval_paths(args)  # fail before spending time on loading a model
+    if args.backend == "native":
+        check_model_flags(args.model, args.basics_run, args.basics_tokenizer)
+    if args.judge_model and args.task != "sst":
+        raise UserError("--judge-model applies to the sst task only")
     style, temperature, max_tokens = TASK_DEFAULTS[args.task]
     params = SamplingParams(
         temperature=temperature if args.temperature is None else args.temperature,
@@ -56,13 +119,12 @@ def cmd_eval(args) -> dict:
         n=args.n,
         seed=args.seed,
     )
-    if args.judge_model and args.task != "sst":
-        raise ValueError("--judge-model applies to the sst task only")
     backend = _build_backend(args)
     kwargs = {"style": args.style or style, "limit": args.limit}
     if args.judge_model:
         kwargs["judge"] = _build_judge(args)
-    summary = TASKS[args.task](args.data, backend, params, args.out, **kwargs)
+    with values_checked_downstream(f"cannot evaluate {args.data}"):
+        summary = TASKS[args.task](args.data, backend, params, args.out, **kwargs)
     print(markdown_table(summary))
     return summary
 
@@ -131,15 +193,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(argv: list[str] | None = None):
-    """Parses and runs one command; returns its result (summaries for `eval`), for scripts and tests."""
+    """Parses and runs one command; returns its result (summaries for `eval`), for scripts and tests.
+
+    The shared error boundary (`run_command`) turns expected failures into one `cs336-align: error:` line and
+    SystemExit(2); a training loop stopped by SIGINT/SIGTERM ends with SystemExit(130/143) after its checkpoint.
+    """
     args = build_parser().parse_args(argv)
-    if args.command == "eval" and args.limit is not None and args.limit < 1:
-        build_parser().error("--limit must be >= 1")
-    try:
-        return args.func(args)
-    except (FileNotFoundError, ValueError, RuntimeError) as e:
-        print(f"cs336-align: error: {str(e).splitlines()[0]}", file=sys.stderr)
-        raise SystemExit(2) from None
+    result: dict[str, Any] = {}
+
+    def call() -> None:
+        result["value"] = args.func(args)
+
+    code = run_command(PROG, call)
+    if code:
+        raise SystemExit(code)
+    return result.get("value")
 
 
 def main(argv: list[str] | None = None) -> int:

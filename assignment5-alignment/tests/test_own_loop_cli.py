@@ -76,7 +76,7 @@ def test_dpo_command(setup, tmp_path):
 @pytest.mark.parametrize("argv, message", [
     (["grpo", "--train-batch-size", "6", "--gradient-accumulation-steps", "4"], "divisible"),
     (["grpo", "--loss-type", "ppo"], "unknown loss_type"),
-    (["sft", "--learning-rate", "0"], "learning_rate must be positive"),
+    (["sft", "--learning-rate", "0"], "--learning-rate must be > 0"),
     (["dpo", "--optimizer", "sgd"], "optimizer must be"),
     (["grpo", "--data", "/no/such.jsonl"], "does not exist"),
     (["sft", "--resume"], "nothing to resume"),

@@ -5,10 +5,10 @@ from such a file (the learning-rate sweep's runs share one start). Several runs 
 
 import argparse
 import os
-import sys
 from dataclasses import replace
 
-from cs336_alignment.demo.config import PRESETS, preset
+from cs336_alignment.demo.config import PRESETS, DemoConfig, preset
+from cs336_basics.cli_support import UserError, run_command
 
 
 def parse_args(argv: list[str] | None):
@@ -24,43 +24,64 @@ def parse_args(argv: list[str] | None):
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+PROG = "python -m cs336_alignment.demo"
 
-    def fail(message: str) -> int:
-        print(f"demo: error: {message}", file=sys.stderr)
-        return 2
 
+def _as_override(message: str) -> str:
+    """Range errors name fields as flags (`--grpo-lr`); here they are set with `--set grpo_lr=...`."""
+    if message.startswith("--"):
+        name, _, rest = message[2:].partition(" ")
+        key = name.replace("-", "_")
+        if key in DemoConfig.__dataclass_fields__:
+            return f"--set {key}: {rest}"
+    return message
+
+
+def _config(args: argparse.Namespace) -> DemoConfig:
+    if args.time_budget_s is not None and not args.time_budget_s > 0:
+        raise UserError("--time-budget-s must be positive")
     try:
         config = preset(args.preset, args.set)
-    except ValueError as e:
-        return fail(str(e))
-    if args.time_budget_s is not None:
-        if args.time_budget_s <= 0:
-            return fail("--time-budget-s must be positive")
-        config = replace(config, time_budget_s=args.time_budget_s)
-    if args.device:
-        config = replace(config, device=args.device)
+        if args.time_budget_s is not None:
+            config = replace(config, time_budget_s=args.time_budget_s)
+    except UserError as e:
+        raise UserError(_as_override(str(e))) from None
+    except ValueError as e:  # the preset's own override errors
+        raise UserError(str(e)) from None
+    return replace(config, device=args.device) if args.device else config
+
+
+def _run(args: argparse.Namespace) -> None:
+    config = _config(args)
     if args.start_only and not args.save_start:
-        return fail("--start-only needs --save-start FILE")
+        raise UserError("--start-only needs --save-start FILE")
     if args.start_from and not os.path.isfile(args.start_from):
-        return fail(f"--start-from {args.start_from}: no such file")
+        raise UserError(f"--start-from {args.start_from}: no such file")
     if args.start_from and args.save_start:
-        return fail("--start-from and --save-start exclude each other")
+        raise UserError("--start-from and --save-start exclude each other")
+    if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
+        raise UserError(f"--out-dir {args.out_dir} is a file; expected a folder")
+    if args.save_start and os.path.isdir(args.save_start):
+        raise UserError(f"--save-start {args.save_start} is a folder; expected a file path")
     from cs336_alignment.demo.pipeline import StartMismatch, run_demo
 
     try:
         results = run_demo(config, args.out_dir, start_from=args.start_from, save_start_to=args.save_start,
                            start_only=args.start_only)
     except StartMismatch as e:
-        return fail(str(e))
+        raise UserError(str(e)) from None
     if args.start_only:
         print(f"demo: SFT start written to {args.save_start}")
-        return 0
+        return
     from cs336_alignment.demo.report import markdown_summary
 
     print(markdown_summary(results))
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The shared error boundary: bad settings and files end in one line and exit 2, Ctrl-C in exit 130."""
+    args = parse_args(argv)
+    return run_command(PROG, lambda: _run(args))
 
 
 if __name__ == "__main__":

@@ -6,57 +6,66 @@ stops a stage early (and says so in the results) on a machine much slower than t
 
 from dataclasses import dataclass, fields, replace
 
+from cs336_basics.cli_support import UserError, bounded, check_ranges
+
 
 @dataclass
 class DemoConfig:
     """Every random choice of a run (problems, splits, slips, initial weights, batches, rollouts) follows `seed`."""
 
-    seed: int = 0
+    seed: int = bounded(0, ge=0)
     device: str = "auto"
     deterministic: bool = True  # deterministic CUDA kernels, so one seed gives one set of numbers
-    time_budget_s: float = 900.0  # a guard, not a schedule (see the module docstring)
+    time_budget_s: float = bounded(900.0, gt=0)  # a guard, not a schedule (see the module docstring)
     # data
-    max_steps_per_problem: int = 4
-    error_rate: float = 0.3  # share of pretraining and SFT traces with one arithmetic slip
-    n_pretrain_problems: int = 150_000
-    n_sft_examples: int = 2048
-    n_grpo_questions: int = 20_000  # taken from the pool after the SFT examples
-    n_heldout: int = 1024
-    vocab_size: int = 600
-    encode_workers: int = 8
+    max_steps_per_problem: int = bounded(4, ge=1)
+    error_rate: float = bounded(0.3, ge=0, le=1)  # share of pretraining and SFT traces with one arithmetic slip
+    n_pretrain_problems: int = bounded(150_000, ge=1)
+    n_sft_examples: int = bounded(2048, ge=1)
+    n_grpo_questions: int = bounded(20_000, ge=1)  # taken from the pool after the SFT examples
+    n_heldout: int = bounded(1024, ge=1)
+    vocab_size: int = bounded(600, ge=257)
+    encode_workers: int = bounded(8, ge=1)
     # model (cs336_basics TransformerLM)
-    d_model: int = 384
-    num_layers: int = 6
-    num_heads: int = 6
-    d_ff: int = 1024
-    context_length: int = 256
+    d_model: int = bounded(384, ge=1)
+    num_layers: int = bounded(6, ge=1)
+    num_heads: int = bounded(6, ge=1)
+    d_ff: int = bounded(1024, ge=1)
+    context_length: int = bounded(256, ge=1)
     # pretraining on plain problem + reasoning text
-    pretrain_batch_size: int = 128
-    pretrain_lr: float = 1e-3
-    pretrain_warmup: int = 100
-    pretrain_steps: int = 500  # short on purpose: the SFT start is still a poor calculator (headroom for GRPO)
+    pretrain_batch_size: int = bounded(128, ge=1)
+    pretrain_lr: float = bounded(1e-3, gt=0)
+    pretrain_warmup: int = bounded(100, ge=0)
+    # short on purpose: the SFT start is still a poor calculator (headroom for GRPO)
+    pretrain_steps: int = bounded(500, ge=1)
     # SFT into the R1-Zero format (deliberately short)
-    sft_steps: int = 40
-    sft_batch_size: int = 64
-    sft_grad_accum: int = 1
-    sft_lr: float = 2e-4
+    sft_steps: int = bounded(40, ge=1)
+    sft_batch_size: int = bounded(64, ge=1)
+    sft_grad_accum: int = bounded(1, ge=1)
+    sft_lr: float = bounded(2e-4, gt=0)
     # GRPO
-    grpo_steps: int = 120
-    grpo_lr: float = 3e-5  # chosen by the H200 sweep (results/a5_lr_sweep.json)
-    grpo_warmup_steps: int = 0
-    rollout_batch_size: int = 256
-    group_size: int = 8
-    train_batch_size: int = 256
-    grpo_grad_accum: int = 2
-    epochs_per_rollout_batch: int = 1
+    grpo_steps: int = bounded(120, ge=1)
+    grpo_lr: float = bounded(3e-5, gt=0)  # chosen by the H200 sweep (results/a5_lr_sweep.json)
+    grpo_warmup_steps: int = bounded(0, ge=0)
+    rollout_batch_size: int = bounded(256, ge=1)
+    group_size: int = bounded(8, ge=1)
+    train_batch_size: int = bounded(256, ge=1)
+    grpo_grad_accum: int = bounded(2, ge=1)
+    epochs_per_rollout_batch: int = bounded(1, ge=1)
     loss_type: str = "reinforce_with_baseline"
-    cliprange: float = 0.2
-    max_new_tokens: int = 96
-    eval_every: int = 10
-    n_eval_in_loop: int = 256
-    generation_batch_size: int = 512
-    throughput_rows: int = 256
-    throughput_tokens: int = 128
+    cliprange: float = bounded(0.2, ge=0)
+    max_new_tokens: int = bounded(96, ge=1)
+    eval_every: int = bounded(10, ge=0)
+    n_eval_in_loop: int = bounded(256, ge=1)
+    generation_batch_size: int = bounded(512, ge=1)
+    throughput_rows: int = bounded(256, ge=1)
+    throughput_tokens: int = bounded(128, ge=1)
+
+    def __post_init__(self) -> None:
+        """Declared ranges (and heads dividing the width) checked when a preset is built or overridden."""
+        check_ranges(self)
+        if self.d_model % self.num_heads:
+            raise UserError(f"num_heads ({self.num_heads}) must divide d_model ({self.d_model})")
 
     def stage_budgets(self) -> dict[str, float]:
         """Guards per stage: generous shares of the budget that a run at the preset's speed never reaches."""

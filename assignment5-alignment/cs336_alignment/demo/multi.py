@@ -21,6 +21,7 @@ import time
 from typing import Any
 
 from cs336_alignment.demo.config import PRESETS, preset
+from cs336_basics.cli_support import UserError, atomic_path, atomic_write, run_command
 
 
 def demo_command(preset_name: str, out_dir: str, overrides: list[str], *extra: str) -> list[str]:
@@ -151,7 +152,8 @@ def plot_runs(runs: dict[str, dict[str, Any]], title: str, path: str) -> None:
     held.legend(fontsize=7, loc="best")
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=130)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=130)
     plt.close(fig)
 
 
@@ -182,11 +184,12 @@ def gather(kind: str, root: str, labels: list[str], repeat: tuple[str, str] | No
               os.path.join(root, f"{name}.png"))
     if fig_dir:
         os.makedirs(fig_dir, exist_ok=True)
-        shutil.copy(os.path.join(root, f"{name}.png"), os.path.join(fig_dir, f"{name}.png"))
+        with atomic_path(os.path.join(fig_dir, f"{name}.png")) as tmp:
+            shutil.copy(os.path.join(root, f"{name}.png"), tmp)
     text = markdown(kind, runs, notes)
-    with open(os.path.join(root, f"{name}.md"), "w") as f:
+    with atomic_write(os.path.join(root, f"{name}.md")) as f:
         f.write(text)
-    with open(os.path.join(root, f"{name}.json"), "w") as f:
+    with atomic_write(os.path.join(root, f"{name}.json")) as f:
         json.dump({"kind": kind, "notes": notes, "runs": runs}, f, indent=1, default=float)
     print(text)
     return 1 if missing else 0
@@ -195,11 +198,21 @@ def gather(kind: str, root: str, labels: list[str], repeat: tuple[str, str] | No
 def parse_variant(text: str) -> tuple[str, list[str]]:
     label, sep, settings = text.partition(":")
     if not sep or not label or not settings:
-        raise ValueError(f"bad --variant {text!r}: expected LABEL:key=value[,key=value...]")
+        raise UserError(f"bad --variant {text!r}: expected LABEL:key=value[,key=value...]")
     return label, settings.split(",")
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The shared error boundary around `_main` (a damaged results file, an unwritable folder: one line, exit 2)."""
+    result = {"code": 0}
+
+    def call() -> None:
+        result["code"] = _main(argv)
+
+    return run_command("python -m cs336_alignment.demo.multi", call) or result["code"]
+
+
+def _main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cs336_alignment.demo.multi", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("kind", choices=("seeds", "sweep", "report"))

@@ -8,12 +8,14 @@ from pathlib import Path
 from typing import Any
 
 from cs336_alignment.generation import GenerationBackend, SamplingParams
+from cs336_basics.cli_support import UserError, atomic_write
 
 Grader = Callable[[dict[str, Any], str], dict[str, Any]]
 
 
 def write_jsonl(path: str | os.PathLike, rows: Sequence[dict[str, Any]]) -> None:
-    with open(path, "w", encoding="utf-8") as f:
+    """Whole or not at all: a failure leaves an earlier file in place."""
+    with atomic_write(path, encoding="utf-8") as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
@@ -53,7 +55,7 @@ def evaluate(
     if len(examples) != len(prompts):
         raise ValueError(f"{len(examples)} examples but {len(prompts)} prompts")
     if not examples:
-        raise ValueError(f"no examples to evaluate for {task}")
+        raise UserError(f"no examples to evaluate for {task}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -87,5 +89,7 @@ def write_outputs(
     out = Path(out_dir)
     if records is not None:
         write_jsonl(out / f"{task}_results.jsonl", records)
-    (out / f"{task}_summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    (out / f"{task}_summary.md").write_text(markdown_table(summary) + "\n", encoding="utf-8")
+    with atomic_write(out / f"{task}_summary.json", encoding="utf-8") as f:
+        f.write(json.dumps(summary, indent=2) + "\n")
+    with atomic_write(out / f"{task}_summary.md", encoding="utf-8") as f:
+        f.write(markdown_table(summary) + "\n")

@@ -12,6 +12,7 @@ from cs336_alignment.generation import GenerationBackend, SamplingParams
 from cs336_alignment.parsing import numbers_equal, parse_gsm8k_response, parse_mmlu_response
 from cs336_alignment.prompts import alpaca_prefix, format_prompt
 from cs336_alignment.reward import question_only_reward, r1_zero_reward
+from cs336_basics.cli_support import UserError, atomic_write
 
 ChatStyle = Literal["zero_shot", "alpaca", "plain"]
 CHAT_STYLES = ("zero_shot", "alpaca", "plain")
@@ -26,7 +27,7 @@ def wrap_instruction(text: str, style: ChatStyle) -> str:
         return alpaca_prefix(text)
     if style == "plain":
         return text
-    raise ValueError(f"unknown prompt style {style!r}; expected one of {CHAT_STYLES}")
+    raise UserError(f"unknown prompt style {style!r}; expected one of {CHAT_STYLES}")
 
 
 def default_stops(style: str) -> tuple[str, ...]:
@@ -46,7 +47,7 @@ def eval_math(data: str, backend: GenerationBackend, params: SamplingParams, out
               limit: int | None = None) -> dict[str, Any]:
     """MATH-style: R1-Zero prompt and reward (format, answer, total) or the bare question with \\boxed{}."""
     if style not in MATH_STYLES:
-        raise ValueError(f"unknown math prompt style {style!r}; expected one of {MATH_STYLES}")
+        raise UserError(f"unknown math prompt style {style!r}; expected one of {MATH_STYLES}")
     examples = datasets.load_math(data)[:limit]
     prompts = [format_prompt(style, question=ex["question"]) for ex in examples]
     reward = r1_zero_reward if style == "r1_zero" else question_only_reward
@@ -121,7 +122,8 @@ def eval_alpaca(data: str, backend: GenerationBackend, params: SamplingParams, o
          "dataset": examples[r["index"]].get("dataset", "unknown")}
         for r in records if r["sample"] == 0
     ]
-    (Path(out_dir) / "alpaca_eval_outputs.json").write_text(json.dumps(judged, indent=1) + "\n", encoding="utf-8")
+    with atomic_write(Path(out_dir) / "alpaca_eval_outputs.json", encoding="utf-8") as f:
+        f.write(json.dumps(judged, indent=1) + "\n")
     return summary
 
 

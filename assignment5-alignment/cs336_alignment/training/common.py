@@ -5,6 +5,7 @@ import contextlib
 import json
 import os
 import random
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, is_dataclass
@@ -17,23 +18,25 @@ from cs336_alignment.generation import GenerationBackend, NativeBackend, Samplin
 from cs336_alignment.lm import BasicsCausalLM, model_device
 from cs336_alignment.log_generations import log_generations, response_entropies
 from cs336_basics.checkpoint import load_checkpoint_state, save_checkpoint
+from cs336_basics.cli_support import StopRequest, UserError, atomic_write, prepare_run_dir, read_jsonl_tolerant
 from cs336_basics.model import TransformerConfig
 
 RewardFn = Callable[[str, str], dict[str, float]]
 CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_NAME = "metrics.jsonl"
+GENERATIONS_NAME = "generations.jsonl"
 
 
 def check_positive(**values: float | int | None) -> None:
     """One-line errors for non-positive sizes and rates (None means "not set" and passes)."""
     for name, value in values.items():
         if value is not None and value <= 0:
-            raise ValueError(f"{name} must be positive, got {value}")
+            raise UserError(f"{name} must be positive, got {value}")
 
 
 def check_divides(divisor_name: str, divisor: int, name: str, value: int) -> None:
     if divisor <= 0 or value % divisor:
-        raise ValueError(f"{name} ({value}) must be divisible by {divisor_name} ({divisor})")
+        raise UserError(f"{name} ({value}) must be divisible by {divisor_name} ({divisor})")
 
 
 def epoch_order(n: int, step: int, batch_size: int, seed: int) -> list[int]:
@@ -59,7 +62,7 @@ def chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
     """bf16 autocast on CUDA when asked (weights stay fp32 for the optimizer); otherwise a no-op."""
     if precision not in ("fp32", "bf16"):
-        raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
+        raise UserError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
     if precision == "bf16" and device.type == "cuda":
         return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
@@ -107,15 +110,21 @@ def _core(model: nn.Module) -> nn.Module:
 class RunDir:
     """A loop's output folder: `checkpoint.pt` (atomic, weights-only loadable), `metrics.jsonl`, `config.json`.
 
-    Without a folder every method is a no-op, so loops run the same in memory (tests, the demo's inner stages).
+    A folder that already holds a run is continued only with `resume` and started over only with `overwrite`
+    (checked before anything is written). Without a folder every method is a no-op, so loops run the same in
+    memory (tests, the demo's inner stages).
     """
 
-    def __init__(self, out_dir: str | os.PathLike | None, config: Any = None):
+    def __init__(self, out_dir: str | os.PathLike | None, config: Any = None, resume: bool = False,
+                 overwrite: bool = False):
         self.out_dir = None if out_dir is None else os.fspath(out_dir)
         if self.out_dir is not None:
+            prepare_run_dir(self.out_dir, resume, overwrite)
+            if resume and not os.path.isfile(os.path.join(self.out_dir, CHECKPOINT_NAME)):
+                raise UserError(f"nothing to resume: {self.out_dir} has no {CHECKPOINT_NAME}")
             os.makedirs(self.out_dir, exist_ok=True)
             if config is not None:
-                with open(os.path.join(self.out_dir, "config.json"), "w") as f:
+                with atomic_write(os.path.join(self.out_dir, "config.json")) as f:
                     json.dump(config_dict(config), f, indent=2, default=str)
 
     @property
@@ -130,7 +139,7 @@ class RunDir:
     def log_generations(self, step: int, records: Sequence[dict[str, Any]]) -> None:
         """Keeps sample generations (prompt, response, rewards, entropy, length) per evaluation."""
         if self.out_dir is not None and records:
-            with open(os.path.join(self.out_dir, "generations.jsonl"), "a") as f:
+            with open(os.path.join(self.out_dir, GENERATIONS_NAME), "a") as f:
                 for record in records:
                     f.write(json.dumps({"step": step, **record}, default=float) + "\n")
 
@@ -146,22 +155,49 @@ class RunDir:
     def resume(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[int, dict[str, Any]]:
         """Loads the folder's checkpoint into model and optimizer; returns (completed steps, extra).
 
-        Metric lines written after that checkpoint are dropped, so a crashed-and-resumed run logs each step once.
+        Metric and generation lines written after that checkpoint are dropped, so a crashed-and-resumed run
+        logs each step once; a half-written last line (a run killed mid-write) is dropped with a warning.
         """
         path = self.checkpoint_path
         if path is None or not os.path.isfile(path):
-            raise FileNotFoundError(f"nothing to resume: {path or 'no --out-dir'} has no {CHECKPOINT_NAME}")
-        state = load_checkpoint_state(path, map_location=model_device(model))
-        _core(model).load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+            raise UserError(f"nothing to resume: {path or 'no --out-dir'} has no {CHECKPOINT_NAME}")
+        if os.path.getsize(path) == 0:
+            raise UserError(f"cannot resume: {path} is empty")
+        try:
+            state = load_checkpoint_state(path, map_location=model_device(model))
+        except ValueError as e:  # not a loadable cs336 checkpoint (garbage, truncated, foreign)
+            raise UserError(f"cannot resume: {str(e).strip() or path}") from e
+        try:
+            _core(model).load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:  # another model's or optimizer's checkpoint
+            raise UserError(f"cannot resume from {path}: it does not match this model and optimizer "
+                            f"({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})") from e
         step = int(state["iteration"])
-        metrics = os.path.join(self.out_dir, METRICS_NAME)
-        if os.path.isfile(metrics):
-            with open(metrics) as f:
-                kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
-            with open(metrics, "w") as f:
-                f.writelines(kept)
+        for name in (METRICS_NAME, GENERATIONS_NAME):
+            self._keep_up_to(os.path.join(self.out_dir, name), step)
         return step, state.get("extra", {})
+
+    @staticmethod
+    def _keep_up_to(path: str, step: int) -> None:
+        """Rewrites a JSONL log (atomically) without the records of steps after `step`."""
+        if not os.path.isfile(path):
+            return
+        kept = [r for r in read_jsonl_tolerant(path) if not isinstance(r, dict) or r.get("step", 0) <= step]
+        with atomic_write(path) as f:
+            f.writelines(json.dumps(r, default=float) + "\n" for r in kept)
+
+    @staticmethod
+    def stopped(stop: StopRequest | None) -> bool:
+        return stop is not None and stop.requested
+
+
+def announce_stop(run_dir: RunDir, stop: StopRequest | None, step: int) -> None:
+    """After a loop honoured SIGINT/SIGTERM: say where its checkpoint is (the command then exits 130/143)."""
+    if RunDir.stopped(stop):
+        where = run_dir.checkpoint_path or "memory (no --out-dir)"
+        print(f"{stop.name}: stopped after step {step}; checkpoint written to {where} (continue with --resume)",
+              file=sys.stderr, flush=True)
 
 
 def record_step(

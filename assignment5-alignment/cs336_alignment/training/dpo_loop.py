@@ -16,6 +16,7 @@ from cs336_alignment.text_tokenizer import pad_token_id
 from cs336_alignment.training.common import (
     Deadline,
     RunDir,
+    announce_stop,
     autocast,
     check_divides,
     check_positive,
@@ -24,27 +25,31 @@ from cs336_alignment.training.common import (
     epoch_order,
     record_step,
 )
+from cs336_basics.cli_support import StopRequest, UserError, bounded, check_ranges
 
 
 @dataclass
 class DPOConfig:
     """The supplement's settings: beta 0.1, RMSprop at lr 1e-6, 64 pairs per step via accumulation."""
 
-    beta: float = 0.1
-    learning_rate: float = 1e-6
+    beta: float = bounded(0.1, gt=0)
+    learning_rate: float = bounded(1e-6, gt=0)
     optimizer: str = "rmsprop"  # or adamw
-    train_batch_size: int = 64
-    gradient_accumulation_steps: int = 64
-    num_steps: int | None = None  # default: one epoch
-    epochs: float = 1.0
-    max_grad_norm: float | None = None
-    eval_every: int = 0
-    eval_batch_size: int = 8
+    train_batch_size: int = bounded(64, ge=1)
+    gradient_accumulation_steps: int = bounded(64, ge=1)
+    num_steps: int | None = bounded(None, ge=1)  # default: one epoch
+    epochs: float = bounded(1.0, gt=0)
+    max_grad_norm: float | None = bounded(None, ge=0)  # None or 0: no clipping (clip_and_step)
+    eval_every: int = bounded(0, ge=0)
+    eval_batch_size: int = bounded(8, ge=1)
     precision: str = "fp32"
     reference_device: str | None = None  # e.g. cuda:1 (the supplement puts the reference on its own GPU)
-    checkpoint_every: int = 0
-    seed: int = 0
-    time_budget_s: float | None = None
+    checkpoint_every: int = bounded(0, ge=0)
+    seed: int = bounded(0, ge=0)
+    time_budget_s: float | None = bounded(None, gt=0)
+
+    def __post_init__(self) -> None:
+        check_ranges(self)
 
     def validate(self) -> None:
         check_positive(beta=self.beta, learning_rate=self.learning_rate, train_batch_size=self.train_batch_size,
@@ -53,7 +58,7 @@ class DPOConfig:
         check_divides("gradient_accumulation_steps", self.gradient_accumulation_steps, "train_batch_size",
                       self.train_batch_size)
         if self.optimizer not in ("rmsprop", "adamw"):
-            raise ValueError(f"optimizer must be 'rmsprop' or 'adamw', got {self.optimizer!r}")
+            raise UserError(f"optimizer must be 'rmsprop' or 'adamw', got {self.optimizer!r}")
 
 
 def frozen_reference(policy: nn.Module, device: str | torch.device | None = None) -> nn.Module:
@@ -121,14 +126,16 @@ def run_dpo(
     out_dir: str | None = None,
     resume: bool = False,
     reference: nn.Module | None = None,
+    overwrite: bool = False,
+    stop: StopRequest | None = None,
 ) -> list[dict[str, Any]]:
     """DPO over seeded epochs of {"prompt", "chosen", "rejected"} pairs; the reference starts as the policy."""
     config.validate()
     if not train_pairs:
-        raise ValueError("DPO needs at least one preference pair")
+        raise UserError("DPO needs at least one preference pair")
     if reference is None:
         reference = frozen_reference(policy, config.reference_device)
-    run_dir = RunDir(out_dir, config)
+    run_dir = RunDir(out_dir, config, resume, overwrite)
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer: torch.optim.Optimizer = torch.optim.RMSprop(params, lr=config.learning_rate) \
         if config.optimizer == "rmsprop" else torch.optim.AdamW(params, lr=config.learning_rate)
@@ -153,7 +160,7 @@ def run_dpo(
     policy.train()
     step = start
     for step in tqdm(range(start, steps), desc="dpo", initial=start, total=steps, leave=False):
-        if deadline.passed():
+        if deadline.passed() or RunDir.stopped(stop):
             break
         batch = [train_pairs[i] for i in epoch_order(len(train_pairs), step, config.train_batch_size, config.seed)]
         loss_sum, correct = 0.0, 0
@@ -169,5 +176,8 @@ def run_dpo(
                     config.eval_every, evaluate)
         step += 1
     run_dir.save(policy, optimizer, step)
-    evaluate(step)
+    if RunDir.stopped(stop):
+        announce_stop(run_dir, stop, step)
+    else:
+        evaluate(step)
     return history

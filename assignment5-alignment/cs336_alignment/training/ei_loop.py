@@ -13,6 +13,7 @@ from cs336_alignment.training.common import (
     Deadline,
     RewardFn,
     RunDir,
+    announce_stop,
     check_divides,
     check_positive,
     epoch_order,
@@ -23,31 +24,32 @@ from cs336_alignment.training.common import (
 )
 from cs336_alignment.training.eval_config import EvalSettings, QuestionSet, run_eval
 from cs336_alignment.training.sft_loop import sft_update
+from cs336_basics.cli_support import StopRequest, bounded
 
 
 @dataclass
 class EIConfig(EvalSettings):
     """The handout's EI: `n_ei_steps` rounds over `ei_batch_size` questions with G rollouts each."""
 
-    n_ei_steps: int = 5
-    ei_batch_size: int = 512  # questions per round
-    rollouts_per_question: int = 4  # G
-    sampling_temperature: float = 1.0
-    sampling_min_tokens: int = 4
-    sampling_max_tokens: int = 1024
-    sft_epochs: int = 1  # passes over each round's correct responses
-    learning_rate: float = 1e-5
-    train_batch_size: int = 32
-    gradient_accumulation_steps: int = 16
-    max_grad_norm: float = 1.0
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.95
+    n_ei_steps: int = bounded(5, ge=1)
+    ei_batch_size: int = bounded(512, ge=1)  # questions per round
+    rollouts_per_question: int = bounded(4, ge=1)  # G
+    sampling_temperature: float = bounded(1.0, ge=0)
+    sampling_min_tokens: int = bounded(4, ge=0)
+    sampling_max_tokens: int = bounded(1024, ge=1)
+    sft_epochs: int = bounded(1, ge=1)  # passes over each round's correct responses
+    learning_rate: float = bounded(1e-5, gt=0)
+    train_batch_size: int = bounded(32, ge=1)
+    gradient_accumulation_steps: int = bounded(16, ge=1)
+    max_grad_norm: float = bounded(1.0, ge=0)  # 0: no clipping (clip_and_step)
+    weight_decay: float = bounded(0.0, ge=0)
+    adam_beta1: float = bounded(0.9, ge=0, lt=1)
+    adam_beta2: float = bounded(0.95, ge=0, lt=1)
     precision: str = "fp32"
-    generation_batch_size: int = 64
+    generation_batch_size: int = bounded(64, ge=1)
     stop: tuple[str, ...] = ("</answer>",)
-    seed: int = 0
-    time_budget_s: float | None = None
+    seed: int = bounded(0, ge=0)
+    time_budget_s: float | None = bounded(None, gt=0)
 
     def validate(self) -> None:
         check_positive(n_ei_steps=self.n_ei_steps, ei_batch_size=self.ei_batch_size,
@@ -68,10 +70,12 @@ def run_expert_iteration(
     out_dir: str | None = None,
     resume: bool = False,
     reward_fn: RewardFn = r1_zero_reward,
+    overwrite: bool = False,
+    stop: StopRequest | None = None,
 ) -> list[dict[str, Any]]:
     """Rounds of (sample, filter by reward == 1, deduplicate, SFT); checkpoints after every round."""
     config.validate()
-    run_dir = RunDir(out_dir, config)
+    run_dir = RunDir(out_dir, config, resume, overwrite)
     optimizer = make_adamw(policy, config.learning_rate, config.weight_decay, config.adam_beta1, config.adam_beta2)
     set_lr(optimizer, config.learning_rate)
     start = run_dir.resume(policy, optimizer)[0] if resume else 0
@@ -91,7 +95,7 @@ def run_expert_iteration(
     round_ = start
     for round_ in tqdm(range(start, config.n_ei_steps), desc="ei", initial=start, total=config.n_ei_steps,
                        leave=False):
-        if deadline.passed():
+        if deadline.passed() or RunDir.stopped(stop):
             break
         rows = epoch_order(len(train_questions), round_, per_round, config.seed)
         params = SamplingParams(temperature=config.sampling_temperature, max_tokens=config.sampling_max_tokens,
@@ -126,5 +130,8 @@ def run_expert_iteration(
                     evaluate)  # a checkpoint after every round
         round_ += 1
     run_dir.save(policy, optimizer, round_)
-    evaluate(round_)
+    if RunDir.stopped(stop):
+        announce_stop(run_dir, stop, round_)
+    else:
+        evaluate(round_)
     return history

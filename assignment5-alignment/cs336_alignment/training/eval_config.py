@@ -7,6 +7,7 @@ from torch import nn
 
 from cs336_alignment.generation import GenerationBackend, SamplingParams
 from cs336_alignment.training.common import RewardFn, RunDir, evaluate_reward
+from cs336_basics.cli_support import bounded, check_ranges
 
 
 @dataclass
@@ -31,12 +32,17 @@ class QuestionSet:
 class EvalSettings:
     """How held-out reward is measured: sampling like the handout (temperature 1, stop after </answer>)."""
 
-    eval_every: int = 0  # optimizer steps (GRPO/SFT) or rounds (EI) between evaluations; 0: start and end only
-    eval_limit: int | None = None  # evaluate on the first N held-out questions
-    eval_temperature: float = 1.0
-    eval_max_tokens: int = 1024
-    eval_seed: int = 1234  # the same sampling noise at every evaluation
-    log_generations: int = 8  # examples per evaluation written to generations.jsonl
+    eval_every: int = bounded(0, ge=0)  # steps (GRPO/SFT) or rounds (EI) between evaluations; 0: start and end
+    eval_limit: int | None = bounded(None, ge=1)  # evaluate on the first N held-out questions
+    eval_temperature: float = bounded(1.0, ge=0)
+    eval_max_tokens: int = bounded(1024, ge=1)
+    eval_seed: int = bounded(1234, ge=0)  # the same sampling noise at every evaluation
+    log_generations: int = bounded(8, ge=0)  # examples per evaluation written to generations.jsonl
+
+    def __post_init__(self) -> None:
+        """Every numeric field of this class and its subclasses (the loops' configs) within its declared range:
+        a bad flag fails at construction, naming the flag, before any model is loaded."""
+        check_ranges(self)
 
     def sampling(self, stop: tuple[str, ...] = ("</answer>",)) -> SamplingParams:
         return SamplingParams(temperature=self.eval_temperature, max_tokens=self.eval_max_tokens, stop=stop,

@@ -26,6 +26,7 @@ from cs336_alignment.training.common import (
     Deadline,
     RewardFn,
     RunDir,
+    announce_stop,
     autocast,
     check_divides,
     check_positive,
@@ -38,6 +39,7 @@ from cs336_alignment.training.common import (
     warmup_lr,
 )
 from cs336_alignment.training.eval_config import EvalSettings, QuestionSet, run_eval
+from cs336_basics.cli_support import StopRequest, UserError, bounded
 
 LENGTH_NORMALIZATIONS = ("masked_mean", "masked_normalize")
 
@@ -46,37 +48,38 @@ LENGTH_NORMALIZATIONS = ("masked_mean", "masked_normalize")
 class GRPOConfig(EvalSettings):
     """Every field is a `cs336-align grpo` flag; the defaults are the handout's GRPO experiment."""
 
-    n_grpo_steps: int = 200
-    learning_rate: float = 1e-5
-    advantage_eps: float = 1e-6
-    rollout_batch_size: int = 256
-    group_size: int = 8
-    sampling_temperature: float = 1.0
-    sampling_min_tokens: int = 4  # as in EI: no empty responses
-    sampling_max_tokens: int = 1024
-    epochs_per_rollout_batch: int = 1  # 1 is on-policy
-    train_batch_size: int = 256  # on-policy: one optimizer step per rollout batch
-    gradient_accumulation_steps: int = 128  # micro-batch 2
-    gpu_memory_utilization: float = 0.85  # vLLM only
+    n_grpo_steps: int = bounded(200, ge=1)
+    learning_rate: float = bounded(1e-5, gt=0)
+    advantage_eps: float = bounded(1e-6, ge=0)
+    rollout_batch_size: int = bounded(256, ge=1)
+    group_size: int = bounded(8, ge=1)
+    sampling_temperature: float = bounded(1.0, ge=0)
+    sampling_min_tokens: int = bounded(4, ge=0)  # as in EI: no empty responses
+    sampling_max_tokens: int = bounded(1024, ge=1)
+    epochs_per_rollout_batch: int = bounded(1, ge=1)  # 1 is on-policy
+    train_batch_size: int = bounded(256, ge=1)  # on-policy: one optimizer step per rollout batch
+    gradient_accumulation_steps: int = bounded(128, ge=1)  # micro-batch 2
+    gpu_memory_utilization: float = bounded(0.85, gt=0, le=1)  # vLLM only
     loss_type: str = "reinforce_with_baseline"
     use_std_normalization: bool = True
-    cliprange: float = 0.2
+    cliprange: float = bounded(0.2, ge=0)
     length_normalization: str = "masked_mean"  # or masked_normalize (Dr. GRPO: sum / sampling_max_tokens)
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = bounded(1.0, ge=0)  # 0: no clipping (clip_and_step)
     skip_steps_without_signal: bool = True  # a train batch whose every advantage is 0 has gradient exactly 0; an
     # Adam step on it would only replay momentum (seen driving a collapsed run further: results/a5_lr_sweep.md)
-    warmup_steps: int = 0  # linear LR warm-up over this many optimizer steps (a fresh Adam's first steps are
-    # sign steps of the full lr on every weight, however noisy its gradient); 0 = the handout's constant lr
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.95
+    warmup_steps: int = bounded(0, ge=0)  # linear LR warm-up over this many optimizer steps (a fresh Adam's
+    # first steps are sign steps of the full lr on every weight, however noisy its gradient); 0 = the handout's
+    # constant lr
+    weight_decay: float = bounded(0.0, ge=0)
+    adam_beta1: float = bounded(0.9, ge=0, lt=1)
+    adam_beta2: float = bounded(0.95, ge=0, lt=1)
     precision: str = "fp32"
     backend: str = "auto"  # vllm when installed with a GPU and an HF model path (weights pushed each step); else native
-    generation_batch_size: int = 256  # native backend rows per decoding batch
+    generation_batch_size: int = bounded(256, ge=1)  # native backend rows per decoding batch
     stop: tuple[str, ...] = ("</answer>",)
-    checkpoint_every: int = 0
-    seed: int = 0
-    time_budget_s: float | None = None
+    checkpoint_every: int = bounded(0, ge=0)
+    seed: int = bounded(0, ge=0)
+    time_budget_s: float | None = bounded(None, gt=0)
 
     def validate(self) -> None:
         check_positive(n_grpo_steps=self.n_grpo_steps, learning_rate=self.learning_rate,
@@ -86,23 +89,23 @@ class GRPOConfig(EvalSettings):
                        gradient_accumulation_steps=self.gradient_accumulation_steps,
                        sampling_max_tokens=self.sampling_max_tokens, generation_batch_size=self.generation_batch_size)
         if self.warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+            raise UserError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
         if self.loss_type not in LOSS_TYPES:
-            raise ValueError(f"unknown loss_type {self.loss_type!r}; expected one of {LOSS_TYPES}")
+            raise UserError(f"unknown loss_type {self.loss_type!r}; expected one of {LOSS_TYPES}")
         if self.length_normalization not in LENGTH_NORMALIZATIONS:
-            raise ValueError(f"unknown length_normalization {self.length_normalization!r}; expected one of "
+            raise UserError(f"unknown length_normalization {self.length_normalization!r}; expected one of "
                              f"{LENGTH_NORMALIZATIONS}")
         if self.backend not in ("auto", "native", "vllm"):
-            raise ValueError(f"backend must be 'auto', 'native' or 'vllm', got {self.backend!r}")
+            raise UserError(f"backend must be 'auto', 'native' or 'vllm', got {self.backend!r}")
         check_divides("group_size", self.group_size, "rollout_batch_size", self.rollout_batch_size)
         check_divides("gradient_accumulation_steps", self.gradient_accumulation_steps, "train_batch_size",
                       self.train_batch_size)
         check_divides("train_batch_size", self.train_batch_size, "rollout_batch_size", self.rollout_batch_size)
         if self.train_batch_size < self.group_size:
-            raise ValueError(f"train_batch_size ({self.train_batch_size}) must be >= group_size ({self.group_size})")
+            raise UserError(f"train_batch_size ({self.train_batch_size}) must be >= group_size ({self.group_size})")
         off_policy = self.epochs_per_rollout_batch > 1 or self.train_batch_size < self.rollout_batch_size
         if off_policy and self.loss_type in ("no_baseline", "reinforce_with_baseline"):
-            raise ValueError(f"off-policy training (several optimizer steps per rollout batch) needs an importance-"
+            raise UserError(f"off-policy training (several optimizer steps per rollout batch) needs an importance-"
                              f"weighted loss (grpo_clip or grpo_no_clip), not {self.loss_type}")
 
     @property
@@ -199,7 +202,7 @@ def _vllm_backend(config: GRPOConfig, model_path: str | None) -> GenerationBacke
     from cs336_alignment.generation import make_backend
 
     if not model_path:
-        raise ValueError("--backend vllm needs the policy's Hugging Face directory (--model)")
+        raise UserError("--backend vllm needs the policy's Hugging Face directory (--model)")
     return make_backend("vllm", model_path, gpu_memory_utilization=config.gpu_memory_utilization, seed=config.seed)
 
 
@@ -214,6 +217,8 @@ def run_grpo(
     reward_fn: RewardFn = r1_zero_reward,
     backend: GenerationBackend | None = None,
     model_path: str | None = None,
+    overwrite: bool = False,
+    stop: StopRequest | None = None,
 ) -> list[dict[str, Any]]:
     """`n_grpo_steps` rollout batches: sample groups, score, normalise, train; log and checkpoint.
 
@@ -222,8 +227,8 @@ def run_grpo(
     """
     config.validate()
     if not len(train_questions):
-        raise ValueError("GRPO needs at least one training question")
-    run_dir = RunDir(out_dir, config)
+        raise UserError("GRPO needs at least one training question")
+    run_dir = RunDir(out_dir, config, resume, overwrite)
     optimizer = make_adamw(policy, config.learning_rate, config.weight_decay, config.adam_beta1, config.adam_beta2)
     start = run_dir.resume(policy, optimizer)[0] if resume else 0
     kind = resolve_backend(config.backend, model_path)
@@ -248,7 +253,7 @@ def run_grpo(
     step = start
     for step in tqdm(range(start, config.n_grpo_steps), desc="grpo", initial=start, total=config.n_grpo_steps,
                      leave=False):
-        if deadline.passed():
+        if deadline.passed() or RunDir.stopped(stop):
             break
         record = grpo_step(policy, optimizer, tokenizer, backend, train_questions, config, step, questions_per_step,
                            reward_fn)
@@ -256,7 +261,10 @@ def run_grpo(
                     config.eval_every, evaluate)
         step += 1
     run_dir.save(policy, optimizer, step)
-    evaluate(step)
+    if RunDir.stopped(stop):
+        announce_stop(run_dir, stop, step)
+    else:
+        evaluate(step)
     return history
 
 

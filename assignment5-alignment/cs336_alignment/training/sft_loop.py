@@ -19,6 +19,7 @@ from cs336_alignment.training.common import (
     Deadline,
     RewardFn,
     RunDir,
+    announce_stop,
     autocast,
     check_divides,
     check_positive,
@@ -32,28 +33,29 @@ from cs336_alignment.training.common import (
     warmup_lr,
 )
 from cs336_alignment.training.eval_config import EvalSettings, QuestionSet, run_eval
+from cs336_basics.cli_support import StopRequest, UserError, bounded, check_ranges
 
 
 @dataclass
 class SFTConfig(EvalSettings):
     """SFT on (prompt, response) pairs; the loss is the response tokens' summed NLL / `normalize_constant`."""
 
-    learning_rate: float = 1e-5
-    train_batch_size: int = 32  # examples per optimizer step
-    gradient_accumulation_steps: int = 16  # micro-batches per optimizer step (micro-batch = 2)
-    num_steps: int | None = None  # default: `epochs` passes over the data
-    epochs: float = 1.0
-    warmup_steps: int = 0
-    max_grad_norm: float = 1.0
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.95
-    normalize_constant: float = 1.0
+    learning_rate: float = bounded(1e-5, gt=0)
+    train_batch_size: int = bounded(32, ge=1)  # examples per optimizer step
+    gradient_accumulation_steps: int = bounded(16, ge=1)  # micro-batches per step (micro-batch = 2)
+    num_steps: int | None = bounded(None, ge=1)  # default: `epochs` passes over the data
+    epochs: float = bounded(1.0, gt=0)
+    warmup_steps: int = bounded(0, ge=0)
+    max_grad_norm: float = bounded(1.0, ge=0)  # 0: no clipping (clip_and_step)
+    weight_decay: float = bounded(0.0, ge=0)
+    adam_beta1: float = bounded(0.9, ge=0, lt=1)
+    adam_beta2: float = bounded(0.95, ge=0, lt=1)
+    normalize_constant: float = bounded(1.0, gt=0)
     precision: str = "fp32"  # or bf16 (autocast on CUDA)
-    generation_batch_size: int = 64
-    checkpoint_every: int = 0  # 0: at the end only
-    seed: int = 0
-    time_budget_s: float | None = None
+    generation_batch_size: int = bounded(64, ge=1)
+    checkpoint_every: int = bounded(0, ge=0)  # 0: at the end only
+    seed: int = bounded(0, ge=0)
+    time_budget_s: float | None = bounded(None, gt=0)
 
     def validate(self) -> None:
         check_positive(learning_rate=self.learning_rate, train_batch_size=self.train_batch_size,
@@ -103,6 +105,8 @@ def run_sft(
     out_dir: str | None = None,
     resume: bool = False,
     reward_fn: RewardFn = r1_zero_reward,
+    overwrite: bool = False,
+    stop: StopRequest | None = None,
 ) -> list[dict[str, Any]]:
     """SFT for `num_steps` optimizer steps over seeded epochs of `examples` ({"prompt", "response"} dicts).
 
@@ -111,8 +115,8 @@ def run_sft(
     """
     config.validate()
     if not examples:
-        raise ValueError("SFT needs at least one example")
-    run_dir = RunDir(out_dir, config)
+        raise UserError("SFT needs at least one example")
+    run_dir = RunDir(out_dir, config, resume, overwrite)
     optimizer = make_adamw(policy, config.learning_rate, config.weight_decay, config.adam_beta1, config.adam_beta2)
     steps = config.num_steps or max(1, int(config.epochs * len(examples) / config.train_batch_size))
     start = run_dir.resume(policy, optimizer)[0] if resume else 0
@@ -130,7 +134,7 @@ def run_sft(
     policy.train()
     step = start
     for step in tqdm(range(start, steps), desc="sft", initial=start, total=steps, leave=False):
-        if deadline.passed():
+        if deadline.passed() or RunDir.stopped(stop):
             break
         set_lr(optimizer, warmup_lr(config.learning_rate, step, config.warmup_steps))
         batch = [examples[i] for i in epoch_order(len(examples), step, config.train_batch_size, config.seed)]
@@ -142,7 +146,10 @@ def run_sft(
                     config.eval_every, evaluate)
         step += 1
     run_dir.save(policy, optimizer, step)
-    evaluate(step)
+    if RunDir.stopped(stop):
+        announce_stop(run_dir, stop, step)
+    else:
+        evaluate(step)
     return history
 
 
@@ -151,20 +158,23 @@ class InstructionSFTConfig:
     """The supplement's instruction tuning: Alpaca-format documents packed into `seq_length` chunks, next-token
     cross-entropy on every token, cosine-free linear warm-up then constant LR (lr 2e-5, batch 32)."""
 
-    learning_rate: float = 2e-5
-    seq_length: int = 512
-    train_batch_size: int = 32
-    gradient_accumulation_steps: int = 16
-    epochs: int = 1
-    num_steps: int | None = None
-    warmup_ratio: float = 0.03
-    max_grad_norm: float = 1.0
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.95
+    learning_rate: float = bounded(2e-5, gt=0)
+    seq_length: int = bounded(512, ge=1)
+    train_batch_size: int = bounded(32, ge=1)
+    gradient_accumulation_steps: int = bounded(16, ge=1)
+    epochs: int = bounded(1, gt=0)
+    num_steps: int | None = bounded(None, ge=1)
+    warmup_ratio: float = bounded(0.03, ge=0, lt=1)
+    max_grad_norm: float = bounded(1.0, ge=0)
+    weight_decay: float = bounded(0.0, ge=0)
+    adam_beta1: float = bounded(0.9, ge=0, lt=1)
+    adam_beta2: float = bounded(0.95, ge=0, lt=1)
     precision: str = "fp32"
-    seed: int = 0
-    time_budget_s: float | None = None
+    seed: int = bounded(0, ge=0)
+    time_budget_s: float | None = bounded(None, gt=0)
+
+    def __post_init__(self) -> None:
+        check_ranges(self)
 
     def validate(self) -> None:
         check_positive(learning_rate=self.learning_rate, seq_length=self.seq_length,
@@ -175,11 +185,12 @@ class InstructionSFTConfig:
 
 
 def run_instruction_sft(
-    model: nn.Module, dataset: torch.utils.data.Dataset, config: InstructionSFTConfig, out_dir: str | None = None
+    model: nn.Module, dataset: torch.utils.data.Dataset, config: InstructionSFTConfig, out_dir: str | None = None,
+    overwrite: bool = False, stop: StopRequest | None = None,
 ) -> list[dict[str, Any]]:
     """Packed-sequence SFT over a `PackedSFTDataset`: mean token NLL per optimizer step (accumulated)."""
     config.validate()
-    run_dir = RunDir(out_dir, config)
+    run_dir = RunDir(out_dir, config, overwrite=overwrite)
     optimizer = make_adamw(model, config.learning_rate, config.weight_decay, config.adam_beta1, config.adam_beta2)
     device = model_device(model)
     micro = config.train_batch_size // config.gradient_accumulation_steps
@@ -208,12 +219,13 @@ def run_instruction_sft(
             history.append(record)
             progress.update(1)
             accumulated, loss_sum = 0, 0.0
-            if step >= total or deadline.passed():
+            if step >= total or deadline.passed() or RunDir.stopped(stop):
                 break
-        if step >= total or deadline.passed():
+        if step >= total or deadline.passed() or RunDir.stopped(stop):
             break
     progress.close()
     run_dir.save(model, optimizer, step)
+    announce_stop(run_dir, stop, step)
     return history
 
 
