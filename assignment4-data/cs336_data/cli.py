@@ -26,6 +26,7 @@ from cs336_basics.cli_support import (
     refuse_overwriting_inputs,
     run_command,
 )
+from cs336_basics.cli_support.errors import describe
 from cs336_data.assets import ASSETS, asset_path, download_asset, require_asset
 from cs336_data.safe_io import distinct_names, out_folder, require_files
 
@@ -74,7 +75,7 @@ def _assets(args: argparse.Namespace) -> int:
         try:
             print(f"{name}: {download_asset(name, Path(args.dir) if args.dir else None, args.timeout, args.force)}")
         except (OSError, ValueError) as exc:
-            print(f"cs336-data: {exc}", file=sys.stderr)
+            print(f"cs336-data: error: {name}: {describe(exc)}", file=sys.stderr)
             failed += 1
     return 1 if failed else 0
 
@@ -183,9 +184,10 @@ def _quality(args: argparse.Namespace) -> int:
               f"  wget --timeout=5 --tries=1 -i {args.out} --warc-file={Path(args.out).stem} -O /dev/null")
         return 0
     inputs = require_files([*args.positives, *args.negatives])
-    work = Path(args.work_dir)
-    refuse_overwriting_inputs([args.out or asset_path("quality"), work / "quality.train", work / "quality.valid"],
-                              inputs)
+    work, model = Path(args.work_dir), Path(args.out or asset_path("quality"))
+    if model.is_dir():
+        raise UserError(f"--out {model} is a folder; expected the model's file path")
+    refuse_overwriting_inputs([model, work / "quality.train", work / "quality.valid"], inputs)
     out_folder(work, "--work-dir")
     steps = []
     if not args.no_filter:
