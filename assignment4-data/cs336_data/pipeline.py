@@ -108,18 +108,22 @@ def build_steps(config: FilterConfig) -> list[Step]:
 
 
 def run_steps_safely(docs: Iterable[Document], steps: list[Step],
-                     on_drop: Callable[[str, Document], None] | None = None) -> Iterator[Document]:
+                     on_drop: Callable[[str, Document], None] | None = None,
+                     first_errors: dict[str, str] | None = None) -> Iterator[Document]:
     """Like `run_steps`, but a step that raises on a document drops it and counts an error for that step.
 
-    `on_drop(step_name, document)` sees every dropped document (for sampling what each step removes).
+    `on_drop(step_name, document)` sees every dropped document (for sampling what each step removes);
+    `first_errors` (if given) receives each failing step's first error message, for the report.
     """
     for doc in docs:
         out: Document | None = doc
         for step in steps:
             try:
                 out = step(out)
-            except Exception:
+            except Exception as exc:
                 step.counters["errors"] += 1
+                if first_errors is not None:
+                    first_errors.setdefault(step.name, f"{type(exc).__name__}: {exc}")
                 out = None
             if out is None:
                 if on_drop is not None:
@@ -142,7 +146,7 @@ class _NothingRead(Exception):
 
 
 def _filter_into(input_path: str, output_path: str, config: FilterConfig, steps: list[Step],
-                 read_stats: Counter[str]) -> tuple[int, str | None]:
+                 read_stats: Counter[str], first_errors: dict[str, str]) -> tuple[int, str | None]:
     """Filter one file into its shard (renamed into place only if the file gave at least one record);
     returns the documents kept and what damage, if any, ended the reading early."""
     dropped: dict[str, list[dict[str, Any]]] = {}
@@ -156,7 +160,7 @@ def _filter_into(input_path: str, output_path: str, config: FilterConfig, steps:
     with atomic_path(output_path) as tmp:
         with xopen(tmp, "wt", threads=0) as out:
             docs = _count_bytes(iter_warc_documents(input_path, config.input_kind, read_stats), read_stats)
-            for doc in run_steps_safely(docs, steps, sample if config.sample_dropped else None):
+            for doc in run_steps_safely(docs, steps, sample if config.sample_dropped else None, first_errors):
                 out.write(json.dumps(doc.to_json(), ensure_ascii=False) + "\n")
                 kept += 1
         problem = damage(read_stats, config.input_kind)
@@ -182,10 +186,15 @@ def filter_file(input_path: str, output_path: str, config: FilterConfig) -> dict
         if os.path.isdir(input_path):
             raise UserError(f"{input_path} is a folder; expected a WARC/WET file")
         steps = build_steps(config)
-        kept, problem = _filter_into(input_path, output_path, config, steps, read_stats)
+        first_errors: dict[str, str] = {}
+        kept, problem = _filter_into(input_path, output_path, config, steps, read_stats, first_errors)
         report.update(ok=problem is None, kept=kept, steps=step_report(steps))
+        if first_errors:
+            report["step_errors"] = first_errors
         if problem:
             report.update(error=problem, partial=True)
+        elif broken := _step_failing_everything(steps, first_errors):
+            report.update(ok=False, error=broken)
     except _NothingRead as exc:
         report.update(ok=False, error=str(exc), kept=0, steps={})
     except Exception as exc:  # one bad file is reported, never the end of the run
@@ -193,6 +202,15 @@ def filter_file(input_path: str, output_path: str, config: FilterConfig) -> dict
     report["read"] = dict(read_stats)
     report["seconds"] = time.perf_counter() - start
     return report
+
+
+def _step_failing_everything(steps: list[Step], first_errors: dict[str, str]) -> str | None:
+    """A step that raised on every document it saw is no filter but a failure (0 documents kept, not silently)."""
+    for step in steps:
+        seen, errors = step.counters.get("seen", 0), step.counters.get("errors", 0)
+        if seen and errors == seen:
+            return f"step {step.name} raised on all {seen} documents: {first_errors.get(step.name, '')}"
+    return None
 
 
 def dropped_name(shard: str) -> str:

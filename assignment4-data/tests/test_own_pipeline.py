@@ -219,3 +219,20 @@ def test_cli_bad_input_is_one_line(tmp_path, capsys):
     assert main(["dedup", "minhash", str(tmp_path / "x"), "--out-dir", str(tmp_path), "--num-hashes", "10",
                  "--num-bands", "3"]) == 2
     assert "divisible" in capsys.readouterr().err
+
+
+def test_a_step_that_raises_on_every_document_fails_the_file(tmp_path, monkeypatch):
+    """Not "ok, 0 documents kept": the file is failed with the step's first error (and kept in step_errors)."""
+
+    class Broken(Step):
+        name = "broken"
+
+        def apply(self, doc):
+            raise RuntimeError("model file is corrupt")
+
+    write_wet(tmp_path / "a.warc.wet.gz", _docs(0, n=4))
+    monkeypatch.setattr("cs336_data.pipeline.build_steps", lambda config: [Broken()])
+    report = run_filter([str(tmp_path / "a.warc.wet.gz")], str(tmp_path / "out"), FilterConfig(), progress=False)
+    (failed,) = report["summary"]["failed_files"]
+    assert failed["error"] == "step broken raised on all 4 documents: RuntimeError: model file is corrupt"
+    assert report["files"][0]["step_errors"] == {"broken": "RuntimeError: model file is corrupt"}
