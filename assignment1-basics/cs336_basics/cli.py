@@ -8,9 +8,19 @@ import sys
 import time
 import typing
 
+from cs336_basics.cli_support import UserError, reading, refuse_overwriting_inputs, run_command
 from cs336_basics.training.config import PRESETS, TrainConfig
 
 DEFAULT_SPECIAL = "<|endoftext|>"
+PROG = "cs336-basics"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line (`cs336-basics <cmd>: error: ...`, exit 2) like every other failure;
+    the usage stays one `--help` away."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def _peak_rss_mb() -> float:
@@ -23,9 +33,38 @@ def _peak_rss_mb() -> float:
 
 
 def _existing_file(path: str) -> str:
+    if os.path.isdir(path):
+        raise argparse.ArgumentTypeError(f"{path} is a folder, not a file")
     if not os.path.isfile(path):
         raise argparse.ArgumentTypeError(f"no such file: {path}")
     return path
+
+
+def _nonempty(path: str, flag: str) -> None:
+    """An empty text file would train or encode nothing and fail later, far from its cause."""
+    if os.path.getsize(path) == 0:
+        raise UserError(f"{flag} {path} is empty")
+
+
+def check_vocab_size(vocab_size: int, special_tokens: list[str], flag: str = "--vocab-size") -> None:
+    """BPE starts from the 256 byte values plus the special tokens; a smaller vocabulary cannot exist."""
+    minimum = 256 + len(set(special_tokens))
+    if vocab_size < minimum:
+        raise UserError(f"{flag} must be >= {minimum} (256 byte values + {len(set(special_tokens))} special "
+                        f"token(s)), got {vocab_size}")
+
+
+def _output_folder(path: str, flag: str) -> None:
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"{flag} {path} exists and is not a folder")
+
+
+def figure_path(path: str) -> str:
+    """Where a figure asked for at `path` goes: inside it as loss.png when it is a folder, `.png` added when it
+    has no extension (matplotlib would add it itself, behind our back)."""
+    if os.path.isdir(path):
+        return os.path.join(path, "loss.png")
+    return path if os.path.splitext(path)[1] else path + ".png"
 
 
 def _positive_int(text: str) -> int:
@@ -39,10 +78,18 @@ def _positive_int(text: str) -> int:
 def cmd_train_tokenizer(args) -> dict:
     from cs336_basics.tokenizer import save_tokenizer, train_bpe
 
+    check_vocab_size(args.vocab_size, args.special_token)
+    _nonempty(args.input, "--input")
+    _output_folder(args.out_dir, "--out-dir")
+    refuse_overwriting_inputs([os.path.join(args.out_dir, n) for n in ("vocab.json", "merges.txt")], [args.input])
     start = time.perf_counter()
-    vocab, merges = train_bpe(args.input, args.vocab_size, args.special_token, num_workers=args.workers,
-                              progress=True)
+    with reading(args.input):
+        vocab, merges = train_bpe(args.input, args.vocab_size, args.special_token, num_workers=args.workers,
+                                  progress=sys.stderr.isatty())
     seconds = time.perf_counter() - start
+    if len(vocab) < args.vocab_size:
+        print(f"{PROG} train-tokenizer: note: {args.input} has no more pairs to merge; the vocabulary has "
+              f"{len(vocab)} tokens, not {args.vocab_size}", file=sys.stderr)
     save_tokenizer(vocab, merges, args.out_dir)
     longest = max(vocab.values(), key=len)
     report = {"vocab_size": len(vocab), "merges": len(merges), "seconds": round(seconds, 3),
@@ -53,21 +100,58 @@ def cmd_train_tokenizer(args) -> dict:
 
 
 def _load_tokenizer(tokenizer_dir: str, special_tokens: list[str]):
+    """The tokenizer saved by `train-tokenizer` in `tokenizer_dir`; any damage to its files is one `UserError`
+    naming the file (its parsers raise plain ValueError on content they cannot read)."""
     from cs336_basics.tokenizer import Tokenizer
+    from cs336_basics.tokenizer.serialization import load_merges, load_vocab
 
+    if os.path.isfile(tokenizer_dir):
+        raise UserError(f"--tokenizer {tokenizer_dir} is a file; expected the folder holding vocab.json and "
+                        "merges.txt")
     vocab_path, merges_path = (os.path.join(tokenizer_dir, name) for name in ("vocab.json", "merges.txt"))
     for path in (vocab_path, merges_path):
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path} not found (run `cs336-basics train-tokenizer --out-dir {tokenizer_dir}`)")
-    return Tokenizer.from_files(vocab_path, merges_path, special_tokens)
+            raise UserError(f"{path} not found (run `cs336-basics train-tokenizer --out-dir {tokenizer_dir}`)")
+    with reading(vocab_path):
+        _check_vocab_shape(vocab_path)
+        try:
+            vocab = load_vocab(vocab_path)
+        except ValueError as e:
+            raise UserError(f"cannot read {vocab_path}: {e}") from e
+    with reading(merges_path):
+        try:
+            merges = load_merges(merges_path)
+        except ValueError as e:  # its line errors already name the file
+            raise UserError(str(e) if merges_path in str(e) else f"cannot read {merges_path}: {e}") from e
+    try:
+        return Tokenizer(vocab, merges, special_tokens)
+    except ValueError as e:
+        raise UserError(f"tokenizer {tokenizer_dir} is inconsistent: {e}") from e
+
+
+def _check_vocab_shape(path: str) -> None:
+    """vocab.json must be {token string: non-negative id}; other JSON would fail deep inside the tokenizer."""
+    with open(path, encoding="utf-8") as f:
+        entries = json.load(f)
+    if not isinstance(entries, dict) or not entries:
+        raise UserError(f"{path} is not a vocab.json: expected a non-empty object of token -> id")
+    bad = next((k for k, v in entries.items() if isinstance(v, bool) or not isinstance(v, int) or v < 0), None)
+    if bad is not None:
+        raise UserError(f"{path} is not a vocab.json: token {bad!r} has id {entries[bad]!r}, not an id >= 0")
 
 
 def cmd_encode(args) -> dict:
     from cs336_basics.encode import encode_file
 
+    refuse_overwriting_inputs([args.output], [args.input])
+    if os.path.isdir(args.output):
+        raise UserError(f"--output {args.output} is a folder; give the .npy file to write")
+    _nonempty(args.input, "--input")
     tokenizer = _load_tokenizer(args.tokenizer, args.special_token)
     start = time.perf_counter()
-    num_tokens = encode_file(tokenizer, args.input, args.output, num_workers=args.workers, progress=True)
+    with reading(args.input):
+        num_tokens = encode_file(tokenizer, args.input, args.output, num_workers=args.workers,
+                                 progress=sys.stderr.isatty())
     seconds = time.perf_counter() - start
     num_bytes = os.path.getsize(args.input)
     report = {"tokens": num_tokens, "bytes": num_bytes, "bytes_per_token": round(num_bytes / max(num_tokens, 1), 3),
@@ -116,11 +200,15 @@ def load_trained_model(run_dir: str, device: str = "auto"):
 
     path = os.path.join(run_dir, "checkpoint.pt")
     state = load_checkpoint_state(path, map_location="cpu")
-    model_config = state["extra"].get("model_config")
-    if model_config is None:
-        raise ValueError(f"{path} does not record its model configuration")
-    model = TransformerLM(TransformerConfig(**model_config))
-    model.load_state_dict(state["model"])
+    extra = state.get("extra")
+    model_config = extra.get("model_config") if isinstance(extra, dict) else None
+    if not isinstance(model_config, dict):
+        raise UserError(f"{path} does not record its model configuration (not written by `cs336-basics train`)")
+    try:
+        model = TransformerLM(TransformerConfig(**model_config))
+        model.load_state_dict(state["model"])
+    except (TypeError, ValueError, RuntimeError) as e:  # a config or weights that do not fit the model
+        raise UserError(f"{path} does not hold a loadable model: {str(e).strip().splitlines()[0]}") from e
     return model.to(resolve_device(device)).eval()
 
 
@@ -137,10 +225,32 @@ def sample_text(model, tokenizer, prompts: list[str], max_new_tokens: int, tempe
     return [tokenizer.decode(ids) for ids in outputs]
 
 
+def check_generation(model, tokenizer, prompts: list[str], max_new_tokens: int) -> int:
+    """What `generate` can do with these prompts: a tokenizer with ids the model has no embedding for, an empty
+    prompt or one longer than the context are refused; a request past the context is cut, and said so.
+    Returns the number of new tokens that will be asked for."""
+    vocab_size, context = model.config.vocab_size, model.config.context_length
+    largest = max(tokenizer.vocab)
+    if largest >= vocab_size:
+        raise UserError(f"the tokenizer has ids up to {largest} but the model's vocabulary has {vocab_size}: "
+                        "use the tokenizer the run was trained with")
+    lengths = [len(tokenizer.encode(p)) for p in prompts]
+    if min(lengths) == 0:
+        raise UserError("--prompt must not be empty")
+    if max(lengths) > context:
+        raise UserError(f"a --prompt of {max(lengths)} tokens exceeds the model's context of {context} tokens")
+    room = context - max(lengths)
+    if max_new_tokens > room:
+        print(f"{PROG} generate: note: --max-new-tokens {max_new_tokens} cut to {room}: the model's context is "
+              f"{context} tokens and the longest prompt takes {max(lengths)}", file=sys.stderr)
+    return min(max_new_tokens, room)
+
+
 def cmd_generate(args) -> list[str]:
     tokenizer = _load_tokenizer(args.tokenizer, [DEFAULT_SPECIAL])
     model = load_trained_model(args.run_dir, args.device)
-    texts = sample_text(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.top_p, args.seed)
+    max_new_tokens = check_generation(model, tokenizer, args.prompt, args.max_new_tokens)
+    texts = sample_text(model, tokenizer, args.prompt, max_new_tokens, args.temperature, args.top_p, args.seed)
     for prompt, text in zip(args.prompt, texts, strict=True):
         print(f"### {prompt}{text}\n")
     return texts
@@ -149,7 +259,9 @@ def cmd_generate(args) -> list[str]:
 def cmd_plot(args) -> str:
     from cs336_basics.plotting import plot_runs
 
-    path = plot_runs(args.runs, args.out, args.labels, args.title)
+    if args.labels is not None and len(args.labels) != len(args.runs):
+        raise UserError(f"--labels gives {len(args.labels)} label(s) for {len(args.runs)} run(s)")
+    path = plot_runs(args.runs, figure_path(args.out), args.labels, args.title)
     print(f"wrote {path}")
     return path
 
@@ -159,7 +271,7 @@ def cmd_sweep(args) -> dict:
 
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
                  if getattr(args, f.name, None) is not None and f.name != "out_dir"}
-    figure = args.figure or f"fig/sweep_{args.kind}.png"
+    figure = figure_path(args.figure or f"fig/sweep_{args.kind}.png")
     results = run_sweep(args.kind, args.values, args.preset, args.out_root, figure, **overrides)
     print(json.dumps(results, default=str))
     return results
@@ -173,7 +285,7 @@ def cmd_quickstart(args) -> dict:
 
 # ---------------------------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cs336-basics", description=__doc__)
+    parser = _Parser(prog=PROG, description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train-tokenizer", help="train a byte-level BPE tokenizer on a text file")
@@ -222,7 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plot", help="plot learning curves of runs (loss vs step and vs wall-clock)")
     p.add_argument("--runs", nargs="+", required=True, help="run folders holding metrics.jsonl")
     p.add_argument("--labels", nargs="+", default=None)
-    p.add_argument("--out", required=True, help="output image, e.g. fig/lr_sweep.png")
+    p.add_argument("--out", required=True, help="output image, e.g. fig/lr_sweep.png (a folder: <folder>/loss.png)")
     p.add_argument("--title", default="")
     p.set_defaults(func=cmd_plot)
 
@@ -233,7 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vocab-size", type=_positive_int, default=None)
     p.add_argument("--steps", type=_positive_int, default=None)
     p.add_argument("--device", default="auto")
-    p.add_argument("--figure", default="fig/quickstart_loss.png")
+    p.add_argument("--figure", default=None, help="learning-curve image (default: <out-dir>/quickstart_loss.png)")
+    p.add_argument("--overwrite", action="store_true", help="start over in an --out-dir that holds a quickstart")
     p.set_defaults(func=cmd_quickstart)
     return parser
 
@@ -244,9 +357,4 @@ def main(argv: list[str] | None = None) -> int:
         args.special_token = [DEFAULT_SPECIAL]
     if args.command == "generate" and (args.temperature < 0 or not 0 < args.top_p <= 1):
         build_parser().error("need --temperature >= 0 and 0 < --top-p <= 1")
-    try:
-        args.func(args)
-    except (ValueError, FileNotFoundError, RuntimeError, FloatingPointError) as e:
-        print(f"cs336-basics {args.command}: error: {e}", file=sys.stderr)
-        return 1
-    return 0
+    return run_command(f"{PROG} {args.command}", lambda: args.func(args))

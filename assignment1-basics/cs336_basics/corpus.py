@@ -6,6 +6,8 @@ a tiny model's loss falls visibly and its samples become readable within a minut
 
 import random
 
+from cs336_basics.cli_support import atomic_write
+
 NAMES = {"she": ["Lily", "Mia", "Sue", "Anna", "Lucy", "Emma", "Zoe", "Kim"],
          "he": ["Tom", "Ben", "Max", "Sam", "Leo", "Jack", "Tim", "Bob"]}
 ANIMALS = ["cat", "dog", "bunny", "bird", "frog", "bear", "duck", "fox", "mouse", "puppy"]
@@ -68,6 +70,6 @@ def write_corpus(path: str, num_stories: int, seed: int = 0, separator: str = "<
     """Writes stories separated by `separator` lines; returns the number of bytes written."""
     text = "\n".join(story + "\n" + separator for story in generate_stories(num_stories, seed)) + "\n"
     data = text.encode("utf-8")
-    with open(path, "wb") as f:
+    with atomic_write(path, "wb") as f:
         f.write(data)
     return len(data)

@@ -8,6 +8,7 @@ import tempfile
 import numpy as np
 from tqdm.auto import tqdm
 
+from cs336_basics.cli_support import UserError, atomic_path
 from cs336_basics.tokenizer import Tokenizer
 from cs336_basics.tokenizer.pretokenize import find_chunk_boundaries, read_text_range
 
@@ -41,7 +42,7 @@ def encode_file(
     separately gives exactly the ids of encoding the whole text.
     """
     if max(tokenizer.vocab) >= 2**16:
-        raise ValueError(f"vocabulary of {max(tokenizer.vocab) + 1} ids does not fit in uint16")
+        raise UserError(f"vocabulary of {max(tokenizer.vocab) + 1} ids does not fit in uint16")
     size = os.path.getsize(input_path)
     workers = num_workers or max(1, min(os.cpu_count() or 1, size // (4 << 20)))
     with open(input_path, "rb") as f:
@@ -51,27 +52,34 @@ def encode_file(
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".encode-") as tmp:
         tasks = [(tokenizer, input_path, start, end, os.path.join(tmp, f"{i}.bin"))
                  for i, (start, end) in enumerate(itertools.pairwise(boundaries))]
-        bar = tqdm(total=size, unit="B", unit_scale=True, desc="encode", disable=not progress)
-        counts = []
-        if workers == 1:
-            results = map(_encode_range, tasks)
-        else:
-            pool = mp.get_context("spawn" if os.name == "nt" else "fork").Pool(workers)
-            results = pool.imap(_encode_range, tasks)
+        counts = _encode_parts(tasks, workers, size, progress)
+        with atomic_path(output_path, suffix=".npy") as staging:  # the destination changes only when whole
+            tokens = np.lib.format.open_memmap(staging, mode="w+", dtype=np.uint16, shape=(sum(counts),))
+            offset = 0
+            for (_, _, _, _, part), count in zip(tasks, counts, strict=True):
+                tokens[offset : offset + count] = np.fromfile(part, dtype=np.uint16)
+                offset += count
+            tokens.flush()
+            del tokens
+    return offset
+
+
+def _encode_parts(tasks: list, workers: int, size: int, progress: bool) -> list[int]:
+    """Encodes each byte range into its part file; the token count of each. A failing worker stops the pool
+    (no orphan processes left encoding after the error is reported)."""
+    bar = tqdm(total=size, unit="B", unit_scale=True, desc="encode", disable=not progress)
+    counts = []
+    pool = None if workers == 1 else mp.get_context("spawn" if os.name == "nt" else "fork").Pool(workers)
+    try:
+        results = map(_encode_range, tasks) if pool is None else pool.imap(_encode_range, tasks)
         for count, num_bytes in results:
             counts.append(count)
             bar.update(num_bytes)
-        if workers > 1:
+        if pool is not None:
             pool.close()
             pool.join()
+    finally:
+        if pool is not None:
+            pool.terminate()
         bar.close()
-        staging = os.path.join(tmp, "tokens.npy")
-        tokens = np.lib.format.open_memmap(staging, mode="w+", dtype=np.uint16, shape=(sum(counts),))
-        offset = 0
-        for (_, _, _, _, part), count in zip(tasks, counts, strict=True):
-            tokens[offset : offset + count] = np.fromfile(part, dtype=np.uint16)
-            offset += count
-        tokens.flush()
-        del tokens
-        os.replace(staging, output_path)
-    return offset
+    return counts

@@ -10,7 +10,8 @@ import json
 import math
 import os
 
-from cs336_basics.plotting import plot_runs
+from cs336_basics.cli_support import UserError, atomic_write
+from cs336_basics.plotting import check_image_path, plot_runs
 from cs336_basics.training import train
 from cs336_basics.training.config import config_from_preset
 
@@ -24,36 +25,68 @@ ABLATIONS = {
 }
 
 
-def _variants(kind: str, values: list[str], base) -> dict[str, dict]:
-    if kind == "lr":
-        return {f"lr={v}": {"lr_max": float(v), "lr_min": float(v) / 10} for v in values}
-    if kind == "batch-size":
-        budget = base.max_steps * base.batch_size
-        return {f"batch={v}": {"batch_size": int(v), "max_steps": math.ceil(budget / int(v))} for v in values}
+def parse_values(kind: str, values: list[str]) -> list[str]:
+    """The sweep's --values checked before any run starts: learning rates finite and > 0, batch sizes integers
+    >= 1, ablations known names; none repeated (two runs would share a folder)."""
     if kind == "ablations":
         names = values or list(ABLATIONS)
-        unknown = set(names) - set(ABLATIONS)
+        unknown = [n for n in names if n not in ABLATIONS]
         if unknown:
-            raise ValueError(f"unknown ablations {sorted(unknown)}; choose from {list(ABLATIONS)}")
-        return {n: {k: (4 * base.d_model if v is None else v) for k, v in ABLATIONS[n].items()} for n in names}
-    raise ValueError(f"unknown sweep {kind!r}")
+            raise UserError(f"--values: unknown ablation(s) {', '.join(unknown)}; choose from {', '.join(ABLATIONS)}")
+        keys: list = names
+    elif kind in ("lr", "batch-size"):
+        if not values:
+            raise UserError(f"sweep {kind} needs --values")
+        names, keys = values, [_number(kind, v) for v in values]
+    else:
+        raise UserError(f"unknown sweep {kind!r}")
+    repeated = sorted({n for n, k in zip(names, keys, strict=True) if keys.count(k) > 1})
+    if repeated:
+        raise UserError(f"--values repeats a value: {', '.join(repeated)}")
+    return names
+
+
+def _number(kind: str, text: str) -> float:
+    """One --values entry checked and as a number (so 1e-3 and 0.001 count as the same run)."""
+    try:
+        value = float(text) if kind == "lr" else int(text)
+    except ValueError:
+        need = "a number" if kind == "lr" else "an integer"
+        raise UserError(f"--values: {text!r} is not {need}") from None
+    if kind == "lr" and not (math.isfinite(value) and value > 0):
+        raise UserError(f"--values: learning rates must be finite and > 0, got {text}")
+    if kind == "batch-size" and value < 1:
+        raise UserError(f"--values: batch sizes must be >= 1, got {text}")
+    return value
+
+
+def _variants(kind: str, names: list[str], base) -> dict[str, dict]:
+    if kind == "lr":
+        return {f"lr={v}": {"lr_max": float(v), "lr_min": float(v) / 10} for v in names}
+    if kind == "batch-size":
+        budget = base.max_steps * base.batch_size
+        return {f"batch={v}": {"batch_size": int(v), "max_steps": math.ceil(budget / int(v))} for v in names}
+    return {n: {k: (4 * base.d_model if v is None else v) for k, v in ABLATIONS[n].items()} for n in names}
 
 
 def run_sweep(kind: str, values: list[str], preset: str, out_root: str, figure: str, **overrides) -> dict:
+    """Trains every variant into out_root/kind/<label>/, redrawing `figure` after each run and writing
+    out_root/kind/summary.json at the end (each replaced whole, never left half-written)."""
+    names = parse_values(kind, values)
+    check_image_path(figure)
     base = config_from_preset(preset, **overrides)
-    variants = _variants(kind, values, base)
-    if not variants:
-        raise ValueError("give --values for this sweep")
+    variants = _variants(kind, names, base)
+    configs = {label: dataclasses.replace(base, out_dir=os.path.join(out_root, kind, label.replace("=", "_")),
+                                          **change) for label, change in variants.items()}  # all checked first
     results, run_dirs = {}, []
-    for label, change in variants.items():
-        run_dir = os.path.join(out_root, kind, label.replace("=", "_"))
-        config = dataclasses.replace(base, out_dir=run_dir, **change)
+    for label, config in configs.items():
         try:
             results[label] = train(config)
         except FloatingPointError as e:  # a diverged run is a result of the sweep, not a failure
             results[label] = {"diverged": str(e)}
-        run_dirs.append(run_dir)
-        plot_runs(run_dirs, figure, labels=list(variants)[: len(run_dirs)], title=f"{kind} sweep ({preset})")
-    with open(os.path.join(out_root, kind, "summary.json"), "w") as f:
+        run_dirs.append(config.out_dir)
+        plot_runs(run_dirs, figure, labels=list(configs)[: len(run_dirs)], title=f"{kind} sweep ({preset})",
+                  allow_empty=True)
+    with atomic_write(os.path.join(out_root, kind, "summary.json")) as f:
         json.dump(results, f, indent=2, default=str)
     return results

@@ -4,7 +4,10 @@ import json
 import os
 import time
 
+from cs336_basics.cli_support import UserError, atomic_write, reading, refuse_overwriting_inputs
+
 DEFAULT_SPECIAL = "<|endoftext|>"
+RUN_MARKERS = ("checkpoint.pt", "metrics.jsonl")
 
 
 def _step(title: str):
@@ -13,7 +16,7 @@ def _step(title: str):
 
 
 def quickstart(args) -> dict:
-    from cs336_basics.cli import _load_tokenizer, load_trained_model, sample_text
+    from cs336_basics.cli import _load_tokenizer, figure_path, load_trained_model, sample_text
     from cs336_basics.corpus import write_corpus
     from cs336_basics.encode import encode_file
     from cs336_basics.plotting import plot_runs
@@ -24,13 +27,18 @@ def quickstart(args) -> dict:
     started = time.perf_counter()
     out = args.out_dir
     data_dir, tokenizer_dir, run_dir = (os.path.join(out, name) for name in ("data", "tokenizer", "run"))
+    vocab_size = args.vocab_size or (1_000 if not args.train_text else 10_000)
+    figure_out = figure_path(args.figure or os.path.join(out, "quickstart_loss.png"))
+    check_arguments(args, run_dir, vocab_size)
+    if args.train_text:
+        outputs = [os.path.join(data_dir, f"{split}.npy") for split in ("train", "val")]
+        refuse_overwriting_inputs([*outputs, figure_out, os.path.join(out, "quickstart.json")],
+                                  [args.train_text, args.val_text])
     os.makedirs(data_dir, exist_ok=True)
     timings: dict[str, float] = {}
 
     t = _step("corpus")
     if args.train_text:
-        if not args.val_text:
-            raise ValueError("--train-text needs --val-text too")
         train_text, val_text = args.train_text, args.val_text
         print(f"using {train_text} and {val_text}")
     else:
@@ -41,8 +49,8 @@ def quickstart(args) -> dict:
     timings["corpus_s"] = time.perf_counter() - t
 
     t = _step("train tokenizer")
-    vocab_size = args.vocab_size or (1_000 if not args.train_text else 10_000)
-    vocab, merges = train_bpe(train_text, vocab_size, [DEFAULT_SPECIAL])
+    with reading(train_text):
+        vocab, merges = train_bpe(train_text, vocab_size, [DEFAULT_SPECIAL])
     save_tokenizer(vocab, merges, tokenizer_dir)
     timings["tokenizer_s"] = time.perf_counter() - t
     print(f"{len(vocab)} tokens in {timings['tokenizer_s']:.1f}s; longest: {max(vocab.values(), key=len)!r}")
@@ -52,20 +60,21 @@ def quickstart(args) -> dict:
     paths = {}
     for split, text in (("train", train_text), ("val", val_text)):
         paths[split] = os.path.join(data_dir, f"{split}.npy")
-        n = encode_file(tokenizer, text, paths[split])
+        with reading(text):
+            n = encode_file(tokenizer, text, paths[split])
         print(f"{split}: {n:,} tokens, {os.path.getsize(text) / n:.2f} bytes/token")
     timings["encode_s"] = time.perf_counter() - t
 
     t = _step("train")
     overrides = dict(train_data=paths["train"], val_data=paths["val"], out_dir=run_dir, vocab_size=vocab_size,
-                     device=args.device)
+                     device=args.device, overwrite=args.overwrite)
     if args.steps:
         overrides["max_steps"] = args.steps
     summary = train(config_from_preset("quickstart", **overrides))
     timings["train_s"] = time.perf_counter() - t
 
     t = _step("plot")
-    figure = plot_runs([run_dir], args.figure, labels=["quickstart"], title="quickstart: generated stories")
+    figure = plot_runs([run_dir], figure_out, labels=["quickstart"], title="quickstart: generated stories")
     print(f"wrote {figure}")
 
     _step("sample")
@@ -78,8 +87,27 @@ def quickstart(args) -> dict:
     report = {"val_loss": summary["val_loss"], "train_loss": summary["train_loss"], "steps": summary["steps"],
               "figure": figure, "sample": "Once upon a time," + sample,
               **{k: round(v, 2) for k, v in timings.items()}}
-    with open(os.path.join(out, "quickstart.json"), "w") as f:
+    with atomic_write(os.path.join(out, "quickstart.json")) as f:
         json.dump(report, f, indent=2)
     print(f"\nvalidation loss {summary['val_loss']:.3f} after {summary['steps']} steps; "
           f"total {timings['total_s']:.0f}s")
     return report
+
+
+def check_arguments(args, run_dir: str, vocab_size: int) -> None:
+    """Everything that would make the quickstart fail after minutes of work, checked before any of it: a run
+    already in --out-dir (needs --overwrite), real data given by halves or empty, a vocabulary too small."""
+    from cs336_basics.cli import check_vocab_size
+
+    if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
+        raise UserError(f"--out-dir {args.out_dir} exists and is not a folder")
+    present = [m for m in RUN_MARKERS if os.path.exists(os.path.join(run_dir, m))]
+    if present and not args.overwrite:
+        raise UserError(f"{args.out_dir} already holds a quickstart run ({run_dir}); pass --overwrite to start "
+                        "over or choose another --out-dir")
+    if bool(args.train_text) != bool(args.val_text):
+        raise UserError("--train-text and --val-text go together")
+    for flag, path in (("--train-text", args.train_text), ("--val-text", args.val_text)):
+        if path and os.path.getsize(path) == 0:
+            raise UserError(f"{flag} {path} is empty")
+    check_vocab_size(vocab_size, [DEFAULT_SPECIAL])

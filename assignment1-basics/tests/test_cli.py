@@ -93,21 +93,21 @@ def test_bad_inputs_give_one_line_errors(encoded, tmp_path, capsys):
     assert "no such file" in capsys.readouterr().err
 
     assert main(["encode", "--tokenizer", str(tmp_path), "--input", str(encoded / "val.txt"),
-                 "--output", str(tmp_path / "o.npy")]) == 1
+                 "--output", str(tmp_path / "o.npy")]) == 2
     assert "vocab.json" in capsys.readouterr().err
 
-    assert _train(encoded, tmp_path / "small-vocab", "--vocab-size", "100") == 1
+    assert _train(encoded, tmp_path / "small-vocab", "--vocab-size", "100") == 2
     err = capsys.readouterr().err
     assert "vocab_size=100" in err and len(err.strip().splitlines()) == 1
 
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "checkpoint.pt").write_bytes(b"not a checkpoint")
-    assert _train(encoded, tmp_path / "broken", "--resume") == 1
+    assert _train(encoded, tmp_path / "broken", "--resume") == 2
     assert "error" in capsys.readouterr().err
 
     assert main(["train", "--train-data", str(encoded / "train.npy"), "--val-data", str(encoded / "val.npy"),
-                 "--out-dir", str(tmp_path / "r"), "--batch-size", "0"]) == 1
-    assert "batch_size must be positive" in capsys.readouterr().err
+                 "--out-dir", str(tmp_path / "r"), "--batch-size", "0"]) == 2
+    assert "--batch-size must be >= 1" in capsys.readouterr().err
 
 
 def test_presets_carry_the_handout_budget():

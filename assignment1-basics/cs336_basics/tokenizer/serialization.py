@@ -9,6 +9,8 @@ import os
 from functools import cache
 from pathlib import Path
 
+from cs336_basics.cli_support import atomic_path, atomic_write
+
 MERGES_HEADER = "#version: 0.2"
 
 
@@ -46,7 +48,8 @@ def save_vocab(vocab: dict[int, bytes], path: str | os.PathLike) -> None:
     entries = {token_to_str(vocab[token_id]): token_id for token_id in sorted(vocab)}
     if len(entries) != len(vocab):
         raise ValueError("vocab maps several ids to the same bytes, which vocab.json cannot represent")
-    Path(path).write_text(json.dumps(entries, ensure_ascii=False, indent=0) + "\n", encoding="utf-8")
+    with atomic_write(path, encoding="utf-8") as f:
+        f.write(json.dumps(entries, ensure_ascii=False, indent=0) + "\n")
 
 
 def load_vocab(path: str | os.PathLike) -> dict[int, bytes]:
@@ -56,7 +59,8 @@ def load_vocab(path: str | os.PathLike) -> dict[int, bytes]:
 
 def save_merges(merges: list[tuple[bytes, bytes]], path: str | os.PathLike) -> None:
     lines = [MERGES_HEADER, *(f"{token_to_str(left)} {token_to_str(right)}" for left, right in merges)]
-    Path(path).write_text("\n".join(lines) + "\n", encoding="utf-8")
+    with atomic_write(path, encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
 
 
 def load_merges(path: str | os.PathLike) -> list[tuple[bytes, bytes]]:
@@ -75,7 +79,10 @@ def load_merges(path: str | os.PathLike) -> list[tuple[bytes, bytes]]:
 
 
 def save_tokenizer(vocab: dict[int, bytes], merges: list[tuple[bytes, bytes]], out_dir: str | os.PathLike) -> None:
-    """Writes out_dir/vocab.json and out_dir/merges.txt (read back with `Tokenizer.from_files`)."""
+    """Writes out_dir/vocab.json and out_dir/merges.txt (read back with `Tokenizer.from_files`), both or
+    neither: each is staged beside its destination and both are renamed into place only once both are whole."""
     os.makedirs(out_dir, exist_ok=True)
-    save_vocab(vocab, Path(out_dir) / "vocab.json")
-    save_merges(merges, Path(out_dir) / "merges.txt")
+    folder = Path(out_dir)
+    with atomic_path(folder / "vocab.json") as vocab_tmp, atomic_path(folder / "merges.txt") as merges_tmp:
+        save_vocab(vocab, vocab_tmp)
+        save_merges(merges, merges_tmp)
