@@ -166,7 +166,7 @@ def _tokenize(args: argparse.Namespace) -> int:
     require_files(args.inputs)
     refuse_overwriting_inputs([args.out], [*args.inputs, *([args.gpt2_vocab] if args.gpt2_vocab else [])])
     stats = tokenize_to_uint16(iter_document_texts(args.inputs), args.out, gpt2_encoding(args.gpt2_vocab),
-                               workers=args.workers, progress=_progress(args))
+                               workers=args.workers, progress=_progress(args), source=", ".join(args.inputs))
     print(json.dumps(stats))
     return 0
 

@@ -83,8 +83,10 @@ def iter_document_texts(paths: Iterable[str | os.PathLike], field: str = "text")
 
 
 def tokenize_to_uint16(texts: Iterable[str], output_path: str | os.PathLike, encoding: tiktoken.Encoding,
-                       workers: int = 1, chunksize: int = 64, progress: bool = True) -> dict[str, int]:
-    """Encode documents in order, append EOT to each, and stream the ids to `output_path` as uint16."""
+                       workers: int = 1, chunksize: int = 64, progress: bool = True,
+                       source: str = "the input") -> dict[str, int]:
+    """Encode documents in order, append EOT to each, and stream the ids to `output_path` as uint16 (renamed into
+    place only when every document is encoded; no documents at all is an error)."""
     global _ENCODING
     if encoding.n_vocab > 1 << 16:
         raise UserError(f"vocabulary of {encoding.n_vocab} ids does not fit in uint16")
@@ -102,4 +104,6 @@ def tokenize_to_uint16(texts: Iterable[str], output_path: str | os.PathLike, enc
             if pool:
                 pool.close()
                 pool.join()
+        if not stats["documents"]:  # an empty token file would only fail later, in training
+            raise UserError(f"no documents to tokenize in {source}; {os.fspath(output_path)} not written")
     return stats
