@@ -8,12 +8,8 @@ classifier is not downloadable and is trained locally (`cs336-data quality train
 from __future__ import annotations
 
 import os
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-
-from tqdm import tqdm
 
 
 class MissingModelError(FileNotFoundError):
@@ -79,6 +75,11 @@ def require_asset(name: str, override: str | os.PathLike | None = None) -> Path:
 
 def download_asset(name: str, dest_dir: Path | None = None, timeout: float = 30.0, force: bool = False) -> Path:
     """Fetch one asset into the cache (atomic rename of a .part file); raises OSError with a one-line reason."""
+    import urllib.error  # here, not at the top: every cs336-data command imports this module
+    import urllib.request
+
+    from tqdm import tqdm
+
     asset = ASSETS[name]
     if asset.url is None:
         raise ValueError(f"{name} is not downloadable: make it with `{asset.how}`")
