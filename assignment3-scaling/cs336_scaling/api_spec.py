@@ -6,7 +6,9 @@ that queries past the budget are refused).
 """
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import MISSING, asdict, dataclass
+
+from cs336_basics.cli_support import UserError, bounded, check_ranges
 
 INT_RANGES: dict[str, tuple[int, int]] = {"d_model": (64, 1024), "num_layers": (2, 24), "num_heads": (2, 16)}
 LEARNING_RATE_RANGE = (1e-4, 1e-3)
@@ -43,14 +45,23 @@ def budget_message(train_flops: float, used: float, budget: float) -> str:
 
 @dataclass(frozen=True)
 class RunConfig:
-    """One query: a model shape, its optimiser settings and the training FLOPs (C = 6·N·D)."""
+    """One query: a model shape, its optimiser settings and the training FLOPs (C = 6·N·D).
 
-    d_model: int
-    num_layers: int
-    num_heads: int
-    batch_size: int
-    learning_rate: float
-    train_flops: int
+    Any configuration the model can be built and trained with (`train` and `profile` may leave the API's
+    ranges); `validate` applies the API's narrower contract.
+    """
+
+    d_model: int = bounded(MISSING, ge=1)
+    num_layers: int = bounded(MISSING, ge=1)
+    num_heads: int = bounded(MISSING, ge=1)
+    batch_size: int = bounded(MISSING, ge=1)
+    learning_rate: float = bounded(MISSING, gt=0)
+    train_flops: int = bounded(MISSING, gt=0)
+
+    def __post_init__(self):
+        check_ranges(self)
+        if self.d_model % self.num_heads:
+            raise UserError(f"--d-model ({self.d_model}) must be divisible by --num-heads ({self.num_heads})")
 
     @property
     def non_embedding_params(self) -> int:
@@ -103,6 +114,9 @@ def validate(params: Mapping) -> RunConfig:
     low, high = LEARNING_RATE_RANGE
     if not low <= values["learning_rate"] <= high:
         raise APIError(f"learning_rate must be in range [{low}, {high}], got {params['learning_rate']}")
+    if values["d_model"] % values["num_heads"]:  # the model splits d_model into num_heads equal heads
+        raise APIError(f"d_model must be divisible by num_heads, got d_model={params['d_model']}, "
+                       f"num_heads={params['num_heads']}")
     values["train_flops"] = _as_int("train_flops", params["train_flops"])
     if values["train_flops"] not in TRAIN_FLOPS:
         allowed = ", ".join(f"{x:.0e}" for x in TRAIN_FLOPS)

@@ -6,10 +6,64 @@ real-trainer subcommands run on a machine with only torch/numpy/scipy/matplotlib
 
 import argparse
 import json
+import math
 import os
-import sys
+import socket
+from dataclasses import dataclass
 
-from cs336_scaling.api_spec import DEFAULT_BUDGET, RunConfig
+from cs336_basics.cli_support import (
+    UserError,
+    atomic_write,
+    bounded,
+    check_ranges,
+    read_jsonl_tolerant,
+    refuse_overwriting_inputs,
+    run_command,
+)
+from cs336_scaling.api_spec import DEFAULT_BUDGET, APIError, RunConfig
+
+PROG = "cs336-scaling"
+
+
+@dataclass
+class ServeOptions:
+    """`serve`'s numbers, checked before anything starts (port 99999 was an OverflowError deep in asyncio)."""
+
+    port: int = bounded(8000, ge=0, le=65535)
+    budget: float = bounded(DEFAULT_BUDGET, gt=0)
+    noise: float = bounded(0.01, ge=0)
+
+    def __post_init__(self):
+        check_ranges(self)
+
+
+@dataclass
+class ProfileOptions:
+    time_limit_s: float = bounded(0.0, ge=0)  # 0: no limit
+
+    def __post_init__(self):
+        check_ranges(self)
+
+
+@dataclass
+class MakeTokensOptions:
+    vocab_size: int = bounded(1024, ge=257, le=65536)  # 256 bytes + <|endoftext|>; ids are stored as uint16
+    stories: int = bounded(100_000, ge=1)
+
+    def __post_init__(self):
+        check_ranges(self)
+
+
+def positive(flag: str, values: list[float]) -> list[float]:
+    """Each value of a list flag finite and > 0 (a FLOP count or compute budget), or a one-line error."""
+    for value in values:
+        if not (math.isfinite(value) and value > 0):
+            raise UserError(f"{flag} must be > 0, got {value}")
+    return values
+
+
+def figure_paths(prefix: str, names: tuple[str, ...]) -> list[str]:
+    return [f"{prefix}_{name}.png" for name in names]
 
 
 def cmd_isoflops(args) -> dict:
@@ -18,12 +72,15 @@ def cmd_isoflops(args) -> dict:
     from cs336_scaling.isoflops import fit_isoflops, load_runs, plot_law, plot_profiles
     from cs336_scaling.parametric import fit_parametric
 
+    positive("--predict", args.predict)
+    prefix = os.path.join(args.out_dir, args.prefix)
+    n_path, d_path, profiles_path = figure_paths(prefix, ("n_opt", "d_opt", "profiles"))
+    refuse_overwriting_inputs([n_path, d_path, profiles_path] + ([args.json] if args.json else []), [args.data])
     runs = load_runs(args.data)
+    if len({r.compute_budget for r in runs}) < 2:
+        raise UserError(f"{args.data}: the fits need runs at two compute budgets or more")
     fit = fit_isoflops(runs, args.method)
-    os.makedirs(args.out_dir, exist_ok=True)
-    figures = [plot_law(fit, "n", os.path.join(args.out_dir, f"{args.prefix}_n_opt.png")),
-               plot_law(fit, "d", os.path.join(args.out_dir, f"{args.prefix}_d_opt.png")),
-               plot_profiles(runs, os.path.join(args.out_dir, f"{args.prefix}_profiles.png"))]
+    figures = [plot_law(fit, "n", n_path), plot_law(fit, "d", d_path), plot_profiles(runs, profiles_path)]
     print(f"{len(runs)} runs, {len(fit.optima)} budgets; per-budget optimum by {args.method!r}")
     print(f"{'C':>10} {'N_opt':>12} {'D_opt':>12} {'loss':>8}")
     for o in fit.optima:
@@ -46,7 +103,7 @@ def cmd_isoflops(args) -> dict:
         for p in summary["approach3"]["predictions"]:
             print(f"  C={p['compute']:.0e}: N_opt ≈ {p['n_opt']:.4g}, D_opt ≈ {p['d_opt']:.4g}")
     if args.json:
-        with open(args.json, "w") as f:
+        with atomic_write(args.json, encoding="utf-8") as f:
             json.dump(summary, f, indent=2)
     return summary
 
@@ -54,6 +111,8 @@ def cmd_isoflops(args) -> dict:
 def _real_trainer(args):
     from cs336_scaling.trainer import RealTrainer
 
+    if not args.tokens:
+        raise UserError(f"{args.command} needs --tokens (a 1-D token file, e.g. from make-tokens)")
     return RealTrainer(args.tokens, args.vocab_size, args.context_length, args.device, args.eval_batches,
                        args.max_steps, args.seed, args.compile, args.log_every)
 
@@ -64,16 +123,28 @@ def cmd_serve(args) -> None:
     from cs336_scaling.server import RunStore, TrainingService, create_app
     from cs336_scaling.surrogate import SurrogateLaw
 
+    ServeOptions(args.port, args.budget, args.noise)
     keys = list(args.api_key) + [k for k in os.environ.get("CS336_SCALING_API_KEYS", "").split(",") if k]
+    if not keys:
+        raise UserError("the server needs at least one API key (--api-key or $CS336_SCALING_API_KEYS)")
     if args.trainer == "surrogate":
         trainer = SurrogateLaw(seed=args.seed, noise=args.noise).loss
     else:
-        if not args.tokens:
-            raise SystemExit("--trainer real needs --tokens and --vocab-size")
-        trainer = _real_trainer(args)
+        trainer = _real_trainer(args)  # checks the token file now, not at the first query
+    check_can_listen(args.host, args.port)
     service = TrainingService(trainer, keys, RunStore(args.db), args.budget, args.trainer)
     print(f"serving {args.trainer} trainer on http://{args.host}:{args.port} (docs at /docs), {len(keys)} key(s)")
     uvicorn.run(create_app(service), host=args.host, port=args.port, log_level="info")
+
+
+def check_can_listen(host: str, port: int) -> None:
+    """A taken port or an unknown host as one line before startup (uvicorn would log it and exit 1)."""
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
+            sock.bind((host, port))
+    except OSError as error:
+        raise UserError(f"cannot listen on {host}:{port}: {error.strerror or error}") from None
 
 
 def cmd_study(args) -> dict:
@@ -85,6 +156,11 @@ def cmd_study(args) -> dict:
 
     config = StudyConfig(target_flops=args.target, budget=args.budget, out_dir=args.out_dir, prefix=args.prefix,
                          seed=args.seed)
+    if args.url and not args.api_key:
+        raise UserError("--url needs --api-key")
+    outputs = [args.report, *figure_paths(os.path.join(args.out_dir, args.prefix), ("profiles", "n_opt"))]
+    refuse_overwriting_inputs(outputs + ([args.json] if args.json else []),
+                              [args.cache] if args.cache != ":memory:" else [])
     law = None
     if args.url:
         context, url, key = nullcontext(), args.url, args.api_key
@@ -111,12 +187,13 @@ def cmd_study(args) -> dict:
               f"{100 * truth['n_error']:+.1f} %, loss error {truth['loss_error']:+.4f}")
     print(f"wrote {report}")
     if args.json:
-        with open(args.json, "w") as f:
+        with atomic_write(args.json, encoding="utf-8") as f:
             json.dump(result, f, indent=2, default=str)
     return result
 
 
 def cmd_train(args) -> dict:
+    positive("--train-flops", [args.train_flops])
     run = RunConfig(args.d_model, args.num_layers, args.num_heads, args.batch_size, args.learning_rate,
                     int(args.train_flops))
     result = {**run.to_dict(), **_real_trainer(args).train(run)}
@@ -130,35 +207,67 @@ def cmd_profile(args) -> dict:
 
     from cs336_scaling.isoflops import Run, fit_isoflops, plot_law, plot_profiles
 
+    ProfileOptions(args.time_limit_s)
+    budgets = [int(f) for f in positive("--budgets", args.budgets)]
+    shapes = [parse_shape(shape) for shape in args.shapes]
+    figures = figure_paths(args.figure_prefix, ("profiles", "n_opt"))
+    refuse_overwriting_inputs([args.results, *figures], [args.tokens] if args.tokens else [])
     trainer = _real_trainer(args)
     started = time.perf_counter()
-    done = {}
-    if os.path.exists(args.results):
-        with open(args.results) as f:
-            for line in f:
-                row = json.loads(line)
-                done[(row["d_model"], row["num_layers"], row["train_flops"])] = row
-    for flops in args.budgets:
-        for shape in args.shapes:
-            d_model, layers, heads = (int(x) for x in shape.split("x"))
-            run = RunConfig(d_model, layers, heads, args.batch_size, args.learning_rate, int(flops))
-            if (d_model, layers, int(flops)) in done:
+    done = load_profile(args.results)
+    for flops in budgets:
+        for d_model, layers, heads in shapes:
+            run = RunConfig(d_model, layers, heads, args.batch_size, args.learning_rate, flops)
+            if (d_model, layers, flops) in done:
                 continue
             if args.time_limit_s and time.perf_counter() - started > args.time_limit_s:
                 print("time limit reached; rerun with the same --results to continue", flush=True)
                 break
             row = {**run.to_dict(), "n": run.non_embedding_params, **trainer.train(run)}
             print(json.dumps(row), flush=True)
-            done[(d_model, layers, int(flops))] = row
-            with open(args.results, "a") as f:
+            done[(d_model, layers, flops)] = row
+            with open(args.results, "a") as f:  # one whole line per finished run: resumable
                 f.write(json.dumps(row) + "\n")
     runs = [Run(r["n"], r["train_flops"], r["loss"]) for r in done.values()]
-    plot_profiles(runs, f"{args.figure_prefix}_profiles.png", "Real trainer: isoFLOP profiles")
+    if runs:
+        plot_profiles(runs, figures[0], "Real trainer: isoFLOP profiles")
     if len({r.compute_budget for r in runs}) >= 2:
         fit = fit_isoflops(runs, "quadratic")
-        plot_law(fit, "n", f"{args.figure_prefix}_n_opt.png", title="Real trainer: N_opt vs compute")
+        plot_law(fit, "n", figures[1], title="Real trainer: N_opt vs compute")
         print(f"N_opt ∝ C^{fit.n_law.exponent:.3f}, D_opt ∝ C^{fit.d_law.exponent:.3f}")
     return {"runs": len(runs)}
+
+
+def parse_shape(shape: str) -> tuple[int, int, int]:
+    """`128x2x2` → (d_model, layers, heads), checked like any other configuration."""
+    try:
+        d_model, layers, heads = (int(x) for x in shape.lower().split("x"))
+    except ValueError:
+        raise UserError(f"--shapes: expected d_model x layers x heads such as 128x2x2, got {shape!r}") from None
+    RunConfig(d_model, layers, heads, 1, 1e-3, 1)  # ranges, divisibility
+    return d_model, layers, heads
+
+
+def load_profile(path: str) -> dict:
+    """Finished runs of an earlier `profile` (a half-written last line dropped with a warning, and the file
+    rewritten without it so the next append starts on a fresh line)."""
+    if not os.path.exists(path):
+        return {}
+    rows = read_jsonl_tolerant(path)
+    done = {}
+    for number, row in enumerate(rows, start=1):
+        try:
+            done[(row["d_model"], row["num_layers"], row["train_flops"])] = row
+            float(row["n"]), float(row["loss"])
+        except (KeyError, TypeError, ValueError):
+            raise UserError(f"{path}: row {number} is not a profile run (d_model, num_layers, train_flops, n, "
+                            "loss)") from None
+    with open(path, "rb") as f:
+        data = f.read()
+    if data and not data.endswith(b"\n"):
+        with atomic_write(path, encoding="utf-8") as f:
+            f.writelines(json.dumps(row) + "\n" for row in rows)
+    return done
 
 
 def cmd_make_tokens(args) -> dict:
@@ -170,15 +279,18 @@ def cmd_make_tokens(args) -> dict:
     from cs336_basics.corpus import write_corpus
     from cs336_basics.tokenizer import Tokenizer, train_bpe
 
+    MakeTokensOptions(args.vocab_size, args.stories)
     started = time.perf_counter()
-    os.makedirs(args.work_dir, exist_ok=True)
     text = os.path.join(args.work_dir, "stories.txt")
+    refuse_overwriting_inputs([args.out], [text])
+    os.makedirs(args.work_dir, exist_ok=True)
     write_corpus(text, args.stories, seed=args.seed)
     vocab, merges = train_bpe(text, args.vocab_size, ["<|endoftext|>"])
     tokenizer = Tokenizer(vocab, merges, ["<|endoftext|>"])
     with open(text) as f:  # single process: cs336_basics' parallel encoder needs tqdm, absent on bare machines
         ids = np.fromiter(tokenizer.encode_iterable(f), dtype=np.uint16)
-    np.save(args.out, ids)
+    with atomic_write(args.out, "wb") as f:  # a file object: np.save would append .npy to a path
+        np.save(f, ids)
     count = len(ids)
     print(f"{count:,} tokens, vocab {len(vocab)} → {args.out} ({time.perf_counter() - started:.0f} s)")
     return {"tokens": count, "vocab_size": len(vocab)}
@@ -204,7 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True)
     p.add_argument("--method", choices=["min", "quadratic"], default="min")
     p.add_argument("--predict", type=float, nargs="+", default=[1e23, 1e24])
-    p.add_argument("--out-dir", default="fig")
+    p.add_argument("--out-dir", default="runs/a3_isoflops", help="figures go here (fig/ holds the committed ones)")
     p.add_argument("--prefix", default="a3_isoflops")
     p.add_argument("--approach3", action="store_true")
     p.add_argument("--json")
@@ -226,12 +338,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key")
     p.add_argument("--cache", default=":memory:", help="SQLite cache of answers (a path makes re-runs free)")
     p.add_argument("--budget", type=float, default=DEFAULT_BUDGET)
-    p.add_argument("--target", type=float, default=1e19)
+    p.add_argument("--target", "--target-flops", dest="target", type=float, default=1e19)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--noise", type=float, default=0.01)
-    p.add_argument("--out-dir", default="fig")
+    p.add_argument("--out-dir", default="runs/a3_study", help="figures go here (fig/ holds the committed ones)")
     p.add_argument("--prefix", default="a3_study")
-    p.add_argument("--report", default="assignment3-scaling/STUDY.md")
+    p.add_argument("--report", default="runs/a3_study/STUDY.md",
+                   help="the write-up (assignment3-scaling/STUDY.md is the committed one)")
     p.add_argument("--json")
     p.set_defaults(func=cmd_study)
 
@@ -248,7 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--learning-rate", type=float, default=1e-3)
     p.add_argument("--results", default="runs/a3_real_profile.jsonl")
-    p.add_argument("--figure-prefix", default="fig/a3_real")
+    p.add_argument("--figure-prefix", default="runs/a3_real", help="fig/a3_real holds the committed figures")
     p.add_argument("--time-limit-s", type=float, default=0, help="start no new run after this (resume later)")
     _add_trainer_flags(p)
     p.set_defaults(func=cmd_profile)
@@ -264,11 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The error boundary: expected failures (bad values, files, API refusals) print one line and exit 2."""
     args = build_parser().parse_args(argv)
-    try:
-        args.func(args)
-    except (ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    return 0
+    return run_command(PROG, lambda: args.func(args), expected=(APIError,))
 

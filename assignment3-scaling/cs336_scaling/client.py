@@ -14,9 +14,37 @@ import urllib.parse
 import urllib.request
 from collections.abc import Mapping
 
+from cs336_basics.cli_support import UserError
 from cs336_scaling.api_spec import DEFAULT_BUDGET, APIError, BudgetExceededError, RunConfig, budget_message, validate
 
 COURSE_URL = "http://hyperturing.stanford.edu:8000"
+
+
+class APIUnreachableError(APIError, UserError):
+    """The server did not answer at all (refused, unknown host, timeout): one line naming the URL."""
+
+    def __init__(self, url: str, reason: object):
+        super().__init__(f"cannot reach the training API at {url}: {reason}", status=0)
+
+
+def open_database(path: str | os.PathLike, schema: str, flag: str) -> sqlite3.Connection:
+    """An SQLite file with `schema`, or a one-line `UserError` naming it when it is a folder, not a database,
+    or a database of another shape (sqlite3 would otherwise fail on the first query, mid-request)."""
+    path = os.fspath(path)
+    if path != ":memory:":
+        if os.path.isdir(path):
+            raise UserError(f"{flag} {path} is a folder; expected an SQLite file")
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    try:
+        db = sqlite3.connect(path, check_same_thread=False)
+        db.execute(schema)
+        db.execute("SELECT * FROM runs LIMIT 0")
+        db.commit()
+    except sqlite3.Error as error:
+        raise UserError(f"{flag} {path} is not a usable SQLite database: {error}") from error
+    return db
+
+
 
 
 class TrainingAPIClient:
@@ -25,13 +53,9 @@ class TrainingAPIClient:
         self.base_url, self.api_key, self.budget, self.timeout_s = base_url.rstrip("/"), api_key, budget, timeout_s
         self.requests_sent = 0
         self._lock = threading.Lock()
-        cache_path = os.fspath(cache_path)
-        if cache_path != ":memory:":
-            os.makedirs(os.path.dirname(os.path.abspath(cache_path)), exist_ok=True)
-        self._db = sqlite3.connect(cache_path, check_same_thread=False)
-        self._db.execute("CREATE TABLE IF NOT EXISTS runs (server TEXT, api_key TEXT, key TEXT, config TEXT, "
-                         "loss REAL, train_flops REAL, PRIMARY KEY (server, api_key, key))")
-        self._db.commit()
+        self._db = open_database(cache_path, "CREATE TABLE IF NOT EXISTS runs (server TEXT, api_key TEXT, key TEXT, "
+                                 "config TEXT, loss REAL, train_flops REAL, PRIMARY KEY (server, api_key, key))",
+                                 "--cache")
         self._server_total: float | None = None
 
     # --- HTTP -----------------------------------------------------------------------------------------
@@ -47,6 +71,9 @@ class TrainingAPIClient:
             except ValueError:
                 raise APIError(f"HTTP {error.code} from {url}", error.code) from None
             raise APIError(_message(body), error.code) from None
+        except (urllib.error.URLError, OSError, ValueError) as error:  # refused, no such host, timeout, not JSON
+            reason = getattr(error, "reason", error)
+            raise APIUnreachableError(self.base_url, reason) from None
         if isinstance(body, dict) and "message" in body and len(body) == 1:
             raise APIError(body["message"])  # the course API also answers some errors with status 200
         return body

@@ -12,6 +12,8 @@ from typing import Literal
 
 import numpy as np
 
+from cs336_basics.cli_support import UserError, atomic_path, reading
+
 
 @dataclass(frozen=True)
 class Run:
@@ -43,15 +45,32 @@ class Optimum:
         return self.compute_budget / (6 * self.n_opt)
 
 
+FIELDS = ("parameters", "compute_budget", "final_loss")
+
+
 def load_runs(path: str) -> list[Run]:
-    with open(path) as f:
+    """The runs of a JSON file, every one checked (an object with three positive finite numbers): anything
+    else is a one-line error naming the file and the run."""
+    with reading(path), open(path, encoding="utf-8") as f:
         rows = json.load(f)
     if not isinstance(rows, list) or not rows:
-        raise ValueError(f"{path}: expected a non-empty JSON array of runs")
-    missing = [key for key in ("parameters", "compute_budget", "final_loss") if key not in rows[0]]
+        raise UserError(f"{path}: expected a non-empty JSON array of runs")
+    return [_run(path, i, row) for i, row in enumerate(rows)]
+
+
+def _run(path: str, index: int, row: object) -> Run:
+    if not isinstance(row, dict):
+        raise UserError(f"{path}: run {index} is not an object with {', '.join(FIELDS)}")
+    missing = [key for key in FIELDS if key not in row]
     if missing:
-        raise ValueError(f"{path}: runs lack {missing}")
-    return [Run(float(r["parameters"]), float(r["compute_budget"]), float(r["final_loss"])) for r in rows]
+        raise UserError(f"{path}: run {index} lacks {', '.join(missing)}")
+    try:
+        values = [float(row[key]) for key in FIELDS]
+    except (TypeError, ValueError):
+        raise UserError(f"{path}: run {index} has a value that is not a number") from None
+    if not all(math.isfinite(v) and v > 0 for v in values):
+        raise UserError(f"{path}: run {index} needs positive finite {', '.join(FIELDS)}, got {values}")
+    return Run(*values)
 
 
 def group_by_budget(runs: list[Run]) -> dict[float, list[Run]]:
@@ -85,7 +104,7 @@ def fit_power_law(compute: np.ndarray, values: np.ndarray) -> PowerLaw:
     """Least squares on log y = log k + a·log C (equal weight to every decade, as the fit is read on a log plot)."""
     log_c, log_y = np.log(np.asarray(compute, float)), np.log(np.asarray(values, float))
     if len(log_c) < 2:
-        raise ValueError("a power law needs at least two compute budgets")
+        raise UserError("a power law needs runs at two compute budgets or more")
     exponent, intercept = np.polyfit(log_c, log_y, 1)
     residual = log_y - (intercept + exponent * log_c)
     total = ((log_y - log_y.mean()) ** 2).sum()
@@ -113,6 +132,21 @@ def fit_isoflops(runs: list[Run], method: Literal["min", "quadratic"] = "min") -
     )
 
 
+def save_figure(fig, out_path: str) -> None:
+    """Written beside `out_path` and renamed into place: an existing figure survives a failed save."""
+    import matplotlib.pyplot as plt
+
+    try:
+        with atomic_path(out_path) as tmp:
+            fig.savefig(tmp, dpi=130)
+    except ValueError as error:  # e.g. an extension matplotlib cannot write
+        if isinstance(error, UserError):
+            raise
+        raise UserError(f"cannot write figure {out_path}: {error}") from error
+    finally:
+        plt.close(fig)
+
+
 def plot_law(fit: IsoFLOPsFit, which: Literal["n", "d"], out_path: str, extrapolate_to: float = 1e24,
              title: str = "") -> str:
     import matplotlib
@@ -138,8 +172,7 @@ def plot_law(fit: IsoFLOPsFit, which: Literal["n", "d"], out_path: str, extrapol
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out_path, dpi=130)
-    plt.close(fig)
+    save_figure(fig, out_path)
     return out_path
 
 
@@ -164,6 +197,5 @@ def plot_profiles(runs: list[Run], out_path: str, title: str = "IsoFLOP profiles
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    fig.savefig(out_path, dpi=130)
-    plt.close(fig)
+    save_figure(fig, out_path)
     return out_path

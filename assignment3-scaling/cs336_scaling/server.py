@@ -8,20 +8,25 @@ SQLite and costs nothing. Trainers are plain callables RunConfig → loss, run o
 """
 
 import json
+import math
 import os
-import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable
 
+from cs336_basics.cli_support import UserError
 from cs336_scaling.api_spec import (
     DEFAULT_BUDGET,
+    INT_RANGES,
+    LEARNING_RATE_RANGE,
+    TRAIN_FLOPS,
     APIError,
     RunConfig,
     budget_message,
     invalid_key_message,
     validate,
 )
+from cs336_scaling.client import open_database
 
 Trainer = Callable[[RunConfig], float]
 
@@ -30,13 +35,9 @@ class RunStore:
     """Runs per API key in SQLite, so a restarted server keeps its users' budgets and answers."""
 
     def __init__(self, path: str | os.PathLike):
-        path = os.fspath(path)
-        if path != ":memory:":
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        self._db = sqlite3.connect(path, check_same_thread=False)
-        self._db.execute("CREATE TABLE IF NOT EXISTS runs (api_key TEXT, key TEXT, config TEXT, loss REAL, "
-                         "train_flops REAL, trainer TEXT, seconds REAL, created REAL, PRIMARY KEY (api_key, key))")
-        self._db.commit()
+        self._db = open_database(path, "CREATE TABLE IF NOT EXISTS runs (api_key TEXT, key TEXT, config TEXT, "
+                                 "loss REAL, train_flops REAL, trainer TEXT, seconds REAL, created REAL, "
+                                 "PRIMARY KEY (api_key, key))", "--db")
         self.lock = threading.Lock()
 
     def get(self, api_key: str, config: RunConfig) -> float | None:
@@ -66,7 +67,9 @@ class TrainingService:
         self.trainer, self.api_keys, self.store = trainer, set(api_keys), store
         self.budget, self.trainer_name = budget, trainer_name
         if not self.api_keys:
-            raise ValueError("the server needs at least one API key")
+            raise UserError("the server needs at least one API key (--api-key or $CS336_SCALING_API_KEYS)")
+        if not (math.isfinite(budget) and budget > 0):  # NaN would compare False and turn the budget off
+            raise UserError(f"--budget must be a finite number > 0, got {budget}")
 
     def check_key(self, api_key: str | None) -> str:
         if api_key is None or api_key not in self.api_keys:
@@ -94,29 +97,58 @@ class TrainingService:
         return {"previous_runs": self.store.runs(self.check_key(api_key))}
 
 
+def _describe_parameters() -> dict[str, str]:
+    """One line per query parameter for the OpenAPI schema (/docs), from the contract's own ranges."""
+    docs = {name: f"integer in [{low}, {high}]" for name, (low, high) in INT_RANGES.items()}
+    docs["d_model"] += "; divisible by num_heads"
+    docs["batch_size"] = "128 or 256"
+    docs["learning_rate"] = f"number in [{LEARNING_RATE_RANGE[0]:g}, {LEARNING_RATE_RANGE[1]:g}]"
+    docs["train_flops"] = "training FLOPs, one of " + ", ".join(f"{x:.0e}" for x in TRAIN_FLOPS)
+    docs["api_key"] = "your API key"
+    return docs
+
+
 def create_app(service: TrainingService):
-    from fastapi import FastAPI, Request
+    from typing import Annotated
+
+    from fastapi import FastAPI, Query, Request
     from fastapi.responses import JSONResponse
 
     app = FastAPI(title="cs336-scaling local training API",
-                  description=f"trainer: {service.trainer_name}; budget {service.budget:.3g} FLOPs per key")
+                  description=f"trainer: {service.trainer_name}; budget {service.budget:.3g} FLOPs per key. "
+                              "Errors answer {\"message\": ...}.")
+    docs = _describe_parameters()
+
+    def param(name: str):
+        # Declared as optional text so that the contract (api_spec.validate), not FastAPI, words the errors.
+        return Annotated[str | None, Query(description=docs[name])]
 
     @app.exception_handler(APIError)
     def api_error(_request: Request, error: APIError):
         return JSONResponse({"message": error.message}, status_code=error.status)
 
+    @app.exception_handler(Exception)
+    def server_error(_request: Request, error: Exception):
+        # The traceback still reaches the server's log; the client gets the API's JSON shape, not plain text.
+        return JSONResponse({"message": f"internal error: {type(error).__name__}: {error}"}, status_code=500)
+
     # Plain `def` endpoints run in FastAPI's thread pool, so a long training run does not block the loop.
-    @app.get("/loss")
-    def loss(request: Request):
-        return service.loss(dict(request.query_params))
+    @app.get("/loss", summary="final training loss of a configuration (charged once per key and configuration)")
+    def loss(d_model: param("d_model") = None, num_layers: param("num_layers") = None,
+             num_heads: param("num_heads") = None, batch_size: param("batch_size") = None,
+             learning_rate: param("learning_rate") = None, train_flops: param("train_flops") = None,
+             api_key: param("api_key") = None):
+        return service.loss({"d_model": d_model, "num_layers": num_layers, "num_heads": num_heads,
+                             "batch_size": batch_size, "learning_rate": learning_rate, "train_flops": train_flops,
+                             "api_key": api_key})
 
-    @app.get("/total_flops_used")
-    def total_flops_used(request: Request):
-        return service.total_flops_used(request.query_params.get("api_key"))
+    @app.get("/total_flops_used", summary="FLOPs this key has spent")
+    def total_flops_used(api_key: param("api_key") = None):
+        return service.total_flops_used(api_key)
 
-    @app.get("/previous_runs")
-    def previous_runs(request: Request):
-        return service.previous_runs(request.query_params.get("api_key"))
+    @app.get("/previous_runs", summary="every configuration this key has run, with its loss")
+    def previous_runs(api_key: param("api_key") = None):
+        return service.previous_runs(api_key)
 
     return app
 

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from cs336_basics.cli_support import UserError, atomic_write, bounded, check_ranges
 from cs336_scaling.api_spec import LEARNING_RATE_RANGE, RunConfig
 from cs336_scaling.client import TrainingAPIClient
 from cs336_scaling.isoflops import IsoFLOPsFit, Run, fit_isoflops, fit_power_law, plot_law, plot_profiles
@@ -28,18 +29,21 @@ from cs336_scaling.surrogate import SurrogateLaw, best_shape, true_optimum
 
 @dataclass
 class StudyConfig:
-    target_flops: float = 1e19
-    budget: float = 2e18
-    lr_probe_flops: int = int(1e16)
+    target_flops: float = bounded(1e19, gt=0)
+    budget: float = bounded(2e18, gt=0)
+    lr_probe_flops: int = bounded(int(1e16), gt=0)
     lr_probe_rates: tuple[float, ...] = (1e-4, 3e-4, 1e-3)
     profile_flops: tuple[int, ...] = tuple(int(x) for x in (3e15, 1e16, 3e16, 1e17, 3e17))
     profile_sizes: tuple[int, ...] = (6, 6, 6, 5, 3)
-    profile_span: float = 4.0  # sizes from N̂/span to N̂·span (log-spaced), narrowed for the 3-run profiles
+    profile_span: float = bounded(4.0, gt=1)  # sizes from N̂/span to N̂·span (log-spaced), narrowed for 3-run profiles
     batch_probe_flops: tuple[int, ...] = tuple(int(x) for x in (3e15, 1e16, 3e16, 1e17))
-    out_dir: str = "fig"
+    out_dir: str = "runs/a3_study"
     prefix: str = "a3_study"
     seed: int = 0
     log: list = field(default_factory=list)
+
+    def __post_init__(self):
+        check_ranges(self)
 
 
 def _config(n_target: float, lr: float, batch: int, flops: int) -> RunConfig:
@@ -128,7 +132,7 @@ class Study:
         # Cached answers are free, so a resumed study may reuse them; the client still refuses any query
         # that would pass the budget.
         if self.planned_cost() > self.client.remaining() + self.client.cached_flops():
-            raise ValueError(f"the plan costs {self.planned_cost():.3g} FLOPs but only "
+            raise UserError(f"the plan costs {self.planned_cost():.3g} FLOPs but only "
                              f"{self.client.remaining():.3g} remain")
         started = time.perf_counter()
         lr_law = self.learning_rate_law()
@@ -248,6 +252,6 @@ def write_report(result: dict, path: str, truth: dict | None = None) -> str:
         "loss, since it models L(N, D) everywhere, and cross-checks the size.", "",
         f"![isoFLOP profiles]({rel['profiles']})", "", f"![N_opt law]({rel['n_law']})", "",
     ]
-    with open(path, "w") as f:
+    with atomic_write(path, encoding="utf-8") as f:
         f.write("\n".join(lines))
     return path

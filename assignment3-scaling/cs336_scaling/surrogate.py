@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from cs336_basics.cli_support import bounded, check_ranges
 from cs336_scaling.api_spec import BATCH_SIZES, INT_RANGES, LEARNING_RATE_RANGE, VOCAB_SIZE, RunConfig
 
 
@@ -36,8 +37,11 @@ class SurrogateLaw:
     k_bs: float = 0.01
     k_aspect: float = 0.004
     k_head: float = 0.003
-    noise: float = 0.01
+    noise: float = bounded(0.01, ge=0)
     seed: int = 0
+
+    def __post_init__(self):
+        check_ranges(self)
 
     def best_lr(self, n: float) -> float:
         return self.lr_ref * (n / self.n_ref) ** self.lr_exponent

@@ -7,29 +7,75 @@ The reported loss is the mean loss over `eval_batches` held-out batches with dro
 """
 
 import math
+import pickle
 import time
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass
 
 import numpy as np
 import torch
 
+from cs336_basics.cli_support import UserError, bounded, check_ranges
 from cs336_basics.data import get_batch, load_tokens
 from cs336_basics.optim import AdamW, clip_gradients, get_lr_cosine_schedule
 from cs336_scaling.api_spec import RunConfig
 from cs336_scaling.model import APIModelConfig, APITransformerLM
 
+EVAL_FRACTION = 0.02  # the tail of the token file held out for the reported loss
+CHUNK = 1 << 22  # ids checked per slice of the memory map
+
+
+def check_tokens(path: str, vocab_size: int, context_length: int) -> np.ndarray:
+    """The token file as a memory map, refused with a one-line error naming it unless it holds integer ids in
+    [0, vocab_size) and enough of them for a training and a held-out window (else: NaN losses, an index error
+    deep in the embedding, or a float file silently cast)."""
+    try:
+        tokens = load_tokens(path)
+    except (UserError, FileNotFoundError):
+        raise
+    except (ValueError, OSError, EOFError, pickle.UnpicklingError) as error:
+        text = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise UserError(text if path in text else f"cannot read token file {path}: {text}") from error
+    if not np.issubdtype(tokens.dtype, np.integer):
+        raise UserError(f"{path} holds {tokens.dtype} values; token ids must be integers")
+    held_out = len(tokens) - int(len(tokens) * (1 - EVAL_FRACTION))
+    if held_out <= context_length:
+        raise UserError(f"{path} holds {len(tokens):,} tokens: too few for --context-length {context_length} "
+                        f"(the held-out {EVAL_FRACTION:.0%} must exceed it)")
+    for start in range(0, len(tokens), CHUNK):
+        chunk = np.asarray(tokens[start:start + CHUNK])
+        low, high = int(chunk.min()), int(chunk.max())
+        if low < 0 or high >= vocab_size:
+            bad = low if low < 0 else high
+            raise UserError(f"{path} holds token id {bad}, outside [0, vocab_size={vocab_size}) (--vocab-size)")
+    return tokens
+
 
 @dataclass
 class RealTrainer:
+    """Checked when built (ranges, device, the token file), so `serve` fails at startup, not on every query."""
+
     tokens_path: str
-    vocab_size: int
-    context_length: int = 512
+    vocab_size: int = bounded(MISSING, ge=1)
+    context_length: int = bounded(512, ge=1)
     device: str = "auto"
-    eval_batches: int = 8
-    max_steps: int | None = None  # a cap for smoke tests only; it breaks the FLOP accounting
+    eval_batches: int = bounded(8, ge=1)
+    max_steps: int | None = bounded(None, ge=1)  # a cap for smoke tests only; it breaks the FLOP accounting
     seed: int = 0
     compile: bool = False
-    log_every: int = 0
+    log_every: int = bounded(0, ge=0)
+
+    def __post_init__(self):
+        check_ranges(self)
+        device = self._device_or_error()
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise UserError(f"--device {self.device}: CUDA is not available here")
+        check_tokens(self.tokens_path, self.vocab_size, self.context_length)
+
+    def _device_or_error(self) -> torch.device:
+        try:
+            return self._device()
+        except RuntimeError as error:
+            raise UserError(f"--device {self.device}: {error}") from error
 
     def _device(self) -> torch.device:
         if self.device == "auto":
@@ -42,10 +88,8 @@ class RealTrainer:
     def train(self, run: RunConfig) -> dict:
         device = self._device()
         tokens = load_tokens(self.tokens_path)
-        split = int(len(tokens) * 0.98)
+        split = int(len(tokens) * (1 - EVAL_FRACTION))
         train_tokens, eval_tokens = tokens[:split], tokens[split:]
-        if int(np.max(tokens[: min(len(tokens), 1_000_000)])) >= self.vocab_size:
-            raise ValueError(f"{self.tokens_path} holds ids ≥ vocab_size={self.vocab_size}")
         torch.manual_seed(self.seed)
         generator = torch.Generator().manual_seed(self.seed)
         config = APIModelConfig(self.vocab_size, self.context_length, run.d_model, run.num_layers, run.num_heads)
