@@ -164,6 +164,8 @@ def _filter_into(input_path: str, output_path: str, config: FilterConfig, steps:
                 out.write(json.dumps(doc.to_json(), ensure_ascii=False) + "\n")
                 kept += 1
         problem = damage(read_stats, config.input_kind)
+        if problem and read_stats.get("other_kind") and not read_stats.get("records"):
+            problem += f" (pass --input-kind {'warc' if config.input_kind == 'conversion' else 'wet'})"
         if problem and not read_stats.get("records"):
             raise _NothingRead(problem)
     if config.sample_dropped:

@@ -128,8 +128,9 @@ def damage(stats: Counter[str] | dict[str, int], kind: str = "conversion") -> st
     if stats.get("empty"):
         return "no WARC records (an empty file, or not a WARC/WET file)"
     if not records and stats.get("other_kind"):
-        have, flag = ("response", "--input-kind warc") if kind == "conversion" else ("conversion", "--input-kind wet")
-        return f"no {kind} records, only {stats['other_kind']} {have} records (wrong kind of file? see {flag})"
+        have, given, wanted = (("response", "WARC", "WET") if kind == "conversion" else ("conversion", "WET", "WARC"))
+        return (f"no {kind} records, only {stats['other_kind']} {have} records: a {given} file where a {wanted} "
+                "is expected")
     return None
 
 
