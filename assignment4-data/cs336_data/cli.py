@@ -28,7 +28,7 @@ from cs336_basics.cli_support import (
 )
 from cs336_basics.cli_support.errors import describe
 from cs336_data.assets import ASSETS, asset_path, download_asset, require_asset
-from cs336_data.safe_io import distinct_names, out_folder, require_files
+from cs336_data.safe_io import atomic_outputs, distinct_names, out_folder, require_files
 
 
 @dataclass
@@ -187,7 +187,6 @@ def _quality(args: argparse.Namespace) -> int:
     work, model = Path(args.work_dir), Path(args.out or asset_path("quality"))
     if model.is_dir():
         raise UserError(f"--out {model} is a folder; expected the model's file path")
-    refuse_overwriting_inputs([model, work / "quality.train", work / "quality.valid"], inputs)
     out_folder(work, "--work-dir")
     steps = []
     if not args.no_filter:
@@ -195,10 +194,13 @@ def _quality(args: argparse.Namespace) -> int:
         from cs336_data.langid import LanguageFilter
 
         steps = [LanguageFilter(["en"], 0.65), GopherFilter()]
-    split = quality.write_training_data(quality.iter_texts(args.positives), quality.iter_texts(args.negatives),
-                                        args.work_dir, steps, args.max_per_class, seed=args.seed)
-    model = quality.train_quality_classifier(split.train, args.out, epoch=args.epoch, word_ngrams=args.word_ngrams)
-    print(json.dumps({"model": str(model), "counts": split.counts, "valid": quality.evaluate(model, split.valid)}))
+    # the training files and the model replace earlier ones together, only once training and evaluation succeed
+    with atomic_outputs([work / "quality.train", work / "quality.valid", model], inputs) as (train, valid, tmp):
+        split = quality.write_training_data(quality.iter_texts(args.positives), quality.iter_texts(args.negatives),
+                                            work, steps, args.max_per_class, seed=args.seed, files=(train, valid))
+        quality.train_quality_classifier(split.train, tmp, epoch=args.epoch, word_ngrams=args.word_ngrams)
+        scores = quality.evaluate(tmp, split.valid)
+    print(json.dumps({"model": str(model), "counts": split.counts, "valid": scores}))
     return 0
 
 

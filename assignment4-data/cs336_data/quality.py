@@ -84,8 +84,10 @@ class TrainingSplit:
 
 def write_training_data(positives: Iterable[str], negatives: Iterable[str], out_dir: str | os.PathLike,
                         steps: list[Step] | None = None, max_per_class: int | None = None,
-                        valid_fraction: float = 0.1, seed: int = 0) -> TrainingSplit:
-    """Filter both sides through `steps`, balance to the smaller class, shuffle, and split into fastText files."""
+                        valid_fraction: float = 0.1, seed: int = 0,
+                        files: tuple[str | os.PathLike, str | os.PathLike] | None = None) -> TrainingSplit:
+    """Filter both sides through `steps`, balance to the smaller class, shuffle, and split into fastText files
+    (`out_dir`/quality.train and quality.valid, or the (train, valid) `files` given)."""
     steps = steps or []
     rng = random.Random(seed)
 
@@ -112,7 +114,8 @@ def write_training_data(positives: Iterable[str], negatives: Iterable[str], out_
     n_valid = max(1, int(len(rows) * valid_fraction))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    split = TrainingSplit(out / "quality.train", out / "quality.valid", {"wiki": m, "cc": m, "valid": n_valid})
+    train, valid = (out / "quality.train", out / "quality.valid") if files is None else map(Path, files)
+    split = TrainingSplit(train, valid, {"wiki": m, "cc": m, "valid": n_valid})
     for path, part in ((split.valid, rows[:n_valid]), (split.train, rows[n_valid:])):
         with atomic_write(path, encoding="utf-8") as f:
             f.writelines(fasttext_line(label, text) for label, text in part)
