@@ -244,7 +244,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", required=True)
     e.set_defaults(func=_extract)
 
-    f = sub.add_parser("filter", help="WET/WARC files -> filtered JSONL shards + report.json")
+    f = sub.add_parser("filter", help="WET/WARC files -> filtered JSONL shards + report.json",
+                       description="Filter crawl files into OUT_DIR/NAME.jsonl.gz shards and OUT_DIR/report.json. "
+                       "An input that cannot be read, or is damaged partway, is listed in report.json under "
+                       "failed_files with the reason while the others are processed; the exit code is then 1.")
     f.add_argument("inputs", nargs="+")
     f.add_argument("--out-dir", required=True)
     f.add_argument("--workers", type=int, default=1)
