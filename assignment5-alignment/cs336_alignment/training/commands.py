@@ -14,6 +14,7 @@ from cs336_alignment.cli_inputs import (
 from cs336_alignment.training.common import CHECKPOINT_NAME
 from cs336_alignment.training.config_cli import add_config_arguments, config_from_args
 from cs336_basics.cli_support import StopRequest, UserError, prepare_run_dir, refuse_overwriting_inputs
+from cs336_basics.cli_support.atomic import RUN_MARKERS
 
 LOOPS = ("sft", "ei", "grpo", "dpo")
 
@@ -84,7 +85,8 @@ def _rows(path: str | None, fields: tuple[str, ...]) -> list[dict[str, str]] | N
 def _check_run_folder(args: argparse.Namespace) -> None:
     """Before anything is loaded or written: the output folder may hold a run only with --resume (continue) or
     --overwrite (start over), resuming needs a checkpoint, and no input may live where an output goes."""
-    prepare_run_dir(args.out_dir, args.resume, args.overwrite)
+    # With --overwrite the old run's files go only when the loop starts (RunDir), after data and model loaded.
+    prepare_run_dir(args.out_dir, args.resume, args.overwrite, markers=() if args.overwrite else RUN_MARKERS)
     checkpoint = os.path.join(args.out_dir, CHECKPOINT_NAME)
     if args.resume and not os.path.isfile(checkpoint):
         raise UserError(f"nothing to resume: {args.out_dir} has no {CHECKPOINT_NAME}")
