@@ -176,6 +176,30 @@ def test_unreadable_checkpoints_are_one_user_error_naming_the_file(tmp_path, con
     assert len(str(info.value).splitlines()) == 1
 
 
+def test_resume_from_an_empty_or_damaged_checkpoint_is_one_line_and_loses_nothing(data, tmp_path, capsys):
+    """The issue's 0-byte checkpoint.pt crashed the error message itself (IndexError); in this process because
+    the checkpoint is read after torch is loaded (see `_train_in_process`)."""
+    for name, content in (("empty", b""), ("garbage", b"not a checkpoint")):
+        _existing_run(tmp_path / name)
+        (tmp_path / name / "checkpoint.pt").write_bytes(content)
+        before = _snapshot(tmp_path / name)
+        capsys.readouterr()
+        assert _train_in_process(_train_args(data, tmp_path / name, "--resume")) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and err.startswith(PROG), err
+        assert f"cannot read checkpoint {tmp_path / name / 'checkpoint.pt'}" in err
+        assert _snapshot(tmp_path / name) == before
+
+
+def test_overwrite_starts_a_new_run_in_place_of_the_old_one(data, tmp_path):
+    _existing_run(tmp_path / "run")
+    assert _train_in_process(_train_args(data, tmp_path / "run", "--overwrite", "--max-steps", "3")) == 0
+    assert [(r["step"], r["split"]) for r in _records(tmp_path / "run")] == [(1, "train"), (2, "train"),
+                                                                             (3, "train"), (3, "val")]
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["max_steps"] == 3
+    assert (tmp_path / "run" / "checkpoint.pt").read_bytes() != b"weights of a week-long run"
+
+
 # ------------------------------------------------------------------------------------ class 5: interruption
 def _records(run: Path) -> list[dict]:
     with open(run / "metrics.jsonl") as f:
