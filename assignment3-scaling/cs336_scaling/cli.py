@@ -70,7 +70,6 @@ def cmd_isoflops(args) -> dict:
     import numpy as np
 
     from cs336_scaling.isoflops import fit_isoflops, load_runs, plot_law, plot_profiles
-    from cs336_scaling.parametric import fit_parametric
 
     positive("--predict", args.predict)
     prefix = os.path.join(args.out_dir, args.prefix)
@@ -92,6 +91,8 @@ def cmd_isoflops(args) -> dict:
     for p in summary["predictions"]:
         print(f"C={p['compute']:.0e}: N_opt ≈ {p['n_opt']:.4g} parameters, D_opt ≈ {p['d_opt']:.4g} tokens")
     if args.approach3:
+        from cs336_scaling.parametric import fit_parametric
+
         n = np.array([r.parameters for r in runs])
         law, objective = fit_parametric(n, np.array([r.compute_budget for r in runs]) / (6 * n),
                                         np.array([r.final_loss for r in runs]))
@@ -109,10 +110,13 @@ def cmd_isoflops(args) -> dict:
 
 
 def _real_trainer(args):
-    from cs336_scaling.trainer import RealTrainer
+    from cs336_scaling.tokens import check_tokens
 
     if not args.tokens:
         raise UserError(f"{args.command} needs --tokens (a 1-D token file, e.g. from make-tokens)")
+    check_tokens(args.tokens, args.vocab_size, args.context_length)  # before torch's import: a bad file fails fast
+    from cs336_scaling.trainer import RealTrainer
+
     return RealTrainer(args.tokens, args.vocab_size, args.context_length, args.device, args.eval_batches,
                        args.max_steps, args.seed, args.compile, args.log_every)
 

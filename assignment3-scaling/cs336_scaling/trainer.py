@@ -7,7 +7,6 @@ The reported loss is the mean loss over `eval_batches` held-out batches with dro
 """
 
 import math
-import pickle
 import time
 from dataclasses import MISSING, dataclass
 
@@ -19,35 +18,7 @@ from cs336_basics.data import get_batch, load_tokens
 from cs336_basics.optim import AdamW, clip_gradients, get_lr_cosine_schedule
 from cs336_scaling.api_spec import RunConfig
 from cs336_scaling.model import APIModelConfig, APITransformerLM
-
-EVAL_FRACTION = 0.02  # the tail of the token file held out for the reported loss
-CHUNK = 1 << 22  # ids checked per slice of the memory map
-
-
-def check_tokens(path: str, vocab_size: int, context_length: int) -> np.ndarray:
-    """The token file as a memory map, refused with a one-line error naming it unless it holds integer ids in
-    [0, vocab_size) and enough of them for a training and a held-out window (else: NaN losses, an index error
-    deep in the embedding, or a float file silently cast)."""
-    try:
-        tokens = load_tokens(path)
-    except (UserError, FileNotFoundError):
-        raise
-    except (ValueError, OSError, EOFError, pickle.UnpicklingError) as error:
-        text = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise UserError(text if path in text else f"cannot read token file {path}: {text}") from error
-    if not np.issubdtype(tokens.dtype, np.integer):
-        raise UserError(f"{path} holds {tokens.dtype} values; token ids must be integers")
-    held_out = len(tokens) - int(len(tokens) * (1 - EVAL_FRACTION))
-    if held_out <= context_length:
-        raise UserError(f"{path} holds {len(tokens):,} tokens: too few for --context-length {context_length} "
-                        f"(the held-out {EVAL_FRACTION:.0%} must exceed it)")
-    for start in range(0, len(tokens), CHUNK):
-        chunk = np.asarray(tokens[start:start + CHUNK])
-        low, high = int(chunk.min()), int(chunk.max())
-        if low < 0 or high >= vocab_size:
-            bad = low if low < 0 else high
-            raise UserError(f"{path} holds token id {bad}, outside [0, vocab_size={vocab_size}) (--vocab-size)")
-    return tokens
+from cs336_scaling.tokens import EVAL_FRACTION, check_tokens
 
 
 @dataclass
