@@ -7,6 +7,7 @@ import os
 import sys
 import time
 import typing
+import zipfile
 
 from cs336_basics.cli_support import UserError, reading, refuse_overwriting_inputs, run_command
 from cs336_basics.training.config import PRESETS, TrainConfig
@@ -76,12 +77,11 @@ def _positive_int(text: str) -> int:
 
 # ---------------------------------------------------------------------------------------------- tokenizer
 def cmd_train_tokenizer(args) -> dict:
-    from cs336_basics.tokenizer import save_tokenizer, train_bpe
-
     check_vocab_size(args.vocab_size, args.special_token)
     _nonempty(args.input, "--input")
     _output_folder(args.out_dir, "--out-dir")
     refuse_overwriting_inputs([os.path.join(args.out_dir, n) for n in ("vocab.json", "merges.txt")], [args.input])
+    from cs336_basics.tokenizer import save_tokenizer, train_bpe
     start = time.perf_counter()
     with reading(args.input):
         vocab, merges = train_bpe(args.input, args.vocab_size, args.special_token, num_workers=args.workers,
@@ -102,9 +102,6 @@ def cmd_train_tokenizer(args) -> dict:
 def _load_tokenizer(tokenizer_dir: str, special_tokens: list[str]):
     """The tokenizer saved by `train-tokenizer` in `tokenizer_dir`; any damage to its files is one `UserError`
     naming the file (its parsers raise plain ValueError on content they cannot read)."""
-    from cs336_basics.tokenizer import Tokenizer
-    from cs336_basics.tokenizer.serialization import load_merges, load_vocab
-
     if os.path.isfile(tokenizer_dir):
         raise UserError(f"--tokenizer {tokenizer_dir} is a file; expected the folder holding vocab.json and "
                         "merges.txt")
@@ -114,6 +111,10 @@ def _load_tokenizer(tokenizer_dir: str, special_tokens: list[str]):
             raise UserError(f"{path} not found (run `cs336-basics train-tokenizer --out-dir {tokenizer_dir}`)")
     with reading(vocab_path):
         _check_vocab_shape(vocab_path)
+    from cs336_basics.tokenizer import Tokenizer
+    from cs336_basics.tokenizer.serialization import load_merges, load_vocab
+
+    with reading(vocab_path):
         try:
             vocab = load_vocab(vocab_path)
         except ValueError as e:
@@ -141,13 +142,13 @@ def _check_vocab_shape(path: str) -> None:
 
 
 def cmd_encode(args) -> dict:
-    from cs336_basics.encode import encode_file
-
     refuse_overwriting_inputs([args.output], [args.input])
     if os.path.isdir(args.output):
         raise UserError(f"--output {args.output} is a folder; give the .npy file to write")
     _nonempty(args.input, "--input")
     tokenizer = _load_tokenizer(args.tokenizer, args.special_token)
+    from cs336_basics.encode import encode_file
+
     start = time.perf_counter()
     with reading(args.input):
         num_tokens = encode_file(tokenizer, args.input, args.output, num_workers=args.workers,
@@ -192,13 +193,25 @@ def cmd_train(args) -> dict:
     return summary
 
 
+def _checkpoint_path(run_dir: str) -> str:
+    """run_dir/checkpoint.pt, refused at once when missing or empty (before the seconds torch takes to load)."""
+    path = os.path.join(run_dir, "checkpoint.pt")
+    if not os.path.isfile(path):
+        raise UserError(f"no checkpoint.pt in {run_dir} (--run-dir takes the --out-dir of a `cs336-basics train` run)")
+    if os.path.getsize(path) == 0:
+        raise UserError(f"cannot read checkpoint {path}: the file is empty")
+    if not zipfile.is_zipfile(path):  # torch.save (as `train` calls it) always writes a zip archive
+        raise UserError(f"cannot read checkpoint {path}: not a torch checkpoint (no zip archive)")
+    return path
+
+
 def load_trained_model(run_dir: str, device: str = "auto"):
     """The model saved by `train` in `run_dir` (config.json + checkpoint.pt), in eval mode."""
+    path = _checkpoint_path(run_dir)
     from cs336_basics.checkpoint import load_checkpoint_state
     from cs336_basics.model import TransformerConfig, TransformerLM
     from cs336_basics.training.trainer import resolve_device
 
-    path = os.path.join(run_dir, "checkpoint.pt")
     state = load_checkpoint_state(path, map_location="cpu")
     extra = state.get("extra")
     model_config = extra.get("model_config") if isinstance(extra, dict) else None
@@ -247,6 +260,7 @@ def check_generation(model, tokenizer, prompts: list[str], max_new_tokens: int) 
 
 
 def cmd_generate(args) -> list[str]:
+    _checkpoint_path(args.run_dir)
     tokenizer = _load_tokenizer(args.tokenizer, [DEFAULT_SPECIAL])
     model = load_trained_model(args.run_dir, args.device)
     max_new_tokens = check_generation(model, tokenizer, args.prompt, args.max_new_tokens)

@@ -12,7 +12,6 @@ import os
 
 from cs336_basics.cli_support import UserError, atomic_write
 from cs336_basics.plotting import check_image_path, plot_runs
-from cs336_basics.training import train
 from cs336_basics.training.config import config_from_preset
 
 # The handout's ablations; the SiLU FFN gets d_ff = 4·d_model so its parameters match SwiGLU's 3·d_model·(8/3)·d_model.
@@ -74,6 +73,8 @@ def run_sweep(kind: str, values: list[str], preset: str, out_root: str, figure: 
     out_root/kind/summary.json at the end (each replaced whole, never left half-written)."""
     names = parse_values(kind, values)
     check_image_path(figure)
+    from cs336_basics.training import train  # torch: loaded once the sweep's values are known to be good
+
     base = config_from_preset(preset, **overrides)
     variants = _variants(kind, names, base)
     configs = {label: dataclasses.replace(base, out_dir=os.path.join(out_root, kind, label.replace("=", "_")),

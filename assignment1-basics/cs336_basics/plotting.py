@@ -1,13 +1,11 @@
-"""Learning curves from one or more runs' metrics.jsonl: loss against steps and against wall-clock time."""
+"""Learning curves from one or more runs' metrics.jsonl: loss against steps and against wall-clock time.
+
+matplotlib (a second to import) is loaded only once the inputs have been read and checked, so a bad run
+folder is reported at once.
+"""
 
 import os
 from typing import Any
-
-import matplotlib
-
-matplotlib.use("Agg")  # files only; never needs a display
-import matplotlib.pyplot as plt
-from matplotlib.backend_bases import FigureCanvasBase
 
 from cs336_basics.cli_support import UserError, atomic_path
 from cs336_basics.training.metrics import read_jsonl
@@ -43,6 +41,8 @@ def loss_records(run_dir: str, allow_empty: bool = False) -> dict[str, list[dict
 
 def check_image_path(out_path: str) -> None:
     """A figure path matplotlib can write: a known image extension, not a folder."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
     if os.path.isdir(out_path):
         raise UserError(f"{out_path} is a folder; expected an image path")
     extension = os.path.splitext(out_path)[1].lstrip(".").lower()
@@ -59,8 +59,9 @@ def plot_runs(run_dirs: list[str], out_path: str, labels: list[str] | None = Non
     labels = labels or [os.path.basename(os.path.normpath(d)) for d in run_dirs]
     if len(labels) != len(run_dirs):
         raise UserError(f"{len(labels)} label(s) for {len(run_dirs)} run(s)")
-    check_image_path(out_path)
     curves = [loss_records(run_dir, allow_empty) for run_dir in run_dirs]  # every input read before anything is drawn
+    check_image_path(out_path)
+    plt = _pyplot()
     fig, (by_step, by_time) = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     for rows_by_split, label in zip(curves, labels, strict=True):
         for split, style in (("train", "-"), ("val", "o-")):
@@ -86,3 +87,12 @@ def plot_runs(run_dirs: list[str], out_path: str, labels: list[str] | None = Non
     finally:
         plt.close(fig)
     return out_path
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; never needs a display
+    import matplotlib.pyplot as plt
+
+    return plt

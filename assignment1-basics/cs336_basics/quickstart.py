@@ -15,8 +15,27 @@ def _step(title: str):
     return time.perf_counter()
 
 
+def figure_destination(out_dir: str, figure: str | None) -> str:
+    """The learning curve goes into the quickstart's own folder unless `--figure` asks for a place: a run
+    never overwrites the repository's committed fig/quickstart_loss.png by default."""
+    from cs336_basics.cli import figure_path
+
+    return figure_path(figure or os.path.join(out_dir, "quickstart_loss.png"))
+
+
 def quickstart(args) -> dict:
-    from cs336_basics.cli import _load_tokenizer, figure_path, load_trained_model, sample_text
+    started = time.perf_counter()
+    out = args.out_dir
+    data_dir, tokenizer_dir, run_dir = (os.path.join(out, name) for name in ("data", "tokenizer", "run"))
+    vocab_size = args.vocab_size or (1_000 if not args.train_text else 10_000)
+    figure_out = figure_destination(out, args.figure)
+    check_arguments(args, run_dir, vocab_size)
+    if args.train_text:
+        outputs = [os.path.join(data_dir, f"{split}.npy") for split in ("train", "val")]
+        refuse_overwriting_inputs([*outputs, figure_out, os.path.join(out, "quickstart.json")],
+                                  [args.train_text, args.val_text])
+    # Imported only now: the checks above answer before the seconds these take to load.
+    from cs336_basics.cli import _load_tokenizer, load_trained_model, sample_text
     from cs336_basics.corpus import write_corpus
     from cs336_basics.encode import encode_file
     from cs336_basics.plotting import plot_runs
@@ -24,16 +43,6 @@ def quickstart(args) -> dict:
     from cs336_basics.training import train
     from cs336_basics.training.config import config_from_preset
 
-    started = time.perf_counter()
-    out = args.out_dir
-    data_dir, tokenizer_dir, run_dir = (os.path.join(out, name) for name in ("data", "tokenizer", "run"))
-    vocab_size = args.vocab_size or (1_000 if not args.train_text else 10_000)
-    figure_out = figure_path(args.figure or os.path.join(out, "quickstart_loss.png"))
-    check_arguments(args, run_dir, vocab_size)
-    if args.train_text:
-        outputs = [os.path.join(data_dir, f"{split}.npy") for split in ("train", "val")]
-        refuse_overwriting_inputs([*outputs, figure_out, os.path.join(out, "quickstart.json")],
-                                  [args.train_text, args.val_text])
     os.makedirs(data_dir, exist_ok=True)
     timings: dict[str, float] = {}
 
