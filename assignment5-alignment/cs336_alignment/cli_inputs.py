@@ -4,6 +4,7 @@ into one line naming the path (the boundary is `cs336_basics.cli_support.run_com
 
 import json
 import os
+import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -45,6 +46,16 @@ def read_records(path: str | os.PathLike, fields: tuple[str, ...] = ()) -> list[
     return rows
 
 
+def check_checkpoint_file(path: str | os.PathLike, what: str) -> None:
+    """A checkpoint must be a non-empty torch zip archive (what `torch.save` writes); anything else would fail
+    deep in `torch.load` with a message about `weights_only`."""
+    path = os.fspath(path)
+    if os.path.getsize(path) == 0:
+        raise UserError(f"{what}: {path} is empty")
+    if not zipfile.is_zipfile(path):
+        raise UserError(f"{what}: {path} is not a PyTorch checkpoint (not a zip archive; truncated or foreign?)")
+
+
 def _require_folder(flag: str, path: str, needs: tuple[str, ...]) -> None:
     if not os.path.exists(path):
         raise FileNotFoundError(f"{flag} {path} does not exist")
@@ -64,6 +75,7 @@ def check_model_flags(model: str | None, basics_run: str | None, basics_tokenize
         _require_folder("--model", model, ("config.json",))
     elif basics_run and basics_tokenizer:
         _require_folder("--basics-run", basics_run, ("checkpoint.pt",))
+        check_checkpoint_file(os.path.join(basics_run, "checkpoint.pt"), "--basics-run")
         _require_folder("--basics-tokenizer", basics_tokenizer, ("vocab.json", "merges.txt"))
     else:
         raise UserError("give --model DIR, or --basics-run DIR with --basics-tokenizer DIR")

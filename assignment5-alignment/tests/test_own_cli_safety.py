@@ -120,42 +120,60 @@ def _write(path: Path, content: bytes | None) -> None:
         path.write_bytes(content)
 
 
-@pytest.mark.parametrize("case", ["empty checkpoint", "garbage checkpoint", "run is a file", "tokenizer missing",
-                                  "model folder without config", "model is a file", "empty resume checkpoint",
-                                  "garbage resume checkpoint", "out-dir is a file"])
+BAD_MODEL_CASES = {  # case: what the one line must say
+    "empty checkpoint": "checkpoint.pt is empty",
+    "garbage checkpoint": "is not a PyTorch checkpoint",
+    "truncated checkpoint": "is not a PyTorch checkpoint",
+    "a zip that is no checkpoint": "checkpoint.pt",
+    "run is a file": "is not a folder",
+    "tokenizer missing": "no_tok does not exist",
+    "model folder without config": "has no config.json",
+    "model is a file": "is not a folder",
+    "empty resume checkpoint": "cannot resume: ",
+    "garbage resume checkpoint": "is not a PyTorch checkpoint",
+    "out-dir is a file": "exists and is not a folder",
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_MODEL_CASES))
 def test_bad_model_and_run_files_are_one_line_errors(setup, tmp_path, capsys, case):
-    run, tok, out = tmp_path / "run", setup / "tok", tmp_path / "out"
-    flags = ["--basics-run", str(setup / "run"), "--basics-tokenizer", str(tok), "--device", "cpu"]
+    import zipfile
+
+    run, out = tmp_path / "run", tmp_path / "out"
+    flags = ["--basics-run", str(run), "--basics-tokenizer", str(setup / "tok"), "--device", "cpu"]
     extra: list[str] = []
+    good = (setup / "run" / "checkpoint.pt").read_bytes()
     if case == "empty checkpoint":
         _write(run / "checkpoint.pt", b"")
-        flags[1] = str(run)
     elif case == "garbage checkpoint":
         _write(run / "checkpoint.pt", b"PK\x03\x04 not a zip at all" * 10)
-        flags[1] = str(run)
+    elif case == "truncated checkpoint":
+        _write(run / "checkpoint.pt", good[: len(good) // 2])
+    elif case == "a zip that is no checkpoint":
+        run.mkdir()
+        with zipfile.ZipFile(run / "checkpoint.pt", "w") as z:
+            z.writestr("hello.txt", "not a tensor in sight")
     elif case == "run is a file":
         _write(run, b"x")
-        flags[1] = str(run)
     elif case == "tokenizer missing":
-        flags[3] = str(tmp_path / "no_tok")
-    elif case == "model folder without config":
-        (tmp_path / "hf").mkdir()
+        flags[1], flags[3] = str(setup / "run"), str(tmp_path / "no_tok")
+    elif case.startswith("model"):
+        (tmp_path / "hf").mkdir() if case == "model folder without config" else _write(tmp_path / "hf", b"{}")
         flags = ["--model", str(tmp_path / "hf"), "--device", "cpu"]
-    elif case == "model is a file":
-        _write(tmp_path / "hf", b"{}")
-        flags = ["--model", str(tmp_path / "hf"), "--device", "cpu"]
-    elif case == "empty resume checkpoint":
-        _write(out / "checkpoint.pt", b"")
-        extra = ["--resume"]
-    elif case == "garbage resume checkpoint":
-        _write(out / "checkpoint.pt", os.urandom(300))
-        extra = ["--resume"]
     else:
-        _write(out, b"not a folder")
+        flags[1] = str(setup / "run")
+        if case == "empty resume checkpoint":
+            _write(out / "checkpoint.pt", b"")
+        elif case == "garbage resume checkpoint":
+            _write(out / "checkpoint.pt", os.urandom(300))
+        else:
+            _write(out, b"not a folder")
+        extra = ["--resume"] if "resume" in case else []
     before = snapshot(out) if out.is_dir() else None
     err = one_line_error(capsys, ["sft", *flags, "--out-dir", str(out), "--data", str(setup / "sft.jsonl"),
-                                  "--num-steps", "1", "--train-batch-size", "2", *extra])
-    assert "error" in err
+                                  "--num-steps", "1", "--train-batch-size", "2", "--gradient-accumulation-steps",
+                                  "1", *extra])
+    assert BAD_MODEL_CASES[case] in err
     if before is not None:
         assert snapshot(out) == before
 

@@ -5,6 +5,7 @@ import os
 from typing import Any
 
 from cs336_alignment.cli_inputs import (
+    check_checkpoint_file,
     check_model_flags,
     loading,
     model_label,
@@ -90,8 +91,8 @@ def _check_run_folder(args: argparse.Namespace) -> None:
     checkpoint = os.path.join(args.out_dir, CHECKPOINT_NAME)
     if args.resume and not os.path.isfile(checkpoint):
         raise UserError(f"nothing to resume: {args.out_dir} has no {CHECKPOINT_NAME}")
-    if args.resume and os.path.getsize(checkpoint) == 0:
-        raise UserError(f"cannot resume: {checkpoint} is empty")
+    if args.resume:
+        check_checkpoint_file(checkpoint, "cannot resume")
     outputs = [os.path.join(args.out_dir, name) for name in ("checkpoint.pt", "metrics.jsonl", "config.json",
                                                              "generations.jsonl")]
     refuse_overwriting_inputs(outputs, [p for p in (args.data, args.eval_data) if p is not None])

@@ -14,11 +14,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from cs336_alignment.cli_inputs import check_checkpoint_file
 from cs336_alignment.generation import GenerationBackend, NativeBackend, SamplingParams
 from cs336_alignment.lm import BasicsCausalLM, model_device
 from cs336_alignment.log_generations import log_generations, response_entropies
 from cs336_basics.checkpoint import load_checkpoint_state, save_checkpoint
 from cs336_basics.cli_support import StopRequest, UserError, atomic_write, prepare_run_dir, read_jsonl_tolerant
+from cs336_basics.cli_support.ranges import flag_name
 from cs336_basics.model import TransformerConfig
 
 RewardFn = Callable[[str, str], dict[str, float]]
@@ -31,12 +33,12 @@ def check_positive(**values: float | int | None) -> None:
     """One-line errors for non-positive sizes and rates (None means "not set" and passes)."""
     for name, value in values.items():
         if value is not None and value <= 0:
-            raise UserError(f"{name} must be positive, got {value}")
+            raise UserError(f"{flag_name(name)} must be positive, got {value}")
 
 
 def check_divides(divisor_name: str, divisor: int, name: str, value: int) -> None:
     if divisor <= 0 or value % divisor:
-        raise UserError(f"{name} ({value}) must be divisible by {divisor_name} ({divisor})")
+        raise UserError(f"{flag_name(name)} ({value}) must be divisible by {flag_name(divisor_name)} ({divisor})")
 
 
 def epoch_order(n: int, step: int, batch_size: int, seed: int) -> list[int]:
@@ -161,8 +163,7 @@ class RunDir:
         path = self.checkpoint_path
         if path is None or not os.path.isfile(path):
             raise UserError(f"nothing to resume: {path or 'no --out-dir'} has no {CHECKPOINT_NAME}")
-        if os.path.getsize(path) == 0:
-            raise UserError(f"cannot resume: {path} is empty")
+        check_checkpoint_file(path, "cannot resume")
         try:
             state = load_checkpoint_state(path, map_location=model_device(model))
         except ValueError as e:  # not a loadable cs336 checkpoint (garbage, truncated, foreign)
