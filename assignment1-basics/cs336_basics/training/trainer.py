@@ -154,8 +154,13 @@ def train(config: TrainConfig) -> dict[str, Any]:
     checkpoint_path = os.path.join(config.out_dir, CHECKPOINT)
     start_step, elapsed_before = 0, 0.0
     if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        try:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError, TypeError) as e:  # weights of another shape or model
+            lines = [line.strip() for line in str(e).strip().splitlines()] or [type(e).__name__]
+            reason = " ".join(lines[:2])[:300]  # the header and the first mismatch
+            raise UserError(f"--resume: {checkpoint_path} does not fit this model: {reason}") from e
         start_step = state["iteration"]
         elapsed_before = state["extra"].get("elapsed_s", 0.0)
         torch.set_rng_state(state["extra"]["cpu_rng"].cpu())
