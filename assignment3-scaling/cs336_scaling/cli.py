@@ -122,8 +122,6 @@ def _real_trainer(args):
 
 
 def cmd_serve(args) -> None:
-    import uvicorn
-
     from cs336_scaling.server import RunStore, TrainingService, create_app
     from cs336_scaling.surrogate import SurrogateLaw
 
@@ -137,6 +135,8 @@ def cmd_serve(args) -> None:
         trainer = _real_trainer(args)  # checks the token file now, not at the first query
     check_can_listen(args.host, args.port)
     service = TrainingService(trainer, keys, RunStore(args.db), args.budget, args.trainer)
+    import uvicorn  # only once every check has passed: a refused start stays quick
+
     print(f"serving {args.trainer} trainer on http://{args.host}:{args.port} (docs at /docs), {len(keys)} key(s)")
     uvicorn.run(create_app(service), host=args.host, port=args.port, log_level="info")
 
@@ -154,7 +154,7 @@ def check_can_listen(host: str, port: int) -> None:
 def cmd_study(args) -> dict:
     from contextlib import nullcontext
 
-    from cs336_scaling.client import TrainingAPIClient
+    from cs336_scaling.client import CACHE_SCHEMA, TrainingAPIClient, open_database
     from cs336_scaling.study import Study, StudyConfig, surrogate_truth, write_report
     from cs336_scaling.surrogate import SurrogateLaw
 
@@ -165,6 +165,8 @@ def cmd_study(args) -> dict:
     outputs = [args.report, *figure_paths(os.path.join(args.out_dir, args.prefix), ("profiles", "n_opt"))]
     refuse_overwriting_inputs(outputs + ([args.json] if args.json else []),
                               [args.cache] if args.cache != ":memory:" else [])
+    if args.cache != ":memory:":  # before the local server starts: a bad cache is refused at once
+        open_database(args.cache, CACHE_SCHEMA, "--cache").close()
     law = None
     if args.url:
         context, url, key = nullcontext(), args.url, args.api_key

@@ -18,6 +18,8 @@ from cs336_basics.cli_support import UserError
 from cs336_scaling.api_spec import DEFAULT_BUDGET, APIError, BudgetExceededError, RunConfig, budget_message, validate
 
 COURSE_URL = "http://hyperturing.stanford.edu:8000"
+CACHE_SCHEMA = ("CREATE TABLE IF NOT EXISTS runs (server TEXT, api_key TEXT, key TEXT, config TEXT, loss REAL, "
+                "train_flops REAL, PRIMARY KEY (server, api_key, key))")
 
 
 class APIUnreachableError(APIError, UserError):
@@ -53,9 +55,7 @@ class TrainingAPIClient:
         self.base_url, self.api_key, self.budget, self.timeout_s = base_url.rstrip("/"), api_key, budget, timeout_s
         self.requests_sent = 0
         self._lock = threading.Lock()
-        self._db = open_database(cache_path, "CREATE TABLE IF NOT EXISTS runs (server TEXT, api_key TEXT, key TEXT, "
-                                 "config TEXT, loss REAL, train_flops REAL, PRIMARY KEY (server, api_key, key))",
-                                 "--cache")
+        self._db = open_database(cache_path, CACHE_SCHEMA, "--cache")
         self._server_total: float | None = None
 
     # --- HTTP -----------------------------------------------------------------------------------------

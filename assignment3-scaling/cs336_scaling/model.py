@@ -6,26 +6,28 @@ attention probabilities, on each sub-layer's output before the residual add and 
 untied input/output embeddings. Pre-norm as in assignment 1.
 """
 
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from cs336_basics.cli_support import bounded, check_ranges
 from cs336_basics.layers import Embedding, Linear
 
 
 @dataclass(frozen=True)
 class APIModelConfig:
-    vocab_size: int
-    context_length: int
-    d_model: int
-    num_layers: int
-    num_heads: int
-    dropout: float = 0.1
+    vocab_size: int = bounded(MISSING, ge=1)
+    context_length: int = bounded(MISSING, ge=1)
+    d_model: int = bounded(MISSING, ge=1)
+    num_layers: int = bounded(MISSING, ge=1)
+    num_heads: int = bounded(MISSING, ge=1)
+    dropout: float = bounded(0.1, ge=0, lt=1)
 
     def __post_init__(self):
+        check_ranges(self)
         if self.d_model % self.num_heads:
             raise ValueError(f"d_model={self.d_model} is not divisible by num_heads={self.num_heads}")
 

@@ -10,8 +10,8 @@ import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
-from scipy.optimize import minimize
-from scipy.special import logsumexp
+
+from cs336_basics.cli_support import UserError
 
 
 @dataclass(frozen=True)
@@ -50,9 +50,12 @@ def _huber(r: np.ndarray, delta: float) -> np.ndarray:
 def fit_parametric(n: np.ndarray, d: np.ndarray, loss: np.ndarray, delta: float = 1e-3,
                    inits: dict[str, list[float]] | None = None) -> tuple[ParametricLaw, float]:
     """Returns the law and its mean Huber objective. Needs runs that vary N and D independently."""
+    from scipy.optimize import minimize  # here: scipy's import is slow, and most commands never fit
+    from scipy.special import logsumexp
+
     log_n, log_d, log_l = (np.log(np.asarray(x, float)) for x in (n, d, loss))
     if len(log_l) < 5:
-        raise ValueError(f"approach 3 fits 5 parameters; got {len(log_l)} runs")
+        raise UserError(f"approach 3 fits 5 parameters; got {len(log_l)} runs")
     grid = inits or {"a": [0.0, 5.0, 10.0, 20.0], "b": [0.0, 5.0, 10.0, 20.0], "e": [-1.0, 1.0],
                      "alpha": [0.2, 0.5], "beta": [0.2, 0.5]}
 
