@@ -109,16 +109,19 @@ def cmd_eval(args) -> dict:
         check_model_flags(args.model, args.basics_run, args.basics_tokenizer)
     if args.judge_model and args.task != "sst":
         raise UserError("--judge-model applies to the sst task only")
+    if args.judge_model and args.judge_backend == "native":
+        check_model_flags(args.judge_model, None, None, flag="--judge-model")
     style, temperature, max_tokens = TASK_DEFAULTS[args.task]
-    params = SamplingParams(
-        temperature=temperature if args.temperature is None else args.temperature,
-        top_p=args.top_p,
-        max_tokens=max_tokens if args.max_tokens is None else args.max_tokens,
-        min_tokens=args.min_tokens,
-        stop=tuple(args.stop or ()),
-        n=args.n,
-        seed=args.seed,
-    )
+    with values_checked_downstream("sampling settings"):  # e.g. --min-tokens above --max-tokens
+        params = SamplingParams(
+            temperature=temperature if args.temperature is None else args.temperature,
+            top_p=args.top_p,
+            max_tokens=max_tokens if args.max_tokens is None else args.max_tokens,
+            min_tokens=args.min_tokens,
+            stop=tuple(args.stop or ()),
+            n=args.n,
+            seed=args.seed,
+        )
     backend = _build_backend(args)
     kwargs = {"style": args.style or style, "limit": args.limit}
     if args.judge_model:

@@ -69,10 +69,11 @@ def _require_folder(flag: str, path: str, needs: tuple[str, ...]) -> None:
             raise UserError(f"{flag} {path}: {name} is empty")
 
 
-def check_model_flags(model: str | None, basics_run: str | None, basics_tokenizer: str | None) -> None:
+def check_model_flags(model: str | None, basics_run: str | None, basics_tokenizer: str | None,
+                      flag: str = "--model") -> None:
     """Cheap checks of the model flags (run before data loading and model loading)."""
     if model:
-        _require_folder("--model", model, ("config.json",))
+        _require_folder(flag, model, ("config.json",))
     elif basics_run and basics_tokenizer:
         _require_folder("--basics-run", basics_run, ("checkpoint.pt",))
         check_checkpoint_file(os.path.join(basics_run, "checkpoint.pt"), "--basics-run")

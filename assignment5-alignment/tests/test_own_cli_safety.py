@@ -195,6 +195,7 @@ def test_bad_model_and_run_files_are_one_line_errors(setup, tmp_path, capsys, ca
     (["eval", "--top-p", "0"], "--top-p must be > 0 and <= 1"),
     (["eval", "--n", "0"], "--n must be >= 1"),
     (["eval", "--temperature", "-1"], "--temperature must be >= 0"),
+    (["eval", "--min-tokens", "10", "--max-tokens", "5"], "min_tokens <= max_tokens"),
 ])
 def test_bad_numbers_name_the_flag(setup, tmp_path, capsys, argv, message):
     if argv[0] == "eval":
