@@ -73,6 +73,8 @@ def run_sweep(kind: str, values: list[str], preset: str, out_root: str, figure: 
     out_root/kind/summary.json at the end (each replaced whole, never left half-written)."""
     names = parse_values(kind, values)
     check_image_path(figure)
+    for folder in (os.path.dirname(os.path.abspath(figure)), os.path.join(out_root, kind)):
+        os.makedirs(folder, exist_ok=True)  # a file in the way fails now, not after the first run has trained
     from cs336_basics.training import train  # torch: loaded once the sweep's values are known to be good
 
     base = config_from_preset(preset, **overrides)

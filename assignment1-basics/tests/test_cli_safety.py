@@ -89,6 +89,9 @@ BAD_INPUTS = [
     *[("sweep", [kind, "--values", *values, "--train-data", "train.npy", "--val-data", "val.npy"])
       for kind, values in [("batch-size", ["0"]), ("batch-size", ["two"]), ("batch-size", ["8", "8"]),
                            ("lr", ["-1e-3"]), ("lr", ["nan"]), ("lr", []), ("ablations", ["no-such-ablation"])]],
+    *[("sweep", ["lr", "--values", "1e-3", *where, "--preset", "quickstart", "--max-steps", "1",
+                 "--train-data", "train.npy", "--val-data", "val.npy"])  # a file in the way: refused before training
+      for where in (["--figure", "train.txt/sweep.png"], ["--out-root", "train.txt", "--figure", "sweep.png"])],
     *[("quickstart", ["--train-text", t, "--val-text", "val.txt", "--out-dir", "qs"]) for t in BAD_TEXTS[:3]],
     ("quickstart", ["--train-text", "train.txt", "--out-dir", "qs"]),
     ("quickstart", ["--vocab-size", "100", "--out-dir", "qs"]),
