@@ -34,6 +34,9 @@ def test_atomic_write_leaves_the_destination_byte_identical_when_the_block_fails
     with atomic_write(target) as f:
         f.write("new\n")
     assert target.read_text() == "new\n"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert target.stat().st_mode & 0o777 == 0o666 & ~umask  # what open() gives a new file, not mkstemp's 0600
 
 
 def test_atomic_path_keeps_the_extension_and_refuses_a_folder(tmp_path):

@@ -12,6 +12,12 @@ from cs336_basics.cli_support.errors import UserError
 PathLike = str | os.PathLike
 
 
+def _new_file_mode() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 @contextmanager
 def atomic_path(destination: PathLike, suffix: str | None = None) -> Iterator[str]:
     """A temporary path beside `destination` for writers that take a path (np.save, savefig, torch.save);
@@ -27,6 +33,7 @@ def atomic_path(destination: PathLike, suffix: str | None = None) -> Iterator[st
     os.close(fd)
     try:
         yield tmp
+        os.chmod(tmp, _new_file_mode())  # mkstemp makes 0600; the output gets what open() would have given it
         os.replace(tmp, destination)
     except BaseException:
         if os.path.exists(tmp):

@@ -167,6 +167,11 @@ def train(config: TrainConfig) -> dict[str, Any]:
         if device.type == "cuda" and "cuda_rng" in state["extra"]:
             torch.cuda.set_rng_state(state["extra"]["cuda_rng"].cpu())
 
+    if config.wandb:  # an absent optional dependency is the user's to fix, and found before the folder changes
+        import importlib.util
+
+        if importlib.util.find_spec("wandb") is None:
+            raise UserError("--wandb needs the optional dependency: uv sync --extra wandb")
     with StopRequest() as stop:  # from here on the folder changes: a signal ends with a checkpoint
         prepare_run_dir(config.out_dir, resume=config.resume, overwrite=config.overwrite)
         os.makedirs(config.out_dir, exist_ok=True)
@@ -280,6 +285,6 @@ def _init_wandb(config: TrainConfig):
     try:
         import wandb
     except ImportError as e:
-        raise RuntimeError("--wandb needs the optional dependency: uv sync --extra wandb") from e
+        raise UserError("--wandb needs the optional dependency: uv sync --extra wandb") from e
     return wandb.init(project=config.wandb_project, config=dataclasses.asdict(config),
                       name=os.path.basename(config.out_dir.rstrip("/")))
