@@ -10,7 +10,6 @@ import math
 import multiprocessing
 import os
 import random
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -30,6 +29,7 @@ from cs336_alignment.text_tokenizer import BasicsTokenizer
 from cs336_alignment.training import GRPOConfig, SFTConfig, run_grpo, run_sft
 from cs336_alignment.training.common import Deadline, evaluate_reward
 from cs336_alignment.training.eval_config import QuestionSet
+from cs336_basics.cli_support import atomic_path, atomic_write
 from cs336_basics.model import TransformerConfig, TransformerLM
 
 _WORKER_TOKENIZER: BasicsTokenizer | None = None
@@ -245,17 +245,8 @@ def save_start(path: str, policy: BasicsCausalLM, config: DemoConfig, stats: dic
     """The SFT model and what made it, written atomically (a sweep's GRPO runs all start from this file)."""
     state = {"model": policy.model.state_dict(), "model_config": policy.model.config.to_dict(),
              "start_config": {k: getattr(config, k) for k in START_FIELDS}, "stats": stats}
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".pt")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
 
 
 def load_start(path: str, config: DemoConfig, data: DemoData, device: torch.device) -> tuple[BasicsCausalLM,
@@ -386,16 +377,16 @@ def write_outputs(out_dir: str, results: dict[str, Any], log: list[dict[str, Any
     """Few files on purpose (the device returns at most eight): JSON, JSONL log, samples, two PNGs, markdown."""
     from cs336_alignment.demo.report import markdown_summary, plot_curves
 
-    with open(os.path.join(out_dir, "a5_demo_results.json"), "w") as f:
+    with atomic_write(os.path.join(out_dir, "a5_demo_results.json")) as f:
         json.dump(results, f, indent=2, default=float)
-    with open(os.path.join(out_dir, "a5_demo_log.jsonl"), "w") as f:
+    with atomic_write(os.path.join(out_dir, "a5_demo_log.jsonl")) as f:
         for record in log:
             f.write(json.dumps(record, default=float) + "\n")
-    with open(os.path.join(out_dir, "a5_demo_samples.jsonl"), "w") as f:
+    with atomic_write(os.path.join(out_dir, "a5_demo_samples.jsonl")) as f:
         for stage, records in (("sft", sft_samples), ("grpo", grpo_samples)):
             for r in records:
                 f.write(json.dumps({"stage": stage, **{k: v for k, v in r.items() if k != "prompt"}},
                                    default=float) + "\n")
     plot_curves(results, out_dir)
-    with open(os.path.join(out_dir, "a5_demo_summary.md"), "w") as f:
+    with atomic_write(os.path.join(out_dir, "a5_demo_summary.md")) as f:
         f.write(markdown_summary(results))

@@ -3,6 +3,8 @@
 import os
 from typing import Any
 
+from cs336_basics.cli_support import atomic_path
+
 
 def plot_curves(results: dict[str, Any], out_dir: str) -> list[str]:
     """`a5_demo_reward.png` (held-out and rollout reward over GRPO steps, SFT start marked) and
@@ -37,7 +39,8 @@ def plot_curves(results: dict[str, Any], out_dir: str) -> list[str]:
     ax.grid(alpha=0.3)
     fig.tight_layout()
     paths.append(os.path.join(out_dir, "a5_demo_reward.png"))
-    fig.savefig(paths[-1], dpi=130)
+    with atomic_path(paths[-1]) as tmp:
+        fig.savefig(tmp, dpi=130)
     plt.close(fig)
 
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.6))
@@ -55,7 +58,8 @@ def plot_curves(results: dict[str, Any], out_dir: str) -> list[str]:
         a.legend(fontsize=7)
     fig.tight_layout()
     paths.append(os.path.join(out_dir, "a5_demo_entropy_length.png"))
-    fig.savefig(paths[-1], dpi=130)
+    with atomic_path(paths[-1]) as tmp:
+        fig.savefig(tmp, dpi=130)
     plt.close(fig)
     return paths
 
