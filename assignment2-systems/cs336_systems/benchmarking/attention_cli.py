@@ -7,6 +7,8 @@ import json
 import time
 from pathlib import Path
 
+from cs336_basics.cli_support import atomic_write
+
 REPO_ROOT = Path(__file__).resolve().parents[3]
 FIG_DIR = REPO_ROOT / "fig"
 RESULTS_DIR = REPO_ROOT / "assignment2-systems" / "benchmarks" / "results"
@@ -47,7 +49,8 @@ def _write_reports(results: dict, paths: dict[str, Path]) -> None:
     from cs336_systems.benchmarking.attention_report import figure, markdown
 
     paths["md"].parent.mkdir(parents=True, exist_ok=True)
-    paths["md"].write_text(markdown(results))
+    with atomic_write(paths["md"]) as f:
+        f.write(markdown(results))
     if figure(results, paths["png"]):
         print(f"wrote {paths['png']}")
     print(f"wrote {paths['md']}")
@@ -83,7 +86,8 @@ def run(args: argparse.Namespace) -> int:
     paths = _paths(args, f"fa2_{args.grid}")
     for key in ("json", "fig_json"):
         paths[key].parent.mkdir(parents=True, exist_ok=True)
-        paths[key].write_text(json.dumps(results, indent=1))
+        with atomic_write(paths[key]) as f:
+            f.write(json.dumps(results, indent=1))
         print(f"wrote {paths[key]}")
     _write_reports(results, paths)
     if "leaderboard" in results:

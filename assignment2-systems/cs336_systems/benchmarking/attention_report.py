@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from cs336_basics.cli_support import atomic_path
+
 LABELS = {
     "triton": "ours, Triton",
     "triton_tma": "ours, Triton (TMA-reduced dQ)",
@@ -141,6 +143,7 @@ def figure(results: dict[str, Any], path: Path) -> bool:
     fig.suptitle(f"Causal attention, batch 1 ({results.get('env', {}).get('gpu', '')})")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120)
     plt.close(fig)
     return True

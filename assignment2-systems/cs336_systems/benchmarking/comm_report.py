@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from cs336_basics.cli_support import atomic_path
+
 
 def _plt():
     import matplotlib
@@ -61,7 +63,8 @@ def allreduce_figure(results: dict[str, Any], path: Path) -> bool:
     fig.suptitle(f"All-reduce, float32 ({results['env'].get('gpu', '')})")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120)
     plt.close(fig)
     return True
 
@@ -160,6 +163,7 @@ def ddp_figure(results: dict[str, Any], path: Path) -> bool:
                  f"({results['env'].get('gpu', '')})")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120)
     plt.close(fig)
     return True

@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from cs336_basics.cli_support import atomic_write
+
 REPO_ROOT = Path(__file__).resolve().parents[3]
 FIG_DIR = REPO_ROOT / "fig"
 
@@ -79,8 +81,10 @@ def write_outputs(out_dir: Path, stem: str, results: dict[str, Any], markdown: s
     """Write `<stem>.json` and `<stem>.md` into out_dir; return their paths (the figure is the caller's)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": out_dir / f"{stem}.json", "md": out_dir / f"{stem}.md"}
-    paths["json"].write_text(json.dumps(results, indent=1, default=str))
-    paths["md"].write_text(markdown)
+    with atomic_write(paths["json"]) as f:
+        f.write(json.dumps(results, indent=1, default=str))
+    with atomic_write(paths["md"]) as f:
+        f.write(markdown)
     for p in paths.values():
         print(f"wrote {p}")
     return paths

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from cs336_basics.cli_support import atomic_path
+
 MODE_LABELS = {"forward": "forward", "forward_backward": "fwd+bwd", "train_step": "train step"}
 
 
@@ -111,6 +113,7 @@ def figure(results: dict[str, Any], path: Path) -> bool:
     fig.suptitle(f"cs336_basics LM, batch {results['config']['batch_size']} ({results['env'].get('gpu', '')})")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120)
     plt.close(fig)
     return True

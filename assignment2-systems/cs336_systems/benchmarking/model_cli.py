@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from cs336_basics.cli_support import atomic_write
 from cs336_systems.benchmarking.common import FIG_DIR
 
 
@@ -93,7 +94,8 @@ def run(args: argparse.Namespace) -> int:
 
     def save(results: dict) -> None:
         partial.parent.mkdir(parents=True, exist_ok=True)
-        partial.write_text(json.dumps(results, indent=1, default=str))
+        with atomic_write(partial) as f:  # a crash mid-sweep keeps the last whole file
+            f.write(json.dumps(results, indent=1, default=str))
 
     results = run_sweep(cfg, progress=not args.no_progress, on_point=save)
     write_reports(results, cfg.out_dir, cfg.stem)
