@@ -9,7 +9,7 @@ import time
 import typing
 import zipfile
 
-from cs336_basics.cli_support import UserError, reading, refuse_overwriting_inputs, run_command
+from cs336_basics.cli_support import UserError, range_help, reading, refuse_overwriting_inputs, run_command
 from cs336_basics.training.config import PRESETS, TrainConfig
 
 DEFAULT_SPECIAL = "<|endoftext|>"
@@ -168,7 +168,7 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     for field in dataclasses.fields(TrainConfig):
         flag = "--" + field.name.replace("_", "-")
         hint = hints[field.name]
-        help_text = f"default: {field.default}"
+        help_text = f"default: {field.default}{range_help(field)}"
         if hint is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         elif typing.get_origin(hint) is typing.Literal:

@@ -155,3 +155,12 @@ def test_the_error_boundary_gives_one_line_for_expected_failures_and_keeps_bugs(
 
     with pytest.raises(KeyError):
         run_command("cs336-x", bug)
+
+
+def test_help_text_states_a_declared_range():
+    from cs336_basics.cli_support import range_help
+
+    fields = {f.name: f for f in dataclasses.fields(Knobs)}
+    assert range_help(fields["beta"]) == "; must be >= 0 and < 1"
+    assert range_help(fields["workers"]) == "; must be >= 1 (or 0)"
+    assert range_help(fields["anything"]) == ""

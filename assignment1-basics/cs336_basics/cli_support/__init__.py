@@ -15,7 +15,7 @@ from cs336_basics.cli_support.atomic import atomic_path, atomic_write, prepare_r
 from cs336_basics.cli_support.errors import UserError, reading, run_command
 from cs336_basics.cli_support.interrupt import StopRequest
 from cs336_basics.cli_support.jsonl import read_jsonl_tolerant
-from cs336_basics.cli_support.ranges import bounded, check_ranges
+from cs336_basics.cli_support.ranges import bounded, check_ranges, range_help
 
 __all__ = [
     "StopRequest",
@@ -25,6 +25,7 @@ __all__ = [
     "bounded",
     "check_ranges",
     "prepare_run_dir",
+    "range_help",
     "read_jsonl_tolerant",
     "reading",
     "refuse_overwriting_inputs",

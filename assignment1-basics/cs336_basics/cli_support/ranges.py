@@ -48,6 +48,12 @@ def bounded(default: Any, *, ge: float | None = None, gt: float | None = None, l
                              metadata={"range": Range(ge=ge, gt=gt, le=le, lt=lt, finite=finite, allow=allow)})
 
 
+def range_help(field: dataclasses.Field) -> str:
+    """"; must be > 0" for a field with a declared range (empty otherwise), for a flag's --help text."""
+    declared = field.metadata.get("range")
+    return "" if declared is None else f"; must be {declared.describe()}"
+
+
 def flag_name(field_name: str) -> str:
     return "--" + field_name.replace("_", "-")
 

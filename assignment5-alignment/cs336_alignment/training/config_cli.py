@@ -6,6 +6,8 @@ import types
 import typing
 from typing import Any, TypeVar
 
+from cs336_basics.cli_support import range_help
+
 T = TypeVar("T")
 
 
@@ -36,7 +38,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple
         flag = "--" + field.name.replace("_", "-")
         kind, optional = _base_type(hints[field.name])
         default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
-        help_text = f"default {default!r}"
+        help_text = f"default {default!r}{range_help(field)}"
         if kind is bool:
             group.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction, default=default,
                                help=help_text)
