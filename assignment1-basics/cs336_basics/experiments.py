@@ -10,7 +10,7 @@ import json
 import math
 import os
 
-from cs336_basics.cli_support import UserError, atomic_write
+from cs336_basics.cli_support import UserError, atomic_write, prepare_run_dir
 from cs336_basics.plotting import check_image_path, plot_runs
 from cs336_basics.training.config import config_from_preset
 
@@ -81,6 +81,9 @@ def run_sweep(kind: str, values: list[str], preset: str, out_root: str, figure: 
     variants = _variants(kind, names, base)
     configs = {label: dataclasses.replace(base, out_dir=os.path.join(out_root, kind, label.replace("=", "_")),
                                           **change) for label, change in variants.items()}  # all checked first
+    for config in configs.values():  # an earlier sweep's runs need --resume/--overwrite: known before any trains
+        if not config.overwrite:
+            prepare_run_dir(config.out_dir, resume=config.resume, overwrite=False)
     results, run_dirs = {}, []
     for label, config in configs.items():
         try:

@@ -132,3 +132,19 @@ def test_ablation_sweep_trains_each_variant_and_draws_one_figure(encoded, tmp_pa
     assert set(summary) == {"baseline", "no-rmsnorm", "post-norm", "nope", "silu-ffn"}
     assert all(np.isfinite(r["val_loss"]) for r in summary.values())
     assert (tmp_path / "ablations.png").stat().st_size > 1000
+
+
+def test_a_sweep_over_an_earlier_sweep_is_refused_before_any_variant_trains(encoded, tmp_path, capsys):
+    args = ["sweep", "lr", "--values", "1e-3", "3e-3", "--preset", "quickstart", "--out-root", str(tmp_path / "s"),
+            "--figure", str(tmp_path / "lr.png"), "--train-data", str(encoded / "train.npy"),
+            "--val-data", str(encoded / "val.npy"), "--vocab-size", "320", "--max-steps", "2", *TINY_MODEL]
+    assert main(args) == 0
+    first = tmp_path / "s" / "lr" / "lr_1e-3"
+    before = {p: p.read_bytes() for p in (tmp_path / "s").rglob("*") if p.is_file()}
+    for name in ("metrics.jsonl", "checkpoint.pt"):  # only the later variant still holds a run
+        (first / name).unlink()
+        del before[first / name]
+    assert main(args) == 2
+    assert "--resume to continue it or --overwrite" in capsys.readouterr().err
+    assert not (first / "metrics.jsonl").exists()  # refused up front: the first variant did not train again
+    assert {p: p.read_bytes() for p in before} == before
