@@ -29,13 +29,6 @@ METRICS_NAME = "metrics.jsonl"
 GENERATIONS_NAME = "generations.jsonl"
 
 
-def check_positive(**values: float | int | None) -> None:
-    """One-line errors for non-positive sizes and rates (None means "not set" and passes)."""
-    for name, value in values.items():
-        if value is not None and value <= 0:
-            raise UserError(f"{flag_name(name)} must be positive, got {value}")
-
-
 def check_divides(divisor_name: str, divisor: int, name: str, value: int) -> None:
     if divisor <= 0 or value % divisor:
         raise UserError(f"{flag_name(name)} ({value}) must be divisible by {flag_name(divisor_name)} ({divisor})")

@@ -19,7 +19,6 @@ from cs336_alignment.training.common import (
     announce_stop,
     autocast,
     check_divides,
-    check_positive,
     chunks,
     clip_and_step,
     epoch_order,
@@ -52,9 +51,7 @@ class DPOConfig:
         check_ranges(self)
 
     def validate(self) -> None:
-        check_positive(beta=self.beta, learning_rate=self.learning_rate, train_batch_size=self.train_batch_size,
-                       gradient_accumulation_steps=self.gradient_accumulation_steps, num_steps=self.num_steps,
-                       epochs=self.epochs, eval_batch_size=self.eval_batch_size)
+        check_ranges(self)  # again: fields may have been changed since construction
         check_divides("gradient_accumulation_steps", self.gradient_accumulation_steps, "train_batch_size",
                       self.train_batch_size)
         if self.optimizer not in ("rmsprop", "adamw"):

@@ -15,7 +15,6 @@ from cs336_alignment.training.common import (
     RunDir,
     announce_stop,
     check_divides,
-    check_positive,
     epoch_order,
     make_adamw,
     native_backend,
@@ -24,7 +23,7 @@ from cs336_alignment.training.common import (
 )
 from cs336_alignment.training.eval_config import EvalSettings, QuestionSet, run_eval
 from cs336_alignment.training.sft_loop import sft_update
-from cs336_basics.cli_support import StopRequest, bounded
+from cs336_basics.cli_support import StopRequest, bounded, check_ranges
 
 
 @dataclass
@@ -52,11 +51,7 @@ class EIConfig(EvalSettings):
     time_budget_s: float | None = bounded(None, gt=0)
 
     def validate(self) -> None:
-        check_positive(n_ei_steps=self.n_ei_steps, ei_batch_size=self.ei_batch_size,
-                       rollouts_per_question=self.rollouts_per_question, sft_epochs=self.sft_epochs,
-                       learning_rate=self.learning_rate, train_batch_size=self.train_batch_size,
-                       gradient_accumulation_steps=self.gradient_accumulation_steps,
-                       sampling_max_tokens=self.sampling_max_tokens)
+        check_ranges(self)  # again: fields may have been changed since construction
         check_divides("gradient_accumulation_steps", self.gradient_accumulation_steps, "train_batch_size",
                       self.train_batch_size)
 

@@ -29,7 +29,6 @@ from cs336_alignment.training.common import (
     announce_stop,
     autocast,
     check_divides,
-    check_positive,
     clip_and_step,
     epoch_order,
     make_adamw,
@@ -39,7 +38,7 @@ from cs336_alignment.training.common import (
     warmup_lr,
 )
 from cs336_alignment.training.eval_config import EvalSettings, QuestionSet, run_eval
-from cs336_basics.cli_support import StopRequest, UserError, bounded
+from cs336_basics.cli_support import StopRequest, UserError, bounded, check_ranges
 
 LENGTH_NORMALIZATIONS = ("masked_mean", "masked_normalize")
 
@@ -82,12 +81,7 @@ class GRPOConfig(EvalSettings):
     time_budget_s: float | None = bounded(None, gt=0)
 
     def validate(self) -> None:
-        check_positive(n_grpo_steps=self.n_grpo_steps, learning_rate=self.learning_rate,
-                       rollout_batch_size=self.rollout_batch_size, group_size=self.group_size,
-                       epochs_per_rollout_batch=self.epochs_per_rollout_batch,
-                       train_batch_size=self.train_batch_size,
-                       gradient_accumulation_steps=self.gradient_accumulation_steps,
-                       sampling_max_tokens=self.sampling_max_tokens, generation_batch_size=self.generation_batch_size)
+        check_ranges(self)  # again: fields may have been changed since construction
         if self.warmup_steps < 0:
             raise UserError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
         if self.loss_type not in LOSS_TYPES:

@@ -22,7 +22,6 @@ from cs336_alignment.training.common import (
     announce_stop,
     autocast,
     check_divides,
-    check_positive,
     chunks,
     clip_and_step,
     epoch_order,
@@ -58,10 +57,7 @@ class SFTConfig(EvalSettings):
     time_budget_s: float | None = bounded(None, gt=0)
 
     def validate(self) -> None:
-        check_positive(learning_rate=self.learning_rate, train_batch_size=self.train_batch_size,
-                       gradient_accumulation_steps=self.gradient_accumulation_steps, num_steps=self.num_steps,
-                       epochs=self.epochs, normalize_constant=self.normalize_constant,
-                       generation_batch_size=self.generation_batch_size)
+        check_ranges(self)  # again: fields may have been changed since construction
         check_divides("gradient_accumulation_steps", self.gradient_accumulation_steps, "train_batch_size",
                       self.train_batch_size)
 
@@ -177,9 +173,7 @@ class InstructionSFTConfig:
         check_ranges(self)
 
     def validate(self) -> None:
-        check_positive(learning_rate=self.learning_rate, seq_length=self.seq_length,
-                       train_batch_size=self.train_batch_size, epochs=self.epochs, num_steps=self.num_steps,
-                       gradient_accumulation_steps=self.gradient_accumulation_steps)
+        check_ranges(self)  # again: fields may have been changed since construction
         check_divides("gradient_accumulation_steps", self.gradient_accumulation_steps, "train_batch_size",
                       self.train_batch_size)
 
