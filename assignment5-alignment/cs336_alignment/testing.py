@@ -83,3 +83,29 @@ def tiny_basics_lm(vocab_size: int, seed: int = 0, context_length: int = 128) ->
     config = TransformerConfig(vocab_size=vocab_size, context_length=context_length, d_model=32, num_layers=2,
                                num_heads=4, d_ff=64)
     return TransformerLM(config).eval()
+
+
+def write_tiny_run(root: Path) -> Path:
+    """A saved tiny cs336_basics run (`run/checkpoint.pt`, tokenizer in `tok/`) and small SFT (`sft.jsonl`),
+    MATH-style (`math.jsonl`) and preference (`pairs.jsonl`) data: what the loop CLIs read, offline."""
+    import json
+
+    from cs336_basics.checkpoint import save_checkpoint
+    from cs336_basics.tokenizer import save_tokenizer
+
+    root = Path(root)
+    vocab, merges = bpe_vocab_and_merges()
+    save_tokenizer(vocab, merges, root / "tok")
+    lm = tiny_basics_lm(len(vocab) + 1, context_length=320)
+    save_checkpoint(lm, torch.optim.SGD(lm.parameters(), lr=0.1), 0, root / "run" / "checkpoint.pt",
+                    extra={"model_config": lm.config.to_dict()})
+    rows = {
+        "sft.jsonl": [{"prompt": f"Question {i}: what is {i} plus 3?", "response": f" Answer: {i + 3}."}
+                      for i in range(4)],
+        "math.jsonl": [{"problem": f"what is {i} plus 3?", "answer": str(i + 3)} for i in range(4)],
+        "pairs.jsonl": [{"prompt": f"what is {i} plus 3?", "chosen": f"{i + 3}.", "rejected": "The fox."}
+                        for i in range(4)],
+    }
+    for name, records in rows.items():
+        (root / name).write_text("".join(json.dumps(r) + "\n" for r in records))
+    return root

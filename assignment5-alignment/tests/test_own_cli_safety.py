@@ -21,12 +21,10 @@ import pytest
 import torch
 
 from cs336_alignment.cli import main
-from cs336_alignment.testing import bpe_vocab_and_merges, tiny_basics_lm
+from cs336_alignment.testing import tiny_basics_lm, write_tiny_run
 from cs336_alignment.training import GRPOConfig, run_grpo
 from cs336_alignment.training.eval_config import QuestionSet
-from cs336_basics.checkpoint import save_checkpoint
 from cs336_basics.cli_support import StopRequest
-from cs336_basics.tokenizer import save_tokenizer
 
 PROG = "cs336-align: error:"
 
@@ -41,18 +39,8 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory) -> Path:
-    """A saved tiny cs336_basics run with its tokenizer, and small SFT / MATH-style data."""
-    root = tmp_path_factory.mktemp("safety")
-    vocab, merges = bpe_vocab_and_merges()
-    save_tokenizer(vocab, merges, root / "tok")
-    lm = tiny_basics_lm(len(vocab) + 1, context_length=320)
-    save_checkpoint(lm, torch.optim.SGD(lm.parameters(), lr=0.1), 0, root / "run" / "checkpoint.pt",
-                    extra={"model_config": lm.config.to_dict()})
-    (root / "sft.jsonl").write_text("".join(json.dumps({"prompt": f"Question {i}: what is {i} plus 3?",
-                                                        "response": f" Answer: {i + 3}."}) + "\n" for i in range(4)))
-    (root / "math.jsonl").write_text("".join(json.dumps({"problem": f"what is {i} plus 3?", "answer": str(i + 3)})
-                                             + "\n" for i in range(4)))
-    return root
+    """A saved tiny cs336_basics run with its tokenizer, and small SFT / MATH-style / preference data."""
+    return write_tiny_run(tmp_path_factory.mktemp("safety"))
 
 
 def model_flags(setup: Path) -> list[str]:

@@ -7,9 +7,7 @@ import torch
 
 from cs336_alignment.cli import run
 from cs336_alignment.models import load_basics
-from cs336_alignment.testing import bpe_vocab_and_merges, tiny_basics_lm
-from cs336_basics.checkpoint import save_checkpoint
-from cs336_basics.tokenizer import save_tokenizer
+from cs336_alignment.testing import write_tiny_run
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -22,19 +20,8 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("loops")
-    vocab, merges = bpe_vocab_and_merges()
-    save_tokenizer(vocab, merges, root / "tok")
-    lm = tiny_basics_lm(len(vocab) + 1, context_length=320)
-    save_checkpoint(lm, torch.optim.SGD(lm.parameters(), lr=0.1), 0, root / "run" / "checkpoint.pt",
-                    extra={"model_config": lm.config.to_dict()})
-    (root / "sft.jsonl").write_text("".join(json.dumps({"prompt": f"Question {i}: what is {i} plus 3?",
-                                                        "response": f" Answer: {i + 3}."}) + "\n" for i in range(4)))
-    (root / "math.jsonl").write_text("".join(json.dumps({"problem": f"what is {i} plus 3?", "answer": str(i + 3)})
-                                             + "\n" for i in range(4)))
-    (root / "pairs.jsonl").write_text("".join(json.dumps({"prompt": f"what is {i} plus 3?", "chosen": f"{i + 3}.",
-                                                          "rejected": "The fox."}) + "\n" for i in range(4)))
-    return root
+    """A saved tiny cs336_basics run with its tokenizer, and small SFT / MATH-style / preference data."""
+    return write_tiny_run(tmp_path_factory.mktemp("loops"))
 
 
 def common(setup, out):
