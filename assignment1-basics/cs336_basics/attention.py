@@ -34,6 +34,10 @@ class KVCache:
         self.values = torch.empty(shape, device=device, dtype=dtype)
         self.length = 0
 
+    @property
+    def bytes_per_token(self) -> int:
+        return 2 * self.keys.shape[1] * self.keys.shape[3] * self.keys.element_size()
+
     def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         new_length = self.length + k.shape[-2]
         if new_length > self.keys.shape[-2]:
@@ -59,6 +63,9 @@ class MultiHeadSelfAttention(nn.Module):
         use_torch_sdpa: bool = False,
         device=None,
         dtype=None,
+        num_kv_heads: int | None = None,
+        alibi: bool = False,
+        sliding_window: int | None = None,
     ):
         super().__init__()
         if d_model % num_heads:
@@ -110,3 +117,6 @@ class MultiHeadSelfAttention(nn.Module):
             else:
                 out = scaled_dot_product_attention(q, k, v, mask)
         return self.output_proj(rearrange(out, "... heads seq d -> ... seq (heads d)"))
+
+    def new_cache(self, batch: int, max_len: int, device=None, dtype=None) -> KVCache:
+        return KVCache(batch, self.num_heads, max_len, self.d_head, device=device, dtype=dtype)
