@@ -1,4 +1,5 @@
-"""AdamW, the cosine learning-rate schedule with warm-up, and global-norm gradient clipping."""
+"""AdamW, Muon (re-exported from `cs336_basics.muon`), the cosine learning-rate schedule with warm-up, and
+global-norm gradient clipping."""
 
 import math
 from collections.abc import Callable, Iterable
@@ -36,36 +37,42 @@ class AdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            lr, (beta1, beta2), eps, weight_decay = group["lr"], group["betas"], group["eps"], group["weight_decay"]
-            params, grads, exp_avgs, exp_avg_sqs, step_sizes = [], [], [], [], []
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("AdamW does not support sparse gradients")
-                state = self.state[p]
-                if not state:
-                    state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["step"] += 1
-                t = state["step"]
-                params.append(p)
-                grads.append(p.grad)
-                exp_avgs.append(state["exp_avg"])
-                exp_avg_sqs.append(state["exp_avg_sq"])
-                step_sizes.append(-lr * math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t))
-            if not params:
-                continue
-            # The same update as a per-parameter loop, as a few multi-tensor kernels (far fewer launches).
-            torch._foreach_mul_(params, 1.0 - lr * weight_decay)
-            torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
-            torch._foreach_mul_(exp_avg_sqs, beta2)
-            torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
-            denominators = torch._foreach_sqrt(exp_avg_sqs)
-            torch._foreach_add_(denominators, eps)
-            torch._foreach_addcdiv_(params, exp_avgs, denominators, step_sizes)
+            adamw_group_step(self.state, group)
         return loss
+
+
+@torch.no_grad()
+def adamw_group_step(state_of: dict, group: dict) -> None:
+    """The AdamW update of one parameter group (shared by `AdamW` and `Muon`'s AdamW groups)."""
+    lr, (beta1, beta2), eps, weight_decay = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+    params, grads, exp_avgs, exp_avg_sqs, step_sizes = [], [], [], [], []
+    for p in group["params"]:
+        if p.grad is None:
+            continue
+        if p.grad.is_sparse:
+            raise RuntimeError("AdamW does not support sparse gradients")
+        state = state_of[p]
+        if not state:
+            state["step"] = 0
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        state["step"] += 1
+        t = state["step"]
+        params.append(p)
+        grads.append(p.grad)
+        exp_avgs.append(state["exp_avg"])
+        exp_avg_sqs.append(state["exp_avg_sq"])
+        step_sizes.append(-lr * math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t))
+    if not params:
+        return
+    # The same update as a per-parameter loop, as a few multi-tensor kernels (far fewer launches).
+    torch._foreach_mul_(params, 1.0 - lr * weight_decay)
+    torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
+    denominators = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_add_(denominators, eps)
+    torch._foreach_addcdiv_(params, exp_avgs, denominators, step_sizes)
 
 
 def get_lr_cosine_schedule(
@@ -96,3 +103,13 @@ def clip_gradients(parameters: Iterable[torch.nn.Parameter], max_l2_norm: float,
     for g in grads:
         g.mul_(scale.to(g.dtype))
     return total_norm
+
+
+
+def __getattr__(name: str):
+    """Muon lives in its own module (it builds on `adamw_group_step` above) and is served from here too."""
+    if name in ("Muon", "muon_param_groups", "newton_schulz"):
+        from cs336_basics import muon
+
+        return getattr(muon, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -4,9 +4,9 @@ import json
 import os
 import time
 
+from cs336_basics.artifacts import DEFAULT_SPECIAL, check_vocab_size, figure_path
 from cs336_basics.cli_support import UserError, atomic_write, reading, refuse_overwriting_inputs
 
-DEFAULT_SPECIAL = "<|endoftext|>"
 RUN_MARKERS = ("checkpoint.pt", "metrics.jsonl")
 
 
@@ -18,8 +18,6 @@ def _step(title: str):
 def figure_destination(out_dir: str, figure: str | None) -> str:
     """The learning curve goes into the quickstart's own folder unless `--figure` asks for a place: a run
     never overwrites the repository's committed fig/quickstart_loss.png by default."""
-    from cs336_basics.cli import figure_path
-
     return figure_path(figure or os.path.join(out_dir, "quickstart_loss.png"))
 
 
@@ -35,7 +33,7 @@ def quickstart(args) -> dict:
         refuse_overwriting_inputs([*outputs, figure_out, os.path.join(out, "quickstart.json")],
                                   [args.train_text, args.val_text])
     # Imported only now: the checks above answer before the seconds these take to load.
-    from cs336_basics.cli import _load_tokenizer, load_trained_model, sample_text
+    from cs336_basics.artifacts import load_tokenizer, load_trained_model, sample_text
     from cs336_basics.corpus import write_corpus
     from cs336_basics.encode import encode_file
     from cs336_basics.plotting import plot_runs
@@ -65,7 +63,7 @@ def quickstart(args) -> dict:
     print(f"{len(vocab)} tokens in {timings['tokenizer_s']:.1f}s; longest: {max(vocab.values(), key=len)!r}")
 
     t = _step("encode")
-    tokenizer = _load_tokenizer(tokenizer_dir, [DEFAULT_SPECIAL])
+    tokenizer = load_tokenizer(tokenizer_dir, [DEFAULT_SPECIAL])
     paths = {}
     for split, text in (("train", train_text), ("val", val_text)):
         paths[split] = os.path.join(data_dir, f"{split}.npy")
@@ -106,8 +104,6 @@ def quickstart(args) -> dict:
 def check_arguments(args, run_dir: str, vocab_size: int) -> None:
     """Everything that would make the quickstart fail after minutes of work, checked before any of it: a run
     already in --out-dir (needs --overwrite), real data given by halves or empty, a vocabulary too small."""
-    from cs336_basics.cli import check_vocab_size
-
     if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
         raise UserError(f"--out-dir {args.out_dir} exists and is not a folder")
     present = [m for m in RUN_MARKERS if os.path.exists(os.path.join(run_dir, m))]
