@@ -16,19 +16,17 @@ from cs336_basics.model import ConfigError, TransformerConfig
 
 LLAMA, MISTRAL, DEEPSEEK_V3 = "llama", "mistral", "deepseek_v3"
 CLASS_NAMES = {LLAMA: "LlamaForCausalLM", MISTRAL: "MistralForCausalLM", DEEPSEEK_V3: "DeepseekV3ForCausalLM"}
-# DeepSeek's latent norms (q_a_layernorm, kv_a_layernorm) use this eps whatever rms_norm_eps says.
-DEEPSEEK_LATENT_NORM_EPS = 1e-6
 
 
 def architecture_for(config: TransformerConfig) -> str:
     """The model_type that computes exactly our function, or a `UserError` saying why none does."""
-    reasons = {
-        "norm": config.norm != "pre" and f"norm={config.norm!r} (HF decoders here are pre-norm)",
-        "position": config.position != "rope" and f"position={config.position!r} (HF decoders here use RoPE)",
-        "attention": config.attention == "linear" and "attention='linear' (no HF causal LM computes it)",
-        "ffn": config.ffn == "silu" and "ffn='silu' (HF decoders here use a gated SwiGLU FFN)",
-    }
-    for reason in reasons.values():
+    reasons = (  # the most specific first: linear attention also implies position='none'
+        config.attention == "linear" and "attention='linear' (no HF causal LM computes it)",
+        config.norm != "pre" and f"norm={config.norm!r} (HF decoders here are pre-norm)",
+        config.position != "rope" and f"position={config.position!r} (HF decoders here use RoPE)",
+        config.ffn == "silu" and "ffn='silu' (HF decoders here use a gated SwiGLU FFN)",
+    )
+    for reason in reasons:
         if reason:
             raise UserError(f"cannot export to Hugging Face: {reason}")
     if config.attention == "mla" or config.ffn == "moe":

@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import tempfile
-import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,13 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from cs336_basics.cli_support import UserError, reading
-from cs336_basics.hf.architectures import (
-    DEEPSEEK_LATENT_NORM_EPS,
-    DEEPSEEK_V3,
-    architecture_for,
-    config_from_hf,
-    hf_config,
-)
+from cs336_basics.hf.architectures import DEEPSEEK_V3, architecture_for, config_from_hf, hf_config
 from cs336_basics.hf.tokenizer_files import EOS, read_tokenizer_json, write_tokenizer_files
 from cs336_basics.hf.weights import from_hf_state_dict, to_hf_state_dict
 from cs336_basics.model import ConfigError, TransformerConfig, TransformerLM
@@ -119,12 +112,6 @@ def _read_tokenizer(tokenizer_dir: str | os.PathLike):
     return vocab, merges
 
 
-def _warn_latent_eps(config: TransformerConfig) -> None:
-    if config.attention == "mla" and config.rmsnorm_eps != DEEPSEEK_LATENT_NORM_EPS:
-        warnings.warn(f"DeepseekV3 normalises the MLA latents with eps={DEEPSEEK_LATENT_NORM_EPS}, this model with "
-                      f"rmsnorm_eps={config.rmsnorm_eps}: its logits differ by that change of eps", stacklevel=3)
-
-
 def export_hf(source: str | os.PathLike | tuple[TransformerLM, TransformerConfig], tokenizer_dir: str | os.PathLike,
               out_dir: str | os.PathLike, *, overwrite: bool = False, dtype: str = "float32",
               special_tokens: tuple[str, ...] = (EOS,)) -> dict[str, Any]:
@@ -142,7 +129,6 @@ def export_hf(source: str | os.PathLike | tuple[TransformerLM, TransformerConfig
         inputs += (os.fspath(source),)
         model, config = load_run(source)
     model_type = architecture_for(config)
-    _warn_latent_eps(config)
     vocab, merges = _read_tokenizer(tokenizer_dir)
     special = list(dict.fromkeys(special_tokens))
     try:  # our Tokenizer checks the files agree and gives missing special tokens their ids
@@ -202,7 +188,6 @@ def from_hf(hf_dir: str | os.PathLike) -> tuple[TransformerLM, TransformerConfig
     folder = Path(hf_dir)
     config = config_from_hf(_read_json(folder / "config.json"))
     architecture_for(config)  # the reverse mapping exists for exactly these configs
-    _warn_latent_eps(config)
     state = from_hf_state_dict(_read_weights(folder), config)
     model = TransformerLM(config)
     try:
