@@ -54,6 +54,11 @@ def test_deepseek_parity_logits_and_gradients(tmp_path, tokenizer_dir, q_lora_ra
     assert back.state_dict().keys() == expected.keys()
     assert all(torch.equal(back.state_dict()[k], v) for k, v in expected.items())
 
+    # What transformers itself saves (whatever its expert layout) reads back to the same weights.
+    hf_model.save_pretrained(tmp_path / "resaved")
+    resaved, _ = from_hf(tmp_path / "resaved")
+    assert all(torch.equal(resaved.state_dict()[k], v) for k, v in expected.items())
+
 
 def test_routing_bias_matters(tmp_path, tokenizer_dir):  # noqa: F811
     """Zeroing the exported e_score_correction_bias changes HF's expert choice: the bias is really mapped."""

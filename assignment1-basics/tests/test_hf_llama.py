@@ -82,6 +82,25 @@ def test_llama_parity_logits_and_gradients(tmp_path, tokenizer_dir, kv_heads):
     assert not broken.holds(LOGIT_TOL, GRAD_TOL), broken
 
 
+def test_from_hf_reads_a_model_transformers_wrote(tmp_path):
+    """A Llama made and saved by transformers itself (GQA, its own init, tied embeddings) imports with equal
+    logits: the import path is checked independently of our exporter."""
+    hf_config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+                                         num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=32,
+                                         rope_theta=300.0, rms_norm_eps=1e-5, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    hf_model = transformers.LlamaForCausalLM(hf_config).eval()
+    with torch.no_grad():
+        for layer in hf_model.model.layers:
+            layer.input_layernorm.weight.normal_(1.0, 0.1)
+    hf_model.save_pretrained(tmp_path / "native")
+    ours, config = from_hf(tmp_path / "native")
+    assert (config.num_kv_heads, config.rope_theta, config.rmsnorm_eps) == (2, 300.0, 1e-5)
+    ids, targets = batch()
+    # Logits only: the tied embedding's gradient is the sum of our two untied ones.
+    assert compare(ours, hf_model, ids, targets).max_logit_diff <= LOGIT_TOL
+
+
 def test_rope_permutation_is_needed(tmp_path, tokenizer_dir):
     """Without the interleaved -> rotate-half row reorder the parity breaks: the permutation is not a no-op."""
     from cs336_basics.hf import weights
