@@ -1,4 +1,5 @@
-"""Scaled dot-product attention and causal multi-head self-attention (with an optional KV cache)."""
+"""Scaled dot-product attention and causal multi-head self-attention (with an optional KV cache), with the
+Llama/Mistral family's options: grouped-query (or multi-query) attention, ALiBi and sliding windows."""
 
 import math
 
@@ -8,8 +9,10 @@ from einops import einsum, rearrange
 from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 
+from cs336_basics.alibi import alibi_bias, alibi_slopes
 from cs336_basics.layers import Linear, RotaryPositionalEmbedding
 from cs336_basics.nn_utils import softmax
+from cs336_basics.sliding_window import SlidingWindowCache, window_mask
 
 
 def scaled_dot_product_attention(
@@ -17,9 +20,12 @@ def scaled_dot_product_attention(
     k: Float[Tensor, "... keys d_k"],
     v: Float[Tensor, "... keys d_v"],
     mask: Bool[Tensor, "... queries keys"] | None = None,
+    bias: Float[Tensor, "... queries keys"] | None = None,
 ) -> Float[Tensor, "... queries d_v"]:
-    """softmax(q kᵀ / √d_k) v, where mask[i, j] = True lets query i attend to key j."""
+    """softmax(q kᵀ / √d_k + bias) v, where mask[i, j] = True lets query i attend to key j."""
     scores = einsum(q, k, "... q d, ... k d -> ... q k") / math.sqrt(q.shape[-1])
+    if bias is not None:
+        scores = scores + bias.to(scores.dtype)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     return einsum(softmax(scores, dim=-1), v, "... q k, ... k d -> ... q d")
@@ -51,6 +57,12 @@ class KVCache:
 class MultiHeadSelfAttention(nn.Module):
     """Causal multi-head self-attention; heads are contiguous row blocks of the q/k/v projections.
 
+    `num_kv_heads` < `num_heads` shares each key/value head among num_heads / num_kv_heads consecutive
+    query heads (grouped-query attention; 1 = multi-query), as Llama does: query head h reads KV head
+    h // group, and the cache holds only the KV heads. `alibi` adds the ALiBi distance penalty to the scores
+    (use it without `rope`); `sliding_window` W lets each query see only its W most recent tokens, and the
+    decoding cache becomes a ring of W slots.
+
     `use_torch_sdpa` swaps our attention for `F.scaled_dot_product_attention` (FlashAttention on GPUs);
     both compute the same function (tested).
     """
@@ -70,53 +82,117 @@ class MultiHeadSelfAttention(nn.Module):
         super().__init__()
         if d_model % num_heads:
             raise ValueError(f"d_model={d_model} is not divisible by num_heads={num_heads}")
+        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        if num_kv_heads <= 0 or num_heads % num_kv_heads:
+            raise ValueError(f"num_kv_heads={num_kv_heads} must be positive and divide num_heads={num_heads}")
+        if alibi and rope is not None:
+            raise ValueError("ALiBi replaces rotary embeddings; pass rope=None with alibi=True")
+        if sliding_window is not None and sliding_window <= 0:
+            raise ValueError(f"sliding_window must be positive (or None), got {sliding_window}")
         self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
         self.d_head = d_model // num_heads
         self.rope = rope
         self.use_torch_sdpa = use_torch_sdpa
+        self.sliding_window = sliding_window
+        # Derived from num_heads alone, so a non-persistent buffer: the state dict keeps the course's keys.
+        self.register_buffer("alibi_slopes", alibi_slopes(num_heads, device) if alibi else None, persistent=False)
+        kv_dim = num_kv_heads * self.d_head
         self.q_proj = Linear(d_model, d_model, device=device, dtype=dtype)
-        self.k_proj = Linear(d_model, d_model, device=device, dtype=dtype)
-        self.v_proj = Linear(d_model, d_model, device=device, dtype=dtype)
+        self.k_proj = Linear(d_model, kv_dim, device=device, dtype=dtype)
+        self.v_proj = Linear(d_model, kv_dim, device=device, dtype=dtype)
         self.output_proj = Linear(d_model, d_model, device=device, dtype=dtype)
+
+    @property
+    def grouped(self) -> bool:
+        return self.num_kv_heads != self.num_heads
 
     def forward(
         self,
         x: Float[Tensor, "... seq d_model"],
         token_positions: Int[Tensor, "... seq"] | None = None,
-        kv_cache: KVCache | None = None,
+        kv_cache: KVCache | SlidingWindowCache | None = None,
         key_mask: Bool[Tensor, "batch keys"] | None = None,
     ) -> Float[Tensor, "... seq d_model"]:
         """`key_mask` (True = real token) hides left-padding from batched decoding."""
         seq_len = x.shape[-2]
         offset = kv_cache.length if kv_cache is not None else 0
-        # One GEMM for the three projections (weights concatenated on the fly; keys stay q/k/v_proj).
-        qkv_weight = torch.cat((self.q_proj.weight, self.k_proj.weight, self.v_proj.weight))
-        qkv = rearrange(
-            x @ qkv_weight.mT, "... seq (three heads d) -> three ... heads seq d", three=3, heads=self.num_heads
-        )
-        q, k, v = qkv.unbind(0)
-        if self.rope is not None:
-            if token_positions is not None:
-                token_positions = token_positions.unsqueeze(-2)  # broadcast over the heads axis
-            q, k = self.rope(qkv[:2], token_positions, offset).unbind(0)  # q and k rotated in one pass
-        if kv_cache is not None:
+        q, k, v = self._project(x, token_positions, offset)
+        key_index = None  # None: the keys are tokens 0, 1, ..., in order
+        if isinstance(kv_cache, SlidingWindowCache):
+            k, v, key_index = kv_cache.append(k, v)
+        elif kv_cache is not None:
             k, v = kv_cache.append(k, v)
-        if self.use_torch_sdpa and offset == 0 and key_mask is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # no mask tensor: flash kernels
+        gqa = {"enable_gqa": True} if self.grouped else {}
+        plain_causal = self.sliding_window is None and self.alibi_slopes is None
+        if self.use_torch_sdpa and plain_causal and offset == 0 and key_mask is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, **gqa)  # no mask tensor: flash kernels
         else:
             # Query i sits at absolute index offset + i and sees every key at or before it.
             query_index = torch.arange(offset, offset + seq_len, device=x.device)
-            key_index = torch.arange(k.shape[-2], device=x.device)
-            mask = key_index <= query_index[:, None]
-            if key_mask is not None:
-                # Each query keeps its own key, so padded rows never become all -inf (NaNs would then leak
-                # into later layers through those rows' values).
-                mask = mask & (key_mask[:, None, None, :] | (key_index == query_index[:, None]))
-            if self.use_torch_sdpa:
-                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            if key_index is None:
+                key_index = torch.arange(k.shape[-2], device=x.device)
             else:
-                out = scaled_dot_product_attention(q, k, v, mask)
+                key_mask = None if key_mask is None else key_mask[:, key_index]  # ring order
+            mask = self._mask(query_index, key_index, key_mask)
+            bias = None if self.alibi_slopes is None else alibi_bias(self.alibi_slopes, query_index, key_index)
+            if self.use_torch_sdpa:
+                if bias is not None:  # a float mask: the ALiBi penalty, −inf where masked
+                    mask = bias.to(q.dtype).masked_fill(~mask, float("-inf"))
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **gqa)
+            else:
+                out = self._attend(q, k, v, mask, bias)
         return self.output_proj(rearrange(out, "... heads seq d -> ... seq (heads d)"))
 
-    def new_cache(self, batch: int, max_len: int, device=None, dtype=None) -> KVCache:
-        return KVCache(batch, self.num_heads, max_len, self.d_head, device=device, dtype=dtype)
+    def _project(self, x: Tensor, token_positions: Tensor | None, offset: int) -> tuple[Tensor, Tensor, Tensor]:
+        """q (..., heads, seq, d) and k, v (..., kv_heads, seq, d), rotated if RoPE is on."""
+        # One GEMM for the three projections (weights concatenated on the fly; keys stay q/k/v_proj).
+        qkv = x @ torch.cat((self.q_proj.weight, self.k_proj.weight, self.v_proj.weight)).mT
+        if self.rope is not None and token_positions is not None:
+            token_positions = token_positions.unsqueeze(-2)  # broadcast over the heads axis
+        if not self.grouped:
+            qkv = rearrange(qkv, "... seq (three heads d) -> three ... heads seq d", three=3, heads=self.num_heads)
+            q, k, v = qkv.unbind(0)
+            if self.rope is not None:
+                q, k = self.rope(qkv[:2], token_positions, offset).unbind(0)  # q and k rotated in one pass
+            return q, k, v
+        heads = rearrange(qkv, "... seq (heads d) -> ... heads seq d", d=self.d_head)
+        q, k, v = heads.split((self.num_heads, self.num_kv_heads, self.num_kv_heads), dim=-3)
+        if self.rope is not None:
+            q, k = self.rope(q, token_positions, offset), self.rope(k, token_positions, offset)
+        return q, k, v
+
+    def _mask(
+        self, query_index: Tensor, key_index: Tensor, key_mask: Bool[Tensor, "batch keys"] | None
+    ) -> Bool[Tensor, "... queries keys"]:
+        if self.sliding_window is None:
+            mask = key_index <= query_index[:, None]
+        else:
+            mask = window_mask(query_index, key_index, self.sliding_window)
+        if key_mask is not None:
+            # Each query keeps its own key, so padded rows never become all -inf (NaNs would then leak
+            # into later layers through those rows' values).
+            mask = mask & (key_mask[:, None, None, :] | (key_index == query_index[:, None]))
+        return mask
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor, bias: Tensor | None) -> Tensor:
+        """Our attention; grouped heads are folded into a (kv_heads, group) axis pair, so each KV head is
+        broadcast over its query heads instead of copied."""
+        if not self.grouped:
+            return scaled_dot_product_attention(q, k, v, mask, bias)
+        group = self.num_heads // self.num_kv_heads
+        q = rearrange(q, "... (kv group) seq d -> ... kv group seq d", group=group)
+        k, v = k.unsqueeze(-3), v.unsqueeze(-3)
+        if mask.dim() == 4:  # (batch, 1, queries, keys): give it the group axis too
+            mask = mask.unsqueeze(-3)
+        if bias is not None:
+            bias = rearrange(bias, "(kv group) q k -> kv group q k", group=group)
+        out = scaled_dot_product_attention(q, k, v, mask, bias)
+        return rearrange(out, "... kv group seq d -> ... (kv group) seq d")
+
+    def new_cache(self, batch: int, max_len: int, device=None, dtype=None) -> KVCache | SlidingWindowCache:
+        """Full keys/values of the KV heads, or a ring of W slots with a sliding window."""
+        if self.sliding_window is not None:
+            return SlidingWindowCache(batch, self.num_kv_heads, self.sliding_window, max_len, self.d_head,
+                                      device=device, dtype=dtype)
+        return KVCache(batch, self.num_kv_heads, max_len, self.d_head, device=device, dtype=dtype)
