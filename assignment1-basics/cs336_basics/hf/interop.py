@@ -138,6 +138,7 @@ def export_hf(source: str | os.PathLike | tuple[TransformerLM, TransformerConfig
     if largest >= config.vocab_size:
         raise UserError(f"the tokenizer has ids up to {largest} but the model's vocabulary has {config.vocab_size}: "
                         "use the tokenizer the run was trained with")
+    model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper prefixes every key
     state = {name: tensor.detach().to("cpu", DTYPES[dtype]) for name, tensor in model.state_dict().items()}
     if model_type == DEEPSEEK_V3:  # transformers keeps the routing bias in float32 whatever the dtype
         state = {n: t.float() if n.endswith("expert_bias") else t for n, t in state.items()}
@@ -207,6 +208,10 @@ def import_hf(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *, overwrit
     if not tokenizer_json.is_file():
         raise UserError(f"{tokenizer_json} not found: only fast (tokenizer.json) byte-level BPE tokenizers are read")
     vocab, merges, special = read_tokenizer_json(tokenizer_json)
+    try:  # what `generate` will build from the files we write: every byte, every merge's parts and result
+        Tokenizer(vocab, merges, special)
+    except ValueError as e:
+        raise UserError(f"{tokenizer_json} is not a tokenizer cs336 can use: {e}") from e
     if max(vocab) >= config.vocab_size:
         raise UserError(f"{tokenizer_json} has ids up to {max(vocab)} but the model's vocabulary has "
                         f"{config.vocab_size}")
