@@ -5,8 +5,11 @@ from typing import Protocol, runtime_checkable
 
 @runtime_checkable
 class LayerCache(Protocol):
-    """One layer's decoding state. `length` counts every token seen so far (absolute index of the next one);
-    `bytes_per_token` is what one more token of one sequence costs this layer (0 for a constant-size recurrent state)."""
+    """One layer's decoding state.
+
+    `length` counts every token seen so far (the absolute index of the next one); `bytes_per_token` is what one
+    more token of one sequence costs this layer (0 for a constant-size recurrent state).
+    """
 
     length: int
 

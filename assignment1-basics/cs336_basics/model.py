@@ -79,7 +79,8 @@ class TransformerConfig:
             raise ConfigError(f"d_model={self.d_model} is not divisible by num_heads={self.num_heads}")
         kv_heads = self.kv_heads
         if kv_heads <= 0 or self.num_heads % kv_heads:
-            raise ConfigError(f"num_kv_heads={self.num_kv_heads} must be positive and divide num_heads={self.num_heads}")
+            raise ConfigError(f"num_kv_heads={self.num_kv_heads} must be positive and divide "
+                              f"num_heads={self.num_heads}")
         if self.sliding_window is not None and self.sliding_window <= 0:
             raise ConfigError(f"sliding_window must be positive (or None for full causal attention), "
                               f"got {self.sliding_window}")
