@@ -122,6 +122,24 @@ def cmd_encode(args) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- training
+NONE = "none"  # what an optional flag (--num-kv-heads, --sliding-window) takes to clear a preset's value
+
+
+class _Unset:
+    """The parsed value of an optional flag given as 'none' (argparse's None means "not given")."""
+
+
+UNSET = _Unset()
+
+
+def _optional(kind: type):
+    def parse(text: str):
+        return UNSET if text.lower() == NONE else kind(text)
+
+    parse.__name__ = kind.__name__  # argparse names the type in its error message
+    return parse
+
+
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per TrainConfig field; defaults stay None so a preset's values show through."""
     hints = typing.get_type_hints(TrainConfig)
@@ -129,20 +147,32 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
         flag = "--" + field.name.replace("_", "-")
         hint = hints[field.name]
         help_text = f"default: {field.default}{range_help(field)}"
+        optional = [a for a in typing.get_args(hint) if a is not type(None)]
         if hint is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         elif typing.get_origin(hint) is typing.Literal:
             parser.add_argument(flag, choices=typing.get_args(hint), default=None, help=help_text)
+        elif type(None) in typing.get_args(hint) and len(optional) == 1:
+            parser.add_argument(flag, type=_optional(optional[0]), default=None, metavar=optional[0].__name__.upper(),
+                                help=f"{help_text} ('{NONE}': unset)")
         else:
             parser.add_argument(flag, type=hint, default=None, help=help_text)
+
+
+def config_overrides(args, exclude: tuple[str, ...] = ()) -> dict:
+    """The TrainConfig fields given on the command line (an optional one given as 'none' becomes None)."""
+    overrides = {}
+    for field in dataclasses.fields(TrainConfig):
+        value = getattr(args, field.name, None)
+        if value is not None and field.name not in exclude:
+            overrides[field.name] = None if value is UNSET else value
+    return overrides
 
 
 def config_from_args(args) -> TrainConfig:
     from cs336_basics.training.config import config_from_preset
 
-    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
-                 if getattr(args, f.name, None) is not None}
-    return config_from_preset(args.preset, **overrides)
+    return config_from_preset(args.preset, **config_overrides(args))
 
 
 def cmd_train(args) -> dict:
@@ -198,8 +228,7 @@ def cmd_plot(args) -> str:
 def cmd_sweep(args) -> dict:
     from cs336_basics.experiments import run_sweep
 
-    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
-                 if getattr(args, f.name, None) is not None and f.name != "out_dir"}
+    overrides = config_overrides(args, exclude=("out_dir",))
     figure = figure_path(args.figure or f"fig/sweep_{args.kind}.png")
     results = run_sweep(args.kind, args.values, args.preset, args.out_root, figure, **overrides)
     print(json.dumps(results, default=str))

@@ -6,6 +6,7 @@ before the seconds torch takes to load.
 """
 
 import math
+import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
@@ -15,9 +16,13 @@ if TYPE_CHECKING:
     from cs336_basics.model import TransformerConfig
 
 ARCHITECTURE = ("vocab_size", "context_length", "d_model", "num_layers", "num_heads", "d_ff", "rope_theta", "norm",
-                "position", "ffn", "use_torch_sdpa")
-CHOICES = {"norm": ("pre", "post", "none"), "position": ("rope", "none"), "ffn": ("swiglu", "silu"),
-           "precision": ("auto", "fp32", "bf16")}
+                "position", "ffn", "use_torch_sdpa", "attention", "num_kv_heads", "sliding_window", "kv_lora_rank",
+                "q_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "linear_chunk_size",
+                "num_experts", "moe_top_k", "num_shared_experts", "moe_d_ff", "moe_router", "moe_norm_topk",
+                "moe_routed_scale", "moe_dense_layers")
+CHOICES = {"norm": ("pre", "post", "none"), "position": ("rope", "none", "alibi"), "ffn": ("swiglu", "silu", "moe"),
+           "attention": ("mha", "mla", "linear"), "moe_router": ("softmax", "sigmoid"),
+           "precision": ("auto", "fp32", "bf16", "fp16"), "optimizer": ("adamw", "muon")}
 
 
 @dataclass
@@ -35,9 +40,31 @@ class TrainConfig:
     d_ff: int = bounded(1344, ge=1)
     rope_theta: float = bounded(10_000.0, gt=0)
     norm: Literal["pre", "post", "none"] = "pre"
-    position: Literal["rope", "none"] = "rope"
-    ffn: Literal["swiglu", "silu"] = "swiglu"
+    position: Literal["rope", "none", "alibi"] = "rope"
+    ffn: Literal["swiglu", "silu", "moe"] = "swiglu"
     use_torch_sdpa: bool = True
+    # the model family (see TransformerConfig): attention variant, grouped KV heads, sliding window
+    attention: Literal["mha", "mla", "linear"] = "mha"
+    num_kv_heads: int | None = bounded(None, ge=1)  # None: one KV head per query head; 1: multi-query
+    sliding_window: int | None = bounded(None, ge=1)  # None: full causal attention
+    # multi-head latent attention (attention="mla")
+    kv_lora_rank: int = bounded(64, ge=1)
+    q_lora_rank: int = bounded(0, ge=0)  # 0: queries projected directly from the residual stream
+    qk_nope_head_dim: int = bounded(32, ge=1)
+    qk_rope_head_dim: int = bounded(16, ge=1)
+    v_head_dim: int = bounded(32, ge=1)
+    linear_chunk_size: int = bounded(64, ge=1)  # attention="linear"
+    # mixture of experts (ffn="moe")
+    num_experts: int = bounded(8, ge=1)
+    moe_top_k: int = bounded(2, ge=1)
+    num_shared_experts: int = bounded(1, ge=0)
+    moe_d_ff: int = bounded(256, ge=1)
+    moe_router: Literal["softmax", "sigmoid"] = "sigmoid"
+    moe_norm_topk: bool = True
+    moe_routed_scale: float = bounded(1.0, gt=0)
+    moe_dense_layers: int = bounded(0, ge=0)
+    moe_bias_update_rate: float = bounded(1e-3, ge=0)  # auxiliary-loss-free balancing step (DeepSeek-V3's γ)
+    moe_aux_loss_coef: float = bounded(0.0, ge=0)  # weight of the sequence-wise balance loss (0: off)
     # optimisation
     batch_size: int = bounded(128, ge=1)
     max_steps: int = bounded(10_000, ge=1)
@@ -49,6 +76,13 @@ class TrainConfig:
     beta2: float = bounded(0.95, ge=0, lt=1)
     adam_eps: float = bounded(1e-8, gt=0)
     grad_clip: float = bounded(1.0, gt=0, allow=(math.inf,))  # max gradient L2 norm; inf: no clipping
+    optimizer: Literal["adamw", "muon"] = "adamw"  # muon: Muon for hidden matrices, AdamW for the rest
+    muon_lr: float = bounded(0.0, ge=0)  # peak lr of the Muon matrices (0: --lr-max; same schedule)
+    muon_momentum: float = bounded(0.95, ge=0, lt=1)
+    # loss-spike guard: skip an update whose loss or gradient norm exceeds this multiple of its running
+    # average (0: off), once spike_warmup_steps steps have built the average
+    spike_guard: float = bounded(0.0, ge=0)
+    spike_warmup_steps: int = bounded(100, ge=0)
     # evaluation, logging, checkpoints
     eval_interval: int = bounded(500, ge=1)
     eval_batches: int = bounded(20, ge=1)
@@ -60,7 +94,7 @@ class TrainConfig:
     time_limit_s: float = bounded(0.0, ge=0)  # end gracefully with a checkpoint after this many seconds (0: no limit)
     # system
     device: str = "auto"
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # fp16: with dynamic loss scaling
     compile: bool = False
     tf32: bool = True
     seed: int = bounded(0, ge=0, lt=2**63)
@@ -78,16 +112,23 @@ class TrainConfig:
             raise UserError(f"--lr-min ({self.lr_min:g}) must not exceed --lr-max ({self.lr_max:g})")
         if self.d_model % self.num_heads:
             raise UserError(f"--d-model ({self.d_model}) must be divisible by --num-heads ({self.num_heads})")
-        if self.position == "rope" and (self.d_model // self.num_heads) % 2:
+        if self.spike_guard and self.spike_guard <= 1:
+            raise UserError(f"--spike-guard must be > 1 (a multiple of the running average) or 0 (off), "
+                            f"got {self.spike_guard:g}")
+        if self.position == "rope" and self.attention == "mha" and (self.d_model // self.num_heads) % 2:
             raise UserError(f"rotary embeddings need an even head size; --d-model/--num-heads is "
                             f"{self.d_model // self.num_heads}")
         if self.resume and self.overwrite:
             raise UserError("--resume and --overwrite exclude each other")
 
     def model_config(self) -> "TransformerConfig":
-        from cs336_basics.model import TransformerConfig
+        """The architecture; a combination TransformerConfig rejects is a `UserError` naming the flags."""
+        from cs336_basics.model import ConfigError, TransformerConfig
 
-        return TransformerConfig(**{name: getattr(self, name) for name in ARCHITECTURE})
+        try:
+            return TransformerConfig(**{name: getattr(self, name) for name in ARCHITECTURE})
+        except ConfigError as e:
+            raise UserError(_flags_named(str(e))) from e
 
     @property
     def tokens_per_step(self) -> int:
@@ -95,10 +136,23 @@ class TrainConfig:
 
 
 # The handout's TinyStories model: ≈17M non-embedding parameters, 327,680,000 tokens (10,000 × 128 × 256).
+_TS17M = dict(vocab_size=10_000, context_length=256, d_model=512, num_layers=4, num_heads=16, d_ff=1344,
+              batch_size=128, max_steps=10_000, lr_max=2e-3, lr_min=2e-4, warmup_steps=200, eval_interval=500,
+              checkpoint_interval=1000)
 PRESETS: dict[str, dict] = {
-    "tinystories-17m": dict(vocab_size=10_000, context_length=256, d_model=512, num_layers=4, num_heads=16,
-                            d_ff=1344, batch_size=128, max_steps=10_000, lr_max=2e-3, lr_min=2e-4,
-                            warmup_steps=200, eval_interval=500, checkpoint_interval=1000),
+    "tinystories-17m": dict(_TS17M),
+    # The model family at the 17M scale, same token budget. Active non-embedding parameters
+    # (TransformerLM.num_active_parameters(include_embeddings=False): no input embedding, no LM head):
+    #   tinystories-17m   12,456,448   (MHA 16 heads, SwiGLU 1344)
+    #   llama3-gqa        12,456,448   (4 KV heads of 16 save 393,216 per layer; d_ff 1600 spends them exactly)
+    #   mistral-swa       12,456,448   (llama3-gqa + a 128-token sliding window in a 256-token context)
+    #   deepseek-v3-nano  12,309,504   active of 30,004,224 total (MLA: latent 128 + rope key 16 per token;
+    #                                  8 routed experts of width 480, top-2, + 1 shared, sigmoid routing)
+    "llama3-gqa": dict(_TS17M, num_kv_heads=4, d_ff=1600),
+    "mistral-swa": dict(_TS17M, num_kv_heads=4, d_ff=1600, sliding_window=128),
+    "deepseek-v3-nano": dict(_TS17M, attention="mla", kv_lora_rank=128, q_lora_rank=0, qk_nope_head_dim=32,
+                             qk_rope_head_dim=16, v_head_dim=32, ffn="moe", num_experts=8, moe_top_k=2,
+                             num_shared_experts=1, moe_d_ff=480, moe_router="sigmoid", moe_norm_topk=True),
     # The handout's low-resource (CPU / Apple silicon) variant: 40M tokens.
     "tinystories-17m-lowres": dict(vocab_size=10_000, context_length=256, d_model=512, num_layers=4,
                                    num_heads=16, d_ff=1344, batch_size=32, max_steps=5_000, lr_max=1e-3,
@@ -128,3 +182,9 @@ def config_from_preset(preset: str | None, **overrides) -> TrainConfig:
 
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
+
+
+def _flags_named(message: str) -> str:
+    """A TransformerConfig message with its field names written as the flags that set them."""
+    names = "|".join(sorted(ARCHITECTURE, key=len, reverse=True))
+    return re.sub(rf"(?<![\w-])({names})(?![\w])", lambda m: _flag(m.group(1)), message.splitlines()[0])

@@ -25,9 +25,10 @@ PEAK_FLOPS = {
 
 
 def training_flops_per_token(model: TransformerLM) -> float:
-    """6·N for the weight matmuls (forward + backward) plus 12·L·d·T for attention scores and values."""
+    """6·N for the weight matmuls (forward + backward; a mixture of experts counts the experts a token uses)
+    plus 12·L·d·T for attention scores and values."""
     c = model.config
-    matmul_params = model.num_parameters() - model.token_embeddings.weight.numel()  # lookups are free
+    matmul_params = model.num_active_parameters() - model.token_embeddings.weight.numel()  # lookups are free
     return 6 * matmul_params + 12 * c.num_layers * c.d_model * c.context_length
 
 

@@ -1,4 +1,6 @@
-"""The training loop: AdamW + cosine schedule + clipping over memory-mapped tokens, with exact resume.
+"""The training loop: AdamW or Muon + cosine schedule + clipping over memory-mapped tokens, with exact resume;
+bf16 autocast or fp16 with dynamic loss scaling; an optional loss-spike guard; MoE balancing (the
+auxiliary-loss-free bias update after each step, an optional auxiliary loss, per-expert load in the log).
 
 Everything the user gave is checked before the run folder is touched (flags, token files, the folder itself, a
 checkpoint to resume), so a rejected run leaves an existing one byte-identical. SIGINT/SIGTERM end the run
@@ -23,6 +25,7 @@ from cs336_basics.cli_support import StopRequest, UserError, atomic_write, prepa
 from cs336_basics.data import check_length, check_token_ids, get_batch, load_tokens
 from cs336_basics.training.config import TrainConfig
 from cs336_basics.training.metrics import JsonlLog
+from cs336_basics.training.spike_guard import SpikeGuard
 
 if TYPE_CHECKING:
     import torch
@@ -63,8 +66,9 @@ def resolve_device(name: str) -> torch.device:
 def _autocast(device: torch.device, precision: str):
     import torch
 
-    if precision == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    if precision in ("bf16", "fp16"):
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+        return torch.autocast(device_type=device.type, dtype=dtype)
     return contextlib.nullcontext()
 
 
@@ -94,14 +98,22 @@ def check_run_dir(config: TrainConfig) -> None:
 def _resume_state(config: TrainConfig, device: torch.device) -> dict[str, Any]:
     """The checkpoint to continue from, checked against the requested architecture."""
     from cs336_basics.checkpoint import load_checkpoint_state
+    from cs336_basics.model import ConfigError, TransformerConfig
 
     path = os.path.join(config.out_dir, CHECKPOINT)
     state = load_checkpoint_state(path, map_location=device)
     extra = state.get("extra") or {}
     saved = extra.get("model_config")
-    if saved is not None and saved != config.model_config().to_dict():
-        changed = sorted(k for k in saved if saved[k] != config.model_config().to_dict().get(k))
-        raise UserError(f"--resume: {path} was trained with another architecture (differs in {', '.join(changed)})")
+    if saved is not None:
+        try:  # a config saved before a field existed gets its default: the model it was trained as
+            saved = TransformerConfig.from_dict(saved).to_dict()
+        except (ConfigError, TypeError) as e:
+            raise UserError(f"--resume: {path} records a model config this version cannot read: {e}") from e
+        wanted = config.model_config().to_dict()
+        if saved != wanted:
+            changed = sorted(k for k in saved if saved[k] != wanted.get(k))
+            raise UserError(f"--resume: {path} was trained with another architecture (differs in "
+                            f"{', '.join(changed)})")
     if "cpu_rng" not in extra:
         raise UserError(f"--resume: {path} holds no RNG state (not written by `cs336-basics train`)")
     return state
@@ -131,32 +143,40 @@ def train(config: TrainConfig) -> dict[str, Any]:
     Raises `TrainingStopped` (exit 130/143) after checkpointing when SIGINT/SIGTERM asked to stop."""
     train_tokens, val_tokens = load_token_files(config)
     check_run_dir(config)
+    model_config = config.model_config()  # a combination the model rejects: one line naming the flags
 
     import torch
     from tqdm.auto import tqdm
 
     from cs336_basics.checkpoint import save_checkpoint
     from cs336_basics.model import TransformerLM
-    from cs336_basics.optim import AdamW, get_lr_cosine_schedule
+    from cs336_basics.optim import get_lr_cosine_schedule
     from cs336_basics.training.metrics import peak_flops, training_flops_per_token
 
     device = resolve_device(config.device)
     precision = config.precision if config.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    if precision == "fp16" and device.type == "mps":
+        raise UserError("--precision fp16 needs a CUDA or CPU device (its loss scaler does not run on MPS)")
     if device.type == "cuda" and config.tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     state = _resume_state(config, device) if config.resume else None
 
     torch.manual_seed(config.seed)
-    model = TransformerLM(config.model_config(), device=device)
-    optimizer = AdamW(model.parameters(), lr=config.lr_max, betas=(config.beta1, config.beta2),
-                      eps=config.adam_eps, weight_decay=config.weight_decay)
+    model = TransformerLM(model_config, device=device)
+    optimizer = build_optimizer(model, config)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    guard = SpikeGuard(config.spike_guard, config.spike_warmup_steps)
     checkpoint_path = os.path.join(config.out_dir, CHECKPOINT)
     start_step, elapsed_before = 0, 0.0
     if state is not None:
         try:
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
+            if "grad_scaler" in state["extra"]:
+                scaler.load_state_dict(state["extra"]["grad_scaler"])
+            if "spike_guard" in state["extra"]:
+                guard.load_state_dict(state["extra"]["spike_guard"])
         except (RuntimeError, ValueError, KeyError, TypeError) as e:  # weights of another shape or model
             lines = [line.strip() for line in str(e).strip().splitlines()] or [type(e).__name__]
             reason = " ".join(lines[:2])[:300]  # the header and the first mismatch
@@ -180,13 +200,14 @@ def train(config: TrainConfig) -> dict[str, Any]:
         log = JsonlLog(os.path.join(config.out_dir, METRICS), start_step if config.resume else None)
         run = _init_wandb(config) if config.wandb else None
 
-        step_fn = _make_step(model, optimizer, config, device, precision)
+        step_fn = _make_step(model, optimizer, scaler, guard, config, device, precision)
         flops_per_token = training_flops_per_token(model)
         peak = config.peak_flops or peak_flops(device, precision, config.tf32)
 
         def checkpoint(step: int) -> None:
-            extra = {"model_config": config.model_config().to_dict(),
-                     "elapsed_s": elapsed_before + time.time() - t0, "cpu_rng": torch.get_rng_state()}
+            extra = {"model_config": model_config.to_dict(), "elapsed_s": elapsed_before + time.time() - t0,
+                     "cpu_rng": torch.get_rng_state(), "grad_scaler": scaler.state_dict(),
+                     "spike_guard": guard.state_dict()}
             if device.type == "cuda":
                 extra["cuda_rng"] = torch.cuda.get_rng_state()
             save_checkpoint(model, optimizer, step, checkpoint_path, extra=extra)
@@ -202,7 +223,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
         step, stopping = start_step, False
         for step in bar:
             lr = get_lr_cosine_schedule(step, config.lr_max, config.lr_min, config.warmup_steps, config.max_steps)
-            loss, grad_norm = step_fn(train_tokens, lr)
+            loss, grad_norm, extras = step_fn(train_tokens, lr)
             window_steps += 1
             done = step + 1
             if done % config.log_interval == 0 or done == end_step:
@@ -214,6 +235,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
                           "wall_s": elapsed_before + now - t0, "tokens_per_s": tokens_per_s}
                 if peak:
                     record["mfu"] = tokens_per_s * flops_per_token / peak
+                record.update(extras())
                 log.write(record)
                 if run:
                     run.log(record, step=done)
@@ -254,29 +276,72 @@ def train(config: TrainConfig) -> dict[str, Any]:
         raise TrainingStopped(stop.exit_code)
     return {"steps": end_step if start_step < end_step else step, "train_loss": last_train_loss,
             "val_loss": last_val_loss, "finished": end_step >= config.max_steps, "out_dir": config.out_dir,
-            "wall_s": elapsed_before + time.time() - t0, "num_parameters": model.num_parameters()}
+            "wall_s": elapsed_before + time.time() - t0, "num_parameters": model.num_parameters(),
+            "num_active_parameters": model.num_active_parameters(), "skipped_steps": guard.skipped}
 
 
-def _make_step(model, optimizer, config: TrainConfig, device, precision):
-    """One optimizer step; the forward+backward is optionally compiled (the optimizer stays eager)."""
+def build_optimizer(model, config: TrainConfig):
+    """AdamW for everything, or Muon for the hidden matrices (at `muon_lr`, following the same schedule) with
+    AdamW for embeddings, LM head, gains and routers."""
+    from cs336_basics.optim import AdamW, Muon, muon_param_groups
+
+    betas = (config.beta1, config.beta2)
+    if config.optimizer == "muon":
+        scale = config.muon_lr / config.lr_max if config.muon_lr and config.lr_max else 1.0
+        return Muon(muon_param_groups(model, muon_lr_scale=scale), lr=config.lr_max, momentum=config.muon_momentum,
+                    weight_decay=config.weight_decay, betas=betas, eps=config.adam_eps)
+    return AdamW(model.parameters(), lr=config.lr_max, betas=betas, eps=config.adam_eps,
+                 weight_decay=config.weight_decay)
+
+
+def _make_step(model, optimizer, scaler, guard: SpikeGuard, config: TrainConfig, device, precision):
+    """One optimizer step; the forward+backward is optionally compiled (the optimizer stays eager).
+
+    Returns (loss, grad norm, extras): the first two stay on the device (no host sync unless the spike guard
+    needs the values); `extras()` gives the log fields of the latest step (MoE load, aux loss, skips)."""
     import torch
 
     from cs336_basics.nn_utils import cross_entropy
     from cs336_basics.optim import clip_gradients
 
     compiled = torch.compile(model) if config.compile else model
+    moe_layers = model.moe_layers()
+    latest: dict[str, Any] = {}
 
     def step(tokens, lr: float):
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         x, y = get_batch(tokens, config.batch_size, config.context_length, device)
         with _autocast(device, precision):
             loss = cross_entropy(compiled(x), y)
-        loss.backward()
+        objective = loss
+        if moe_layers and config.moe_aux_loss_coef > 0:
+            latest["aux_loss"] = torch.stack([m.last_aux_loss for m in moe_layers]).sum()
+            objective = loss + config.moe_aux_loss_coef * latest["aux_loss"]
+        scaler.scale(objective).backward()
+        scaler.unscale_(optimizer)  # clipping and the guard see the true gradients
         grad_norm = clip_gradients(model.parameters(), config.grad_clip)
-        optimizer.step()
+        if not guard.enabled or guard.allows(loss.item(), grad_norm.item()):
+            scaler.step(optimizer)  # skipped by the scaler itself when fp16 gradients overflowed
+            latest["moe_load"] = [m.update_bias(config.moe_bias_update_rate) for m in moe_layers]
+        scaler.update()
         optimizer.zero_grad(set_to_none=True)
-        return loss.detach(), grad_norm
+        return loss.detach(), grad_norm, extras
+
+    def extras() -> dict[str, Any]:
+        record: dict[str, Any] = {}
+        if guard.enabled:
+            record["skipped_steps"] = guard.skipped
+        if scaler.is_enabled():
+            record["loss_scale"] = scaler.get_scale()
+        if "aux_loss" in latest:
+            record["aux_loss"] = latest["aux_loss"].item()
+        if latest.get("moe_load"):
+            loads = [load.float().tolist() for load in latest["moe_load"]]  # per layer: fraction per expert
+            record["moe_load"] = [[round(f, 5) for f in layer] for layer in loads]
+            record["moe_load_max"] = [max(layer) for layer in loads]
+            record["moe_load_min"] = [min(layer) for layer in loads]
+        return record
 
     return step
 
