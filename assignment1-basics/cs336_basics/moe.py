@@ -115,10 +115,10 @@ class MoEFeedForward(nn.Module):
             weights = weights / (weights.sum(dim=-1, keepdim=True) + (1e-20 if self.score_fn == "sigmoid" else 0.0))
         return scores, chosen, weights * self.routed_scale
 
-    def use_grouped_mm(self, x: Tensor) -> bool:
+    def use_grouped_mm(self, x: Tensor, *weights: Tensor) -> bool:
         if self.dispatch != "auto":
             return self.dispatch == "grouped_mm"
-        return grouped_mm_available(x, self.experts_w1, self.experts_w2)
+        return grouped_mm_available(x, *(weights or (self.experts_w1, self.experts_w2)))
 
     def routed(
         self, x: Float[Tensor, "tokens d_model"], chosen: Int[Tensor, "tokens k"], weights: Float[Tensor, "tokens k"]
@@ -130,11 +130,15 @@ class MoEFeedForward(nn.Module):
         counts = torch.zeros(self.num_experts, dtype=torch.long, device=x.device)
         counts.scatter_add_(0, flat_expert, torch.ones_like(flat_expert))
         ends = counts.cumsum(0)
-        grouped = self.use_grouped_mm(x)
-        xs = x[order // k]  # each slot's token, expert by expert
-        w13 = torch.cat((self.experts_w1, self.experts_w3), dim=1)  # gate and up as one GEMM per expert
+        # Under autocast the expert GEMMs run in autocast's dtype, as a Linear's would (torch's autocast does
+        # not know `_grouped_mm`, and fp32 inputs would miss the bf16 grouped kernel).
+        compute = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        w1, w3, w2 = (w.to(compute) for w in (self.experts_w1, self.experts_w3, self.experts_w2))
+        xs = x[order // k].to(compute)  # each slot's token, expert by expert
+        grouped = self.use_grouped_mm(xs, w1, w2)
+        w13 = torch.cat((w1, w3), dim=1)  # gate and up as one GEMM per expert
         gate, up = _expert_matmul(xs, w13, ends, grouped).chunk(2, dim=-1)
-        ys = _expert_matmul(silu(gate) * up, self.experts_w2, ends, grouped)
+        ys = _expert_matmul(silu(gate) * up, w2, ends, grouped)
         # Undo the sort with a gather (deterministic, unlike a scatter-add) and sum each token's k slots.
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(order.numel(), device=x.device)

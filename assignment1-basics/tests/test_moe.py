@@ -78,6 +78,23 @@ def test_grouped_mm_path_equals_expert_loop():
         torch.testing.assert_close(grouped, loop, rtol=1e-5, atol=1e-6)
 
 
+def test_expert_gemms_follow_autocast_dtype(monkeypatch):
+    """Under bf16 autocast (how the trainer runs) the experts multiply in bf16, as a Linear would, so the bf16
+    grouped kernel serves float32 parameters; the result stays within bf16 rounding of the float32 layer."""
+    moe = make_moe(dtype=torch.float32)
+    x = torch.randn(4, 9, 16)
+    reference = moe(x)
+    seen = []
+    real = moe.use_grouped_mm
+    monkeypatch.setattr(moe, "use_grouped_mm", lambda xs, *w: seen.append((xs.dtype, *(t.dtype for t in w)))
+                        or real(xs, *w))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = moe(x)
+    assert seen == [(torch.bfloat16, torch.bfloat16, torch.bfloat16)]
+    torch.testing.assert_close(mixed.float(), reference, rtol=0.05, atol=0.05)
+    assert not torch.allclose(mixed.float(), reference, rtol=0, atol=1e-6)  # it really ran in bf16
+
+
 def test_float64_takes_the_expert_loop():
     moe = make_moe()  # float64: torch._grouped_mm refuses it, so auto dispatch must not pick it
     assert not grouped_mm_available(torch.zeros(1, 16, dtype=torch.float64), moe.experts_w1, moe.experts_w2)
