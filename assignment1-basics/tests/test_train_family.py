@@ -196,3 +196,27 @@ def test_family_presets_share_the_budget_and_the_active_size():
     assert config_from_preset("mistral-swa").sliding_window < base.context_length
     assert config_from_preset("llama3-gqa").num_kv_heads == 4
     json.dumps(PRESETS["deepseek-v3-nano"])
+
+
+def test_model_family_script_runs_tiny_on_cpu(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "model_family.py"
+    spec = importlib.util.spec_from_file_location("model_family", path)
+    family = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(family)
+    report = family.main(["--tiny", "--steps", "4", "--evals", "2", "--device", "cpu", "--workers", "1",
+                          "--out-dir", str(tmp_path / "family"), "--json", str(tmp_path / "family.json"),
+                          "--figure", str(tmp_path / "family.png")])
+    saved = json.loads((tmp_path / "family.json").read_text())
+    assert saved == json.loads(json.dumps(report))
+    runs = {r["label"]: r for r in saved["runs"]}
+    assert list(runs) == ["tinystories-17m", "llama3-gqa", "mistral-swa", "deepseek-v3-nano", "tinystories-17m-muon"]
+    assert all(r["val_step"] == [2, 4] and len(r["val_wall_s"]) == 2 for r in runs.values())
+    assert len({r["tokens"] for r in runs.values()}) == 1  # one token budget
+    kv = {label: r["kv_cache_bytes_per_token"] for label, r in runs.items()}
+    # bf16, 2 layers: MHA K+V = 2·2·32·2 bytes; GQA halves it (2 of 4 heads); MLA keeps latent 16 + rope key 4
+    assert kv["tinystories-17m"] == 2 * 2 * 32 * 2 and kv["llama3-gqa"] == kv["tinystories-17m"] // 2
+    assert kv["deepseek-v3-nano"] == 2 * (16 + 4) * 2
+    assert (tmp_path / "family.png").stat().st_size > 1000
