@@ -306,6 +306,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--figure", default=None, help="learning-curve image (default: <out-dir>/quickstart_loss.png)")
     p.add_argument("--overwrite", action="store_true", help="start over in an --out-dir that holds a quickstart")
     p.set_defaults(func=cmd_quickstart)
+
+    from cs336_basics.hf.cli import add_commands as add_hf_commands  # torch-free until a command runs
+
+    add_hf_commands(sub)
     return parser
 
 
