@@ -10,6 +10,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 
 from cs336_basics.alibi import alibi_bias, alibi_slopes
+from cs336_basics.kv_cache import ExternalKVCache
 from cs336_basics.layers import Linear, RotaryPositionalEmbedding
 from cs336_basics.nn_utils import softmax
 from cs336_basics.sliding_window import SlidingWindowCache, window_mask
@@ -111,13 +112,21 @@ class MultiHeadSelfAttention(nn.Module):
         self,
         x: Float[Tensor, "... seq d_model"],
         token_positions: Int[Tensor, "... seq"] | None = None,
-        kv_cache: KVCache | SlidingWindowCache | None = None,
+        kv_cache: KVCache | SlidingWindowCache | ExternalKVCache | None = None,
         key_mask: Bool[Tensor, "batch keys"] | None = None,
     ) -> Float[Tensor, "... seq d_model"]:
-        """`key_mask` (True = real token) hides left-padding from batched decoding."""
+        """`key_mask` (True = real token) hides left-padding from batched decoding. An `ExternalKVCache` (a
+        server's paged pool) takes the new keys/values and, when decoding, computes the attention itself."""
         seq_len = x.shape[-2]
         offset = kv_cache.length if kv_cache is not None else 0
         q, k, v = self._project(x, token_positions, offset)
+        if isinstance(kv_cache, ExternalKVCache):
+            kv_cache.store(k, v)
+            if kv_cache.decoding:
+                out = kv_cache.attend(q, scale=1 / math.sqrt(self.d_head), sliding_window=self.sliding_window,
+                                      alibi_slopes=self.alibi_slopes)
+                return self.output_proj(rearrange(out, "... heads seq d -> ... seq (heads d)"))
+            kv_cache, key_mask = None, None  # a fresh prompt: ordinary causal attention over its own tokens
         key_index = None  # None: the keys are tokens 0, 1, ..., in order
         if isinstance(kv_cache, SlidingWindowCache):
             k, v, key_index = kv_cache.append(k, v)

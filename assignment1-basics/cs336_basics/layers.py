@@ -12,6 +12,11 @@ from torch import Tensor, nn
 from cs336_basics.nn_utils import silu
 
 
+def _capturing(t: Tensor) -> bool:
+    """True while a CUDA graph is being captured, when a host sync (`int(t.max())`) would break the capture."""
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 def _trunc_normal_(weight: Tensor, std: float) -> Tensor:
     return nn.init.trunc_normal_(weight, mean=0.0, std=std, a=-3 * std, b=3 * std)
 
@@ -114,7 +119,7 @@ class RotaryPositionalEmbedding(nn.Module):
                 raise ValueError(f"positions up to {offset + seq_len - 1} exceed max_seq_len={self.max_seq_len}")
             cos, sin = self.cos[offset : offset + seq_len], self.sin[offset : offset + seq_len]
         else:
-            if not torch.compiler.is_compiling() and token_positions.numel():
+            if token_positions.numel() and not (torch.compiler.is_compiling() or _capturing(token_positions)):
                 largest = int(token_positions.max())  # a host sync, so only outside compiled graphs
                 if largest >= self.max_seq_len:
                     raise ValueError(f"token position {largest} is beyond max_seq_len={self.max_seq_len}")

@@ -14,6 +14,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 
 from cs336_basics.attention import scaled_dot_product_attention
+from cs336_basics.kv_cache import ExternalKVCache
 from cs336_basics.layers import Linear, RMSNorm, RotaryPositionalEmbedding
 
 # DeepSeek's reference code and HF's DeepseekV3Attention normalise the q and kv latents with eps 1e-6 whatever
@@ -103,6 +104,13 @@ class MultiHeadLatentAttention(nn.Module):
         head_positions = token_positions.unsqueeze(-2) if token_positions is not None else None
         q_rope = self.rope(q_rope, head_positions, offset)
         k_rope = self.rope(k_rope, token_positions, offset)
+        if isinstance(kv_cache, ExternalKVCache):
+            # One latent "head" per token: [c | k_rope]; values are its first kv_lora_rank numbers.
+            kv_cache.store(torch.cat((c, k_rope), dim=-1).unsqueeze(1), None)
+            if kv_cache.decoding:
+                out = self.absorbed_external(q_nope, q_rope, kv_cache)
+                return self.output_proj(rearrange(out, "b h s d -> b s (h d)"))
+            kv_cache, key_mask = None, None
         if kv_cache is not None:
             cached = kv_cache.append(c, k_rope)
             if offset > 0:
@@ -151,6 +159,17 @@ class MultiHeadLatentAttention(nn.Module):
         scores = scores.masked_fill(~mask, float("-inf"))
         probs = scores.softmax(dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(q.dtype)
         out_latent = einsum(probs, cached[..., : self.kv_lora_rank], "b h s t, b t r -> b h s r")
+        return einsum(out_latent, w_uv, "b h s r, h v r -> b h s v")
+
+    def absorbed_external(
+        self, q_nope: Float[Tensor, "b h 1 nope"], q_rope: Float[Tensor, "b h 1 rope"], kv_cache: ExternalKVCache
+    ) -> Float[Tensor, "b h 1 v"]:
+        """The absorbed form over an external (paged) latent cache: multi-query attention with one latent head."""
+        w_uk, w_uv = rearrange(self.kv_up.weight, "(h d) r -> h d r", h=self.num_heads).split(
+            (self.nope, self.v_dim), dim=1
+        )
+        q = torch.cat((einsum(q_nope, w_uk, "b h s n, h n r -> b h s r"), q_rope), dim=-1)
+        out_latent = kv_cache.attend(q, scale=1 / math.sqrt(self.nope + self.rope_dim), value_dim=self.kv_lora_rank)
         return einsum(out_latent, w_uv, "b h s r, h v r -> b h s v")
 
     def new_cache(self, batch: int, max_len: int, device=None, dtype=None) -> LatentKVCache:

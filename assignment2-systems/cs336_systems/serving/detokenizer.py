@@ -1,0 +1,51 @@
+"""Streaming detokenization and stop strings.
+
+Decoding all output tokens again at every step would cost O(length²); instead each sequence decodes a short
+window: the tokens since the last stable point, compared with the same window minus the newest tokens. A
+window that ends in U+FFFD (an unfinished multi-byte character) waits for the next token.
+"""
+
+from collections.abc import Callable
+
+
+class IncrementalDetokenizer:
+    def __init__(self, decode: Callable[[list[int]], str], prompt_ids: list[int], context_tokens: int = 4):
+        self.decode = decode
+        self.ids: list[int] = list(prompt_ids[-context_tokens:])  # a little prompt context for tokenizers that
+        self.prefix = 0  # strip leading spaces (SentencePiece); decoded text before `read` is already out
+        self.read = len(self.ids)
+
+    def push(self, token_id: int) -> str:
+        """The text this token adds (possibly "", when it ends inside a character)."""
+        self.ids.append(token_id)
+        before = self.decode(self.ids[self.prefix : self.read])
+        now = self.decode(self.ids[self.prefix :])
+        if now.endswith("\ufffd") or len(now) <= len(before):
+            return ""
+        self.prefix, self.read = self.read, len(self.ids)
+        return now[len(before) :]
+
+    def flush(self) -> str:
+        """Whatever is still held back (an incomplete character at the very end), as replacement characters."""
+        before = self.decode(self.ids[self.prefix : self.read])
+        now = self.decode(self.ids[self.prefix :])
+        self.prefix = self.read = len(self.ids)
+        return now[len(before) :] if len(now) > len(before) else ""
+
+
+def find_stop(text: str, stops: list[str], new_from: int) -> int | None:
+    """Index where the first stop string in `text` starts, looking only where it could overlap new text."""
+    if not stops:
+        return None
+    best = None
+    for stop in stops:
+        start = max(0, new_from - len(stop) + 1)
+        at = text.find(stop, start)
+        if at != -1 and (best is None or at < best):
+            best = at
+    return best
+
+
+def holdback(stops: list[str]) -> int:
+    """Characters to keep from a stream until they can no longer begin a stop string."""
+    return max((len(s) for s in stops), default=1) - 1

@@ -1,0 +1,409 @@
+"""The engine: owns the step loop over scheduler → model runner → sampling → outputs. Knows nothing of HTTP.
+
+`LLMEngine` is synchronous (`add_request`, `step`, `abort`); `AsyncLLMEngine` runs it on a background thread
+and hands each request's outputs to an asyncio consumer, aborting the request (and freeing its blocks) when
+that consumer goes away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import torch
+
+from cs336_systems.serving.block_manager import BlockManager
+from cs336_systems.serving.detokenizer import IncrementalDetokenizer, find_stop, holdback
+from cs336_systems.serving.loader import ServedModel
+from cs336_systems.serving.model_runner import ModelRunner, bytes_per_block
+from cs336_systems.serving.params import CompletionOutput, RequestOutput, SamplingParams
+from cs336_systems.serving.sampling import sample_rows
+from cs336_systems.serving.scheduler import Scheduler
+from cs336_systems.serving.sequence import Request, Sequence
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineConfig:
+    block_size: int = 16
+    num_blocks: int | None = None  # None: what `gpu_memory_fraction` of free memory holds (CUDA), else enough for
+    gpu_memory_fraction: float = 0.8  # max_num_seqs full-length sequences, capped at that on CUDA too
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    cuda_graphs: bool = True
+    device: str | None = None  # default: cuda when available
+    dtype: str | None = None  # default: bfloat16 on CUDA, float32 on CPU
+    attention_backend: str = "auto"  # paged decode attention: "auto" (Triton on CUDA), "torch" or "triton"
+    seed: int = 0
+
+    def __post_init__(self):
+        checks = [
+            (self.block_size >= 1, f"block_size must be >= 1, got {self.block_size}"),
+            (self.num_blocks is None or self.num_blocks >= 2, f"num_blocks must be >= 2, got {self.num_blocks}"),
+            (0 < self.gpu_memory_fraction < 1,
+             f"gpu_memory_fraction must be in (0, 1), got {self.gpu_memory_fraction}"),
+            (self.max_num_seqs >= 1, f"max_num_seqs must be >= 1, got {self.max_num_seqs}"),
+            (self.max_num_batched_tokens >= 1,
+             f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}"),
+            (self.dtype in (None, "float32", "bfloat16", "float16"),
+             f"dtype must be float32, bfloat16 or float16, got {self.dtype}"),
+            (self.attention_backend in ("auto", "torch", "triton"),
+             f"unknown attention backend {self.attention_backend!r}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+
+@dataclass
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    blocks_total: int
+    blocks_used: int
+    blocks_free: int
+    blocks_high_water: int
+    block_size: int
+    kv_bytes_per_block: int
+    prompt_tokens_total: int
+    generation_tokens_total: int
+    preemptions_total: int
+    requests_finished_total: int
+    tokens_per_s: float
+
+
+class LLMEngine:
+    def __init__(self, served: ServedModel, config: EngineConfig | None = None):
+        self.served = served
+        self.config = config = config or EngineConfig()
+        device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dtype = getattr(torch, config.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+        self.model = served.model.to(device=device, dtype=dtype).eval()
+        self.context_length = self.model.config.context_length
+        self.device = device
+        num_blocks = config.num_blocks or self._default_num_blocks(dtype)
+        self.runner = ModelRunner(self.model, num_blocks, config.block_size, config.max_num_seqs,
+                                  config.cuda_graphs, config.attention_backend)
+        self.blocks = BlockManager(num_blocks, config.block_size)
+        self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens)
+        self.requests: dict[str, Request] = {}
+        self.eos_ids = set(served.eos_token_ids)
+        self.generator = torch.Generator(device=device).manual_seed(config.seed)
+        self.prompt_tokens_total = self.generation_tokens_total = self.requests_finished_total = 0
+        self._recent: deque[tuple[float, int]] = deque()
+
+    def _default_num_blocks(self, dtype: torch.dtype) -> int:
+        per_seq = -(-self.context_length // self.config.block_size)
+        enough = self.config.max_num_seqs * per_seq + 1
+        if self.device.type != "cuda":
+            return enough
+        free, _ = torch.cuda.mem_get_info(self.device)
+        block_bytes = bytes_per_block(self.model, self.config.block_size, dtype)
+        fits = int(free * self.config.gpu_memory_fraction) // block_bytes
+        return max(2, min(enough, fits))
+
+    # -- requests -------------------------------------------------------------------------------------------
+    def check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """ValueError (one line, for a 400) when the request can never be served as asked."""
+        if not prompt_token_ids:
+            raise ValueError("the prompt is empty")
+        vocab = self.model.config.vocab_size
+        if any(not 0 <= t < vocab for t in prompt_token_ids):
+            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        total = len(prompt_token_ids) + params.max_tokens
+        if len(prompt_token_ids) >= self.context_length:
+            raise ValueError(f"this model's maximum context length is {self.context_length} tokens; the prompt has "
+                             f"{len(prompt_token_ids)}")
+        if total > self.context_length:
+            raise ValueError(f"this model's maximum context length is {self.context_length} tokens; the prompt "
+                             f"({len(prompt_token_ids)}) plus max_tokens ({params.max_tokens}) is {total}")
+        if self.blocks.blocks_for(total) > self.blocks.allocator.capacity:
+            raise ValueError(f"a sequence of {total} tokens needs {self.blocks.blocks_for(total)} KV blocks; the "
+                             f"pool has {self.blocks.allocator.capacity}")
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> Request:
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already running")
+        self.check_request(prompt_token_ids, params)
+        request = Request(request_id, list(prompt_token_ids), params)
+        if params.seed is not None:
+            request.generator = torch.Generator(device=self.device).manual_seed(params.seed)
+        parent = self._new_sequence(request, 0, list(prompt_token_ids))
+        parent.forks_pending = params.n - 1
+        self.requests[request_id] = request
+        self.scheduler.add(parent)
+        self.prompt_tokens_total += len(prompt_token_ids)
+        return request
+
+    def _new_sequence(self, request: Request, index: int, token_ids: list[int]) -> Sequence:
+        seq = Sequence(request, index, token_ids)
+        seq.detokenizer = IncrementalDetokenizer(self.served.tokenizer.decode, request.prompt_token_ids)
+        request.seqs.append(seq)
+        return seq
+
+    def abort(self, request_id: str) -> None:
+        """Ends a request now (its client went away); its blocks are free when this returns."""
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return
+        for seq in request.seqs:
+            if not seq.finished:
+                self.scheduler.finish(seq, "abort")
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    # -- the step ------------------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        if batch is None:
+            return []
+        self.runner.copy_blocks(batch.copies)
+        seqs = batch.seqs
+        if batch.kind == "prefill":
+            logits = self.runner.prefill([s.token_ids for s in seqs], batch.slots)
+        else:
+            tables = [self.blocks.tables[s.seq_id] for s in seqs]
+            logits = self.runner.decode([s.token_ids[-1] for s in seqs], [len(s.token_ids) for s in seqs],
+                                        [slot[0] for slot in batch.slots], tables)
+        # A prefilled prompt with n > 1 samples gives its one logits row to each of its samples.
+        rows = [i for i, s in enumerate(seqs) for _ in range(1 + s.forks_pending)]
+        params = [seqs[i].request.params for i in rows]
+        tokens = sample_rows(logits[rows] if len(rows) != len(seqs) else logits,
+                             [p.temperature for p in params], [p.top_p for p in params],
+                             [seqs[i].request.generator for i in rows], self.generator)
+        touched: dict[str, Request] = {}
+        cursor = 0
+        for seq in seqs:
+            new = [seq] + [self._fork(seq) for _ in range(seq.forks_pending)]
+            seq.forks_pending = 0
+            for s in new:
+                self._append(s, tokens[cursor])
+                cursor += 1
+            touched[seq.request.request_id] = seq.request
+        self._count(len(tokens))
+        return [self._output(r) for r in touched.values()]
+
+    def _fork(self, parent: Sequence) -> Sequence:
+        child = self._new_sequence(parent.request, len(parent.request.seqs), list(parent.token_ids))
+        self.scheduler.fork(parent, child)
+        return child
+
+    def _append(self, seq: Sequence, token: int) -> None:
+        seq.num_cached = len(seq.token_ids)
+        seq.token_ids.append(token)
+        params = seq.request.params
+        if token in params.stop_token_ids or (token in self.eos_ids and not params.ignore_eos):
+            seq.text += seq.detokenizer.flush()  # the end-of-text token itself is not text
+            self.scheduler.finish(seq, "stop")
+            return
+        before = len(seq.text)
+        seq.text += seq.detokenizer.push(token)
+        at = find_stop(seq.text, params.stop, before)
+        if at is not None:
+            seq.text = seq.text[:at]  # the stop string and anything after it are not returned
+            self.scheduler.finish(seq, "stop")
+        elif len(seq.token_ids) - seq.prompt_len >= params.max_tokens:
+            seq.text += seq.detokenizer.flush()
+            self.scheduler.finish(seq, "length")
+
+    def _output(self, request: Request) -> RequestOutput:
+        outputs = []
+        for seq in request.seqs:
+            visible = len(seq.text)
+            if not seq.finished and request.params.stop:
+                visible = max(seq.emitted_chars, visible - holdback(request.params.stop))
+            out_ids = seq.output_ids
+            outputs.append(CompletionOutput(
+                index=seq.index, text=seq.text[:visible], token_ids=list(out_ids),
+                delta_text=seq.text[seq.emitted_chars : visible], delta_token_ids=out_ids[seq.emitted_tokens :],
+                finish_reason=seq.finish_reason,
+            ))
+            seq.emitted_chars, seq.emitted_tokens = visible, len(out_ids)
+        finished = request.finished
+        if finished:
+            self.requests.pop(request.request_id, None)
+            self.requests_finished_total += 1
+        return RequestOutput(request.request_id, request.prompt_token_ids, outputs, finished)
+
+    def _count(self, generated: int) -> None:
+        now = time.monotonic()
+        self.generation_tokens_total += generated
+        self._recent.append((now, generated))
+        while self._recent and now - self._recent[0][0] > 10.0:
+            self._recent.popleft()
+
+    def stats(self) -> EngineStats:
+        recent = list(self._recent)
+        span = (recent[-1][0] - recent[0][0]) if len(recent) > 1 else 0.0
+        rate = sum(n for _, n in recent[1:]) / span if span > 0 else 0.0
+        return EngineStats(
+            num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
+            blocks_total=self.blocks.allocator.capacity, blocks_used=self.blocks.num_used,
+            blocks_free=self.blocks.num_free, blocks_high_water=self.blocks.high_water,
+            block_size=self.blocks.block_size, kv_bytes_per_block=self.runner.kv_bytes_per_block,
+            prompt_tokens_total=self.prompt_tokens_total, generation_tokens_total=self.generation_tokens_total,
+            preemptions_total=self.scheduler.num_preemptions, requests_finished_total=self.requests_finished_total,
+            tokens_per_s=rate,
+        )
+
+    def generate(self, prompts: list[list[int]],
+                 params: SamplingParams | list[SamplingParams]) -> list[RequestOutput]:
+        """Offline: runs every prompt to completion, batched, and returns the final outputs in prompt order."""
+        params_list = params if isinstance(params, list) else [params] * len(prompts)
+        ids = [f"offline-{i}-{time.monotonic_ns()}" for i in range(len(prompts))]
+        for rid, prompt, p in zip(ids, prompts, params_list, strict=True):
+            self.add_request(rid, prompt, p)
+        final: dict[str, RequestOutput] = {}
+        while any(rid not in final for rid in ids):
+            for out in self.step():
+                if out.finished:
+                    final[out.request_id] = out
+        return [final[rid] for rid in ids]
+
+
+class EngineDead(RuntimeError):
+    """The engine's step loop failed; every open request gets this error."""
+
+
+class AsyncLLMEngine:
+    """An `LLMEngine` stepping on its own thread. Requests and aborts cross into it through a locked inbox;
+    each step's outputs cross back with one `call_soon_threadsafe` per event loop."""
+
+    def __init__(self, engine: LLMEngine, model_name: str | None = None):
+        self.engine = engine
+        self.model_name = model_name or engine.served.name
+        self._inbox: list[tuple] = []
+        self._lock = threading.Lock()
+        self._wakeup = threading.Event()
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        self._routes: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}  # engine thread only
+        self.error: BaseException | None = None
+
+    @classmethod
+    def from_served(cls, served: ServedModel, config: EngineConfig | None = None,
+                    model_name: str | None = None) -> AsyncLLMEngine:
+        return cls(LLMEngine(served, config), model_name)
+
+    @property
+    def served(self) -> ServedModel:
+        return self.engine.served
+
+    @property
+    def context_length(self) -> int:
+        return self.engine.context_length
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="cs336-engine", daemon=True)
+            self._thread.start()
+
+    def shutdown(self) -> None:
+        self._stop = True
+        self._wakeup.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None
+
+    def stats(self) -> EngineStats:
+        return self.engine.stats()
+
+    def check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        self.engine.check_request(prompt_token_ids, params)
+
+    def abort(self, request_id: str) -> None:
+        with self._lock:
+            self._inbox.append(("abort", request_id))
+        self._wakeup.set()
+
+    async def generate(self, request_id: str, prompt_token_ids: list[int],
+                       params: SamplingParams) -> AsyncIterator[RequestOutput]:
+        """Outputs of one request as they come; closing the iterator early aborts the request."""
+        if self.error is not None:
+            raise EngineDead(f"the engine stopped: {self.error}")
+        self.check_request(prompt_token_ids, params)
+        self.start()
+        queue: asyncio.Queue = asyncio.Queue()
+        with self._lock:
+            self._inbox.append(("add", request_id, list(prompt_token_ids), params, asyncio.get_running_loop(), queue))
+        self._wakeup.set()
+        finished = False
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            if not finished:
+                self.abort(request_id)
+
+    # -- the engine thread ---------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while not self._stop:
+            with self._lock:
+                inbox, self._inbox = self._inbox, []
+            for item in inbox:
+                self._take(item)
+            if not self.engine.has_unfinished():
+                self._wakeup.wait(timeout=1.0)
+                self._wakeup.clear()
+                continue
+            try:
+                outputs = self.engine.step()
+            except Exception as error:  # a bug or a CUDA failure: fail every open request, keep no half state
+                log.exception("engine step failed")
+                self.error = error
+                for rid in list(self._routes):
+                    self._send(rid, EngineDead(f"the engine stopped: {error}"))
+                    self.engine.abort(rid)
+                self._routes.clear()
+                return
+            by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestOutput]]] = {}
+            for out in outputs:
+                route = self._routes.get(out.request_id)
+                if route is None:
+                    continue
+                if out.finished:
+                    del self._routes[out.request_id]
+                by_loop.setdefault(route[0], []).append((route[1], out))
+            for loop, items in by_loop.items():
+                self._post(loop, _deliver, items)
+
+    def _take(self, item: tuple) -> None:
+        if item[0] == "abort":
+            self.engine.abort(item[1])
+            self._routes.pop(item[1], None)
+            return
+        _, rid, prompt, params, loop, queue = item
+        try:
+            self.engine.add_request(rid, prompt, params)
+        except ValueError as error:
+            self._post(loop, _deliver, [(queue, error)])
+            return
+        self._routes[rid] = (loop, queue)
+
+    def _send(self, rid: str, item) -> None:
+        loop, queue = self._routes[rid]
+        self._post(loop, _deliver, [(queue, item)])
+
+    @staticmethod
+    def _post(loop: asyncio.AbstractEventLoop, fn, arg) -> None:
+        with contextlib.suppress(RuntimeError):  # that event loop has closed: nobody is listening any more
+            loop.call_soon_threadsafe(fn, arg)
+
+
+def _deliver(items: list[tuple[asyncio.Queue, object]]) -> None:
+    for queue, item in items:
+        queue.put_nowait(item)

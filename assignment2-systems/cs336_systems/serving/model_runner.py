@@ -1,0 +1,206 @@
+"""Runs a `cs336_basics` TransformerLM over the paged KV pool: one batched prefill or decode step at a time.
+
+The pool is one K and one V tensor per layer, (num_blocks, block_size, kv_heads, d); MLA keeps its latent
+(kv_lora_rank + rope dims per token) in K alone. The model's attention modules receive a `PagedLayerCache`
+(cs336_basics' `ExternalKVCache` hook): they store new keys/values at the step's slots and, when decoding,
+attend through the block tables with `paged_attention`. Prefill runs the model's own causal attention over
+right-padded prompts. Decode steps on CUDA replay CUDA graphs captured per padded batch size, so a step costs
+a few kernel launches' worth of CPU instead of one Python pass over every module.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from cs336_basics.kv_cache import ExternalKVCache
+from cs336_basics.model import TransformerLM
+from cs336_systems.serving.block_manager import SCRATCH_BLOCK, CopyOnWrite
+from cs336_systems.serving.paged_attention import paged_attention, write_kv
+
+log = logging.getLogger(__name__)
+
+GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
+
+
+@dataclass
+class StepMeta:
+    """What every layer's cache needs for one step: where new keys go and, when decoding, what each row reads."""
+
+    decoding: bool
+    slot_mapping: Int[Tensor, " tokens"]
+    block_tables: Int[Tensor, "batch max_blocks"] | None = None
+    context_lens: Int[Tensor, " batch"] | None = None
+
+
+class PagedLayerCache(ExternalKVCache):
+    def __init__(self, k_pool: Tensor, v_pool: Tensor | None, meta_ref: list[StepMeta], backend: str):
+        self.k_pool, self.v_pool = k_pool, v_pool
+        self.meta_ref = meta_ref  # shared one-element list: every layer sees the step's metadata
+        self.backend = backend
+
+    @property
+    def decoding(self) -> bool:
+        return self.meta_ref[0].decoding
+
+    @property
+    def bytes_per_token(self) -> int:
+        per_token = self.k_pool[0, 0].numel() * self.k_pool.element_size()
+        if self.v_pool is not None:
+            per_token += self.v_pool[0, 0].numel() * self.v_pool.element_size()
+        return per_token
+
+    def store(self, k: Float[Tensor, "batch kv_heads seq d"], v: Tensor | None) -> None:
+        flat = lambda t: t.transpose(1, 2).reshape(-1, t.shape[1], t.shape[3])  # (batch·seq, kv_heads, d)
+        write_kv(self.k_pool, self.v_pool, flat(k), None if v is None else flat(v), self.meta_ref[0].slot_mapping)
+
+    def attend(self, q, *, scale, value_dim=None, sliding_window=None, alibi_slopes=None):
+        meta = self.meta_ref[0]
+        out = paged_attention(
+            q[:, :, 0], self.k_pool, self.v_pool, meta.block_tables, meta.context_lens, scale=scale,
+            value_dim=value_dim, sliding_window=sliding_window, alibi_slopes=alibi_slopes, backend=self.backend,
+        )
+        return out.unsqueeze(2)
+
+
+def kv_shapes(model: TransformerLM) -> tuple[tuple[int, int], tuple[int, int] | None]:
+    """(kv_heads, d) of K and of V (None: values live inside K, MLA's latent) for every layer."""
+    config = model.config
+    if config.attention == "mla":
+        return (1, config.kv_lora_rank + config.qk_rope_head_dim), None
+    if config.attention == "linear":
+        raise ValueError("causal linear attention keeps a constant-size recurrent state, not a KV cache to page; "
+                         "serve it with `cs336-basics generate` instead")
+    return (config.kv_heads, config.d_head), (config.kv_heads, config.d_head)
+
+
+def bytes_per_block(model: TransformerLM, block_size: int, dtype: torch.dtype) -> int:
+    (kh, kd), v = kv_shapes(model)
+    per_token = kh * kd + (0 if v is None else v[0] * v[1])
+    return per_token * block_size * model.config.num_layers * torch.empty((), dtype=dtype).element_size()
+
+
+class ModelRunner:
+    def __init__(self, model: TransformerLM, num_blocks: int, block_size: int, max_num_seqs: int,
+                 cuda_graphs: bool = True, attention_backend: str = "auto"):
+        self.model = model
+        self.config = model.config
+        weight = model.lm_head.weight
+        self.device, self.dtype = weight.device, weight.dtype
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        self.max_blocks_per_seq = -(-self.config.context_length // block_size)
+        for layer in model.layers:  # flash/SDPA kernels for prefill where the module offers them
+            if hasattr(layer.attn, "use_torch_sdpa"):
+                layer.attn.use_torch_sdpa = True
+        (kh, kd), v_shape = kv_shapes(model)
+        self.k_pools = [torch.zeros(num_blocks, block_size, kh, kd, device=self.device, dtype=self.dtype)
+                        for _ in model.layers]
+        self.v_pools = [None if v_shape is None else
+                        torch.zeros(num_blocks, block_size, *v_shape, device=self.device, dtype=self.dtype)
+                        for _ in model.layers]
+        self.meta_ref: list[StepMeta] = [StepMeta(False, torch.zeros(1, dtype=torch.long, device=self.device))]
+        self.caches = [PagedLayerCache(k, v, self.meta_ref, attention_backend)
+                       for k, v in zip(self.k_pools, self.v_pools, strict=True)]
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, Tensor]] = {}
+        if cuda_graphs and self.device.type == "cuda":
+            self._capture(max_num_seqs)
+
+    @property
+    def kv_bytes_per_block(self) -> int:
+        return bytes_per_block(self.model, self.block_size, self.dtype)
+
+    # -- forward --------------------------------------------------------------------------------------------
+    def _hidden(self, tokens: Tensor, positions: Tensor) -> Tensor:
+        x = self.model.token_embeddings(tokens)
+        for layer, cache in zip(self.model.layers, self.caches, strict=True):
+            x = layer(x, positions, cache)
+        return x
+
+    def _logits(self, hidden: Float[Tensor, "batch d_model"]) -> Float[Tensor, "batch vocab"]:
+        return self.model.lm_head(self.model.ln_final(hidden)).float()
+
+    def copy_blocks(self, copies: list[CopyOnWrite]) -> None:
+        if not copies:
+            return
+        src = torch.tensor([c.src for c in copies], device=self.device)
+        dst = torch.tensor([c.dst for c in copies], device=self.device)
+        for pool in (*self.k_pools, *(v for v in self.v_pools if v is not None)):
+            pool[dst] = pool[src]
+
+    @torch.inference_mode()
+    def prefill(self, prompts: list[list[int]], slots: list[list[int]]) -> Float[Tensor, "batch vocab"]:
+        """Logits after each prompt's last token; every prompt token's keys/values land at its slots."""
+        batch, longest = len(prompts), max(map(len, prompts))
+        tokens = np.zeros((batch, longest), dtype=np.int64)
+        slot_mapping = np.full((batch, longest), SCRATCH_BLOCK * self.block_size, dtype=np.int64)
+        for row, (prompt, row_slots) in enumerate(zip(prompts, slots, strict=True)):
+            tokens[row, : len(prompt)] = prompt
+            slot_mapping[row, : len(prompt)] = row_slots
+        to = lambda a: torch.from_numpy(a).to(self.device, non_blocking=True)
+        positions = torch.arange(longest, device=self.device).expand(batch, longest)
+        self.meta_ref[0] = StepMeta(False, to(slot_mapping).view(-1))
+        hidden = self._hidden(to(tokens), positions)
+        last = torch.tensor([len(p) - 1 for p in prompts], device=self.device)
+        return self._logits(hidden[torch.arange(batch, device=self.device), last])
+
+    @torch.inference_mode()
+    def decode(self, last_tokens: list[int], lengths: list[int], slots: list[int],
+               tables: list[list[int]]) -> Float[Tensor, "batch vocab"]:
+        """Logits after feeding each sequence's newest token (at position length − 1, stored at its slot)."""
+        batch = len(last_tokens)
+        size = next((b for b in sorted(self.graphs) if b >= batch), None)
+        padded = size or batch
+        host = np.zeros((padded, 4 + self.max_blocks_per_seq), dtype=np.int64)
+        host[:batch, 0] = last_tokens
+        host[:batch, 1] = lengths
+        host[:, 1] = np.maximum(host[:, 1], 1)  # padded rows: one key, the scratch block's
+        host[:batch, 2] = slots
+        for row, table in enumerate(tables):
+            host[row, 4 : 4 + len(table)] = table
+        packed = torch.from_numpy(host).to(self.device, non_blocking=True)
+        if size is not None:
+            self.static_inputs[:size].copy_(packed)
+            graph, logits = self.graphs[size]
+            graph.replay()
+            return logits[:batch]
+        return self._decode_forward(packed)[:batch]
+
+    def _decode_forward(self, packed: Int[Tensor, "batch columns"]) -> Float[Tensor, "batch vocab"]:
+        """packed[:, 0] token, [:, 1] length (keys incl. this token), [:, 2] slot, [:, 4:] block table."""
+        tokens, lengths = packed[:, 0:1], packed[:, 1]
+        self.meta_ref[0] = StepMeta(
+            True, packed[:, 2], packed[:, 4:].to(torch.int32), lengths.to(torch.int32)
+        )
+        hidden = self._hidden(tokens, (lengths - 1).unsqueeze(1))
+        return self._logits(hidden[:, 0])
+
+    def _capture(self, max_num_seqs: int) -> None:
+        sizes = [b for b in GRAPH_BATCH_SIZES if b < max_num_seqs] + [max_num_seqs]
+        self.static_inputs = torch.zeros(max(sizes), 4 + self.max_blocks_per_seq, dtype=torch.long,
+                                         device=self.device)
+        self.static_inputs[:, 1] = 1
+        pool = None
+        try:
+            with torch.inference_mode():
+                for size in sorted(sizes, reverse=True):
+                    inputs = self.static_inputs[:size]
+                    stream = torch.cuda.Stream()
+                    stream.wait_stream(torch.cuda.current_stream())
+                    with torch.cuda.stream(stream):
+                        self._decode_forward(inputs)  # warm-up: Triton compiles, allocator settles
+                    torch.cuda.current_stream().wait_stream(stream)
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph, pool=pool):
+                        logits = self._decode_forward(inputs)
+                    pool = graph.pool()
+                    self.graphs[size] = (graph, logits)
+            torch.cuda.synchronize()
+        except Exception as error:  # e.g. a module with a host sync (MoE routing): decode stays eager
+            log.warning("CUDA graph capture failed (%s); decoding eagerly", str(error).splitlines()[0])
+            self.graphs.clear()

@@ -1,0 +1,41 @@
+"""Next tokens for a batch of rows with mixed parameters: greedy rows by argmax, the rest by temperature +
+nucleus (top-p) sampling in one batched pass. Rows of a seeded request draw from that request's own
+generator, so a seeded request gives the same text whatever else shares its batch."""
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+
+def top_p_filter(probs: Float[Tensor, "rows vocab"], top_p: Float[Tensor, " rows"]) -> Tensor:
+    """Zeroes every token outside the smallest set whose mass reaches top_p (the top token always stays)."""
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+    sorted_probs = sorted_probs.masked_fill(mass_before >= top_p[:, None], 0.0)
+    return torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+
+
+def sample_rows(
+    logits: Float[Tensor, "rows vocab"],
+    temperatures: list[float],
+    top_ps: list[float],
+    generators: list[torch.Generator | None],
+    default_generator: torch.Generator | None = None,
+) -> list[int]:
+    choice = logits.argmax(dim=-1)
+    sampled = [i for i, t in enumerate(temperatures) if t > 0]
+    if sampled:
+        index = torch.tensor(sampled, device=logits.device)
+        temperature = torch.tensor([temperatures[i] for i in sampled], device=logits.device)
+        probs = torch.softmax(logits[index].float() / temperature[:, None], dim=-1)
+        top_p = torch.tensor([top_ps[i] for i in sampled], device=logits.device)
+        if (top_p < 1).any():
+            probs = top_p_filter(probs, top_p)
+        shared = [j for j, i in enumerate(sampled) if generators[i] is None]
+        if shared:
+            picks = torch.multinomial(probs[shared], 1, generator=default_generator).squeeze(-1)
+            choice[index[shared]] = picks
+        for j, i in enumerate(sampled):
+            if generators[i] is not None:
+                choice[i] = torch.multinomial(probs[j], 1, generator=generators[i])[0]
+    return choice.tolist()

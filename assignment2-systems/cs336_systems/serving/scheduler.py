@@ -1,0 +1,119 @@
+"""Continuous batching: which sequences run in the next step.
+
+Each step is either a prefill of newly admitted sequences (their whole prompt, batched) or one decode token
+for every running sequence, so requests join and leave the batch at every step. Waiting prompts go first
+whenever their blocks fit (keeping a small reserve so running sequences can grow). When a running sequence
+needs a block and none is free, the youngest running sequence is preempted: its blocks are freed and it goes
+back to the front of the queue with every token it has so far, to be recomputed by a later prefill. Nothing
+is dropped; a request whose full length could never fit the pool is refused when it arrives.
+"""
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from cs336_systems.serving.block_manager import BlockManager, CopyOnWrite
+from cs336_systems.serving.sequence import Sequence, Status
+
+
+@dataclass
+class ScheduledBatch:
+    """`slots[i]`: where sequence i's new keys/values go (every token for a prefill, one for a decode)."""
+
+    kind: str  # "prefill" or "decode"
+    seqs: list[Sequence]
+    slots: list[list[int]]
+    copies: list[CopyOnWrite] = field(default_factory=list)
+
+
+class Scheduler:
+    def __init__(self, blocks: BlockManager, max_num_seqs: int = 256, max_num_batched_tokens: int = 8192):
+        if max_num_seqs < 1 or max_num_batched_tokens < 1:
+            raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
+        self.blocks = blocks
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> ScheduledBatch | None:
+        batch = self._schedule_prefill()
+        if batch is None and self.running:
+            batch = self._schedule_decode()
+        return batch
+
+    def _schedule_prefill(self) -> ScheduledBatch | None:
+        admitted: list[Sequence] = []
+        longest = 0
+        reserve = max(1, self.blocks.allocator.capacity // 100) if self.running else 0
+        while self.waiting:
+            seq = self.waiting[0]
+            running_after = len(self.running) + len(admitted) + 1 + seq.forks_pending
+            padded_tokens = (len(admitted) + 1) * max(longest, len(seq.token_ids))
+            if admitted and (running_after > self.max_num_seqs or padded_tokens > self.max_num_batched_tokens):
+                break
+            if not admitted and self.running and running_after > self.max_num_seqs:
+                break
+            if not self.blocks.can_allocate(len(seq.token_ids), reserve):
+                break
+            self.waiting.popleft()
+            self.blocks.allocate(seq.seq_id, len(seq.token_ids))
+            seq.status = Status.RUNNING
+            admitted.append(seq)
+            longest = max(longest, len(seq.token_ids))
+        if not admitted:
+            return None
+        self.running.extend(admitted)
+        slots = [[self.blocks.slot(s.seq_id, p) for p in range(len(s.token_ids))] for s in admitted]
+        return ScheduledBatch("prefill", admitted, slots)
+
+    def _schedule_decode(self) -> ScheduledBatch:
+        seqs, slots, copies = [], [], []
+        i = 0
+        while i < len(self.running):
+            seq = self.running[i]
+            holds = len(seq.token_ids)  # after this step the pool holds every token of the sequence
+            while self.blocks.needs_new_block(seq.seq_id, holds) and self.blocks.num_free == 0:
+                self.preempt(self.running[-1])
+                if seq.status is not Status.RUNNING:
+                    break
+            if seq.status is not Status.RUNNING:
+                break  # it was the youngest, now preempted: everyone older is scheduled
+            slot, copy = self.blocks.append_slot(seq.seq_id, holds)
+            seqs.append(seq)
+            slots.append([slot])
+            if copy is not None:
+                copies.append(copy)
+            i += 1
+        return ScheduledBatch("decode", seqs, slots, copies)
+
+    def preempt(self, seq: Sequence) -> None:
+        """Frees the sequence's blocks; it is recomputed from all its tokens when readmitted."""
+        self.running.remove(seq)
+        self.blocks.free(seq.seq_id)
+        seq.num_cached = 0
+        seq.status = Status.WAITING
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    def fork(self, parent: Sequence, child: Sequence) -> None:
+        self.blocks.fork(parent.seq_id, child.seq_id)
+        child.num_cached = parent.num_cached
+        child.status = Status.RUNNING
+        self.running.append(child)
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """Ends a sequence (done, or its client went away) and frees its blocks at once."""
+        if seq.status is Status.RUNNING:
+            self.running.remove(seq)
+        elif seq.status is Status.WAITING and seq in self.waiting:
+            self.waiting.remove(seq)
+        self.blocks.free(seq.seq_id)
+        seq.status = Status.FINISHED
+        seq.finish_reason = reason
