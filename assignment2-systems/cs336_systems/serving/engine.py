@@ -21,7 +21,7 @@ import torch
 from cs336_systems.serving.block_manager import BlockManager
 from cs336_systems.serving.detokenizer import IncrementalDetokenizer, find_stop, holdback
 from cs336_systems.serving.loader import ServedModel
-from cs336_systems.serving.model_runner import ModelRunner, bytes_per_block
+from cs336_systems.serving.model_runner import ModelRunner, bytes_per_block, is_recurrent
 from cs336_systems.serving.params import CompletionOutput, RequestOutput, SamplingParams
 from cs336_systems.serving.sampling import sample_rows
 from cs336_systems.serving.scheduler import Scheduler
@@ -88,10 +88,11 @@ class LLMEngine:
         self.model = served.model.to(device=device, dtype=dtype).eval()
         self.context_length = self.model.config.context_length
         self.device = device
-        num_blocks = config.num_blocks or self._default_num_blocks(dtype)
-        self.runner = ModelRunner(self.model, num_blocks, config.block_size, config.max_num_seqs,
+        block_size = self.context_length if is_recurrent(self.model) else config.block_size  # a block = a state
+        num_blocks = config.num_blocks or self._default_num_blocks(dtype, block_size)
+        self.runner = ModelRunner(self.model, num_blocks, block_size, config.max_num_seqs,
                                   config.cuda_graphs, config.attention_backend)
-        self.blocks = BlockManager(num_blocks, config.block_size)
+        self.blocks = BlockManager(num_blocks, block_size)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens)
         self.requests: dict[str, Request] = {}
         self.eos_ids = set(served.eos_token_ids)
@@ -99,13 +100,13 @@ class LLMEngine:
         self.prompt_tokens_total = self.generation_tokens_total = self.requests_finished_total = 0
         self._recent: deque[tuple[float, int]] = deque()
 
-    def _default_num_blocks(self, dtype: torch.dtype) -> int:
-        per_seq = -(-self.context_length // self.config.block_size)
+    def _default_num_blocks(self, dtype: torch.dtype, block_size: int) -> int:
+        per_seq = -(-self.context_length // block_size)
         enough = self.config.max_num_seqs * per_seq + 1
         if self.device.type != "cuda":
             return enough
         free, _ = torch.cuda.mem_get_info(self.device)
-        block_bytes = bytes_per_block(self.model, self.config.block_size, dtype)
+        block_bytes = bytes_per_block(self.model, block_size, dtype)
         fits = int(free * self.config.gpu_memory_fraction) // block_bytes
         return max(2, min(enough, fits))
 

@@ -73,13 +73,20 @@ def kv_shapes(model: TransformerLM) -> tuple[tuple[int, int], tuple[int, int] | 
     config = model.config
     if config.attention == "mla":
         return (1, config.kv_lora_rank + config.qk_rope_head_dim), None
-    if config.attention == "linear":
-        raise ValueError("causal linear attention keeps a constant-size recurrent state, not a KV cache to page; "
-                         "serve it with `cs336-basics generate` instead")
     return (config.kv_heads, config.d_head), (config.kv_heads, config.d_head)
 
 
+def is_recurrent(model: TransformerLM) -> bool:
+    """Causal linear attention: each sequence holds one constant-size state (S, z) per layer instead of keys and
+    values. The server pages it with one "block" per sequence (block_size = context_length), so the block
+    manager's allocation, sharing between samples and copy-on-write apply to states unchanged."""
+    return model.config.attention == "linear"
+
+
 def bytes_per_block(model: TransformerLM, block_size: int, dtype: torch.dtype) -> int:
+    if is_recurrent(model):
+        heads, d = model.config.num_heads, model.config.d_head
+        return model.config.num_layers * heads * (d * d + d) * 4  # float32 state and normaliser
     (kh, kd), v = kv_shapes(model)
     per_token = kh * kd + (0 if v is None else v[0] * v[1])
     return per_token * block_size * model.config.num_layers * torch.empty((), dtype=dtype).element_size()
@@ -98,15 +105,24 @@ class ModelRunner:
         for layer in model.layers:  # flash/SDPA kernels for prefill where the module offers them
             if hasattr(layer.attn, "use_torch_sdpa"):
                 layer.attn.use_torch_sdpa = True
-        (kh, kd), v_shape = kv_shapes(model)
-        self.k_pools = [torch.zeros(num_blocks, block_size, kh, kd, device=self.device, dtype=self.dtype)
-                        for _ in model.layers]
-        self.v_pools = [None if v_shape is None else
-                        torch.zeros(num_blocks, block_size, *v_shape, device=self.device, dtype=self.dtype)
-                        for _ in model.layers]
         self.meta_ref: list[StepMeta] = [StepMeta(False, torch.zeros(1, dtype=torch.long, device=self.device))]
-        self.caches = [PagedLayerCache(k, v, self.meta_ref, attention_backend)
-                       for k, v in zip(self.k_pools, self.v_pools, strict=True)]
+        self.recurrent = is_recurrent(model)
+        if self.recurrent:
+            from cs336_basics.linear_attention import LinearAttentionState
+
+            heads, d = self.config.num_heads, self.config.d_head
+            self.k_pools = [torch.zeros(num_blocks, heads, d, d, device=self.device) for _ in model.layers]
+            self.v_pools = [torch.zeros(num_blocks, heads, d, device=self.device) for _ in model.layers]
+            self.caches = [LinearAttentionState(0, heads, d, device=self.device) for _ in model.layers]
+        else:
+            (kh, kd), v_shape = kv_shapes(model)
+            self.k_pools = [torch.zeros(num_blocks, block_size, kh, kd, device=self.device, dtype=self.dtype)
+                            for _ in model.layers]
+            self.v_pools = [None if v_shape is None else
+                            torch.zeros(num_blocks, block_size, *v_shape, device=self.device, dtype=self.dtype)
+                            for _ in model.layers]
+            self.caches = [PagedLayerCache(k, v, self.meta_ref, attention_backend)
+                           for k, v in zip(self.k_pools, self.v_pools, strict=True)]
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, Tensor]] = {}
         if cuda_graphs and self.device.type == "cuda":
             self._capture(max_num_seqs)
@@ -116,10 +132,20 @@ class ModelRunner:
         return bytes_per_block(self.model, self.block_size, self.dtype)
 
     # -- forward --------------------------------------------------------------------------------------------
-    def _hidden(self, tokens: Tensor, positions: Tensor) -> Tensor:
+    def _hidden(self, tokens: Tensor, positions: Tensor, key_mask: Tensor | None = None,
+                state_rows: Tensor | None = None, fresh: bool = False) -> Tensor:
+        """`state_rows`: each row's state slot (recurrent models), gathered before and written back after."""
+        if self.recurrent:
+            for cache, state, norm in zip(self.caches, self.k_pools, self.v_pools, strict=True):
+                cache.state = torch.zeros_like(state[state_rows]) if fresh else state[state_rows]
+                cache.normaliser = torch.zeros_like(norm[state_rows]) if fresh else norm[state_rows]
         x = self.model.token_embeddings(tokens)
         for layer, cache in zip(self.model.layers, self.caches, strict=True):
-            x = layer(x, positions, cache)
+            x = layer(x, positions, cache, key_mask)
+        if self.recurrent:
+            for cache, state, norm in zip(self.caches, self.k_pools, self.v_pools, strict=True):
+                state[state_rows] = cache.state
+                norm[state_rows] = cache.normaliser
         return x
 
     def _logits(self, hidden: Float[Tensor, "batch d_model"]) -> Float[Tensor, "batch vocab"]:
@@ -145,7 +171,11 @@ class ModelRunner:
         to = lambda a: torch.from_numpy(a).to(self.device, non_blocking=True)
         positions = torch.arange(longest, device=self.device).expand(batch, longest)
         self.meta_ref[0] = StepMeta(False, to(slot_mapping).view(-1))
-        hidden = self._hidden(to(tokens), positions)
+        key_mask = rows = None
+        if self.recurrent:
+            key_mask = positions < torch.tensor([len(p) for p in prompts], device=self.device)[:, None]
+            rows = torch.tensor([row_slots[0] // self.block_size for row_slots in slots], device=self.device)
+        hidden = self._hidden(to(tokens), positions, key_mask, rows, fresh=True)
         last = torch.tensor([len(p) - 1 for p in prompts], device=self.device)
         return self._logits(hidden[torch.arange(batch, device=self.device), last])
 
@@ -177,7 +207,7 @@ class ModelRunner:
         self.meta_ref[0] = StepMeta(
             True, packed[:, 2], packed[:, 4:].to(torch.int32), lengths.to(torch.int32)
         )
-        hidden = self._hidden(tokens, (lengths - 1).unsqueeze(1))
+        hidden = self._hidden(tokens, (lengths - 1).unsqueeze(1), state_rows=packed[:, 4] if self.recurrent else None)
         return self._logits(hidden[:, 0])
 
     def _capture(self, max_num_seqs: int) -> None:

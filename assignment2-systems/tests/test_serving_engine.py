@@ -1,0 +1,243 @@
+"""The serving engine against independent references: cs336_basics' own KV-cache decoding (token for token),
+a brute-force model of the block pool, and plain string search for stop sequences."""
+
+import random
+
+import pytest
+import torch
+
+from cs336_basics.decoding import generate
+from cs336_systems.serving.block_manager import SCRATCH_BLOCK, BlockManager, OutOfBlocks
+from cs336_systems.serving.detokenizer import IncrementalDetokenizer, find_stop
+from cs336_systems.serving.engine import EngineConfig, LLMEngine
+from cs336_systems.serving.loader import ByteTokenizer, tiny_served_model
+from cs336_systems.serving.params import SamplingParams
+
+VARIANTS = {
+    "mha": {},
+    "gqa": {"num_kv_heads": 2},
+    "mqa": {"num_kv_heads": 1},
+    "alibi": {"position": "alibi"},
+    "sliding": {"sliding_window": 5},
+    "gqa+sliding": {"num_kv_heads": 2, "sliding_window": 7},
+    "mla": {"attention": "mla"},
+    "mla+q_lora": {"attention": "mla", "q_lora_rank": 24},
+    "moe": {"ffn": "moe"},
+    "linear": {"attention": "linear", "position": "none"},
+}
+
+
+def _prompts(seed: int, lengths) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 256, (n,), generator=g).tolist() for n in lengths]
+
+
+def _engine(served, **config) -> LLMEngine:
+    return LLMEngine(served, EngineConfig(device="cpu", **config))
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# -- block manager ------------------------------------------------------------------------------------------
+
+
+def test_block_manager_matches_a_brute_force_model_of_the_pool():
+    """Random allocate/append/fork/free traffic; every table, refcount and the free count are re-derived."""
+    rng = random.Random(0)
+    blocks = BlockManager(num_blocks=40, block_size=4)
+    lengths: dict[int, int] = {}
+    next_id = 0
+    for _ in range(2000):
+        op = rng.random()
+        try:
+            if op < 0.25 or not lengths:
+                n = rng.randint(1, 20)
+                blocks.allocate(next_id, n)
+                lengths[next_id] = n
+                next_id += 1
+            elif op < 0.6:
+                seq = rng.choice(list(lengths))
+                copy_before = [list(t) for t in blocks.tables.values()]
+                slot, copy = blocks.append_slot(seq, lengths[seq] + 1)
+                lengths[seq] += 1
+                assert slot == blocks.slot(seq, lengths[seq] - 1)
+                if copy is not None:  # the shared block was replaced in this table only
+                    assert any(copy.src in t for t in copy_before)
+                    assert copy.dst in blocks.tables[seq] and copy.src not in blocks.tables[seq]
+            elif op < 0.75:
+                parent = rng.choice(list(lengths))
+                blocks.fork(parent, next_id)
+                lengths[next_id] = lengths[parent]
+                next_id += 1
+            else:
+                seq = rng.choice(list(lengths))
+                blocks.free(seq)
+                del lengths[seq]
+        except OutOfBlocks:
+            pass
+        counts = [0] * 40
+        for seq, table in blocks.tables.items():
+            assert len(table) == -(-lengths[seq] // 4)
+            for b in table:
+                counts[b] += 1
+        assert counts == blocks.allocator.refcount
+        assert SCRATCH_BLOCK not in blocks.allocator.free_blocks and counts[SCRATCH_BLOCK] == 0
+        assert blocks.num_free == sum(1 for c in counts[1:] if c == 0)
+    for seq in list(lengths):
+        blocks.free(seq)
+    assert blocks.num_free == 39
+
+
+# -- the engine against cs336_basics' own decoding ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_greedy_engine_equals_kv_cache_decoding_even_when_preempting(variant):
+    """A pool too small for the batch forces preemption and recomputation; every output still equals
+    `cs336_basics.decoding.generate` (contiguous KV cache, one prompt at a time) token for token."""
+    served = tiny_served_model(**VARIANTS[variant])
+    reference = tiny_served_model(**VARIANTS[variant]).model
+    prompts = _prompts(1, (3, 17, 40, 9, 1, 33))
+    small_pool = {} if variant == "linear" else {"num_blocks": 20, "block_size": 4}
+    engine = _engine(served, max_num_seqs=4, **small_pool)
+    outputs = engine.generate(prompts, SamplingParams(max_tokens=20, temperature=0, ignore_eos=True))
+    for prompt, out in zip(prompts, outputs, strict=True):
+        assert out.outputs[0].token_ids == generate(reference, [prompt], 20, temperature=0)[0]
+        assert out.outputs[0].finish_reason == "length"
+    if variant != "linear":
+        assert engine.scheduler.num_preemptions > 0
+    assert engine.blocks.num_used == 0 and not engine.scheduler.running and not engine.scheduler.waiting
+
+
+def test_prefix_sharing_for_n_samples_shares_blocks_and_copies_on_write():
+    served = tiny_served_model()
+    prompt = _prompts(2, (30,))[0]  # 30 tokens in blocks of 4: the 8th block is half full and shared
+    alone = _engine(served, block_size=4).generate([prompt], SamplingParams(max_tokens=6, temperature=0,
+                                                                               ignore_eos=True))[0]
+    engine = _engine(served, block_size=4)
+    out = engine.generate([prompt], SamplingParams(max_tokens=6, temperature=0, n=4, ignore_eos=True))[0]
+    assert [o.index for o in out.outputs] == [0, 1, 2, 3]
+    assert all(o.token_ids == alone.outputs[0].token_ids for o in out.outputs)
+    # Without sharing, 4 samples of 36 tokens hold 4 × 9 blocks; shared, the 7 full prompt blocks count once.
+    assert engine.blocks.high_water == 7 + 4 * 2
+    assert engine.blocks.num_used == 0
+
+
+def test_seeded_sampling_is_reproducible_and_independent_of_the_batch():
+    served = tiny_served_model()
+    prompt, others = _prompts(3, (12,))[0], _prompts(4, (5, 20, 9))
+    params = SamplingParams(max_tokens=12, temperature=1.0, top_p=0.9, seed=7, n=3, ignore_eos=True)
+    alone = _engine(served).generate([prompt], params)[0]
+    crowded = _engine(served).generate([*others, prompt], [SamplingParams(max_tokens=8, temperature=1.0)] * 3
+                                       + [params])[-1]
+    assert [o.token_ids for o in alone.outputs] == [o.token_ids for o in crowded.outputs]
+    assert len({tuple(o.token_ids) for o in alone.outputs}) > 1  # the samples differ from each other
+
+
+def test_stop_strings_cut_the_text_and_streamed_deltas_add_up():
+    served = tiny_served_model()
+    prompt = _prompts(5, (8,))[0]
+    free = _engine(served).generate([prompt], SamplingParams(max_tokens=60, temperature=0, ignore_eos=True))[0]
+    text = free.outputs[0].text
+    stop = text[20:23]  # a stop string the greedy continuation is known to produce
+    cut = text.find(stop)
+    engine = _engine(served)
+    engine.add_request("r", prompt, SamplingParams(max_tokens=60, temperature=0, ignore_eos=True, stop=[stop]))
+    deltas, final = [], None
+    while engine.has_unfinished():
+        for out in engine.step():
+            deltas.append(out.outputs[0].delta_text)
+            final = out
+    assert final.outputs[0].text == text[:cut]
+    assert "".join(deltas) == text[:cut]
+    assert final.outputs[0].finish_reason == "stop"
+    assert engine.blocks.num_used == 0
+
+
+def test_end_of_text_stops_unless_ignored():
+    served = tiny_served_model()
+    prompt = _prompts(6, (10,))[0]
+    greedy = generate(tiny_served_model().model, [prompt], 30, temperature=0)[0]
+    eos = greedy[5]  # pretend the 6th greedy token is the end-of-text token
+    served.eos_token_ids = [eos]
+    out = _engine(served).generate([prompt], SamplingParams(max_tokens=30, temperature=0))[0].outputs[0]
+    assert out.token_ids == greedy[: greedy.index(eos) + 1] and out.finish_reason == "stop"
+    out = _engine(served).generate([prompt], SamplingParams(max_tokens=30, temperature=0, ignore_eos=True))[0]
+    assert out.outputs[0].token_ids == greedy
+
+
+def test_abort_frees_every_block_at_once():
+    engine = _engine(tiny_served_model(), block_size=4)
+    for i, prompt in enumerate(_prompts(7, (30, 12, 50))):
+        engine.add_request(f"r{i}", prompt, SamplingParams(max_tokens=40, temperature=0, n=2, ignore_eos=True))
+    for _ in range(6):
+        engine.step()
+    assert engine.blocks.num_used > 0
+    for i in range(3):
+        engine.abort(f"r{i}")
+    assert engine.blocks.num_used == 0 and not engine.has_unfinished()
+
+
+@pytest.mark.parametrize(
+    ("prompt_len", "max_tokens", "message"),
+    [(0, 4, "empty"), (128, 1, "maximum context length"), (100, 40, "plus max_tokens")],
+)
+def test_requests_that_cannot_fit_are_refused(prompt_len, max_tokens, message):
+    engine = _engine(tiny_served_model())
+    with pytest.raises(ValueError, match=message):
+        engine.add_request("r", [1] * prompt_len, SamplingParams(max_tokens=max_tokens))
+    small = _engine(tiny_served_model(), num_blocks=5, block_size=4)  # 4 usable blocks: 16 tokens at most
+    with pytest.raises(ValueError, match="KV blocks"):
+        small.add_request("r", [1] * 10, SamplingParams(max_tokens=7))
+
+
+@pytest.mark.parametrize("bad", [{"max_tokens": 0}, {"temperature": -0.1}, {"top_p": 0}, {"top_p": 1.5}, {"n": 0}])
+def test_sampling_params_reject_nonsense(bad):
+    with pytest.raises(ValueError):
+        SamplingParams(**bad)
+
+
+def test_incremental_detokenizer_handles_split_utf8_and_equals_full_decode():
+    tokenizer = ByteTokenizer()
+    text = "naïve café — 東京 🚀 done"
+    ids = tokenizer.encode(text)
+    detok = IncrementalDetokenizer(tokenizer.decode, [])
+    pieces = [detok.push(t) for t in ids]
+    assert "".join(pieces) + detok.flush() == text
+    assert all("\ufffd" not in p for p in pieces)
+
+
+def test_find_stop_only_looks_where_new_text_can_match():
+    assert find_stop("hello world", ["o w"], 5) == 4
+    assert find_stop("hello world", ["hello"], 6) is None  # entirely inside old text: already checked
+    assert find_stop("abcabc", ["c", "b"], 0) == 1
+
+
+def test_pool_holds_each_samples_own_keys_after_copy_on_write():
+    """n = 3 sampled continuations of one prompt share its blocks, then diverge. Every sequence's keys and
+    values, read back through its own block table, equal those of cs336_basics' contiguous KV cache filled
+    with that sequence alone (a missing or misdirected copy-on-write would mix the samples' tokens)."""
+    served = tiny_served_model(num_kv_heads=2)
+    reference = tiny_served_model(num_kv_heads=2).model
+    engine = _engine(served, block_size=4)
+    engine.add_request("r", _prompts(8, (10,))[0], SamplingParams(max_tokens=9, temperature=1.5, n=3, seed=3,
+                                                                   ignore_eos=True))
+    for _ in range(6):
+        engine.step()
+    seqs = engine.requests["r"].seqs
+    assert len({tuple(s.token_ids) for s in seqs}) == 3
+    for seq in seqs:
+        cached = seq.token_ids[: seq.num_cached]
+        caches = reference.new_kv_caches(1)
+        reference(torch.tensor([cached]), kv_caches=caches)
+        table = torch.tensor(engine.blocks.tables[seq.seq_id])
+        for layer, cache in enumerate(caches):
+            for pool, want in ((engine.runner.k_pools[layer], cache.keys), (engine.runner.v_pools[layer], cache.values)):
+                got = pool[table].flatten(0, 1)[: len(cached)]  # (tokens, kv_heads, d)
+                torch.testing.assert_close(got, want[0, :, : len(cached)].transpose(0, 1), atol=1e-5, rtol=1e-5)
