@@ -238,6 +238,8 @@ def test_pool_holds_each_samples_own_keys_after_copy_on_write():
         reference(torch.tensor([cached]), kv_caches=caches)
         table = torch.tensor(engine.blocks.tables[seq.seq_id])
         for layer, cache in enumerate(caches):
-            for pool, want in ((engine.runner.k_pools[layer], cache.keys), (engine.runner.v_pools[layer], cache.values)):
+            pools = (engine.runner.k_pools[layer], engine.runner.v_pools[layer])
+            for pool, want in zip(pools, (cache.keys, cache.values), strict=True):
                 got = pool[table].flatten(0, 1)[: len(cached)]  # (tokens, kv_heads, d)
-                torch.testing.assert_close(got, want[0, :, : len(cached)].transpose(0, 1), atol=1e-5, rtol=1e-5)
+                want = want[0, :, : len(cached)].transpose(0, 1)
+                torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
