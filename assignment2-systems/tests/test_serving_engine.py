@@ -243,3 +243,19 @@ def test_pool_holds_each_samples_own_keys_after_copy_on_write():
                 got = pool[table].flatten(0, 1)[: len(cached)]  # (tokens, kv_heads, d)
                 want = want[0, :, : len(cached)].transpose(0, 1)
                 torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton paged kernel and CUDA graphs need a GPU")
+@pytest.mark.parametrize("variant", ["mha", "gqa", "alibi", "sliding", "mla", "moe", "linear"])
+def test_cuda_engine_with_triton_and_cuda_graphs_equals_kv_cache_decoding(variant):
+    served = tiny_served_model(**VARIANTS[variant])
+    reference = tiny_served_model(**VARIANTS[variant]).model.cuda()
+    prompts = _prompts(9, (3, 17, 40, 9, 1, 33, 70, 5))
+    engine = LLMEngine(served, EngineConfig(device="cuda", dtype="float32", num_blocks=40, block_size=4,
+                                            max_num_seqs=6))
+    if variant not in ("moe",):
+        assert engine.runner.graphs, "decode should run from captured CUDA graphs"
+    outputs = engine.generate(prompts, SamplingParams(max_tokens=24, temperature=0, ignore_eos=True))
+    for prompt, out in zip(prompts, outputs, strict=True):
+        assert out.outputs[0].token_ids == generate(reference, [prompt], 24, temperature=0)[0]
+    assert engine.blocks.num_used == 0
