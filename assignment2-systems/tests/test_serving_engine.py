@@ -259,3 +259,11 @@ def test_cuda_engine_with_triton_and_cuda_graphs_equals_kv_cache_decoding(varian
     for prompt, out in zip(prompts, outputs, strict=True):
         assert out.outputs[0].token_ids == generate(reference, [prompt], 24, temperature=0)[0]
     assert engine.blocks.num_used == 0
+
+
+def test_ids_the_tokenizer_does_not_know_become_replacement_characters():
+    """A model vocabulary padded past the tokenizer's must not crash the step loop when it samples such an id."""
+    tokenizer = ByteTokenizer()
+    detok = IncrementalDetokenizer(tokenizer.decode, [])
+    pieces = [detok.push(t) for t in (ord("a"), 5000, ord("b"))]
+    assert "".join(pieces) + detok.flush() == "a\ufffdb"

@@ -8,9 +8,28 @@ window that ends in U+FFFD (an unfinished multi-byte character) waits for the ne
 from collections.abc import Callable
 
 
+def tolerant(decode: Callable[[list[int]], str]) -> Callable[[list[int]], str]:
+    """`decode` that renders ids the tokenizer doesn't know (a model whose vocabulary was padded past the
+    tokenizer's, as many are) as U+FFFD instead of raising inside the engine's step."""
+
+    def safe(ids: list[int]) -> str:
+        try:
+            return decode(ids)
+        except (ValueError, KeyError, IndexError, OverflowError):
+            pieces = []
+            for i in ids:
+                try:
+                    pieces.append(decode([i]))
+                except (ValueError, KeyError, IndexError, OverflowError):
+                    pieces.append("\ufffd")
+            return "".join(pieces)
+
+    return safe
+
+
 class IncrementalDetokenizer:
     def __init__(self, decode: Callable[[list[int]], str], prompt_ids: list[int], context_tokens: int = 4):
-        self.decode = decode
+        self.decode = tolerant(decode)
         self.ids: list[int] = list(prompt_ids[-context_tokens:])  # a little prompt context for tokenizers that
         self.prefix = 0  # strip leading spaces (SentencePiece); decoded text before `read` is already out
         self.read = len(self.ids)
