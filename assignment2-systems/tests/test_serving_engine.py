@@ -267,3 +267,21 @@ def test_ids_the_tokenizer_does_not_know_become_replacement_characters():
     detok = IncrementalDetokenizer(tokenizer.decode, [])
     pieces = [detok.push(t) for t in (ord("a"), 5000, ord("b"))]
     assert "".join(pieces) + detok.flush() == "a\ufffdb"
+
+
+def test_merged_updates_equal_the_sequence_of_updates():
+    """A consumer that falls behind gets merged updates; their deltas must add up to the same text and ids."""
+    from cs336_systems.serving.engine import merge_outputs
+
+    engine = _engine(tiny_served_model())
+    engine.add_request("r", _prompts(10, (6,))[0], SamplingParams(max_tokens=12, temperature=0, n=2,
+                                                                  ignore_eos=True))
+    updates = []
+    while engine.has_unfinished():
+        updates += engine.step()
+    merged = updates[0]
+    for update in updates[1:]:
+        merged = merge_outputs(merged, update)
+    assert merged.finished
+    for out in merged.outputs:
+        assert out.delta_token_ids == out.token_ids and out.delta_text == out.text

@@ -4,6 +4,8 @@ sequence, reference counts so that samples of one prompt share its blocks until 
 
 from dataclasses import dataclass, field
 
+import numpy as np
+
 SCRATCH_BLOCK = 0  # never handed out: padded rows of a batch write here and read it, harmlessly
 
 
@@ -132,6 +134,12 @@ class BlockManager:
     def free(self, seq_id: int) -> None:
         for block in self.tables.pop(seq_id, []):
             self.allocator.release(block)
+
+    def slots(self, seq_id: int, num_tokens: int) -> list[int]:
+        """Slots of positions 0..num_tokens-1, vectorised (prefill asks for thousands at a time)."""
+        positions = np.arange(num_tokens)
+        table = np.asarray(self.tables[seq_id])
+        return (table[positions // self.block_size] * self.block_size + positions % self.block_size).tolist()
 
     def slot(self, seq_id: int, position: int) -> int:
         table = self.tables[seq_id]

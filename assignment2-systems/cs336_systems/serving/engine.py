@@ -340,6 +340,11 @@ class AsyncLLMEngine:
         try:
             while True:
                 item = await queue.get()
+                while not isinstance(item, BaseException) and not queue.empty():
+                    # The consumer fell behind (a slow client or a busy event loop): hand over one merged
+                    # update instead of a backlog of single-token ones.
+                    newer = queue.get_nowait()
+                    item = newer if isinstance(newer, BaseException) else merge_outputs(item, newer)
                 if isinstance(item, BaseException):
                     raise item
                 finished = item.finished
@@ -403,6 +408,19 @@ class AsyncLLMEngine:
     def _post(loop: asyncio.AbstractEventLoop, fn, arg) -> None:
         with contextlib.suppress(RuntimeError):  # that event loop has closed: nobody is listening any more
             loop.call_soon_threadsafe(fn, arg)
+
+
+def merge_outputs(older: RequestOutput, newer: RequestOutput) -> RequestOutput:
+    """One update equivalent to `older` followed by `newer`: newer's cumulative state, both deltas."""
+    deltas = {o.index: o for o in older.outputs}
+    merged = []
+    for out in newer.outputs:
+        before = deltas.get(out.index)
+        if before is not None:
+            out = CompletionOutput(out.index, out.text, out.token_ids, before.delta_text + out.delta_text,
+                                   before.delta_token_ids + out.delta_token_ids, out.finish_reason)
+        merged.append(out)
+    return RequestOutput(newer.request_id, newer.prompt_token_ids, merged, newer.finished)
 
 
 def _deliver(items: list[tuple[asyncio.Queue, object]]) -> None:

@@ -70,7 +70,7 @@ class Scheduler:
         if not admitted:
             return None
         self.running.extend(admitted)
-        slots = [[self.blocks.slot(s.seq_id, p) for p in range(len(s.token_ids))] for s in admitted]
+        slots = [self.blocks.slots(s.seq_id, len(s.token_ids)) for s in admitted]
         return ScheduledBatch("prefill", admitted, slots)
 
     def _schedule_decode(self) -> ScheduledBatch:
