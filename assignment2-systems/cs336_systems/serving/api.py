@@ -5,8 +5,9 @@
 Errors are OpenAI's `{"error": {"message", "type", "param", "code"}}`:
 
 - 400 a bad value (max_tokens < 1, temperature outside [0, 2], top_p outside (0, 1], n outside [1, 16], a prompt
-  that with max_tokens does not fit the context, unknown token ids, unsupported options), malformed JSON, or an
-  invalid Content-Length;
+  that with max_tokens does not fit the context or the KV pool, unknown token ids, unsupported options, a chat
+  template that refuses the messages) or malformed JSON (an unparsable Content-Length never reaches the app:
+  uvicorn answers it with its own plain-text 400);
 - 401 a missing or wrong `Authorization: Bearer` key when the server has one (only `/v1/*` is guarded:
   `/health` and `/metrics` stay open for load balancers and scrapers);
 - 404 an unknown model or path, 405 a wrong method;
@@ -74,7 +75,8 @@ METRICS: list[tuple[str, str, str, str]] = [
     ("prompt_tokens_total", "prompt_tokens_total", "counter", "Prompt tokens prefilled (recomputes included)."),
     ("generation_tokens_total", "generation_tokens_total", "counter", "Tokens generated."),
     ("preemptions_total", "preemptions_total", "counter", "Sequences preempted (to be recomputed)."),
-    ("requests_finished_total", "requests_finished_total", "counter", "Requests that ran to their end (aborted ones excluded)."),
+    ("requests_finished_total", "requests_finished_total", "counter",
+     "Requests that ran to their end (aborted ones excluded)."),
     ("tokens_per_s", "generation_tokens_per_second", "gauge", "Generated tokens per second, recent window."),
 ]
 METRIC_PREFIX = "cs336_serving_"
@@ -444,8 +446,13 @@ def build_app(engine: Any, *, api_key: str | None = None, max_body_bytes: int = 
         if requested is None:  # as many tokens as the context leaves (none left: the prompt alone is too long)
             server.check_fits([ids], 1)
         max_tokens = requested if requested is not None else server.context_length - len(ids)
-        params = req.sampling_params(max_tokens, vocab_size=server.vocab_size)
-        server.check_fits([ids], params.max_tokens)
+        try:
+            params = req.sampling_params(max_tokens, vocab_size=server.vocab_size)
+            server.check_fits([ids], params.max_tokens)
+        except BadRequest as e:  # name the field the client actually sent
+            if e.param == "max_tokens" and req.max_completion_tokens is not None:
+                e.param = "max_completion_tokens"
+            raise
         request_id = new_id("chatcmpl")
         gens, firsts = await server.start(request, request_id, [ids], params)
         n = params.n

@@ -1,0 +1,133 @@
+"""`cs336-systems serve`: an OpenAI-compatible server for a `cs336-basics train` run or a Hugging Face folder.
+
+    cs336-systems serve --run-dir runs/quickstart [--tokenizer runs/tokenizer] --port 8000
+    cs336-systems serve --hf-model ./Qwen2.5-0.5B --api-key secret     # or CS336_API_KEY=secret
+
+Every setting is checked before anything is loaded (a bad value or a missing folder is one line, exit 2), and
+the listening socket is bound before the model loads, so a port in use fails at once rather than after it.
+Importing this module imports neither torch nor the web stack: `cs336-systems --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+from pathlib import Path
+
+from cs336_basics.cli_support import UserError
+from cs336_basics.cli_support.ranges import Range
+
+API_KEY_ENV = "CS336_API_KEY"
+
+# The numeric flags' valid ranges by dest (cli.py's RANGES may hold the same; this module checks them itself).
+RANGES: dict[str, Range] = {
+    "port": Range(ge=1, le=65535), "block_size": Range(ge=1), "num_blocks": Range(ge=2),
+    "max_num_seqs": Range(ge=1), "max_num_batched_tokens": Range(ge=1), "max_body_bytes": Range(ge=1),
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    src = parser.add_argument_group("model (one of)")
+    src.add_argument("--run-dir", metavar="RUN", help="a `cs336-basics train` run folder")
+    src.add_argument("--tokenizer", metavar="DIR",
+                     help="the run's tokenizer folder (default: tokenizer/ beside the run, quickstart's layout)")
+    src.add_argument("--hf-model", metavar="DIR", help="a Hugging Face causal-LM folder (read offline)")
+    net = parser.add_argument_group("server")
+    net.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    net.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
+    net.add_argument("--api-key", default=None,
+                     help=f"require `Authorization: Bearer KEY` on /v1/* (default: ${API_KEY_ENV} if set; /health "
+                          "and /metrics stay open)")
+    net.add_argument("--served-model-name", default=None,
+                     help="the `model` name clients use (default: the run or HF folder's name)")
+    net.add_argument("--max-body-bytes", type=int, default=1_000_000, help="largest request body (default 1 MB)")
+    net.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    eng = parser.add_argument_group("engine")
+    eng.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block (default 16)")
+    eng.add_argument("--num-blocks", type=int, default=None,
+                     help="KV cache blocks (default: what free GPU memory holds on CUDA, enough for --max-num-seqs "
+                          "full-length sequences on CPU)")
+    eng.add_argument("--max-num-seqs", type=int, default=256, help="sequences in one batch at most (default 256)")
+    eng.add_argument("--max-num-batched-tokens", type=int, default=8192,
+                     help="prompt tokens in one prefill batch at most (default 8192)")
+    eng.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
+                     help="decode eagerly instead of replaying captured CUDA graphs")
+    eng.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    eng.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                     help="weights and KV cache dtype (default: bfloat16 on CUDA, float32 on CPU)")
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """Everything that can be refused without loading a model: ranges, the model source, folders."""
+    for dest, rule in RANGES.items():
+        value = getattr(args, dest, None)
+        if value is not None and not rule.holds(value):
+            raise UserError(f"--{dest.replace('_', '-')} must be {rule.describe()}, got {value}")
+    if (args.run_dir is None) == (args.hf_model is None):
+        raise UserError("give exactly one model: --run-dir RUN or --hf-model DIR")
+    if args.tokenizer is not None and args.run_dir is None:
+        raise UserError("--tokenizer goes with --run-dir (an HF folder carries its own tokenizer)")
+    for flag, path in [("--run-dir", args.run_dir), ("--tokenizer", args.tokenizer), ("--hf-model", args.hf_model)]:
+        if path is not None and not Path(path).is_dir():
+            raise UserError(f"{flag} {path}: {'not a folder' if Path(path).exists() else 'no such folder'}")
+    if args.served_model_name is not None and not args.served_model_name.strip():
+        raise UserError("--served-model-name must not be empty")
+    if args.device is not None and not args.device.startswith(("cpu", "cuda")):
+        raise UserError(f"--device must be cpu or cuda[:N], got {args.device}")
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """The listening socket, bound now: a port in use or an unknown host is a one-line error before loading."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+        sock = socket.socket(family, kind, proto)
+    except OSError as e:
+        raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as e:
+        sock.close()
+        raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def run(args: argparse.Namespace) -> int:
+    check_arguments(args)
+    api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
+    sock = bind(args.host, args.port)
+    try:
+        import uvicorn
+
+        from cs336_systems.serving.api import build_app
+        from cs336_systems.serving.engine import AsyncLLMEngine, EngineConfig
+        from cs336_systems.serving.loader import load_hf_model, load_run_model
+
+        try:
+            config = EngineConfig(block_size=args.block_size, num_blocks=args.num_blocks,
+                                  max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                                  cuda_graphs=args.cuda_graphs, device=args.device, dtype=args.dtype)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+        if args.hf_model is not None:
+            served = load_hf_model(args.hf_model, name=args.served_model_name)
+        else:
+            served = load_run_model(args.run_dir, args.tokenizer, name=args.served_model_name)
+        engine = AsyncLLMEngine.from_served(served, config, model_name=args.served_model_name)
+        engine.start()
+        try:
+            app = build_app(engine, api_key=api_key, max_body_bytes=args.max_body_bytes)
+            host = f"[{args.host}]" if ":" in args.host else args.host
+            print(f"serving `{engine.model_name}` (context {engine.context_length}) on http://{host}:{args.port}/v1"
+                  + (" (API key required)" if api_key else ""), flush=True)
+            server = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=5))
+            server.run(sockets=[sock])
+        finally:
+            engine.shutdown()
+    finally:
+        sock.close()
+    return 0

@@ -1,0 +1,565 @@
+"""Issue 19, the HTTP layer: a real `AsyncLLMEngine` (random-weight tiny model, CPU) behind a real uvicorn server
+on a loopback port, driven by the official `openai` client (completions, chat, streaming) and by raw httpx for
+what a client library would not send. Reference outputs come from a synchronous `LLMEngine` over the same
+weights, run offline."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import re
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import httpx
+import openai
+import pytest
+import uvicorn
+
+from cs336_basics.cli_support import run_command
+from cs336_systems.serving import serve_cli
+from cs336_systems.serving.api import build_app
+from cs336_systems.serving.chat import render_hf, render_plain
+from cs336_systems.serving.engine import AsyncLLMEngine, EngineConfig, LLMEngine
+from cs336_systems.serving.loader import tiny_served_model
+from cs336_systems.serving.params import CompletionOutput, SamplingParams
+
+MODEL = "tiny"
+CONTEXT = 512  # long enough that a request can still be running when its client leaves
+CONFIG = dict(device="cpu", block_size=8, num_blocks=512, max_num_seqs=64, cuda_graphs=False)
+API_KEY = "sekrit"
+
+
+# ------------------------------------------------------------------------------------------------ fixtures
+class LiveServer:
+    """`build_app(engine)` served by uvicorn on a free loopback port, on a background thread."""
+
+    def __init__(self, engine: AsyncLLMEngine, **app_kwargs):
+        self.engine = engine
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        self.port = sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(build_app(engine, **app_kwargs), log_level="warning",
+                                                    lifespan="off"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
+        self.thread.start()
+        wait_until(lambda: self.server.started, what="uvicorn to start")
+
+    def client(self, **kwargs) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=kwargs.pop("api_key", "unused"), max_retries=0,
+                             timeout=60, **kwargs)
+
+    def close(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 20.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.002)
+
+
+@pytest.fixture(scope="module")
+def engine() -> Iterator[AsyncLLMEngine]:
+    eng = AsyncLLMEngine.from_served(tiny_served_model(seed=0, name=MODEL, context_length=CONTEXT),
+                                     EngineConfig(**CONFIG))
+    eng.start()
+    yield eng
+    eng.shutdown()
+
+
+@pytest.fixture(scope="module")
+def live(engine) -> Iterator[LiveServer]:
+    server = LiveServer(engine)
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="module")
+def reference() -> LLMEngine:
+    """The same weights in a synchronous engine: what one request alone, unstreamed, produces."""
+    return LLMEngine(tiny_served_model(seed=0, name=MODEL, context_length=CONTEXT), EngineConfig(**CONFIG))
+
+
+def offline(reference: LLMEngine, prompt: str, **params) -> CompletionOutput:
+    ids = reference.served.tokenizer.encode(prompt)
+    return reference.generate([ids], SamplingParams(temperature=0.0, **params))[0].outputs[0]
+
+
+def idle(engine: AsyncLLMEngine) -> bool:
+    s = engine.stats()
+    return s.blocks_used == 0 and s.num_running == 0 and s.num_waiting == 0
+
+
+def sse_events(response: httpx.Response) -> list[str]:
+    return [line[len("data: "):] for line in response.iter_lines() if line.startswith("data: ")]
+
+
+# ------------------------------------------------------------------------------------ the openai client works
+def test_models_completions_chat_and_streams_through_the_openai_client(live, reference):
+    client = live.client()
+    (card,) = client.models.list().data
+    assert card.id == MODEL
+    prompt = "Hello there"
+    want = offline(reference, prompt, max_tokens=12, ignore_eos=True)
+
+    r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=0,
+                                  extra_body={"ignore_eos": True})
+    (choice,) = r.choices
+    assert (choice.text, choice.finish_reason) == (want.text, "length")
+    prompt_ids = reference.served.tokenizer.encode(prompt)
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.total_tokens) == (
+        len(prompt_ids), 12, len(prompt_ids) + 12)
+
+    text, finishes, usage = "", [], None
+    for chunk in client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=0, stream=True,
+                                           stream_options={"include_usage": True}, extra_body={"ignore_eos": True}):
+        if chunk.usage is not None:
+            usage = chunk.usage
+            assert chunk.choices == []
+        for c in chunk.choices:
+            text += c.text
+            finishes.append(c.finish_reason)
+    assert text == want.text and finishes[-1] == "length" and set(finishes[:-1]) <= {None}
+    assert usage.completion_tokens == 12 and usage.prompt_tokens == len(prompt_ids)
+
+    # the same prompt as token ids, and a batch of prompts with n samples each: choice = prompt * n + sample
+    r = client.completions.create(model=MODEL, prompt=prompt_ids, max_tokens=12, temperature=0,
+                                  extra_body={"ignore_eos": True})
+    assert r.choices[0].text == want.text
+    r = client.completions.create(model=MODEL, prompt=[prompt, "Bye"], n=2, max_tokens=4, temperature=0,
+                                  extra_body={"ignore_eos": True})
+    assert [c.index for c in r.choices] == [0, 1, 2, 3]
+    bye = offline(reference, "Bye", max_tokens=4, ignore_eos=True).text
+    assert [c.text for c in r.choices] == [want.text[: len(r.choices[0].text)]] * 2 + [bye, bye]
+    assert r.usage.prompt_tokens == len(prompt_ids) + 3 and r.usage.completion_tokens == 16
+
+
+def test_chat_uses_the_plain_template_streamed_or_not(live, reference):
+    client = live.client()
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi!"}]
+    prompt = render_plain(messages)
+    assert prompt == "<|system|>\nBe brief.\n<|user|>\nHi!\n<|assistant|>\n"
+    want = offline(reference, prompt, max_tokens=10, ignore_eos=True)
+    r = client.chat.completions.create(model=MODEL, messages=messages, max_completion_tokens=10, temperature=0,
+                                       extra_body={"ignore_eos": True})
+    assert r.choices[0].message.role == "assistant"
+    assert (r.choices[0].message.content, r.choices[0].finish_reason) == (want.text, "length")
+    assert r.usage.prompt_tokens == len(prompt.encode()) and r.usage.completion_tokens == 10
+
+    chunks = list(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=10, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True},
+                                                 extra_body={"ignore_eos": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want.text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 10
+
+
+def test_raw_event_stream_format(live):
+    with httpx.Client(base_url=live.url, timeout=60) as http, http.stream("POST", "/v1/completions", json={
+            "model": MODEL, "prompt": "abc", "max_tokens": 3, "temperature": 0, "ignore_eos": True, "stream": True,
+            "return_token_ids": True}) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = sse_events(response)
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert all(c["object"] == "text_completion" and c["id"] == chunks[0]["id"] for c in chunks)
+    assert sum(len(c["choices"][0]["token_ids"]) for c in chunks) == 3  # the extension: ids per chunk
+    assert all("usage" not in c or c["usage"] is None for c in chunks)  # no include_usage: no usage chunk
+
+
+def test_seeded_samples_map_to_choices_and_repeat(live):
+    client = live.client()
+
+    def ask():
+        return client.completions.create(model=MODEL, prompt="Once", n=3, max_tokens=6, temperature=1.0, seed=7,
+                                         extra_body={"ignore_eos": True})
+
+    a, b = ask(), ask()
+    assert [c.index for c in a.choices] == [0, 1, 2]
+    assert [c.text for c in a.choices] == [c.text for c in b.choices]
+    assert a.usage.completion_tokens == 18
+
+
+# ------------------------------------------------------------------------------- stop strings and max_tokens
+def test_stop_strings_cut_the_text_right_before_the_first_stop(live, reference):
+    client = live.client()
+    prompt = "hello there"
+    full = offline(reference, prompt, max_tokens=40, ignore_eos=True).text
+    # a stop string from the plain-ASCII part of the greedy text, whose first occurrence is a few characters in
+    start = next(i for i in range(3, len(full) - 2)
+                 if full[i : i + 2].isascii() and full[i : i + 2].isprintable() and full.find(full[i : i + 2]) >= 3)
+    stop = full[start : start + 2]
+    at = full.find(stop)
+    # and one that first appears only later: whichever stop string comes first ends the text
+    later = next(full[i : i + 3] for i in range(len(full) - 3, at, -1)
+                 if full[i : i + 3].isascii() and full[i : i + 3].isprintable() and full.find(full[i : i + 3]) > at)
+    cut = full[:at]
+    for stream in (False, True):
+        kwargs = dict(model=MODEL, prompt=prompt, max_tokens=40, temperature=0, extra_body={"ignore_eos": True})
+        for stops in (stop, [later, stop]):
+            if stream:
+                text, finish = "", None
+                for chunk in client.completions.create(stop=stops, stream=True, **kwargs):
+                    for c in chunk.choices:
+                        text += c.text
+                        finish = c.finish_reason or finish
+            else:
+                choice = client.completions.create(stop=stops, **kwargs).choices[0]
+                text, finish = choice.text, choice.finish_reason
+            assert (text, finish) == (cut, "stop"), (stops, stream)
+
+
+def test_max_tokens_and_eos_end_generations(live, reference):
+    client = live.client()
+    prompt = "hello there"
+    for max_tokens in (1, 5):
+        want = offline(reference, prompt, max_tokens=max_tokens)
+        r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=max_tokens, temperature=0)
+        assert (r.choices[0].text, r.choices[0].finish_reason, r.usage.completion_tokens) == (
+            want.text, want.finish_reason, len(want.token_ids))
+    # without ignore_eos this prompt's greedy text ends at the end-of-text token: finish_reason "stop"
+    want = offline(reference, prompt, max_tokens=100)
+    assert want.finish_reason == "stop" and want.token_ids[-1] == 256
+    r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=100, temperature=0)
+    assert (r.choices[0].text, r.choices[0].finish_reason) == (want.text, "stop")
+    assert "<|endoftext|>" not in r.choices[0].text
+    r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], temperature=0,
+                                       max_tokens=3)
+    assert r.choices[0].finish_reason in ("length", "stop") and r.usage.completion_tokens <= 3
+
+
+# ------------------------------------------------------------------------------------------- bad requests
+LONG = list(range(65, 91)) * 20  # 520 token ids > CONTEXT
+BAD = [
+    # (path, raw body or JSON, status, param)
+    ("/v1/completions", b'{"model": "tiny", "prompt": "x",', 400, None),
+    ("/v1/completions", b"\xff\xfe", 400, None),
+    ("/v1/completions", [1, 2], 422, None),
+    ("/v1/completions", {"model": MODEL}, 422, "prompt"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": "8"}, 422, "max_tokens"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "temperature": "hot"}, 422, "temperature"),
+    ("/v1/completions", {"model": MODEL, "prompt": {"text": "x"}}, 422, "prompt"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "stream": "yes"}, 422, "stream"),
+    ("/v1/completions", {"model": "gpt-4", "prompt": "x"}, 404, "model"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": -3}, 400, "max_tokens"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "temperature": -0.1}, 400, "temperature"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "temperature": 2.5}, 400, "temperature"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "top_p": 0}, 400, "top_p"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "top_p": 1.5}, 400, "top_p"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "n": 0}, 400, "n"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "n": 17}, 400, "n"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "stop": ""}, 400, "stop"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "seed": 2**70}, 400, "seed"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "logprobs": 2}, 400, "logprobs"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "stream_options": {"include_usage": True}}, 400,
+     "stream_options"),
+    ("/v1/completions", {"model": MODEL, "prompt": ""}, 400, "prompt"),
+    ("/v1/completions", {"model": MODEL, "prompt": []}, 400, "prompt"),
+    ("/v1/completions", {"model": MODEL, "prompt": [1, 2, 257]}, 400, "prompt"),
+    ("/v1/completions", {"model": MODEL, "prompt": LONG, "max_tokens": 1}, 400, "prompt"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x" * 500, "max_tokens": 13}, 400, "max_tokens"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "stream": True, "max_tokens": 512}, 400, "max_tokens"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": "hi"}, 422, "messages"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "wizard", "content": "hi"}]}, 422, "messages"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": []}, 400, "messages"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "http://x"}}]}]}, 400, "messages"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
+                              "max_completion_tokens": 0}, 400, "max_completion_tokens"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
+                              "max_tokens": -1}, 400, "max_tokens"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "y" * 600}]}, 400, "prompt"),
+    ("/v1/chat/completions", {"model": "other", "messages": [{"role": "user", "content": "hi"}]}, 404, "model"),
+]
+
+
+def assert_openai_error(response: httpx.Response, status: int, param: str | None = None) -> dict:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}, body
+    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
+    assert body["error"]["param"] == param, body
+    return body["error"]
+
+
+def still_serves(live: LiveServer) -> None:
+    r = live.client().completions.create(model=MODEL, prompt="ok", max_tokens=2, temperature=0)
+    assert r.usage.completion_tokens >= 1
+
+
+@pytest.mark.parametrize("path, body, status, param", BAD,
+                         ids=[f"{i}-{status}" for i, (_, _, status, _) in enumerate(BAD)])
+def test_every_bad_request_gets_its_status_and_an_openai_error(live, path, body, status, param):
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    with httpx.Client(base_url=live.url, timeout=60) as http:
+        response = http.post(path, content=content, headers={"content-type": "application/json"})
+    assert_openai_error(response, status, param)
+    still_serves(live)
+
+
+def test_bodies_over_the_limit_get_413_by_header_and_by_size(live, engine):
+    big = json.dumps({"model": MODEL, "prompt": "x" * 1_100_000}).encode()
+    with httpx.Client(base_url=live.url, timeout=60) as http:
+        assert_openai_error(http.post("/v1/completions", content=big), 413)
+
+        def chunked() -> Iterator[bytes]:  # no Content-Length: only counting what arrives can tell
+            for i in range(0, len(big), 65536):
+                yield big[i : i + 65536]
+
+        assert_openai_error(http.post("/v1/completions", content=chunked()), 413)
+        assert_openai_error(http.get("/v1/nothing"), 404)
+        assert_openai_error(http.get("/v1/completions"), 405)
+        assert_openai_error(http.get("/v1/models/gpt-4"), 404, "model")
+        assert http.get(f"/v1/models/{MODEL}").json()["id"] == MODEL
+    still_serves(live)
+    assert idle(engine)
+
+
+# -------------------------------------------------------------------------------------------- concurrency
+def test_32_concurrent_streams_each_equal_the_request_served_alone(live, engine):
+    prompts = [f"request {i}: " + "ab" * (i % 5) for i in range(32)]
+    max_running = [0]
+    sampling = threading.Event()
+
+    def sample() -> None:
+        while not sampling.is_set():
+            max_running[0] = max(max_running[0], engine.stats().num_running)
+            time.sleep(0.001)
+
+    async def one(client: openai.AsyncOpenAI, prompt: str) -> tuple[str, str | None, int]:
+        text, finish, tokens = "", None, -1
+        stream = await client.completions.create(model=MODEL, prompt=prompt, max_tokens=16, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True},
+                                                 extra_body={"ignore_eos": True})
+        async for chunk in stream:
+            if chunk.usage is not None:
+                tokens = chunk.usage.completion_tokens
+            for c in chunk.choices:
+                text += c.text
+                finish = c.finish_reason or finish
+        return text, finish, tokens
+
+    async def run_all() -> tuple[list, list]:
+        async with openai.AsyncOpenAI(base_url=live.url + "/v1", api_key="unused", max_retries=0,
+                                      timeout=120) as client:
+            together = await asyncio.gather(*(one(client, p) for p in prompts))
+            alone = [await one(client, p) for p in prompts]
+        return together, alone
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        together, alone = asyncio.run(run_all())
+    finally:
+        sampling.set()
+        sampler.join()
+    assert together == alone
+    assert all(finish == "length" and tokens == 16 for _, finish, tokens in together)
+    assert max_running[0] > 1  # they really were batched together
+    wait_until(lambda: idle(engine), what="the engine to go idle")
+
+
+# -------------------------------------------------------------------------------------------- disconnects
+def test_a_client_leaving_mid_stream_aborts_its_request_and_frees_its_blocks(live, engine):
+    before = engine.stats()
+    body = {"model": MODEL, "prompt": "Tell me everything", "max_tokens": 480, "temperature": 0, "ignore_eos": True,
+            "stream": True}
+    with httpx.Client(base_url=live.url, timeout=60) as http, http.stream("POST", "/v1/completions",
+                                                                         json=body) as response:
+        lines = response.iter_lines()
+        for _ in range(3):
+            next(line for line in lines if line.startswith("data: "))
+        assert engine.stats().blocks_used > 0
+    # leaving the block with the body unread closes the connection
+    wait_until(lambda: idle(engine), what="the aborted request's blocks to be freed")
+    after = engine.stats()
+    assert after.requests_finished_total == before.requests_finished_total  # aborted, not finished
+    assert after.generation_tokens_total - before.generation_tokens_total < 480
+    assert engine.engine.blocks.num_free == engine.engine.blocks.allocator.capacity
+    still_serves(live)
+
+
+def test_a_client_leaving_a_non_streaming_request_aborts_it(live, engine):
+    before = engine.stats()
+    body = json.dumps({"model": MODEL, "prompt": "Go on", "max_tokens": 500, "temperature": 0, "n": 4,
+                       "ignore_eos": True}).encode()
+    with socket.create_connection(("127.0.0.1", live.port)) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        wait_until(lambda: engine.stats().num_running > 0, what="the request to start")
+    wait_until(lambda: idle(engine), what="the aborted request's blocks to be freed")
+    after = engine.stats()
+    assert after.requests_finished_total == before.requests_finished_total
+    assert after.generation_tokens_total - before.generation_tokens_total < 4 * 500
+    still_serves(live)
+
+
+# ------------------------------------------------------------------------------- API key, refusals, HF chat
+@pytest.fixture(scope="module")
+def guarded() -> Iterator[LiveServer]:
+    """A second server with an API key, a small KV pool (7 blocks of 8 tokens) and an HF-style chat template."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    hf = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"[UNK]": 0}, unk_token="[UNK]")),
+                                 unk_token="[UNK]")
+    hf.chat_template = ("{% for m in messages %}{% if m.role == 'system' %}{{ raise_exception('no system role') }}"
+                        "{% endif %}[{{ m.role }}]{{ m.content }}{% endfor %}"
+                        "{% if add_generation_prompt %}[assistant]{% endif %}")
+    served = tiny_served_model(seed=0, name=MODEL)
+    served.chat_renderer = lambda messages: render_hf(hf, messages)
+    eng = AsyncLLMEngine.from_served(served, EngineConfig(**{**CONFIG, "num_blocks": 8}))
+    eng.start()
+    server = LiveServer(eng, api_key=API_KEY)
+    server.hf_tokenizer = hf
+    yield server
+    server.close()
+    eng.shutdown()
+
+
+def test_api_key_is_required_on_v1_only(guarded):
+    body = {"model": MODEL, "prompt": "hi", "max_tokens": 2}
+    with httpx.Client(base_url=guarded.url, timeout=60) as http:
+        for headers in ({}, {"authorization": "Bearer wrong"}, {"authorization": API_KEY},
+                        {"authorization": f"Basic {API_KEY}"}):
+            assert_openai_error(http.post("/v1/completions", json=body, headers=headers), 401)
+            assert_openai_error(http.get("/v1/models", headers=headers), 401)
+        assert http.get("/health").status_code == 200 and http.get("/metrics").status_code == 200
+        ok = http.post("/v1/completions", json=body, headers={"authorization": f"Bearer {API_KEY}"})
+        assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 2
+    with pytest.raises(openai.AuthenticationError):
+        guarded.client(api_key="wrong").models.list()
+    assert guarded.client(api_key=API_KEY).models.list().data[0].id == MODEL
+
+
+def test_engine_refusals_and_template_errors_are_400s(guarded):
+    client = guarded.client(api_key=API_KEY)
+    with httpx.Client(base_url=guarded.url, timeout=60, headers={"authorization": f"Bearer {API_KEY}"}) as http:
+        # fits the context (128) but not the pool (56 tokens): the engine's own ValueError
+        error = assert_openai_error(http.post("/v1/completions", json={"model": MODEL, "prompt": "x" * 10,
+                                                                      "max_tokens": 60}), 400)
+        assert "KV blocks" in error["message"]
+        error = assert_openai_error(http.post("/v1/chat/completions", json={"model": MODEL, "messages": [
+            {"role": "system", "content": "s"}, {"role": "user", "content": "u"}]}), 400, "messages")
+        assert "no system role" in error["message"]
+    messages = [{"role": "user", "content": "hey"}]
+    assert render_hf(guarded.hf_tokenizer, messages) == "[user]hey[assistant]"
+    r = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=3, temperature=0,
+                                       extra_body={"ignore_eos": True})
+    assert r.usage.prompt_tokens == len("[user]hey[assistant]") and r.usage.completion_tokens == 3
+    assert idle(guarded.engine)
+
+
+# ------------------------------------------------------------------------------------------ health, metrics
+SAMPLE = re.compile(r"([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})? (\S+)")
+
+
+def parse_prometheus(text: str) -> dict[str, float]:
+    """Prometheus text exposition 0.0.4, strictly: HELP and TYPE before a metric's samples, one sample a line."""
+    samples: dict[str, float] = {}
+    types: dict[str, str] = {}
+    helped: set[str] = set()
+    assert text.endswith("\n")
+    for line in text.splitlines():
+        if line.startswith("# HELP "):
+            helped.add(line.split(" ", 3)[2])
+        elif line.startswith("# TYPE "):
+            _, _, name, kind = line.split(" ")
+            assert kind in {"counter", "gauge", "histogram", "summary", "untyped"} and name not in types
+            types[name] = kind
+        else:
+            m = SAMPLE.fullmatch(line)
+            assert m, f"not a sample line: {line!r}"
+            name = m.group(1)
+            assert name in types and name in helped, f"{name} has no TYPE/HELP before it"
+            samples[name] = float(m.group(3))
+    for name, kind in types.items():
+        assert kind != "counter" or name.endswith("_total"), name
+    return samples
+
+
+def test_metrics_parse_as_prometheus_text_and_health_works(live, engine):
+    with httpx.Client(base_url=live.url, timeout=60) as http:
+        assert http.get("/health").json() == {"status": "ok"}
+        still_serves(live)
+        response = http.get("/metrics")
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+    m = parse_prometheus(response.text)
+    p = "cs336_serving_"
+    for name in ("num_requests_running", "num_requests_waiting", "kv_blocks_total", "kv_blocks_used",
+                 "kv_blocks_free", "kv_blocks_high_water", "prompt_tokens_total", "generation_tokens_total",
+                 "preemptions_total", "requests_finished_total", "generation_tokens_per_second", "kv_block_size"):
+        assert p + name in m, name
+    assert m[p + "kv_blocks_total"] == CONFIG["num_blocks"] - 1 == m[p + "kv_blocks_used"] + m[p + "kv_blocks_free"]
+    assert m[p + "generation_tokens_total"] >= 1 and m[p + "prompt_tokens_total"] >= 2
+    assert 0 < m[p + "kv_blocks_high_water"] <= m[p + "kv_blocks_total"]
+    assert m[p + "kv_block_size"] == CONFIG["block_size"]
+
+
+# --------------------------------------------------------------------------------------------- chat.py alone
+def test_plain_template_and_its_refusals():
+    assert render_plain([{"role": "user", "content": "a"}], add_generation_prompt=False) == "<|user|>\na\n"
+    with pytest.raises(ValueError, match="role"):
+        render_plain([{"role": "wizard", "content": "a"}])
+    with pytest.raises(ValueError, match="empty"):
+        render_plain([])
+
+
+# ---------------------------------------------------------------------------------- `cs336-systems serve`
+def serve(argv: list[str]) -> int:
+    """`cs336-systems serve ARGV` through the shared error boundary (the real `main` once serve is registered)."""
+    from cs336_systems import cli
+
+    if "serve" in cli.COMMANDS:
+        return cli.main(["serve", *argv])
+    parser = argparse.ArgumentParser(prog="cs336-systems serve")
+    serve_cli.add_arguments(parser)
+    args = parser.parse_args(argv)
+    return run_command("cs336-systems", lambda: serve_cli.run(args))
+
+
+def one_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("cs336-systems: error:") and "Traceback" not in err, err
+    return lines[0]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--run-dir", "{tmp}", "--port", "0"], "--port must be >= 1 and <= 65535, got 0"),
+    (["--run-dir", "{tmp}", "--port", "70000"], "--port must be >= 1 and <= 65535, got 70000"),
+    (["--run-dir", "{tmp}", "--block-size", "0"], "--block-size must be >= 1, got 0"),
+    (["--run-dir", "{tmp}", "--num-blocks", "1"], "--num-blocks must be >= 2, got 1"),
+    (["--run-dir", "{tmp}", "--max-num-seqs", "0"], "--max-num-seqs must be >= 1, got 0"),
+    (["--run-dir", "{tmp}/missing"], "--run-dir {tmp}/missing: no such folder"),
+    (["--hf-model", "{tmp}/missing"], "--hf-model {tmp}/missing: no such folder"),
+    (["--run-dir", "{tmp}", "--tokenizer", "{tmp}/nope"], "--tokenizer {tmp}/nope: no such folder"),
+    ([], "give exactly one model: --run-dir RUN or --hf-model DIR"),
+    (["--run-dir", "{tmp}", "--hf-model", "{tmp}"], "give exactly one model"),
+    (["--hf-model", "{tmp}", "--tokenizer", "{tmp}"], "--tokenizer goes with --run-dir"),
+    (["--run-dir", "{tmp}", "--device", "tpu"], "--device must be cpu or cuda"),
+])
+def test_serve_refuses_bad_settings_in_one_line_before_loading(argv, message, tmp_path, capsys):
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    assert serve(argv) == 2
+    assert message.replace("{tmp}", str(tmp_path)) in one_line(capsys.readouterr().err)
+
+
+def test_serve_refuses_a_port_in_use(tmp_path, capsys):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        assert serve(["--run-dir", str(tmp_path), "--port", str(port)]) == 2
+    assert f"cannot listen on 127.0.0.1:{port}" in one_line(capsys.readouterr().err)
