@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
+from cs336_systems.serving import paged_attention as pa
 from cs336_systems.serving.paged_attention import (
     paged_attention,
     paged_attention_reference,
@@ -374,3 +375,19 @@ def test_triton_cuda_graph_replay(splits):
         torch.cuda.synchronize()
         expected = paged_attention_reference(q, k_cache, v_cache, tables, lens, scale=d**-0.5)
         torch.testing.assert_close(out, expected, **TOL[torch.bfloat16])
+
+
+@needs_cuda
+@pytest.mark.parametrize("mha_dot", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("name", ["mha", "alibi"])
+def test_triton_mha_both_paths(name, dtype, mha_dot, monkeypatch):
+    """Group-of-one heads: the tensor-core path (head tile padded to 16) and the elementwise path agree."""
+    monkeypatch.setitem(pa._settings, "mha_dot", mha_dot)
+    case = build(name, _ragged_lens(5, 700, 3), 16, dtype=dtype, device="cuda", seed=4)
+    ref = run_ref(case)
+    for splits in (1, 4):
+        out = paged_attention_triton(
+            case.q, case.k_cache, case.v_cache, case.block_tables, case.context_lens, num_splits=splits, **case.kwargs
+        )
+        torch.testing.assert_close(out, ref, **TOL[dtype])

@@ -18,6 +18,7 @@ Three implementations of the same math:
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -35,6 +36,14 @@ except ImportError:  # pragma: no cover - depends on the install
 
 LOG2E = 1.4426950408889634
 BACKENDS = ("auto", "torch", "triton")
+# MHA (one query head per kv head): "1" runs the group product on the tensor cores anyway (the head tile padded
+# to 16 rows, 15 of them zero), "0" uses an elementwise multiply-reduce. Read once at import.
+_settings = {"mha_dot": os.environ.get("CS336_PAGED_MHA_DOT", "1") == "1"}
+
+
+def set_mha_dot(enabled: bool) -> None:
+    """Whether MHA (group of 1) uses the tl.dot path (default) or the elementwise one."""
+    _settings["mha_dot"] = bool(enabled)
 
 
 # ------------------------------------------------------------------------------------------------ cache writes
@@ -351,11 +360,12 @@ def _pow2(n: int, minimum: int = 1) -> int:
     return max(minimum, 1 << max(0, math.ceil(math.log2(max(n, 1)))))
 
 
-def _launch_config(group: int, d_k: int, d_v: int, block_size: int) -> dict:
+@functools.lru_cache(maxsize=256)
+def _launch_config(group: int, d_k: int, d_v: int, block_size: int, mha_dot: bool) -> dict:
     """Tile sizes from shapes only. Heads of a group share the tile: ≥ 16 rows for tl.dot, capped so the fp32
     accumulator (HEAD_BLOCK × DV_P) stays in registers; larger groups (MLA's 16..128 heads) take several chunks."""
     d_p, dv_p = _pow2(d_k, 16), _pow2(d_v, 16)
-    use_dot = group > 1
+    use_dot = group > 1 or mha_dot
     if use_dot:
         cap = 64 if dv_p <= 128 else (32 if dv_p <= 256 else 16)
         head_block = min(_pow2(group, 16), cap)
@@ -416,7 +426,7 @@ def paged_attention_triton(
     batch, heads, _ = q.shape
     _, block_size, kv_heads, _ = k_cache.shape
     v_src = k_cache if v_cache is None else v_cache
-    cfg = _launch_config(group, d_k, d_v, block_size)
+    cfg = _launch_config(group, d_k, d_v, block_size, _settings["mha_dot"])
     max_blocks = block_tables.shape[1]
     max_tokens = max_blocks * block_size
     programs = batch * kv_heads * cfg["HEAD_CHUNKS"]
