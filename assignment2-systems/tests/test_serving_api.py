@@ -459,6 +459,9 @@ def test_engine_refusals_and_template_errors_are_400s(guarded):
     r = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=3, temperature=0,
                                        extra_body={"ignore_eos": True})
     assert r.usage.prompt_tokens == len("[user]hey[assistant]") and r.usage.completion_tokens == 3
+    # without max_tokens a chat may use what the pool (56 tokens), not the context (128), leaves
+    r = client.chat.completions.create(model=MODEL, messages=messages, temperature=0, extra_body={"ignore_eos": True})
+    assert (r.choices[0].finish_reason, r.usage.completion_tokens) == ("length", 56 - 20)
     assert idle(guarded.engine)
 
 

@@ -37,6 +37,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from cs336_systems.serving.engine import EngineDead
 from cs336_systems.serving.params import RequestOutput, SamplingParams
@@ -298,6 +299,12 @@ class _Server:
                              f"{longest + max_tokens} ({longest} in the prompt, {max_tokens} for the completion). "
                              "Reduce the prompt or max_tokens.", "max_tokens")
 
+    def room(self) -> int:
+        """Tokens one sequence may hold: the context, or fewer when the KV pool is smaller than one context."""
+        stats = self.engine.stats()
+        pool = getattr(stats, "blocks_total", None), getattr(stats, "block_size", None)
+        return min(self.context_length, pool[0] * pool[1]) if None not in pool else self.context_length
+
     async def start(self, request: Request, request_id: str, prompts: list[list[int]],
                     params: SamplingParams) -> tuple[list[AsyncIterator[RequestOutput]], list[RequestOutput]]:
         """The engine streams of a request's prompts and their first outputs (ValueError -> 400)."""
@@ -306,8 +313,6 @@ class _Server:
             firsts = await _unless_disconnected(request, _prime(gens))
         except ValueError as e:
             raise BadRequest(str(e)) from e
-        except EngineDead as e:
-            raise APIError(503, str(e), type="server_error", code="engine_dead") from e
         return gens, firsts
 
     # -- metrics -------------------------------------------------------------------------------------------
@@ -362,8 +367,13 @@ def build_app(engine: Any, *, api_key: str | None = None, max_body_bytes: int = 
         return error_response(400, str(e), param=e.param)
 
     @app.exception_handler(ClientGone)
-    async def on_client_gone(request: Request, e: ClientGone) -> JSONResponse:
+    @app.exception_handler(ClientDisconnect)  # gone while sending its body
+    async def on_client_gone(request: Request, e: Exception) -> JSONResponse:
         return error_response(499, "client closed the connection", code="client_closed_request")
+
+    @app.exception_handler(EngineDead)
+    async def on_engine_dead(request: Request, e: EngineDead) -> JSONResponse:
+        return error_response(503, str(e), type="server_error", code="engine_dead")
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
@@ -443,9 +453,9 @@ def build_app(engine: Any, *, api_key: str | None = None, max_body_bytes: int = 
             raise BadRequest(str(e), "messages") from e
         ids = server.encode(prompt_text)
         requested = req.requested_max_tokens()
-        if requested is None:  # as many tokens as the context leaves (none left: the prompt alone is too long)
+        if requested is None:  # as many tokens as the context (and the KV pool) leave; none: the prompt is too long
             server.check_fits([ids], 1)
-        max_tokens = requested if requested is not None else server.context_length - len(ids)
+        max_tokens = requested if requested is not None else max(1, server.room() - len(ids))
         try:
             params = req.sampling_params(max_tokens, vocab_size=server.vocab_size)
             server.check_fits([ids], params.max_tokens)
