@@ -47,6 +47,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "cs336_systems.benchmarking.ddp_cli",
         "step time, communication and hidden share of each DDP variant, and memory per rank; JSON, Markdown, figure",
     ),
+    "serve": (
+        "cs336_systems.serving.serve_cli",
+        "an OpenAI-compatible server (continuous batching, paged KV cache) for a trained run or a Hugging Face folder",
+    ),
+    "bench-serve": (
+        "cs336_systems.serving.bench_cli",
+        "load-test the server (tokens/s, TTFT, inter-token latency, KV blocks) vs HF generate; JSON, Markdown, figure",
+    ),
 }
 
 

@@ -27,6 +27,16 @@ def tolerant(decode: Callable[[list[int]], str]) -> Callable[[list[int]], str]:
     return safe
 
 
+def batch_decoder(tokenizer) -> Callable[[list[list[int]]], list[str]]:
+    """Decodes many id lists in one call: one Rust call for a Hugging Face fast tokenizer (decoding each
+    sequence's window separately would cost a Python round trip per token per step)."""
+    fast = getattr(tokenizer, "decode_batch", None)
+    if fast is not None:
+        return fast
+    decode = tolerant(tokenizer.decode)
+    return lambda batch: [decode(ids) for ids in batch]
+
+
 class IncrementalDetokenizer:
     def __init__(self, decode: Callable[[list[int]], str], prompt_ids: list[int], context_tokens: int = 4):
         self.decode = tolerant(decode)
@@ -37,8 +47,14 @@ class IncrementalDetokenizer:
     def push(self, token_id: int) -> str:
         """The text this token adds (possibly "", when it ends inside a character)."""
         self.ids.append(token_id)
-        before = self.decode(self.ids[self.prefix : self.read])
-        now = self.decode(self.ids[self.prefix :])
+        before, now = self.windows()
+        return self.advance(self.decode(before), self.decode(now))
+
+    def windows(self) -> tuple[list[int], list[int]]:
+        """The two id windows whose decoded texts differ by the newest text (for batched decoding)."""
+        return self.ids[self.prefix : self.read], self.ids[self.prefix :]
+
+    def advance(self, before: str, now: str) -> str:
         if now.endswith("\ufffd") or len(now) <= len(before):
             return ""
         self.prefix, self.read = self.read, len(self.ids)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from cs336_systems.serving.block_manager import BlockManager
-from cs336_systems.serving.detokenizer import IncrementalDetokenizer, find_stop, holdback
+from cs336_systems.serving.detokenizer import IncrementalDetokenizer, batch_decoder, find_stop, holdback
 from cs336_systems.serving.loader import ServedModel
 from cs336_systems.serving.model_runner import ModelRunner, bytes_per_block, is_recurrent
 from cs336_systems.serving.params import CompletionOutput, RequestOutput, SamplingParams
@@ -96,6 +96,7 @@ class LLMEngine:
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens)
         self.requests: dict[str, Request] = {}
         self.eos_ids = set(served.eos_token_ids)
+        self.decode_batch = batch_decoder(served.tokenizer)
         self.generator = torch.Generator(device=device).manual_seed(config.seed)
         self.prompt_tokens_total = self.generation_tokens_total = self.requests_finished_total = 0
         self._recent: deque[tuple[float, int]] = deque()
@@ -181,14 +182,18 @@ class LLMEngine:
                              [p.temperature for p in params], [p.top_p for p in params],
                              [seqs[i].request.generator for i in rows], self.generator)
         touched: dict[str, Request] = {}
+        appended: list[Sequence] = []
         cursor = 0
         for seq in seqs:
             new = [seq] + [self._fork(seq) for _ in range(seq.forks_pending)]
             seq.forks_pending = 0
             for s in new:
-                self._append(s, tokens[cursor])
+                s.num_cached = len(s.token_ids)
+                s.token_ids.append(tokens[cursor])
+                appended.append(s)
                 cursor += 1
             touched[seq.request.request_id] = seq.request
+        self._process(appended)
         self._count(len(tokens))
         return [self._output(r) for r in touched.values()]
 
@@ -197,23 +202,31 @@ class LLMEngine:
         self.scheduler.fork(parent, child)
         return child
 
-    def _append(self, seq: Sequence, token: int) -> None:
-        seq.num_cached = len(seq.token_ids)
-        seq.token_ids.append(token)
-        params = seq.request.params
-        if token in params.stop_token_ids or (token in self.eos_ids and not params.ignore_eos):
-            seq.text += seq.detokenizer.flush()  # the end-of-text token itself is not text
-            self.scheduler.finish(seq, "stop")
-            return
-        before = len(seq.text)
-        seq.text += seq.detokenizer.push(token)
-        at = find_stop(seq.text, params.stop, before)
-        if at is not None:
-            seq.text = seq.text[:at]  # the stop string and anything after it are not returned
-            self.scheduler.finish(seq, "stop")
-        elif len(seq.token_ids) - seq.prompt_len >= params.max_tokens:
-            seq.text += seq.detokenizer.flush()
-            self.scheduler.finish(seq, "length")
+    def _process(self, seqs: list[Sequence]) -> None:
+        """Text, stop conditions and finishing for each sequence's newest token; all new text is decoded in
+        one batched call."""
+        texted = []
+        for seq in seqs:
+            token, params = seq.token_ids[-1], seq.request.params
+            if token in params.stop_token_ids or (token in self.eos_ids and not params.ignore_eos):
+                seq.text += seq.detokenizer.flush()  # the end-of-text token itself is not text
+                self.scheduler.finish(seq, "stop")
+            else:
+                seq.detokenizer.ids.append(token)
+                texted.append(seq)
+        windows = [w for seq in texted for w in seq.detokenizer.windows()]
+        texts = self.decode_batch(windows) if windows else []
+        for i, seq in enumerate(texted):
+            params = seq.request.params
+            before = len(seq.text)
+            seq.text += seq.detokenizer.advance(texts[2 * i], texts[2 * i + 1])
+            at = find_stop(seq.text, params.stop, before)
+            if at is not None:
+                seq.text = seq.text[:at]  # the stop string and anything after it are not returned
+                self.scheduler.finish(seq, "stop")
+            elif len(seq.token_ids) - seq.prompt_len >= params.max_tokens:
+                seq.text += seq.detokenizer.flush()
+                self.scheduler.finish(seq, "length")
 
     def _output(self, request: Request) -> RequestOutput:
         outputs = []

@@ -88,6 +88,17 @@ class HFTokenizer:
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
+    def decode_batch(self, batch: list[list[int]]) -> list[str]:
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if backend is None:
+            return [self.decode(ids) for ids in batch]
+        vocab = backend.get_vocab_size(with_added_tokens=True)
+        # The Rust decoder rejects ids past its vocabulary (models often pad theirs): those become U+FFFD.
+        if any(i >= vocab for ids in batch for i in ids):
+            return [self.decode([i for i in ids if i < vocab]) + "\ufffd" * sum(i >= vocab for i in ids)
+                    for ids in batch]
+        return backend.decode_batch(batch, skip_special_tokens=True)
+
 
 def load_hf_model(hf_dir: str, name: str | None = None) -> ServedModel:
     """A Hugging Face folder (config.json, safetensors, tokenizer files), read offline."""
