@@ -182,6 +182,12 @@ def test_cli_refuses_bad_settings_in_one_line(argv, match):
         bench_cli.check_settings(_cli_args(argv))
 
 
+def test_requests_per_level_defaults_to_two_rounds():
+    assert bench_cli.requests_per_level([1, 8, 64], None) == [8, 16, 128]
+    assert bench_cli.requests_per_level([1, 8], [5]) == [5, 5]
+    assert bench_cli.requests_per_level([1, 8], [5, 6]) == [5, 6]
+
+
 def test_cli_runs_a_preset_and_writes_its_outputs(tmp_path):
     args = _cli_args(["--preset", "quickstart", "--context-length", "128", "--concurrency", "2", "--num-requests",
                       "3", "--prompt-len-range", "2", "10", "--output-len-range", "2", "5", "--baselines", "nonpaged",

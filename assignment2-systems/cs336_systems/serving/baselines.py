@@ -119,6 +119,8 @@ class _StepClock:
         if not self._prompt_seen:
             self._prompt_seen = True
             return
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()  # a no-op wait where generate already copied the tokens to the host
         self.times.append(time.perf_counter())
 
     def end(self) -> None:

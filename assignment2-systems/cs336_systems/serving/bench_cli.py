@@ -45,8 +45,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                      "changes)")
     load = p.add_argument_group("workload")
     load.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 64, 256])
-    load.add_argument("--num-requests", type=int, nargs="+", default=[256],
-                      help="requests per concurrency: one value for all, or one per --concurrency value")
+    load.add_argument("--num-requests", type=int, nargs="+", default=None,
+                      help="requests per concurrency: one value for all, or one per --concurrency value "
+                      "(default: max(8, 2 x concurrency), so every level runs at least two rounds)")
     load.add_argument("--prompt-len-range", type=int, nargs=2, default=[16, 512], metavar=("MIN", "MAX"))
     load.add_argument("--output-len-range", type=int, nargs=2, default=[32, 256], metavar=("MIN", "MAX"))
     load.add_argument("--seed", type=int, default=0)
@@ -77,7 +78,9 @@ def parse_baselines(text: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def requests_per_level(concurrency: list[int], num_requests: list[int]) -> list[int]:
+def requests_per_level(concurrency: list[int], num_requests: list[int] | None) -> list[int]:
+    if num_requests is None:
+        return [max(8, 2 * c) for c in concurrency]
     if len(num_requests) == 1:
         return num_requests * len(concurrency)
     if len(num_requests) != len(concurrency):
@@ -88,7 +91,7 @@ def requests_per_level(concurrency: list[int], num_requests: list[int]) -> list[
 
 def check_settings(args: argparse.Namespace) -> None:
     """What argparse and the shared ranges cannot see, before anything loads."""
-    for flag, values in [("--concurrency", args.concurrency), ("--num-requests", args.num_requests),
+    for flag, values in [("--concurrency", args.concurrency), ("--num-requests", args.num_requests or [1]),
                          ("--prompt-len-range", args.prompt_len_range),
                          ("--output-len-range", args.output_len_range)]:
         if any(v < 1 for v in values):
@@ -287,6 +290,7 @@ def benchmark_model(
     else:
         with local_server(hf_dir, engine_config) as (server_url, engine):
             measure_server(server_url, engine)
+            del engine  # the KV pool goes when the server stops, before the baselines load
 
     for system in baselines:
         if hf_dir is None:
