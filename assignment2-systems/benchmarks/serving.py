@@ -81,6 +81,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="seconds of measuring after which remaining points are recorded as skipped")
     p.add_argument("--no-cuda-graphs", action="store_true")
     args = p.parse_args(argv)
+    import torch
+
+    # Every system gets the same attention kernels: with torch 2.11 on Hopper, SDPA picks cuDNN, which plans anew
+    # for every sequence length (~50 ms per step for HF `generate` at batch 1, whose key length grows each step).
+    # Flash/efficient SDPA have no per-shape set-up, so the baselines are measured at their best.
+    torch.backends.cuda.enable_cudnn_sdp(False)
 
     settings = dict(TINY if args.tiny else FULL)
     if args.concurrency is not None:
