@@ -99,6 +99,9 @@ class RotaryPositionalEmbedding(nn.Module):
     the state dict and checkpoints remain compatible with the reference weights.
     """
 
+    # The range check costs a host sync per call; a caller that validates positions itself (a server) turns it off.
+    check_positions: bool = True
+
     def __init__(self, theta: float, d_k: int, max_seq_len: int, device=None):
         super().__init__()
         if d_k % 2:
@@ -119,7 +122,8 @@ class RotaryPositionalEmbedding(nn.Module):
                 raise ValueError(f"positions up to {offset + seq_len - 1} exceed max_seq_len={self.max_seq_len}")
             cos, sin = self.cos[offset : offset + seq_len], self.sin[offset : offset + seq_len]
         else:
-            if token_positions.numel() and not (torch.compiler.is_compiling() or _capturing(token_positions)):
+            if (self.check_positions and token_positions.numel()
+                    and not (torch.compiler.is_compiling() or _capturing(token_positions))):
                 largest = int(token_positions.max())  # a host sync, so only outside compiled graphs
                 if largest >= self.max_seq_len:
                     raise ValueError(f"token position {largest} is beyond max_seq_len={self.max_seq_len}")

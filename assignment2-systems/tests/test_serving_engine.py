@@ -285,3 +285,73 @@ def test_merged_updates_equal_the_sequence_of_updates():
     assert merged.finished
     for out in merged.outputs:
         assert out.delta_token_ids == out.token_ids and out.delta_text == out.text
+
+
+def test_prefill_waits_a_few_decode_steps_while_others_decode():
+    """With prefill_delay_steps=3, a prompt arriving while another sequence decodes is prefilled after three
+    decode steps (not dropped, not starved), and both outputs are what each prompt gives alone."""
+    served = tiny_served_model()
+    first, second = _prompts(11, (5, 7))
+    params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+    engine = _engine(served, prefill_delay_steps=3)
+    engine.add_request("a", first, params)
+    assert engine.scheduler.schedule().kind == "prefill"  # nothing is decoding: the first prompt goes in at once
+    engine = _engine(served, prefill_delay_steps=3)
+    engine.add_request("a", first, params)
+    engine.step()
+    engine.add_request("b", second, params)
+    finals = {}
+    order = []
+    while engine.has_unfinished():
+        waiting = bool(engine.scheduler.waiting)
+        for out in engine.step():
+            if out.finished:
+                finals[out.request_id] = out.outputs[0].token_ids
+        order.append(waiting and not engine.scheduler.waiting)  # True on the step that admitted "b"
+    assert order.index(True) == 3  # three decode steps, then the prefill
+    assert finals["a"] == generate(served.model, [first], 10, temperature=0)[0]
+    assert finals["b"] == generate(served.model, [second], 10, temperature=0)[0]
+
+
+def test_engine_process_serves_the_same_tokens_and_frees_blocks_on_abort():
+    import asyncio
+    import functools
+
+    from cs336_systems.serving.engine_process import ProcessEngine
+
+    config = EngineConfig(device="cpu", num_blocks=30, block_size=4, max_num_seqs=4)
+    prompts = _prompts(12, (3, 17, 40, 9))
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    expected = _engine(tiny_served_model(), num_blocks=30, block_size=4, max_num_seqs=4).generate(prompts, params)
+    engine = ProcessEngine(functools.partial(tiny_served_model, seed=0), config)
+    engine.start()
+    try:
+        async def one(i, prompt):
+            final, text = None, ""
+            async for out in engine.generate(f"r{i}", prompt, params):
+                final, text = out, text + out.outputs[0].delta_text
+            return final, text
+
+        async def abandon():
+            stream = engine.generate("long", prompts[2], SamplingParams(max_tokens=60, temperature=0,
+                                                                        ignore_eos=True))
+            await stream.__anext__()
+            await stream.aclose()  # the client went away
+
+        async def main():
+            results = await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
+            await abandon()
+            for _ in range(100):
+                await asyncio.sleep(0.05)
+                if engine.stats().blocks_used == 0 and engine.stats().num_running == 0:
+                    break
+            return results
+
+        results = asyncio.run(main())
+        for (final, text), want in zip(results, expected, strict=True):
+            assert final.outputs[0].token_ids == want.outputs[0].token_ids and text == want.outputs[0].text
+        assert engine.stats().blocks_used == 0
+        with pytest.raises(ValueError, match="maximum context length"):
+            engine.check_request([1] * 200, params)
+    finally:
+        engine.shutdown()

@@ -142,15 +142,17 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def local_server(hf_dir: str, engine_config: Any) -> Iterator[tuple[str, Any]]:
-    """Our server on a free loopback port: the engine's thread plus uvicorn on a thread of its own. Yields
+    """Our server on a free loopback port: the engine in its own process, uvicorn on a thread here. Yields
     (url, engine); on exit both stop and the engine's memory is released."""
+    import functools
+
     import uvicorn
 
     from cs336_systems.serving.api import build_app
-    from cs336_systems.serving.engine import AsyncLLMEngine
+    from cs336_systems.serving.engine_process import ProcessEngine
     from cs336_systems.serving.loader import load_hf_model
 
-    engine = AsyncLLMEngine.from_served(load_hf_model(hf_dir), engine_config)
+    engine = ProcessEngine(functools.partial(load_hf_model, hf_dir), engine_config)
     engine.start()
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(build_app(engine), host="127.0.0.1", port=port, log_level="warning",
@@ -176,9 +178,9 @@ def _reset_high_water(engine: Any) -> None:
     """In-process only: start the block manager's high-water mark afresh for the next concurrency level (the
     server is idle between levels), so `/metrics` gives each level's exact peak. A server behind --url keeps its
     cumulative mark; the load generator then falls back to sampling `kv_blocks_used`."""
-    blocks = getattr(getattr(engine, "engine", None), "blocks", None)
-    if blocks is not None and hasattr(blocks, "high_water") and hasattr(blocks, "num_used"):
-        blocks.high_water = blocks.num_used
+    reset = getattr(engine, "reset_high_water", None)
+    if reset is not None:
+        reset()
 
 
 def _release_memory() -> None:

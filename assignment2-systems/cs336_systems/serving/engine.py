@@ -41,6 +41,9 @@ class EngineConfig:
     device: str | None = None  # default: cuda when available
     dtype: str | None = None  # default: bfloat16 on CUDA, float32 on CPU
     attention_backend: str = "auto"  # paged decode attention: "auto" (Triton on CUDA), "torch" or "triton"
+    # While sequences are decoding, a new prompt may wait this many decode steps so that prompts arriving close
+    # together share one prefill pass (each pass costs a fixed launch overhead and stalls every decoding stream).
+    prefill_delay_steps: int = 4
     seed: int = 0
 
     def __post_init__(self):
@@ -50,6 +53,7 @@ class EngineConfig:
             (0 < self.gpu_memory_fraction < 1,
              f"gpu_memory_fraction must be in (0, 1), got {self.gpu_memory_fraction}"),
             (self.max_num_seqs >= 1, f"max_num_seqs must be >= 1, got {self.max_num_seqs}"),
+            (self.prefill_delay_steps >= 0, f"prefill_delay_steps must be >= 0, got {self.prefill_delay_steps}"),
             (self.max_num_batched_tokens >= 1,
              f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}"),
             (self.dtype in (None, "float32", "bfloat16", "float16"),
@@ -79,6 +83,26 @@ class EngineStats:
     tokens_per_s: float
 
 
+def check_request(prompt_token_ids: list[int], params: SamplingParams, vocab_size: int, context_length: int,
+                  capacity_blocks: int, block_size: int) -> None:
+    """ValueError (one line, for a 400) when a request can never be served as asked: it is refused up front
+    rather than truncated or left waiting for blocks that cannot exist."""
+    if not prompt_token_ids:
+        raise ValueError("the prompt is empty")
+    if any(not 0 <= t < vocab_size for t in prompt_token_ids):
+        raise ValueError(f"prompt token ids must be in [0, {vocab_size})")
+    total = len(prompt_token_ids) + params.max_tokens
+    if len(prompt_token_ids) >= context_length:
+        raise ValueError(f"this model's maximum context length is {context_length} tokens; the prompt has "
+                         f"{len(prompt_token_ids)}")
+    if total > context_length:
+        raise ValueError(f"this model's maximum context length is {context_length} tokens; the prompt "
+                         f"({len(prompt_token_ids)}) plus max_tokens ({params.max_tokens}) is {total}")
+    needed = -(-total // block_size)
+    if needed > capacity_blocks:
+        raise ValueError(f"a sequence of {total} tokens needs {needed} KV blocks; the pool has {capacity_blocks}")
+
+
 class LLMEngine:
     def __init__(self, served: ServedModel, config: EngineConfig | None = None):
         self.served = served
@@ -93,7 +117,8 @@ class LLMEngine:
         self.runner = ModelRunner(self.model, num_blocks, block_size, config.max_num_seqs,
                                   config.cuda_graphs, config.attention_backend)
         self.blocks = BlockManager(num_blocks, block_size)
-        self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens)
+        self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens,
+                                   config.prefill_delay_steps)
         self.requests: dict[str, Request] = {}
         self.eos_ids = set(served.eos_token_ids)
         self.decode_batch = batch_decoder(served.tokenizer)
@@ -114,21 +139,8 @@ class LLMEngine:
     # -- requests -------------------------------------------------------------------------------------------
     def check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """ValueError (one line, for a 400) when the request can never be served as asked."""
-        if not prompt_token_ids:
-            raise ValueError("the prompt is empty")
-        vocab = self.model.config.vocab_size
-        if any(not 0 <= t < vocab for t in prompt_token_ids):
-            raise ValueError(f"prompt token ids must be in [0, {vocab})")
-        total = len(prompt_token_ids) + params.max_tokens
-        if len(prompt_token_ids) >= self.context_length:
-            raise ValueError(f"this model's maximum context length is {self.context_length} tokens; the prompt has "
-                             f"{len(prompt_token_ids)}")
-        if total > self.context_length:
-            raise ValueError(f"this model's maximum context length is {self.context_length} tokens; the prompt "
-                             f"({len(prompt_token_ids)}) plus max_tokens ({params.max_tokens}) is {total}")
-        if self.blocks.blocks_for(total) > self.blocks.allocator.capacity:
-            raise ValueError(f"a sequence of {total} tokens needs {self.blocks.blocks_for(total)} KV blocks; the "
-                             f"pool has {self.blocks.allocator.capacity}")
+        check_request(prompt_token_ids, params, self.model.config.vocab_size, self.context_length,
+                      self.blocks.allocator.capacity, self.blocks.block_size)
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> Request:
         if request_id in self.requests:
@@ -329,6 +341,10 @@ class AsyncLLMEngine:
 
     def stats(self) -> EngineStats:
         return self.engine.stats()
+
+    def reset_high_water(self) -> None:
+        """Starts the KV blocks' high-water mark afresh (between benchmark phases, while idle)."""
+        self.engine.blocks.high_water = self.engine.blocks.num_used
 
     def check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         self.engine.check_request(prompt_token_ids, params)

@@ -20,6 +20,7 @@ from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from cs336_basics.kv_cache import ExternalKVCache
+from cs336_basics.layers import RotaryPositionalEmbedding
 from cs336_basics.model import TransformerLM
 from cs336_systems.serving.block_manager import SCRATCH_BLOCK, CopyOnWrite
 from cs336_systems.serving.paged_attention import paged_attention, write_kv
@@ -110,6 +111,9 @@ class ModelRunner:
         for layer in model.layers:  # flash/SDPA kernels for prefill where the module offers them
             if hasattr(layer.attn, "use_torch_sdpa"):
                 layer.attn.use_torch_sdpa = True
+        for module in model.modules():  # the engine checks every position against the context up front
+            if isinstance(module, RotaryPositionalEmbedding):
+                module.check_positions = False
         self.meta_ref: list[StepMeta] = [StepMeta(False, torch.zeros(1, dtype=torch.long, device=self.device))]
         self.recurrent = is_recurrent(model)
         if self.recurrent:

@@ -2,10 +2,11 @@
 
 Each step is either a prefill of newly admitted sequences (their whole prompt, batched) or one decode token
 for every running sequence, so requests join and leave the batch at every step. Waiting prompts go first
-whenever their blocks fit (keeping a small reserve so running sequences can grow). When a running sequence
-needs a block and none is free, the youngest running sequence is preempted: its blocks are freed and it goes
-back to the front of the queue with every token it has so far, to be recomputed by a later prefill. Nothing
-is dropped; a request whose full length could never fit the pool is refused when it arrives.
+whenever their blocks fit (keeping a small reserve so running sequences can grow), at most a few decode steps
+after they arrive (`prefill_delay_steps`), so that prompts arriving close together share a prefill pass.
+When a running sequence needs a block and none is free, the youngest running sequence is preempted: its
+blocks are freed and it goes back to the front of the queue with every token it has so far, to be recomputed
+by a later prefill. Nothing is dropped; a request whose full length could never fit the pool is refused when it arrives.
 """
 
 from collections import deque
@@ -26,9 +27,12 @@ class ScheduledBatch:
 
 
 class Scheduler:
-    def __init__(self, blocks: BlockManager, max_num_seqs: int = 256, max_num_batched_tokens: int = 8192):
-        if max_num_seqs < 1 or max_num_batched_tokens < 1:
-            raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
+    def __init__(self, blocks: BlockManager, max_num_seqs: int = 256, max_num_batched_tokens: int = 8192,
+                 prefill_delay_steps: int = 0):
+        if max_num_seqs < 1 or max_num_batched_tokens < 1 or prefill_delay_steps < 0:
+            raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1, prefill_delay_steps >= 0")
+        self.prefill_delay_steps = prefill_delay_steps
+        self.decodes_since_prefill = 0
         self.blocks = blocks
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -43,10 +47,22 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> ScheduledBatch | None:
-        batch = self._schedule_prefill()
+        batch = self._schedule_prefill() if self._prefill_due() else None
         if batch is None and self.running:
             batch = self._schedule_decode()
+            self.decodes_since_prefill += 1
+        elif batch is not None:
+            self.decodes_since_prefill = 0
         return batch
+
+    def _prefill_due(self) -> bool:
+        """Prompts go in at once when nothing is decoding or a batch's worth is waiting; otherwise after
+        `prefill_delay_steps` decode steps, so that arrivals close together share one prefill."""
+        if not self.waiting:
+            return False
+        if not self.running or self.decodes_since_prefill >= self.prefill_delay_steps:
+            return True
+        return len(self.running) + len(self.waiting) >= self.max_num_seqs or len(self.waiting) >= 8
 
     def _schedule_prefill(self) -> ScheduledBatch | None:
         admitted: list[Sequence] = []

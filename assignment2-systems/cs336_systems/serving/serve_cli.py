@@ -11,6 +11,7 @@ Importing this module imports neither torch nor the web stack: `cs336-systems --
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import socket
 from pathlib import Path
@@ -24,6 +25,7 @@ API_KEY_ENV = "CS336_API_KEY"
 RANGES: dict[str, Range] = {
     "port": Range(ge=1, le=65535), "block_size": Range(ge=1), "num_blocks": Range(ge=2),
     "max_num_seqs": Range(ge=1), "max_num_batched_tokens": Range(ge=1), "max_body_bytes": Range(ge=1),
+    "prefill_delay_steps": Range(ge=0),
 }
 
 
@@ -51,6 +53,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     eng.add_argument("--max-num-seqs", type=int, default=256, help="sequences in one batch at most (default 256)")
     eng.add_argument("--max-num-batched-tokens", type=int, default=8192,
                      help="prompt tokens in one prefill batch at most (default 8192)")
+    eng.add_argument("--prefill-delay-steps", type=int, default=4,
+                     help="decode steps a new prompt may wait so that close arrivals share a prefill (default 4)")
     eng.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                      help="decode eagerly instead of replaying captured CUDA graphs")
     eng.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
@@ -104,20 +108,23 @@ def run(args: argparse.Namespace) -> int:
         import uvicorn
 
         from cs336_systems.serving.api import build_app
-        from cs336_systems.serving.engine import AsyncLLMEngine, EngineConfig
+        from cs336_systems.serving.engine import EngineConfig
+        from cs336_systems.serving.engine_process import ProcessEngine
         from cs336_systems.serving.loader import load_hf_model, load_run_model
 
         try:
             config = EngineConfig(block_size=args.block_size, num_blocks=args.num_blocks,
                                   max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                                  cuda_graphs=args.cuda_graphs, device=args.device, dtype=args.dtype)
+                                  cuda_graphs=args.cuda_graphs, device=args.device, dtype=args.dtype,
+                                  prefill_delay_steps=args.prefill_delay_steps)
         except ValueError as e:
             raise UserError(str(e)) from None
         if args.hf_model is not None:
-            served = load_hf_model(args.hf_model, name=args.served_model_name)
+            loader = functools.partial(load_hf_model, args.hf_model, name=args.served_model_name)
         else:
-            served = load_run_model(args.run_dir, args.tokenizer, name=args.served_model_name)
-        engine = AsyncLLMEngine.from_served(served, config, model_name=args.served_model_name)
+            loader = functools.partial(load_run_model, args.run_dir, args.tokenizer, name=args.served_model_name)
+        # Loaded here first, so a bad folder is a one-line error before the engine process starts.
+        engine = ProcessEngine(loader, config, model_name=args.served_model_name, served=loader())
         engine.start()
         try:
             app = build_app(engine, api_key=api_key, max_body_bytes=args.max_body_bytes)
