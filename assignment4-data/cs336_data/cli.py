@@ -27,7 +27,7 @@ from cs336_basics.cli_support import (
     run_command,
 )
 from cs336_basics.cli_support.errors import describe
-from cs336_data.assets import ASSETS, asset_path, download_asset, require_asset
+from cs336_data.assets import ASSETS, asset_path, bundled_path, download_asset, require_asset
 from cs336_data.safe_io import atomic_outputs, distinct_names, out_folder, require_files
 
 
@@ -63,7 +63,7 @@ def _assets(args: argparse.Namespace) -> int:
     if args.action == "list":
         for name, asset in ASSETS.items():
             path = asset_path(name)
-            state = "present" if path.is_file() else "missing"
+            state = ("bundled" if path == bundled_path(name) else "present") if path.is_file() else "missing"
             print(f"{name:<10} {state:<8} {path}  (${asset.env}; {asset.url or 'trained locally'})")
         return 0
     names = args.names or [n for n, a in ASSETS.items() if a.url and n != "wiki-urls"]

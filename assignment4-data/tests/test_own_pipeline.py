@@ -183,10 +183,11 @@ def test_cli_end_to_end(tmp_path, tiny_vocab, capsys, monkeypatch):
     for var in ("CS336_LID_MODEL", "CS336_NSFW_MODEL", "CS336_TOXIC_MODEL"):
         monkeypatch.delenv(var, raising=False)
     write_wet(tmp_path / "a.warc.wet.gz", _docs(3))
-    # a missing model stops the run at once with one line naming the download command
+    # a missing model stops the run at once with one line naming the download command (language ID has its
+    # bundled lid.176.ftz; the harmful-content models have no bundled copy)
     assert main(["filter", str(tmp_path / "a.warc.wet.gz"), "--out-dir", str(tmp_path / "f0")]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and "cs336-data assets download lid" in err
+    assert err.count("\n") == 0 and "cs336-data assets download nsfw" in err
 
     assert main(["filter", str(tmp_path / "a.warc.wet.gz"), "--out-dir", str(tmp_path / "f"), "--no-langid",
                  "--no-harmful", "--min-chars", "50", "--no-progress"]) == 0
