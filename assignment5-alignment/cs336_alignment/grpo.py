@@ -1,4 +1,5 @@
-"""Group-relative advantages, policy-gradient losses (naive, REINFORCE with baseline, GRPO-Clip) and the step."""
+"""Group-relative advantages, policy-gradient losses (naive, REINFORCE with baseline, GRPO-Clip, GSPO) and the
+step."""
 
 from collections.abc import Callable, Sequence
 from typing import Literal
@@ -10,8 +11,9 @@ from torch import Tensor
 
 from cs336_alignment.masked import masked_mean, masked_normalize
 
-LossType = Literal["no_baseline", "reinforce_with_baseline", "grpo_clip", "grpo_no_clip"]
-LOSS_TYPES: tuple[str, ...] = ("no_baseline", "reinforce_with_baseline", "grpo_clip", "grpo_no_clip")
+LossType = Literal["no_baseline", "reinforce_with_baseline", "grpo_clip", "grpo_no_clip", "gspo"]
+LOSS_TYPES: tuple[str, ...] = ("no_baseline", "reinforce_with_baseline", "grpo_clip", "grpo_no_clip", "gspo")
+IMPORTANCE_WEIGHTED: tuple[str, ...] = ("grpo_clip", "grpo_no_clip", "gspo")
 RewardFn = Callable[[str, str], dict[str, float]]
 
 
@@ -100,6 +102,41 @@ def compute_grpo_no_clip_loss(
     return -ratio * adv, {"ratio": ratio.detach()}
 
 
+def gspo_sequence_ratio(
+    policy_log_probs: Float[Tensor, "batch seq"],
+    old_log_probs: Float[Tensor, "batch seq"],
+    response_mask: Bool[Tensor, "batch seq"],
+) -> Float[Tensor, " batch"]:
+    """GSPO's importance ratio s_i = (π(y_i|x) / π_old(y_i|x))^(1/|y_i|) = exp(mean_t (log π - log π_old))."""
+    if old_log_probs.shape != policy_log_probs.shape or response_mask.shape != policy_log_probs.shape:
+        raise ValueError(f"old_log_probs {tuple(old_log_probs.shape)} and response_mask "
+                         f"{tuple(response_mask.shape)} must match {tuple(policy_log_probs.shape)}")
+    return torch.exp(masked_mean(policy_log_probs - old_log_probs, response_mask, dim=-1))
+
+
+def compute_gspo_loss(
+    advantages: Float[Tensor, "batch 1"],
+    policy_log_probs: Float[Tensor, "batch seq"],
+    old_log_probs: Float[Tensor, "batch seq"],
+    response_mask: Bool[Tensor, "batch seq"],
+    cliprange: float,
+) -> tuple[Float[Tensor, "batch seq"], dict[str, Tensor]]:
+    """GSPO (Zheng et al. 2025): -min(s_i A_i, clip(s_i, 1-ε, 1+ε) A_i) with the length-normalised sequence
+    ratio s_i, so a whole response is clipped or not. The sequence loss is repeated on each of its response
+    tokens, so the per-sequence masked mean of the step gives exactly the sequence objective. The paper's
+    clip range is about 3e-4 to 4e-4 (sequence ratios stay much closer to 1 than token ratios)."""
+    if cliprange < 0:
+        raise ValueError(f"cliprange must be >= 0, got {cliprange}")
+    adv = _per_sequence(advantages, policy_log_probs, "advantages")
+    ratio = gspo_sequence_ratio(policy_log_probs, old_log_probs, response_mask).unsqueeze(-1)
+    unclipped = ratio * adv
+    clipped = torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange) * adv
+    per_sequence = -torch.minimum(unclipped, clipped)
+    shape = policy_log_probs.shape
+    return per_sequence.expand(shape), {"clipped": (clipped < unclipped).detach().expand(shape),
+                                        "ratio": ratio.detach().expand(shape)}
+
+
 def compute_policy_gradient_loss(
     policy_log_probs: Float[Tensor, "batch seq"],
     loss_type: LossType,
@@ -107,8 +144,10 @@ def compute_policy_gradient_loss(
     advantages: Tensor | None = None,
     old_log_probs: Tensor | None = None,
     cliprange: float | None = None,
+    response_mask: Tensor | None = None,
 ) -> tuple[Float[Tensor, "batch seq"], dict[str, Tensor]]:
-    """Dispatches on `loss_type`; raises a one-line error naming the missing argument."""
+    """Dispatches on `loss_type`; raises a one-line error naming the missing argument (`gspo` also needs the
+    response mask, for its sequence-level ratio)."""
 
     def need(value, name: str):
         if value is None:
@@ -128,6 +167,11 @@ def compute_policy_gradient_loss(
         return compute_grpo_no_clip_loss(
             need(advantages, "advantages"), policy_log_probs, need(old_log_probs, "old_log_probs")
         )
+    if loss_type == "gspo":
+        return compute_gspo_loss(
+            need(advantages, "advantages"), policy_log_probs, need(old_log_probs, "old_log_probs"),
+            need(response_mask, "response_mask"), need(cliprange, "cliprange"),
+        )
     raise ValueError(f"unknown loss_type {loss_type!r}; expected one of {LOSS_TYPES}")
 
 
@@ -146,12 +190,14 @@ def grpo_microbatch_train_step(
 
     With `normalize_constant` the per-sequence mean becomes a masked sum divided by that constant (Dr. GRPO's
     length-unbiased aggregation). Returns the scaled loss and detached statistics (policy loss, clip fraction,
-    mean ratio).
+    mean ratio). `gspo` needs the per-sequence mean (its loss is already one value per sequence).
     """
+    if loss_type == "gspo" and normalize_constant is not None:
+        raise ValueError("loss_type='gspo' is a sequence-level loss: use the per-sequence mean, not a constant")
     if gradient_accumulation_steps < 1:
         raise ValueError(f"gradient_accumulation_steps must be >= 1, got {gradient_accumulation_steps}")
     per_token, meta = compute_policy_gradient_loss(
-        policy_log_probs, loss_type, raw_rewards, advantages, old_log_probs, cliprange
+        policy_log_probs, loss_type, raw_rewards, advantages, old_log_probs, cliprange, response_mask
     )
     if normalize_constant is None:
         per_sequence = masked_mean(per_token, response_mask, dim=-1)

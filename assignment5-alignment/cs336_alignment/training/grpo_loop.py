@@ -15,7 +15,12 @@ from torch import nn
 from tqdm import tqdm
 
 from cs336_alignment.generation import GenerationBackend, SamplingParams
-from cs336_alignment.grpo import LOSS_TYPES, compute_group_normalized_rewards, grpo_microbatch_train_step
+from cs336_alignment.grpo import (
+    IMPORTANCE_WEIGHTED,
+    LOSS_TYPES,
+    compute_group_normalized_rewards,
+    grpo_microbatch_train_step,
+)
 from cs336_alignment.lm import model_device
 from cs336_alignment.logprobs import get_response_log_probs
 from cs336_alignment.masked import masked_mean
@@ -100,11 +105,13 @@ class GRPOConfig(EvalSettings):
         off_policy = self.epochs_per_rollout_batch > 1 or self.train_batch_size < self.rollout_batch_size
         if off_policy and self.loss_type in ("no_baseline", "reinforce_with_baseline"):
             raise UserError(f"off-policy training (several optimizer steps per rollout batch) needs an importance-"
-                             f"weighted loss (grpo_clip or grpo_no_clip), not {self.loss_type}")
+                             f"weighted loss (grpo_clip, grpo_no_clip or gspo), not {self.loss_type}")
+        if self.loss_type == "gspo" and self.length_normalization != "masked_mean":
+            raise UserError("--loss-type gspo is sequence-level: it needs --length-normalization masked_mean")
 
     @property
     def needs_old_log_probs(self) -> bool:
-        return self.loss_type in ("grpo_clip", "grpo_no_clip")
+        return self.loss_type in IMPORTANCE_WEIGHTED
 
     def rollout_params(self, seed: int) -> SamplingParams:
         return SamplingParams(temperature=self.sampling_temperature, max_tokens=self.sampling_max_tokens,
