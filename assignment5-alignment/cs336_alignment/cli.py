@@ -1,4 +1,5 @@
-"""`cs336-align`: evaluation, the training loops (sft, ei, grpo, dpo), reward grading and the packaged prompts."""
+"""`cs336-align`: evaluation, the training loops (sft, ei, grpo, dpo, orpo, ppo, reward-model), reward grading
+and the packaged prompts."""
 
 import argparse
 import json

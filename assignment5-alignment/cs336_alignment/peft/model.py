@@ -66,7 +66,10 @@ def inject_lora(model: nn.Module, config: LoRAConfig) -> list[str]:
                         f"{examples or 'none'})")
     if config.qlora:
         for name in chosen:
-            check_quantizable(tuple(model.get_submodule(name).weight.shape), config.block_size, name=name)
+            try:
+                check_quantizable(tuple(model.get_submodule(name).weight.shape), config.block_size, name=name)
+            except UserError as e:
+                raise UserError(f"--qlora: {e}") from None
     for p in model.parameters():
         p.requires_grad_(False)
     for name in chosen:

@@ -1,7 +1,11 @@
-"""`cs336-align sft|ei|grpo|dpo`: load a model and data, build the loop's config from flags, run, save."""
+"""`cs336-align sft|ei|grpo|dpo|orpo|ppo|reward-model`: load a model and data, build the loop's config from flags,
+optionally wrap the model in LoRA/QLoRA adapters, run, save."""
 
 import argparse
+import copy
+import json
 import os
+from dataclasses import asdict
 from typing import Any
 
 from cs336_alignment.cli_inputs import (
@@ -17,13 +21,43 @@ from cs336_alignment.training.config_cli import add_config_arguments, config_fro
 from cs336_basics.cli_support import StopRequest, UserError, prepare_run_dir, refuse_overwriting_inputs
 from cs336_basics.cli_support.atomic import RUN_MARKERS
 
-LOOPS = ("sft", "ei", "grpo", "dpo")
+LOOPS = ("sft", "ei", "grpo", "dpo", "orpo", "ppo", "reward-model")
+PAIR_LOOPS = ("dpo", "orpo", "reward-model")
+REWARD_MODEL_INFO = "reward_model.json"
+ADAPTER_DIR = "adapter"
 
 
 def _config_class(name: str) -> type:
-    from cs336_alignment.training import DPOConfig, EIConfig, GRPOConfig, SFTConfig
+    from cs336_alignment import training
 
-    return {"sft": SFTConfig, "ei": EIConfig, "grpo": GRPOConfig, "dpo": DPOConfig}[name]
+    return {"sft": training.SFTConfig, "ei": training.EIConfig, "grpo": training.GRPOConfig,
+            "dpo": training.DPOConfig, "orpo": training.ORPOConfig, "ppo": training.PPOConfig,
+            "reward-model": training.RewardModelConfig}[name]
+
+
+def _add_lora_arguments(p: argparse.ArgumentParser) -> None:
+    from cs336_alignment.peft import DEFAULT_TARGETS
+
+    group = p.add_argument_group("LoRA / QLoRA (cs336_alignment.peft)")
+    group.add_argument("--lora-rank", type=int, help="train rank-r adapters instead of every weight")
+    group.add_argument("--lora-alpha", type=float, default=16.0, help="the update is scaled by alpha / rank")
+    group.add_argument("--lora-dropout", type=float, default=0.0)
+    group.add_argument("--lora-targets", nargs="+", default=list(DEFAULT_TARGETS),
+                       help="module-name patterns: `q_proj`, `*_proj` (a module's own name), `layers.0.*` "
+                            "(dotted suffix), `re:<regex>` (full name)")
+    group.add_argument("--qlora", action="store_true", help="targeted base weights in 4-bit NF4 under the adapters")
+
+
+def _lora_config(args: argparse.Namespace):
+    """The adapter settings (checked before any model is loaded), or None without --lora-rank."""
+    from cs336_alignment.peft import LoRAConfig
+
+    if args.lora_rank is None:
+        if args.qlora:
+            raise UserError("--qlora needs --lora-rank (QLoRA trains adapters over the 4-bit weights)")
+        return None
+    return LoRAConfig(rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout,
+                      targets=tuple(args.lora_targets), qlora=args.qlora)
 
 
 def add_loop_parsers(sub: Any) -> None:
@@ -32,6 +66,9 @@ def add_loop_parsers(sub: Any) -> None:
         "ei": "expert iteration on MATH-style questions",
         "grpo": "GRPO on MATH-style questions (native backend, or vLLM with weights pushed each step)",
         "dpo": "DPO on prompt/chosen/rejected pairs",
+        "orpo": "ORPO (SFT + odds-ratio preference loss, no reference) on prompt/chosen/rejected pairs",
+        "ppo": "PPO (KL-penalised reward, GAE, value head) on MATH-style questions; rule reward or --reward-model",
+        "reward-model": "a Bradley-Terry reward model (value head on the LM) on prompt/chosen/rejected pairs",
     }
     for name in LOOPS:
         p = sub.add_parser(name, help=helps[name], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -49,21 +86,65 @@ def add_loop_parsers(sub: Any) -> None:
             p.add_argument("--packed", action="store_true",
                            help="instruction tuning: Alpaca template, documents packed into --seq-length chunks")
             p.add_argument("--seq-length", type=int, default=512, help="--packed only")
-        elif name == "dpo":
+        elif name in PAIR_LOOPS:
             p.add_argument("--data", required=True, help="JSONL with prompt, chosen and rejected fields")
         else:
             p.add_argument("--data", required=True, help="MATH-style JSONL (problem/question + answer or solution)")
-        p.add_argument("--eval-data", help="held-out set (MATH-style; for dpo: preference pairs)")
+        if name == "ppo":
+            p.add_argument("--reward-model", help="output folder of `cs336-align reward-model` (with --reward model)")
+        p.add_argument("--eval-data", help="held-out set (MATH-style; for dpo, orpo, reward-model: preference pairs)")
+        _add_lora_arguments(p)
         add_config_arguments(p, _config_class(name))
         p.set_defaults(func=run_loop)
 
 
 def _load_policy(args: argparse.Namespace) -> tuple[Any, Any]:
+    """The model and tokenizer, with adapters injected when --lora-rank is given (a reward model's trunk too)."""
     from cs336_alignment.models import load_model
+    from cs336_alignment.peft import inject_lora
 
     with loading(model_label(args.model, args.basics_run)):
         model, tokenizer = load_model(args.model, args.basics_run, args.basics_tokenizer, args.device, args.dtype)
+    if args.lora is not None:
+        inject_lora(model, args.lora)
+    if args.command == "reward-model":
+        from cs336_alignment.reward_model import RewardModel
+
+        model = RewardModel(model)  # the new head stays trainable
     return model.train(), tokenizer
+
+
+def load_reward_model(directory: str, device: str = "auto") -> tuple[Any, Any]:
+    """A reward model written by `cs336-align reward-model --out-dir DIR`: its base model (the paths recorded in
+    reward_model.json), its adapters if it had any, and its trained weights from DIR/checkpoint.pt."""
+    from cs336_alignment.lm import model_device
+    from cs336_alignment.models import load_model
+    from cs336_alignment.peft import LoRAConfig, inject_lora
+    from cs336_alignment.reward_model import RewardModel
+    from cs336_basics.checkpoint import load_checkpoint_state
+
+    info_path = os.path.join(directory, REWARD_MODEL_INFO)
+    with loading(f"--reward-model {directory}"):
+        with open(info_path) as f:
+            info = json.load(f)
+        backbone, tokenizer = load_model(info["model"], info["basics_run"], info["basics_tokenizer"], device,
+                                         info.get("dtype", "float32"))
+        if info.get("lora"):
+            lora = LoRAConfig(**{**info["lora"], "targets": tuple(info["lora"]["targets"])})
+            lora.targets = tuple(f"re:{name.replace('.', '[.]')}" for name in lora.wrapped)
+            inject_lora(backbone, lora)
+        model = RewardModel(backbone)
+        state = load_checkpoint_state(os.path.join(directory, CHECKPOINT_NAME), map_location=model_device(backbone))
+        model.load_state_dict(state["model"])
+    return model.eval(), tokenizer
+
+
+def _check_reward_model_dir(directory: str) -> None:
+    for name in (REWARD_MODEL_INFO, CHECKPOINT_NAME):
+        path = os.path.join(directory, name)
+        if not os.path.isfile(path):
+            raise UserError(f"--reward-model {directory} has no {name} (expected the output of "
+                            f"`cs336-align reward-model`)")
 
 
 def _questions(path: str | None):
@@ -107,6 +188,12 @@ def run_loop(args: argparse.Namespace) -> list[dict[str, Any]]:
         if path is not None and not os.path.exists(path):
             raise FileNotFoundError(f"{path} does not exist")
     check_model_flags(args.model, args.basics_run, args.basics_tokenizer)
+    args.lora = _lora_config(args)
+    if name == "ppo":
+        if config.reward == "model" and not args.reward_model:
+            raise UserError("--reward model needs --reward-model DIR (the output of `cs336-align reward-model`)")
+        if args.reward_model:
+            _check_reward_model_dir(args.reward_model)
     _check_run_folder(args)
     if name == "sft" and args.packed and args.resume:
         raise UserError("--packed instruction tuning cannot --resume (start over with --overwrite)")
@@ -114,13 +201,50 @@ def run_loop(args: argparse.Namespace) -> list[dict[str, Any]]:
     history, policy, tokenizer = _train(name, config, args, stop)
     if stop.requested:
         raise SystemExit(stop.exit_code)
-    if args.model and hasattr(policy, "save_pretrained"):
+    if args.lora is not None:
+        _save_adapted(policy, tokenizer, args)
+    elif args.model and hasattr(policy, "save_pretrained"):
         policy.save_pretrained(os.path.join(args.out_dir, "model"))
         tokenizer.save_pretrained(os.path.join(args.out_dir, "model"))
+    if name == "reward-model":
+        info = {"model": _absolute(args.model), "basics_run": _absolute(args.basics_run),
+                "basics_tokenizer": _absolute(args.basics_tokenizer), "dtype": args.dtype,
+                "lora": None if args.lora is None else asdict(args.lora)}
+        with open(os.path.join(args.out_dir, REWARD_MODEL_INFO), "w") as f:
+            json.dump(info, f, indent=2)
     last = [h for h in history if h.get("kind") == "eval"][-1:] or history[-1:]
     if last:
         print({k: v for k, v in last[0].items() if isinstance(v, int | float | str)})
     return history
+
+
+def _absolute(path: str | None) -> str | None:
+    return None if path is None else os.path.abspath(path)
+
+
+def _save_adapted(model: Any, tokenizer: Any, args: argparse.Namespace) -> None:
+    """After a LoRA run: the adapters alone in OUT/adapter/; with full-precision base weights also the merged
+    model, as a Hugging Face folder (OUT/model) or a cs336-basics run (OUT/merged/checkpoint.pt) that
+    `cs336-align eval` reads. A reward model keeps its checkpoint only (see `load_reward_model`)."""
+    import torch
+
+    from cs336_alignment.lm import BasicsCausalLM
+    from cs336_alignment.peft import save_adapters, unload_lora
+    from cs336_basics.checkpoint import save_checkpoint
+
+    backbone = getattr(model, "backbone", model)
+    save_adapters(backbone, os.path.join(args.out_dir, ADAPTER_DIR), args.lora)
+    if args.lora.qlora or args.command == "reward-model":
+        return
+    merged = unload_lora(copy.deepcopy(backbone), merge=True)
+    if args.model and hasattr(merged, "save_pretrained"):
+        merged.save_pretrained(os.path.join(args.out_dir, "model"))
+        tokenizer.save_pretrained(os.path.join(args.out_dir, "model"))
+    elif isinstance(merged, BasicsCausalLM):
+        core = merged.model
+        save_checkpoint(core, torch.optim.SGD(core.parameters(), lr=0.0), 0,
+                        os.path.join(args.out_dir, "merged", CHECKPOINT_NAME),
+                        extra={"model_config": core.config.to_dict()})
 
 
 def _train(name: str, config: Any, args: argparse.Namespace, stop: StopRequest) -> tuple[list[dict[str, Any]], Any,
@@ -162,10 +286,18 @@ def _train(name: str, config: Any, args: argparse.Namespace, stop: StopRequest) 
         else:
             history = loop(training.run_grpo, policy, tokenizer, train_questions, config, eval_questions,
                            args.out_dir, args.resume, model_path=args.model)
+    elif name == "ppo":
+        train_questions, eval_questions = _questions(args.data), _questions(args.eval_data)
+        reward_model, reward_tokenizer = load_reward_model(args.reward_model, args.device) if \
+            config.reward == "model" else (None, None)
+        policy, tokenizer = _load_policy(args)
+        history = loop(training.run_ppo, policy, tokenizer, train_questions, config, eval_questions, args.out_dir,
+                       args.resume, reward_model=reward_model, reward_tokenizer=reward_tokenizer,
+                       model_path=args.model)
     else:
         fields = ("prompt", "chosen", "rejected")
         train_pairs, eval_pairs = _rows(args.data, fields), _rows(args.eval_data, fields)
         policy, tokenizer = _load_policy(args)
-        history = loop(training.run_dpo, policy, tokenizer, train_pairs, config, eval_pairs, args.out_dir,
-                       args.resume)
+        run = {"dpo": training.run_dpo, "orpo": training.run_orpo, "reward-model": training.run_reward_model}[name]
+        history = loop(run, policy, tokenizer, train_pairs, config, eval_pairs, args.out_dir, args.resume)
     return history, policy, tokenizer

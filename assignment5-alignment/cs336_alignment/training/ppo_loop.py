@@ -203,6 +203,7 @@ def run_ppo(
     resume: bool = False,
     reward_fn: RewardFn = r1_zero_reward,
     reward_model: RewardModel | None = None,
+    reward_tokenizer: Any = None,
     value_head: ValueHead | None = None,
     reference: nn.Module | None = None,
     backend: GenerationBackend | None = None,
@@ -212,7 +213,8 @@ def run_ppo(
 ) -> list[dict[str, Any]]:
     """`n_ppo_steps` rollout batches: sample, score (`reward_fn` or `reward_model`), penalise KL to the reference,
     GAE, `ppo_epochs` of clipped updates; log, evaluate (held-out `reward_fn`), checkpoint (the policy as in
-    every loop, the value head beside it in the checkpoint's extra state; `resume` continues exactly).
+    every loop, the value head beside it in the checkpoint's extra state; `resume` continues exactly). The
+    reward model reads the texts with `reward_tokenizer` (default: the policy's tokenizer).
 
     The reference defaults to a frozen copy of the starting policy, or, for a policy with LoRA adapters, to the
     same model with its adapters switched off (no second copy)."""
@@ -263,7 +265,7 @@ def run_ppo(
         if deadline.passed() or RunDir.stopped(stop):
             break
         record = ppo_step(policy, value_head, reference, reward_model, optimizer, tokenizer, backend, train_questions,
-                          config, step, reward_fn)
+                          config, step, reward_fn, reward_tokenizer)
         record_step(run_dir, history, record, policy, optimizer, step + 1, config.n_ppo_steps, None,
                     config.eval_every, evaluate)
         if config.checkpoint_every and (step + 1) % config.checkpoint_every == 0:
@@ -299,6 +301,7 @@ def ppo_step(
     config: PPOConfig,
     step: int,
     reward_fn: RewardFn,
+    reward_tokenizer: Any = None,
 ) -> dict[str, Any]:
     """One rollout batch and its `ppo_epochs` of updates; every random choice is seeded by (seed, step)."""
     prompts_per_step = config.rollout_batch_size // config.samples_per_prompt
@@ -311,7 +314,7 @@ def ppo_step(
                                config.rollout_params(config.seed * 7919 + step))
     rollout_seconds = time.perf_counter() - started
     rule = [reward_fn(r, g) for r, g in zip(rollouts.responses, rollouts.ground_truths, strict=True)]
-    scores = _scores(config, reward_model, tokenizer, rollouts.prompts, rollouts.responses, rule)
+    scores = _scores(config, reward_model, reward_tokenizer or tokenizer, rollouts.prompts, rollouts.responses, rule)
     batch = rollout_training_batch(rollouts, tokenizer)
     mask = batch["response_mask"]
     micro = config.train_batch_size // config.gradient_accumulation_steps
