@@ -1,0 +1,51 @@
+"""The scale benchmarks' tools: the seeded corpus generator (benchmarks/scale_corpus.py)."""
+
+import importlib.util
+import re
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from cs336_basics.tokenizer.pretokenize import PRETOKEN_RE
+
+EOT = "<|endoftext|>"
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    scale = _load("scale_corpus")
+    root = tmp_path_factory.mktemp("scale")
+    a, b = root / "a.txt", root / "b.txt"
+    summary = scale.write_corpus(str(a), 3_000_000, seed=1, words=30_000, progress=False, block_words=1 << 16)
+    scale.write_corpus(str(b), 3_000_000, seed=1, words=30_000, progress=False, block_words=1 << 16)
+    return a, b, summary
+
+
+def test_corpus_is_seeded_sized_and_web_like(corpus):
+    a, b, summary = corpus
+    data = a.read_bytes()
+    assert data == b.read_bytes()  # same seed, same bytes
+    assert 3_000_000 <= len(data) == summary["bytes"] < 3_000_000 + 100_000 and data.endswith((EOT + "\n").encode())
+    text = data.decode("utf-8")
+    docs = text.split(EOT)
+    assert len(docs) > 1000 and all(d.strip() for d in docs[:-1])
+    counts = Counter(PRETOKEN_RE.findall(text.replace(EOT, " ")))
+    assert len(counts) > 30_000  # words x (leading space, capitalised) x punctuation
+    top = [w for w, _ in counts.most_common(5)]
+    assert " the" in top
+    # Zipf-like: the 10th commonest word is several times rarer than the first, and many types are rare
+    ranked = [c for w, c in counts.most_common() if re.fullmatch(r" [a-z]+", w)]
+    assert 2.5 < ranked[0] / ranked[9] < 30 and sum(c <= 5 for c in ranked) > len(ranked) / 3
+    assert re.search(r" \d+,\d{3}", text) and re.search(r" \d+\.\d+", text)
+    assert re.search(r"[а-я]{2,}", text) and re.search(r"[\u4e00-\u9fa5]", text) and re.search(r"[éüñçø]", text)
+    assert all(p in text for p in (", ", ". ", "? ", "! ", "'s", "n't", "\n"))
+
