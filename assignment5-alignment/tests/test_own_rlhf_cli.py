@@ -95,3 +95,23 @@ def test_bad_arguments_give_one_line_errors(setup, tmp_path, capsys, argv, messa
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1 and err.startswith("cs336-align: error:"), err
+
+
+def test_peft_memory_benchmark_tiny(tmp_path):
+    """`benchmarks/peft_memory.py --tiny`: the whole benchmark path on CPU; the byte counts order as they must."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "peft_memory.py"
+    spec = importlib.util.spec_from_file_location("peft_memory", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    report = module.main(["--tiny", "--out", str(tmp_path / "pm.json")])
+    assert json.loads((tmp_path / "pm.json").read_text()) == json.loads(json.dumps(report))
+    full, lora, qlora = (next(r for r in report["results"] if r["method"] == m) for m in ("full", "lora", "qlora"))
+    assert lora["trainable_params"] == qlora["trainable_params"] < full["trainable_params"] / 2
+    assert qlora["weights_bytes"] < lora["weights_bytes"]
+    assert lora["optimizer_state_bytes"] == qlora["optimizer_state_bytes"] < full["optimizer_state_bytes"]
+    assert full["total_params"] == lora["total_params"] - lora["trainable_params"]
+    assert lora["first_loss"] == full["first_loss"]  # B = 0: the adapted model starts as the base model
+    assert abs(qlora["first_loss"] - full["first_loss"]) < 0.05
