@@ -225,7 +225,7 @@ def test_pool_holds_each_samples_own_keys_after_copy_on_write():
     with that sequence alone (a missing or misdirected copy-on-write would mix the samples' tokens)."""
     served = tiny_served_model(num_kv_heads=2)
     reference = tiny_served_model(num_kv_heads=2).model
-    engine = _engine(served, block_size=4)
+    engine = _engine(served, block_size=4, decode_steps=1)
     engine.add_request("r", _prompts(8, (10,))[0], SamplingParams(max_tokens=9, temperature=1.5, n=3, seed=3,
                                                                    ignore_eos=True))
     for _ in range(6):
@@ -355,3 +355,30 @@ def test_engine_process_serves_the_same_tokens_and_frees_blocks_on_abort():
             engine.check_request([1] * 200, params)
     finally:
         engine.shutdown()
+
+
+@pytest.mark.parametrize("decode_steps", [1, 3, 7])
+def test_multi_step_decoding_keeps_every_output_and_stop(decode_steps):
+    """Several decode steps per host round trip change nothing a client sees: greedy and seeded outputs, stop
+    strings, end-of-text and max_tokens cut exactly where single-step decoding cuts them, even mid-window,
+    and every block comes back."""
+    served = tiny_served_model(num_kv_heads=2)
+    prompts = _prompts(13, (4, 19, 33, 8, 2))
+    greedy = [generate(tiny_served_model(num_kv_heads=2).model, [p], 23, temperature=0)[0] for p in prompts]
+    served.eos_token_ids = [greedy[1][9]]  # the second prompt meets end-of-text mid-window
+    stop_text = ByteTokenizer().decode(greedy[2][11:13])
+    params = [SamplingParams(max_tokens=23, temperature=0, ignore_eos=True),
+              SamplingParams(max_tokens=23, temperature=0),
+              SamplingParams(max_tokens=23, temperature=0, ignore_eos=True, stop=[stop_text]),
+              SamplingParams(max_tokens=5, temperature=0, ignore_eos=True),
+              SamplingParams(max_tokens=23, temperature=0.8, top_p=0.9, seed=5, n=2, ignore_eos=True)]
+    single = _engine(served, decode_steps=1).generate(prompts, params)
+    engine = _engine(served, decode_steps=decode_steps, num_blocks=24, block_size=4)  # tight: preempts too
+    multi = engine.generate(prompts, params)
+    for a, b in zip(single, multi, strict=True):
+        assert [(o.token_ids, o.text, o.finish_reason) for o in a.outputs] == \
+               [(o.token_ids, o.text, o.finish_reason) for o in b.outputs]
+    assert single[0].outputs[0].token_ids == greedy[0]
+    assert single[1].outputs[0].token_ids == greedy[1][:10] and single[1].outputs[0].finish_reason == "stop"
+    assert single[3].outputs[0].token_ids == greedy[3][:5]
+    assert engine.blocks.num_used == 0

@@ -44,6 +44,10 @@ class EngineConfig:
     # While sequences are decoding, a new prompt may wait this many decode steps so that prompts arriving close
     # together share one prefill pass (each pass costs a fixed launch overhead and stalls every decoding stream).
     prefill_delay_steps: int = 4
+    # Decode steps run back to back on the device (sampled tokens fed forward there) before the host reads
+    # the tokens, checks stops and streams them: host work per token shrinks by this factor; a stopped
+    # sequence wastes at most this many − 1 tokens of compute, and clients get tokens in groups of this size.
+    decode_steps: int = 4
     seed: int = 0
 
     def __post_init__(self):
@@ -54,6 +58,7 @@ class EngineConfig:
              f"gpu_memory_fraction must be in (0, 1), got {self.gpu_memory_fraction}"),
             (self.max_num_seqs >= 1, f"max_num_seqs must be >= 1, got {self.max_num_seqs}"),
             (self.prefill_delay_steps >= 0, f"prefill_delay_steps must be >= 0, got {self.prefill_delay_steps}"),
+            (1 <= self.decode_steps <= 64, f"decode_steps must be in [1, 64], got {self.decode_steps}"),
             (self.max_num_batched_tokens >= 1,
              f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}"),
             (self.dtype in (None, "float32", "bfloat16", "float16"),
@@ -118,7 +123,7 @@ class LLMEngine:
                                   config.cuda_graphs, config.attention_backend)
         self.blocks = BlockManager(num_blocks, block_size)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens,
-                                   config.prefill_delay_steps)
+                                   config.prefill_delay_steps, config.decode_steps)
         self.requests: dict[str, Request] = {}
         self.eos_ids = set(served.eos_token_ids)
         self.decode_batch = batch_decoder(served.tokenizer)
@@ -148,7 +153,10 @@ class LLMEngine:
         self.check_request(prompt_token_ids, params)
         request = Request(request_id, list(prompt_token_ids), params)
         if params.seed is not None:
-            request.generator = torch.Generator(device=self.device).manual_seed(params.seed)
+            # One generator per sample, each drawing once per token of its own: the text of a seeded request
+            # is then independent of what shares its batch, of preemption and of multi-step decoding.
+            request.generators = [torch.Generator(device=self.device).manual_seed((params.seed + 7919 * i) % 2**63)
+                                  for i in range(params.n)]
         parent = self._new_sequence(request, 0, list(prompt_token_ids))
         parent.forks_pending = params.n - 1
         self.requests[request_id] = request
@@ -181,33 +189,54 @@ class LLMEngine:
             return []
         self.runner.copy_blocks(batch.copies)
         seqs = batch.seqs
-        if batch.kind == "prefill":
-            logits = self.runner.prefill([s.token_ids for s in seqs], batch.slots)
-        else:
-            tables = [self.blocks.tables[s.seq_id] for s in seqs]
-            logits = self.runner.decode([s.token_ids[-1] for s in seqs], [len(s.token_ids) for s in seqs],
-                                        [slot[0] for slot in batch.slots], tables)
+        touched = {seq.request.request_id: seq.request for seq in seqs}
+        if batch.kind == "decode":
+            self._decode(batch)
+            return [self._output(r) for r in touched.values()]
+        logits = self.runner.prefill([s.token_ids for s in seqs], batch.slots)
         # A prefilled prompt with n > 1 samples gives its one logits row to each of its samples.
-        rows = [i for i, s in enumerate(seqs) for _ in range(1 + s.forks_pending)]
-        params = [seqs[i].request.params for i in rows]
-        tokens = sample_rows(logits[rows] if len(rows) != len(seqs) else logits,
-                             [p.temperature for p in params], [p.top_p for p in params],
-                             [seqs[i].request.generator for i in rows], self.generator)
-        touched: dict[str, Request] = {}
+        rows = [(i, s.index + j) for i, s in enumerate(seqs) for j in range(1 + s.forks_pending)]
+        sample = self._sampler([seqs[i] for i, _ in rows], [index for _, index in rows])
+        tokens = sample(logits[[i for i, _ in rows]] if len(rows) != len(seqs) else logits).tolist()
         appended: list[Sequence] = []
-        cursor = 0
         for seq in seqs:
-            new = [seq] + [self._fork(seq) for _ in range(seq.forks_pending)]
+            appended += [seq] + [self._fork(seq) for _ in range(seq.forks_pending)]
             seq.forks_pending = 0
-            for s in new:
-                s.num_cached = len(s.token_ids)
-                s.token_ids.append(tokens[cursor])
-                appended.append(s)
-                cursor += 1
-            touched[seq.request.request_id] = seq.request
+        for seq, token in zip(appended, tokens, strict=True):
+            seq.num_cached = len(seq.token_ids)
+            seq.token_ids.append(token)
         self._process(appended)
         self._count(len(tokens))
         return [self._output(r) for r in touched.values()]
+
+    def _sampler(self, seqs: list[Sequence], sample_indices: list[int] | None = None):
+        """Samples one token per row; row i belongs to sample `sample_indices[i]` (default: its sequence's)."""
+        params = [s.request.params for s in seqs]
+        temperatures, top_ps = [p.temperature for p in params], [p.top_p for p in params]
+        indices = sample_indices if sample_indices is not None else [s.index for s in seqs]
+        generators = [None if s.request.generators is None else s.request.generators[i]
+                      for s, i in zip(seqs, indices, strict=True)]
+        return lambda logits: sample_rows(logits, temperatures, top_ps, generators, self.generator)
+
+    def _decode(self, batch) -> None:
+        """`batch.steps` tokens per sequence from one runner call; each sequence takes its tokens in order until
+        it stops (the tokens after a stop were computed but are not kept)."""
+        seqs = batch.seqs
+        tables = [self.blocks.tables[s.seq_id] for s in seqs]
+        tokens = self.runner.decode([s.token_ids[-1] for s in seqs], [len(s.token_ids) for s in seqs],
+                                    batch.slots, tables, self._sampler(seqs), batch.steps)
+        kept = 0
+        for step, step_tokens in enumerate(tokens):
+            active = [(seq, token) for seq, token, slots in zip(seqs, step_tokens, batch.slots, strict=True)
+                      if not seq.finished and step < len(slots)]
+            if not active:
+                break
+            for seq, token in active:
+                seq.num_cached = len(seq.token_ids)
+                seq.token_ids.append(token)
+            self._process([seq for seq, _ in active])
+            kept += len(active)
+        self._count(kept)
 
     def _fork(self, parent: Sequence) -> Sequence:
         child = self._new_sequence(parent.request, len(parent.request.seqs), list(parent.token_ids))

@@ -11,6 +11,7 @@ a few kernel launches' worth of CPU instead of one Python pass over every module
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -190,9 +191,12 @@ class ModelRunner:
         return self._logits(hidden[torch.arange(batch, device=self.device), last])
 
     @torch.inference_mode()
-    def decode(self, last_tokens: list[int], lengths: list[int], slots: list[int],
-               tables: list[list[int]]) -> Float[Tensor, "batch vocab"]:
-        """Logits after feeding each sequence's newest token (at position length − 1, stored at its slot)."""
+    def decode(self, last_tokens: list[int], lengths: list[int], slots: list[list[int]], tables: list[list[int]],
+               sample: Callable[[Tensor], Tensor], steps: int = 1) -> list[list[int]]:
+        """`steps` decode steps back to back, the sampled tokens fed forward on the device, one host sync at
+        the end: returns the tokens of each step, (steps, batch). Sequence i feeds its newest token at position
+        lengths[i] − 1 and then its own samples; step j stores keys/values at slots[i][j], or in the scratch
+        block once a sequence has all the tokens it may take (its later samples are discarded)."""
         batch = len(last_tokens)
         size = next((b for b in sorted(self.graphs) if b >= batch), None)
         padded = size or batch
@@ -200,16 +204,31 @@ class ModelRunner:
         host[:batch, 0] = last_tokens
         host[:batch, 1] = lengths
         host[:, 1] = np.maximum(host[:, 1], 1)  # padded rows: one key, the scratch block's
-        host[:batch, 2] = slots
         for row, table in enumerate(tables):
             host[row, 4 : 4 + len(table)] = table
+        schedule = np.full((padded, steps), SCRATCH_BLOCK * self.block_size, dtype=np.int64)
+        for row, row_slots in enumerate(slots):
+            schedule[row, : len(row_slots)] = row_slots
         packed = torch.from_numpy(host).to(self.device, non_blocking=True)
+        schedule = torch.from_numpy(schedule).to(self.device, non_blocking=True)
+        inputs = packed
         if size is not None:
-            self.static_inputs[:size].copy_(packed)
-            graph, logits = self.graphs[size]
-            graph.replay()
-            return logits[:batch]
-        return self._decode_forward(packed)[:batch]
+            inputs = self.static_inputs[:size]
+            inputs.copy_(packed)
+        sampled = []
+        for step in range(steps):
+            inputs[:, 2] = schedule[:, step]
+            if size is not None:
+                graph, logits = self.graphs[size]
+                graph.replay()
+            else:
+                logits = self._decode_forward(inputs)
+            tokens = sample(logits[:batch])
+            sampled.append(tokens)
+            if step + 1 < steps:
+                inputs[:batch, 0] = tokens
+                inputs[:, 1] += 1
+        return torch.stack(sampled).tolist()
 
     def _decode_forward(self, packed: Int[Tensor, "batch columns"]) -> Float[Tensor, "batch vocab"]:
         """packed[:, 0] token, [:, 1] length (keys incl. this token), [:, 2] slot, [:, 4:] block table."""
@@ -217,7 +236,10 @@ class ModelRunner:
         self.meta_ref[0] = StepMeta(
             True, packed[:, 2], packed[:, 4:].to(torch.int32), lengths.to(torch.int32)
         )
-        hidden = self._hidden(tokens, (lengths - 1).unsqueeze(1), state_rows=packed[:, 4] if self.recurrent else None)
+        # A row past its last real token (multi-step decoding) may run past the context: its samples are
+        # discarded, but its position must still index the RoPE table.
+        positions = (lengths - 1).clamp(max=self.config.context_length - 1).unsqueeze(1)
+        hidden = self._hidden(tokens, positions, state_rows=packed[:, 4] if self.recurrent else None)
         return self._logits(hidden[:, 0])
 
     def _capture(self, max_num_seqs: int) -> None:

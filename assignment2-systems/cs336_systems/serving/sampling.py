@@ -21,7 +21,8 @@ def sample_rows(
     top_ps: list[float],
     generators: list[torch.Generator | None],
     default_generator: torch.Generator | None = None,
-) -> list[int]:
+) -> Tensor:
+    """The chosen token of each row, left on the logits' device (no host sync: decode steps chain on it)."""
     choice = logits.argmax(dim=-1)
     sampled = [i for i, t in enumerate(temperatures) if t > 0]
     if sampled:
@@ -29,7 +30,7 @@ def sample_rows(
         temperature = torch.tensor([temperatures[i] for i in sampled], device=logits.device)
         probs = torch.softmax(logits[index].float() / temperature[:, None], dim=-1)
         top_p = torch.tensor([top_ps[i] for i in sampled], device=logits.device)
-        if (top_p < 1).any():
+        if any(p < 1 for p in top_ps):
             probs = top_p_filter(probs, top_p)
         shared = [j for j, i in enumerate(sampled) if generators[i] is None]
         if shared:
@@ -38,4 +39,4 @@ def sample_rows(
         for j, i in enumerate(sampled):
             if generators[i] is not None:
                 choice[i] = torch.multinomial(probs[j], 1, generator=generators[i])[0]
-    return choice.tolist()
+    return choice

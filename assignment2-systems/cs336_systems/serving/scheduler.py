@@ -24,13 +24,16 @@ class ScheduledBatch:
     seqs: list[Sequence]
     slots: list[list[int]]
     copies: list[CopyOnWrite] = field(default_factory=list)
+    steps: int = 1  # decode steps run back to back before the host looks at the tokens
 
 
 class Scheduler:
     def __init__(self, blocks: BlockManager, max_num_seqs: int = 256, max_num_batched_tokens: int = 8192,
-                 prefill_delay_steps: int = 0):
-        if max_num_seqs < 1 or max_num_batched_tokens < 1 or prefill_delay_steps < 0:
-            raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1, prefill_delay_steps >= 0")
+                 prefill_delay_steps: int = 0, decode_steps: int = 1):
+        if min(max_num_seqs, max_num_batched_tokens, decode_steps) < 1 or prefill_delay_steps < 0:
+            raise ValueError("max_num_seqs, max_num_batched_tokens and decode_steps must be >= 1, "
+                             "prefill_delay_steps >= 0")
+        self.decode_steps = decode_steps
         self.prefill_delay_steps = prefill_delay_steps
         self.decodes_since_prefill = 0
         self.blocks = blocks
@@ -90,24 +93,33 @@ class Scheduler:
         return ScheduledBatch("prefill", admitted, slots)
 
     def _schedule_decode(self) -> ScheduledBatch:
+        """Slots for the next `decode_steps` tokens of every running sequence (fewer for one that reaches
+        max_tokens sooner), preempting the youngest sequences while blocks run short."""
         seqs, slots, copies = [], [], []
         i = 0
         while i < len(self.running):
             seq = self.running[i]
-            holds = len(seq.token_ids)  # after this step the pool holds every token of the sequence
-            while self.blocks.needs_new_block(seq.seq_id, holds) and self.blocks.num_free == 0:
-                self.preempt(self.running[-1])
+            generated = len(seq.token_ids) - seq.prompt_len
+            steps = max(1, min(self.decode_steps, seq.request.params.max_tokens - generated))
+            seq_slots = []
+            for step in range(steps):
+                holds = len(seq.token_ids) + step  # tokens the pool holds once this step has stored its input
+                while self.blocks.needs_new_block(seq.seq_id, holds) and self.blocks.num_free == 0:
+                    self.preempt(self.running[-1])
+                    if seq.status is not Status.RUNNING:
+                        break
                 if seq.status is not Status.RUNNING:
                     break
+                slot, copy = self.blocks.append_slot(seq.seq_id, holds)
+                seq_slots.append(slot)
+                if copy is not None:
+                    copies.append(copy)
             if seq.status is not Status.RUNNING:
                 break  # it was the youngest, now preempted: everyone older is scheduled
-            slot, copy = self.blocks.append_slot(seq.seq_id, holds)
             seqs.append(seq)
-            slots.append([slot])
-            if copy is not None:
-                copies.append(copy)
+            slots.append(seq_slots)
             i += 1
-        return ScheduledBatch("decode", seqs, slots, copies)
+        return ScheduledBatch("decode", seqs, slots, copies, steps=self.decode_steps)
 
     def preempt(self, seq: Sequence) -> None:
         """Frees the sequence's blocks; it is recomputed from all its tokens when readmitted."""

@@ -54,7 +54,7 @@ class Request:
     params: SamplingParams
     arrival: float = field(default_factory=time.monotonic)
     seqs: list[Sequence] = field(default_factory=list)
-    generator: object = None  # a torch.Generator when the request carries a seed
+    generators: list | None = None  # one torch.Generator per sample when the request carries a seed
 
     @property
     def finished(self) -> bool:

@@ -25,7 +25,7 @@ API_KEY_ENV = "CS336_API_KEY"
 RANGES: dict[str, Range] = {
     "port": Range(ge=1, le=65535), "block_size": Range(ge=1), "num_blocks": Range(ge=2),
     "max_num_seqs": Range(ge=1), "max_num_batched_tokens": Range(ge=1), "max_body_bytes": Range(ge=1),
-    "prefill_delay_steps": Range(ge=0),
+    "prefill_delay_steps": Range(ge=0), "decode_steps": Range(ge=1, le=64),
 }
 
 
@@ -55,6 +55,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="prompt tokens in one prefill batch at most (default 8192)")
     eng.add_argument("--prefill-delay-steps", type=int, default=4,
                      help="decode steps a new prompt may wait so that close arrivals share a prefill (default 4)")
+    eng.add_argument("--decode-steps", type=int, default=4,
+                     help="decode steps run on the GPU before the host reads, checks and streams the tokens "
+                          "(default 4; 1 streams every token as it is made)")
     eng.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                      help="decode eagerly instead of replaying captured CUDA graphs")
     eng.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
@@ -116,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
             config = EngineConfig(block_size=args.block_size, num_blocks=args.num_blocks,
                                   max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                                   cuda_graphs=args.cuda_graphs, device=args.device, dtype=args.dtype,
-                                  prefill_delay_steps=args.prefill_delay_steps)
+                                  prefill_delay_steps=args.prefill_delay_steps, decode_steps=args.decode_steps)
         except ValueError as e:
             raise UserError(str(e)) from None
         if args.hf_model is not None:
