@@ -39,6 +39,10 @@ class _Parser(argparse.ArgumentParser):
     the usage stays one `--help` away."""
 
     def error(self, message: str) -> typing.NoReturn:
+        from cs336_basics.training.distributed import env_rank
+
+        if env_rank() != 0:  # under torchrun every rank parses the same flags: rank 0 reports
+            self.exit(2)
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
@@ -177,10 +181,31 @@ def config_from_args(args) -> TrainConfig:
 
 def cmd_train(args) -> dict:
     from cs336_basics.training import train
+    from cs336_basics.training.distributed import env_rank
 
-    summary = train(config_from_args(args))
-    print(json.dumps(summary))
+    try:
+        try:
+            config = config_from_args(args)
+        except UserError as e:
+            e.every_rank = True
+            raise
+        summary = train(config)
+    except UserError as e:  # under torchrun, an error every rank meets is reported by rank 0 alone
+        if env_rank() != 0 and getattr(e, "every_rank", False):
+            e.reported_elsewhere = True
+        raise
+    if env_rank() == 0:
+        print(json.dumps(summary))
     return summary
+
+
+def cmd_consolidate(args) -> dict:
+    from cs336_basics.training.dist_checkpoint import consolidate
+
+    _output_folder(args.run_dir, "--run-dir")
+    report = consolidate(args.run_dir, args.out)
+    print(json.dumps(report))
+    return report
 
 
 def check_generation(model, tokenizer, prompts: list[str], max_new_tokens: int) -> int:
@@ -277,6 +302,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--figure", default=None, help="default: fig/sweep_<kind>.png")
     _add_config_flags(p)
     p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("consolidate", help="write a ddp/fsdp run's newest sharded checkpoint as one checkpoint.pt")
+    p.add_argument("--run-dir", required=True, help="the --out-dir of a `train --parallel ddp|fsdp` run")
+    p.add_argument("--out", default=None, help="default: <run-dir>/checkpoint.pt (what generate and export-hf read)")
+    p.set_defaults(func=cmd_consolidate)
 
     p = sub.add_parser("generate", help="sample continuations from a trained run")
     p.add_argument("--run-dir", required=True, help="the --out-dir of a `train` run")

@@ -103,7 +103,30 @@ def get_batch(
     if num_starts <= 0:
         raise ValueError(f"dataset of {len(dataset)} tokens is too short for context_length={context_length}")
     starts = torch.randint(0, num_starts, (batch_size,), generator=generator).numpy()
-    windows = np.asarray(dataset[starts[:, None] + np.arange(context_length + 1)], dtype=np.int64)
+    return batch_at(dataset, starts, context_length, device)
+
+
+def step_batch_starts(num_tokens: int, batch_size: int, context_length: int, seed: int, step: int) -> np.ndarray:
+    """The window starts of the global batch of training step `step`: a function of (seed, step) alone.
+
+    `cs336-basics train` gives rank r of W, micro-step m of A, the rows [(r·A + m)·b, (r·A + m + 1)·b) with
+    b = batch_size / (W·A): the ranks' micro-batches together are exactly this batch at every world size and
+    accumulation, so a run is reproducible for its world size and a resumed run sees the same stream whatever
+    world size it resumes at. Drawing batch_size integers costs microseconds on every rank.
+    """
+    num_starts = num_tokens - context_length
+    if num_starts <= 0:
+        raise ValueError(f"dataset of {num_tokens} tokens is too short for context_length={context_length}")
+    return np.random.default_rng([seed, step]).integers(0, num_starts, size=batch_size)
+
+
+def batch_at(
+    dataset: npt.NDArray, starts: np.ndarray, context_length: int, device: str | torch.device
+) -> tuple[Int[Tensor, "batch ctx"], Int[Tensor, "batch ctx"]]:
+    """The windows beginning at `starts` as (inputs, targets shifted by one), on `device`."""
+    import torch
+
+    windows = np.asarray(dataset[np.asarray(starts)[:, None] + np.arange(context_length + 1)], dtype=np.int64)
     batch = torch.from_numpy(windows)
     device = torch.device(device)
     if device.type == "cuda":

@@ -59,7 +59,8 @@ def run_command(prog: str, func: Callable[[], Any], expected: tuple[type[BaseExc
     try:
         func()
     except EXPECTED + expected as e:
-        print(f"{prog}: error: {describe(e)}", file=sys.stderr)
+        if not getattr(e, "reported_elsewhere", False):  # e.g. by rank 0 of a torchrun launch
+            print(f"{prog}: error: {describe(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)

@@ -22,7 +22,8 @@ ARCHITECTURE = ("vocab_size", "context_length", "d_model", "num_layers", "num_he
                 "moe_routed_scale", "moe_dense_layers")
 CHOICES = {"norm": ("pre", "post", "none"), "position": ("rope", "none", "alibi"), "ffn": ("swiglu", "silu", "moe"),
            "attention": ("mha", "mla", "linear"), "moe_router": ("softmax", "sigmoid"),
-           "precision": ("auto", "fp32", "bf16", "fp16"), "optimizer": ("adamw", "muon")}
+           "precision": ("auto", "fp32", "bf16", "fp16"), "optimizer": ("adamw", "muon"),
+           "parallel": ("none", "ddp", "fsdp")}
 
 
 @dataclass
@@ -99,6 +100,11 @@ class TrainConfig:
     tf32: bool = True
     seed: int = bounded(0, ge=0, lt=2**63)
     peak_flops: float = bounded(0.0, ge=0)  # accelerator peak FLOP/s for MFU; 0 = look up by device name
+    # data parallelism (training/distributed.py): ddp/fsdp run under `torchrun --nproc_per_node N`; batch_size
+    # stays the global batch, split over the ranks and then into grad_accum micro-batches on each
+    parallel: Literal["none", "ddp", "fsdp"] = "none"
+    grad_accum: int = bounded(1, ge=1)
+    dist_timeout_s: float = bounded(600.0, gt=0)  # a collective waiting longer than this fails the run
     wandb: bool = False
     wandb_project: str = "cs336-basics"
     progress: bool = True
@@ -118,6 +124,8 @@ class TrainConfig:
         if self.position == "rope" and self.attention == "mha" and (self.d_model // self.num_heads) % 2:
             raise UserError(f"rotary embeddings need an even head size; --d-model/--num-heads is "
                             f"{self.d_model // self.num_heads}")
+        if self.batch_size % self.grad_accum:
+            raise UserError(f"--batch-size ({self.batch_size}) must be divisible by --grad-accum ({self.grad_accum})")
         if self.resume and self.overwrite:
             raise UserError("--resume and --overwrite exclude each other")
 

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from cs336_basics.cli_support import StopRequest, UserError, atomic_write, prepare_run_dir
-from cs336_basics.data import check_length, check_token_ids, get_batch, load_tokens
+from cs336_basics.data import check_length, check_token_ids, load_tokens
 from cs336_basics.training.config import TrainConfig
 from cs336_basics.training.metrics import JsonlLog
 from cs336_basics.training.spike_guard import SpikeGuard
@@ -86,74 +86,153 @@ def load_token_files(config: TrainConfig) -> tuple[np.ndarray, np.ndarray]:
 
 
 def check_run_dir(config: TrainConfig) -> None:
-    """Before anything heavy: a folder holding a run needs --resume or --overwrite; --resume needs a checkpoint.
-    (Nothing is deleted here: --overwrite removes the old run files only once the new run is ready to start.)"""
+    """Before anything heavy: a folder holding a run needs --resume or --overwrite; --resume needs a checkpoint
+    (checkpoint.pt or a sharded one in dcp/). (Nothing is deleted here: --overwrite removes the old run files
+    only once the new run is ready to start.)"""
+    from cs336_basics.cli_support.atomic import RUN_MARKERS
+    from cs336_basics.training import dist_checkpoint
+
     if not config.overwrite:
-        prepare_run_dir(config.out_dir, resume=config.resume, overwrite=False)
+        prepare_run_dir(config.out_dir, resume=config.resume, overwrite=False,
+                        markers=(*RUN_MARKERS, dist_checkpoint.DCP_DIR))
     checkpoint = os.path.join(config.out_dir, CHECKPOINT)
-    if config.resume and not os.path.isfile(checkpoint):
+    if config.resume and not os.path.isfile(checkpoint) and dist_checkpoint.latest(config.out_dir) is None:
         raise UserError(f"--resume: no checkpoint at {checkpoint} (leave out --resume to start a new run)")
 
 
-def _resume_state(config: TrainConfig, device: torch.device) -> dict[str, Any]:
-    """The checkpoint to continue from, checked against the requested architecture."""
-    from cs336_basics.checkpoint import load_checkpoint_state
+def _check_architecture(saved: dict | None, config: TrainConfig, path: str) -> None:
     from cs336_basics.model import ConfigError, TransformerConfig
 
+    if saved is None:
+        return
+    try:  # a config saved before a field existed gets its default: the model it was trained as
+        saved = TransformerConfig.from_dict(saved).to_dict()
+    except (ConfigError, TypeError) as e:
+        raise UserError(f"--resume: {path} records a model config this version cannot read: {e}") from e
+    wanted = config.model_config().to_dict()
+    if saved != wanted:
+        changed = sorted(k for k in saved if saved[k] != wanted.get(k))
+        raise UserError(f"--resume: {path} was trained with another architecture (differs in "
+                        f"{', '.join(changed)})")
+
+
+def _peek_iteration(path: str) -> int | None:
+    """The step of a checkpoint.pt without reading its tensors (memory-mapped); None when unreadable."""
+    import torch
+
+    try:
+        return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["iteration"])
+    except Exception:
+        return None
+
+
+def _resume_state(config: TrainConfig, device: torch.device) -> dict[str, Any]:
+    """The checkpoint to continue from, checked against the requested architecture: the newer of checkpoint.pt
+    and the newest sharded checkpoint (at equal steps, the one this mode writes). A sharded one gives
+    {"iteration", "extra", "sharded": folder}; checkpoint.pt gives its whole dict."""
+    from cs336_basics.checkpoint import load_checkpoint_state
+    from cs336_basics.training import dist_checkpoint
+
     path = os.path.join(config.out_dir, CHECKPOINT)
-    state = load_checkpoint_state(path, map_location=device)
+    sharded = dist_checkpoint.latest(config.out_dir)
+    if sharded is not None and os.path.isfile(path):
+        step = _peek_iteration(path)
+        if step is not None and (step > sharded[1] or (step == sharded[1] and config.parallel == "none")):
+            sharded = None
+    if sharded is not None:
+        folder = sharded[0]
+        state = dist_checkpoint.read_trainer_state(folder)
+        _check_architecture(state["extra"].get("model_config"), config, folder)
+        return {"iteration": state["iteration"], "extra": state["extra"], "sharded": folder}
+    state = load_checkpoint_state(path, map_location=device if config.parallel == "none" else "cpu")
     extra = state.get("extra") or {}
-    saved = extra.get("model_config")
-    if saved is not None:
-        try:  # a config saved before a field existed gets its default: the model it was trained as
-            saved = TransformerConfig.from_dict(saved).to_dict()
-        except (ConfigError, TypeError) as e:
-            raise UserError(f"--resume: {path} records a model config this version cannot read: {e}") from e
-        wanted = config.model_config().to_dict()
-        if saved != wanted:
-            changed = sorted(k for k in saved if saved[k] != wanted.get(k))
-            raise UserError(f"--resume: {path} was trained with another architecture (differs in "
-                            f"{', '.join(changed)})")
+    _check_architecture(extra.get("model_config"), config, path)
     if "cpu_rng" not in extra:
         raise UserError(f"--resume: {path} holds no RNG state (not written by `cs336-basics train`)")
     return state
 
 
-def evaluate(model, tokens, config: TrainConfig, device, precision) -> float:
-    """Mean loss over a fixed set of validation windows (own generator: the training RNG is untouched)."""
+def evaluate(model, tokens, config: TrainConfig, device, precision, dist=None) -> float:
+    """Mean loss over a fixed set of validation windows (own generator: the training RNG is untouched). The
+    windows are the same at every world size: each rank takes its share of every batch, in micro-batches, and
+    the token-loss sums are all-reduced."""
     import torch
 
+    from cs336_basics.data import batch_at
     from cs336_basics.nn_utils import cross_entropy
 
+    rank, world_size = (dist.rank, dist.world_size) if dist is not None else (0, 1)
+    share = config.batch_size // world_size
+    micro = share // config.grad_accum if share % config.grad_accum == 0 else share
     model.eval()
     generator = torch.Generator().manual_seed(config.seed + 1)
-    losses = []
+    num_starts = len(tokens) - config.context_length
+    total = 0.0
     with torch.no_grad():
         for _ in range(config.eval_batches):
-            x, y = get_batch(tokens, config.batch_size, config.context_length, device, generator=generator)
-            with _autocast(device, precision):
-                losses.append(cross_entropy(model(x), y).item())
+            starts = torch.randint(0, num_starts, (config.batch_size,), generator=generator).numpy()
+            mine = starts[rank * share:(rank + 1) * share]
+            for first in range(0, share, micro):
+                x, y = batch_at(tokens, mine[first:first + micro], config.context_length, device)
+                with _autocast(device, precision):
+                    total += cross_entropy(model(x), y).item() * len(x)
     model.train()
-    return float(np.mean(losses))
+    if dist is not None and dist.world_size > 1:
+        total = dist.all_sum_(torch.tensor(total, dtype=torch.float64, device=dist.device)).item()
+    return total / (config.eval_batches * config.batch_size)
 
 
 def train(config: TrainConfig) -> dict[str, Any]:
     """Trains (or resumes) the run in `config.out_dir`; returns a summary with the final losses.
 
-    Raises `TrainingStopped` (exit 130/143) after checkpointing when SIGINT/SIGTERM asked to stop."""
-    train_tokens, val_tokens = load_token_files(config)
-    check_run_dir(config)
-    model_config = config.model_config()  # a combination the model rejects: one line naming the flags
+    Under torchrun with `--parallel ddp|fsdp` every rank calls this (see `training/distributed.py`); rank 0
+    alone writes metrics, config, progress and wandb. Errors found before training starts are the same on
+    every rank and carry `every_rank = True` (the CLI reports them on rank 0 only).
 
+    Raises `TrainingStopped` (exit 130/143) after checkpointing when SIGINT/SIGTERM asked to stop."""
+    from cs336_basics.training.distributed import check_launch, read_launch
+
+    try:
+        launch = read_launch()
+        check_launch(config, launch)
+        train_tokens, val_tokens = load_token_files(config)
+        check_run_dir(config)
+        model_config = config.model_config()  # a combination the model rejects: one line naming the flags
+    except UserError as e:
+        e.every_rank = True
+        raise
+
+    from cs336_basics.training.distributed import Dist, rank_device
+
+    device = rank_device(resolve_device(config.device), launch, config.parallel)
+    dist = Dist(launch, config.parallel, device, config.dist_timeout_s)
+    dist.start()
+    finished = False
+    try:
+        with dist.failures_as_one_line():
+            summary = _train(config, model_config, train_tokens, val_tokens, device, dist)
+        finished = True
+        return summary
+    except TrainingStopped:
+        finished = True
+        raise
+    finally:
+        if finished:
+            dist.close()
+
+
+def _train(config: TrainConfig, model_config, train_tokens, val_tokens, device, dist) -> dict[str, Any]:
     import torch
     from tqdm.auto import tqdm
 
     from cs336_basics.checkpoint import save_checkpoint
     from cs336_basics.model import TransformerLM
     from cs336_basics.optim import get_lr_cosine_schedule
+    from cs336_basics.training import dist_checkpoint
+    from cs336_basics.training.distributed import wrap_model
     from cs336_basics.training.metrics import peak_flops, training_flops_per_token
 
-    device = resolve_device(config.device)
+    main = dist.is_main
     precision = config.precision if config.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
     if precision == "fp16" and device.type == "mps":
         raise UserError("--precision fp16 needs a CUDA or CPU device (its loss scaler does not run on MPS)")
@@ -164,53 +243,79 @@ def train(config: TrainConfig) -> dict[str, Any]:
 
     torch.manual_seed(config.seed)
     model = TransformerLM(model_config, device=device)
+    flops_per_token = training_flops_per_token(model)  # before sharding: counts read whole parameters
+    num_parameters, num_active = model.num_parameters(), model.num_active_parameters()
+    checkpoint_path = os.path.join(config.out_dir, CHECKPOINT)
+    plain = state is not None and "sharded" not in state  # a checkpoint.pt
+    if plain:
+        try:
+            model.load_state_dict(state["model"])
+        except (RuntimeError, ValueError, KeyError, TypeError) as e:  # weights of another shape or model
+            _does_not_fit(checkpoint_path, e)
+    wrapped = wrap_model(model, config.parallel, device, precision, config.compile)
     optimizer = build_optimizer(model, config)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     guard = SpikeGuard(config.spike_guard, config.spike_warmup_steps)
-    checkpoint_path = os.path.join(config.out_dir, CHECKPOINT)
     start_step, elapsed_before = 0, 0.0
     if state is not None:
-        try:
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            if "grad_scaler" in state["extra"]:
-                scaler.load_state_dict(state["extra"]["grad_scaler"])
-            if "spike_guard" in state["extra"]:
-                guard.load_state_dict(state["extra"]["spike_guard"])
-        except (RuntimeError, ValueError, KeyError, TypeError) as e:  # weights of another shape or model
-            lines = [line.strip() for line in str(e).strip().splitlines()] or [type(e).__name__]
-            reason = " ".join(lines[:2])[:300]  # the header and the first mismatch
-            raise UserError(f"--resume: {checkpoint_path} does not fit this model: {reason}") from e
+        if plain:
+            try:
+                _load_plain_optimizer(state, model, model_config, optimizer, config)
+            except (RuntimeError, ValueError, KeyError, TypeError) as e:
+                _does_not_fit(checkpoint_path, e)
+        else:
+            dist_checkpoint.load(state["sharded"], wrapped.state_module, optimizer, dist)
+        if "grad_scaler" in state["extra"]:
+            scaler.load_state_dict(state["extra"]["grad_scaler"])
+        if "spike_guard" in state["extra"]:
+            guard.load_state_dict(state["extra"]["spike_guard"])
         start_step = state["iteration"]
         elapsed_before = state["extra"].get("elapsed_s", 0.0)
-        torch.set_rng_state(state["extra"]["cpu_rng"].cpu())
-        if device.type == "cuda" and "cuda_rng" in state["extra"]:
+        if config.parallel == "none" and "cpu_rng" in state["extra"]:
+            torch.set_rng_state(state["extra"]["cpu_rng"].cpu())
+        if config.parallel == "none" and device.type == "cuda" and "cuda_rng" in state["extra"]:
             torch.cuda.set_rng_state(state["extra"]["cuda_rng"].cpu())
+        state = None  # the weights now live in the model and optimizer
 
-    if config.wandb:  # an absent optional dependency is the user's to fix, and found before the folder changes
+    if config.wandb and main:  # an absent optional dependency is the user's to fix, found before the folder changes
         import importlib.util
 
         if importlib.util.find_spec("wandb") is None:
             raise UserError("--wandb needs the optional dependency: uv sync --extra wandb")
-    with StopRequest() as stop:  # from here on the folder changes: a signal ends with a checkpoint
-        prepare_run_dir(config.out_dir, resume=config.resume, overwrite=config.overwrite)
-        os.makedirs(config.out_dir, exist_ok=True)
-        with atomic_write(os.path.join(config.out_dir, "config.json")) as f:
-            json.dump(dataclasses.asdict(config), f, indent=2)
-        log = JsonlLog(os.path.join(config.out_dir, METRICS), start_step if config.resume else None)
-        run = _init_wandb(config) if config.wandb else None
+    with StopRequest(announce=main) as stop:  # from here on the folder changes: a signal ends with a checkpoint
+        if main:
+            if config.overwrite:
+                import shutil
 
-        step_fn = _make_step(model, optimizer, scaler, guard, config, device, precision)
-        flops_per_token = training_flops_per_token(model)
+                shutil.rmtree(os.path.join(config.out_dir, dist_checkpoint.DCP_DIR), ignore_errors=True)
+            prepare_run_dir(config.out_dir, resume=config.resume, overwrite=config.overwrite)
+            os.makedirs(config.out_dir, exist_ok=True)
+            with atomic_write(os.path.join(config.out_dir, "config.json")) as f:
+                json.dump(dataclasses.asdict(config), f, indent=2)
+        dist.barrier()
+        log = JsonlLog(os.path.join(config.out_dir, METRICS), start_step if config.resume else None) if main else None
+        run = _init_wandb(config) if config.wandb and main else None
+
+        step_fn = _make_step(model, wrapped, optimizer, scaler, guard, config, device, precision, dist)
         peak = config.peak_flops or peak_flops(device, precision, config.tf32)
+        peak = peak * dist.world_size if peak else peak  # MFU of the whole job
 
-        def checkpoint(step: int) -> None:
+        def checkpoint(step: int, final: bool) -> None:
             extra = {"model_config": model_config.to_dict(), "elapsed_s": elapsed_before + time.time() - t0,
                      "cpu_rng": torch.get_rng_state(), "grad_scaler": scaler.state_dict(),
                      "spike_guard": guard.state_dict()}
             if device.type == "cuda":
                 extra["cuda_rng"] = torch.cuda.get_rng_state()
-            save_checkpoint(model, optimizer, step, checkpoint_path, extra=extra)
+            if not dist.enabled:
+                save_checkpoint(model, optimizer, step, checkpoint_path, extra=extra)
+                return
+            trainer_state = {"iteration": step, "extra": extra, "config": dataclasses.asdict(config),
+                             "world_size": dist.world_size, "parallel": config.parallel}
+            dist_checkpoint.save(config.out_dir, step, wrapped.state_module, optimizer, trainer_state, dist)
+            if final:  # the plain single-file checkpoint for generate / export-hf, from the files just written
+                if main:
+                    dist_checkpoint.consolidate(config.out_dir)
+                dist.barrier()
 
         t0 = time.time()
         window_start, window_steps = time.time(), 0
@@ -219,15 +324,15 @@ def train(config: TrainConfig) -> dict[str, Any]:
         if config.stop_after_steps:
             end_step = min(end_step, start_step + config.stop_after_steps)
         bar = tqdm(range(start_step, end_step), initial=start_step, total=config.max_steps,
-                   disable=not config.progress, desc="train", unit="step")
+                   disable=not config.progress or not main, desc="train", unit="step")
         step, stopping = start_step, False
         for step in bar:
             lr = get_lr_cosine_schedule(step, config.lr_max, config.lr_min, config.warmup_steps, config.max_steps)
-            loss, grad_norm, extras = step_fn(train_tokens, lr)
+            loss, grad_norm, extras = step_fn(train_tokens, lr, step)
             window_steps += 1
             done = step + 1
             if done % config.log_interval == 0 or done == end_step:
-                last_train_loss = loss.item()  # the only host sync of the step, once per log interval
+                last_train_loss = dist.all_mean(loss).item()  # the only host sync of the step, once per interval
                 now = time.time()
                 tokens_per_s = window_steps * config.tokens_per_step / (now - window_start)
                 record = {"step": done, "split": "train", "loss": last_train_loss, "lr": lr,
@@ -236,48 +341,85 @@ def train(config: TrainConfig) -> dict[str, Any]:
                 if peak:
                     record["mfu"] = tokens_per_s * flops_per_token / peak
                 record.update(extras())
-                log.write(record)
+                if log:
+                    log.write(record)
                 if run:
                     run.log(record, step=done)
-                if not math.isfinite(last_train_loss):
+                if not math.isfinite(last_train_loss):  # the same on every rank: all stop here
                     bar.close()
-                    raise TrainingDiverged(f"training diverged: loss {last_train_loss} at step {done} "
-                                           f"(try a lower --lr-max or --grad-clip)")
+                    error = TrainingDiverged(f"training diverged: loss {last_train_loss} at step {done} "
+                                             f"(try a lower --lr-max or --grad-clip)")
+                    error.every_rank = True
+                    raise error
                 bar.set_postfix(loss=f"{last_train_loss:.3f}", tok_s=f"{tokens_per_s:,.0f}")
                 window_start, window_steps = time.time(), 0
             if done % config.eval_interval == 0 or done == config.max_steps:
-                last_val_loss = evaluate(model, val_tokens, config, device, precision)
+                last_val_loss = evaluate(model, val_tokens, config, device, precision, dist)
                 record = {"step": done, "split": "val", "loss": last_val_loss,
                           "tokens": done * config.tokens_per_step, "wall_s": elapsed_before + time.time() - t0}
-                log.write(record)
+                if log:
+                    log.write(record)
                 if run:
                     run.log({"val_loss": last_val_loss}, step=done)
-                bar.write(f"step {done}: val loss {last_val_loss:.4f}")
+                if main:
+                    bar.write(f"step {done}: val loss {last_val_loss:.4f}")
                 window_start = time.time()  # evaluation time is not training throughput
-            stopping = stop.requested and done < end_step  # read once: a signal may land while we checkpoint
-            out_of_time = config.time_limit_s and time.time() - t0 > config.time_limit_s
-            if done % config.checkpoint_interval == 0 or done == end_step or out_of_time or stopping:
-                checkpoint(done)
+            # read once (a signal may land while we checkpoint) and agreed by every rank
+            stopping, out_of_time = dist.any(stop.requested and done < end_step,
+                                             bool(config.time_limit_s) and time.time() - t0 > config.time_limit_s)
+            final = done == end_step or out_of_time or stopping
+            if done % config.checkpoint_interval == 0 or final:
+                checkpoint(done, final)
             if stopping:
-                log.write({"step": done, "split": "event", "event": "stopped", "signal": stop.name,
-                           "wall_s": elapsed_before + time.time() - t0})
+                if log:
+                    log.write({"step": done, "split": "event", "event": "stopped", "signal": stop.name or "SIGTERM",
+                               "wall_s": elapsed_before + time.time() - t0})
                 end_step = done
                 break
             if out_of_time:
-                bar.write(f"time limit reached after step {done}; resume with --resume")
+                if main:
+                    bar.write(f"time limit reached after step {done}; resume with --resume")
                 end_step = done
                 break
         bar.close()
         if run:
             run.finish()
     if stopping:
-        print(f"cs336-basics train: stopped by {stop.name} after step {done}; checkpoint written to "
-              f"{checkpoint_path}; continue with --resume", file=sys.stderr, flush=True)
-        raise TrainingStopped(stop.exit_code)
+        if main:
+            where = checkpoint_path if not dist.enabled else f"{config.out_dir} (dcp/ and {CHECKPOINT})"
+            print(f"cs336-basics train: stopped by {stop.name or 'SIGTERM'} after step {done}; checkpoint written "
+                  f"to {where}; continue with --resume", file=sys.stderr, flush=True)
+        raise TrainingStopped(stop.exit_code or 143)
     return {"steps": end_step if start_step < end_step else step, "train_loss": last_train_loss,
             "val_loss": last_val_loss, "finished": end_step >= config.max_steps, "out_dir": config.out_dir,
-            "wall_s": elapsed_before + time.time() - t0, "num_parameters": model.num_parameters(),
-            "num_active_parameters": model.num_active_parameters(), "skipped_steps": guard.skipped}
+            "wall_s": elapsed_before + time.time() - t0, "num_parameters": num_parameters,
+            "num_active_parameters": num_active, "skipped_steps": guard.skipped, "world_size": dist.world_size,
+            "parallel": config.parallel}
+
+
+def _does_not_fit(path: str, e: BaseException):
+    lines = [line.strip() for line in str(e).strip().splitlines()] or [type(e).__name__]
+    reason = " ".join(lines[:2])[:300]  # the header and the first mismatch
+    raise UserError(f"--resume: {path} does not fit this model: {reason}") from e
+
+
+def _load_plain_optimizer(state: dict, model, model_config, optimizer, config: TrainConfig) -> None:
+    """The optimizer state of a checkpoint.pt; under FSDP via a plain model and optimizer on the CPU, whose
+    full state (keyed by parameter name) is then sharded onto this rank."""
+    if config.parallel != "fsdp":
+        optimizer.load_state_dict(state["optimizer"])
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+    from cs336_basics.model import TransformerLM
+
+    plain_model = TransformerLM(model_config)
+    plain_model.load_state_dict(state["model"])
+    plain_optimizer = build_optimizer(plain_model, config)
+    plain_optimizer.load_state_dict(state["optimizer"])
+    model_state, optimizer_state = get_state_dict(plain_model, plain_optimizer)
+    set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state,
+                   options=StateDictOptions(full_state_dict=True))
 
 
 def build_optimizer(model, config: TrainConfig):
@@ -294,39 +436,58 @@ def build_optimizer(model, config: TrainConfig):
                  weight_decay=config.weight_decay)
 
 
-def _make_step(model, optimizer, scaler, guard: SpikeGuard, config: TrainConfig, device, precision):
-    """One optimizer step; the forward+backward is optionally compiled (the optimizer stays eager).
+def _make_step(model, wrapped, optimizer, scaler, guard: SpikeGuard, config: TrainConfig, device, precision, dist):
+    """One optimizer step over the global batch of the step: this rank's rows in `grad_accum` micro-batches
+    (gradients reduced across ranks on the last); the forward+backward is optionally compiled (the optimizer
+    stays eager).
 
-    Returns (loss, grad norm, extras): the first two stay on the device (no host sync unless the spike guard
-    needs the values); `extras()` gives the log fields of the latest step (MoE load, aux loss, skips)."""
+    Returns (loss, grad norm, extras): this rank's mean loss and the global gradient norm stay on the device
+    (no host sync unless the spike guard needs the values); `extras()` gives the log fields of the latest step
+    (MoE load, aux loss, skips)."""
     import torch
 
+    from cs336_basics.data import batch_at, step_batch_starts
     from cs336_basics.nn_utils import cross_entropy
     from cs336_basics.optim import clip_gradients
+    from cs336_basics.training.distributed import clip_sharded_gradients
 
-    compiled = torch.compile(model) if config.compile else model
+    compiled = wrapped.forward
     moe_layers = model.moe_layers()
     latest: dict[str, Any] = {}
+    accum = config.grad_accum
+    micro = config.batch_size // (dist.world_size * accum)
 
-    def step(tokens, lr: float):
+    def step(tokens, lr: float, index: int):
         for group in optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
-        x, y = get_batch(tokens, config.batch_size, config.context_length, device)
-        with _autocast(device, precision):
-            loss = cross_entropy(compiled(x), y)
-        objective = loss
-        if moe_layers and config.moe_aux_loss_coef > 0:
-            latest["aux_loss"] = torch.stack([m.last_aux_loss for m in moe_layers]).sum()
-            objective = loss + config.moe_aux_loss_coef * latest["aux_loss"]
-        scaler.scale(objective).backward()
+        starts = step_batch_starts(len(tokens), config.batch_size, config.context_length, config.seed, index)
+        total = None
+        for m in range(accum):
+            first = (dist.rank * accum + m) * micro
+            x, y = batch_at(tokens, starts[first:first + micro], config.context_length, device)
+            with wrapped.sync(m == accum - 1):
+                with _autocast(device, precision):
+                    loss = cross_entropy(compiled(x), y)
+                objective = loss
+                if moe_layers and config.moe_aux_loss_coef > 0:
+                    latest["aux_loss"] = torch.stack([layer.last_aux_loss for layer in moe_layers]).sum()
+                    objective = loss + config.moe_aux_loss_coef * latest["aux_loss"]
+                scaler.scale(objective if accum == 1 else objective / accum).backward()
+            total = loss.detach() if total is None else total + loss.detach()
+        loss = total if accum == 1 else total / accum
         scaler.unscale_(optimizer)  # clipping and the guard see the true gradients
-        grad_norm = clip_gradients(model.parameters(), config.grad_clip)
-        if not guard.enabled or guard.allows(loss.item(), grad_norm.item()):
+        if config.parallel == "fsdp":
+            grad_norm = clip_sharded_gradients(model.parameters(), config.grad_clip, dist)
+        else:
+            grad_norm = clip_gradients(model.parameters(), config.grad_clip)
+        if not guard.enabled or guard.allows(dist.all_mean(loss).item(), grad_norm.item()):
             scaler.step(optimizer)  # skipped by the scaler itself when fp16 gradients overflowed
-            latest["moe_load"] = [m.update_bias(config.moe_bias_update_rate) for m in moe_layers]
+            for layer in moe_layers:  # every rank's routing counts, so the biases stay equal on all ranks
+                dist.all_sum_(layer.load_counts)
+            latest["moe_load"] = [layer.update_bias(config.moe_bias_update_rate) for layer in moe_layers]
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
-        return loss.detach(), grad_norm, extras
+        return loss, grad_norm, extras
 
     def extras() -> dict[str, Any]:
         record: dict[str, Any] = {}
