@@ -126,6 +126,9 @@ def table(results: list[dict]) -> str:
     lines = ["| method | trainable params | weights GB | optimizer state GB | peak GB | step s (median) |",
              "|---|---|---|---|---|---|"]
     for r in results:
+        if "error" in r:
+            lines.append(f"| {r['method']} | failed: {r['error']} | | | | |")
+            continue
         peak = "n/a (CPU)" if r["peak_gb"] is None else f"{r['peak_gb']:.2f}"
         lines.append(f"| {r['method']} | {r['trainable_params']:,} | {r['weights_gb']:.3f} | "
                      f"{r['optimizer_state_gb']:.3f} | {peak} | {r['step_s_median']:.3f} |")
@@ -163,9 +166,14 @@ def main(argv: list[str] | None = None) -> dict:
         if torch.device(args.device).type == "cuda":  # a fresh process per method: clean allocator, clean peak
             child = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--methods" and a not in
                      METHODS]
-            out = subprocess.run([sys.executable, __file__, *child, "--one", method], check=True,
-                                 capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-            results.append(json.loads(out.stdout.strip().splitlines()[-1]))
+            out = subprocess.run([sys.executable, __file__, *child, "--one", method], capture_output=True,
+                                 text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            if out.returncode == 0:
+                results.append(json.loads(out.stdout.strip().splitlines()[-1]))
+            else:  # e.g. out of memory: keep the other methods' results and say why this one has none
+                lines = out.stderr.strip().splitlines() or [f"exit code {out.returncode}"]
+                results.append({"method": method, "error": lines[-1]})
+                print(out.stderr[-3000:], file=sys.stderr)
         else:
             results.append(run_one(method, args))
         print(f"{method}: done", file=sys.stderr, flush=True)

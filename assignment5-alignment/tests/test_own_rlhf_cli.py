@@ -1,6 +1,7 @@
 """`cs336-align orpo|ppo|reward-model` and the LoRA/QLoRA flags end to end on a saved tiny cs336_basics run, and
 their one-line errors."""
 
+import copy
 import json
 
 import pytest
@@ -115,3 +116,29 @@ def test_peft_memory_benchmark_tiny(tmp_path):
     assert full["total_params"] == lora["total_params"] - lora["trainable_params"]
     assert lora["first_loss"] == full["first_loss"]  # B = 0: the adapted model starts as the base model
     assert abs(qlora["first_loss"] - full["first_loss"]) < 0.05
+
+
+def test_lora_on_a_hugging_face_model_saves_a_merged_model_equal_to_base_plus_adapters(tmp_path):
+    from cs336_alignment.models import load_hf
+    from cs336_alignment.peft import load_adapters
+    from cs336_alignment.testing import hf_tokenizer, tiny_llama
+
+    tokenizer = hf_tokenizer()
+    tiny_llama(len(tokenizer), seed=3).save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    (tmp_path / "sft.jsonl").write_text("".join(json.dumps({"prompt": f"what is {i} plus 3?", "response": f" {i + 3}"})
+                                                + "\n" for i in range(4)))
+    run(["sft", "--model", str(tmp_path / "base"), "--data", str(tmp_path / "sft.jsonl"), "--out-dir",
+         str(tmp_path / "out"), "--device", "cpu", "--num-steps", "2", "--train-batch-size", "2",
+         "--gradient-accumulation-steps", "1", "--learning-rate", "1e-2", "--lora-rank", "2",
+         "--lora-targets", "q_proj", "down_proj"])
+    merged, _ = load_hf(str(tmp_path / "out" / "model"), device="cpu", dtype="float32")
+    base, _ = load_hf(str(tmp_path / "base"), device="cpu", dtype="float32")
+    assert merged.state_dict().keys() == base.state_dict().keys()  # a plain model again
+    original = copy.deepcopy(base)
+    load_adapters(base, tmp_path / "out" / "adapter")
+    ids = torch.randint(0, len(tokenizer), (2, 12))
+    with torch.no_grad():
+        adapted, plain, before = base(ids).logits, merged(ids).logits, original(ids).logits
+    torch.testing.assert_close(plain, adapted, rtol=1e-5, atol=1e-5)
+    assert (plain - before).abs().max() > 1e-4  # training moved the adapters off B = 0

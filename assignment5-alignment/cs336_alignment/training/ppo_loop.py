@@ -119,8 +119,10 @@ def score_rollout_batch(
     precision: str,
 ) -> dict[str, Tensor]:
     """log π_old, V_old and log π_ref of every label, before any update (the reference is the policy with its
-    adapters switched off when `reference` is None)."""
+    adapters switched off when `reference` is None), in eval mode: no dropout noise in the old log-probs."""
     device = model_device(policy)
+    was_training = policy.training
+    policy.eval()
     parts: dict[str, list[Tensor]] = {"old_log_probs": [], "old_values": [], "ref_log_probs": []}
     for start in range(0, batch["input_ids"].shape[0], micro):
         ids = batch["input_ids"][start : start + micro].to(device)
@@ -136,6 +138,7 @@ def score_rollout_batch(
         parts["old_log_probs"].append(logp.float())
         parts["old_values"].append(values.float())
         parts["ref_log_probs"].append(ref.float())
+    policy.train(was_training)
     return {key: torch.cat(value) for key, value in parts.items()}
 
 
