@@ -98,6 +98,7 @@ def test_reward_model_learns_held_out_preferences(tok, tmp_path):
     assert evals[-1]["eval_accuracy"] == 1.0 and evals[-1]["eval_loss"] < evals[0]["eval_loss"] - 0.3
     # The first step's logged loss is the batch's mean Bradley–Terry loss under the initial weights.
     assert train[0]["loss"] == pytest.approx(initial_loss, abs=1e-5)
+    assert train[1]["loss"] < train[0]["loss"]  # every step sees the same 4 pairs: one step lowered the loss
     assert (tmp_path / "checkpoint.pt").is_file()
 
 
@@ -130,6 +131,8 @@ def test_orpo_raises_the_odds_of_chosen_responses(tok, tmp_path):
                         orpo_lambda=1.0)
     history = run_orpo(policy, tok, PAIRS[:4], config, eval_pairs=PAIRS[4:], out_dir=str(tmp_path))
     evals = [h for h in history if h["kind"] == "eval"]
+    train = [h for h in history if h["kind"] == "train"]
+    assert train[1]["loss"] < train[0]["loss"]  # the same 4 pairs every step: one step lowered the loss
     assert evals[-1]["eval_loss"] < evals[0]["eval_loss"] and evals[-1]["eval_nll"] < evals[0]["eval_nll"]
     assert evals[-1]["eval_log_odds_ratio"] > evals[0]["eval_log_odds_ratio"]
     assert evals[-1]["eval_accuracy"] == 1.0
