@@ -130,6 +130,7 @@ class LLMEngine:
         self.generator = torch.Generator(device=device).manual_seed(config.seed)
         self.prompt_tokens_total = self.generation_tokens_total = self.requests_finished_total = 0
         self._recent: deque[tuple[float, int]] = deque()
+        self._recent_tokens = 0
 
     def _default_num_blocks(self, dtype: torch.dtype, block_size: int) -> int:
         per_seq = -(-self.context_length // block_size)
@@ -289,16 +290,18 @@ class LLMEngine:
         return RequestOutput(request.request_id, request.prompt_token_ids, outputs, finished)
 
     def _count(self, generated: int) -> None:
+        """Tokens of this step, kept for a 10 s window with a running sum (stats() is read every step)."""
         now = time.monotonic()
         self.generation_tokens_total += generated
         self._recent.append((now, generated))
+        self._recent_tokens += generated
         while self._recent and now - self._recent[0][0] > 10.0:
-            self._recent.popleft()
+            self._recent_tokens -= self._recent.popleft()[1]
 
     def stats(self) -> EngineStats:
-        recent = list(self._recent)
+        recent = self._recent
         span = (recent[-1][0] - recent[0][0]) if len(recent) > 1 else 0.0
-        rate = sum(n for _, n in recent[1:]) / span if span > 0 else 0.0
+        rate = (self._recent_tokens - recent[0][1]) / span if span > 0 else 0.0
         return EngineStats(
             num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
             blocks_total=self.blocks.allocator.capacity, blocks_used=self.blocks.num_used,

@@ -35,6 +35,14 @@ log = logging.getLogger(__name__)
 Loader = Callable[[], ServedModel]  # picklable (a module-level function or functools.partial of one)
 
 
+STATS_INTERVAL_S = 0.05  # a running engine refreshes the parent's stats at most this often (and when one ends)
+
+
+def _stats_tuple(engine) -> tuple:
+    stats = engine.stats()
+    return tuple(getattr(stats, f.name) for f in dataclasses.fields(stats))
+
+
 def _child_main(loader: Loader, config: EngineConfig, conn) -> None:
     """The engine process: load, report readiness, then step while there is work and read commands between."""
     try:
@@ -44,10 +52,11 @@ def _child_main(loader: Loader, config: EngineConfig, conn) -> None:
         stats = engine.stats()
         conn.send(("ready", {"num_blocks": stats.blocks_total, "block_size": stats.block_size,
                              "vocab_size": engine.model.config.vocab_size,
-                             "context_length": engine.context_length}, dataclasses.astuple(stats)))
+                             "context_length": engine.context_length}, _stats_tuple(engine)))
     except BaseException as error:
         conn.send(("dead", f"{type(error).__name__}: {error}"))
         return
+    last_stats = time.monotonic()
     while True:
         try:
             busy = engine.has_unfinished()
@@ -60,7 +69,7 @@ def _child_main(loader: Loader, config: EngineConfig, conn) -> None:
                     engine.abort(message[1])
                 elif kind == "reset_high_water":
                     engine.blocks.high_water = engine.blocks.num_used
-                    conn.send(("stats", dataclasses.astuple(engine.stats())))
+                    conn.send(("stats", _stats_tuple(engine)))
                 elif kind == "add":
                     _, rid, prompt, params = message
                     try:
@@ -69,13 +78,18 @@ def _child_main(loader: Loader, config: EngineConfig, conn) -> None:
                         conn.send(("refused", rid, str(error)))
                 busy = engine.has_unfinished()
             if not busy:
-                conn.send(("stats", dataclasses.astuple(engine.stats())))
+                conn.send(("stats", _stats_tuple(engine)))
+                last_stats = time.monotonic()
                 continue
             outputs = engine.step()
             compact = [(out.request_id, out.finished,
                         [(o.index, o.delta_text, o.delta_token_ids, o.finish_reason) for o in out.outputs])
                        for out in outputs]
-            conn.send(("step", compact, dataclasses.astuple(engine.stats())))
+            now = time.monotonic()
+            stats = None
+            if now - last_stats > STATS_INTERVAL_S or any(out.finished for out in outputs):
+                stats, last_stats = _stats_tuple(engine), now
+            conn.send(("step", compact, stats))
         except (EOFError, BrokenPipeError, KeyboardInterrupt):
             return
         except BaseException as error:
@@ -98,8 +112,10 @@ class _Stream:
         for index, delta_text, delta_ids, reason in deltas:
             self.texts[index] += delta_text
             self.ids[index].extend(delta_ids)
-            outputs.append(CompletionOutput(index, self.texts[index], list(self.ids[index]), delta_text,
-                                            list(delta_ids), reason))
+            # The cumulative id list is shared, not copied per update (O(length) each time): readers must
+            # not mutate it.
+            outputs.append(CompletionOutput(index, self.texts[index], self.ids[index], delta_text, delta_ids,
+                                            reason))
         return RequestOutput(rid, self.prompt, outputs, finished)
 
 
@@ -224,7 +240,8 @@ class ProcessEngine:
                 message = ("dead", "the engine process exited")
             kind = message[0]
             if kind == "step":
-                self._stats = EngineStats(*message[2])
+                if message[2] is not None:
+                    self._stats = EngineStats(*message[2])
                 by_loop: dict[asyncio.AbstractEventLoop, list] = {}
                 for rid, finished, deltas in message[1]:
                     stream = self._streams.get(rid)
