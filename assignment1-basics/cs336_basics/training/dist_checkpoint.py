@@ -114,6 +114,7 @@ def load(path: str, module, optimizer, dist: Dist | None) -> None:
     """Loads a sharded checkpoint into `module` (plain, DDP or FSDP) and `optimizer`, resharding to this run's
     world size; `dist=None` reads it in this process alone (no process group needed)."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     model_state, optimizer_state = get_state_dict(module, optimizer)
@@ -125,9 +126,15 @@ def load(path: str, module, optimizer, dist: Dist | None) -> None:
                 dcp.load(state, checkpoint_id=path, no_dist=True)
         else:
             dcp.load(state, checkpoint_id=path, process_group=dist.control)
-    except (RuntimeError, KeyError, ValueError) as e:  # a checkpoint of another model or optimizer
-        lines = [line.strip() for line in str(e).strip().splitlines()] or [type(e).__name__]
-        raise UserError(f"--resume: {path} does not fit this model and optimizer: {' '.join(lines[:2])[:300]}") from e
+    except (CheckpointException, RuntimeError, KeyError, ValueError) as e:  # another model or optimizer
+        failures = getattr(e, "failures", None)  # CheckpointException: the ranks' own errors
+        cause = next(iter(failures.values())) if failures else e
+        if isinstance(cause, tuple):  # (exception, traceback) in some versions
+            cause = cause[0]
+        lines = [line.strip() for line in str(cause).strip().splitlines()] or [type(cause).__name__]
+        error = UserError(f"--resume: {path} does not fit this model and optimizer: {' '.join(lines[:2])[:300]}")
+        error.every_rank = True  # the same checkpoint on every rank
+        raise error from e
     set_state_dict(module, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
 
 

@@ -198,13 +198,14 @@ def train(config: TrainConfig) -> dict[str, Any]:
         train_tokens, val_tokens = load_token_files(config)
         check_run_dir(config)
         model_config = config.model_config()  # a combination the model rejects: one line naming the flags
+        device = resolve_device(config.device)
     except UserError as e:
         e.every_rank = True
         raise
 
     from cs336_basics.training.distributed import Dist, rank_device
 
-    device = rank_device(resolve_device(config.device), launch, config.parallel)
+    device = rank_device(device, launch, config.parallel)
     dist = Dist(launch, config.parallel, device, config.dist_timeout_s)
     dist.start()
     finished = False
@@ -239,7 +240,11 @@ def _train(config: TrainConfig, model_config, train_tokens, val_tokens, device, 
     if device.type == "cuda" and config.tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    state = _resume_state(config, device) if config.resume else None
+    try:  # the same files on every rank: the same verdict
+        state = _resume_state(config, device) if config.resume else None
+    except UserError as e:
+        e.every_rank = True
+        raise
 
     torch.manual_seed(config.seed)
     model = TransformerLM(model_config, device=device)
@@ -400,7 +405,9 @@ def _train(config: TrainConfig, model_config, train_tokens, val_tokens, device, 
 def _does_not_fit(path: str, e: BaseException):
     lines = [line.strip() for line in str(e).strip().splitlines()] or [type(e).__name__]
     reason = " ".join(lines[:2])[:300]  # the header and the first mismatch
-    raise UserError(f"--resume: {path} does not fit this model: {reason}") from e
+    error = UserError(f"--resume: {path} does not fit this model: {reason}")
+    error.every_rank = True  # the same checkpoint on every rank
+    raise error from e
 
 
 def _load_plain_optimizer(state: dict, model, model_config, optimizer, config: TrainConfig) -> None:
