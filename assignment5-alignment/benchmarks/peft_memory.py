@@ -5,7 +5,8 @@ QLoRA (issue 20). Nothing is downloaded: a transformers `Qwen2Config` with Qwen2
 - full:  fp32 master weights, bf16 autocast, AdamW over every parameter (what `cs336-align sft` does);
 - lora:  frozen bf16 base, fp32 rank-r adapters on q/k/v/o/gate/up/down of every layer, bf16 autocast;
 - qlora: the same adapters over NF4 base weights (4-bit codes, double-quantised scales, `cs336_alignment.peft`),
-         de-quantised on the fly in bf16; embeddings and norms stay bf16.
+         de-quantised on the fly in bf16 by the Triton kernel (CS336_NF4_TRITON=0: the PyTorch version);
+         embeddings and norms stay bf16.
 
 Each method runs in its own process on CUDA (so one method's cached allocator blocks do not count for the
 next); peak GB is `torch.cuda.max_memory_allocated` over the timed steps, step time the median of `--steps`
@@ -93,6 +94,14 @@ def run_one(method: str, args: argparse.Namespace) -> dict:
             torch.cuda.synchronize()
 
     weights = tensor_bytes(list(model.parameters()) + list(model.buffers()))
+    kernel_check = None
+    if method == "qlora":  # the de-quantisation this run uses (Triton on CUDA) against the PyTorch reference
+        from cs336_alignment.peft import NF4Linear
+        from cs336_alignment.peft.nf4 import dequantize_nf4
+
+        layer = next(m for m in model.modules() if isinstance(m, NF4Linear))
+        used, reference = layer.dequantize(torch.float32), dequantize_nf4(layer.quantized(), use_triton=False)
+        kernel_check = float((used - reference).abs().max())
     first_loss = step()  # warm-up; also creates the optimizer state
     sync()
     if device.type == "cuda":
@@ -117,6 +126,7 @@ def run_one(method: str, args: argparse.Namespace) -> dict:
         "peak_gb": torch.cuda.max_memory_allocated() / GB if device.type == "cuda" else None,
         "step_s_median": statistics.median(times),
         "step_s": times,
+        "dequantize_max_abs_diff_vs_pytorch": kernel_check,
         "first_loss": first_loss,
         "losses": losses,
     }

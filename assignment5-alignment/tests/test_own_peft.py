@@ -312,3 +312,52 @@ def test_qlora_training_moves_the_loss_like_lora():
     # 4-bit base weights shift the start a little; the descent is the same within a fifth.
     assert abs(qlora[0] - lora[0]) < 0.05
     assert abs((qlora[0] - qlora[-1]) - (lora[0] - lora[-1])) < 0.2 * (lora[0] - lora[-1])
+
+
+TRITON_CHECK = """
+import torch
+from cs336_alignment.peft.nf4 import dequantize_nf4, quantize_nf4
+generator = torch.Generator().manual_seed(0)
+weight = torch.randn(96, 160, generator=generator) * 0.02
+weight[40:] *= 30
+weight[3, :64] = 0
+q = quantize_nf4(weight, 64, 32)
+reference = dequantize_nf4(q, use_triton=False)
+assert torch.equal(dequantize_nf4(q, use_triton=True), reference)
+bf16 = dequantize_nf4(q, torch.bfloat16, use_triton=True).float()
+assert torch.all((bf16 - reference).abs() <= reference.abs() * 2 ** -7)  # one bf16 step
+print("ok")
+"""
+
+
+def test_triton_dequantisation_kernel_in_the_interpreter():
+    """The kernel's indexing (nibbles, blocks, blocks of scales, ragged last program) in Triton's CPU
+    interpreter, in a child process (TRITON_INTERPRET must be set before the kernel is defined)."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    result = subprocess.run([sys.executable, "-c", TRITON_CHECK], capture_output=True, text=True, env=env,
+                            timeout=300)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton kernel runs on CUDA")
+def test_triton_dequantisation_on_cuda_and_a_qlora_layer_under_autocast():
+    weight = torch.randn(1536, 8960, device="cuda") * 0.02
+    q = quantize_nf4(weight)
+    reference = dequantize_nf4(q, use_triton=False)
+    torch.testing.assert_close(dequantize_nf4(q, use_triton=True), reference, rtol=1e-6, atol=1e-7)
+    linear = nn.Linear(256, 128, device="cuda", dtype=torch.bfloat16)
+    layer = LoRALinear(NF4Linear.from_linear(linear), rank=4, alpha=8)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(3, 256, device="cuda", requires_grad=True)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = layer(x)
+    dense = layer.base.dequantize(torch.float32) + layer.delta_weight()
+    torch.testing.assert_close(out.float(), x.detach() @ dense.T + linear.bias.float(), rtol=3e-2, atol=3e-2)
+    out.float().sum().backward()
+    assert layer.lora_A.grad is not None and x.grad is not None

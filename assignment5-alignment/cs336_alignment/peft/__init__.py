@@ -3,7 +3,7 @@ weights with double-quantised scales (Dettmers et al. 2023).
 
 `config.py` (the settings), `layer.py` (`LoRALinear`, `NF4Linear`, `QLoRALinear`), `model.py` (inject by name
 pattern, only adapters trainable, merge/unmerge, save/load adapters alone), `nf4.py` (the code book and the
-block-wise quantiser).
+block-wise quantiser), `nf4_triton.py` (de-quantisation as one Triton kernel on CUDA).
 """
 
 from cs336_alignment.peft.config import DEFAULT_TARGETS, LoRAConfig

@@ -119,8 +119,16 @@ def dequantize_scales(q: NF4Tensor) -> Tensor:
     return q.scale_codes.float() / 127 * q.scale_scales[index] + q.scale_offset
 
 
-def dequantize_nf4(q: NF4Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
-    """Codes → code values × block scale, in `dtype`, with the original shape."""
+def dequantize_nf4(q: NF4Tensor, dtype: torch.dtype = torch.float32, use_triton: bool | None = None) -> Tensor:
+    """Codes → code values × block scale, in `dtype`, with the original shape; by one Triton kernel on CUDA
+    (`peft.nf4_triton`, unless `use_triton=False` or CS336_NF4_TRITON=0), else in PyTorch."""
+    from cs336_alignment.peft.nf4_triton import dequantize_nf4_triton, triton_usable
+
+    if use_triton is None:
+        use_triton = triton_usable(q.packed)
+    if use_triton:
+        return dequantize_nf4_triton(q.packed, q.scale_codes, q.scale_scales, q.scale_offset, _book(q.packed.device),
+                                     q.shape, q.block_size, q.scale_block_size, dtype)
     codes = torch.stack((q.packed >> 4, q.packed & 0x0F), dim=-1).flatten().long()
     book = _book(q.packed.device)
     values = book[codes].view(-1, q.block_size) * dequantize_scales(q)[:, None]
