@@ -254,3 +254,17 @@ def test_gspo_step_in_the_grpo_loop_favours_the_rewarded_response(tok):
     assert gap(policy, tok) > before + 0.05
     with pytest.raises(ValueError, match="masked_mean"):
         GRPOConfig(loss_type="gspo", length_normalization="masked_normalize").validate()
+
+
+def test_preference_pairs_from_scored_groups():
+    from cs336_alignment.training.reward_model_loop import preference_pairs_from_groups
+
+    prompts = ["p"] * 3 + ["q"] * 3
+    responses = ["a", "b", "c", "x", "x", "y"]
+    rewards = [1.0, 0.0, 0.5, 1.0, 0.0, 0.0]
+    pairs = preference_pairs_from_groups(prompts, responses, rewards, group_size=3)
+    assert [(p["prompt"], p["chosen"], p["rejected"]) for p in pairs] == [
+        ("p", "a", "b"), ("p", "a", "c"), ("p", "c", "b"), ("q", "x", "y")]  # identical texts give no pair
+    assert len(preference_pairs_from_groups(prompts, responses, rewards, 3, max_pairs_per_group=1)) == 2
+    with pytest.raises(ValueError, match="groups of 4"):
+        preference_pairs_from_groups(prompts, responses, rewards, group_size=4)
