@@ -88,6 +88,7 @@ def test_sft_with_qlora_and_reward_model_with_lora(setup, tmp_path):
     (["ppo", "--reward", "human"], "--reward must be one of"),
     (["grpo", "--loss-type", "gspo", "--length-normalization", "masked_normalize"], "needs --length-normalization"),
     (["orpo", "--orpo-lambda", "-1"], "--orpo-lambda must be >= 0"),
+    (["grpo", "--lora-rank", "4", "--backend", "vllm"], "--lora-rank cannot be used with --backend vllm"),
 ])
 def test_bad_arguments_give_one_line_errors(setup, tmp_path, capsys, argv, message):
     data = {"sft": "sft.jsonl", "grpo": "math.jsonl", "ppo": "math.jsonl", "orpo": "pairs.jsonl"}[argv[0]]

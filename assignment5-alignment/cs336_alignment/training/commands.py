@@ -189,6 +189,11 @@ def run_loop(args: argparse.Namespace) -> list[dict[str, Any]]:
             raise FileNotFoundError(f"{path} does not exist")
     check_model_flags(args.model, args.basics_run, args.basics_tokenizer)
     args.lora = _lora_config(args)
+    if args.lora is not None and getattr(config, "backend", None) == "vllm":
+        # vLLM's engine takes plain weights; pushing a wrapped model's state (base + adapters) is not wired up.
+        raise UserError("--lora-rank cannot be used with --backend vllm yet (use --backend native)")
+    if args.lora is not None and getattr(config, "backend", None) == "auto":
+        config.backend = "native"
     if name == "ppo":
         if config.reward == "model" and not args.reward_model:
             raise UserError("--reward model needs --reward-model DIR (the output of `cs336-align reward-model`)")
