@@ -77,8 +77,10 @@ def read_launch(env: dict[str, str] | None = None) -> Launch:
 
 def env_rank() -> int:
     """This process's rank under torchrun (0 otherwise): the CLI reports launch-wide errors on rank 0 only."""
+    if not all(name in os.environ for name in TORCHRUN_ENV):
+        return 0
     try:
-        return int(os.environ.get("RANK", "0"))
+        return int(os.environ["RANK"])
     except ValueError:
         return 0
 
