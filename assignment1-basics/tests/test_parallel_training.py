@@ -5,6 +5,7 @@
 - A sharded checkpoint written by FSDP at world size 2 resumes at world size 2 (under FSDP and under DDP) and
   at world size 1 (from the sharded folder and from the consolidated checkpoint.pt) with the same next-step
   loss as the uninterrupted single-process run; a half-written checkpoint folder is ignored and cleaned up.
+- SIGTERM to one rank stops every rank after the same step, with a checkpoint that resumes.
 - A rank that raises ends the whole torchrun job non-zero within 60 s, its error printed once.
 - Bad launches are one-line errors (reported by rank 0 only).
 
@@ -98,6 +99,8 @@ def _rank(rank: int, port: int, jobs: list, results) -> None:
         for kind, payload in jobs:
             if kind == "train":
                 codes.append(main(payload))
+            elif kind == "sigterm":  # train, with a SIGTERM to rank 1 alone during step 3
+                codes.append(_train_with_sigterm_on_rank_1(payload, rank))
             else:  # a change to the folders (a copy, a half-written checkpoint), on rank 0
                 if rank == 0:
                     payload()
@@ -106,6 +109,32 @@ def _rank(rank: int, port: int, jobs: list, results) -> None:
     except BaseException as e:  # reported to the test through the queue
         codes.append(repr(e))
     results.put((rank, codes))
+
+
+def _train_with_sigterm_on_rank_1(args: list[str], rank: int):
+    import signal
+
+    from cs336_basics.training import trainer
+
+    make_step = trainer._make_step
+
+    def signalled_make_step(*a, **k):
+        step = make_step(*a, **k)
+
+        def step_with_signal(tokens, lr, index):
+            if rank == 1 and index == 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return step(tokens, lr, index)
+
+        return step_with_signal
+
+    trainer._make_step = signalled_make_step
+    try:
+        return main(args)
+    except SystemExit as e:  # TrainingStopped
+        return e.code
+    finally:
+        trainer._make_step = make_step
 
 
 def _world2(jobs: list) -> None:
@@ -122,7 +151,7 @@ def _world2(jobs: list) -> None:
             p.join(timeout=30)
             if p.is_alive():
                 p.kill()
-    expected = [0] * sum(kind == "train" for kind, _ in jobs)
+    expected = [0 if kind == "train" else 143 for kind, _ in jobs if kind in ("train", "sigterm")]
     assert outcome == {0: expected, 1: expected}, outcome
 
 
@@ -149,6 +178,7 @@ def runs(data, tmp_path_factory) -> Path:
         ("do", lambda: _half_written(root / "resume2_fsdp", 5)),
         ("train", _args(data, root / "resume2_fsdp", "--parallel", "fsdp", "--resume", "--stop-after-steps", "1")),
         ("train", _args(data, root / "resume2_ddp", "--parallel", "ddp", "--resume", "--stop-after-steps", "1")),
+        ("sigterm", _args(data, root / "stopped", "--parallel", "ddp")),
     ])
     print(f"world-size-2 job: {time.monotonic() - start:.1f} s")
     return root
@@ -192,6 +222,21 @@ def test_a_world_size_2_checkpoint_resumes_at_world_size_2_and_1_with_the_same_n
             assert losses[(step, "train")] == split[(step, "train")], run
     # the next sharded checkpoint removes the leftover and the superseded step
     assert sorted(p.name for p in (runs / "resume2_fsdp" / "dcp").iterdir()) == ["LATEST", "step_00000004"]
+
+
+def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step_with_a_checkpoint_that_resumes(runs, data):
+    """SIGTERM reached rank 1 alone during step 3: the ranks agree, checkpoint step 3 together (sharded and
+    consolidated) and exit 143; the run then resumes in one process and ends as the uninterrupted run."""
+    run = runs / "stopped"
+    records = _records(run)
+    assert records[-1]["split"] == "event" and records[-1]["signal"] == "SIGTERM" and records[-1]["step"] == 3
+    assert (run / "dcp" / "LATEST").read_text().strip() == "step_00000003"
+    assert torch.load(run / "checkpoint.pt", weights_only=True, map_location="cpu")["iteration"] == 3
+    assert _train(_args(data, run, "--resume")) == 0
+    single, resumed = _losses(runs / "single"), _losses(run)
+    assert sorted(resumed) == sorted(single)
+    for key, loss in single.items():
+        assert resumed[key] == pytest.approx(loss, abs=LOSS_TOL), key
 
 
 def test_consolidate_writes_the_plain_checkpoint_that_generate_reads(runs, capsys):
