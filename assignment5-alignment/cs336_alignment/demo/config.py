@@ -1,4 +1,6 @@
-"""The demonstration's settings: one dataclass, two presets (an H200 run of a few minutes, a CPU smoke test).
+"""The demonstration's settings: one dataclass and its presets (`h200`: the GRPO run of a few minutes;
+`methods`: the GRPO / GSPO / PPO (rule) / PPO (reward model) head-to-head, sized for one H100 call; `cpu-smoke`
+and `tiny`: CPU checks that the chain runs).
 
 Step counts decide how long every stage trains, so a seed fixes the run; `time_budget_s` is only a guard that
 stops a stage early (and says so in the results) on a machine much slower than the preset was tuned for.
@@ -7,6 +9,8 @@ stops a stage early (and says so in the results) on a machine much slower than t
 from dataclasses import dataclass, fields, replace
 
 from cs336_basics.cli_support import UserError, bounded, check_ranges
+
+METHODS = ("grpo", "gspo", "ppo-rule", "ppo-rm")
 
 
 @dataclass
@@ -43,7 +47,11 @@ class DemoConfig:
     sft_batch_size: int = bounded(64, ge=1)
     sft_grad_accum: int = bounded(1, ge=1)
     sft_lr: float = bounded(2e-4, gt=0)
-    # GRPO
+    # The RL method of the stage after SFT (see METHODS); every method below shares the rollout budget
+    # (grpo_steps rollout batches of rollout_batch_size responses, max_new_tokens each) and the optimizer
+    # settings (lr, train_batch_size, grad accumulation, epochs per rollout batch, clip range).
+    method: str = "grpo"
+    # GRPO (and the RL stage's shared settings)
     grpo_steps: int = bounded(120, ge=1)
     grpo_lr: float = bounded(3e-5, gt=0)  # chosen by the H200 sweep (results/a5_lr_sweep.json)
     grpo_warmup_steps: int = bounded(0, ge=0)
@@ -55,6 +63,27 @@ class DemoConfig:
     loss_type: str = "reinforce_with_baseline"
     cliprange: float = bounded(0.2, ge=0)
     max_new_tokens: int = bounded(96, ge=1)
+    # GSPO: the sequence-level ratio stays near 1, so its clip range is far smaller (the paper's is 3e-4..4e-4)
+    gspo_cliprange: float = bounded(4e-4, ge=0)
+    # PPO (both rewards): lr, rollout size, epochs, train batch and clip range are the shared fields above
+    ppo_samples_per_prompt: int = bounded(1, ge=1)
+    ppo_kl_coef: float = bounded(0.05, ge=0)
+    ppo_vf_coef: float = bounded(0.1, ge=0)
+    ppo_lam: float = bounded(0.95, ge=0, le=1)
+    # the reward model of ppo-rm: SFT-policy rollouts on rm_questions training questions, rm_group_size each,
+    # scored by the rule reward, turned into pairs within each group; the last rm_heldout_fraction of the
+    # groups give the held-out pairs
+    rm_questions: int = bounded(512, ge=2)
+    rm_group_size: int = bounded(8, ge=2)
+    rm_max_pairs_per_group: int = bounded(8, ge=1)
+    rm_heldout_fraction: float = bounded(0.125, gt=0, lt=1)
+    rm_steps: int = bounded(150, ge=1)
+    rm_lr: float = bounded(5e-5, gt=0)
+    rm_batch_size: int = bounded(64, ge=1)
+    rm_context_length: int = bounded(512, ge=1)  # the Alpaca-wrapped prompt + response is longer than a rollout
+    # adds the bare gold answer ("</think> <answer>N</answer>", rule reward 1) to each group: only for `tiny`,
+    # whose 8-token rollouts never score, so its reward model would otherwise have no pair to learn from
+    rm_add_gold: bool = False
     eval_every: int = bounded(10, ge=0)
     n_eval_in_loop: int = bounded(256, ge=1)
     generation_batch_size: int = bounded(512, ge=1)
@@ -64,6 +93,8 @@ class DemoConfig:
     def __post_init__(self) -> None:
         """Declared ranges (and heads dividing the width) checked when a preset is built or overridden."""
         check_ranges(self)
+        if self.method not in METHODS:
+            raise UserError(f"unknown method {self.method!r}; expected one of {', '.join(METHODS)}")
         if self.d_model % self.num_heads:
             raise UserError(f"num_heads ({self.num_heads}) must divide d_model ({self.d_model})")
 
@@ -84,6 +115,18 @@ PRESETS: dict[str, DemoConfig] = {
         throughput_rows=8, throughput_tokens=16,
     ),
 }
+# The head-to-head (`multi methods`): the h200 task and SFT start, 60 rollout batches of 256 per method, two
+# optimizer steps per batch (so GRPO-Clip's token ratios and GSPO's sequence ratios move off 1 and their clipping
+# differs; with one on-policy step both are REINFORCE with baseline), GRPO-Clip for `grpo`.
+PRESETS["methods"] = replace(PRESETS["h200"], grpo_steps=60, train_batch_size=128, grpo_grad_accum=1,
+                             loss_type="grpo_clip", time_budget_s=900.0)
+# The CPU check of the whole head-to-head (seconds per seed; its tiny model learns nothing).
+PRESETS["tiny"] = replace(
+    PRESETS["cpu-smoke"], n_pretrain_problems=400, pretrain_steps=3, pretrain_batch_size=2, sft_steps=2,
+    sft_batch_size=2, sft_grad_accum=1, n_heldout=4, n_eval_in_loop=4, max_new_tokens=8, throughput_rows=4,
+    throughput_tokens=8, grpo_steps=2, rollout_batch_size=8, train_batch_size=4, grpo_grad_accum=1, grpo_lr=1e-2,
+    loss_type="grpo_clip", rm_questions=8, rm_group_size=4, rm_steps=2, rm_batch_size=4, rm_add_gold=True,
+    generation_batch_size=64)
 
 
 def preset(name: str, overrides: list[str] | None = None) -> DemoConfig:

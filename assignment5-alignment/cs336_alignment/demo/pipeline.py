@@ -1,5 +1,6 @@
 """The demonstration: pretrain a small cs336_basics LM on generated word problems, SFT it into the R1-Zero
-format, measure held-out reward, run GRPO (the package's loop, native KV-cached rollouts), measure again.
+format, measure held-out reward, run the RL method of `config.method` (GRPO or GSPO with the GRPO loop, PPO with
+the rule reward or with a reward model trained here first; native KV-cached rollouts), measure again.
 
 Step counts decide every stage's length and the seed every random choice, so a (preset, seed) pair is one
 set of numbers; the time budget only guards against a much slower machine.
@@ -11,7 +12,7 @@ import multiprocessing
 import os
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
@@ -25,10 +26,14 @@ from cs336_alignment.generation import NativeBackend, SamplingParams
 from cs336_alignment.lm import BasicsCausalLM
 from cs336_alignment.models import resolve_device
 from cs336_alignment.reward import r1_zero_reward
+from cs336_alignment.reward_model import RewardModel
+from cs336_alignment.rollouts import sample_rollouts
 from cs336_alignment.text_tokenizer import BasicsTokenizer
 from cs336_alignment.training import GRPOConfig, SFTConfig, run_grpo, run_sft
-from cs336_alignment.training.common import Deadline, evaluate_reward
+from cs336_alignment.training.common import Deadline, evaluate_reward, native_backend
 from cs336_alignment.training.eval_config import QuestionSet
+from cs336_alignment.training.ppo_loop import PPOConfig, run_ppo
+from cs336_alignment.training.reward_model_loop import RewardModelConfig, preference_pairs_from_groups, run_reward_model
 from cs336_basics.cli_support import atomic_path, atomic_write
 from cs336_basics.model import TransformerConfig, TransformerLM
 
@@ -274,16 +279,122 @@ def make_deterministic(device: torch.device) -> None:
 
 
 def grpo_config_for(config: DemoConfig, device: torch.device) -> GRPOConfig:
+    """The GRPO loop's settings; method `gspo` swaps in the sequence-level loss and its clip range."""
+    gspo = config.method == "gspo"
     return GRPOConfig(
         n_grpo_steps=config.grpo_steps, learning_rate=config.grpo_lr, warmup_steps=config.grpo_warmup_steps,
         rollout_batch_size=config.rollout_batch_size, group_size=config.group_size,
         sampling_max_tokens=config.max_new_tokens, epochs_per_rollout_batch=config.epochs_per_rollout_batch,
         train_batch_size=config.train_batch_size, gradient_accumulation_steps=config.grpo_grad_accum,
-        loss_type=config.loss_type, cliprange=config.cliprange, precision=_precision(device),
+        loss_type="gspo" if gspo else config.loss_type, cliprange=config.gspo_cliprange if gspo else config.cliprange,
+        precision=_precision(device), backend="native",
         generation_batch_size=config.generation_batch_size, seed=config.seed,
         time_budget_s=config.stage_budgets()["grpo"], eval_every=config.eval_every,
         eval_limit=config.n_eval_in_loop, eval_max_tokens=config.max_new_tokens, eval_seed=config.seed + 99,
         log_generations=0)
+
+
+def ppo_config_for(config: DemoConfig, device: torch.device) -> PPOConfig:
+    """PPO with the RL stage's shared settings (rollout budget, lr, warm-up, train batch, epochs per rollout
+    batch, clip range, sampling, in-loop evaluation) and its own (samples per prompt, KL, value loss, λ)."""
+    return PPOConfig(
+        n_ppo_steps=config.grpo_steps, learning_rate=config.grpo_lr, warmup_steps=config.grpo_warmup_steps,
+        rollout_batch_size=config.rollout_batch_size, samples_per_prompt=config.ppo_samples_per_prompt,
+        sampling_max_tokens=config.max_new_tokens, ppo_epochs=config.epochs_per_rollout_batch,
+        train_batch_size=config.train_batch_size, gradient_accumulation_steps=config.grpo_grad_accum,
+        cliprange=config.cliprange, vf_coef=config.ppo_vf_coef, lam=config.ppo_lam, kl_coef=config.ppo_kl_coef,
+        reward="model" if config.method == "ppo-rm" else "rule", precision=_precision(device), backend="native",
+        generation_batch_size=config.generation_batch_size, seed=config.seed,
+        time_budget_s=config.stage_budgets()["grpo"], eval_every=config.eval_every,
+        eval_limit=config.n_eval_in_loop, eval_max_tokens=config.max_new_tokens, eval_seed=config.seed + 99,
+        log_generations=0)
+
+
+class NoPreferencePairs(ValueError):
+    """Every group of SFT rollouts scored the same, so the rule reward gave the reward model nothing to learn."""
+
+
+def train_reward_model(policy: BasicsCausalLM, data: DemoData, config: DemoConfig, device: torch.device,
+                       log: list[dict[str, Any]]) -> tuple[RewardModel, dict[str, Any]]:
+    """The reward model of `ppo-rm`: `rm_questions` training questions (the end of the RL pool), `rm_group_size`
+    rollouts each from the SFT policy (the RL rollout settings), scored by the rule reward; pairs (the higher
+    reward preferred) within each group by `preference_pairs_from_groups`; the last `rm_heldout_fraction` of the
+    groups give held-out pairs, on questions the model never trains on. The trunk is a copy of the SFT model with
+    a longer context (RoPE, no learned positions): the Alpaca-wrapped pair text is longer than a rollout."""
+    started = time.perf_counter()
+    pool = data.grpo_questions
+    n = min(config.rm_questions, len(pool))
+    prompts, truths = pool.prompts[len(pool) - n :], pool.truths[len(pool) - n :]
+    params = grpo_config_for(config, device).rollout_params(config.seed * 7919 + 1_000_003)
+    rollouts = sample_rollouts(native_backend(policy, data.tokenizer, config.generation_batch_size), prompts, truths,
+                               config.rm_group_size, params)
+    group = config.rm_group_size
+    prompts, responses, truths = list(rollouts.prompts), list(rollouts.responses), list(rollouts.ground_truths)
+    if config.rm_add_gold:  # one more member per group: the bare gold answer (see DemoConfig.rm_add_gold)
+        def extend(rows: list[str], extra: list[str]) -> list[str]:
+            return [x for q in range(n) for x in [*rows[q * group : (q + 1) * group], extra[q]]]
+        prompts, truths = extend(prompts, list(pool.prompts[len(pool) - n :])), extend(truths, list(truths[::group]))
+        responses = extend(responses, [f" </think> <answer>{t}</answer>" for t in pool.truths[len(pool) - n :]])
+        group += 1
+    rewards = [r1_zero_reward(r, g)["reward"] for r, g in zip(responses, truths, strict=True)]
+    n_held = min(n - 1, max(1, round(n * config.rm_heldout_fraction)))
+    cut = (n - n_held) * group
+    pairs = {name: preference_pairs_from_groups(prompts[rows], responses[rows], rewards[rows], group,
+                                                config.rm_max_pairs_per_group)
+             for name, rows in (("train", slice(0, cut)), ("heldout", slice(cut, None)))}
+    if not pairs["train"]:
+        raise NoPreferencePairs(f"ppo-rm: the SFT rollouts of all {n - n_held} training questions tie within their "
+                                "groups (rule reward), so there is no preference pair to train a reward model on")
+    trunk = TransformerLM(replace(model_config_for(config, data.tokenizer, device),
+                                  context_length=config.rm_context_length)).to(device)
+    trunk.load_state_dict(policy.model.state_dict())
+    torch.manual_seed(config.seed + 17)  # the value head's initial weights
+    reward_model = RewardModel(BasicsCausalLM(trunk))
+    history = run_reward_model(reward_model, data.tokenizer, pairs["train"], RewardModelConfig(
+        learning_rate=config.rm_lr, train_batch_size=config.rm_batch_size, gradient_accumulation_steps=1,
+        num_steps=config.rm_steps, eval_batch_size=config.rm_batch_size, precision=_precision(device),
+        seed=config.seed), eval_pairs=pairs["heldout"] or None)
+    log += [{"stage": "reward_model", **r} for r in history]
+    evals = [r for r in history if r["kind"] == "eval"]
+    train = [r for r in history if r["kind"] == "train"]
+    return reward_model, {
+        "questions": n, "heldout_questions": n_held, "rollouts": len(rollouts.responses),
+        "gold_answers_added": config.rm_add_gold,
+        "rollout_tokens": sum(len(ids) for ids in rollouts.response_token_ids or []),
+        "rollout_reward_mean": sum(rewards[i] for i in range(len(rewards)) if i % group < config.rm_group_size)
+        / len(rollouts.responses), "train_pairs": len(pairs["train"]),
+        "heldout_pairs": len(pairs["heldout"]), "steps": len(train),
+        "heldout_accuracy_start": evals[0]["eval_accuracy"] if evals else None,
+        "heldout_accuracy": evals[-1]["eval_accuracy"] if evals else None,
+        "train_accuracy_last": train[-1]["train_accuracy"] if train else None,
+        "seconds": time.perf_counter() - started}
+
+
+def run_rl(policy: BasicsCausalLM, data: DemoData, config: DemoConfig, device: torch.device,
+           log: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    """The RL stage of `config.method` from the SFT policy: the loop's history (train records and held-out
+    evaluations, always scored by the rule reward) and, for ppo-rm, the reward model's statistics."""
+    if config.method in ("grpo", "gspo"):
+        return run_grpo(policy, data.tokenizer, data.grpo_questions, grpo_config_for(config, device),
+                        eval_questions=data.heldout), None
+    reward_model, rm_stats = None, None
+    if config.method == "ppo-rm":
+        reward_model, rm_stats = train_reward_model(policy, data, config, device, log)
+    torch.manual_seed(config.seed + 23)  # the value head's initial weights
+    return run_ppo(policy, data.tokenizer, data.grpo_questions, ppo_config_for(config, device),
+                   eval_questions=data.heldout, reward_fn=r1_zero_reward, reward_model=reward_model), rm_stats
+
+
+def rollout_budget(config: DemoConfig, train: list[dict[str, Any]],
+                   reward_model: dict[str, Any] | None) -> dict[str, Any]:
+    """What the RL stage sampled, counted the same way for every method: rollout batches x responses per batch
+    (each capped at max_new_tokens), and response tokens generated (per step, mean length x responses).
+    The reward model's SFT-policy rollouts (ppo-rm) are counted apart: labelled data, not RL samples."""
+    return {"rl_steps": len(train), "rollouts_per_step": config.rollout_batch_size,
+            "rollouts": len(train) * config.rollout_batch_size, "max_new_tokens": config.max_new_tokens,
+            "generated_tokens": round(sum(r["response_length"] * config.rollout_batch_size for r in train)),
+            "optimizer_steps": int(sum(r.get("optimizer_steps", 0) for r in train)),
+            "reward_model_rollouts": reward_model["rollouts"] if reward_model else 0}
 
 
 def run_demo(config: DemoConfig, out_dir: str, start_from: str | None = None,
@@ -322,9 +433,8 @@ def run_demo(config: DemoConfig, out_dir: str, start_from: str | None = None,
     timings["eval_sft"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    grpo_history = run_grpo(policy, tokenizer, data.grpo_questions, grpo_config_for(config, device),
-                            eval_questions=heldout_set)
-    log += [{"stage": "grpo", **r} for r in grpo_history]
+    grpo_history, reward_model = run_rl(policy, data, config, device, log)
+    log += [{"stage": config.method, **r} for r in grpo_history]
     timings["grpo"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -337,8 +447,11 @@ def run_demo(config: DemoConfig, out_dir: str, start_from: str | None = None,
              "greedy": paired_gain(sft_greedy.pop("_records"), grpo_greedy.pop("_records"))}
     train = [r for r in grpo_history if r["kind"] == "train"]
     model = policy.model
+    speeds = [r["response_length"] * config.rollout_batch_size / r["rollout_seconds"] for r in train
+              if r.get("rollout_seconds")]
     results = {
         "config": asdict(config),
+        "method": config.method,
         "started_from": start_from,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "model": {**model.config.to_dict(), "parameters": model.num_parameters()},
@@ -355,14 +468,17 @@ def run_demo(config: DemoConfig, out_dir: str, start_from: str | None = None,
         "reward_gain_sampled_se": gains["sampled"]["se"],
         "reward_gain_greedy": gains["greedy"]["gain"],
         "reward_gain_greedy_se": gains["greedy"]["se"],
-        "rollout_tokens_per_s_mean": (sum(r["rollout_tokens_per_s"] for r in train) / len(train)) if train else None,
+        "budget": rollout_budget(config, train, reward_model),
+        "reward_model": reward_model,
+        "rollout_tokens_per_s_mean": sum(speeds) / len(speeds) if speeds else None,
         "native_throughput": throughput,
         "timings_s": timings,
         "curves": {
             "grpo_train": [{k: r.get(k) for k in ("step", "reward_mean", "format_reward_mean", "token_entropy",
                                                  "response_length", "clip_fraction", "grad_norm", "loss", "lr",
                                                  "fraction_groups_all_equal", "skipped_step", "sampled_ids_fraction",
-                                                 "noncanonical_fraction", "rollout_tokens_per_s")}
+                                                 "noncanonical_fraction", "rollout_tokens_per_s", "score_mean",
+                                                 "kl", "pg_loss", "vf_loss", "value_mean", "optimizer_steps")}
                            for r in train],
             "grpo_eval": [{k: r.get(k) for k in ("step", "reward", "format_reward", "mean_token_entropy",
                                                 "response_length")} for r in grpo_history if r["kind"] == "eval"],
