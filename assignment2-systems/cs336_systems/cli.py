@@ -67,6 +67,9 @@ RANGES: dict[str, Range] = {
     "bucket_sizes_mb": Range(gt=0), "context": Range(ge=1), "contexts": Range(ge=1), "batch_size": Range(ge=1),
     "vocab_size": Range(ge=1), "comm_iters": Range(ge=1), "snapshot_steps": Range(ge=1),
     "snapshot_max_entries": Range(ge=1), "n": Range(ge=1), "value": Range(),
+    "concurrency": Range(ge=1), "num_requests": Range(ge=1), "decode_steps": Range(ge=1, le=64),
+    "prefill_delay_steps": Range(ge=0), "max_num_seqs": Range(ge=1), "block_size": Range(ge=1),
+    "num_blocks": Range(ge=2),
 }
 
 
