@@ -4,10 +4,16 @@
     python -m cs336_alignment.demo.multi sweep --preset h200 --lrs 1e-5 3e-5 1e-4 \\
         --variant lr1e-4-warmup:grpo_lr=1e-4,grpo_warmup_steps=20 --out-dir runs/sweep
 
+    python -m cs336_alignment.demo.multi methods --preset methods --seeds 0 1 2 --out-dir runs/methods --fig-dir fig
+    python -m cs336_alignment.demo.multi methods --tiny --out-dir /tmp/methods      # CPU, in one process
+
 `seeds` runs the whole chain once per seed (`--repeat S` runs seed S a second time to show that a seed fixes
 the numbers). `sweep` trains one SFT start, then runs GRPO from it once per setting, so the settings differ
 in nothing else. Each run is a child process (`python -m cs336_alignment.demo`) with its own folder and
-`log.txt`; the small model leaves the GPU mostly idle, so the runs share it well. `--fig-dir` also copies the
+`log.txt`; the small model leaves the GPU mostly idle, so the runs share it well. `methods` trains one SFT start
+per seed, then runs every `--methods` entry (grpo, gspo, ppo-rule, ppo-rm) from its seed's start with the same
+rollout budget, and writes the comparison of `demo/compare.py`; `--tiny` runs it in this process on the CPU
+(the `tiny` preset; `--inline` does that for any preset). `--fig-dir` also copies the
 figure there; `report --of seeds|sweep` redraws from finished run folders or from a gathered `a5_*.json`.
 """
 
@@ -18,9 +24,10 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from typing import Any
 
-from cs336_alignment.demo.config import PRESETS, preset
+from cs336_alignment.demo.config import METHODS, PRESETS, preset
 from cs336_basics.cli_support import UserError, atomic_path, atomic_write, run_command
 
 
@@ -195,6 +202,69 @@ def gather(kind: str, root: str, labels: list[str], repeat: tuple[str, str] | No
     return 1 if missing else 0
 
 
+def run_methods(preset_name: str, overrides: list[str], seeds: list[int], methods: list[str], root: str,
+                fig_dir: str | None, inline: bool) -> int:
+    """Per seed one SFT start (`seed<S>/start/start.pt`), then every method from it (`seed<S>/<method>/`), all
+    seeds' starts side by side, then all (seed, method) runs side by side (`inline`: in this process, in turn);
+    writes the comparison (`demo/compare.py`). 1 if a run failed (the others are still compared)."""
+    from cs336_alignment.demo import compare
+
+    def start(s: int) -> str:
+        return os.path.join(root, f"seed{s}", "start", "start.pt")
+
+    def folder(s: int, label: str) -> str:
+        return os.path.join(root, f"seed{s}", label)
+
+    if inline:
+        from cs336_alignment.demo.pipeline import run_demo
+
+        base = preset(preset_name, overrides)
+        for s in seeds:
+            run_demo(replace(base, seed=s), folder(s, "start"), save_start_to=start(s), start_only=True)
+            for m in methods:
+                run_demo(replace(base, seed=s, method=m), folder(s, m), start_from=start(s))
+    else:
+        print("multi: training the SFT start of each seed", flush=True)
+        codes = run_children({f"seed{s}/start": demo_command(preset_name, folder(s, "start"), [*overrides, f"seed={s}"],
+                                                             "--save-start", start(s), "--start-only")
+                              for s in seeds}, root)
+        jobs = {f"seed{s}/{m}": demo_command(preset_name, folder(s, m), [*overrides, f"seed={s}", f"method={m}"],
+                                             "--start-from", start(s))
+                for s in seeds if not codes[f"seed{s}/start"] for m in methods}
+        run_children(jobs, root)
+    runs = {}
+    for s in seeds:
+        for m in methods:
+            path = os.path.join(folder(s, m), "a5_demo_results.json")
+            if os.path.isfile(path):
+                with open(path) as f:
+                    runs[(s, m)] = json.load(f)
+    if not runs:
+        print("multi: no run finished", file=sys.stderr)
+        return 1
+    comparison = compare.compare(runs, seeds, methods)
+    paths = compare.write(comparison, root, fig_dir)
+    print(compare.markdown(comparison))
+    print("multi: wrote " + ", ".join(paths.values()), flush=True)
+    return 1 if comparison["missing"] else 0
+
+
+def redraw_methods(root: str, fig_dir: str | None, fail) -> int:
+    """Table and figure again from a gathered `a5_methods.json` (e.g. the committed results); the checks and the
+    winner are recomputed from its per-seed entries."""
+    from cs336_alignment.demo import compare
+
+    path = os.path.join(root, f"{compare.NAME}.json")
+    if not os.path.isfile(path):
+        return fail(f"{root} has no {compare.NAME}.json")
+    with open(path) as f:
+        comparison = json.load(f)
+    comparison["checks"], comparison["winner"] = compare.checks(comparison), compare.winner(comparison)
+    compare.write(comparison, root, fig_dir)
+    print(compare.markdown(comparison))
+    return 0
+
+
 def parse_variant(text: str) -> tuple[str, list[str]]:
     label, sep, settings = text.partition(":")
     if not sep or not label or not settings:
@@ -215,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cs336_alignment.demo.multi", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("kind", choices=("seeds", "sweep", "report"))
+    parser.add_argument("kind", choices=("seeds", "sweep", "methods", "report"))
     parser.add_argument("--preset", choices=sorted(PRESETS), default="h200")
     parser.add_argument("--out-dir", required=True)
     parser.add_argument("--fig-dir", help="also copy the figure here (e.g. fig/)")
@@ -226,8 +296,14 @@ def _main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lrs", type=float, nargs="*", default=[], help="sweep: GRPO learning rates")
     parser.add_argument("--variant", action="append", default=[], metavar="LABEL:K=V,...",
                         help="sweep: a further setting (repeatable)")
-    parser.add_argument("--of", choices=("seeds", "sweep"), help="report: which kind of folder to redraw")
+    parser.add_argument("--of", choices=("seeds", "sweep", "methods"), help="report: which kind of folder to redraw")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
+                        help="methods: the RL methods to compare (default: all four)")
+    parser.add_argument("--tiny", action="store_true", help="methods: the tiny CPU preset, in this process")
+    parser.add_argument("--inline", action="store_true", help="methods: run every stage in this process, in turn")
     args = parser.parse_args(argv)
+    if args.tiny:
+        args.preset, args.inline = "tiny", True
 
     def fail(message: str) -> int:
         print(f"multi: error: {message}", file=sys.stderr)
@@ -247,7 +323,9 @@ def _main(argv: list[str] | None = None) -> int:
 
     if args.kind == "report":
         if not args.of:
-            return fail("report needs --of seeds|sweep")
+            return fail("report needs --of seeds|sweep|methods")
+        if args.of == "methods":
+            return redraw_methods(root, args.fig_dir, fail)
         labels = sorted(d for d in os.listdir(root) if os.path.isfile(os.path.join(root, d, "a5_demo_results.json")))
         saved = os.path.join(root, f"{NAMES[args.of]}.json")
         if not labels and os.path.isfile(saved):  # redraw from a gathered file (e.g. the committed results)
@@ -258,6 +336,11 @@ def _main(argv: list[str] | None = None) -> int:
         if not labels:
             return fail(f"{root} has no finished runs and no {NAMES[args.of]}.json")
         return gather(args.of, root, labels, None, args.fig_dir)
+
+    if args.kind == "methods":
+        if len(set(args.seeds)) != len(args.seeds) or len(set(args.methods)) != len(args.methods):
+            return fail("--seeds and --methods must be distinct")
+        return run_methods(args.preset, args.set, args.seeds, args.methods, root, args.fig_dir, args.inline)
 
     if args.kind == "seeds":
         if len(set(args.seeds)) != len(args.seeds):

@@ -1,0 +1,172 @@
+"""The head-to-head of the RL methods (`python -m cs336_alignment.demo.multi methods`), end to end in its tiny
+CPU mode: every method from each seed's one SFT start with one rollout budget, the reward model of ppo-rm
+trained and scored on held-out pairs, and the gathered JSON, table and figure consistent with the runs they
+summarise (the tiny model learns nothing, so no number here is a result)."""
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+
+from cs336_alignment.demo import compare
+from cs336_alignment.demo.config import METHODS, preset
+from cs336_alignment.demo.multi import main
+from cs336_basics.cli_support import UserError
+
+SEEDS = (0, 1)
+
+
+@pytest.fixture(scope="module")
+def head_to_head(tmp_path_factory):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("methods")
+    try:
+        code = main(["methods", "--tiny", "--seeds", *map(str, SEEDS), "--out-dir", str(root / "runs"),
+                     "--fig-dir", str(root / "fig")])
+    finally:
+        torch.set_num_threads(threads)
+    return code, root
+
+
+def run_results(root, seed: int, method: str) -> dict:
+    return json.loads((root / "runs" / f"seed{seed}" / method / "a5_demo_results.json").read_text())
+
+
+def se(values: list[float]) -> float:
+    mean = sum(values) / len(values)
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) / math.sqrt(len(values))
+
+
+def test_head_to_head_writes_json_table_and_figure(head_to_head):
+    code, root = head_to_head
+    assert code == 0
+    comparison = json.loads((root / "runs" / "a5_methods.json").read_text())
+    assert comparison["card"] == "cpu" and comparison["seeds"] == list(SEEDS)
+    assert list(comparison["per_method"]) == list(METHODS) and not comparison["missing"]
+    for name in ("runs/a5_methods_cpu.png", "fig/a5_methods_cpu.png"):
+        assert (root / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = (root / "runs" / "a5_methods.md").read_text()
+    for label in compare.LABELS.values():
+        assert f"| {label} |" in table
+    assert "same rollout budget for every run: yes" in table and "within each seed: yes" in table
+
+
+def test_every_method_has_the_same_budget_and_start(head_to_head):
+    _, root = head_to_head
+    config = preset("tiny")
+    comparison = json.loads((root / "runs" / "a5_methods.json").read_text())
+    assert comparison["checks"] == {"same_rollout_budget": True, "same_start_within_seed": True,
+                                    "stopped_by_guard": []}
+    for seed in SEEDS:
+        runs = {m: run_results(root, seed, m) for m in METHODS}
+        starts = {(r["curves"]["grpo_eval"][0]["reward"], r["heldout"]["sft"]["sampled"]["reward"],
+                   r["heldout"]["sft"]["greedy"]["reward"]) for r in runs.values()}
+        assert len(starts) == 1  # one SFT start per seed, evaluated identically by every method
+        for method, r in runs.items():
+            train = r["curves"]["grpo_train"]
+            budget = r["budget"]
+            assert r["method"] == method and r["config"]["seed"] == seed
+            assert budget["rl_steps"] == len(train) == config.grpo_steps
+            assert budget["rollouts"] == config.grpo_steps * config.rollout_batch_size
+            assert budget["max_new_tokens"] == config.max_new_tokens
+            assert budget["generated_tokens"] == round(sum(t["response_length"] for t in train)
+                                                       * config.rollout_batch_size)
+            # Two optimizer steps per rollout batch for every method (train batch = half the rollout batch).
+            assert budget["optimizer_steps"] == config.grpo_steps * config.rollout_batch_size // config.train_batch_size
+            assert [e["step"] for e in r["curves"]["grpo_eval"]] == list(range(config.grpo_steps + 1))
+            assert (budget["reward_model_rollouts"] > 0) == (method == "ppo-rm")
+            saved = comparison["per_method"][method]["seeds"][str(seed)]
+            assert saved["budget"] == budget
+            assert saved["curve"] == [{"step": e["step"], "reward": e["reward"]} for e in r["curves"]["grpo_eval"]]
+            assert saved["end"] == r["heldout"]["grpo"]["sampled"]["reward"]
+
+
+def test_reward_model_is_trained_on_rule_scored_pairs_and_scored_held_out(head_to_head):
+    _, root = head_to_head
+    config = preset("tiny")
+    for seed in SEEDS:
+        rm = run_results(root, seed, "ppo-rm")["reward_model"]
+        assert rm["rollouts"] == config.rm_questions * config.rm_group_size
+        assert rm["train_pairs"] > 0 and rm["heldout_pairs"] > 0 and rm["steps"] == config.rm_steps
+        assert 0 <= rm["heldout_accuracy"] <= 1 and rm["heldout_accuracy_start"] is not None
+        for method in ("grpo", "gspo", "ppo-rule"):
+            assert run_results(root, seed, method)["reward_model"] is None
+
+
+def test_means_and_standard_errors_follow_from_the_per_seed_values(head_to_head):
+    _, root = head_to_head
+    comparison = json.loads((root / "runs" / "a5_methods.json").read_text())
+    for method, entry in comparison["per_method"].items():
+        per_seed = [entry["seeds"][str(s)] for s in SEEDS]
+        for key in ("start", "end", "start_greedy", "end_greedy"):
+            values = [r[key] for r in per_seed]
+            assert entry[key]["values"] == values
+            assert entry[key]["mean"] == pytest.approx(sum(values) / len(values))
+            assert entry[key]["se"] == pytest.approx(se(values))
+        gains = [r["end"] - r["start"] for r in per_seed]
+        assert entry["gain"]["mean"] == pytest.approx(sum(gains) / len(gains))
+        assert entry["gain"]["se"] == pytest.approx(se(gains))
+        for point in entry["curve_mean"]:
+            values = [next(p["reward"] for p in r["curve"] if p["step"] == point["step"]) for r in per_seed]
+            assert point["mean"] == pytest.approx(sum(values) / len(values))
+            assert point["se"] == pytest.approx(se(values)) and point["n"] == len(SEEDS)
+        accuracy = entry["reward_model_heldout_accuracy"]
+        assert (accuracy is not None) == (method == "ppo-rm")
+    best = max(comparison["per_method"], key=lambda m: comparison["per_method"][m]["end"]["mean"])
+    assert comparison["winner"]["end"] == comparison["per_method"][best]["end"]["mean"]
+
+
+def test_aggregation_of_varied_per_seed_rewards(head_to_head):
+    """The tiny runs all score 0, so the same aggregation is checked on their results with distinct rewards
+    written in: means, standard errors across seeds, the winner and its paired margin over the runner-up."""
+    _, root = head_to_head
+    seeds = [*SEEDS, 7]
+    runs, end = {}, {}
+    for i, method in enumerate(METHODS):
+        for j, seed in enumerate(seeds):
+            r = run_results(root, SEEDS[j % len(SEEDS)], method)
+            held = r["heldout"]
+            held["sft"]["sampled"]["reward"] = 0.3 + 0.01 * j
+            end[(seed, method)] = held["grpo"]["sampled"]["reward"] = 0.4 + 0.1 * i + 0.03 * j * j
+            for k, e in enumerate(r["curves"]["grpo_eval"]):
+                e["reward"] = 0.3 + 0.01 * j + k * (0.05 * i + 0.02 * j)
+            runs[(seed, method)] = r
+    comparison = compare.compare(runs, seeds, list(METHODS))
+    for method in METHODS:
+        ends = [end[(s, method)] for s in seeds]
+        entry = comparison["per_method"][method]
+        assert entry["end"]["mean"] == pytest.approx(sum(ends) / 3) and entry["end"]["se"] == pytest.approx(se(ends))
+        gains = [e - (0.3 + 0.01 * j) for j, e in enumerate(ends)]
+        assert entry["gain"]["se"] == pytest.approx(se(gains)) and entry["gain"]["se"] > 0
+        last = entry["curve_mean"][-1]
+        values = [runs[(s, method)]["curves"]["grpo_eval"][-1]["reward"] for s in seeds]
+        assert last["mean"] == pytest.approx(sum(values) / 3) and last["se"] == pytest.approx(se(values))
+    assert comparison["winner"]["method"] == "ppo-rm" and comparison["winner"]["runner_up"] == "ppo-rule"
+    assert comparison["winner"]["margin"] == pytest.approx(0.1)
+    assert comparison["winner"]["margin_se"] == pytest.approx(0)
+
+
+def test_checks_catch_unequal_budgets_and_starts_and_report_redraws(head_to_head, tmp_path):
+    _, root = head_to_head
+    comparison = json.loads((root / "runs" / "a5_methods.json").read_text())
+    unequal = copy.deepcopy(comparison)
+    unequal["per_method"]["gspo"]["seeds"]["1"]["budget"]["rollouts"] -= 1
+    assert not compare.checks(unequal)["same_rollout_budget"]
+    other_start = copy.deepcopy(comparison)
+    other_start["per_method"]["ppo-rule"]["seeds"]["0"]["curve"][0]["reward"] += 0.5
+    assert not compare.checks(other_start)["same_start_within_seed"]
+    (tmp_path / "a5_methods.json").write_text(json.dumps(unequal))
+    assert main(["report", "--of", "methods", "--out-dir", str(tmp_path)]) == 0
+    assert "same rollout budget for every run: NO" in (tmp_path / "a5_methods.md").read_text()
+    assert (tmp_path / "a5_methods_cpu.png").is_file()
+
+
+def test_card_names_and_bad_methods():
+    assert compare.card_slug("NVIDIA H100 80GB HBM3") == "h100"
+    assert compare.card_slug("NVIDIA H200") == "h200" and compare.card_slug("cpu") == "cpu"
+    with pytest.raises(UserError, match="unknown method"):
+        preset("tiny", ["method=dpo"])
+    assert main(["methods", "--tiny", "--methods", "grpo", "grpo", "--out-dir", "/nonexistent/x"]) == 2
