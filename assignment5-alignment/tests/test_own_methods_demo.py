@@ -6,11 +6,12 @@ summarise (the tiny model learns nothing, so no number here is a result)."""
 import copy
 import json
 import math
+import sys
 
 import pytest
 import torch
 
-from cs336_alignment.demo import compare
+from cs336_alignment.demo import compare, multi
 from cs336_alignment.demo.config import METHODS, preset
 from cs336_alignment.demo.multi import main
 from cs336_basics.cli_support import UserError
@@ -18,16 +19,35 @@ from cs336_basics.cli_support import UserError
 SEEDS = (0, 1)
 
 
-@pytest.fixture(scope="module")
-def head_to_head(tmp_path_factory):
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def commands_in_this_process(jobs: dict[str, list[str]], root: str) -> dict[str, int]:
+    """Stands in for `multi.run_children`: each child's command line, run through the demo's own CLI entry
+    point here instead of a new Python process (the GPU run's path, minus process start-up)."""
+    from cs336_alignment.demo.__main__ import main as demo_main
+
+    codes = {}
+    for label, command in jobs.items():
+        assert command[:3] == [sys.executable, "-m", "cs336_alignment.demo"]
+        codes[label] = demo_main(command[3:])
+    return codes
+
+
+@pytest.fixture(scope="module")
+def head_to_head(tmp_path_factory):
+    """The device command's path (per-seed starts, then one child per seed and method, each a demo command
+    line) on the tiny preset, for two seeds."""
     root = tmp_path_factory.mktemp("methods")
-    try:
-        code = main(["methods", "--tiny", "--seeds", *map(str, SEEDS), "--out-dir", str(root / "runs"),
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(multi, "run_children", commands_in_this_process)
+        code = main(["methods", "--preset", "tiny", "--seeds", *map(str, SEEDS), "--out-dir", str(root / "runs"),
                      "--fig-dir", str(root / "fig")])
-    finally:
-        torch.set_num_threads(threads)
     return code, root
 
 
@@ -162,6 +182,23 @@ def test_checks_catch_unequal_budgets_and_starts_and_report_redraws(head_to_head
     assert main(["report", "--of", "methods", "--out-dir", str(tmp_path)]) == 0
     assert "same rollout budget for every run: NO" in (tmp_path / "a5_methods.md").read_text()
     assert (tmp_path / "a5_methods_cpu.png").is_file()
+
+
+def test_tiny_mode_in_one_process_gives_the_same_numbers(head_to_head, tmp_path):
+    """`--tiny` (every stage in this process, in turn) reproduces the child-command path's seed-0 run."""
+    _, root = head_to_head
+    assert main(["methods", "--tiny", "--seeds", "0", "--methods", "gspo", "--out-dir", str(tmp_path)]) == 0
+    inline = json.loads((tmp_path / "seed0" / "gspo" / "a5_demo_results.json").read_text())
+    children = run_results(root, 0, "gspo")
+    for key in ("heldout", "budget", "curves"):
+        assert strip_speeds(inline[key]) == strip_speeds(children[key])
+    assert json.loads((tmp_path / "a5_methods.json").read_text())["methods"] == ["gspo"]
+
+
+def strip_speeds(value):
+    if isinstance(value, dict):
+        return {k: strip_speeds(v) for k, v in value.items() if "second" not in k and "per_s" not in k}
+    return [strip_speeds(v) for v in value] if isinstance(value, list) else value
 
 
 def test_card_names_and_bad_methods():
