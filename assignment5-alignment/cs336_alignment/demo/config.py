@@ -115,13 +115,14 @@ PRESETS: dict[str, DemoConfig] = {
         throughput_rows=8, throughput_tokens=16,
     ),
 }
-# The head-to-head (`multi methods`): the h200 task and SFT start, 50 rollout batches of 256 per method, two
+# The head-to-head (`multi methods`): the h200 task and SFT start, 40 rollout batches of 256 per method, two
 # optimizer steps per batch (so GRPO-Clip's token ratios and GSPO's sequence ratios move off 1 and their clipping
 # differs; with one on-policy step both are REINFORCE with baseline), GRPO-Clip for `grpo`; the reward model from
 # 256 x 8 SFT rollouts, 60 steps. Sized for 3 seeds x 4 methods in one call under 9 minutes on one H100 (README);
 # the time budget makes the RL guard 250 s, so a slower machine ends with a flagged table, not a killed call.
-PRESETS["methods"] = replace(PRESETS["h200"], grpo_steps=50, train_batch_size=128, grpo_grad_accum=1,
-                             loss_type="grpo_clip", rm_questions=256, rm_steps=60, time_budget_s=455.0)
+PRESETS["methods"] = replace(PRESETS["h200"], grpo_steps=40, eval_every=8, train_batch_size=128, grpo_grad_accum=1,
+                             loss_type="grpo_clip", rm_questions=256, rm_steps=60, time_budget_s=455.0,
+                             throughput_rows=16, throughput_tokens=16)  # (speeds mean little on a shared GPU)
 # The CPU check of the whole head-to-head (seconds per seed; its tiny model learns nothing).
 PRESETS["tiny"] = replace(
     PRESETS["cpu-smoke"], n_pretrain_problems=400, pretrain_steps=3, pretrain_batch_size=2, sft_steps=2,
