@@ -253,3 +253,19 @@ def test_tiny_benchmark_end_to_end(tmp_path):
             # every sequence of the level fits in its blocks: the peak holds at least the largest one
             largest = max(len(s.prompt_token_ids) + s.max_tokens for s in specs)
             assert kv["peak"] >= math.ceil((largest - 1) / kv["block_size"])
+
+
+def test_load_split_over_worker_processes_keeps_every_request_in_order(tiny_llama):
+    """Two client processes share the concurrency: every request comes back, in workload order, with exactly
+    the tokens it asked for, and the union's duration covers each worker's requests."""
+    from cs336_systems.serving.bench_cli import local_server
+    from cs336_systems.serving.engine import EngineConfig
+
+    wl = make_workload(6, (2, 9), (3, 7), seed=4)
+    with local_server(tiny_llama["hf_dir"], EngineConfig(device="cpu", max_num_seqs=4)) as (url, _):
+        result = loadgen.run_load_in_subprocess(url, wl, 4, workers=2, timeout_s=120)
+    assert len(result.requests) == len(wl) and all(r.error is None for r in result.requests)
+    assert [(r.prompt_tokens, r.max_tokens) for r in result.requests] == \
+           [(len(w.prompt_token_ids), w.max_tokens) for w in wl]
+    assert [r.output_tokens for r in result.requests] == [w.max_tokens for w in wl]
+    assert result.duration_s >= max(r.latency_s for r in result.requests) > 0

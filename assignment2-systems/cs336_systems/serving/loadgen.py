@@ -394,36 +394,73 @@ def run_load(url: str, workload: Sequence[RequestSpec], concurrency: int, **kwar
 
 
 # ------------------------------------------------------------------------------------- in a process of its own
+def default_workers(concurrency: int) -> int:
+    """Client processes for a concurrency: one Python process parses about 20-30k chunks/s, which a fast
+    server can exceed at high concurrency; the client must not be what the benchmark measures."""
+    return max(1, min(4, concurrency // 32))
+
+
 def run_load_in_subprocess(url: str, workload: Sequence[RequestSpec], concurrency: int, *, timeout_s: float = 600.0,
-                           model: str | None = None) -> LoadResult:
-    """`run_load` in a fresh Python process (`python -m cs336_systems.serving.loadgen`), so that the client's
+                           model: str | None = None, workers: int | None = None) -> LoadResult:
+    """`run_load` in fresh Python processes (`python -m cs336_systems.serving.loadgen`), so that the client's
     work (thousands of streamed chunks a second to parse) does not take an in-process server's interpreter lock.
-    The child imports no torch; it gets this process's `sys.path`."""
+    With `workers` > 1 the requests are dealt round-robin to that many processes, each holding its share of
+    the concurrency, all starting at the same instant; the result is their union (duration: first start to last
+    end). The children import no torch; they get this process's `sys.path`."""
     import dataclasses
     import os
     import subprocess
     import sys
     import tempfile
+    import time
 
     check_loopback_url(url)
+    workers = max(1, min(workers or default_workers(concurrency), concurrency, len(workload)))
+    shares = [concurrency // workers + (1 if w < concurrency % workers else 0) for w in range(workers)]
     with tempfile.TemporaryDirectory(prefix="cs336-loadgen-") as tmp:
-        job, out = os.path.join(tmp, "job.json"), os.path.join(tmp, "result.json")
-        with open(job, "w") as f:
-            json.dump({"url": url, "concurrency": concurrency, "timeout_s": timeout_s, "model": model,
-                       "workload": [[r.prompt_token_ids, r.max_tokens] for r in workload]}, f)
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-        # bounded: every request has its own timeout; the whole child gets the sum as a last resort
-        limit = 60 + timeout_s * max(1, math.ceil(len(workload) / concurrency))
-        proc = subprocess.run([sys.executable, "-m", "cs336_systems.serving.loadgen", job, out], env=env,
-                              capture_output=True, text=True, timeout=limit)
-        if proc.returncode != 0:
-            tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-            raise RuntimeError(f"the load generator failed (exit {proc.returncode}): {tail[0]}")
-        with open(out) as f:
-            data = json.load(f)
-    data["requests"] = [RequestResult(**r) for r in data["requests"]]
+        start_at = time.time() + 2.0 + 0.25 * workers  # after every child has imported httpx
+        procs = []
+        for w in range(workers):
+            job, out = os.path.join(tmp, f"job{w}.json"), os.path.join(tmp, f"result{w}.json")
+            part = list(workload)[w::workers]
+            with open(job, "w") as f:
+                json.dump({"url": url, "concurrency": shares[w], "timeout_s": timeout_s, "model": model,
+                           "start_at": start_at if workers > 1 else None,
+                           "workload": [[r.prompt_token_ids, r.max_tokens] for r in part]}, f)
+            procs.append((subprocess.Popen([sys.executable, "-m", "cs336_systems.serving.loadgen", job, out],
+                                           env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
+                          out, len(part), shares[w]))
+        results = []
+        for proc, out, count, share in procs:
+            # bounded: every request has its own timeout; the whole child gets the sum as a last resort
+            limit = 60 + timeout_s * max(1, math.ceil(count / share))
+            try:
+                _, stderr = proc.communicate(timeout=limit)
+            except subprocess.TimeoutExpired:
+                for p, *_ in procs:
+                    p.kill()
+                raise RuntimeError("the load generator timed out") from None
+            if proc.returncode != 0:
+                tail = stderr.strip().splitlines()[-1:] or ["no output"]
+                raise RuntimeError(f"the load generator failed (exit {proc.returncode}): {tail[0]}")
+            with open(out) as f:
+                results.append(json.load(f))
     fields = {f.name for f in dataclasses.fields(LoadResult)}
-    return LoadResult(**{k: v for k, v in data.items() if k in fields})
+    for data in results:
+        data["requests"] = [RequestResult(**r) for r in data["requests"]]
+    if len(results) == 1:
+        return LoadResult(**{k: v for k, v in results[0].items() if k in fields})
+    order = [None] * len(workload)
+    for w, data in enumerate(results):
+        for j, request in enumerate(data["requests"]):
+            order[w + j * workers] = request
+    first = min(d["started_at"] for d in results)
+    last = max(d["started_at"] + d["duration_s"] for d in results)
+    latest = max(results, key=lambda d: d["started_at"] + d["duration_s"])
+    sampled = [d["blocks_used_sampled_max"] for d in results if d["blocks_used_sampled_max"] is not None]
+    return LoadResult(concurrency, len(workload), last - first, order, results[0]["metrics_before"],
+                      latest["metrics_after"], max(sampled) if sampled else None)
 
 
 def _main(argv: list[str]) -> int:
@@ -433,11 +470,16 @@ def _main(argv: list[str]) -> int:
     job_path, out_path = argv
     with open(job_path) as f:
         job = json.load(f)
+    import time
+
     workload = [RequestSpec(list(p), int(n)) for p, n in job["workload"]]
+    if job.get("start_at"):
+        time.sleep(max(0.0, job["start_at"] - time.time()))  # every worker fires at the same instant
+    started_at = time.time()
     result = run_load(job["url"], workload, int(job["concurrency"]), timeout_s=float(job["timeout_s"]),
                       model=job.get("model"))
     with open(out_path, "w") as f:
-        json.dump(dataclasses.asdict(result), f)
+        json.dump({**dataclasses.asdict(result), "started_at": started_at}, f)
     return 0
 
 
