@@ -293,10 +293,10 @@ def test_prefill_waits_a_few_decode_steps_while_others_decode():
     served = tiny_served_model()
     first, second = _prompts(11, (5, 7))
     params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
-    engine = _engine(served, prefill_delay_steps=3)
+    engine = _engine(served, prefill_delay_steps=3, decode_steps=1)
     engine.add_request("a", first, params)
     assert engine.scheduler.schedule().kind == "prefill"  # nothing is decoding: the first prompt goes in at once
-    engine = _engine(served, prefill_delay_steps=3)
+    engine = _engine(served, prefill_delay_steps=3, decode_steps=1)
     engine.add_request("a", first, params)
     engine.step()
     engine.add_request("b", second, params)
@@ -311,6 +311,27 @@ def test_prefill_waits_a_few_decode_steps_while_others_decode():
     assert order.index(True) == 3  # three decode steps, then the prefill
     assert finals["a"] == generate(served.model, [first], 10, temperature=0)[0]
     assert finals["b"] == generate(served.model, [second], 10, temperature=0)[0]
+
+
+def test_a_burst_of_prompts_alternates_with_decode_steps():
+    """Twenty prompts arriving while one sequence decodes are admitted in prefills that never follow each other
+    directly (each stall of the decoding stream is one prefill long), and nothing is dropped."""
+    served = tiny_served_model()
+    engine = _engine(served, max_num_batched_tokens=64, decode_steps=2)
+    engine.add_request("first", _prompts(14, (5,))[0], SamplingParams(max_tokens=40, temperature=0, ignore_eos=True))
+    engine.step()
+    for i, prompt in enumerate(_prompts(15, [20] * 20)):
+        engine.add_request(f"r{i}", prompt, SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))
+    kinds, finished = [], set()
+    while engine.has_unfinished():
+        waiting_before = len(engine.scheduler.waiting)
+        for out in engine.step():
+            if out.finished:
+                finished.add(out.request_id)
+        kinds.append("prefill" if len(engine.scheduler.waiting) < waiting_before else "decode")
+    assert kinds.count("prefill") >= 7  # 64 padded tokens per prefill: at most 3 prompts of 20 at a time
+    assert "prefill,prefill" not in ",".join(kinds)
+    assert finished == {"first"} | {f"r{i}" for i in range(20)}
 
 
 def test_engine_process_serves_the_same_tokens_and_frees_blocks_on_abort():

@@ -53,17 +53,22 @@ class Scheduler:
         batch = self._schedule_prefill() if self._prefill_due() else None
         if batch is None and self.running:
             batch = self._schedule_decode()
-            self.decodes_since_prefill += 1
+            self.decodes_since_prefill += batch.steps
         elif batch is not None:
             self.decodes_since_prefill = 0
         return batch
 
     def _prefill_due(self) -> bool:
-        """Prompts go in at once when nothing is decoding or a batch's worth is waiting; otherwise after
-        `prefill_delay_steps` decode steps, so that arrivals close together share one prefill."""
+        """Prompts go in at once when nothing is decoding; otherwise after `prefill_delay_steps` decoded
+        tokens (sooner when a batch's worth waits), so that arrivals close together share one prefill, and
+        never twice in a row, so that a burst of prompts cannot stall the decoding streams for long."""
         if not self.waiting:
             return False
-        if not self.running or self.decodes_since_prefill >= self.prefill_delay_steps:
+        if not self.running:
+            return True
+        if self.decodes_since_prefill == 0:
+            return False  # decoding streams get a step between two prefills, however many prompts wait
+        if self.decodes_since_prefill >= self.prefill_delay_steps:
             return True
         return len(self.running) + len(self.waiting) >= self.max_num_seqs or len(self.waiting) >= 8
 
