@@ -110,7 +110,7 @@ def test_greedy_engine_equals_kv_cache_decoding_even_when_preempting(variant):
     for prompt, out in zip(prompts, outputs, strict=True):
         assert out.outputs[0].token_ids == generate(reference, [prompt], 20, temperature=0)[0]
         assert out.outputs[0].finish_reason == "length"
-    if variant != "linear":
+    if variant not in ("linear", "sliding", "gqa+sliding"):  # windows free their old blocks: no shortage
         assert engine.scheduler.num_preemptions > 0
     assert engine.blocks.num_used == 0 and not engine.scheduler.running and not engine.scheduler.waiting
 
@@ -403,3 +403,31 @@ def test_multi_step_decoding_keeps_every_output_and_stop(decode_steps):
     assert single[1].outputs[0].token_ids == greedy[1][:10] and single[1].outputs[0].finish_reason == "stop"
     assert single[3].outputs[0].token_ids == greedy[3][:5]
     assert engine.blocks.num_used == 0
+
+
+def test_sliding_window_frees_blocks_the_window_has_left():
+    """With a window of 6 and blocks of 4, a sequence holds a bounded number of blocks however long it grows,
+    and its tokens still equal cs336_basics' ring-buffer decoding."""
+    served = tiny_served_model(sliding_window=6)
+    prompt = _prompts(16, (30,))[0]
+    engine = _engine(served, block_size=4, decode_steps=3)
+    engine.add_request("r", prompt, SamplingParams(max_tokens=60, temperature=0, ignore_eos=True))
+    held, final = [], None
+    while engine.has_unfinished():
+        for out in engine.step():
+            final = out
+        if engine.scheduler.running:
+            held.append(engine.blocks.num_used)
+    assert max(held) <= -(-(6 + 3) // 4) + 1 < -(-(30 + 60) // 4)  # window + one window of steps, not 23 blocks
+    assert final.outputs[0].token_ids == generate(tiny_served_model(sliding_window=6).model, [prompt], 60,
+                                                  temperature=0)[0]
+    assert engine.blocks.num_used == 0
+    # Preempted and recomputed while windows slide: six short prompts whose windows (20 tokens, 6 blocks each)
+    # outgrow a pool of 19 blocks.
+    served = tiny_served_model(sliding_window=20)
+    prompts = _prompts(17, (4, 6, 3, 8, 5, 7))
+    engine = _engine(served, block_size=4, num_blocks=20, decode_steps=2)
+    outputs = engine.generate(prompts, SamplingParams(max_tokens=40, temperature=0, ignore_eos=True))
+    assert engine.scheduler.num_preemptions > 0
+    for prompt, out in zip(prompts, outputs, strict=True):
+        assert out.outputs[0].token_ids == generate(served.model, [prompt], 40, temperature=0)[0]

@@ -128,12 +128,26 @@ class BlockManager:
         """The child shares every block of the parent (a sample of the same prompt)."""
         table = list(self.tables[parent_id])
         for block in table:
-            self.allocator.share(block)
+            if block != SCRATCH_BLOCK:
+                self.allocator.share(block)
         self.tables[child_id] = table
 
     def free(self, seq_id: int) -> None:
         for block in self.tables.pop(seq_id, []):
-            self.allocator.release(block)
+            if block != SCRATCH_BLOCK:
+                self.allocator.release(block)
+
+    def release_before(self, seq_id: int, position: int) -> int:
+        """Gives back the blocks that hold only positions before `position` (a sliding window has moved past
+        them); their table entries point at the scratch block from then on. Returns how many were freed."""
+        table = self.tables[seq_id]
+        freed = 0
+        for index in range(min(position // self.block_size, len(table))):
+            if table[index] != SCRATCH_BLOCK:
+                self.allocator.release(table[index])
+                table[index] = SCRATCH_BLOCK
+                freed += 1
+        return freed
 
     def slots(self, seq_id: int, num_tokens: int) -> list[int]:
         """Slots of positions 0..num_tokens-1, vectorised (prefill asks for thousands at a time)."""

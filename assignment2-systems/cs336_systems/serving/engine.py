@@ -125,6 +125,8 @@ class LLMEngine:
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens,
                                    config.prefill_delay_steps, config.decode_steps)
         self.requests: dict[str, Request] = {}
+        # A sliding window W lets the next query see positions > length − W only: older blocks can go.
+        self.window = self.model.config.sliding_window if self.model.config.attention == "mha" else None
         self.eos_ids = set(served.eos_token_ids)
         self.decode_batch = batch_decoder(served.tokenizer)
         self.generator = torch.Generator(device=device).manual_seed(config.seed)
@@ -193,6 +195,7 @@ class LLMEngine:
         touched = {seq.request.request_id: seq.request for seq in seqs}
         if batch.kind == "decode":
             self._decode(batch)
+            self._slide(seqs)
             return [self._output(r) for r in touched.values()]
         logits = self.runner.prefill([s.token_ids for s in seqs], batch.slots)
         # A prefilled prompt with n > 1 samples gives its one logits row to each of its samples.
@@ -208,7 +211,17 @@ class LLMEngine:
             seq.token_ids.append(token)
         self._process(appended)
         self._count(len(tokens))
+        self._slide(appended)
         return [self._output(r) for r in touched.values()]
+
+    def _slide(self, seqs: list[Sequence]) -> None:
+        """Frees the blocks a sliding window has left behind: the next query (position len − 1) sees positions
+        from len − W on."""
+        if self.window is None:
+            return
+        for seq in seqs:
+            if not seq.finished and seq.seq_id in self.blocks.tables:
+                self.blocks.release_before(seq.seq_id, len(seq.token_ids) - self.window)
 
     def _sampler(self, seqs: list[Sequence], sample_indices: list[int] | None = None):
         """Samples one token per row; row i belongs to sample `sample_indices[i]` (default: its sequence's)."""
