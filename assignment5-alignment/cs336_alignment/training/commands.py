@@ -2,6 +2,7 @@
 optionally wrap the model in LoRA/QLoRA adapters, run, save."""
 
 import argparse
+import contextlib
 import copy
 import json
 import os
@@ -18,6 +19,7 @@ from cs336_alignment.cli_inputs import (
 )
 from cs336_alignment.training.common import CHECKPOINT_NAME
 from cs336_alignment.training.config_cli import add_config_arguments, config_from_args
+from cs336_alignment.training.parallel import PARALLEL_CHOICES, PARALLEL_LOOPS
 from cs336_basics.cli_support import StopRequest, UserError, prepare_run_dir, refuse_overwriting_inputs
 from cs336_basics.cli_support.atomic import RUN_MARKERS
 
@@ -60,6 +62,15 @@ def _lora_config(args: argparse.Namespace):
                       targets=tuple(args.lora_targets), qlora=args.qlora)
 
 
+def _add_parallel_arguments(p: argparse.ArgumentParser, name: str) -> None:
+    group = p.add_argument_group("data parallel (torchrun; see cs336_alignment/training/parallel.py)")
+    group.add_argument("--parallel", choices=PARALLEL_CHOICES, default="none",
+                       help=f"ddp: one rank per GPU under `torchrun --nproc_per_node N -m cs336_alignment {name}`, "
+                            "each training on its share of every global batch")
+    group.add_argument("--dist-timeout-s", type=float, default=3600.0,
+                       help="longest wait in a collective; must cover rank 0's rollouts and evaluations")
+
+
 def add_loop_parsers(sub: Any) -> None:
     helps = {
         "sft": "SFT on prompt/response pairs (or --packed: the supplement's instruction tuning)",
@@ -93,6 +104,8 @@ def add_loop_parsers(sub: Any) -> None:
         if name == "ppo":
             p.add_argument("--reward-model", help="output folder of `cs336-align reward-model` (with --reward model)")
         p.add_argument("--eval-data", help="held-out set (MATH-style; for dpo, orpo, reward-model: preference pairs)")
+        if name in PARALLEL_LOOPS:
+            _add_parallel_arguments(p, name)
         _add_lora_arguments(p)
         add_config_arguments(p, _config_class(name))
         p.set_defaults(func=run_loop)
@@ -179,11 +192,65 @@ def _check_run_folder(args: argparse.Namespace) -> None:
     refuse_overwriting_inputs(outputs, [p for p in (args.data, args.eval_data) if p is not None])
 
 
+@contextlib.contextmanager
+def _reported_by_rank_0():
+    """Errors every rank of a torchrun launch meets alike (flags, files, the launch): rank 0 reports them."""
+    from cs336_basics.training.distributed import env_rank
+
+    try:
+        yield
+    except Exception as e:
+        if env_rank() != 0:
+            e.reported_elsewhere = True
+        raise
+
+
+def _start_parallel(name: str, config: Any, args: argparse.Namespace):
+    """The launch checked (one line each), this rank's device chosen; the group is started by the caller."""
+    from cs336_alignment.models import resolve_device
+    from cs336_alignment.training import parallel
+    from cs336_basics.training.distributed import rank_device, read_launch
+
+    mode = getattr(args, "parallel", "none")
+    launch = read_launch()
+    if name not in PARALLEL_LOOPS:
+        return launch, None
+    parallel.check_launch(mode, launch, name, config.gradient_accumulation_steps, config.train_batch_size)
+    parallel.check_rollout_device(getattr(config, "rollout_device", None), mode, launch)
+    if mode == "none":
+        return launch, None
+    if name == "sft" and args.packed:
+        raise UserError("--packed instruction tuning does not run with --parallel ddp yet")
+    if name == "dpo" and config.reference_device is not None:
+        raise UserError("--reference-device with --parallel ddp: each rank keeps its own reference on its own GPU")
+    device = rank_device(resolve_device(args.device), launch, mode)
+    args.device = str(device)
+    return launch, device
+
+
 def run_loop(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Validates flags, data and the output folder before loading the model, runs the loop, saves HF models with
-    save_pretrained."""
+    save_pretrained. Under torchrun (`--parallel ddp`) every rank runs this; rank 0 alone writes."""
+    from cs336_alignment.training import parallel
+
+    with _reported_by_rank_0():
+        launch, device = _check_loop(args)
+    dist = parallel.single_process() if device is None else \
+        parallel.start(args.parallel, device, args.dist_timeout_s, launch)
+    stop = StopRequest()
+    with dist.failures_as_one_line():
+        history, policy, tokenizer = _train(args.command, args.config, args, stop, dist)
+    dist.close()
+    if stop.requested:
+        raise SystemExit(stop.exit_code)
+    if dist.is_main:
+        _save_outputs(history, policy, tokenizer, args)
+    return history
+
+
+def _check_loop(args: argparse.Namespace):
     name = args.command
-    config = config_from_args(_config_class(name), args)
+    config = args.config = config_from_args(_config_class(name), args)
     for path in (args.data, args.eval_data):
         if path is not None and not os.path.exists(path):
             raise FileNotFoundError(f"{path} does not exist")
@@ -202,10 +269,11 @@ def run_loop(args: argparse.Namespace) -> list[dict[str, Any]]:
     _check_run_folder(args)
     if name == "sft" and args.packed and args.resume:
         raise UserError("--packed instruction tuning cannot --resume (start over with --overwrite)")
-    stop = StopRequest()
-    history, policy, tokenizer = _train(name, config, args, stop)
-    if stop.requested:
-        raise SystemExit(stop.exit_code)
+    return _start_parallel(name, config, args)
+
+
+def _save_outputs(history: list[dict[str, Any]], policy: Any, tokenizer: Any, args: argparse.Namespace) -> None:
+    name = args.command
     if args.lora is not None:
         _save_adapted(policy, tokenizer, args)
     elif args.model and hasattr(policy, "save_pretrained"):
@@ -220,7 +288,6 @@ def run_loop(args: argparse.Namespace) -> list[dict[str, Any]]:
     last = [h for h in history if h.get("kind") == "eval"][-1:] or history[-1:]
     if last:
         print({k: v for k, v in last[0].items() if isinstance(v, int | float | str)})
-    return history
 
 
 def _absolute(path: str | None) -> str | None:
@@ -252,13 +319,14 @@ def _save_adapted(model: Any, tokenizer: Any, args: argparse.Namespace) -> None:
                         extra={"model_config": core.config.to_dict()})
 
 
-def _train(name: str, config: Any, args: argparse.Namespace, stop: StopRequest) -> tuple[list[dict[str, Any]], Any,
-                                                                                         Any]:
+def _train(name: str, config: Any, args: argparse.Namespace, stop: StopRequest, dist: Any = None
+           ) -> tuple[list[dict[str, Any]], Any, Any]:
     """Loads data and model and runs loop `name`; while the loop runs, SIGINT/SIGTERM (`stop`) end it after the
     current step, checkpointed (loading is still interrupted at once by Ctrl-C)."""
     from cs336_alignment import training
 
     flags = {"overwrite": args.overwrite, "stop": stop}
+    parallel = {"dist": dist} if name in PARALLEL_LOOPS else {}
 
     def loop(run: Any, *positional: Any, **keywords: Any) -> list[dict[str, Any]]:
         with stop, values_checked_downstream(f"{name} stopped"):
@@ -281,16 +349,16 @@ def _train(name: str, config: Any, args: argparse.Namespace, stop: StopRequest) 
         eval_questions = _questions(args.eval_data)
         policy, tokenizer = _load_policy(args)
         history = loop(training.run_sft, policy, tokenizer, examples, config, eval_questions, args.out_dir,
-                       args.resume)
+                       args.resume, **parallel)
     elif name in ("ei", "grpo"):
         train_questions, eval_questions = _questions(args.data), _questions(args.eval_data)
         policy, tokenizer = _load_policy(args)
         if name == "ei":
             history = loop(training.run_expert_iteration, policy, tokenizer, train_questions, config,
-                           eval_questions, args.out_dir, args.resume)
+                           eval_questions, args.out_dir, args.resume, **parallel)
         else:
             history = loop(training.run_grpo, policy, tokenizer, train_questions, config, eval_questions,
-                           args.out_dir, args.resume, model_path=args.model)
+                           args.out_dir, args.resume, model_path=args.model, **parallel)
     elif name == "ppo":
         train_questions, eval_questions = _questions(args.data), _questions(args.eval_data)
         reward_model, reward_tokenizer = load_reward_model(args.reward_model, args.device) if \
@@ -304,5 +372,5 @@ def _train(name: str, config: Any, args: argparse.Namespace, stop: StopRequest) 
         train_pairs, eval_pairs = _rows(args.data, fields), _rows(args.eval_data, fields)
         policy, tokenizer = _load_policy(args)
         run = {"dpo": training.run_dpo, "orpo": training.run_orpo, "reward-model": training.run_reward_model}[name]
-        history = loop(run, policy, tokenizer, train_pairs, config, eval_pairs, args.out_dir, args.resume)
+        history = loop(run, policy, tokenizer, train_pairs, config, eval_pairs, args.out_dir, args.resume, **parallel)
     return history, policy, tokenizer

@@ -99,6 +99,7 @@ def _core(model: nn.Module) -> nn.Module:
     """The module whose keys checkpoints hold: no `torch.compile` wrapper, a bare cs336_basics LM (so the file
     is a regular cs336-basics checkpoint that `load_basics` and `cs336-align eval --basics-run` read)."""
     model = getattr(model, "_orig_mod", model)
+    model = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
     return model.model if isinstance(model, BasicsCausalLM) else model
 
 
@@ -107,13 +108,15 @@ class RunDir:
 
     A folder that already holds a run is continued only with `resume` and started over only with `overwrite`
     (checked before anything is written). Without a folder every method is a no-op, so loops run the same in
-    memory (tests, the demo's inner stages).
+    memory (tests, the demo's inner stages). With `writer=False` (ranks other than 0 of a data-parallel run)
+    nothing is written or removed: the folder is only read, to resume.
     """
 
     def __init__(self, out_dir: str | os.PathLike | None, config: Any = None, resume: bool = False,
-                 overwrite: bool = False):
+                 overwrite: bool = False, writer: bool = True):
         self.out_dir = None if out_dir is None else os.fspath(out_dir)
-        if self.out_dir is not None:
+        self.writer = writer
+        if self.out_dir is not None and writer:
             prepare_run_dir(self.out_dir, resume, overwrite)
             if resume and not os.path.isfile(os.path.join(self.out_dir, CHECKPOINT_NAME)):
                 raise UserError(f"nothing to resume: {self.out_dir} has no {CHECKPOINT_NAME}")
@@ -127,20 +130,20 @@ class RunDir:
         return None if self.out_dir is None else os.path.join(self.out_dir, CHECKPOINT_NAME)
 
     def log(self, record: dict[str, Any]) -> None:
-        if self.out_dir is not None:
+        if self.out_dir is not None and self.writer:
             with open(os.path.join(self.out_dir, METRICS_NAME), "a") as f:
                 f.write(json.dumps(record, default=float) + "\n")
 
     def log_generations(self, step: int, records: Sequence[dict[str, Any]]) -> None:
         """Keeps sample generations (prompt, response, rewards, entropy, length) per evaluation."""
-        if self.out_dir is not None and records:
+        if self.out_dir is not None and self.writer and records:
             with open(os.path.join(self.out_dir, GENERATIONS_NAME), "a") as f:
                 for record in records:
                     f.write(json.dumps({"step": step, **record}, default=float) + "\n")
 
     def save(self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int, extra: dict | None = None) -> None:
         """Atomic checkpoint; a cs336_basics model also records its config, so `load_basics` can rebuild it."""
-        if self.checkpoint_path is not None:
+        if self.checkpoint_path is not None and self.writer:
             extra = dict(extra or {})
             core = _core(model)
             if isinstance(getattr(core, "config", None), TransformerConfig):
@@ -168,7 +171,7 @@ class RunDir:
             raise UserError(f"cannot resume from {path}: it does not match this model and optimizer "
                             f"({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})") from e
         step = int(state["iteration"])
-        for name in (METRICS_NAME, GENERATIONS_NAME):
+        for name in (METRICS_NAME, GENERATIONS_NAME) if self.writer else ():
             self._keep_up_to(os.path.join(self.out_dir, name), step)
         return step, state.get("extra", {})
 

@@ -24,7 +24,16 @@ from cs336_alignment.training.common import (
     epoch_order,
     record_step,
 )
+from cs336_alignment.training.parallel import (
+    agree_to_stop,
+    micro_step,
+    reduce_metrics,
+    shard,
+    single_process,
+    train_module,
+)
 from cs336_basics.cli_support import StopRequest, UserError, bounded, check_ranges
+from cs336_basics.training.distributed import Dist
 
 
 @dataclass
@@ -125,25 +134,31 @@ def run_dpo(
     reference: nn.Module | None = None,
     overwrite: bool = False,
     stop: StopRequest | None = None,
+    dist: Dist | None = None,
 ) -> list[dict[str, Any]]:
-    """DPO over seeded epochs of {"prompt", "chosen", "rejected"} pairs; the reference starts as the policy."""
+    """DPO over seeded epochs of {"prompt", "chosen", "rejected"} pairs; the reference starts as the policy.
+
+    With a data-parallel `dist` every rank calls this (each with its own reference copy, on its device) and
+    trains on its share of each batch; rank 0 alone evaluates and writes."""
     config.validate()
     if not train_pairs:
         raise UserError("DPO needs at least one preference pair")
+    dist = dist or single_process()
     if reference is None:
         reference = frozen_reference(policy, config.reference_device)
-    run_dir = RunDir(out_dir, config, resume, overwrite)
+    run_dir = RunDir(out_dir, config, resume, overwrite, writer=dist.is_main)
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer: torch.optim.Optimizer = torch.optim.RMSprop(params, lr=config.learning_rate) \
         if config.optimizer == "rmsprop" else torch.optim.AdamW(params, lr=config.learning_rate)
     steps = config.num_steps or max(1, int(config.epochs * len(train_pairs) / config.train_batch_size))
     start = run_dir.resume(policy, optimizer)[0] if resume else 0
+    trained = train_module(policy, dist)
     micro = config.train_batch_size // config.gradient_accumulation_steps
     deadline = Deadline(config.time_budget_s)
     history: list[dict[str, Any]] = []
 
     def evaluate(step: int) -> None:
-        if eval_pairs:
+        if eval_pairs and dist.is_main:
             policy.eval()
             summary = preference_accuracy(policy, reference, tokenizer, eval_pairs, config.beta,
                                           config.eval_batch_size)
@@ -156,19 +171,24 @@ def run_dpo(
         evaluate(0)
     policy.train()
     step = start
-    for step in tqdm(range(start, steps), desc="dpo", initial=start, total=steps, leave=False):
-        if deadline.passed() or RunDir.stopped(stop):
+    for step in tqdm(range(start, steps), desc="dpo", initial=start, total=steps, leave=False,
+                     disable=not dist.is_main):
+        if agree_to_stop(dist, deadline.passed(), RunDir.stopped(stop)):
             break
         batch = [train_pairs[i] for i in epoch_order(len(train_pairs), step, config.train_batch_size, config.seed)]
+        local, accumulation = shard(batch, config.gradient_accumulation_steps, dist)
         loss_sum, correct = 0.0, 0
-        for part in chunks(batch, micro):
-            losses, margins = dpo_batch(policy, reference, tokenizer, part, config.beta, config.precision)
-            (losses.mean() / config.gradient_accumulation_steps).backward()
-            loss_sum += float(losses.detach().mean()) / config.gradient_accumulation_steps
+        parts = list(chunks(local, micro))
+        for index, part in enumerate(parts):
+            with micro_step(trained, last=index == len(parts) - 1):
+                losses, margins = dpo_batch(trained, reference, tokenizer, part, config.beta, config.precision)
+                (losses.mean() / accumulation).backward()
+            loss_sum += float(losses.detach().mean()) / accumulation
             correct += int((margins > 0).sum())
         grad_norm = clip_and_step(policy, optimizer, config.max_grad_norm)
-        record = {"step": step + 1, "kind": "train", "loss": loss_sum, "train_accuracy": correct / len(batch),
-                  "grad_norm": grad_norm}
+        metrics = reduce_metrics(dist, {"loss": loss_sum}, {"correct": correct})
+        record = {"step": step + 1, "kind": "train", "loss": metrics["loss"],
+                  "train_accuracy": metrics["correct"] / len(batch), "grad_norm": grad_norm}
         record_step(run_dir, history, record, policy, optimizer, step + 1, steps, config.checkpoint_every,
                     config.eval_every, evaluate)
         step += 1

@@ -43,7 +43,19 @@ from cs336_alignment.training.common import (
     warmup_lr,
 )
 from cs336_alignment.training.eval_config import EvalSettings, QuestionSet, run_eval
+from cs336_alignment.training.parallel import (
+    RolloutEngine,
+    agree_to_stop,
+    from_rank_0,
+    gather_rows,
+    micro_step,
+    reduce_metrics,
+    shard,
+    single_process,
+    train_module,
+)
 from cs336_basics.cli_support import StopRequest, UserError, bounded, check_ranges
+from cs336_basics.training.distributed import Dist
 
 LENGTH_NORMALIZATIONS = ("masked_mean", "masked_normalize")
 
@@ -79,6 +91,7 @@ class GRPOConfig(EvalSettings):
     adam_beta2: float = bounded(0.95, ge=0, lt=1)
     precision: str = "fp32"
     backend: str = "auto"  # vllm when installed with a GPU and an HF model path (weights pushed each step); else native
+    rollout_device: str | None = None  # e.g. cuda:1: the rollout engine's own device, weights pushed every step
     generation_batch_size: int = bounded(256, ge=1)  # native backend rows per decoding batch
     stop: tuple[str, ...] = ("</answer>",)
     checkpoint_every: int = bounded(0, ge=0)
@@ -120,14 +133,18 @@ class GRPOConfig(EvalSettings):
 
 
 @torch.no_grad()
-def old_log_probs(policy: nn.Module, batch: dict[str, torch.Tensor], micro: int, precision: str) -> torch.Tensor:
-    """log pi_old of every label, computed once per rollout batch before any update (in micro-batches)."""
+def old_log_probs(policy: nn.Module, batch: dict[str, torch.Tensor], micro: int, precision: str,
+                  rows: range | None = None) -> torch.Tensor:
+    """log pi_old of every label (or of `rows`), computed once per rollout batch before any update (in
+    micro-batches)."""
     device = model_device(policy)
     parts = []
-    for start in range(0, batch["input_ids"].shape[0], micro):
+    rows = rows if rows is not None else range(batch["input_ids"].shape[0])
+    for start in range(rows.start, rows.stop, micro):
+        stop = min(start + micro, rows.stop)
         with autocast(device, precision):
-            out = get_response_log_probs(policy, batch["input_ids"][start : start + micro].to(device),
-                                         batch["labels"][start : start + micro].to(device))
+            out = get_response_log_probs(policy, batch["input_ids"][start:stop].to(device),
+                                         batch["labels"][start:stop].to(device))
         parts.append(out["log_probs"].float())
     return torch.cat(parts)
 
@@ -141,15 +158,21 @@ def grpo_train_on_rollouts(
     config: GRPOConfig,
     seed: int,
     steps_before: int = 0,
+    dist: Dist | None = None,
 ) -> list[dict[str, float]]:
     """`epochs_per_rollout_batch` passes over one rollout batch in train batches of `train_batch_size`, each an
     optimizer step accumulated over micro-batches; returns one metrics dict per optimizer step.
 
-    `steps_before` counts the optimizer steps already taken (it places these steps on the LR warm-up)."""
+    `steps_before` counts the optimizer steps already taken (it places these steps on the LR warm-up). With a
+    data-parallel `dist`, `policy` is the DDP-wrapped policy, every rank holds the whole rollout batch and
+    trains on its share of each train batch; old log-probs are computed by shares and gathered."""
+    dist = dist or single_process()
     device = model_device(policy)
     n = batch["input_ids"].shape[0]
     micro = config.train_batch_size // config.gradient_accumulation_steps
-    old = old_log_probs(policy, batch, micro, config.precision) if config.needs_old_log_probs else None
+    old = None
+    if config.needs_old_log_probs:
+        old = gather_rows(dist, n, lambda a, b: old_log_probs(policy, batch, micro, config.precision, range(a, b)))
     constant = config.sampling_max_tokens if config.length_normalization == "masked_normalize" else None
     steps_per_epoch = n // config.train_batch_size
     out: list[dict[str, float]] = []
@@ -160,25 +183,28 @@ def grpo_train_on_rollouts(
             config.epochs_per_rollout_batch > 1 else list(range(n))
         lr = warmup_lr(config.learning_rate, steps_before + update, config.warmup_steps)
         set_lr(optimizer, lr)
-        totals = {"loss": 0.0, "token_entropy": 0.0, "clip_fraction": 0.0, "ratio_mean": 0.0, "lr": lr}
-        for start in range(0, config.train_batch_size, micro):
-            idx = torch.tensor(rows[start : start + micro])
+        totals = {"loss": 0.0, "token_entropy": 0.0, "clip_fraction": 0.0, "ratio_mean": 0.0}
+        local, accumulation = shard(rows[: config.train_batch_size], config.gradient_accumulation_steps, dist)
+        for start in range(0, len(local), micro):
+            idx = torch.tensor(local[start : start + micro])
             mask = batch["response_mask"][idx].to(device)
-            with autocast(device, config.precision):
-                result = get_response_log_probs(policy, batch["input_ids"][idx].to(device),
-                                                batch["labels"][idx].to(device), True)
-            loss, meta = grpo_microbatch_train_step(
-                result["log_probs"], mask, config.gradient_accumulation_steps, config.loss_type,
-                raw_rewards=raw_rewards[idx].unsqueeze(-1).to(device),
-                advantages=advantages[idx].unsqueeze(-1).to(device),
-                old_log_probs=None if old is None else old[idx.to(old.device)],
-                cliprange=config.cliprange, normalize_constant=constant,
-            )
-            share = 1.0 / config.gradient_accumulation_steps
+            with micro_step(policy, last=start + micro >= len(local)):
+                with autocast(device, config.precision):
+                    result = get_response_log_probs(policy, batch["input_ids"][idx].to(device),
+                                                    batch["labels"][idx].to(device), True)
+                loss, meta = grpo_microbatch_train_step(
+                    result["log_probs"], mask, accumulation, config.loss_type,
+                    raw_rewards=raw_rewards[idx].unsqueeze(-1).to(device),
+                    advantages=advantages[idx].unsqueeze(-1).to(device),
+                    old_log_probs=None if old is None else old[idx.to(old.device)],
+                    cliprange=config.cliprange, normalize_constant=constant,
+                )
+            share = 1.0 / accumulation
             totals["loss"] += float(loss)
             totals["token_entropy"] += float(masked_mean(result["token_entropy"].detach(), mask)) * share
             totals["clip_fraction"] += float(meta.get("clip_fraction", 0.0)) * share
             totals["ratio_mean"] += float(meta.get("ratio_mean", 1.0)) * share
+        totals = {**reduce_metrics(dist, totals), "lr": lr}
         weights = raw_rewards if config.loss_type == "no_baseline" else advantages
         if config.skip_steps_without_signal and not bool((weights[rows] != 0).any()):
             optimizer.zero_grad(set_to_none=True)
@@ -204,7 +230,9 @@ def _vllm_backend(config: GRPOConfig, model_path: str | None) -> GenerationBacke
 
     if not model_path:
         raise UserError("--backend vllm needs the policy's Hugging Face directory (--model)")
-    return make_backend("vllm", model_path, gpu_memory_utilization=config.gpu_memory_utilization, seed=config.seed)
+    device = {"device": config.rollout_device} if config.rollout_device else {}
+    return make_backend("vllm", model_path, gpu_memory_utilization=config.gpu_memory_utilization, seed=config.seed,
+                        **device)
 
 
 def run_grpo(
@@ -220,44 +248,58 @@ def run_grpo(
     model_path: str | None = None,
     overwrite: bool = False,
     stop: StopRequest | None = None,
+    dist: Dist | None = None,
 ) -> list[dict[str, Any]]:
     """`n_grpo_steps` rollout batches: sample groups, score, normalise, train; log and checkpoint.
 
-    Rollouts go through the generation interface: the native backend samples from the live policy; a vLLM
-    backend gets the policy's weights pushed (`load_policy_weights`) before every rollout batch.
+    Rollouts go through the generation interface: the native backend samples from the live policy; an engine
+    with its own weights (vLLM, or the native `RolloutEngine` on `rollout_device`) gets the policy's weights
+    pushed (`load_policy_weights`) at the start and after every step's optimizer updates. With a
+    data-parallel `dist` every rank calls this; rank 0 alone holds the engine, samples, evaluates and writes.
     """
     config.validate()
     if not len(train_questions):
         raise UserError("GRPO needs at least one training question")
-    run_dir = RunDir(out_dir, config, resume, overwrite)
+    dist = dist or single_process()
+    run_dir = RunDir(out_dir, config, resume, overwrite, writer=dist.is_main)
     optimizer = make_adamw(policy, config.learning_rate, config.weight_decay, config.adam_beta1, config.adam_beta2)
     start = run_dir.resume(policy, optimizer)[0] if resume else 0
+    trained = train_module(policy, dist)
     kind = resolve_backend(config.backend, model_path)
-    if backend is None:
-        backend = _vllm_backend(config, model_path) if kind == "vllm" else \
-            native_backend(policy, tokenizer, config.generation_batch_size)
-    eval_backend = backend if kind == "vllm" else native_backend(policy, tokenizer, config.generation_batch_size)
+    if backend is None and dist.is_main:
+        if kind == "vllm":
+            backend = _vllm_backend(config, model_path)
+        elif config.rollout_device is not None:
+            backend = RolloutEngine(policy, tokenizer, config.rollout_device, config.generation_batch_size)
+        else:
+            backend = native_backend(policy, tokenizer, config.generation_batch_size)
+    own_weights = kind == "vllm" or isinstance(backend, RolloutEngine)
+    eval_backend = backend if own_weights else native_backend(policy, tokenizer, config.generation_batch_size)
     deadline = Deadline(config.time_budget_s)
     questions_per_step = config.rollout_batch_size // config.group_size
     history: list[dict[str, Any]] = []
 
+    def push() -> None:
+        if dist.is_main and hasattr(backend, "load_policy_weights"):
+            backend.load_policy_weights(policy)
+
     def evaluate(step: int) -> None:
-        if eval_questions is not None and len(eval_questions):
-            if hasattr(eval_backend, "load_policy_weights"):
-                eval_backend.load_policy_weights(policy)
+        if eval_questions is not None and len(eval_questions) and dist.is_main:
             summary = run_eval(step, config, eval_backend, policy, tokenizer, eval_questions, reward_fn, run_dir,
                                config.stop)
             history.append({"step": step, "kind": "eval", **summary})
 
+    push()
     if start == 0:
         evaluate(0)
     step = start
     for step in tqdm(range(start, config.n_grpo_steps), desc="grpo", initial=start, total=config.n_grpo_steps,
-                     leave=False):
-        if deadline.passed() or RunDir.stopped(stop):
+                     leave=False, disable=not dist.is_main):
+        if agree_to_stop(dist, deadline.passed(), RunDir.stopped(stop)):
             break
-        record = grpo_step(policy, optimizer, tokenizer, backend, train_questions, config, step, questions_per_step,
-                           reward_fn)
+        record = grpo_step(trained, optimizer, tokenizer, backend, train_questions, config, step, questions_per_step,
+                           reward_fn, dist)
+        push()
         record_step(run_dir, history, record, policy, optimizer, step + 1, config.n_grpo_steps, config.checkpoint_every,
                     config.eval_every, evaluate)
         step += 1
@@ -287,25 +329,33 @@ def grpo_step(
     step: int,
     questions_per_step: int,
     reward_fn: RewardFn,
+    dist: Dist | None = None,
 ) -> dict[str, Any]:
-    """One rollout batch and its optimizer step(s); every random choice is seeded by (seed, step)."""
+    """One rollout batch and its optimizer step(s); every random choice is seeded by (seed, step).
+
+    The backend must hold the policy's current weights (`run_grpo` pushes them after every step). With a
+    data-parallel `dist`, rank 0 samples and grades, every rank gets the batch and trains on its share."""
+    dist = dist or single_process()
     rows = epoch_order(len(train_questions), step, questions_per_step, config.seed)
     prompts: Sequence[str] = [train_questions.prompts[i] for i in rows]
     truths: Sequence[str] = [train_questions.truths[i] for i in rows]
-    if hasattr(backend, "load_policy_weights"):
-        backend.load_policy_weights(policy)
-    started = time.perf_counter()
-    rollouts = sample_rollouts(backend, prompts, truths, config.group_size,
-                               config.rollout_params(config.seed * 7919 + step))
-    rollout_seconds = time.perf_counter() - started
-    advantages, raw, reward_meta = compute_group_normalized_rewards(
-        reward_fn, rollouts.responses, rollouts.ground_truths, config.group_size, config.advantage_eps,
-        config.use_std_normalization)
+
+    def sample_and_grade() -> tuple[RolloutBatch, float, torch.Tensor, torch.Tensor, dict[str, Any]]:
+        started = time.perf_counter()
+        rollouts = sample_rollouts(backend, prompts, truths, config.group_size,
+                                   config.rollout_params(config.seed * 7919 + step))
+        seconds = time.perf_counter() - started
+        advantages, raw, meta = compute_group_normalized_rewards(
+            reward_fn, rollouts.responses, rollouts.ground_truths, config.group_size, config.advantage_eps,
+            config.use_std_normalization)
+        return rollouts, seconds, advantages, raw, meta
+
+    rollouts, rollout_seconds, advantages, raw, reward_meta = from_rank_0(dist, sample_and_grade)
     batch = rollout_training_batch(rollouts, tokenizer)
     lengths = batch["response_mask"].sum(dim=-1).float()
     updates_per_batch = config.epochs_per_rollout_batch * (config.rollout_batch_size // config.train_batch_size)
     updates = grpo_train_on_rollouts(policy, optimizer, batch, advantages, raw, config, config.seed * 104729 + step,
-                                     steps_before=step * updates_per_batch)
+                                     steps_before=step * updates_per_batch, dist=dist)
     generated = int(lengths.sum())
     record: dict[str, Any] = {
         "step": step + 1,

@@ -32,7 +32,16 @@ from cs336_alignment.training.common import (
     warmup_lr,
 )
 from cs336_alignment.training.eval_config import EvalSettings, QuestionSet, run_eval
+from cs336_alignment.training.parallel import (
+    agree_to_stop,
+    micro_step,
+    reduce_metrics,
+    shard,
+    single_process,
+    train_module,
+)
 from cs336_basics.cli_support import StopRequest, UserError, bounded, check_ranges
+from cs336_basics.training.distributed import Dist
 
 
 @dataclass
@@ -72,24 +81,33 @@ def sft_update(
     max_grad_norm: float | None,
     normalize_constant: float = 1.0,
     precision: str = "fp32",
+    dist: Dist | None = None,
 ) -> dict[str, float]:
-    """One optimizer step over a batch split into micro-batches: forward, `sft_microbatch_train_step`, clip."""
+    """One optimizer step over a batch split into micro-batches: forward, `sft_microbatch_train_step`, clip.
+
+    With a data-parallel `dist`, `policy` is the DDP-wrapped policy, the batch is the global one and this rank
+    trains on its share of the micro-batches; the metrics returned are the whole batch's."""
+    dist = dist or single_process()
     device = model_device(policy)
     micro = len(prompts) // gradient_accumulation_steps
+    prompts, accumulation = shard(prompts[: gradient_accumulation_steps * micro], gradient_accumulation_steps, dist)
+    responses = shard(responses[: gradient_accumulation_steps * micro], gradient_accumulation_steps, dist)[0]
     loss, entropy, tokens = 0.0, 0.0, 0
-    for start in range(0, gradient_accumulation_steps * micro, micro):
+    for start in range(0, accumulation * micro, micro):
         batch = tokenize_prompt_and_output(prompts[start : start + micro], responses[start : start + micro],
                                            tokenizer)
         mask = batch["response_mask"].to(device)
-        with autocast(device, precision):
-            out = get_response_log_probs(policy, batch["input_ids"].to(device), batch["labels"].to(device), True)
-        scaled, meta = sft_microbatch_train_step(out["log_probs"], mask, gradient_accumulation_steps,
-                                                 normalize_constant)
+        with micro_step(policy, last=start + micro == accumulation * micro):
+            with autocast(device, precision):
+                out = get_response_log_probs(policy, batch["input_ids"].to(device), batch["labels"].to(device),
+                                             True)
+            scaled, meta = sft_microbatch_train_step(out["log_probs"], mask, accumulation, normalize_constant)
         loss += float(scaled)
-        entropy += float(masked_mean(out["token_entropy"].detach(), mask)) / gradient_accumulation_steps
+        entropy += float(masked_mean(out["token_entropy"].detach(), mask)) / accumulation
         tokens += int(meta["response_tokens"])
     grad_norm = clip_and_step(policy, optimizer, max_grad_norm)
-    return {"loss": loss, "token_entropy": entropy, "response_tokens": tokens, "grad_norm": grad_norm}
+    metrics = reduce_metrics(dist, {"loss": loss, "token_entropy": entropy}, {"response_tokens": tokens})
+    return {**metrics, "response_tokens": int(metrics["response_tokens"]), "grad_norm": grad_norm}
 
 
 def run_sft(
@@ -103,25 +121,29 @@ def run_sft(
     reward_fn: RewardFn = r1_zero_reward,
     overwrite: bool = False,
     stop: StopRequest | None = None,
+    dist: Dist | None = None,
 ) -> list[dict[str, Any]]:
     """SFT for `num_steps` optimizer steps over seeded epochs of `examples` ({"prompt", "response"} dicts).
 
     Evaluates held-out reward at the start, every `eval_every` steps and at the end (native backend on the
-    live policy), checkpoints atomically, and returns the metric records it logged.
+    live policy), checkpoints atomically, and returns the metric records it logged. With a data-parallel
+    `dist` (training/parallel.py) every rank calls this; rank 0 alone evaluates and writes the folder.
     """
     config.validate()
     if not examples:
         raise UserError("SFT needs at least one example")
-    run_dir = RunDir(out_dir, config, resume, overwrite)
+    dist = dist or single_process()
+    run_dir = RunDir(out_dir, config, resume, overwrite, writer=dist.is_main)
     optimizer = make_adamw(policy, config.learning_rate, config.weight_decay, config.adam_beta1, config.adam_beta2)
     steps = config.num_steps or max(1, int(config.epochs * len(examples) / config.train_batch_size))
     start = run_dir.resume(policy, optimizer)[0] if resume else 0
+    trained = train_module(policy, dist)
     backend = native_backend(policy, tokenizer, config.generation_batch_size)
     deadline = Deadline(config.time_budget_s)
     history: list[dict[str, Any]] = []
 
     def evaluate(step: int) -> None:
-        if eval_questions is not None and len(eval_questions):
+        if eval_questions is not None and len(eval_questions) and dist.is_main:
             summary = run_eval(step, config, backend, policy, tokenizer, eval_questions, reward_fn, run_dir)
             history.append({"step": step, "kind": "eval", **summary})
 
@@ -129,14 +151,15 @@ def run_sft(
         evaluate(0)
     policy.train()
     step = start
-    for step in tqdm(range(start, steps), desc="sft", initial=start, total=steps, leave=False):
-        if deadline.passed() or RunDir.stopped(stop):
+    for step in tqdm(range(start, steps), desc="sft", initial=start, total=steps, leave=False,
+                     disable=not dist.is_main):
+        if agree_to_stop(dist, deadline.passed(), RunDir.stopped(stop)):
             break
         set_lr(optimizer, warmup_lr(config.learning_rate, step, config.warmup_steps))
         batch = [examples[i] for i in epoch_order(len(examples), step, config.train_batch_size, config.seed)]
-        metrics = sft_update(policy, optimizer, tokenizer, [e["prompt"] for e in batch],
+        metrics = sft_update(trained, optimizer, tokenizer, [e["prompt"] for e in batch],
                              [e["response"] for e in batch], config.gradient_accumulation_steps,
-                             config.max_grad_norm, config.normalize_constant, config.precision)
+                             config.max_grad_norm, config.normalize_constant, config.precision, dist)
         record = {"step": step + 1, "kind": "train", "lr": optimizer.param_groups[0]["lr"], **metrics}
         record_step(run_dir, history, record, policy, optimizer, step + 1, steps, config.checkpoint_every,
                     config.eval_every, evaluate)
