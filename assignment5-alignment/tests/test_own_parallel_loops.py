@@ -284,3 +284,24 @@ def test_bad_launches_are_one_line_errors_reported_by_rank_0(setup, tmp_path, cl
         with pytest.raises(SystemExit):
             run(full)
         assert capsys.readouterr().err == ""
+
+
+def test_rollout_device_reaches_the_vllm_engine_as_its_device(monkeypatch):
+    """With the vLLM backend, `--rollout-device` is the engine's `device=` (a stand-in vllm module records it)."""
+    import sys
+    import types
+
+    from cs336_alignment.training.grpo_loop import _vllm_backend
+
+    built = {}
+
+    def fake_llm(**kwargs):
+        built.update(kwargs)
+        return types.SimpleNamespace()
+
+    monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(LLM=fake_llm))
+    _vllm_backend(GRPOConfig(rollout_device="cuda:1", seed=7), "model/dir")
+    assert built["device"] == "cuda:1" and built["model"] == "model/dir" and built["seed"] == 7
+    built.clear()
+    _vllm_backend(GRPOConfig(), "model/dir")
+    assert built["model"] == "model/dir" and "device" not in built  # the engine's own default device

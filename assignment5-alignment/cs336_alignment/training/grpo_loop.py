@@ -230,9 +230,19 @@ def _vllm_backend(config: GRPOConfig, model_path: str | None) -> GenerationBacke
 
     if not model_path:
         raise UserError("--backend vllm needs the policy's Hugging Face directory (--model)")
+    import contextlib
+    from unittest import mock
+
+    import torch.distributed
+
     device = {"device": config.rollout_device} if config.rollout_device else {}
-    return make_backend("vllm", model_path, gpu_memory_utilization=config.gpu_memory_utilization, seed=config.seed,
-                        **device)
+    # Rank 0 of a torchrun job builds a one-GPU engine: vLLM must not take the job's world size for its own (the
+    # handout's init_vllm patches it the same way). Not yet run on a GPU.
+    one_gpu = mock.patch("torch.distributed.get_world_size", return_value=1) if torch.distributed.is_initialized() \
+        else contextlib.nullcontext()
+    with one_gpu:
+        return make_backend("vllm", model_path, gpu_memory_utilization=config.gpu_memory_utilization,
+                            seed=config.seed, **device)
 
 
 def run_grpo(
