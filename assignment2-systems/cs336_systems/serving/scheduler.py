@@ -1,9 +1,10 @@
 """Continuous batching: which sequences run in the next step.
 
-Each step is either a prefill of newly admitted sequences (their whole prompt, batched) or one decode token
-for every running sequence, so requests join and leave the batch at every step. Waiting prompts go first
-whenever their blocks fit (keeping a small reserve so running sequences can grow), at most a few decode steps
-after they arrive (`prefill_delay_steps`), so that prompts arriving close together share a prefill pass.
+Each step is either a prefill of newly admitted sequences (their whole prompt, batched) or a window of
+`decode_steps` decode tokens for every running sequence, so requests join and leave the batch between steps.
+Waiting prompts go in whenever their blocks fit (keeping a small reserve so running sequences can grow), a
+few decoded tokens after they arrive (`prefill_delay_steps`), so that prompts arriving close together share a
+prefill pass, and never in two prefills in a row while other sequences decode.
 When a running sequence needs a block and none is free, the youngest running sequence is preempted: its
 blocks are freed and it goes back to the front of the queue with every token it has so far, to be recomputed
 by a later prefill. Nothing is dropped; a request whose full length could never fit the pool is refused when it arrives.
@@ -18,7 +19,8 @@ from cs336_systems.serving.sequence import Sequence, Status
 
 @dataclass
 class ScheduledBatch:
-    """`slots[i]`: where sequence i's new keys/values go (every token for a prefill, one for a decode)."""
+    """`slots[i]`: where sequence i's new keys/values go (every token for a prefill; one per decode step, up
+    to `steps`, for a decode window)."""
 
     kind: str  # "prefill" or "decode"
     seqs: list[Sequence]
