@@ -228,19 +228,22 @@ def plot(rows: list[dict], fig_path: str) -> None:
     import matplotlib.pyplot as plt
 
     sizes = [r["gb"] for r in rows]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (a, c, b) = plt.subplots(1, 3, figsize=(15, 4))
     series = [("ours", "train_s", "ours: BPE training"), ("hf", "train_s", "HF tokenizers: BPE training"),
               ("encode_1", "encode_s", "ours: encode, 1 worker"), ("encode_2", "encode_s", "ours: encode, 2 workers")]
     for key, field, label in series:
-        pts = [(r["gb"], r[key][field], r[key]["peak_rss_mb"]) for r in rows if key in r and field in r[key]]
+        pts = [(r["gb"], r[key][field], r[key]["peak_rss_mb"], r[key]["cpu_s"])
+               for r in rows if key in r and field in r[key]]
         if pts:
             a.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=label)
+            c.plot([p[0] for p in pts], [p[3] for p in pts], "o-", label=label)
             b.plot([p[0] for p in pts], [p[2] / 1e3 for p in pts], "o-", label=label)
     pts = [(r["gb"], r["ours"]["pretokenize_s"]) for r in rows if "ours" in r]
     a.plot([p[0] for p in pts], [p[1] for p in pts], "x--", label="ours: pre-tokenisation part")
-    a.set(xlabel="input (GB)", ylabel="wall time (s)", title="time vs input size (2 cores)")
+    a.set(xlabel="input (GB)", ylabel="wall time (s)", title="wall time (shared 2-core machine)")
+    c.set(xlabel="input (GB)", ylabel="CPU seconds, process tree", title="CPU time (not inflated by other load)")
     b.set(xlabel="input (GB)", ylabel="peak RSS of the process tree (GB)", title="memory vs input size")
-    for ax in (a, b):
+    for ax in (a, b, c):
         ax.grid(alpha=0.3)
         ax.set_xticks(sizes)
     a.legend(fontsize=8)
