@@ -38,7 +38,7 @@ from cs336_systems.serving.bench_models import write_random_llama, write_random_
 
 FULL = {
     "concurrency": [1, 8, 64, 256],
-    "num_requests": [8, 32, 128, 256],
+    "num_requests": [8, 32, 256, 512],  # four rounds at 64 and two at 256: the closed loop's ramp-down weighs less
     "prompt_len_range": (16, 512),
     "output_len_range": (32, 256),
 }
