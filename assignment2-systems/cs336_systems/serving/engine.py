@@ -412,19 +412,9 @@ class AsyncLLMEngine:
         self._wakeup.set()
         finished = False
         try:
-            while True:
-                item = await queue.get()
-                while not isinstance(item, BaseException) and not queue.empty():
-                    # The consumer fell behind (a slow client or a busy event loop): hand over one merged
-                    # update instead of a backlog of single-token ones.
-                    newer = queue.get_nowait()
-                    item = newer if isinstance(newer, BaseException) else merge_outputs(item, newer)
-                if isinstance(item, BaseException):
-                    raise item
+            async for item in queued_outputs(queue):
                 finished = item.finished
                 yield item
-                if finished:
-                    return
         finally:
             if not finished:
                 self.abort(request_id)
@@ -482,6 +472,22 @@ class AsyncLLMEngine:
     def _post(loop: asyncio.AbstractEventLoop, fn, arg) -> None:
         with contextlib.suppress(RuntimeError):  # that event loop has closed: nobody is listening any more
             loop.call_soon_threadsafe(fn, arg)
+
+
+async def queued_outputs(queue: asyncio.Queue) -> AsyncIterator[RequestOutput]:
+    """One request's outputs from its queue until the finished one; an exception in the queue is raised. A
+    consumer that fell behind (a slow client, a busy event loop) gets one merged update instead of a backlog
+    of single-step ones."""
+    while True:
+        item = await queue.get()
+        while not isinstance(item, BaseException) and not queue.empty():
+            newer = queue.get_nowait()
+            item = newer if isinstance(newer, BaseException) else merge_outputs(item, newer)
+        if isinstance(item, BaseException):
+            raise item
+        yield item
+        if item.finished:
+            return
 
 
 def merge_outputs(older: RequestOutput, newer: RequestOutput) -> RequestOutput:

@@ -25,7 +25,7 @@ from cs336_systems.serving.engine import (
     EngineStats,
     _deliver,
     check_request,
-    merge_outputs,
+    queued_outputs,
 )
 from cs336_systems.serving.loader import ServedModel
 from cs336_systems.serving.params import CompletionOutput, RequestOutput, SamplingParams
@@ -214,17 +214,9 @@ class ProcessEngine:
         self._send(("add", request_id, list(prompt_token_ids), params))
         finished = False
         try:
-            while True:
-                item = await queue.get()
-                while not isinstance(item, BaseException) and not queue.empty():
-                    newer = queue.get_nowait()
-                    item = newer if isinstance(newer, BaseException) else merge_outputs(item, newer)
-                if isinstance(item, BaseException):
-                    raise item
+            async for item in queued_outputs(queue):
                 finished = item.finished
                 yield item
-                if finished:
-                    return
         finally:
             self._streams.pop(request_id, None)
             if not finished and self.error is None:
