@@ -22,11 +22,19 @@ def sample_next_token(
         return logits.argmax(dim=-1)
     probs = torch.softmax(logits.float() / temperature, dim=-1)
     if top_p < 1:
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
-        sorted_probs = sorted_probs.masked_fill(mass_before >= top_p, 0.0)  # the top token always stays
-        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+        probs = top_p_filter(probs, top_p)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def top_p_filter(probs: Float[Tensor, "batch vocab"], top_p: float | Float[Tensor, " batch"]) -> Tensor:
+    """Zeroes every token outside the smallest set whose mass reaches top_p (one value, or one per row); the
+    top token always stays."""
+    if isinstance(top_p, Tensor):
+        top_p = top_p[:, None]
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+    sorted_probs = sorted_probs.masked_fill(mass_before >= top_p, 0.0)
+    return torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
 
 
 @torch.no_grad()

@@ -6,13 +6,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-
-def top_p_filter(probs: Float[Tensor, "rows vocab"], top_p: Float[Tensor, " rows"]) -> Tensor:
-    """Zeroes every token outside the smallest set whose mass reaches top_p (the top token always stays)."""
-    sorted_probs, order = probs.sort(dim=-1, descending=True)
-    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
-    sorted_probs = sorted_probs.masked_fill(mass_before >= top_p[:, None], 0.0)
-    return torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+from cs336_basics.decoding import top_p_filter
 
 
 def sample_rows(
