@@ -197,6 +197,16 @@ def announce_stop(run_dir: RunDir, stop: StopRequest | None, step: int) -> None:
               file=sys.stderr, flush=True)
 
 
+def finish_run(run_dir: "RunDir", model: nn.Module, optimizer, step: int, stop, evaluate) -> None:
+    """A loop's last act: the final checkpoint, then either the stop notice (a signal or the time budget
+    ended it early) or the final evaluation."""
+    run_dir.save(model, optimizer, step)
+    if RunDir.stopped(stop):
+        announce_stop(run_dir, stop, step)
+    else:
+        evaluate(step)
+
+
 def record_step(
     run_dir: RunDir,
     history: list[dict[str, Any]],

@@ -16,12 +16,12 @@ from cs336_alignment.text_tokenizer import pad_token_id
 from cs336_alignment.training.common import (
     Deadline,
     RunDir,
-    announce_stop,
     autocast,
     check_divides,
     chunks,
     clip_and_step,
     epoch_order,
+    finish_run,
     record_step,
 )
 from cs336_alignment.training.parallel import (
@@ -192,9 +192,5 @@ def run_dpo(
         record_step(run_dir, history, record, policy, optimizer, step + 1, steps, config.checkpoint_every,
                     config.eval_every, evaluate)
         step += 1
-    run_dir.save(policy, optimizer, step)
-    if RunDir.stopped(stop):
-        announce_stop(run_dir, stop, step)
-    else:
-        evaluate(step)
+    finish_run(run_dir, policy, optimizer, step, stop, evaluate)
     return history

@@ -13,9 +13,9 @@ from cs336_alignment.training.common import (
     Deadline,
     RewardFn,
     RunDir,
-    announce_stop,
     check_divides,
     epoch_order,
+    finish_run,
     make_adamw,
     native_backend,
     record_step,
@@ -150,9 +150,5 @@ def run_expert_iteration(
         record_step(run_dir, history, record, policy, optimizer, round_ + 1, config.n_ei_steps, 1, config.eval_every,
                     evaluate)  # a checkpoint after every round
         round_ += 1
-    run_dir.save(policy, optimizer, round_)
-    if RunDir.stopped(stop):
-        announce_stop(run_dir, stop, round_)
-    else:
-        evaluate(round_)
+    finish_run(run_dir, policy, optimizer, round_, stop, evaluate)
     return history

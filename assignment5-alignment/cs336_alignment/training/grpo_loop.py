@@ -31,11 +31,11 @@ from cs336_alignment.training.common import (
     Deadline,
     RewardFn,
     RunDir,
-    announce_stop,
     autocast,
     check_divides,
     clip_and_step,
     epoch_order,
+    finish_run,
     make_adamw,
     native_backend,
     record_step,
@@ -313,11 +313,7 @@ def run_grpo(
         record_step(run_dir, history, record, policy, optimizer, step + 1, config.n_grpo_steps, config.checkpoint_every,
                     config.eval_every, evaluate)
         step += 1
-    run_dir.save(policy, optimizer, step)
-    if RunDir.stopped(stop):
-        announce_stop(run_dir, stop, step)
-    else:
-        evaluate(step)
+    finish_run(run_dir, policy, optimizer, step, stop, evaluate)
     return history
 
 

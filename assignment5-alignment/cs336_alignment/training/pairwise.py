@@ -15,12 +15,12 @@ from cs336_alignment.lm import model_device
 from cs336_alignment.training.common import (
     Deadline,
     RunDir,
-    announce_stop,
     autocast,
     check_divides,
     chunks,
     clip_and_step,
     epoch_order,
+    finish_run,
     make_adamw,
     record_step,
     set_lr,
@@ -136,9 +136,5 @@ def run_pairwise(
         record_step(run_dir, history, record, model, optimizer, step + 1, steps, config.checkpoint_every,
                     config.eval_every, evaluate)
         step += 1
-    run_dir.save(model, optimizer, step)
-    if RunDir.stopped(stop):
-        announce_stop(run_dir, stop, step)
-    else:
-        evaluate(step)
+    finish_run(run_dir, model, optimizer, step, stop, evaluate)
     return history

@@ -25,6 +25,7 @@ from cs336_alignment.training.common import (
     chunks,
     clip_and_step,
     epoch_order,
+    finish_run,
     make_adamw,
     native_backend,
     record_step,
@@ -164,11 +165,7 @@ def run_sft(
         record_step(run_dir, history, record, policy, optimizer, step + 1, steps, config.checkpoint_every,
                     config.eval_every, evaluate)
         step += 1
-    run_dir.save(policy, optimizer, step)
-    if RunDir.stopped(stop):
-        announce_stop(run_dir, stop, step)
-    else:
-        evaluate(step)
+    finish_run(run_dir, policy, optimizer, step, stop, evaluate)
     return history
 
 
