@@ -69,7 +69,8 @@ RANGES: dict[str, Range] = {
     "snapshot_max_entries": Range(ge=1), "n": Range(ge=1), "value": Range(),
     "concurrency": Range(ge=1), "num_requests": Range(ge=1), "decode_steps": Range(ge=1, le=64),
     "prefill_delay_steps": Range(ge=0), "max_num_seqs": Range(ge=1), "block_size": Range(ge=1),
-    "num_blocks": Range(ge=2),
+    "num_blocks": Range(ge=2), "port": Range(ge=1, le=65535), "max_num_batched_tokens": Range(ge=1),
+    "max_body_bytes": Range(ge=1),
 }
 
 

@@ -17,16 +17,9 @@ import socket
 from pathlib import Path
 
 from cs336_basics.cli_support import UserError
-from cs336_basics.cli_support.ranges import Range
 
 API_KEY_ENV = "CS336_API_KEY"
 
-# The numeric flags' valid ranges by dest (cli.py's RANGES may hold the same; this module checks them itself).
-RANGES: dict[str, Range] = {
-    "port": Range(ge=1, le=65535), "block_size": Range(ge=1), "num_blocks": Range(ge=2),
-    "max_num_seqs": Range(ge=1), "max_num_batched_tokens": Range(ge=1), "max_body_bytes": Range(ge=1),
-    "prefill_delay_steps": Range(ge=0), "decode_steps": Range(ge=1, le=64),
-}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -66,11 +59,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def check_arguments(args: argparse.Namespace) -> None:
-    """Everything that can be refused without loading a model: ranges, the model source, folders."""
-    for dest, rule in RANGES.items():
-        value = getattr(args, dest, None)
-        if value is not None and not rule.holds(value):
-            raise UserError(f"--{dest.replace('_', '-')} must be {rule.describe()}, got {value}")
+    """Everything that can be refused without loading a model beyond the numeric ranges (cs336_systems.cli's
+    RANGES, checked before this runs): the model source, folders, names."""
     if (args.run_dir is None) == (args.hf_model is None):
         raise UserError("give exactly one model: --run-dir RUN or --hf-model DIR")
     if args.tokenizer is not None and args.run_dir is None:
