@@ -10,6 +10,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 
 from cs336_basics.alibi import alibi_bias, alibi_slopes
+from cs336_basics.attention_backends import get_attention_backend
 from cs336_basics.kv_cache import ExternalKVCache
 from cs336_basics.layers import Linear, RotaryPositionalEmbedding
 from cs336_basics.nn_utils import softmax
@@ -65,7 +66,10 @@ class MultiHeadSelfAttention(nn.Module):
     decoding cache becomes a ring of W slots.
 
     `use_torch_sdpa` swaps our attention for `F.scaled_dot_product_attention` (FlashAttention on GPUs);
-    both compute the same function (tested).
+    both compute the same function (tested). `attention_backend` names a kernel of the registry in
+    `cs336_basics.attention_backends` (e.g. our Triton FlashAttention-2, "cs336-fa2") for plain causal
+    attention over a whole sequence, i.e. training and prefill; it needs no sliding window and no ALiBi, and
+    cached decoding steps and left-padded batches keep the path above, so it only chooses how training runs.
     """
 
     def __init__(
@@ -79,6 +83,7 @@ class MultiHeadSelfAttention(nn.Module):
         num_kv_heads: int | None = None,
         alibi: bool = False,
         sliding_window: int | None = None,
+        attention_backend: str | None = None,
     ):
         super().__init__()
         if d_model % num_heads:
@@ -90,11 +95,17 @@ class MultiHeadSelfAttention(nn.Module):
             raise ValueError("ALiBi replaces rotary embeddings; pass rope=None with alibi=True")
         if sliding_window is not None and sliding_window <= 0:
             raise ValueError(f"sliding_window must be positive (or None), got {sliding_window}")
+        if attention_backend is not None:
+            if alibi or sliding_window is not None:
+                raise ValueError(f"attention_backend={attention_backend!r} computes plain causal attention; "
+                                 "it takes no ALiBi bias and no sliding window")
+            get_attention_backend(attention_backend)  # an unknown name fails here, listing the known ones
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.d_head = d_model // num_heads
         self.rope = rope
         self.use_torch_sdpa = use_torch_sdpa
+        self.attention_backend = attention_backend  # a name, not a module: the state dict is unchanged
         self.sliding_window = sliding_window
         # Derived from num_heads alone, so a non-persistent buffer: the state dict keeps the course's keys.
         self.register_buffer("alibi_slopes", alibi_slopes(num_heads, device) if alibi else None, persistent=False)
@@ -134,7 +145,9 @@ class MultiHeadSelfAttention(nn.Module):
             k, v = kv_cache.append(k, v)
         gqa = {"enable_gqa": True} if self.grouped else {}
         plain_causal = self.sliding_window is None and self.alibi_slopes is None
-        if self.use_torch_sdpa and plain_causal and offset == 0 and key_mask is None:
+        if self.attention_backend is not None and plain_causal and offset == 0 and key_mask is None:
+            out = get_attention_backend(self.attention_backend)(q, k, v, causal=True)
+        elif self.use_torch_sdpa and plain_causal and offset == 0 and key_mask is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, **gqa)  # no mask tensor: flash kernels
         else:
             # Query i sits at absolute index offset + i and sees every key at or before it.
