@@ -5,7 +5,7 @@ windows and DeepSeek-style mixture-of-experts feed-forward layers.
 The default configuration is exactly the course's model: same modules, same state-dict keys.
 """
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Literal
 
 import torch
@@ -67,6 +67,10 @@ class TransformerConfig:
     moe_norm_topk: bool = True  # renormalise the chosen experts' weights to sum to one
     moe_routed_scale: float = 1.0  # DeepSeek's routed_scaling_factor
     moe_dense_layers: int = 0  # the first k layers keep a dense SwiGLU of width d_ff (first_k_dense_replace)
+    # which kernel runs plain causal attention (cs336_basics.attention_backends; None: use_torch_sdpa decides).
+    # A choice of how, not what: checkpoints record None (see `portable`), so a run trained with a CUDA-only
+    # kernel loads anywhere and resumes under any backend.
+    attention_backend: str | None = None
 
     def __post_init__(self):
         for name in ("vocab_size", "context_length", "d_model", "num_layers", "num_heads", "d_ff"):
@@ -89,6 +93,8 @@ class TransformerConfig:
                 raise ConfigError(f"num_kv_heads applies to attention='mha' only, not {self.attention!r}")
             if self.sliding_window is not None:
                 raise ConfigError(f"sliding_window applies to attention='mha' only, not {self.attention!r}")
+        if self.attention_backend is not None:
+            self._check_attention_backend()
         if self.position == "rope" and self.attention == "mha" and self.d_head % 2:
             raise ConfigError(f"rotary embeddings need an even head size; d_model/num_heads is {self.d_head}")
         if self.attention == "mla":
@@ -132,8 +138,23 @@ class TransformerConfig:
     def is_moe_layer(self, layer_index: int) -> bool:
         return self.ffn == "moe" and layer_index >= self.moe_dense_layers
 
+    def _check_attention_backend(self) -> None:
+        from cs336_basics.attention_backends import UnknownAttentionBackend, check_attention_backend
+
+        if self.attention != "mha" or self.sliding_window is not None or self.position == "alibi":
+            raise ConfigError(f"attention_backend={self.attention_backend!r} runs plain causal MHA/GQA only: it "
+                              f"needs attention='mha', no sliding_window and a position other than 'alibi'")
+        try:
+            check_attention_backend(self.attention_backend)
+        except UnknownAttentionBackend as e:
+            raise ConfigError(str(e)) from e
+
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def portable(self) -> "TransformerConfig":
+        """The same model with the default attention kernel: what checkpoints record and resumes compare."""
+        return replace(self, attention_backend=None)
 
     @classmethod
     def from_dict(cls, saved: dict) -> "TransformerConfig":
@@ -158,6 +179,7 @@ def build_attention(config: TransformerConfig, rope: RotaryPositionalEmbedding |
     return MultiHeadSelfAttention(
         config.d_model, config.num_heads, rope, config.use_torch_sdpa, device=device, dtype=dtype,
         num_kv_heads=config.kv_heads, alibi=config.position == "alibi", sliding_window=config.sliding_window,
+        attention_backend=config.attention_backend,
     )
 
 

@@ -19,7 +19,7 @@ ARCHITECTURE = ("vocab_size", "context_length", "d_model", "num_layers", "num_he
                 "position", "ffn", "use_torch_sdpa", "attention", "num_kv_heads", "sliding_window", "kv_lora_rank",
                 "q_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "linear_chunk_size",
                 "num_experts", "moe_top_k", "num_shared_experts", "moe_d_ff", "moe_router", "moe_norm_topk",
-                "moe_routed_scale", "moe_dense_layers")
+                "moe_routed_scale", "moe_dense_layers", "attention_backend")
 CHOICES = {"norm": ("pre", "post", "none"), "position": ("rope", "none", "alibi"), "ffn": ("swiglu", "silu", "moe"),
            "attention": ("mha", "mla", "linear"), "moe_router": ("softmax", "sigmoid"),
            "precision": ("auto", "fp32", "bf16", "fp16"), "optimizer": ("adamw", "muon"),
@@ -44,6 +44,9 @@ class TrainConfig:
     position: Literal["rope", "none", "alibi"] = "rope"
     ffn: Literal["swiglu", "silu", "moe"] = "swiglu"
     use_torch_sdpa: bool = True
+    # the kernel of plain causal attention, e.g. cs336-fa2 (our Triton FlashAttention-2) or sdpa-cudnn; none:
+    # --use-torch-sdpa decides. Names: cs336_basics.attention_backends (plugins such as cs336_systems' included)
+    attention_backend: str | None = None
     # the model family (see TransformerConfig): attention variant, grouped KV heads, sliding window
     attention: Literal["mha", "mla", "linear"] = "mha"
     num_kv_heads: int | None = bounded(None, ge=1)  # None: one KV head per query head; 1: multi-query
@@ -128,6 +131,13 @@ class TrainConfig:
             raise UserError(f"--batch-size ({self.batch_size}) must be divisible by --grad-accum ({self.grad_accum})")
         if self.resume and self.overwrite:
             raise UserError("--resume and --overwrite exclude each other")
+        if self.attention_backend is not None:
+            from cs336_basics.attention_backends import UnknownAttentionBackend, check_attention_backend
+
+            try:  # torch-free: the name is checked before torch loads
+                check_attention_backend(self.attention_backend)
+            except UnknownAttentionBackend as e:
+                raise UserError(f"--attention-backend: {e}") from e
 
     def model_config(self) -> "TransformerConfig":
         """The architecture; a combination TransformerConfig rejects is a `UserError` naming the flags."""

@@ -106,10 +106,10 @@ def _check_architecture(saved: dict | None, config: TrainConfig, path: str) -> N
     if saved is None:
         return
     try:  # a config saved before a field existed gets its default: the model it was trained as
-        saved = TransformerConfig.from_dict(saved).to_dict()
+        saved = TransformerConfig.from_dict(saved).portable().to_dict()
     except (ConfigError, TypeError) as e:
         raise UserError(f"--resume: {path} records a model config this version cannot read: {e}") from e
-    wanted = config.model_config().to_dict()
+    wanted = config.model_config().portable().to_dict()  # any attention backend resumes any run
     if saved != wanted:
         changed = sorted(k for k in saved if saved[k] != wanted.get(k))
         raise UserError(f"--resume: {path} was trained with another architecture (differs in "
@@ -306,7 +306,7 @@ def _train(config: TrainConfig, model_config, train_tokens, val_tokens, device, 
         peak = peak * dist.world_size if peak else peak  # MFU of the whole job
 
         def checkpoint(step: int, final: bool) -> None:
-            extra = {"model_config": model_config.to_dict(), "elapsed_s": elapsed_before + time.time() - t0,
+            extra = {"model_config": model_config.portable().to_dict(), "elapsed_s": elapsed_before + time.time() - t0,
                      "cpu_rng": torch.get_rng_state(), "grad_scaler": scaler.state_dict(),
                      "spike_guard": guard.state_dict()}
             if device.type == "cuda":
