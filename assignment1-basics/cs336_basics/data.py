@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import os
 import pickle
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
@@ -126,11 +127,58 @@ def batch_at(
     """The windows beginning at `starts` as (inputs, targets shifted by one), on `device`."""
     import torch
 
+    device = torch.device(device)
+    return batch_to_device(host_batch(dataset, starts, context_length, pin=device.type == "cuda"), device)
+
+
+def host_batch(dataset: npt.NDArray, starts: np.ndarray, context_length: int, pin: bool) -> Tensor:
+    """The windows beginning at `starts` (context_length + 1 tokens each) as an int64 CPU tensor, pinned when
+    `pin` (so that the copy to a GPU can run asynchronously)."""
+    import torch
+
     windows = np.asarray(dataset[np.asarray(starts)[:, None] + np.arange(context_length + 1)], dtype=np.int64)
     batch = torch.from_numpy(windows)
-    device = torch.device(device)
-    if device.type == "cuda":
-        batch = batch.pin_memory().to(device, non_blocking=True)
-    else:
-        batch = batch.to(device)
+    return batch.pin_memory() if pin else batch
+
+
+def batch_to_device(batch: Tensor, device: torch.device) -> tuple[Tensor, Tensor]:
+    """A `host_batch` on `device` as (inputs, targets shifted by one); non-blocking from pinned memory."""
+    batch = batch.to(device, non_blocking=batch.is_pinned())
     return batch[:, :-1], batch[:, 1:]
+
+
+class Prefetcher:
+    """Builds `build(i)` for the next `depth` indices on one background thread while the caller works on index i
+    (for the trainer: the pinned host batches of the coming steps while the GPU runs this one).
+
+    `get(i)` returns exactly `build(i)`: a prefetched result when i is the index that was expected next,
+    otherwise (the first call, a jump) it is built on the spot and prefetching restarts from i + 1."""
+
+    def __init__(self, build: Callable[[int], Any], depth: int = 2):
+        from concurrent.futures import ThreadPoolExecutor
+
+        if depth < 1:
+            raise ValueError(f"depth must be >= 1, got {depth}")
+        self.build, self.depth = build, depth
+        self.pending: dict[int, Any] = {}  # index -> Future
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch")
+
+    def get(self, index: int) -> Any:
+        future = self.pending.pop(index, None)
+        if future is None:
+            for stale in self.pending.values():
+                stale.cancel()
+            self.pending.clear()
+            result = self.build(index)
+        else:
+            result = future.result()
+        for ahead in range(index + 1, index + 1 + self.depth):
+            if ahead not in self.pending:
+                self.pending[ahead] = self.executor.submit(self.build, ahead)
+        return result
+
+    def close(self) -> None:
+        for future in self.pending.values():
+            future.cancel()
+        self.pending.clear()
+        self.executor.shutdown(wait=True)

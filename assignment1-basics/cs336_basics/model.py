@@ -254,11 +254,14 @@ class TransformerLM(nn.Module):
         token_positions: Int[Tensor, "batch seq"] | None = None,
         kv_caches: list[LayerCache] | None = None,
         key_mask: Tensor | None = None,
+        return_hidden: bool = False,
     ) -> Float[Tensor, "batch seq vocab"]:
         """Unnormalised next-token logits for every position.
 
         `kv_caches` (from `new_kv_caches`) make decoding incremental; `key_mask` (batch, cached + new keys,
         True = real token) hides left-padding when prompts of different lengths share a batch.
+        `return_hidden`: the final normalised hidden states (batch, seq, d_model) instead of the logits, for a
+        loss that applies `lm_head` itself chunk by chunk (`cs336_basics.chunked_ce`).
         """
         past = kv_caches[0].length if kv_caches else 0
         if past + in_indices.shape[-1] > self.config.context_length:
@@ -269,7 +272,8 @@ class TransformerLM(nn.Module):
         x = self.token_embeddings(in_indices)
         for i, layer in enumerate(self.layers):
             x = layer(x, token_positions, kv_caches[i] if kv_caches else None, key_mask)
-        return self.lm_head(self.ln_final(x))
+        hidden = self.ln_final(x)
+        return hidden if return_hidden else self.lm_head(hidden)
 
     def new_kv_caches(self, batch_size: int, max_len: int | None = None) -> ModelCaches:
         """Empty per-layer caches for incremental decoding on the model's device and dtype.

@@ -40,6 +40,67 @@ class AdamW(torch.optim.Optimizer):
             adamw_group_step(self.state, group)
         return loss
 
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Also reads the state of `FusedAdamW` (a tensor step count): the implementations resume each other."""
+        super().load_state_dict(state_dict)
+        for state in self.state.values():
+            state.pop("host_step", None)
+            if isinstance(state.get("step"), Tensor):
+                state["step"] = int(state["step"].item())
+
+
+class FusedAdamW(torch.optim.AdamW):
+    """`AdamW` above (ε added to √v, bias correction folded into the step size) run by torch's fused kernel:
+    one multi-tensor kernel per step instead of seven passes over parameters and moments.
+
+    torch's AdamW adds ε to √v̂ = √v/√(1−β₂ᵗ) instead, i.e. uses ε·√(1−β₂ᵗ) where ours uses ε. Passing it
+    ε/√(1−β₂ᵗ) at step t makes the two updates equal (up to float rounding). Parameters are stepped in buckets
+    of equal t (a parameter without a gradient is not stepped, so its t can lag), with t counted on the host:
+    no device sync. The state dict holds torch's tensor step; `AdamW` and this class load each other's.
+    """
+
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.01):
+        if eps <= 0:
+            raise ValueError(f"need eps > 0, got eps={eps}")
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=True)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        groups = self.param_groups
+        try:
+            for group in groups:
+                buckets: dict[int, list[Tensor]] = {}
+                for p in group["params"]:
+                    if p.grad is not None:
+                        buckets.setdefault(self.state[p].get("host_step", 0) + 1, []).append(p)
+                for t, bucket in buckets.items():  # torch's step() sees just this bucket as its only group
+                    eps = group["eps"] / math.sqrt(1.0 - group["betas"][1] ** t)
+                    self.param_groups = [{**group, "params": bucket, "eps": eps}]
+                    super().step()
+                    for p in bucket:
+                        self.state[p]["host_step"] = t
+        finally:
+            self.param_groups = groups
+        return loss
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Also reads the state of `AdamW` (an integer step count)."""
+        states = state_dict["state"]
+        converted = {key: {**state, "step": torch.tensor(float(state["step"]))}
+                     if "step" in state and not isinstance(state["step"], Tensor) else state
+                     for key, state in states.items()}
+        # a group saved by `AdamW` lacks torch's flags (fused, decoupled weight decay...): this class's defaults
+        groups = [{**self.defaults, **group} for group in state_dict["param_groups"]]
+        super().load_state_dict({**state_dict, "state": converted, "param_groups": groups})
+        for state in self.state.values():
+            if "step" in state:
+                state["host_step"] = int(state["step"].item())
+
 
 @torch.no_grad()
 def adamw_group_step(state_of: dict, group: dict) -> None:

@@ -20,10 +20,12 @@ ARCHITECTURE = ("vocab_size", "context_length", "d_model", "num_layers", "num_he
                 "q_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "linear_chunk_size",
                 "num_experts", "moe_top_k", "num_shared_experts", "moe_d_ff", "moe_router", "moe_norm_topk",
                 "moe_routed_scale", "moe_dense_layers", "attention_backend")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
 CHOICES = {"norm": ("pre", "post", "none"), "position": ("rope", "none", "alibi"), "ffn": ("swiglu", "silu", "moe"),
            "attention": ("mha", "mla", "linear"), "moe_router": ("softmax", "sigmoid"),
            "precision": ("auto", "fp32", "bf16", "fp16"), "optimizer": ("adamw", "muon"),
-           "parallel": ("none", "ddp", "fsdp")}
+           "parallel": ("none", "ddp", "fsdp"), "compile_mode": COMPILE_MODES, "loss_impl": ("full", "chunked"),
+           "adamw_impl": ("ours", "fused")}
 
 
 @dataclass
@@ -101,6 +103,13 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # fp16: with dynamic loss scaling
     compile: bool = False
     tf32: bool = True
+    # throughput (benchmarks/NOTES_throughput.md); the defaults are the original paths
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
+    compile_loss: bool = False  # with --compile: the loss compiled too (full: with the model; chunked: per chunk)
+    loss_impl: Literal["full", "chunked"] = "full"  # chunked: LM head + cross-entropy per chunk of tokens
+    loss_chunk_tokens: int = bounded(4096, ge=1)  # tokens per chunk of --loss-impl chunked
+    adamw_impl: Literal["ours", "fused"] = "ours"  # fused: torch's fused kernel, our update (optim.FusedAdamW)
+    prefetch: bool = False  # build the next steps' batches (pinned) on a background thread
     seed: int = bounded(0, ge=0, lt=2**63)
     peak_flops: float = bounded(0.0, ge=0)  # accelerator peak FLOP/s for MFU; 0 = look up by device name
     # data parallelism (training/distributed.py): ddp/fsdp run under `torchrun --nproc_per_node N`; batch_size
@@ -131,6 +140,10 @@ class TrainConfig:
             raise UserError(f"--batch-size ({self.batch_size}) must be divisible by --grad-accum ({self.grad_accum})")
         if self.resume and self.overwrite:
             raise UserError("--resume and --overwrite exclude each other")
+        if self.parallel != "none" and (self.loss_impl != "full" or self.compile_loss):
+            raise UserError("--loss-impl chunked and --compile-loss need --parallel none")
+        if self.adamw_impl != "ours" and self.optimizer != "adamw":
+            raise UserError(f"--adamw-impl {self.adamw_impl} applies to --optimizer adamw, not {self.optimizer}")
         if self.attention_backend is not None:
             from cs336_basics.attention_backends import UnknownAttentionBackend, check_attention_backend
 

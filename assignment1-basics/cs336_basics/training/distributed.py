@@ -238,7 +238,15 @@ class Wrapped:
         self.forward, self.state_module, self.sync = forward, state_module, sync
 
 
-def wrap_model(model, parallel: str, device: torch.device, precision: str, compile: bool) -> Wrapped:
+def compiled(fn, mode: str = "default"):
+    """torch.compile(fn) with a --compile-mode ("default" passes no mode at all, as before the flag existed)."""
+    import torch
+
+    return torch.compile(fn) if mode == "default" else torch.compile(fn, mode=mode)
+
+
+def wrap_model(model, parallel: str, device: torch.device, precision: str, compile: bool,
+               compile_mode: str = "default") -> Wrapped:
     """DDP, FSDP2 (blocks then root; bf16 compute with fp32 master weights on CUDA bf16) or the model itself."""
     import torch
 
@@ -257,7 +265,7 @@ def wrap_model(model, parallel: str, device: torch.device, precision: str, compi
         def ddp_sync(last: bool):
             return contextlib.nullcontext() if last else ddp.no_sync()
 
-        return Wrapped(torch.compile(ddp) if compile else ddp, ddp, ddp_sync)
+        return Wrapped(compiled(ddp, compile_mode) if compile else ddp, ddp, ddp_sync)
     if parallel == "fsdp":
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -267,7 +275,7 @@ def wrap_model(model, parallel: str, device: torch.device, precision: str, compi
             policy = MixedPrecisionPolicy()
         for index, block in enumerate(model.layers):
             if compile:  # per block, the FSDP hooks outside the compiled graphs (as torchtitan does)
-                block = torch.compile(block)
+                block = compiled(block, compile_mode)
                 model.layers.register_module(str(index), block)
             fully_shard(block, mp_policy=policy)
         fully_shard(model, mp_policy=policy, reshard_after_forward=False)  # gathered again at once by backward
@@ -277,7 +285,7 @@ def wrap_model(model, parallel: str, device: torch.device, precision: str, compi
             return contextlib.nullcontext()
 
         return Wrapped(model, model, fsdp_sync)
-    return Wrapped(torch.compile(model) if compile else model, model, lambda last: contextlib.nullcontext())
+    return Wrapped(compiled(model, compile_mode) if compile else model, model, lambda last: contextlib.nullcontext())
 
 
 def clip_sharded_gradients(parameters, max_l2_norm: float, dist: Dist, eps: float = 1e-6) -> torch.Tensor:

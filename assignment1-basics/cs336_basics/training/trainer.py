@@ -257,7 +257,7 @@ def _train(config: TrainConfig, model_config, train_tokens, val_tokens, device, 
             model.load_state_dict(state["model"])
         except (RuntimeError, ValueError, KeyError, TypeError) as e:  # weights of another shape or model
             _does_not_fit(checkpoint_path, e)
-    wrapped = wrap_model(model, config.parallel, device, precision, config.compile)
+    wrapped = wrap_model(model, config.parallel, device, precision, config.compile, config.compile_mode)
     optimizer = build_optimizer(model, config)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     guard = SpikeGuard(config.spike_guard, config.spike_warmup_steps)
@@ -432,15 +432,39 @@ def _load_plain_optimizer(state: dict, model, model_config, optimizer, config: T
 def build_optimizer(model, config: TrainConfig):
     """AdamW for everything, or Muon for the hidden matrices (at `muon_lr`, following the same schedule) with
     AdamW for embeddings, LM head, gains and routers."""
-    from cs336_basics.optim import AdamW, Muon, muon_param_groups
+    from cs336_basics.optim import AdamW, FusedAdamW, Muon, muon_param_groups
 
     betas = (config.beta1, config.beta2)
     if config.optimizer == "muon":
         scale = config.muon_lr / config.lr_max if config.muon_lr and config.lr_max else 1.0
         return Muon(muon_param_groups(model, muon_lr_scale=scale), lr=config.lr_max, momentum=config.muon_momentum,
                     weight_decay=config.weight_decay, betas=betas, eps=config.adam_eps)
-    return AdamW(model.parameters(), lr=config.lr_max, betas=betas, eps=config.adam_eps,
-                 weight_decay=config.weight_decay)
+    optimizer_class = FusedAdamW if config.adamw_impl == "fused" else AdamW
+    return optimizer_class(model.parameters(), lr=config.lr_max, betas=betas, eps=config.adam_eps,
+                           weight_decay=config.weight_decay)
+
+
+def loss_function(model, wrapped, config: TrainConfig):
+    """(inputs, targets) -> mean loss by the configured path. The original: the (optionally compiled) model's
+    logits into `cross_entropy`, outside the compiled graph. --compile-loss: tokens to loss as one compiled
+    graph. --loss-impl chunked: the model's final hidden states into `chunked_linear_cross_entropy` (its
+    per-chunk softmax compiled under --compile-loss)."""
+    from cs336_basics.nn_utils import cross_entropy
+    from cs336_basics.training.distributed import compiled
+
+    compile_loss = config.compile and config.compile_loss
+    if config.loss_impl == "chunked":
+        from cs336_basics.chunked_ce import chunked_linear_cross_entropy
+
+        def chunked_loss(x, y):
+            hidden = wrapped.forward(x, return_hidden=True)
+            return chunked_linear_cross_entropy(hidden, model.lm_head.weight, y, config.loss_chunk_tokens,
+                                                compiled=compile_loss)
+
+        return chunked_loss
+    if compile_loss:
+        return compiled(lambda x, y: cross_entropy(model(x), y), config.compile_mode)
+    return lambda x, y: cross_entropy(wrapped.forward(x), y)
 
 
 def _make_step(model, wrapped, optimizer, scaler, guard: SpikeGuard, config: TrainConfig, device, precision, dist):
@@ -453,28 +477,45 @@ def _make_step(model, wrapped, optimizer, scaler, guard: SpikeGuard, config: Tra
     (MoE load, aux loss, skips)."""
     import torch
 
-    from cs336_basics.data import batch_at, step_batch_starts
-    from cs336_basics.nn_utils import cross_entropy
+    from cs336_basics.data import Prefetcher, batch_at, batch_to_device, host_batch, step_batch_starts
     from cs336_basics.optim import clip_gradients
     from cs336_basics.training.distributed import clip_sharded_gradients
 
-    compiled = wrapped.forward
+    loss_of = loss_function(model, wrapped, config)
     moe_layers = model.moe_layers()
     latest: dict[str, Any] = {}
     accum = config.grad_accum
     micro = config.batch_size // (dist.world_size * accum)
+    prefetch: dict[str, Any] = {}  # --prefetch: the Prefetcher of the token array being trained on
+
+    def host_batches(tokens, index: int) -> list:
+        """This rank's micro-batches of step `index` in (pinned) host memory: the rows batch_at would take."""
+        starts = step_batch_starts(len(tokens), config.batch_size, config.context_length, config.seed, index)
+        firsts = [(dist.rank * accum + m) * micro for m in range(accum)]
+        return [host_batch(tokens, starts[f:f + micro], config.context_length, pin=device.type == "cuda")
+                for f in firsts]
 
     def step(tokens, lr: float, index: int):
         for group in optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
-        starts = step_batch_starts(len(tokens), config.batch_size, config.context_length, config.seed, index)
+        if config.prefetch:
+            if prefetch.get("tokens") is not tokens:
+                if "prefetcher" in prefetch:
+                    prefetch["prefetcher"].close()
+                prefetch.update(tokens=tokens, prefetcher=Prefetcher(lambda i: host_batches(tokens, i)))
+            batches = prefetch["prefetcher"].get(index)
+        else:
+            starts = step_batch_starts(len(tokens), config.batch_size, config.context_length, config.seed, index)
         total = None
         for m in range(accum):
-            first = (dist.rank * accum + m) * micro
-            x, y = batch_at(tokens, starts[first:first + micro], config.context_length, device)
+            if config.prefetch:
+                x, y = batch_to_device(batches[m], device)
+            else:
+                first = (dist.rank * accum + m) * micro
+                x, y = batch_at(tokens, starts[first:first + micro], config.context_length, device)
             with wrapped.sync(m == accum - 1):
                 with _autocast(device, precision):
-                    loss = cross_entropy(compiled(x), y)
+                    loss = loss_of(x, y)
                 objective = loss
                 if moe_layers and config.moe_aux_loss_coef > 0:
                     latest["aux_loss"] = torch.stack([layer.last_aux_loss for layer in moe_layers]).sum()

@@ -1,0 +1,324 @@
+"""Issue 25 in one GPU call: the `owt-leaderboard` training step with the old settings, each throughput flag on
+its own, all of them together, and HF Llama at the same shape; a table (ms/step, tokens/s, MFU against the
+stated peak, peak memory) and JSON. `--profile`: torch.profiler over a few steps of chosen variants, kernel time
+by category (matmul, attention, norm/activation, cross-entropy, optimizer, clipping, copies, other) and the idle
+gap (wall - busy GPU time), printed and written as JSON.
+
+Every variant runs the trainer's own step (`training.trainer._make_step`: the batch from a token array, forward,
+loss, backward, clipping, optimizer), timed over windows of steps without a host sync inside a window, like the
+trainer runs. The loss of step 0 (same weights, same batch) is recorded per variant as a sanity check.
+
+    PYTHONPATH=assignment1-basics python3 assignment1-basics/benchmarks/train_step_flags.py \\
+        --out $OUT/flags.json --profile --profile-out $OUT/profile.json
+    PYTHONPATH=assignment1-basics python3 assignment1-basics/benchmarks/train_step_flags.py --tiny --device cpu \\
+        --out /tmp/flags.json --profile --profile-out /tmp/profile.json      # smoke test, seconds
+"""
+
+import argparse
+import json
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+import traceback
+
+import numpy as np
+import torch
+
+from cs336_basics.data import batch_at, step_batch_starts
+from cs336_basics.model import TransformerLM
+from cs336_basics.nn_utils import cross_entropy
+from cs336_basics.optim import AdamW, clip_gradients
+from cs336_basics.training.config import config_from_preset
+from cs336_basics.training.distributed import Dist, Launch, wrap_model
+from cs336_basics.training.metrics import peak_flops, training_flops_per_token
+from cs336_basics.training.spike_guard import SpikeGuard
+from cs336_basics.training.trainer import _autocast, _make_step, build_optimizer
+
+ALL = dict(loss_impl="chunked", compile_loss=True, adamw_impl="fused", prefetch=True)
+VARIANTS: dict[str, dict] = {
+    "baseline": {},  # the preset as it was: full logits + eager cross-entropy, our AdamW, no prefetch
+    "compile-loss": dict(compile_loss=True),
+    "chunked": dict(loss_impl="chunked"),
+    "chunked+compile-loss": dict(loss_impl="chunked", compile_loss=True),
+    "fused": dict(adamw_impl="fused"),
+    "prefetch": dict(prefetch=True),
+    "reduce-overhead": dict(compile_mode="reduce-overhead"),
+    "max-autotune": dict(compile_mode="max-autotune-no-cudagraphs"),  # minutes of autotuning: opt-in
+    "all": ALL,
+    "all-full-loss": dict(compile_loss=True, adamw_impl="fused", prefetch=True),
+    "all-bs128": dict(ALL, batch_size=128),
+    "hf-llama": {},  # transformers' LlamaForCausalLM, compiled, our loss and AdamW (train_step.py's setup)
+}
+DEFAULT_VARIANTS = ("baseline,compile-loss,chunked,chunked+compile-loss,fused,prefetch,reduce-overhead,all,"
+                    "all-full-loss,hf-llama")
+TINY = dict(vocab_size=512, context_length=32, d_model=64, num_layers=2, num_heads=4, d_ff=128, batch_size=4,
+            loss_chunk_tokens=48)
+
+# Kernel (or CPU op) name -> category; the first match wins.
+CATEGORIES = [
+    ("optimizer", r"adam|multi_tensor|foreach"),
+    ("clip", r"normtwo|norm_two|vector_norm"),
+    ("attention", r"flash|fmha|attention|sdpa|_attn|cudnn.*mha"),
+    ("cross_entropy", r"softmax|logsumexp|nll|cross_entropy|amax|maxops|max_values|gather|scatter|exp_kernel|"
+                      r"log_kernel|chunk_loss|\bexp\b|\blog\b"),
+    ("matmul", r"gemm|nvjet|cutlass|xmma|cublas|matmul|\bmm\b|addmm|bmm|triton_tem|splitk|wgmma|sm90_|sm80_"),
+    ("copy", r"memcpy|memset|copy|\bcat\b|catarray|fill"),
+    ("norm_activation", r"rsqrt|mean|pow|sigmoid|silu|rms|triton_|mul|add|sub|div|neg|cos|sin|where|\bsum\b"),
+]
+
+
+def categorise(name: str) -> str:
+    lowered = name.lower()
+    for category, pattern in CATEGORIES:
+        if re.search(pattern, lowered):
+            return category
+    return "other"
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def make_config(args, variant: str):
+    overrides = dict(VARIANTS[variant])
+    if args.tiny:
+        overrides = {**TINY, **overrides}
+        if "batch_size" in VARIANTS[variant]:
+            overrides["batch_size"] = TINY["batch_size"] * 2
+    overrides.setdefault("batch_size", args.batch_size or None)
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    return config_from_preset(args.preset, device=str(args.device), compile=args.compile, **overrides)
+
+
+class TrainerStep:
+    """The trainer's step for one config (model, optimizer, compile, loss path, prefetch)."""
+
+    def __init__(self, config, device, precision):
+        torch.manual_seed(config.seed)
+        self.model = TransformerLM(config.model_config(), device=device)
+        wrapped = wrap_model(self.model, "none", device, precision, config.compile, config.compile_mode)
+        self.optimizer = build_optimizer(self.model, config)
+        scaler = torch.amp.GradScaler(device.type, enabled=False)
+        dist = Dist(Launch(), "none", device, 600.0)
+        self.step_fn = _make_step(self.model, wrapped, self.optimizer, scaler, SpikeGuard(0.0, 0), config, device,
+                                  precision, dist)
+
+    def __call__(self, tokens, index: int):
+        return self.step_fn(tokens, 1e-3, index)[0]
+
+
+class LlamaStep:
+    """HF LlamaForCausalLM at the same shape: compiled forward, our cross-entropy, clipping and AdamW (the setup
+    of train_step.py), on the same batches."""
+
+    def __init__(self, config, device, precision):
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from train_step import build_llama
+
+        torch.manual_seed(config.seed)
+        self.model = build_llama(config.model_config(), device)
+        self.config, self.device, self.precision = config, device, precision
+        def forward(x):
+            return self.model(input_ids=x).logits
+
+        self.forward = torch.compile(forward) if config.compile else forward
+        self.optimizer = AdamW(self.model.parameters(), lr=1e-3, weight_decay=config.weight_decay)
+
+    def __call__(self, tokens, index: int):
+        c = self.config
+        starts = step_batch_starts(len(tokens), c.batch_size, c.context_length, c.seed, index)
+        x, y = batch_at(tokens, starts, c.context_length, self.device)
+        with _autocast(self.device, self.precision):
+            loss = cross_entropy(self.forward(x), y)
+        loss.backward()
+        clip_gradients(self.model.parameters(), c.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+
+def kernel_profile(run_steps, steps: int, device: torch.device) -> dict:
+    """Kernel time by category over `steps` steps (after the variant's timing, so compiled and warm)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    synchronize(device)
+    with profile(activities=activities) as prof:
+        start = time.perf_counter()
+        run_steps(steps)
+        synchronize(device)
+        wall_ms = (time.perf_counter() - start) * 1e3
+    if device.type == "cuda":  # every GPU kernel/memcpy with its interval on the timeline
+        spans = [(e.name, e.time_range.start, e.time_range.end) for e in prof.events()
+                 if e.device_type == torch.autograd.DeviceType.CUDA]
+    else:  # CPU smoke mode: each aten op's self time, laid end to end
+        spans, clock = [], 0.0
+        for e in prof.key_averages():
+            if e.key.startswith("aten::") and e.self_cpu_time_total > 0:
+                spans.append((e.key, clock, clock + e.self_cpu_time_total))
+                clock += e.self_cpu_time_total
+    by_category: dict[str, float] = {}
+    kernels: dict[str, dict[str, float]] = {}
+    for name, begin, end in spans:
+        category = categorise(name)
+        by_category[category] = by_category.get(category, 0.0) + (end - begin) / 1e3
+        kernels.setdefault(category, {})
+        kernels[category][name] = kernels[category].get(name, 0.0) + (end - begin) / 1e3
+    busy_ms, last_end = 0.0, -float("inf")
+    for _, begin, end in sorted(spans, key=lambda s: s[1]):  # the union of the intervals
+        if end > last_end:
+            busy_ms += (end - max(begin, last_end)) / 1e3
+            last_end = end
+    categories = {k: v / steps for k, v in sorted(by_category.items(), key=lambda kv: -kv[1])}
+    categories["idle_gap"] = max(wall_ms - busy_ms, 0.0) / steps
+    top = {category: sorted(((round(ms / steps, 4), name[:160]) for name, ms in names.items()), reverse=True)[:12]
+           for category, names in kernels.items()}
+    return {"steps": steps, "wall_ms_per_step": wall_ms / steps, "busy_ms_per_step": busy_ms / steps,
+            "categories_ms": categories, "top_kernels_ms": top}
+
+
+def measure(args, variant: str, device: torch.device, precision: str, tokens, peak) -> tuple[dict, dict | None]:
+    config = make_config(args, variant)
+    step = LlamaStep(config, device, precision) if variant == "hf-llama" else TrainerStep(config, device, precision)
+    # HF Llama's row: the FLOPs of our model of the same architecture, built on the meta device
+    flops_model = TransformerLM(config.model_config(), device="meta") if variant == "hf-llama" else step.model
+    flops_per_token = training_flops_per_token(flops_model)
+    index = 0
+    compile_start = time.perf_counter()
+    first_loss = float(step(tokens, index))  # includes compilation
+    index += 1
+    compile_s = time.perf_counter() - compile_start
+    for _ in range(args.warmup):
+        step(tokens, index)
+        index += 1
+    synchronize(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    window_ms = []
+    for _ in range(args.windows):
+        synchronize(device)
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            loss = step(tokens, index)
+            index += 1
+        synchronize(device)
+        window_ms.append((time.perf_counter() - start) * 1e3 / args.steps)
+    ms = statistics.median(window_ms)
+    tokens_per_step = config.batch_size * config.context_length
+    row = {"variant": variant, "flags": VARIANTS[variant], "batch_size": config.batch_size,
+           "ms_per_step": ms, "window_ms": window_ms, "tokens_per_s": tokens_per_step / ms * 1e3,
+           "mfu": tokens_per_step / ms * 1e3 * flops_per_token / peak if peak else None,
+           "peak_memory_gb": torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None,
+           "first_step_loss": first_loss, "last_loss": float(loss), "first_step_s": compile_s,
+           "flops_per_token": flops_per_token}
+    profile = None
+    if args.profile and variant in args.profile_variants:
+        def run_steps(n):
+            nonlocal index
+            for _ in range(n):
+                step(tokens, index)
+                index += 1
+        profile = {"variant": variant, **kernel_profile(run_steps, args.profile_steps, device)}
+    return row, profile
+
+
+def print_table(rows, peak, device_name):
+    peak_text = f"{peak / 1e12:.0f} TFLOP/s dense bf16" if peak else "unknown peak"
+    print(f"\n{device_name}; MFU against {peak_text}")
+    print("| variant | batch | ms/step | tokens/s | MFU | peak mem GB | step-0 loss | first step s |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        if "error" in r:
+            print(f"| {r['variant']} | | error: {r['error'][:80]} | | | | | |")
+            continue
+        mfu = f"{r['mfu']:.1%}" if r["mfu"] else "-"
+        mem = f"{r['peak_memory_gb']:.1f}" if r["peak_memory_gb"] is not None else "-"
+        print(f"| {r['variant']} | {r['batch_size']} | {r['ms_per_step']:.2f} | {r['tokens_per_s']:,.0f} | {mfu} | "
+              f"{mem} | {r['first_step_loss']:.4f} | {r['first_step_s']:.1f} |")
+
+
+def print_profile(profile):
+    print(f"\nprofile of {profile['variant']}: {profile['wall_ms_per_step']:.2f} ms/step wall, "
+          f"{profile['busy_ms_per_step']:.2f} ms busy")
+    for category, ms in profile["categories_ms"].items():
+        print(f"  {category:16s} {ms:8.2f} ms  {ms / profile['wall_ms_per_step']:6.1%}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="owt-leaderboard")
+    parser.add_argument("--batch-size", type=int, default=0, help="0: the preset's")
+    parser.add_argument("--variants", default=DEFAULT_VARIANTS, help=f"comma-separated of {', '.join(VARIANTS)}")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="default: on for CUDA (the preset's setting), off on CPU")
+    parser.add_argument("--tiny", action="store_true", help="a tiny model (CPU smoke test)")
+    parser.add_argument("--steps", type=int, default=10, help="steps per timing window")
+    parser.add_argument("--windows", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=3, help="steps after the first (compiling) one")
+    parser.add_argument("--tokens", type=int, default=50_000_000, help="random token ids in the array sampled")
+    parser.add_argument("--peak-flops", type=float, default=0.0, help="0: look up by device name")
+    parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--profile-variants", default="baseline,all")
+    parser.add_argument("--profile-steps", type=int, default=3)
+    parser.add_argument("--profile-out", default=None)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    args.device = torch.device(args.device)
+    if args.compile is None:
+        args.compile = args.device.type == "cuda"
+    args.profile_variants = set(args.profile_variants.split(","))
+    variants = args.variants.split(",")
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
+    device = args.device
+    precision = "bf16" if device.type == "cuda" else "fp32"
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    base = make_config(args, "baseline")
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, base.vocab_size, size=min(args.tokens, 200_000) if args.tiny else args.tokens,
+                          dtype=np.uint16)
+    peak = args.peak_flops or peak_flops(device, precision, True)
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    rows, profiles = [], []
+    for variant in variants:
+        try:
+            row, profile = measure(args, variant, device, precision, tokens, peak)
+        except Exception as e:  # one failing variant (e.g. CUDA graphs) must not cost the others
+            traceback.print_exc()
+            row, profile = {"variant": variant, "flags": VARIANTS[variant], "error": f"{type(e).__name__}: {e}"}, None
+        rows.append(row)
+        if "error" not in row:
+            print(f"{variant:22s} {row['ms_per_step']:8.2f} ms/step  MFU {row['mfu'] or 0:6.1%}  "
+                  f"loss0 {row['first_step_loss']:.4f}  first step {row['first_step_s']:.1f} s", flush=True)
+        if profile:
+            profiles.append(profile)
+            print_profile(profile)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    print_table(rows, peak, device_name)
+    result = {"preset": args.preset, "tiny": args.tiny, "device": device_name, "torch": torch.__version__,
+              "python": platform.python_version(), "peak_flops": peak, "compile": args.compile,
+              "steps_per_window": args.steps, "windows": args.windows, "rows": rows}
+    baseline = next((r for r in rows if r["variant"] == "baseline" and "error" not in r), None)
+    if baseline:
+        for r in rows:
+            if "error" not in r:
+                r["speedup_vs_baseline"] = baseline["ms_per_step"] / r["ms_per_step"] \
+                    * r["batch_size"] / baseline["batch_size"]
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=2)
+    if args.profile_out:
+        with open(args.profile_out, "w") as f:
+            json.dump({"device": device_name, "torch": torch.__version__, "profiles": profiles}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,316 @@
+"""The throughput flags of issue 25, each path against the plain one or a torch reference: the chunked LM head +
+cross-entropy (loss and gradients vs torch.nn.functional.cross_entropy on the full logits, in float64 and
+float32 and under bf16 autocast), the fused AdamW (vs our AdamW step by step, torch's convention shown to
+differ), the batch prefetcher (exactly the batches of the plain path), --compile-mode / --compile-loss
+wiring, the trainer with every flag on, and the benchmark script's CPU smoke mode."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cs336_basics import chunked_ce
+from cs336_basics.chunked_ce import chunk_loss_and_grad, chunked_linear_cross_entropy
+from cs336_basics.cli import main
+from cs336_basics.cli_support import UserError
+from cs336_basics.data import Prefetcher, batch_at, batch_to_device, host_batch, step_batch_starts
+from cs336_basics.model import TransformerConfig, TransformerLM
+from cs336_basics.nn_utils import cross_entropy
+from cs336_basics.optim import AdamW, FusedAdamW
+from cs336_basics.training import distributed
+from cs336_basics.training.config import TrainConfig
+from cs336_basics.training.metrics import read_jsonl
+from cs336_basics.training.trainer import build_optimizer, loss_function
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _full_reference(hidden, weight, targets):
+    """Loss and gradients of the plain path, by autograd through the full logits."""
+    h = hidden.detach().clone().requires_grad_(True)
+    w = weight.detach().clone().requires_grad_(True)
+    loss = F.cross_entropy((h @ w.T).reshape(-1, w.shape[0]), targets.reshape(-1))
+    loss.backward()
+    return loss.detach(), h.grad, w.grad
+
+
+def _chunked(hidden, weight, targets, chunk, scale=1.0):
+    h = hidden.detach().clone().requires_grad_(True)
+    w = weight.detach().clone().requires_grad_(True)
+    loss = chunked_linear_cross_entropy(h, w, targets, chunk)
+    (loss * scale).backward()
+    return loss.detach(), h.grad, w.grad
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 2e-5)])
+@pytest.mark.parametrize("chunk", [1, 7, 16, 37, 1000])  # 37 tokens: one chunk, uneven tails, one per token
+def test_chunked_ce_equals_torch_cross_entropy_and_its_gradients(dtype, tol, chunk):
+    gen = torch.Generator().manual_seed(chunk)
+    hidden = torch.randn(37, 12, generator=gen, dtype=dtype) * 2
+    weight = torch.randn(50, 12, generator=gen, dtype=dtype)
+    targets = torch.randint(0, 50, (37,), generator=gen)
+    ref_loss, ref_dh, ref_dw = _full_reference(hidden.double(), weight.double(), targets)  # float64 truth
+    loss, dh, dw = _chunked(hidden, weight, targets, chunk)
+    assert loss.dtype == dh.dtype == dw.dtype == dtype
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=tol, atol=tol)
+    torch.testing.assert_close(dh.double(), ref_dh, rtol=tol, atol=tol)
+    torch.testing.assert_close(dw.double(), ref_dw, rtol=tol, atol=tol)
+    # the same as our own cross_entropy on the logits
+    torch.testing.assert_close(loss.float(), cross_entropy(hidden @ weight.T, targets), rtol=1e-5, atol=1e-6)
+
+
+def test_chunked_ce_batched_shape_scaled_gradient_and_no_grad():
+    gen = torch.Generator().manual_seed(3)
+    hidden = torch.randn(3, 11, 8, generator=gen, dtype=torch.float64)
+    weight = torch.randn(20, 8, generator=gen, dtype=torch.float64)
+    targets = torch.randint(0, 20, (3, 11), generator=gen)
+    ref_loss, ref_dh, ref_dw = _full_reference(hidden, weight, targets)
+    loss, dh, dw = _chunked(hidden, weight, targets, chunk=5, scale=2.5)  # d(2.5·loss) = 2.5·d(loss)
+    torch.testing.assert_close(loss, ref_loss)
+    assert dh.shape == hidden.shape
+    torch.testing.assert_close(dh, 2.5 * ref_dh)
+    torch.testing.assert_close(dw, 2.5 * ref_dw)
+    with torch.no_grad():
+        torch.testing.assert_close(chunked_linear_cross_entropy(hidden, weight, targets, 4).double(), ref_loss)
+
+
+def test_chunk_kernel_is_the_softmax_gradient():
+    gen = torch.Generator().manual_seed(4)
+    logits = torch.randn(9, 30, generator=gen, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 30, (9,), generator=gen)
+    F.cross_entropy(logits, targets, reduction="sum").backward()
+    loss, grad = chunk_loss_and_grad(logits.detach(), targets, 0.5)
+    torch.testing.assert_close(loss.double(), F.cross_entropy(logits, targets, reduction="sum").detach())
+    torch.testing.assert_close(grad, 0.5 * logits.grad, rtol=1e-6, atol=1e-7)  # float32 softmax inside
+
+
+def test_chunked_ce_under_bf16_autocast_matches_the_plain_autocast_path():
+    """The LM head in bf16 like the plain path; the hidden states and head weight stay float32."""
+    gen = torch.Generator().manual_seed(5)
+    hidden = torch.randn(64, 32, generator=gen)
+    weight = torch.randn(100, 32, generator=gen) * 0.2
+    targets = torch.randint(0, 100, (64,), generator=gen)
+    results = []
+    for chunked in (False, True):
+        h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = chunked_linear_cross_entropy(h, w, targets, 24) if chunked else cross_entropy(h @ w.T, targets)
+        loss.backward()
+        results.append((loss.detach(), h.grad, w.grad))
+        assert h.grad.dtype == torch.float32 and w.grad.dtype == torch.float32
+    (plain_loss, plain_dh, plain_dw), (loss, dh, dw) = results
+    torch.testing.assert_close(loss, plain_loss, rtol=1e-5, atol=1e-5)  # same bf16 logits, float32 softmax
+    torch.testing.assert_close(dh, plain_dh, rtol=2e-2, atol=1e-4)  # bf16 gradient matmuls on both sides
+    torch.testing.assert_close(dw, plain_dw, rtol=2e-2, atol=1e-4)
+    exact = _full_reference(hidden.double(), weight.double(), targets)[0]
+    assert abs(loss.double() - exact) < 2e-2  # bf16 logits: close to, not equal to, the float64 loss
+
+
+def test_model_return_hidden_gives_the_states_the_lm_head_reads():
+    torch.manual_seed(0)
+    model = TransformerLM(TransformerConfig(vocab_size=40, context_length=12, d_model=16, num_layers=2,
+                                            num_heads=2, d_ff=32))
+    x = torch.randint(0, 40, (2, 12))
+    hidden = model(x, return_hidden=True)
+    assert hidden.shape == (2, 12, 16)
+    torch.testing.assert_close(hidden @ model.lm_head.weight.T, model(x))
+
+
+def _params(seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    shapes = [(6, 5), (5,), (3, 6), (3,), (4,)]
+    return [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
+
+
+def _run(optimizer_class, steps, weight_decay, eps, optimizer=None, params=None, start=0, **kwargs):
+    params = params if params is not None else _params()
+    groups = [{"params": params[:3]}, {"params": params[3:], "lr": 2e-3}]  # second group: its own lr
+    optimizer = optimizer or optimizer_class(groups, lr=1e-2, betas=(0.9, 0.95), eps=eps,
+                                             weight_decay=weight_decay, **kwargs)
+    for t in range(start, start + steps):
+        gen = torch.Generator().manual_seed(100 + t)
+        for i, p in enumerate(params):
+            p.grad = torch.randn(p.shape, generator=gen) * (i + 1)
+        params[-1].grad = None  # never a gradient: never stepped, never decayed
+        if t % 3 == 1:
+            params[1].grad = None  # sometimes none: its step count lags the others'
+        optimizer.step()
+    return params, optimizer
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+@pytest.mark.parametrize("eps", [1e-8, 1e-2])  # a large eps: where the eps conventions differ visibly
+def test_fused_adamw_steps_equal_ours(weight_decay, eps):
+    ours, _ = _run(AdamW, 12, weight_decay, eps)
+    fused, _ = _run(FusedAdamW, 12, weight_decay, eps)
+    initial = _params()
+    for p, q in zip(ours, fused, strict=True):
+        torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-7)
+    assert torch.equal(fused[-1], initial[-1]) and torch.equal(ours[-1], initial[-1])
+    assert not torch.equal(ours[1], initial[1])
+
+
+def test_torch_adamw_convention_differs_from_ours_where_eps_matters():
+    """Why FusedAdamW rescales eps: torch.optim.AdamW(fused=True) as is would not be our update."""
+    ours, _ = _run(AdamW, 12, 0.1, 1e-2)
+    theirs, _ = _run(torch.optim.AdamW, 12, 0.1, 1e-2, fused=True)
+    assert max((p - q).abs().max().item() for p, q in zip(ours, theirs, strict=True)) > 1e-4
+
+
+def test_adamw_implementations_resume_each_other():
+    ours_through, _ = _run(AdamW, 10, 0.1, 1e-2)
+    for first, second in ((AdamW, FusedAdamW), (FusedAdamW, AdamW)):
+        params, optimizer = _run(first, 6, 0.1, 1e-2)
+        saved = optimizer.state_dict()
+        groups = [{"params": params[:3]}, {"params": params[3:]}]
+        resumed = second(groups, lr=1.0, eps=1.0)  # hyperparameters come from the state dict
+        resumed.load_state_dict(saved)
+        params, _ = _run(second, 4, 0.1, 1e-2, optimizer=resumed, params=params, start=6)
+        for p, q in zip(ours_through, params, strict=True):
+            torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-7)
+
+
+def test_build_optimizer_picks_the_implementation():
+    model = torch.nn.Linear(3, 2)
+    assert type(build_optimizer(model, TrainConfig())) is AdamW
+    assert type(build_optimizer(model, TrainConfig(adamw_impl="fused"))) is FusedAdamW
+    with pytest.raises(UserError, match="--adamw-impl"):
+        TrainConfig(adamw_impl="fused", optimizer="muon")
+    with pytest.raises(UserError, match="--parallel none"):
+        TrainConfig(loss_impl="chunked", parallel="ddp")
+    with pytest.raises(UserError, match="--compile-mode"):
+        TrainConfig(compile_mode="fastest")
+
+
+def test_prefetcher_returns_exactly_the_plain_batches_across_a_jump():
+    tokens = np.arange(5_000, dtype=np.uint16) * 7 % 997
+    calls = []
+
+    def build(i):
+        calls.append(i)
+        starts = step_batch_starts(len(tokens), 4, 16, 3, i)
+        return host_batch(tokens, starts, 16, pin=False)
+
+    prefetcher = Prefetcher(build, depth=2)
+    try:
+        for i in [0, 1, 2, 3, 10, 11, 12, 5]:  # 10 and 5: jumps (a resume) rebuild on the spot
+            x, y = batch_to_device(prefetcher.get(i), torch.device("cpu"))
+            px, py = batch_at(tokens, step_batch_starts(len(tokens), 4, 16, 3, i), 16, "cpu")
+            assert torch.equal(x, px) and torch.equal(y, py)
+    finally:
+        prefetcher.close()
+    assert calls[:3] == [0, 1, 2]  # the first call builds on the spot, then the next two are prefetched
+
+
+def test_compile_mode_and_compile_loss_reach_torch_compile(monkeypatch):
+    seen = []
+
+    def fake_compile(fn, **kwargs):
+        seen.append((fn, kwargs))
+        return fn
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    monkeypatch.setattr(chunked_ce, "_compiled_chunk_fn", None)  # built afresh through the fake
+    torch.manual_seed(0)
+    model = TransformerLM(TransformerConfig(vocab_size=30, context_length=8, d_model=16, num_layers=1,
+                                            num_heads=2, d_ff=32))
+    wrapped = distributed.wrap_model(model, "none", torch.device("cpu"), "fp32", True)
+    assert seen[-1] == (model, {})  # the default mode passes no mode: exactly the old call
+    wrapped = distributed.wrap_model(model, "none", torch.device("cpu"), "fp32", True, "reduce-overhead")
+    assert seen[-1] == (model, {"mode": "reduce-overhead"})
+    x, y = torch.randint(0, 30, (2, 8)), torch.randint(0, 30, (2, 8))
+    plain = cross_entropy(model(x), y)
+    config = TrainConfig(compile=True, compile_loss=True, compile_mode="max-autotune-no-cudagraphs")
+    loss_fn = loss_function(model, wrapped, config)
+    assert seen[-1][1] == {"mode": "max-autotune-no-cudagraphs"} and seen[-1][0] is loss_fn
+    torch.testing.assert_close(loss_fn(x, y), plain)
+    chunked = loss_function(model, wrapped, TrainConfig(compile=True, compile_loss=True, loss_impl="chunked",
+                                                        loss_chunk_tokens=5))
+    torch.testing.assert_close(chunked(x, y), plain)  # its per-chunk kernel went through torch.compile too
+    assert any(fn is chunk_loss_and_grad for fn, _ in seen)
+
+
+VOCAB = 64
+TINY = ["--vocab-size", str(VOCAB), "--d-model", "32", "--num-layers", "2", "--num-heads", "4", "--d-ff", "64",
+        "--context-length", "16", "--batch-size", "8", "--device", "cpu", "--no-progress", "--log-interval", "1",
+        "--eval-interval", "100", "--eval-batches", "1", "--warmup-steps", "2", "--lr-max", "3e-3", "--seed", "1",
+        "--max-steps", "6"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tokens")
+    rng = np.random.default_rng(0)
+    ids = (np.cumsum(rng.integers(1, 3, 20_000)) % VOCAB).astype(np.uint16)
+    np.save(root / "train.npy", ids[:16_000])
+    np.save(root / "val.npy", ids[16_000:])
+    return root
+
+
+def _losses(data, out, *extra):
+    assert main(["train", "--train-data", str(data / "train.npy"), "--val-data", str(data / "val.npy"),
+                 "--out-dir", str(out), *TINY, *extra]) == 0
+    return [r["loss"] for r in read_jsonl(str(out / "metrics.jsonl")) if r["split"] == "train"]
+
+
+def test_trainer_flags_keep_the_loss_curve(data, tmp_path, monkeypatch):
+    plain = _losses(data, tmp_path / "plain")
+    assert len(plain) == 6
+    # the same batches in the same order: bit-identical losses
+    assert _losses(data, tmp_path / "prefetch", "--prefetch", "--grad-accum", "1") == plain
+    assert _losses(data, tmp_path / "prefetch-accum", "--prefetch", "--grad-accum", "2") == \
+        _losses(data, tmp_path / "accum", "--grad-accum", "2")
+    calls = {"prefetch": 0, "chunked": 0, "fused": 0}
+
+    def counting(name, fn):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(Prefetcher, "get", counting("prefetch", Prefetcher.get))
+    monkeypatch.setattr(chunked_ce, "chunked_linear_cross_entropy",
+                        counting("chunked", chunked_ce.chunked_linear_cross_entropy))
+    monkeypatch.setattr(FusedAdamW, "step", counting("fused", FusedAdamW.step))
+    # other arithmetic, the same curve up to float32 rounding
+    for flags in (["--loss-impl", "chunked", "--loss-chunk-tokens", "48"], ["--adamw-impl", "fused"],
+                  ["--loss-impl", "chunked", "--adamw-impl", "fused", "--prefetch", "--compile-loss"]):
+        np.testing.assert_allclose(_losses(data, tmp_path / "-".join(flags).strip("-"), *flags), plain,
+                                   rtol=1e-4, err_msg=str(flags))
+    assert calls == {"prefetch": 6, "chunked": 12, "fused": 12}  # each flag's path ran (the last run: all)
+
+
+def test_fused_run_resumes_from_a_checkpoint_of_ours(data, tmp_path):
+    through = _losses(data, tmp_path / "through")
+    _losses(data, tmp_path / "split", "--stop-after-steps", "3")
+    resumed = _losses(data, tmp_path / "split", "--resume", "--adamw-impl", "fused")
+    np.testing.assert_allclose(resumed, through, rtol=1e-4)
+
+
+def test_benchmark_script_smoke_on_cpu(tmp_path):
+    out = tmp_path / "flags.json"
+    profile = tmp_path / "profile.json"
+    env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "train_step_flags.py"), "--tiny", "--device", "cpu",
+                    "--steps", "2", "--windows", "1", "--warmup", "1", "--variants", "baseline,chunked,fused,all",
+                    "--profile", "--profile-out", str(profile), "--out", str(out)],
+                   check=True, env=env, timeout=300, capture_output=True)
+    result = json.loads(out.read_text())
+    rows = {r["variant"]: r for r in result["rows"]}
+    assert set(rows) == {"baseline", "chunked", "fused", "all"}
+    assert all(r["ms_per_step"] > 0 and not r.get("error") for r in rows.values())
+    categories = json.loads(profile.read_text())["profiles"][0]["categories_ms"]
+    assert categories["matmul"] > 0 and "idle_gap" in categories
