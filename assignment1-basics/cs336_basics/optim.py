@@ -159,12 +159,22 @@ def clip_gradients(parameters: Iterable[torch.nn.Parameter], max_l2_norm: float,
     grads = [p.grad for p in parameters if p.grad is not None]
     if not grads:
         return torch.zeros(())
-    total_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
-    scale = torch.where(total_norm > max_l2_norm, max_l2_norm / (total_norm + eps), torch.ones_like(total_norm))
+    # One multi-tensor kernel per (device, dtype) group instead of a norm and a multiply per parameter (a
+    # 12-layer model has ~100 gradients: ~200 small launches a step otherwise).
+    groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
     for g in grads:
-        g.mul_(scale.to(g.dtype))
+        groups.setdefault((g.device, g.dtype), []).append(g)
+    norms = []
+    for (_, dtype), group in groups.items():
+        if dtype in (torch.float32, torch.float64):
+            norms += [n.float() for n in torch._foreach_norm(group)]
+        else:  # low-precision gradients: square and sum in fp32
+            norms += [torch.linalg.vector_norm(g.float()) for g in group]
+    total_norm = torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms]))
+    scale = torch.where(total_norm > max_l2_norm, max_l2_norm / (total_norm + eps), torch.ones_like(total_norm))
+    for (device, dtype), group in groups.items():
+        torch._foreach_mul_(group, scale.to(device=device, dtype=dtype))
     return total_norm
-
 
 
 def __getattr__(name: str):

@@ -87,6 +87,25 @@ def test_gradient_clipping_matches_torch(max_norm):
     assert total == pytest.approx(min(max_norm, expected_norm.item()), rel=1e-4)
 
 
+@pytest.mark.parametrize("max_norm", [1e-2, 1e3])
+def test_gradient_clipping_of_mixed_dtype_gradients_matches_a_float64_recomputation(max_norm):
+    """fp32, bf16 and fp64 gradients together (one multi-tensor group per dtype): the global norm and the
+    scaled gradients equal a float64 recomputation."""
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.zeros(shape, dtype=dtype)) for shape, dtype in
+              [((7, 5), torch.float32), ((3,), torch.bfloat16), ((4, 4), torch.float64), ((9,), torch.float32)]]
+    for p in params:
+        p.grad = torch.randn(p.shape, dtype=torch.float64).to(p.dtype)
+    before = [p.grad.double().clone() for p in params]
+    norm = clip_gradients(params, max_norm)
+    expected = math.sqrt(sum(g.pow(2).sum().item() for g in before))
+    assert norm.item() == pytest.approx(expected, rel=1e-6)
+    scale = min(1.0, max_norm / (expected + 1e-6))
+    for p, g in zip(params, before, strict=True):
+        tol = 1e-2 if p.dtype == torch.bfloat16 else 1e-6
+        torch.testing.assert_close(p.grad.double(), g * scale, rtol=tol, atol=tol * scale)
+
+
 def test_get_batch_windows_are_contiguous_and_cover_every_start():
     data = np.arange(50, dtype=np.uint16)
     torch.manual_seed(0)
