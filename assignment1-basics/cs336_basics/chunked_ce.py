@@ -44,6 +44,21 @@ def compiled_chunk_loss_and_grad() -> Callable:
     return _compiled_chunk_fn
 
 
+def _chunked_loss_only(hidden: Tensor, weight: Tensor, targets: Tensor, chunk_tokens: int,
+                       compute_dtype: torch.dtype) -> Tensor:
+    """The loss alone (evaluation, no_grad): the same per-chunk arithmetic as the training path without the
+    softmax gradient and its two matmuls, which would otherwise be computed and thrown away."""
+    n = hidden.shape[0]
+    w = weight.to(compute_dtype)
+    loss = torch.zeros((), dtype=torch.promote_types(compute_dtype, torch.float32), device=hidden.device)
+    with torch.autocast(hidden.device.type, enabled=False):
+        for start in range(0, n, chunk_tokens):
+            logits = hidden[start:start + chunk_tokens].to(compute_dtype) @ w.T
+            logp = torch.log_softmax(logits, dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32))
+            loss -= logp.gather(-1, targets[start:start + chunk_tokens].unsqueeze(-1)).sum()
+    return loss / n
+
+
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, chunk_tokens: int,
@@ -94,7 +109,9 @@ def chunked_linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor
         compute_dtype = torch.get_autocast_dtype(device_type)
     else:
         compute_dtype = torch.promote_types(hidden.dtype, weight.dtype)
-    chunk_fn = compiled_chunk_loss_and_grad() if compiled else chunk_loss_and_grad
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
+    if not torch.is_grad_enabled() or not (hidden.requires_grad or weight.requires_grad):
+        return _chunked_loss_only(flat_hidden, weight, targets.reshape(-1), chunk_tokens, compute_dtype)
+    chunk_fn = compiled_chunk_loss_and_grad() if compiled else chunk_loss_and_grad
     return _ChunkedLinearCrossEntropy.apply(flat_hidden, weight, targets.reshape(-1), chunk_tokens,
                                             compute_dtype, chunk_fn)

@@ -290,7 +290,7 @@ def test_trainer_flags_keep_the_loss_curve(data, tmp_path, monkeypatch):
                   ["--loss-impl", "chunked", "--adamw-impl", "fused", "--prefetch", "--compile-loss"]):
         np.testing.assert_allclose(_losses(data, tmp_path / "-".join(flags).strip("-"), *flags), plain,
                                    rtol=1e-4, err_msg=str(flags))
-    assert calls == {"prefetch": 6, "chunked": 12, "fused": 12}  # each flag's path ran (the last run: all)
+    assert calls == {"prefetch": 6, "chunked": 14, "fused": 12}  # each path ran (chunked: 6 steps + 1 evaluation)
 
 
 def test_fused_run_resumes_from_a_checkpoint_of_ours(data, tmp_path):

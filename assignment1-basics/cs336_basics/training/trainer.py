@@ -155,11 +155,19 @@ def _resume_state(config: TrainConfig, device: torch.device) -> dict[str, Any]:
 def evaluate(model, tokens, config: TrainConfig, device, precision, dist=None) -> float:
     """Mean loss over a fixed set of validation windows (own generator: the training RNG is untouched). The
     windows are the same at every world size: each rank takes its share of every batch, in micro-batches, and
-    the token-loss sums are all-reduced."""
+    the token-loss sums are all-reduced. Under --loss-impl chunked the loss is computed chunk by chunk like in
+    training (the full logits of a leaderboard batch alone are 2 GB bf16 + 4 GB float32)."""
     import torch
 
+    from cs336_basics import chunked_ce
     from cs336_basics.data import batch_at
     from cs336_basics.nn_utils import cross_entropy
+
+    def loss_of(x, y):
+        if config.loss_impl == "chunked":
+            return chunked_ce.chunked_linear_cross_entropy(model(x, return_hidden=True), model.lm_head.weight, y,
+                                                           config.loss_chunk_tokens)
+        return cross_entropy(model(x), y)
 
     rank, world_size = (dist.rank, dist.world_size) if dist is not None else (0, 1)
     share = config.batch_size // world_size
@@ -175,7 +183,7 @@ def evaluate(model, tokens, config: TrainConfig, device, precision, dist=None) -
             for first in range(0, share, micro):
                 x, y = batch_at(tokens, mine[first:first + micro], config.context_length, device)
                 with _autocast(device, precision):
-                    total += cross_entropy(model(x), y).item() * len(x)
+                    total += loss_of(x, y).item() * len(x)
     model.train()
     if dist is not None and dist.world_size > 1:
         total = dist.all_sum_(torch.tensor(total, dtype=torch.float64, device=dist.device)).item()
