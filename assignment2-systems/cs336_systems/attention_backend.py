@@ -3,8 +3,10 @@ trains with the Triton kernels.
 
 - "cs336-fa2": the Triton forward and backward kernels (CUDA; float32 runs in tf32 on the tensor cores).
 - "cs336-fa2-torch": the tiled PyTorch twin of the same algorithm (any device): slow, for checking on a CPU.
+- "cs336-fa3": the Hopper Gluon forward (issue 24) with the Triton backward; other GPUs and inputs it does
+  not take fall back to the "cs336-fa2" kernels.
 
-`register()` adds both names and loads neither torch nor Triton (cs336_basics checks a backend name before
+`register()` adds the names and loads neither torch nor Triton (cs336_basics checks a backend name before
 torch is imported); the kernels are imported on the first call. cs336_basics calls it through the entry points
 declared in pyproject.toml, or by this module's name where the packages are used from PYTHONPATH.
 Both take equal numbers of query and KV heads and the default scale 1/√head_dim; the registry adapts the rest.
@@ -27,6 +29,13 @@ def fa2_torch(q, k, v, *, causal: bool, scale: float):
     return FlashAttentionPytorch.apply(q, k, v, causal)
 
 
+def fa3_hopper(q, k, v, *, causal: bool, scale: float):
+    from cs336_systems.flash_attention.hopper_impl import FlashAttentionHopper
+
+    return FlashAttentionHopper.apply(q, k, v, causal)
+
+
 def register() -> None:
     register_attention_backend("cs336-fa2", fa2_triton, devices=("cuda",))
     register_attention_backend("cs336-fa2-torch", fa2_torch)
+    register_attention_backend("cs336-fa3", fa3_hopper, devices=("cuda",))

@@ -1,0 +1,179 @@
+"""Compile every Hopper (Gluon) FlashAttention kernel variant for sm_90a without a GPU and report what the
+machine code says about overlap: registers, spills, shared memory, wgmma count in the PTX, the
+`wgmma.wait_group N` immediates (N > 0 means a product is left running under other work), HGMMA and
+WARPGROUP.DEPBAR counts in the SASS.
+
+Needs only Triton 3.6 (the version on the GPU machines; no torch, no GPU):
+
+    python3 -m venv /tmp/tri36 && /tmp/tri36/bin/pip install triton==3.6.0
+    /tmp/tri36/bin/python assignment2-systems/benchmarks/compile_check_hopper.py [--dump DIR] [--json PATH]
+
+The kernel module is loaded by file path so that the cs336_systems package (which imports torch) stays out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon._runtime import GluonASTSource
+
+KERNELS = Path(__file__).resolve().parents[1] / "cs336_systems" / "flash_attention" / "hopper_kernels.py"
+
+
+def load_kernels() -> Any:
+    spec = importlib.util.spec_from_file_location("cs336_hopper_kernels", KERNELS)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # gluon.jit resolves globals through the module
+    spec.loader.exec_module(module)
+    return module
+
+
+def desc_type(dtype: str, block: list[int]) -> str:
+    """Signature string of a Gluon TMA descriptor argument (what the launcher would derive from the host one)."""
+    gl_dtype = {"bf16": gl.bfloat16, "fp16": gl.float16, "fp32": gl.float32}[dtype]
+    layout = gl.NVMMASharedLayout.get_default_for(block, gl_dtype)
+    return f"tensordesc<{dtype}[{', '.join(map(str, block))}],{layout!r}>"
+
+
+def fwd_variant(mod: Any, dtype: str, head_dim: int, causal: bool, block_m: int, block_n: int, stages: int,
+                num_warps: int, p_in_smem: bool = False) -> tuple[Any, dict, dict, dict]:
+    kernel = mod.flash_fwd_hopper_kernel
+    sig = {
+        "q_desc": desc_type(dtype, [block_m, head_dim]),
+        "k_desc": desc_type(dtype, [block_n, head_dim]),
+        "v_desc": desc_type(dtype, [block_n, head_dim]),
+        "o_ptr": f"*{dtype}", "lse_ptr": "*fp32",
+        "N_QUERIES": "i32", "N_KEYS": "i32", "sm_scale": "fp32",
+        "HEAD_DIM": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "STAGES": "constexpr",
+        "IS_CAUSAL": "constexpr", "P_IN_SMEM": "constexpr",
+    }
+    consts = {"HEAD_DIM": head_dim, "BLOCK_M": block_m, "BLOCK_N": block_n, "STAGES": stages, "IS_CAUSAL": causal,
+              "P_IN_SMEM": p_in_smem}
+    attrs = {(kernel.arg_names.index(n), ): [["tt.divisibility", 16]] for n in ("o_ptr", "lse_ptr")}
+    return kernel, sig, consts, attrs
+
+
+def sass_of(cubin: bytes) -> str:
+    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(cubin)
+        path = f.name
+    try:
+        return subprocess.run([str(cuobjdump), "-sass", path], capture_output=True, text=True, check=True).stdout
+    finally:
+        os.unlink(path)
+
+
+def ptxas_report(ptx: str) -> str:
+    """ptxas -v on the PTX (registers, spills, and any 'wgmma ... serialized' warning)."""
+    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    with tempfile.TemporaryDirectory() as d:
+        src = Path(d) / "k.ptx"
+        src.write_text(ptx)
+        out = subprocess.run([str(ptxas), "-v", "-arch=sm_90a", str(src), "-o", str(Path(d) / "k.cubin")],
+                             capture_output=True, text=True)
+        return out.stdout + out.stderr
+
+
+def ex2_under_mma(sass: str) -> int:
+    """MUFU.EX2 issued (in program text order) after a `WARPGROUP.DEPBAR.LE gsb0, 0x1` and before the next
+    wait for zero: exponentials that run while a warpgroup product is still in flight. ptxas may hoist a wait
+    above them (a barrier it must not cross pulls it up), which this count exposes and the PTX does not."""
+    count, open_window = 0, False
+    for line in sass.splitlines():
+        if re.search(r"WARPGROUP\.DEPBAR\.LE gsb0, 0x[1-9]", line):
+            open_window = True
+        elif "WARPGROUP.DEPBAR.LE gsb0, 0x0" in line:
+            open_window = False
+        elif open_window and "MUFU.EX2" in line:
+            count += 1
+    return count
+
+
+def facts(compiled: Any) -> dict[str, Any]:
+    ptx = compiled.asm["ptx"]
+    sass = sass_of(compiled.asm["cubin"])
+    report = ptxas_report(ptx)
+    regs = re.search(r"Used (\d+) registers", report)
+    spill = re.search(r"(\d+) bytes spill stores", report)
+    waits = [int(n) for n in re.findall(r"wgmma\.wait_group\.sync\.aligned\s+(\d+)", ptx)]
+    return {
+        "registers": int(regs.group(1)) if regs else None,
+        "spill_stores_bytes": int(spill.group(1)) if spill else None,
+        "shared_bytes": compiled.metadata.shared,
+        "ptx_wgmma": len(re.findall(r"wgmma\.mma_async", ptx)),
+        "ptx_wait_group": {n: waits.count(n) for n in sorted(set(waits))},
+        "sass_hgmma": len(re.findall(r"\bHGMMA\.", sass)),
+        "sass_depbar": len(re.findall(r"WARPGROUP\.DEPBAR", sass)),
+        "sass_depbar_nonzero": len(re.findall(r"WARPGROUP\.DEPBAR\.LE gsb0, 0x[1-9]", sass)),
+        "sass_ex2_under_mma": ex2_under_mma(sass),
+        "sass_ex2": len(re.findall(r"MUFU\.EX2", sass)),
+        "serialized_warning": "serialized" in report,
+        "ptxas_warnings": [line for line in report.splitlines() if "warning" in line.lower()],
+    }, ptx, sass
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dump", type=Path, help="write each variant's PTX and SASS here")
+    parser.add_argument("--json", type=Path, help="write the facts here")
+    args = parser.parse_args()
+    mod = load_kernels()
+    target = GPUTarget("cuda", 90, 32)
+    results = []
+    print(f"triton {triton.__version__}, target sm_90a")
+    for name, builder, variants in VARIANTS:
+        for v in variants:
+            kernel, sig, consts, attrs = builder(mod, **v)
+            label = f"{name} " + " ".join(f"{k}={val}" for k, val in v.items())
+            try:
+                src = GluonASTSource(kernel, sig, consts, attrs)
+                compiled = triton.compile(src, target=target, options={"num_warps": v["num_warps"]})
+                info, ptx, sass = facts(compiled)
+                info["ok"] = True
+                if args.dump:
+                    args.dump.mkdir(parents=True, exist_ok=True)
+                    stem = re.sub(r"[^A-Za-z0-9_=.-]+", "_", label)
+                    (args.dump / f"{stem}.ptx").write_text(ptx)
+                    (args.dump / f"{stem}.sass").write_text(sass)
+            except Exception as e:  # report and go on: one variant failing must not hide the others
+                info = {"ok": False, "error": f"{type(e).__name__}: {str(e)[-1500:]}"}
+            info["variant"] = label
+            results.append(info)
+            print(json.dumps(info))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+    if not all(r["ok"] for r in results):
+        sys.exit(1)
+
+
+# (head dim, key tile, stages): 3+ stages keep the K/V copies at least one iteration ahead of the products
+FWD_TILES = [(64, 128, 3), (64, 128, 4), (64, 64, 4), (128, 64, 3), (128, 128, 2)]
+FWD_VARIANTS = [
+    {"dtype": dt, "head_dim": d, "causal": c, "block_m": 128, "block_n": bn, "stages": st, "num_warps": 8}
+    for dt in ("bf16", "fp16") for d, bn, st in FWD_TILES for c in (True, False)
+] + [
+    {"dtype": "bf16", "head_dim": d, "causal": c, "block_m": 128, "block_n": bn, "stages": st, "num_warps": 8,
+     "p_in_smem": True}
+    for d, bn, st in ((64, 128, 3), (64, 64, 4), (128, 64, 3)) for c in (True, False)
+] + [
+    {"dtype": "bf16", "head_dim": 64, "causal": True, "block_m": 64, "block_n": 128, "stages": 3, "num_warps": 4},
+]
+
+VARIANTS: list[tuple[str, Any, list[dict]]] = [("fwd", fwd_variant, FWD_VARIANTS)]
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,114 @@
+"""Issue 24 timing: the Hopper Gluon forward (+ our Triton backward) beside our Triton FlashAttention-2, SDPA
+cuDNN and SDPA flash, at the leaderboard shape (batch 1, 16 heads, 16384 tokens, d 64, bf16, causal), in one run.
+
+    PYTHONPATH=assignment1-basics:assignment2-systems python3 assignment2-systems/benchmarks/fa3_leaderboard.py \
+        --out $OUT/fa3_leaderboard.json
+
+First checks the Gluon forward against SDPA at that shape (O and L errors), then times every Gluon config of
+`--configs` forward-only, then fwd / bwd / fwd+bwd of each implementation with do_bench (L2 flushed; the
+backward as torch.autograd.grad on a retained graph). Writes one JSON with every number and the device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+import triton
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.functional import scaled_dot_product_attention as sdpa
+
+from cs336_systems.flash_attention import FlashAttentionTriton, hopper_impl
+from cs336_systems.flash_attention.hopper_impl import FlashAttentionHopper
+
+GLUON_CONFIGS = {64: [(128, 3, True), (128, 4, True), (64, 4, True), (128, 3, False), (128, 4, False), (64, 4, False)],
+                 128: [(64, 3, True), (64, 3, False), (128, 2, True), (128, 2, False)]}
+
+
+def bench(fn, rep_ms: int) -> float:
+    return triton.testing.do_bench(fn, warmup=100, rep=rep_ms)
+
+
+def fwd_bwd_times(attn, q, k, v, do, rep_ms: int) -> dict[str, float]:
+    """Milliseconds of the forward, the backward alone and both, as do_bench measures them."""
+    def fwd():
+        return attn(q, k, v)
+
+    o = fwd()
+
+    def bwd():
+        torch.autograd.grad(o, (q, k, v), do, retain_graph=True)
+
+    def both():
+        torch.autograd.grad(attn(q, k, v), (q, k, v), do)
+
+    return {"fwd_ms": bench(fwd, rep_ms), "bwd_ms": bench(bwd, rep_ms), "fwd_bwd_ms": bench(both, rep_ms)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seq", type=int, default=16384)
+    parser.add_argument("--heads", type=int, default=16)
+    parser.add_argument("--head-dim", type=int, default=64)
+    parser.add_argument("--no-causal", action="store_true")
+    parser.add_argument("--rep-ms", type=int, default=200)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    causal = not args.no_causal
+    dev = torch.device("cuda")
+    result: dict = {"device": torch.cuda.get_device_name(dev), "torch": torch.__version__,
+                    "triton": triton.__version__, "shape": [1, args.heads, args.seq, args.head_dim],
+                    "causal": causal, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    shape = (1, args.heads, args.seq, args.head_dim)
+    q, k, v, do = (torch.randn(shape, generator=gen).to(dev, torch.bfloat16) for _ in range(4))
+    for x in (q, k, v):
+        x.requires_grad_()
+
+    # correctness at this shape first: a fast wrong kernel is worth nothing
+    with torch.no_grad():
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            o_ref = sdpa(q, k, v, is_causal=causal)
+        o_ref32 = o_ref.float()
+        check = {}
+        for cfg in GLUON_CONFIGS[args.head_dim]:
+            o, lse = hopper_impl.hopper_forward(q, k, v, causal, config=cfg)
+            err = ((o.float() - o_ref32).norm() / o_ref32.norm()).item()
+            check[str(cfg)] = {"o_rel_err_vs_cudnn": err, "finite": bool(torch.isfinite(o).all() and
+                                                                          torch.isfinite(lse).all())}
+        result["check"] = check
+        print(json.dumps(check), flush=True)
+
+        # forward-only sweep of the Gluon configs
+        result["gluon_fwd_ms"] = {str(c): bench(lambda c=c: hopper_impl.hopper_forward(q, k, v, causal, config=c),
+                                                args.rep_ms) for c in GLUON_CONFIGS[args.head_dim]}
+        print(json.dumps(result["gluon_fwd_ms"]), flush=True)
+
+    impls = {
+        "cs336-fa3 (gluon fwd + triton bwd)": lambda a, b, c: FlashAttentionHopper.apply(a, b, c, causal),
+        "cs336-fa2 (triton)": lambda a, b, c: FlashAttentionTriton.apply(a, b, c, causal),
+        "sdpa cudnn": lambda a, b, c: _sdpa(SDPBackend.CUDNN_ATTENTION, a, b, c, causal),
+        "sdpa flash": lambda a, b, c: _sdpa(SDPBackend.FLASH_ATTENTION, a, b, c, causal),
+    }
+    result["timings"] = {}
+    for name, attn in impls.items():
+        result["timings"][name] = fwd_bwd_times(attn, q, k, v, do, args.rep_ms)
+        print(name, json.dumps(result["timings"][name]), flush=True)
+    # the cuDNN baseline once more at the end: the clock falls under sustained load (NOTES.md, v7)
+    result["timings"]["sdpa cudnn (again)"] = fwd_bwd_times(impls["sdpa cudnn"], q, k, v, do, args.rep_ms)
+    result["fa3_path"] = hopper_impl.last_path["forward"] or "gluon"
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1))
+    print(json.dumps(result["timings"], indent=1))
+
+
+def _sdpa(backend, q, k, v, causal):
+    with sdpa_kernel(backend):
+        return sdpa(q, k, v, is_causal=causal)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,136 @@
+"""FlashAttention with the Hopper (sm_90) Gluon forward of `hopper_kernels` (issue 24) and our Triton backward.
+
+`FlashAttentionHopper.apply(q, k, v, is_causal)` takes what `FlashAttentionTriton` takes and saves the same
+Q, K, V, O and L, so the existing Triton backward (`triton_impl.flash_backward`) differentiates it until a
+Hopper backward exists. Inputs the Gluon forward does not take fall back, whole, to the portable kernels:
+a GPU other than compute capability 9.x, dtypes other than bf16/fp16, head dims other than 64 and 128, a
+Triton without Gluon; on a CPU the tiled PyTorch twin runs (so that the wiring is testable without a GPU).
+Nothing here imports Gluon until a Hopper launch.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from cs336_systems.flash_attention import pytorch_impl
+from cs336_systems.flash_attention._common import alloc, as_4d, check_qkv
+
+HEAD_DIMS = (64, 128)
+DTYPES = (torch.bfloat16, torch.float16)
+BLOCK_M = 128
+NUM_WARPS = 8
+
+# head dim -> (key tile, stages, P through shared memory); compile facts in NOTES.md ("Hopper path")
+CONFIGS: dict[int, tuple[int, int, bool]] = {64: (128, 3, True), 128: (64, 3, True)}
+_settings: dict[str, Any] = {"enabled": os.environ.get("CS336_FA3", "1") != "0"}
+# why the last call fell back ("" when the Gluon kernel ran): for tests and benchmarks
+last_path: dict[str, str] = {"forward": ""}
+
+
+def set_enabled(enabled: bool) -> None:
+    """Turn the Gluon forward off (everything then takes the fallback) or back on."""
+    _settings["enabled"] = bool(enabled)
+
+
+def unsupported_reason(q: Tensor, k: Tensor, v: Tensor) -> str:
+    """Why the Gluon forward cannot take these inputs ("" if it can)."""
+    if not _settings["enabled"]:
+        return "disabled (CS336_FA3=0 or set_enabled(False))"
+    if q.device.type != "cuda":
+        return f"device {q.device.type}"
+    if torch.cuda.get_device_capability(q.device)[0] != 9:
+        return f"compute capability {torch.cuda.get_device_capability(q.device)} is not Hopper"
+    if q.dtype not in DTYPES:
+        return f"dtype {q.dtype}"
+    if q.shape[-1] not in HEAD_DIMS:
+        return f"head dim {q.shape[-1]}"
+    try:
+        import triton.experimental.gluon  # noqa: F401
+    except ImportError:
+        return "this Triton has no Gluon"
+    return ""
+
+
+def _flat(x: Tensor) -> Tensor:
+    """(b, h, s, d) contiguous, seen as (b·h·s, d) rows for a 2-D descriptor."""
+    return x.contiguous().reshape(-1, x.shape[-1])
+
+
+def _descriptor(x2: Tensor, rows: int) -> Any:
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    gl_dtype = gl.bfloat16 if x2.dtype == torch.bfloat16 else gl.float16
+    block = [rows, x2.shape[-1]]
+    layout = gl.NVMMASharedLayout.get_default_for(block, gl_dtype)
+    return TensorDescriptor(x2, list(x2.shape), list(x2.stride()), block, layout)
+
+
+def hopper_forward(q: Tensor, k: Tensor, v: Tensor, is_causal: bool,
+                   config: tuple[int, int, bool] | None = None) -> tuple[Tensor, Tensor]:
+    """O (q's shape and dtype) and L (q.shape[:-1], float32, natural log) from the Gluon kernel; the caller
+    has checked `unsupported_reason`."""
+    import triton
+
+    from cs336_systems.flash_attention.hopper_kernels import flash_fwd_hopper_kernel
+
+    d = q.shape[-1]
+    block_n, stages, p_in_smem = config or CONFIGS[d]
+    q4, k4, v4 = as_4d(q).contiguous(), as_4d(k).contiguous(), as_4d(v).contiguous()
+    b, h, n_q, _ = q4.shape
+    n_k = k4.shape[2]
+    o4 = alloc((b, h, n_q, d), like=q4)
+    lse = alloc((b, h, n_q), like=q4, dtype=torch.float32)
+    grid = (b * h, triton.cdiv(n_q, BLOCK_M))
+    flash_fwd_hopper_kernel[grid](
+        _descriptor(_flat(q4), BLOCK_M), _descriptor(_flat(k4), block_n), _descriptor(_flat(v4), block_n), o4, lse,
+        n_q, n_k, 1.0 / math.sqrt(d),
+        HEAD_DIM=d, BLOCK_M=BLOCK_M, BLOCK_N=block_n, STAGES=stages, IS_CAUSAL=bool(is_causal),
+        P_IN_SMEM=p_in_smem, num_warps=NUM_WARPS,
+    )
+    if q.ndim == 3:
+        return o4.squeeze(1), lse.squeeze(1)
+    return o4, lse
+
+
+def flash_forward(q: Tensor, k: Tensor, v: Tensor, is_causal: bool) -> tuple[Tensor, Tensor]:
+    """The Gluon forward where it applies, else the portable one (Triton on CUDA, PyTorch elsewhere)."""
+    reason = unsupported_reason(q, k, v)
+    last_path["forward"] = reason
+    if not reason:
+        return hopper_forward(q, k, v, is_causal)
+    if q.device.type == "cuda":
+        from cs336_systems.flash_attention import triton_impl
+
+        return triton_impl.flash_forward(q, k, v, is_causal)
+    return pytorch_impl.flash_forward(q, k, v, is_causal)
+
+
+class FlashAttentionHopper(torch.autograd.Function):
+    """`FlashAttentionHopper.apply(q, k, v, is_causal=False)`: the Gluon forward on Hopper, the Triton backward;
+    off Hopper or for inputs the Gluon kernel does not take, the same portable kernels as FlashAttentionTriton
+    (PyTorch on a CPU). Saves Q, K, V, O and L."""
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, is_causal: bool = False) -> Tensor:
+        check_qkv(q, k, v)
+        o, lse = flash_forward(q, k, v, bool(is_causal))
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.is_causal = bool(is_causal)
+        return o
+
+    @staticmethod
+    def backward(ctx, grad_o: Tensor):
+        q, k, v, o, lse = ctx.saved_tensors
+        if q.device.type == "cuda":
+            from cs336_systems.flash_attention import triton_impl
+
+            dq, dk, dv = triton_impl.flash_backward(q, k, v, o, lse, grad_o, ctx.is_causal)
+        else:
+            dq, dk, dv = pytorch_impl.flash_backward(q, k, v, o, lse, grad_o, ctx.is_causal)
+        return dq, dk, dv, None

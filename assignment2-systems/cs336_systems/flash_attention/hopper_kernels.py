@@ -1,0 +1,234 @@
+"""Hopper (sm_90a) FlashAttention kernels in Triton's Gluon dialect (issue 24), written against Triton 3.6.
+
+Why Gluon: plain Triton follows every warpgroup product (`wgmma`) with `wgmma.wait_group 0`, so the tensor
+cores and the exponentials never overlap (NOTES.md, v5 and v7). Gluon exposes the asynchronous
+`warpgroup_mma` and `warpgroup_mma_wait(num_outstanding=...)`, TMA copies and mbarriers directly, so the
+schedule below is ours and not the compiler's.
+
+Forward schedule per program (one query tile of BLOCK_M rows; with 8 warps the two warpgroups each own 64 rows
+and the warp schedulers interleave them, so one warpgroup's exponentials also run under the other's products):
+
+    S_0 = Q K_0ᵀ; wait; P_0 = softmax part of S_0
+    for j = 1 .. n-1:
+        issue S_j = Q K_jᵀ               (async)
+        issue O += P_{j-1} V_{j-1}        (async)
+        wait until one group is left      (S_j is done, the PV product may still run)
+        softmax of S_j                    (runs under O += P_{j-1} V_{j-1})
+        wait for the PV product; refill the K/V stage it used by TMA; rescale O
+    O += P_{n-1} V_{n-1}; O /= l
+
+P_{j-1}, the A operand of the PV product, lives in shared memory by default (P_IN_SMEM: two buffers, the step
+writes one while the running product reads the other). With P in registers (P_IN_SMEM=False) the PTX has the
+same schedule, but ptxas (Triton 3.6's) allocates P_j into the registers the running product still reads and
+moves `wgmma.wait_group 0` above the exponentials: no MUFU.EX2 runs under a product (NOTES.md, "Hopper path").
+
+K and V tiles arrive through a ring of STAGES shared-memory buffers, each with an mbarrier that the TMA
+signals; the same warps issue the copies, up to STAGES tiles ahead of the products.
+
+Conventions shared with `triton_kernels` (so that its backward can take our O and L): tensors are contiguous
+(batch, heads, seq, d) seen as 2-D (batch·heads·seq, d) by the descriptors; a query tile or key tile that runs
+past its head reads the next head's rows (or TMA zero fill at the end), which the key mask and the masked
+stores make harmless; scores are in base 2 (s₂ = s·log₂e/√d) and L is the natural-log logsumexp, float32,
+(batch, heads, seq); the causal mask is top-left aligned (query i sees keys 0..i).
+"""
+
+from __future__ import annotations
+
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared,
+    mbarrier,
+    tma,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
+
+LN2: gl.constexpr = gl.constexpr(0.6931471805599453)
+P_SMEM_LAYOUT: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+
+
+@gluon.jit
+def _issue_kv(k_desc, v_desc, k_smem, v_smem, bars, tile, kv_row0, n_tiles,
+              BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+    """TMA copies of key tile `tile` (K and V) into ring stage tile % STAGES; nothing past the last tile."""
+    stage = tile % STAGES
+    valid = tile < n_tiles
+    bar = bars.index(stage)
+    mbarrier.expect(bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes, pred=valid)
+    row = kv_row0 + tile * BLOCK_N
+    tma.async_copy_global_to_shared(k_desc, [row, 0], bar, k_smem.index(stage), pred=valid)
+    tma.async_copy_global_to_shared(v_desc, [row, 0], bar, v_smem.index(stage), pred=valid)
+
+
+@gluon.jit
+def _softmax_tile(s, m_i, l_i, start_m, start_n, mask_from, n_keys, qk_scale,
+                  IS_CAUSAL: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                  s_layout: gl.constexpr):
+    """Online-softmax step on raw scores s (fp32, BLOCK_M × BLOCK_N): the new row maxima (raw units), the
+    factor that rescales O and l, the unnormalised probabilities and the new row sums. Only tiles that reach
+    past `mask_from` (the diagonal or the ragged last key tile) pay for the index compares."""
+    if start_n + BLOCK_N > mask_from:
+        offs_n = start_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+        keep = offs_n[None, :] < n_keys
+        if IS_CAUSAL:
+            offs_m = start_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, s_layout))
+            keep = keep & (offs_m[:, None] >= offs_n[None, :])
+        s = gl.where(keep, s, -float("inf"))
+    m_new = gl.maximum(m_i, gl.max(s, axis=1))
+    m_scaled = m_new * qk_scale
+    # one FMA per score: s·scale − m·scale; masked scores stay −inf and give 0
+    p = gl.exp2(s * qk_scale - m_scaled[:, None])
+    alpha = gl.exp2(m_i * qk_scale - m_scaled)
+    l_i = l_i * alpha + gl.sum(p, axis=1)
+    return m_new, alpha, p, l_i
+
+
+@gluon.jit
+def _fwd_step(j, q_smem, k_smem, v_smem, kv_bars, k_desc, v_desc, kv_row0, n_tiles, m_i, l_i, acc, p_op, s_zero,
+              start_m, mask_from, n_keys, qk_scale, p_smem, IS_CAUSAL: gl.constexpr, BLOCK_M: gl.constexpr,
+              BLOCK_N: gl.constexpr, STAGES: gl.constexpr, s_layout: gl.constexpr, p_layout: gl.constexpr,
+              row_o: gl.constexpr, P_IN_SMEM: gl.constexpr, PARITY: gl.constexpr):
+    """Key tile j: S_j = Q K_jᵀ and O += P_{j-1} V_{j-1} issued together, the softmax of S_j under the second."""
+    stage = j % STAGES
+    prev = (j - 1) % STAGES
+    if j >= 2:
+        # the stage of tile j - 2 is free (its products finished in the last step): refill it. Issued here and
+        # not right after that wait, because the CTA barrier before a TMA copy would drag the wait up with it
+        _issue_kv(k_desc, v_desc, k_smem, v_smem, kv_bars, j - 2 + STAGES, kv_row0, n_tiles, BLOCK_N, STAGES)
+    mbarrier.wait(kv_bars.index(stage), (j // STAGES) & 1)
+    s_tok = warpgroup_mma(q_smem, k_smem.index(stage).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+    if P_IN_SMEM:
+        o_tok = warpgroup_mma(p_smem.index(1 - PARITY), v_smem.index(prev), acc, is_async=True)
+    else:
+        o_tok = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
+    # groups retire in order: with one left outstanding, S_j is ready and O += P_{j-1} V_{j-1} may still run
+    s = warpgroup_mma_wait(1, deps=(s_tok, ))
+    m_i, alpha, p, l_i = _softmax_tile(s, m_i, l_i, start_m, j * BLOCK_N, mask_from, n_keys, qk_scale, IS_CAUSAL,
+                                       BLOCK_M, BLOCK_N, s_layout)
+    # P_j is packed before the wait and passed through it, so the value carried to the next step is the wait's
+    # result and not a cast (LLVM would fold a phi of two casts into a cast of an fp32 phi)
+    if P_IN_SMEM:
+        # the other buffer of P; the running product reads this step's `1 - PARITY` one
+        p_smem.index(PARITY).store(p.to(p_smem.dtype))
+        fence_async_shared()
+        acc = warpgroup_mma_wait(0, deps=(o_tok, ))
+        p_next = p_op
+    else:
+        p_next = gl.convert_layout(p.to(p_op.dtype), p_layout)
+        acc, p_next = warpgroup_mma_wait(0, deps=(o_tok, p_next))
+    acc = acc * gl.convert_layout(alpha, row_o)[:, None]
+    return m_i, l_i, acc, p_next
+
+
+@gluon.jit
+def flash_fwd_hopper_kernel(
+    q_desc, k_desc, v_desc, o_ptr, lse_ptr,
+    N_QUERIES, N_KEYS, sm_scale,
+    HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+    IS_CAUSAL: gl.constexpr, P_IN_SMEM: gl.constexpr = False,
+):
+    """One (batch·head, query tile) per program; grid axis 1 runs the longest causal tiles first."""
+    NUM_WARPS: gl.constexpr = gl.num_warps()
+    dtype: gl.constexpr = q_desc.dtype
+    pid_bh = gl.program_id(0)
+    n_m_tiles = gl.cdiv(N_QUERIES, BLOCK_M)
+    if IS_CAUSAL:
+        tile_m = n_m_tiles - 1 - gl.program_id(1)
+    else:
+        tile_m = gl.program_id(1)
+    start_m = tile_m * BLOCK_M
+    q_row0 = pid_bh * N_QUERIES + start_m
+    kv_row0 = pid_bh * N_KEYS
+
+    # one warpgroup per 64 rows: [4, 1] warps per 64 × N atom, stacked along M
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
+                                                       instr_shape=[16, BLOCK_N, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
+                                                       instr_shape=[16, HEAD_DIM, 16])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+    row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+
+    q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_DIM], q_desc.layout)
+    k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
+    v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
+    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    kv_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(q_bar, count=1)
+    for i in gl.static_range(STAGES):
+        mbarrier.init(kv_bars.index(i), count=1)
+
+    if IS_CAUSAL:
+        hi = gl.minimum(N_KEYS, start_m + BLOCK_M)
+        mask_from = gl.minimum(N_KEYS, start_m + 1)
+    else:
+        hi = N_KEYS
+        mask_from = N_KEYS
+    n_tiles = gl.cdiv(hi, BLOCK_N)
+
+    mbarrier.expect(q_bar, q_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(q_desc, [q_row0, 0], q_bar, q_smem)
+    for i in gl.static_range(STAGES):
+        _issue_kv(k_desc, v_desc, k_smem, v_smem, kv_bars, i, kv_row0, n_tiles, BLOCK_N, STAGES)
+
+    qk_scale = sm_scale * 1.4426950408889634
+    m_i = gl.full([BLOCK_M], -1.0e30, gl.float32, layout=row_s)  # finite: exp2(m_old - m_new) never sees -inf - -inf
+    l_i = gl.zeros([BLOCK_M], gl.float32, layout=row_s)
+    s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
+    acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, layout=o_layout)
+
+    # tile 0: its scores alone, nothing to overlap with yet
+    mbarrier.wait(q_bar, 0)
+    mbarrier.wait(kv_bars.index(0), 0)
+    s_tok = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+    s = warpgroup_mma_wait(0, deps=(s_tok, ))
+    m_i, _, p, l_i = _softmax_tile(s, m_i, l_i, start_m, 0, mask_from, N_KEYS, qk_scale, IS_CAUSAL, BLOCK_M,
+                                       BLOCK_N, s_layout)
+    p_op = gl.convert_layout(p.to(dtype), p_layout)
+    if P_IN_SMEM:
+        # P through shared memory (two buffers, alternating by step parity) instead of registers
+        p_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_M, BLOCK_N], P_SMEM_LAYOUT)
+        p_smem.index(0).store(p.to(dtype))
+        fence_async_shared()
+    else:
+        p_smem = q_smem  # unused
+
+    # two steps per trip, so that the P buffer each step writes (PARITY) is a compile-time choice
+    for j in range(1, n_tiles - 1, 2):
+        m_i, l_i, acc, p_op = _fwd_step(j, q_smem, k_smem, v_smem, kv_bars, k_desc, v_desc, kv_row0, n_tiles,
+                                        m_i, l_i, acc, p_op, s_zero, start_m, mask_from, N_KEYS, qk_scale,
+                                        p_smem, IS_CAUSAL, BLOCK_M, BLOCK_N, STAGES, s_layout, p_layout, row_o,
+                                        P_IN_SMEM, 1)
+        m_i, l_i, acc, p_op = _fwd_step(j + 1, q_smem, k_smem, v_smem, kv_bars, k_desc, v_desc, kv_row0, n_tiles,
+                                        m_i, l_i, acc, p_op, s_zero, start_m, mask_from, N_KEYS, qk_scale,
+                                        p_smem, IS_CAUSAL, BLOCK_M, BLOCK_N, STAGES, s_layout, p_layout, row_o,
+                                        P_IN_SMEM, 0)
+    if (n_tiles - 1) % 2 == 1:
+        m_i, l_i, acc, p_op = _fwd_step(n_tiles - 1, q_smem, k_smem, v_smem, kv_bars, k_desc, v_desc, kv_row0,
+                                        n_tiles, m_i, l_i, acc, p_op, s_zero, start_m, mask_from, N_KEYS, qk_scale,
+                                        p_smem, IS_CAUSAL, BLOCK_M, BLOCK_N, STAGES, s_layout, p_layout, row_o,
+                                        P_IN_SMEM, 1)
+
+    last = (n_tiles - 1) % STAGES
+    if P_IN_SMEM:
+        o_tok = warpgroup_mma(p_smem.index((n_tiles - 1) % 2), v_smem.index(last), acc, is_async=True)
+    else:
+        o_tok = warpgroup_mma(p_op, v_smem.index(last), acc, is_async=True)
+    acc = warpgroup_mma_wait(0, deps=(o_tok, ))
+
+    mbarrier.invalidate(q_bar)
+    for i in gl.static_range(STAGES):
+        mbarrier.invalidate(kv_bars.index(i))
+
+    l_o = gl.convert_layout(l_i, row_o)
+    acc = acc / l_o[:, None]
+    # masked stores: the tile's rows past N_QUERIES belong to the next head
+    offs_m = start_m + gl.arange(0, BLOCK_M, layout=row_o)
+    offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
+    row_ok = offs_m < N_QUERIES
+    rows = (pid_bh * N_QUERIES + offs_m).to(gl.int64)
+    o_ptrs = o_ptr + rows[:, None] * HEAD_DIM + offs_d[None, :]
+    gl.store(o_ptrs, acc.to(dtype), mask=row_ok[:, None])
+    lse = (gl.convert_layout(m_i, row_o) * qk_scale + gl.log2(l_o)) * LN2
+    gl.store(lse_ptr + rows, lse, mask=row_ok)

@@ -1,0 +1,130 @@
+"""The Hopper (Gluon) FlashAttention forward of issue 24 against the float64 reference.
+
+On an sm_90 GPU: O, L and the gradients (Triton backward on our O and L) at ragged lengths, causal and not,
+d 64 and 128, bf16 and fp16, with NaN-prefilled outputs so that an unwritten tile fails; and every other input
+falls back to the portable kernels. Without such a GPU the fallback wiring runs on the CPU (PyTorch twin).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cs336_systems.flash_attention import attention_with_lse, hopper_impl, poisoned_outputs
+from cs336_systems.flash_attention.hopper_impl import FlashAttentionHopper
+
+
+def _is_hopper() -> bool:
+    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
+
+
+needs_hopper = pytest.mark.skipif(not _is_hopper(), reason="the Gluon forward needs an sm_90 (Hopper) GPU")
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def _inputs(shape_q, n_k, dtype, device, seed=0):
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    *lead, _, d = shape_q
+
+    def rnd(*s):
+        return torch.randn(*s, generator=gen).to(device=device, dtype=dtype).requires_grad_()
+
+    return rnd(*shape_q), rnd(*lead, n_k, d), rnd(*lead, n_k, d), torch.randn(*shape_q, generator=gen).to(device, dtype)
+
+
+def _check(shape_q, n_k, causal, dtype, device, tol_out, tol_grad, expect_path=""):
+    q, k, v, do = _inputs(shape_q, n_k, dtype, device)
+    with poisoned_outputs():
+        o = FlashAttentionHopper.apply(q, k, v, causal)
+        if expect_path is not None:
+            assert hopper_impl.last_path["forward"] == expect_path
+        lse = [t for t in o.grad_fn.saved_tensors if t.shape == q.shape[:-1]]
+        grads = torch.autograd.grad(o, (q, k, v), do)
+    assert len(lse) == 1
+    q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
+    o_ref, lse_ref = attention_with_lse(q64, k64, v64, causal)
+    grads_ref = torch.autograd.grad(o_ref, (q64, k64, v64), do.double())
+    assert o.dtype == dtype and o.shape == q.shape
+    for name, t in [("O", o), ("L", lse[0]), ("dQ", grads[0]), ("dK", grads[1]), ("dV", grads[2])]:
+        assert torch.isfinite(t).all(), f"{name} has NaN/inf: an unwritten tile or an overflow"
+    assert _rel(o, o_ref) < tol_out, f"O rel err {_rel(o, o_ref):.2e}"
+    assert (lse[0].double() - lse_ref).abs().max().item() < 10 * tol_out, "L differs"
+    for name, g, gr in zip(("dQ", "dK", "dV"), grads, grads_ref, strict=True):
+        assert _rel(g, gr) < tol_grad, f"{name} rel err {_rel(g, gr):.2e}"
+
+
+# ----------------------------------------------------------------------------------------------- Hopper GPU
+
+LENGTHS = [1, 17, 128, 1000, 4097]
+
+
+@needs_hopper
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("n", LENGTHS)
+def test_hopper_forward_and_backward(n, causal, head_dim, dtype):
+    _check((2, 3, n, head_dim), n, causal, dtype, "cuda", 1.5e-2, 3e-2)
+
+
+@needs_hopper
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize(("n_q", "n_k"), [(1000, 17), (17, 1000), (300, 4097), (4097, 129)])
+def test_hopper_unequal_lengths(n_q, n_k, causal):
+    """Queries and keys of different lengths (top-left causal alignment), key tiles that end mid-tile."""
+    _check((1, 2, n_q, 64), n_k, causal, torch.bfloat16, "cuda", 1.5e-2, 3e-2)
+
+
+@needs_hopper
+@pytest.mark.parametrize("config", [(128, 3, False), (128, 4, True), (64, 4, True), (128, 2, True)])
+def test_hopper_other_configs(config, monkeypatch):
+    """The register-P variant and other key tiles / stage counts (d 64), all of which compile_check builds."""
+    monkeypatch.setitem(hopper_impl.CONFIGS, 64, config)
+    for causal in (False, True):
+        _check((1, 2, 1000, 64), 1000, causal, torch.bfloat16, "cuda", 1.5e-2, 3e-2)
+
+
+@needs_hopper
+def test_hopper_three_dim_and_strided_inputs():
+    """(batch, seq, d) inputs, and a non-contiguous (transposed) layout that is copied for the descriptors."""
+    _check((2, 333, 64), 333, True, torch.bfloat16, "cuda", 1.5e-2, 3e-2)
+    q, k, v, _ = _inputs((1, 200, 4, 64), 200, torch.bfloat16, "cuda")
+    qt, kt, vt = (x.detach().transpose(1, 2) for x in (q, k, v))  # (b, h, s, d) views, not contiguous
+    o = FlashAttentionHopper.apply(qt, kt, vt, True)
+    assert hopper_impl.last_path["forward"] == ""
+    o_ref, _ = attention_with_lse(qt.double(), kt.double(), vt.double(), True)
+    assert _rel(o, o_ref) < 1.5e-2
+
+
+@needs_hopper
+@pytest.mark.parametrize(("dtype", "d", "reason"), [(torch.float32, 64, "dtype"), (torch.bfloat16, 32, "head dim"),
+                                                     (torch.bfloat16, 80, "head dim")])
+def test_hopper_falls_back_to_triton(dtype, d, reason):
+    """Inputs the Gluon kernel does not take run the portable Triton kernels (and say so)."""
+    tol = 4e-3 if dtype == torch.float32 else 1.5e-2
+    _check((1, 2, 257, d), 257, True, dtype, "cuda", tol, 2 * tol, expect_path=None)
+    assert hopper_impl.last_path["forward"].startswith(reason)
+
+
+# ---------------------------------------------------------------------------------------------- CPU fallback
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize(("shape_q", "n_k"), [((2, 67, 64), 67), ((1, 2, 130, 128), 45)])
+def test_cpu_falls_back_to_pytorch(shape_q, n_k, causal):
+    """On a CPU the Function runs the PyTorch twin, forward and backward, and matches float64 closely."""
+    _check(shape_q, n_k, causal, torch.float32, "cpu", 1e-5, 1e-5, expect_path="device cpu")
+
+
+def test_disabled_reason():
+    q = torch.zeros(1, 4, 64)
+    hopper_impl.set_enabled(False)
+    try:
+        assert hopper_impl.unsupported_reason(q, q, q).startswith("disabled")
+    finally:
+        hopper_impl.set_enabled(True)
+    assert hopper_impl.unsupported_reason(q, q, q) == "device cpu"
