@@ -485,7 +485,7 @@ def _make_step(model, wrapped, optimizer, scaler, guard: SpikeGuard, config: Tra
     (MoE load, aux loss, skips)."""
     import torch
 
-    from cs336_basics.data import Prefetcher, batch_at, batch_to_device, host_batch, step_batch_starts
+    from cs336_basics.data import Prefetcher, batch_to_device, host_batch, step_batch_starts
     from cs336_basics.optim import clip_gradients
     from cs336_basics.training.distributed import clip_sharded_gradients
 
@@ -497,7 +497,7 @@ def _make_step(model, wrapped, optimizer, scaler, guard: SpikeGuard, config: Tra
     prefetch: dict[str, Any] = {}  # --prefetch: the Prefetcher of the token array being trained on
 
     def host_batches(tokens, index: int) -> list:
-        """This rank's micro-batches of step `index` in (pinned) host memory: the rows batch_at would take."""
+        """This rank's micro-batches of step `index` in (pinned) host memory (what `batch_at` would move)."""
         starts = step_batch_starts(len(tokens), config.batch_size, config.context_length, config.seed, index)
         firsts = [(dist.rank * accum + m) * micro for m in range(accum)]
         return [host_batch(tokens, starts[f:f + micro], config.context_length, pin=device.type == "cuda")
@@ -513,14 +513,10 @@ def _make_step(model, wrapped, optimizer, scaler, guard: SpikeGuard, config: Tra
                 prefetch.update(tokens=tokens, prefetcher=Prefetcher(lambda i: host_batches(tokens, i)))
             batches = prefetch["prefetcher"].get(index)
         else:
-            starts = step_batch_starts(len(tokens), config.batch_size, config.context_length, config.seed, index)
+            batches = host_batches(tokens, index)
         total = None
         for m in range(accum):
-            if config.prefetch:
-                x, y = batch_to_device(batches[m], device)
-            else:
-                first = (dist.rank * accum + m) * micro
-                x, y = batch_at(tokens, starts[first:first + micro], config.context_length, device)
+            x, y = batch_to_device(batches[m], device)
             with wrapped.sync(m == accum - 1):
                 with _autocast(device, precision):
                     loss = loss_of(x, y)
