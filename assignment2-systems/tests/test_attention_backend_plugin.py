@@ -182,3 +182,32 @@ def test_cuda_training_losses_agree_across_backends(tmp_path):
               for name in ("sdpa-flash", "sdpa-cudnn", "cs336-fa2")}
     for name in ("sdpa-cudnn", "cs336-fa2"):
         np.testing.assert_allclose(losses[name], losses["sdpa-flash"], rtol=2e-2, err_msg=name)
+
+
+def test_training_benchmark_script_tiny_run(tmp_path, monkeypatch):
+    """`benchmarks/attention_backend_training.py --tiny` on the CPU: a timing row per (context, backend), and the
+    short runs of the three CPU backends from the same weights on the same batches agree (bf16 autocast: to the
+    rounding of bf16 matmuls, far below the loss's own step-to-step change)."""
+    import importlib.util
+    import json
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "attention_backend_training.py"
+    spec = importlib.util.spec_from_file_location("attention_backend_training", path)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    out = tmp_path / "abt.json"
+    module.main(["--tiny", "--out", str(out)])
+    report = json.loads(out.read_text())
+    backends = ["cs336-fa2-torch", "sdpa-math", "sdpa"]
+    cells = {(row["context"], row["backend"]) for row in report["timing"] if row.get("ms_per_step", 0) > 0}
+    assert cells == {(c, b) for c in (64, 128) for b in backends}
+    (run,) = report["loss_runs"].values()
+    losses = run["losses"]
+    assert set(losses) == set(backends) and all(len(v) == run["steps"] for v in losses.values())
+    reference = torch.tensor(losses["cs336-fa2-torch"])
+    for name in backends[1:]:
+        torch.testing.assert_close(torch.tensor(losses[name]), reference, rtol=2e-3, atol=0)
+    assert "cs336-fa2-torch" in out.with_suffix(".md").read_text()
