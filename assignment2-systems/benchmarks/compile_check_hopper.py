@@ -65,6 +65,26 @@ def fwd_variant(mod: Any, dtype: str, head_dim: int, causal: bool, block_m: int,
     return kernel, sig, consts, attrs
 
 
+def bwd_variant(mod: Any, dtype: str, head_dim: int, causal: bool, block_m: int, block_n: int, stages: int,
+                num_warps: int) -> tuple[Any, dict, dict, dict]:
+    """The Gluon dK/dV kernel (fa3-v2): key tile block_n resident, query tiles of block_m through the ring."""
+    kernel = mod.flash_bwd_dkdv_hopper_kernel
+    sig = {
+        "q_desc": desc_type(dtype, [block_m, head_dim]),
+        "k_desc": desc_type(dtype, [block_n, head_dim]),
+        "v_desc": desc_type(dtype, [block_n, head_dim]),
+        "do_desc": desc_type(dtype, [block_m, head_dim]),
+        "lse_ptr": "*fp32", "delta_ptr": "*fp32", "dk_ptr": f"*{dtype}", "dv_ptr": f"*{dtype}",
+        "N_QUERIES": "i32", "N_KEYS": "i32", "sm_scale": "fp32",
+        "HEAD_DIM": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "STAGES": "constexpr",
+        "IS_CAUSAL": "constexpr",
+    }
+    consts = {"HEAD_DIM": head_dim, "BLOCK_M": block_m, "BLOCK_N": block_n, "STAGES": stages, "IS_CAUSAL": causal}
+    attrs = {(kernel.arg_names.index(n), ): [["tt.divisibility", 16]]
+             for n in ("lse_ptr", "delta_ptr", "dk_ptr", "dv_ptr")}
+    return kernel, sig, consts, attrs
+
+
 def sass_of(cubin: bytes) -> str:
     cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
@@ -102,6 +122,23 @@ def ex2_under_mma(sass: str) -> int:
     return count
 
 
+def alu_under_mma(sass: str) -> int:
+    """FP32 FADD/FMUL/FFMA/FMNMX and MUFU issued after an HGMMA (the products start as their k-steps issue,
+    before the group's `gsb0` commit) and before the next WARPGROUP.DEPBAR of any depth: arithmetic that runs
+    while a product is in flight without a wait in between. The backward's dS^T = P^T ∘ (dP^T − D) should land
+    under the dV product this way (there is no DEPBAR 0x1 around it); exponentials behind a DEPBAR 0x1 are
+    counted by `ex2_under_mma` instead."""
+    count, open_window = 0, False
+    for line in sass.splitlines():
+        if "HGMMA" in line:
+            open_window = True
+        elif "WARPGROUP.DEPBAR" in line:
+            open_window = False
+        elif open_window and re.search(r"\b(FADD|FMUL|FFMA|FMNMX|MUFU)\b", line):
+            count += 1
+    return count
+
+
 def facts(compiled: Any) -> dict[str, Any]:
     ptx = compiled.asm["ptx"]
     sass = sass_of(compiled.asm["cubin"])
@@ -120,6 +157,7 @@ def facts(compiled: Any) -> dict[str, Any]:
         "sass_depbar_nonzero": len(re.findall(r"WARPGROUP\.DEPBAR\.LE gsb0, 0x[1-9]", sass)),
         "sass_ex2_under_mma": ex2_under_mma(sass),
         "sass_ex2": len(re.findall(r"MUFU\.EX2", sass)),
+        "sass_alu_under_mma": alu_under_mma(sass),
         "serialized_warning": "serialized" in report,
         "ptxas_warnings": [line for line in report.splitlines() if "warning" in line.lower()],
     }, ptx, sass
@@ -129,13 +167,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dump", type=Path, help="write each variant's PTX and SASS here")
     parser.add_argument("--json", type=Path, help="write the facts here")
+    parser.add_argument("--only", choices=[name for name, _, _ in VARIANTS], help="one kernel's variants")
+    parser.add_argument("--first", type=int, help="only the first N variants of each kernel (a quick look)")
     args = parser.parse_args()
     mod = load_kernels()
     target = GPUTarget("cuda", 90, 32)
     results = []
     print(f"triton {triton.__version__}, target sm_90a")
     for name, builder, variants in VARIANTS:
-        for v in variants:
+        if args.only and name != args.only:
+            continue
+        for v in variants[:args.first]:
             kernel, sig, consts, attrs = builder(mod, **v)
             label = f"{name} " + " ".join(f"{k}={val}" for k, val in v.items())
             try:
@@ -172,7 +214,16 @@ FWD_VARIANTS = [
     {"dtype": "bf16", "head_dim": 64, "causal": True, "block_m": 64, "block_n": 128, "stages": 3, "num_warps": 4},
 ]
 
-VARIANTS: list[tuple[str, Any, list[dict]]] = [("fwd", fwd_variant, FWD_VARIANTS)]
+# dK/dV (head dim, query tile, key tile, stages, warps): 128 keys = two warpgroups of 64 key rows each
+BWD_TILES = [(64, 64, 128, 2, 8), (64, 64, 128, 3, 8), (128, 64, 128, 2, 8), (128, 32, 128, 2, 8),
+             (128, 32, 128, 3, 8), (64, 128, 128, 2, 8),
+             (128, 64, 64, 2, 4)]
+BWD_VARIANTS = [
+    {"dtype": dt, "head_dim": d, "causal": c, "block_m": bm, "block_n": bn, "stages": st, "num_warps": nw}
+    for dt in ("bf16", "fp16") for d, bm, bn, st, nw in BWD_TILES for c in (True, False)
+]
+
+VARIANTS: list[tuple[str, Any, list[dict]]] = [("fwd", fwd_variant, FWD_VARIANTS), ("bwd", bwd_variant, BWD_VARIANTS)]
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
-"""The Hopper (Gluon) FlashAttention forward of issue 24 against the float64 reference.
+"""The Hopper (Gluon) FlashAttention kernels of issue 24 against the float64 reference.
 
-On an sm_90 GPU: O, L and the gradients (Triton backward on our O and L) at ragged lengths, causal and not,
-d 64 and 128, bf16 and fp16, with NaN-prefilled outputs so that an unwritten tile fails; and every other input
-falls back to the portable kernels. Without such a GPU the fallback wiring runs on the CPU (PyTorch twin).
+On an sm_90 GPU: O, L and the gradients (Triton dQ, Gluon dK/dV on our O and L) at ragged lengths, causal and
+not, d 64 and 128, bf16 and fp16, with NaN-prefilled outputs so that an unwritten tile fails; the backward
+with the Gluon dK/dV kernel switched off is exactly the Triton one; every other input falls back to the
+portable kernels. Without such a GPU the fallback wiring runs on the CPU (PyTorch twin).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ def _is_hopper() -> bool:
     return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
 
 
-needs_hopper = pytest.mark.skipif(not _is_hopper(), reason="the Gluon forward needs an sm_90 (Hopper) GPU")
+needs_hopper = pytest.mark.skipif(not _is_hopper(), reason="the Gluon kernels need an sm_90 (Hopper) GPU")
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -44,6 +45,8 @@ def _check(shape_q, n_k, causal, dtype, device, tol_out, tol_grad, expect_path="
             assert hopper_impl.last_path["forward"] == expect_path
         lse = [t for t in o.grad_fn.saved_tensors if t.shape == q.shape[:-1]]
         grads = torch.autograd.grad(o, (q, k, v), do)
+        if expect_path is not None:
+            assert hopper_impl.last_path["backward"] == expect_path
     assert len(lse) == 1
     q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
     o_ref, lse_ref = attention_with_lse(q64, k64, v64, causal)
@@ -89,6 +92,41 @@ def test_hopper_other_configs(config, monkeypatch):
 
 
 @needs_hopper
+@pytest.mark.parametrize(("head_dim", "config"), [(64, (64, 128, 3)), (128, (32, 128, 3)), (128, (64, 128, 2))])
+def test_hopper_backward_other_configs(head_dim, config, monkeypatch):
+    """Other dK/dV tiles and stage counts that compile_check builds (d 128 with 64-query tiles spills: still
+    correct, only slower)."""
+    monkeypatch.setitem(hopper_impl.BWD_CONFIGS, head_dim, config)
+    for causal in (False, True):
+        _check((1, 2, 1000, head_dim), 1000, causal, torch.bfloat16, "cuda", 1.5e-2, 3e-2)
+
+
+@needs_hopper
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_hopper_backward_switched_off_is_the_triton_backward(head_dim, causal):
+    """With the Gluon dK/dV kernel off, the gradients are exactly those of `triton_impl.flash_backward` on
+    the same saved tensors; with it on they agree to bf16 rounding."""
+    from cs336_systems.flash_attention import triton_impl
+
+    q, k, v, do = _inputs((1, 3, 777, head_dim), 777, torch.bfloat16, "cuda", seed=1)
+    o = FlashAttentionHopper.apply(q, k, v, causal)
+    saved = o.grad_fn.saved_tensors
+    expected = triton_impl.flash_backward(*(t.detach() for t in saved), do, causal)
+    hopper_impl.set_backward_enabled(False)
+    try:
+        off = torch.autograd.grad(o, (q, k, v), do, retain_graph=True)
+        assert hopper_impl.last_path["backward"].startswith("backward disabled")
+    finally:
+        hopper_impl.set_backward_enabled(True)
+    on = torch.autograd.grad(o, (q, k, v), do)
+    assert hopper_impl.last_path["backward"] == ""
+    for name, g_off, g_on, g_exp in zip(("dQ", "dK", "dV"), off, on, expected, strict=True):
+        assert torch.equal(g_off, g_exp), f"{name}: the switched-off backward is not the Triton one"
+        assert _rel(g_on, g_exp) < 1e-2, f"{name}: Gluon and Triton backward differ by {_rel(g_on, g_exp):.2e}"
+
+
+@needs_hopper
 def test_hopper_three_dim_and_strided_inputs():
     """(batch, seq, d) inputs, and a non-contiguous (transposed) layout that is copied for the descriptors."""
     _check((2, 333, 64), 333, True, torch.bfloat16, "cuda", 1.5e-2, 3e-2)
@@ -125,6 +163,26 @@ def test_disabled_reason():
     hopper_impl.set_enabled(False)
     try:
         assert hopper_impl.unsupported_reason(q, q, q).startswith("disabled")
+        assert hopper_impl.backward_unsupported_reason(q, q, q).startswith("disabled")
     finally:
         hopper_impl.set_enabled(True)
     assert hopper_impl.unsupported_reason(q, q, q) == "device cpu"
+    hopper_impl.set_backward_enabled(False)
+    try:
+        assert hopper_impl.backward_unsupported_reason(q, q, q).startswith("backward disabled")
+        assert hopper_impl.unsupported_reason(q, q, q) == "device cpu"  # the forward keeps its own switch
+    finally:
+        hopper_impl.set_backward_enabled(True)
+    assert hopper_impl.backward_unsupported_reason(q, q, q) == "device cpu"
+
+
+@pytest.mark.parametrize("backward_on", [True, False])
+def test_cpu_backward_switch_falls_back_to_pytorch(backward_on):
+    """Either setting of the dK/dV switch gives the PyTorch backward on a CPU, and says why."""
+    hopper_impl.set_backward_enabled(backward_on)
+    try:
+        _check((1, 2, 50, 64), 50, True, torch.float32, "cpu", 1e-5, 1e-5, expect_path=None)
+        expected = "device cpu" if backward_on else "backward disabled"
+        assert hopper_impl.last_path["backward"].startswith(expected)
+    finally:
+        hopper_impl.set_backward_enabled(True)

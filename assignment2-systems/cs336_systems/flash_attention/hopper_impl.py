@@ -1,8 +1,9 @@
-"""FlashAttention with the Hopper (sm_90) Gluon forward of `hopper_kernels` (issue 24) and our Triton backward.
+"""FlashAttention with the Hopper (sm_90) Gluon kernels of `hopper_kernels` (issue 24).
 
 `FlashAttentionHopper.apply(q, k, v, is_causal)` takes what `FlashAttentionTriton` takes and saves the same
-Q, K, V, O and L, so the existing Triton backward (`triton_impl.flash_backward`) differentiates it until a
-Hopper backward exists. Inputs the Gluon forward does not take fall back, whole, to the portable kernels:
+Q, K, V, O and L. Backward: the Triton dQ kernel (which also writes D = rowsum(dO ∘ O)) then the Gluon dK/dV
+kernel (fa3-v2; CS336_FA3_BWD=0 or `set_backward_enabled(False)` gives the whole Triton backward,
+`triton_impl.flash_backward`, instead). Inputs the Gluon kernels do not take fall back, whole, to the portable kernels:
 a GPU other than compute capability 9.x, dtypes other than bf16/fp16, head dims other than 64 and 128, a
 Triton without Gluon; on a CPU the tiled PyTorch twin runs (so that the wiring is testable without a GPU).
 Nothing here imports Gluon until a Hopper launch.
@@ -27,14 +28,31 @@ NUM_WARPS = 8
 
 # head dim -> (key tile, stages, P through shared memory); compile facts in NOTES.md ("Hopper path")
 CONFIGS: dict[int, tuple[int, int, bool]] = {64: (128, 3, True), 128: (64, 3, True)}
-_settings: dict[str, Any] = {"enabled": os.environ.get("CS336_FA3", "1") != "0"}
+# head dim -> (query tile, key tile, stages) of the dK/dV kernel, 8 warps; d 128 takes 32-query tiles because
+# 64 spill (compile facts in NOTES.md, "fa3-v2")
+BWD_CONFIGS: dict[int, tuple[int, int, int]] = {64: (64, 128, 2), 128: (32, 128, 2)}
+_settings: dict[str, Any] = {"enabled": os.environ.get("CS336_FA3", "1") != "0",
+                             "backward": os.environ.get("CS336_FA3_BWD", "1") != "0"}
 # why the last call fell back ("" when the Gluon kernel ran): for tests and benchmarks
-last_path: dict[str, str] = {"forward": ""}
+last_path: dict[str, str] = {"forward": "", "backward": ""}
 
 
 def set_enabled(enabled: bool) -> None:
     """Turn the Gluon forward off (everything then takes the fallback) or back on."""
     _settings["enabled"] = bool(enabled)
+
+
+def set_backward_enabled(enabled: bool) -> None:
+    """Turn the Gluon dK/dV kernel off (the backward is then the Triton one) or back on."""
+    _settings["backward"] = bool(enabled)
+
+
+def backward_unsupported_reason(q: Tensor, k: Tensor, v: Tensor) -> str:
+    """Why the Gluon dK/dV kernel cannot take these inputs ("" if it can): its own switch, then the forward's
+    conditions (device, dtype, head dim, Gluon)."""
+    if not _settings["backward"]:
+        return "backward disabled (CS336_FA3_BWD=0 or set_backward_enabled(False))"
+    return unsupported_reason(q, k, v)
 
 
 def unsupported_reason(q: Tensor, k: Tensor, v: Tensor) -> str:
@@ -98,6 +116,48 @@ def hopper_forward(q: Tensor, k: Tensor, v: Tensor, is_causal: bool,
     return o4, lse
 
 
+def hopper_backward(q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, grad_o: Tensor, is_causal: bool,
+                    config: tuple[int, int, int] | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """dQ (Triton kernel, which also writes D) and dK, dV (Gluon kernel); the caller has checked
+    `backward_unsupported_reason`."""
+    import triton
+
+    from cs336_systems.flash_attention import triton_impl
+    from cs336_systems.flash_attention.hopper_kernels import flash_bwd_dkdv_hopper_kernel
+
+    d = q.shape[-1]
+    block_m, block_n, stages = config or BWD_CONFIGS[d]
+    t = triton_impl.BackwardTensors(*(as_4d(x).contiguous() for x in (q, k, v, o, grad_o)), lse, d)
+    if triton_impl._settings["descriptors"] and triton_impl._ready_for_descriptors(t):
+        triton_impl.launch_dq_desc(t, is_causal)
+    else:
+        triton_impl.launch_dq(t, is_causal)
+    grid = (t.b * t.h, triton.cdiv(t.n_k, block_n))
+    flash_bwd_dkdv_hopper_kernel[grid](
+        _descriptor(_flat(t.q), block_m), _descriptor(_flat(t.k), block_n), _descriptor(_flat(t.v), block_n),
+        _descriptor(_flat(t.do), block_m), t.lse, t.delta, t.dk, t.dv,
+        t.n_q, t.n_k, t.sm_scale,
+        HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, IS_CAUSAL=bool(is_causal),
+        num_warps=NUM_WARPS,
+    )
+    grads = [g.squeeze(1) if like.ndim == 3 else g for g, like in ((t.dq, q), (t.dk, k), (t.dv, v))]
+    return grads[0], grads[1], grads[2]
+
+
+def flash_backward(q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, grad_o: Tensor,
+                   is_causal: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """The Gluon dK/dV backward where it applies, else the portable one (Triton on CUDA, PyTorch elsewhere)."""
+    reason = backward_unsupported_reason(q, k, v)
+    last_path["backward"] = reason
+    if not reason:
+        return hopper_backward(q, k, v, o, lse, grad_o, is_causal)
+    if q.device.type == "cuda":
+        from cs336_systems.flash_attention import triton_impl
+
+        return triton_impl.flash_backward(q, k, v, o, lse, grad_o, is_causal)
+    return pytorch_impl.flash_backward(q, k, v, o, lse, grad_o, is_causal)
+
+
 def flash_forward(q: Tensor, k: Tensor, v: Tensor, is_causal: bool) -> tuple[Tensor, Tensor]:
     """The Gluon forward where it applies, else the portable one (Triton on CUDA, PyTorch elsewhere)."""
     reason = unsupported_reason(q, k, v)
@@ -112,7 +172,8 @@ def flash_forward(q: Tensor, k: Tensor, v: Tensor, is_causal: bool) -> tuple[Ten
 
 
 class FlashAttentionHopper(torch.autograd.Function):
-    """`FlashAttentionHopper.apply(q, k, v, is_causal=False)`: the Gluon forward on Hopper, the Triton backward;
+    """`FlashAttentionHopper.apply(q, k, v, is_causal=False)`: the Gluon forward and dK/dV kernels on Hopper (dQ
+    from the Triton kernel);
     off Hopper or for inputs the Gluon kernel does not take, the same portable kernels as FlashAttentionTriton
     (PyTorch on a CPU). Saves Q, K, V, O and L."""
 
@@ -127,10 +188,5 @@ class FlashAttentionHopper(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_o: Tensor):
         q, k, v, o, lse = ctx.saved_tensors
-        if q.device.type == "cuda":
-            from cs336_systems.flash_attention import triton_impl
-
-            dq, dk, dv = triton_impl.flash_backward(q, k, v, o, lse, grad_o, ctx.is_causal)
-        else:
-            dq, dk, dv = pytorch_impl.flash_backward(q, k, v, o, lse, grad_o, ctx.is_causal)
+        dq, dk, dv = flash_backward(q, k, v, o, lse, grad_o, ctx.is_causal)
         return dq, dk, dv, None

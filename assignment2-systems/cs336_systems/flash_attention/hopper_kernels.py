@@ -45,6 +45,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 
 LN2: gl.constexpr = gl.constexpr(0.6931471805599453)
+LOG2E: gl.constexpr = gl.constexpr(1.4426950408889634)
 P_SMEM_LAYOUT: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
 
 
@@ -232,3 +233,152 @@ def flash_fwd_hopper_kernel(
     gl.store(o_ptrs, acc.to(dtype), mask=row_ok[:, None])
     lse = (gl.convert_layout(m_i, row_o) * qk_scale + gl.log2(l_o)) * LN2
     gl.store(lse_ptr + rows, lse, mask=row_ok)
+
+
+# ---------------------------------------------------------------------------------------------- backward
+#
+# dK/dV per key tile (fa3-v2). One program owns BLOCK_N keys (K, V resident in shared memory, one warpgroup
+# per 64 key rows) and walks the query tiles that see them; Q and dO tiles arrive by TMA through a ring of
+# STAGES buffers. Everything is computed transposed (keys × queries), so P^T and dS^T are the A operands of
+# dV += P^T dO and dK += dS^T Q with no transpose:
+#
+#     issue S^T = K Q^T, issue dP^T = V dO^T      (async, two groups)
+#     wait(1): S^T ready, dP^T may still run      -> P^T = exp2(S^T·scale − L₂) under the dP^T product
+#     P^T to shared memory; wait(0)                -> dP^T
+#     issue dV += P^T dO                           (async)
+#     dS^T = P^T ∘ (dP^T − D) under the dV product; dS^T to shared memory
+#     issue dK += dS^T Q; wait(0); refill the ring stage
+#
+# P^T and dS^T go through shared memory (the forward's lesson: as register A operands ptxas reuses the running
+# product's registers and serialises the wait). dQ is not computed here: the Triton dQ kernel runs first and
+# also writes D = rowsum(dO ∘ O).
+
+
+@gluon.jit
+def _issue_q(q_desc, do_desc, q_smem, do_smem, bars, tile, q_row0, n_tiles,
+             BLOCK_M: gl.constexpr, STAGES: gl.constexpr):
+    """TMA copies of query tile `tile` (Q and dO) into ring stage tile % STAGES; nothing past the last tile."""
+    stage = tile % STAGES
+    valid = tile < n_tiles
+    bar = bars.index(stage)
+    mbarrier.expect(bar, q_desc.block_type.nbytes + do_desc.block_type.nbytes, pred=valid)
+    row = q_row0 + tile * BLOCK_M
+    tma.async_copy_global_to_shared(q_desc, [row, 0], bar, q_smem.index(stage), pred=valid)
+    tma.async_copy_global_to_shared(do_desc, [row, 0], bar, do_smem.index(stage), pred=valid)
+
+
+@gluon.jit
+def _bwd_step(j, k_smem, v_smem, q_smem, do_smem, p_smem, ds_smem, bars, q_desc, do_desc, q_row0, n_tiles,
+              lo, mask_until, offs_n, dk, dv, s_zero, lse_ptr, delta_ptr, row_base, N_QUERIES, qk_scale,
+              IS_CAUSAL: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr, s_layout: gl.constexpr):
+    """Query tile j of this key tile: the exponentials run under the dP^T product, dS^T under the dV one."""
+    stage = j % STAGES
+    start_m = lo + j * BLOCK_M
+    offs_m = start_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, s_layout))
+    row_ok = offs_m < N_QUERIES
+    # rows past N_QUERIES (the next head's, or TMA zero fill) get L₂ = +inf, hence P = 0 and dS = 0
+    l2 = gl.load(lse_ptr + row_base + offs_m, mask=row_ok, other=float("inf")) * LOG2E
+    delta = gl.load(delta_ptr + row_base + offs_m, mask=row_ok, other=0.0)
+    q_s = q_smem.index(stage)
+    do_s = do_smem.index(stage)
+    mbarrier.wait(bars.index(stage), (j // STAGES) & 1)
+    s_tok = warpgroup_mma(k_smem, q_s.permute((1, 0)), s_zero, use_acc=False, is_async=True)
+    dp_tok = warpgroup_mma(v_smem, do_s.permute((1, 0)), s_zero, use_acc=False, is_async=True)
+    s = warpgroup_mma_wait(1, deps=(s_tok, ))
+    # two ifs, not `and`: the outer one is resolved at compile time, the inner one at run time
+    if IS_CAUSAL:  # noqa: SIM102
+        if start_m < mask_until:  # the diagonal band only: query i sees keys 0..i
+            s = gl.where(offs_m[None, :] >= offs_n[:, None], s, -float("inf"))
+    p = gl.exp2(s * qk_scale - l2[None, :])
+    p_smem.store(p.to(p_smem.dtype))
+    fence_async_shared()
+    dp = warpgroup_mma_wait(0, deps=(dp_tok, ))
+    dv_tok = warpgroup_mma(p_smem, do_s, dv, is_async=True)
+    ds = p * (dp - delta[None, :])
+    ds_smem.store(ds.to(ds_smem.dtype))
+    fence_async_shared()
+    dk_tok = warpgroup_mma(ds_smem, q_s, dk, is_async=True)
+    dv, dk = warpgroup_mma_wait(0, deps=(dv_tok, dk_tok))
+    # every product that read this stage has finished: refill it with tile j + STAGES
+    _issue_q(q_desc, do_desc, q_smem, do_smem, bars, j + STAGES, q_row0, n_tiles, BLOCK_M, STAGES)
+    return dk, dv
+
+
+@gluon.jit
+def flash_bwd_dkdv_hopper_kernel(
+    q_desc, k_desc, v_desc, do_desc, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
+    N_QUERIES, N_KEYS, sm_scale,
+    HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+    IS_CAUSAL: gl.constexpr,
+):
+    """dK, dV of one (batch·head, key tile) per program, grid (batch·heads, cdiv(N_KEYS, BLOCK_N)); under a
+    causal mask the low key tiles see the most queries, and they launch first.
+
+    lse_ptr: L (natural log, float32, (batch·heads, N_QUERIES)); delta_ptr: D = rowsum(dO ∘ O), same shape.
+    dk_ptr, dv_ptr: contiguous (batch·heads, N_KEYS, HEAD_DIM) in the inputs' dtype."""
+    NUM_WARPS: gl.constexpr = gl.num_warps()
+    dtype: gl.constexpr = q_desc.dtype
+    pid_bh = gl.program_id(0)
+    start_n = gl.program_id(1) * BLOCK_N
+    kv_row0 = pid_bh * N_KEYS + start_n
+    row_base = pid_bh.to(gl.int64) * N_QUERIES
+
+    # one warpgroup per 64 key rows
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
+                                                       instr_shape=[16, BLOCK_M, 16])
+    acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
+                                                         instr_shape=[16, HEAD_DIM, 16])
+
+    k_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, HEAD_DIM], k_desc.layout)
+    v_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, HEAD_DIM], v_desc.layout)
+    q_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_DIM], q_desc.layout)
+    do_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_DIM], do_desc.layout)
+    # rows of P^T, dS^T are BLOCK_M 2-byte values: the swizzle may not span more than a row
+    PS_SWIZZLE: gl.constexpr = 128 if BLOCK_M >= 64 else 2 * BLOCK_M
+    ps_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=PS_SWIZZLE, element_bitwidth=16, rank=2)
+    p_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, BLOCK_M], ps_layout)
+    ds_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, BLOCK_M], ps_layout)
+    kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(kv_bar, count=1)
+    for i in gl.static_range(STAGES):
+        mbarrier.init(bars.index(i), count=1)
+
+    if IS_CAUSAL:
+        lo = start_n  # queries before the tile's first key see none of it (BLOCK_N is a multiple of BLOCK_M)
+        mask_until = start_n + BLOCK_N
+    else:
+        lo = 0
+        mask_until = 0
+    n_tiles = gl.cdiv(gl.maximum(N_QUERIES - lo, 0), BLOCK_M)
+    q_row0 = pid_bh * N_QUERIES + lo
+
+    mbarrier.expect(kv_bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(k_desc, [kv_row0, 0], kv_bar, k_smem)
+    tma.async_copy_global_to_shared(v_desc, [kv_row0, 0], kv_bar, v_smem)
+    for i in gl.static_range(STAGES):
+        _issue_q(q_desc, do_desc, q_smem, do_smem, bars, i, q_row0, n_tiles, BLOCK_M, STAGES)
+
+    qk_scale = sm_scale * 1.4426950408889634
+    offs_n = start_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, s_layout))
+    s_zero = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=s_layout)
+    dk = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, layout=acc_layout)
+    dv = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, layout=acc_layout)
+    mbarrier.wait(kv_bar, 0)
+    for j in range(0, n_tiles):
+        dk, dv = _bwd_step(j, k_smem, v_smem, q_smem, do_smem, p_smem, ds_smem, bars, q_desc, do_desc, q_row0,
+                           n_tiles, lo, mask_until, offs_n, dk, dv, s_zero, lse_ptr, delta_ptr, row_base,
+                           N_QUERIES, qk_scale, IS_CAUSAL, BLOCK_M, STAGES, s_layout)
+
+    mbarrier.invalidate(kv_bar)
+    for i in gl.static_range(STAGES):
+        mbarrier.invalidate(bars.index(i))
+
+    # masked stores: key rows past N_KEYS belong to the next head
+    offs_k = start_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, acc_layout))
+    offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, acc_layout))
+    key_ok = (offs_k < N_KEYS)[:, None]
+    rows = (pid_bh * N_KEYS + offs_k).to(gl.int64)
+    ptr_off = rows[:, None] * HEAD_DIM + offs_d[None, :]
+    gl.store(dk_ptr + ptr_off, (dk * sm_scale).to(dtype), mask=key_ok)
+    gl.store(dv_ptr + ptr_off, dv.to(dtype), mask=key_ok)
