@@ -1,12 +1,15 @@
-"""Issue 24 timing: the Hopper Gluon forward (+ our Triton backward) beside our Triton FlashAttention-2, SDPA
-cuDNN and SDPA flash, at the leaderboard shape (batch 1, 16 heads, 16384 tokens, d 64, bf16, causal), in one run.
+"""Issue 24 timing at the leaderboard shape (batch 1, 16 heads, 16384 tokens, d 64, bf16, causal), in one run.
+
+The Hopper Gluon forward with the Gluon dK/dV backward and with our Triton backward, beside our Triton
+FlashAttention-2, SDPA cuDNN and SDPA flash:
 
     PYTHONPATH=assignment1-basics:assignment2-systems python3 assignment2-systems/benchmarks/fa3_leaderboard.py \
         --out $OUT/fa3_leaderboard.json
 
-First checks the Gluon forward against SDPA at that shape (O and L errors), then times every Gluon config of
-`--configs` forward-only, then fwd / bwd / fwd+bwd of each implementation with do_bench (L2 flushed; the
-backward as torch.autograd.grad on a retained graph). Writes one JSON with every number and the device.
+First checks the Gluon forward against SDPA at that shape (O and L errors) and the Gluon backward's gradients
+against cuDNN's, then times every Gluon config forward-only, then fwd / bwd / fwd+bwd of each implementation
+with do_bench (L2 flushed; the backward as torch.autograd.grad on a retained graph). Writes one JSON with every
+number, the backward path each fa3 row took, and the device.
 """
 
 from __future__ import annotations
@@ -87,18 +90,37 @@ def main() -> None:
                                                 args.rep_ms) for c in GLUON_CONFIGS[args.head_dim]}
         print(json.dumps(result["gluon_fwd_ms"]), flush=True)
 
+    # the Gluon dK/dV backward's gradients at this shape against cuDNN's, before any timing
+    def grads(attn):
+        return torch.autograd.grad(attn(q, k, v), (q, k, v), do)
+
+    fa3 = lambda a, b, c: FlashAttentionHopper.apply(a, b, c, causal)
+    ref = grads(lambda a, b, c: _sdpa(SDPBackend.CUDNN_ATTENTION, a, b, c, causal))
+    ours = grads(fa3)
+    result["bwd_check"] = {"path": hopper_impl.last_path["backward"] or "gluon dK/dV",
+                           **{f"{n}_rel_err_vs_cudnn": ((g.float() - r.float()).norm() / r.float().norm()).item()
+                              for n, g, r in zip(("dq", "dk", "dv"), ours, ref, strict=True)}}
+    print(json.dumps(result["bwd_check"]), flush=True)
+
+    # name -> (attention, Gluon dK/dV backward on?); the switch is read when the backward runs
     impls = {
-        "cs336-fa3 (gluon fwd + triton bwd)": lambda a, b, c: FlashAttentionHopper.apply(a, b, c, causal),
-        "cs336-fa2 (triton)": lambda a, b, c: FlashAttentionTriton.apply(a, b, c, causal),
-        "sdpa cudnn": lambda a, b, c: _sdpa(SDPBackend.CUDNN_ATTENTION, a, b, c, causal),
-        "sdpa flash": lambda a, b, c: _sdpa(SDPBackend.FLASH_ATTENTION, a, b, c, causal),
+        "cs336-fa3 (gluon fwd + gluon dK/dV)": (fa3, True),
+        "cs336-fa3 (gluon fwd + triton bwd)": (fa3, False),
+        "cs336-fa2 (triton)": (lambda a, b, c: FlashAttentionTriton.apply(a, b, c, causal), None),
+        "sdpa cudnn": (lambda a, b, c: _sdpa(SDPBackend.CUDNN_ATTENTION, a, b, c, causal), None),
+        "sdpa flash": (lambda a, b, c: _sdpa(SDPBackend.FLASH_ATTENTION, a, b, c, causal), None),
     }
-    result["timings"] = {}
-    for name, attn in impls.items():
+    result["timings"], result["backward_paths"] = {}, {}
+    for name, (attn, gluon_bwd) in impls.items():
+        if gluon_bwd is not None:
+            hopper_impl.set_backward_enabled(gluon_bwd)
         result["timings"][name] = fwd_bwd_times(attn, q, k, v, do, args.rep_ms)
+        if gluon_bwd is not None:
+            result["backward_paths"][name] = hopper_impl.last_path["backward"] or "gluon dK/dV"
         print(name, json.dumps(result["timings"][name]), flush=True)
+    hopper_impl.set_backward_enabled(True)
     # the cuDNN baseline once more at the end: the clock falls under sustained load (NOTES.md, v7)
-    result["timings"]["sdpa cudnn (again)"] = fwd_bwd_times(impls["sdpa cudnn"], q, k, v, do, args.rep_ms)
+    result["timings"]["sdpa cudnn (again)"] = fwd_bwd_times(impls["sdpa cudnn"][0], q, k, v, do, args.rep_ms)
     result["fa3_path"] = hopper_impl.last_path["forward"] or "gluon"
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
