@@ -50,16 +50,17 @@ P_SMEM_LAYOUT: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, eleme
 
 
 @gluon.jit
-def _issue_kv(k_desc, v_desc, k_smem, v_smem, bars, tile, kv_row0, n_tiles,
-              BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
-    """TMA copies of key tile `tile` (K and V) into ring stage tile % STAGES; nothing past the last tile."""
+def _issue_pair(a_desc, b_desc, a_smem, b_smem, bars, tile, row0, n_tiles,
+                BLOCK: gl.constexpr, STAGES: gl.constexpr):
+    """TMA copies of tile `tile` of two row-aligned tensors (K and V in the forward, Q and dO in the backward)
+    into ring stage tile % STAGES, both on that stage's barrier; nothing past the last tile."""
     stage = tile % STAGES
     valid = tile < n_tiles
     bar = bars.index(stage)
-    mbarrier.expect(bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes, pred=valid)
-    row = kv_row0 + tile * BLOCK_N
-    tma.async_copy_global_to_shared(k_desc, [row, 0], bar, k_smem.index(stage), pred=valid)
-    tma.async_copy_global_to_shared(v_desc, [row, 0], bar, v_smem.index(stage), pred=valid)
+    mbarrier.expect(bar, a_desc.block_type.nbytes + b_desc.block_type.nbytes, pred=valid)
+    row = row0 + tile * BLOCK
+    tma.async_copy_global_to_shared(a_desc, [row, 0], bar, a_smem.index(stage), pred=valid)
+    tma.async_copy_global_to_shared(b_desc, [row, 0], bar, b_smem.index(stage), pred=valid)
 
 
 @gluon.jit
@@ -96,7 +97,7 @@ def _fwd_step(j, q_smem, k_smem, v_smem, kv_bars, k_desc, v_desc, kv_row0, n_til
     if j >= 2:
         # the stage of tile j - 2 is free (its products finished in the last step): refill it. Issued here and
         # not right after that wait, because the CTA barrier before a TMA copy would drag the wait up with it
-        _issue_kv(k_desc, v_desc, k_smem, v_smem, kv_bars, j - 2 + STAGES, kv_row0, n_tiles, BLOCK_N, STAGES)
+        _issue_pair(k_desc, v_desc, k_smem, v_smem, kv_bars, j - 2 + STAGES, kv_row0, n_tiles, BLOCK_N, STAGES)
     mbarrier.wait(kv_bars.index(stage), (j // STAGES) & 1)
     s_tok = warpgroup_mma(q_smem, k_smem.index(stage).permute((1, 0)), s_zero, use_acc=False, is_async=True)
     if P_IN_SMEM:
@@ -171,7 +172,7 @@ def flash_fwd_hopper_kernel(
     mbarrier.expect(q_bar, q_desc.block_type.nbytes)
     tma.async_copy_global_to_shared(q_desc, [q_row0, 0], q_bar, q_smem)
     for i in gl.static_range(STAGES):
-        _issue_kv(k_desc, v_desc, k_smem, v_smem, kv_bars, i, kv_row0, n_tiles, BLOCK_N, STAGES)
+        _issue_pair(k_desc, v_desc, k_smem, v_smem, kv_bars, i, kv_row0, n_tiles, BLOCK_N, STAGES)
 
     qk_scale = sm_scale * 1.4426950408889634
     m_i = gl.full([BLOCK_M], -1.0e30, gl.float32, layout=row_s)  # finite: exp2(m_old - m_new) never sees -inf - -inf
@@ -255,19 +256,6 @@ def flash_fwd_hopper_kernel(
 
 
 @gluon.jit
-def _issue_q(q_desc, do_desc, q_smem, do_smem, bars, tile, q_row0, n_tiles,
-             BLOCK_M: gl.constexpr, STAGES: gl.constexpr):
-    """TMA copies of query tile `tile` (Q and dO) into ring stage tile % STAGES; nothing past the last tile."""
-    stage = tile % STAGES
-    valid = tile < n_tiles
-    bar = bars.index(stage)
-    mbarrier.expect(bar, q_desc.block_type.nbytes + do_desc.block_type.nbytes, pred=valid)
-    row = q_row0 + tile * BLOCK_M
-    tma.async_copy_global_to_shared(q_desc, [row, 0], bar, q_smem.index(stage), pred=valid)
-    tma.async_copy_global_to_shared(do_desc, [row, 0], bar, do_smem.index(stage), pred=valid)
-
-
-@gluon.jit
 def _bwd_step(j, k_smem, v_smem, q_smem, do_smem, p_smem, ds_smem, bars, q_desc, do_desc, q_row0, n_tiles,
               lo, mask_until, offs_n, dk, dv, s_zero, lse_ptr, delta_ptr, row_base, N_QUERIES, qk_scale,
               IS_CAUSAL: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr, s_layout: gl.constexpr):
@@ -300,7 +288,7 @@ def _bwd_step(j, k_smem, v_smem, q_smem, do_smem, p_smem, ds_smem, bars, q_desc,
     dk_tok = warpgroup_mma(ds_smem, q_s, dk, is_async=True)
     dv, dk = warpgroup_mma_wait(0, deps=(dv_tok, dk_tok))
     # every product that read this stage has finished: refill it with tile j + STAGES
-    _issue_q(q_desc, do_desc, q_smem, do_smem, bars, j + STAGES, q_row0, n_tiles, BLOCK_M, STAGES)
+    _issue_pair(q_desc, do_desc, q_smem, do_smem, bars, j + STAGES, q_row0, n_tiles, BLOCK_M, STAGES)
     return dk, dv
 
 
@@ -357,7 +345,7 @@ def flash_bwd_dkdv_hopper_kernel(
     tma.async_copy_global_to_shared(k_desc, [kv_row0, 0], kv_bar, k_smem)
     tma.async_copy_global_to_shared(v_desc, [kv_row0, 0], kv_bar, v_smem)
     for i in gl.static_range(STAGES):
-        _issue_q(q_desc, do_desc, q_smem, do_smem, bars, i, q_row0, n_tiles, BLOCK_M, STAGES)
+        _issue_pair(q_desc, do_desc, q_smem, do_smem, bars, i, q_row0, n_tiles, BLOCK_M, STAGES)
 
     qk_scale = sm_scale * 1.4426950408889634
     offs_n = start_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, s_layout))
