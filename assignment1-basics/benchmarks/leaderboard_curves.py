@@ -56,26 +56,11 @@ RUN_OVERHEAD_S = 30.0  # per run, outside the trainer's clock: interpreter + tor
 
 
 def prepare_data(data_dir: str, num_stories: int, bpe_vocab: int, workers: int | None) -> dict[str, Any]:
-    """The generated stories, a BPE trained on them and both splits encoded (as model_family.py does; torch-free
-    so that this process leaves the GPU to the runs)."""
-    from cs336_basics.artifacts import DEFAULT_SPECIAL, load_tokenizer
-    from cs336_basics.corpus import write_corpus
-    from cs336_basics.encode import encode_file
-    from cs336_basics.tokenizer import save_tokenizer, train_bpe
+    """The generated corpus, encoded (torch-free, so that this process leaves the GPU to the runs); the text
+    goes once encoded (hundreds of MB)."""
+    from cs336_basics.corpus import prepare_encoded_corpus
 
-    os.makedirs(data_dir, exist_ok=True)
-    texts = {split: os.path.join(data_dir, f"{split}.txt") for split in ("train", "val")}
-    write_corpus(texts["train"], num_stories=num_stories, seed=0)
-    write_corpus(texts["val"], num_stories=max(num_stories // 20, 50), seed=1)
-    vocab, merges = train_bpe(texts["train"], bpe_vocab, [DEFAULT_SPECIAL], num_workers=workers)
-    save_tokenizer(vocab, merges, os.path.join(data_dir, "tokenizer"))
-    tokenizer = load_tokenizer(os.path.join(data_dir, "tokenizer"), [DEFAULT_SPECIAL])
-    info: dict[str, Any] = {"bpe_vocab_requested": bpe_vocab, "bpe_vocab": len(vocab), "num_stories": num_stories}
-    for split in ("train", "val"):
-        path = os.path.join(data_dir, f"{split}.npy")
-        info[f"{split}_data"] = path
-        info[f"{split}_tokens"] = encode_file(tokenizer, texts[split], path, num_workers=workers)
-        os.remove(texts[split])  # hundreds of MB of text no longer needed
+    info = prepare_encoded_corpus(data_dir, num_stories, bpe_vocab, workers, keep_text=False)
     print(f"corpus: {info['train_tokens']:,} train / {info['val_tokens']:,} val tokens, BPE vocabulary "
           f"{info['bpe_vocab']} (asked {bpe_vocab})", flush=True)
     return info

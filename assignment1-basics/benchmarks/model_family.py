@@ -23,11 +23,8 @@ import time
 
 import torch
 
-from cs336_basics.artifacts import DEFAULT_SPECIAL, load_tokenizer
-from cs336_basics.corpus import write_corpus
-from cs336_basics.encode import encode_file
+from cs336_basics.corpus import prepare_encoded_corpus
 from cs336_basics.model import TransformerLM
-from cs336_basics.tokenizer import save_tokenizer, train_bpe
 from cs336_basics.training import train
 from cs336_basics.training.config import config_from_preset
 from cs336_basics.training.metrics import read_jsonl
@@ -50,19 +47,10 @@ TINY_VARIANT = {"llama3-gqa": dict(num_kv_heads=2, d_ff=64), "mistral-swa": dict
 
 def prepare_data(data_dir: str, num_stories: int, vocab_size: int, workers: int | None) -> tuple[str, str, int]:
     """The generated stories, a BPE trained on them and both splits encoded (as `quickstart` does)."""
-    os.makedirs(data_dir, exist_ok=True)
-    texts = {split: os.path.join(data_dir, f"{split}.txt") for split in ("train", "val")}
-    write_corpus(texts["train"], num_stories=num_stories, seed=0)
-    write_corpus(texts["val"], num_stories=max(num_stories // 20, 50), seed=1)
-    vocab, merges = train_bpe(texts["train"], vocab_size, [DEFAULT_SPECIAL], num_workers=workers)
-    save_tokenizer(vocab, merges, os.path.join(data_dir, "tokenizer"))
-    tokenizer = load_tokenizer(os.path.join(data_dir, "tokenizer"), [DEFAULT_SPECIAL])
-    paths = []
+    info = prepare_encoded_corpus(data_dir, num_stories, vocab_size, workers)
     for split in ("train", "val"):
-        paths.append(os.path.join(data_dir, f"{split}.npy"))
-        tokens = encode_file(tokenizer, texts[split], paths[-1], num_workers=workers)
-        print(f"{split}: {tokens:,} tokens", flush=True)
-    return paths[0], paths[1], len(vocab)
+        print(f"{split}: {info[f'{split}_tokens']:,} tokens", flush=True)
+    return info["train_data"], info["val_data"], info["bpe_vocab"]
 
 
 def kv_bytes_per_token(model_config) -> int:

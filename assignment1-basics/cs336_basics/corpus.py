@@ -73,3 +73,34 @@ def write_corpus(path: str, num_stories: int, seed: int = 0, separator: str = "<
     with atomic_write(path, "wb") as f:
         f.write(data)
     return len(data)
+
+
+def prepare_encoded_corpus(data_dir: str, num_stories: int, vocab_size: int, workers: int | None = None,
+                           keep_text: bool = True) -> dict:
+    """Generated stories (train: seed 0; val: a twentieth as many, at least 50, seed 1), a BPE of at most
+    `vocab_size` tokens trained on the train split (saved in data_dir/tokenizer) and both splits encoded to
+    data_dir/{train,val}.npy: what the GPU benchmarks train on where nothing can be downloaded. Torch-free.
+
+    Returns the paths (`train_data`, `val_data`), token counts and the BPE's actual vocabulary (`bpe_vocab`;
+    the stories' few hundred words stop it far below a large request). `keep_text=False` deletes the text."""
+    import os
+
+    from cs336_basics.artifacts import DEFAULT_SPECIAL, load_tokenizer
+    from cs336_basics.encode import encode_file
+    from cs336_basics.tokenizer import save_tokenizer, train_bpe
+
+    os.makedirs(data_dir, exist_ok=True)
+    texts = {split: os.path.join(data_dir, f"{split}.txt") for split in ("train", "val")}
+    write_corpus(texts["train"], num_stories=num_stories, seed=0)
+    write_corpus(texts["val"], num_stories=max(num_stories // 20, 50), seed=1)
+    vocab, merges = train_bpe(texts["train"], vocab_size, [DEFAULT_SPECIAL], num_workers=workers)
+    save_tokenizer(vocab, merges, os.path.join(data_dir, "tokenizer"))
+    tokenizer = load_tokenizer(os.path.join(data_dir, "tokenizer"), [DEFAULT_SPECIAL])
+    info: dict = {"bpe_vocab_requested": vocab_size, "bpe_vocab": len(vocab), "num_stories": num_stories}
+    for split in ("train", "val"):
+        path = os.path.join(data_dir, f"{split}.npy")
+        info[f"{split}_data"] = path
+        info[f"{split}_tokens"] = encode_file(tokenizer, texts[split], path, num_workers=workers)
+        if not keep_text:
+            os.remove(texts[split])
+    return info

@@ -71,3 +71,22 @@ def test_encode_batches_and_parallel_file_encoding(corpus, tmp_path):
         assert tokens.dtype == np.uint16 and tokens.tolist() == expected
     assert tokenizer.cache_size == 16  # the caller's tokenizer is not changed; workers get a larger cache
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no parts left behind
+
+
+@pytest.mark.parametrize("keep_text", [True, False])
+def test_prepare_encoded_corpus_decodes_back_to_the_generated_stories(tmp_path, keep_text):
+    """The benchmarks' offline corpus: each split's .npy decodes with the saved tokenizer to exactly the text
+    `write_corpus` makes for that split's seed and size."""
+    from cs336_basics.artifacts import DEFAULT_SPECIAL, load_tokenizer
+    from cs336_basics.corpus import prepare_encoded_corpus, write_corpus
+
+    info = prepare_encoded_corpus(str(tmp_path / "data"), num_stories=200, vocab_size=400, workers=1,
+                                  keep_text=keep_text)
+    tokenizer = load_tokenizer(str(tmp_path / "data" / "tokenizer"), [DEFAULT_SPECIAL])
+    assert info["bpe_vocab"] == len(tokenizer.vocab) <= 400 and info["bpe_vocab_requested"] == 400
+    for split, stories, seed in (("train", 200, 0), ("val", 50, 1)):
+        write_corpus(str(tmp_path / f"{split}.ref"), num_stories=stories, seed=seed)
+        tokens = np.load(info[f"{split}_data"])
+        assert len(tokens) == info[f"{split}_tokens"]
+        assert tokenizer.decode(tokens.tolist()) == (tmp_path / f"{split}.ref").read_text()
+        assert (tmp_path / "data" / f"{split}.txt").exists() == keep_text
