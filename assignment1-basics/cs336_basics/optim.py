@@ -103,6 +103,11 @@ class FusedAdamW(torch.optim.AdamW):
 
 
 @torch.no_grad()
+def _local(t: Tensor) -> Tensor:
+    """A DTensor's local shard (a view: in-place updates reach the DTensor), any other tensor itself."""
+    return t.to_local() if hasattr(t, "to_local") and hasattr(t, "placements") else t
+
+
 def adamw_group_step(state_of: dict, group: dict) -> None:
     """The AdamW update of one parameter group (shared by `AdamW` and `Muon`'s AdamW groups)."""
     lr, (beta1, beta2), eps, weight_decay = group["lr"], group["betas"], group["eps"], group["weight_decay"]
@@ -126,6 +131,9 @@ def adamw_group_step(state_of: dict, group: dict) -> None:
         step_sizes.append(-lr * math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t))
     if not params:
         return
+    # FSDP's parameters, gradients and moments are DTensors: the update is element-wise, so it runs on the local
+    # shards (views of the same storage) without DTensor's per-operation dispatch
+    params, grads, exp_avgs, exp_avg_sqs = ([_local(t) for t in ts] for ts in (params, grads, exp_avgs, exp_avg_sqs))
     # The same update as a per-parameter loop, as a few multi-tensor kernels (far fewer launches).
     torch._foreach_mul_(params, 1.0 - lr * weight_decay)
     torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)

@@ -277,7 +277,9 @@ def wrap_model(model, parallel: str, device: torch.device, precision: str, compi
             if compile:  # per block, the FSDP hooks outside the compiled graphs (as torchtitan does)
                 block = compiled(block, compile_mode)
                 model.layers.register_module(str(index), block)
-            fully_shard(block, mp_policy=policy)
+            # one rank holds everything anyway: keep the gathered bf16 blocks for backward instead of copying and
+            # casting them a second time
+            fully_shard(block, mp_policy=policy, reshard_after_forward=torch.distributed.get_world_size() > 1)
         fully_shard(model, mp_policy=policy, reshard_after_forward=False)  # gathered again at once by backward
 
         def fsdp_sync(last: bool):
