@@ -148,15 +148,22 @@ def main(argv=None) -> dict:
                         row["step_ms"] = 1e3 * row["tokens_per_step"] / row["tokens_per_s"]
                     print(json.dumps({k: v for k, v in row.items() if k not in ("windows", "command")}), flush=True)
                     report["runs"].append(row)
+                    _write(report, args.out)  # after every run: a job cut short keeps what it measured
     finally:
         if args.work_dir is None:
             shutil.rmtree(work, ignore_errors=True)
-    _derive(report)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(report, f, indent=2)
+    _write(report, args.out)
     _figure(report, os.path.splitext(args.out)[0] + ".png")
     return report
+
+
+def _write(report: dict, path: str) -> None:
+    """The report so far, with its derived ratios, replacing the file atomically."""
+    _derive(report)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(report, f, indent=2)
+    os.replace(path + ".tmp", path)
 
 
 def _derive(report: dict) -> None:
