@@ -8,7 +8,8 @@ requests, at several concurrencies, for two random-weight models:
   prompts (up to 512) and outputs (up to 256) fit (RoPE: no parameter depends on the context length).
 
 Each is saved as a Hugging Face folder (with a synthetic byte-level BPE tokenizer filling its vocabulary), which
-the server loads as `--hf-model` and both baselines load too. Reports output tokens/s, TTFT and ITL
+the server loads as `--hf-model` and the baselines load too; a third row runs the server's own engine in-process
+without HTTP (the serving path's share is the gap to it). Reports output tokens/s, TTFT and ITL
 percentiles, and KV memory: what the server's paged pool held at its peak (blocks high-water x bytes per block)
 against the contiguous pre-allocation static batching needs. On the device:
 
@@ -75,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", default=None, help="comma-separated subset of llama-125m,tinystories-17m")
     p.add_argument("--concurrency", type=int, nargs="+", default=None)
     p.add_argument("--num-requests", type=int, nargs="+", default=None)
-    p.add_argument("--baselines", default="hf,nonpaged")
+    p.add_argument("--baselines", default="engine,hf,nonpaged")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--time-budget", type=float, default=420.0,
                    help="seconds of measuring after which remaining points are recorded as skipped")

@@ -22,7 +22,7 @@ from cs336_systems.serving import bench_cli, loadgen, report
 from cs336_systems.serving.bench_models import kv_bytes_per_token, synthetic_bpe, write_random_llama
 from cs336_systems.serving.loadgen import RequestSpec, make_workload
 
-SYSTEMS = {"server", "hf", "nonpaged"}
+SYSTEMS = {"server", "engine", "hf", "nonpaged"}
 
 
 # ------------------------------------------------------------------------------------------------- workload
@@ -128,6 +128,38 @@ def test_baselines_produce_each_requests_own_tokens(tiny_llama):
         assert result["kv"]["contiguous_bytes_max"] == max(bl.contiguous_kv_bytes(b, bpt)
                                                            for b in bl.static_batches(wl, 2))
         assert result["output_tokens_per_s"] > 0
+
+
+def test_engine_offline_is_a_closed_loop_of_concurrency_clients(tiny_llama):
+    """At most `concurrency` sequences run at any step, every request gets exactly its tokens (greedy, the same
+    as the engine's own `generate`), TTFT counts from each request's closed-loop arrival, and the scheduler's
+    limit is restored afterwards."""
+    from cs336_systems.serving.engine import EngineConfig
+    from cs336_systems.serving.params import SamplingParams
+
+    wl = make_workload(7, (2, 9), (1, 6), seed=4)
+    engine = bl.load_engine(tiny_llama["hf_dir"], EngineConfig(max_num_seqs=8, device="cpu", decode_steps=2))
+    running: list[int] = []
+    tokens: dict[int, list[int]] = {}
+    step = engine.step
+
+    def counting_step():
+        outputs = step()
+        running.append(len(engine.scheduler.running) + sum(o.finished for o in outputs))
+        tokens.update({int(o.request_id.split("-")[1]): o.outputs[0].token_ids for o in outputs if o.finished})
+        return outputs
+
+    engine.step = counting_step
+    result = bl.run_engine_offline(engine, wl, 3)
+    assert max(running) == 3 and engine.scheduler.max_num_seqs == 8
+    assert result["output_tokens"] == result["requested_output_tokens"] == sum(r.max_tokens for r in wl)
+    assert result["ttft_ms"]["n"] == len(wl) and result["ttft_ms"]["p50"] > 0
+    assert sum(-(-(r.max_tokens - 1) // 2) for r in wl) <= result["itl_ms"]["n"] <= sum(r.max_tokens - 1 for r in wl)
+    engine.step = step
+    alone = engine.generate([r.prompt_token_ids for r in wl],
+                            [SamplingParams(max_tokens=r.max_tokens, temperature=0.0, ignore_eos=True) for r in wl])
+    assert [o.outputs[0].token_ids for o in alone] == [tokens[i] for i in range(len(wl))]
+    assert [len(tokens[i]) for i in range(len(wl))] == [r.max_tokens for r in wl]
 
 
 def test_synthetic_tokenizer_fills_the_vocabulary_and_decodes_every_id(tmp_path):
@@ -236,10 +268,19 @@ def test_tiny_benchmark_end_to_end(tmp_path):
             assert _ordered(p["ttft_ms"]) and _ordered(p["itl_ms"])
             if p["system"] == "server":  # a lagging client gets merged updates: one gap per chunk
                 assert p["itl_ms"]["n"] == sum(r["chunks"] - 1 for r in p["per_request"])
+            elif p["system"] == "engine":  # one gap per step that hands a request tokens: 1..decode_steps each
+                k = p["decode_steps"]
+                assert sum(-(-(r.max_tokens - 1) // k) for r in specs) <= p["itl_ms"]["n"] <= sum(
+                    r.max_tokens - 1 for r in specs)
+                assert p["ttft_ms"]["n"] == len(specs)
             else:
                 assert p["itl_ms"]["n"] == sum(r.max_tokens - 1 for r in specs)
             contiguous = max(bl.contiguous_kv_bytes(b, bpt) for b in bl.static_batches(specs, p["concurrency"]))
             assert p["kv_contiguous_bytes"] == contiguous
+            if p["system"] == "engine":  # the pool's peak holds at least the largest sequence
+                largest = max(len(s.prompt_token_ids) + s.max_tokens for s in specs)
+                assert p["kv_used_bytes"] == p["kv_blocks_high_water"] * p["kv"]["block_bytes"]
+                assert p["kv_blocks_high_water"] >= math.ceil((largest - 1) / (p["kv"]["block_bytes"] // bpt))
             if p["system"] != "server":
                 continue
             for r, s in zip(p["per_request"], specs, strict=True):

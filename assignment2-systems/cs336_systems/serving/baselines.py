@@ -169,6 +169,77 @@ def run_nonpaged(model: Any, workload: Sequence[RequestSpec], concurrency: int) 
     return _run_batches("nonpaged", workload, concurrency, device, bytes_per_token, decode)
 
 
+# ------------------------------------------------------------------------------- ours, engine without HTTP
+def run_engine_offline(engine: Any, workload: Sequence[RequestSpec], concurrency: int) -> dict[str, Any]:
+    """(c) the server's own `LLMEngine` (continuous batching, paged KV, CUDA graphs) stepped in this process
+    with no HTTP, no SSE and no engine process: what the server would give if serving cost nothing, so the
+    gap to the server row is the serving path's share. At most `concurrency` sequences run (the scheduler's
+    `max_num_seqs`, restored afterwards); every request is queued up front and admitted in order as slots free,
+    i.e. a closed loop of `concurrency` clients: request k ≥ concurrency "arrives" when the (k − concurrency +
+    1)-th request finishes. TTFT and ITL are taken, like the load generator's, when a step hands back a
+    request's new tokens (ITL per chunk of `decode_steps` tokens)."""
+    from cs336_systems.serving.params import SamplingParams
+
+    if concurrency < 1:
+        raise ValueError(f"concurrency must be >= 1, got {concurrency}")
+    scheduler = engine.scheduler
+    saved = scheduler.max_num_seqs
+    scheduler.max_num_seqs = min(saved, concurrency)
+    ids = [f"bench-{i}-{time.monotonic_ns()}" for i in range(len(workload))]
+    index = {rid: i for i, rid in enumerate(ids)}
+    arrival = [math.nan] * len(workload)
+    last = [math.nan] * len(workload)
+    ttft: list[float] = []
+    itl: list[float] = []
+    produced = [0] * len(workload)
+    finished = 0
+    device = engine.device
+    engine.blocks.high_water = engine.blocks.num_used
+    try:
+        _sync(device)
+        start = time.perf_counter()
+        for i, (rid, r) in enumerate(zip(ids, workload, strict=True)):
+            engine.add_request(rid, list(r.prompt_token_ids),
+                               SamplingParams(max_tokens=r.max_tokens, temperature=0.0, ignore_eos=True))
+            if i < concurrency:
+                arrival[i] = start
+        while engine.has_unfinished():
+            outputs = engine.step()
+            now = time.perf_counter()
+            for out in outputs:
+                i = index[out.request_id]
+                count = len(out.outputs[0].token_ids)
+                if count > produced[i]:
+                    if produced[i] == 0:
+                        ttft.append(now - arrival[i])
+                    else:
+                        itl.append(now - last[i])
+                    produced[i], last[i] = count, now
+                if out.finished:
+                    if finished + concurrency < len(workload):
+                        arrival[finished + concurrency] = now
+                    finished += 1
+        duration = time.perf_counter() - start
+    finally:
+        scheduler.max_num_seqs = saved
+    useful = sum(produced)
+    return {
+        "system": "engine",
+        "concurrency": concurrency,
+        "num_requests": len(workload),
+        "errors": 0,
+        "duration_s": duration,
+        "output_tokens": useful,
+        "requested_output_tokens": sum(r.max_tokens for r in workload),
+        "prompt_tokens": sum(len(r.prompt_token_ids) for r in workload),
+        "output_tokens_per_s": useful / duration if duration > 0 else math.nan,
+        "ttft_ms": latency_summary(ttft),
+        "itl_ms": latency_summary(itl),
+        "kv_blocks_high_water": engine.blocks.high_water,
+        "decode_steps": engine.config.decode_steps,
+    }
+
+
 # ------------------------------------------------------------------------------------------------ loading
 def load_hf_causal_lm(hf_dir: str, device: str | torch.device, dtype: torch.dtype) -> Any:
     from transformers import AutoModelForCausalLM
@@ -183,10 +254,19 @@ def load_ours(hf_dir: str, device: str | torch.device, dtype: torch.dtype) -> An
     return model.to(device=device, dtype=dtype).eval()
 
 
+def load_engine(hf_dir: str, engine_config: Any) -> Any:
+    from cs336_systems.serving.engine import LLMEngine
+    from cs336_systems.serving.loader import load_hf_model
+
+    return LLMEngine(load_hf_model(hf_dir), engine_config)
+
+
 def warm_up(system: str, model: Any, pad_token_id: int, bytes_per_token: int) -> None:
     """One short batch so that first-call costs (CUDA context, kernel selection) stay out of the timings."""
     spec = [RequestSpec(list(range(1, 9)), 4), RequestSpec(list(range(1, 5)), 4)]
-    if system == "hf":
+    if system == "engine":
+        run_engine_offline(model, spec, 2)
+    elif system == "hf":
         run_hf_generate(model, spec, 2, pad_token_id=pad_token_id, bytes_per_token=bytes_per_token)
     else:
         run_nonpaged(model, spec, 2)

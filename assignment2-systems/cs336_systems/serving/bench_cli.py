@@ -28,7 +28,7 @@ from cs336_basics.cli_support import UserError, atomic_write
 REPO_ROOT = Path(__file__).resolve().parents[3]
 FIG_DIR = REPO_ROOT / "fig"
 RESULTS_DIR = REPO_ROOT / "assignment2-systems" / "benchmarks" / "results"
-BASELINES = ("hf", "nonpaged")
+BASELINES = ("engine", "hf", "nonpaged")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -51,8 +51,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     load.add_argument("--prompt-len-range", type=int, nargs=2, default=[16, 512], metavar=("MIN", "MAX"))
     load.add_argument("--output-len-range", type=int, nargs=2, default=[32, 256], metavar=("MIN", "MAX"))
     load.add_argument("--seed", type=int, default=0)
-    load.add_argument("--baselines", default="hf,nonpaged",
-                      help="comma-separated from hf, nonpaged; 'none' for the server only")
+    load.add_argument("--baselines", default="engine,hf,nonpaged",
+                      help="comma-separated from engine (ours without HTTP), hf, nonpaged; 'none' for the server "
+                           "only")
     load.add_argument("--timeout-s", type=float, default=600.0, help="per-request timeout, seconds")
     load.add_argument("--time-budget", type=float, default=3600.0,
                       help="seconds after which remaining measurements are recorded as skipped")
@@ -304,7 +305,16 @@ def benchmark_model(
         model = None
         try:
             device = "cuda" if cuda else "cpu"
-            if system == "hf":
+            if system == "engine":
+                model = bl.load_engine(hf_dir, engine_config)
+
+                def run(wl: list[RequestSpec], c: int, model: Any = model) -> dict[str, Any]:
+                    result = bl.run_engine_offline(model, wl, c)
+                    block_bytes = model.runner.kv_bytes_per_block
+                    result["kv"] = {"contiguous_bytes_max": contiguous[c], "block_bytes": block_bytes}
+                    result["kv_used"] = result["kv_blocks_high_water"] * block_bytes
+                    return result
+            elif system == "hf":
                 model = bl.load_hf_causal_lm(hf_dir, device, dtype)
                 eos = info.get("eos_token_id") or 0
 
@@ -327,7 +337,7 @@ def benchmark_model(
                     _release_memory()
                     continue
                 result["kv_contiguous_bytes"] = result["kv"]["contiguous_bytes_max"]
-                result["kv_used_bytes"] = None
+                result["kv_used_bytes"] = result.pop("kv_used", None)
                 result["status"] = "ok"
                 points.append(result)
                 log(f"[{name}] {system} c={c}: {result['output_tokens_per_s']:.0f} tok/s, ITL p99 "

@@ -14,9 +14,10 @@ from typing import Any
 
 from cs336_basics.cli_support import atomic_path
 
-SYSTEMS = ("server", "hf", "nonpaged")
+SYSTEMS = ("server", "engine", "hf", "nonpaged")
 LABELS = {
     "server": "ours: continuous batching, paged KV",
+    "engine": "ours: the same engine without HTTP",
     "hf": "HF generate, static batches",
     "nonpaged": "ours: static batches, contiguous KV",
 }
