@@ -152,6 +152,10 @@ def test_engine_offline_is_a_closed_loop_of_concurrency_clients(tiny_llama):
     engine.step = counting_step
     result = bl.run_engine_offline(engine, wl, 3)
     assert max(running) == 3 and engine.scheduler.max_num_seqs == 8
+    steps = result["steps"]  # every prompt token prefilled once (no preemption here); each later token decoded
+    assert steps["prefill"]["rows"] == sum(len(r.prompt_token_ids) for r in wl) and steps["prefill"]["passes"] >= 3
+    assert steps["decode"]["rows"] >= sum(r.max_tokens - 1 for r in wl)
+    assert all(steps[k]["seconds"] > 0 for k in ("prefill", "decode"))
     assert result["output_tokens"] == result["requested_output_tokens"] == sum(r.max_tokens for r in wl)
     assert result["ttft_ms"]["n"] == len(wl) and result["ttft_ms"]["p50"] > 0
     assert sum(-(-(r.max_tokens - 1) // 2) for r in wl) <= result["itl_ms"]["n"] <= sum(r.max_tokens - 1 for r in wl)

@@ -195,6 +195,7 @@ def run_engine_offline(engine: Any, workload: Sequence[RequestSpec], concurrency
     finished = 0
     device = engine.device
     engine.blocks.high_water = engine.blocks.num_used
+    before = {kind: list(t) for kind, t in engine.step_totals.items()}
     try:
         _sync(device)
         start = time.perf_counter()
@@ -237,6 +238,9 @@ def run_engine_offline(engine: Any, workload: Sequence[RequestSpec], concurrency
         "itl_ms": latency_summary(itl),
         "kv_blocks_high_water": engine.blocks.high_water,
         "decode_steps": engine.config.decode_steps,
+        # where the time went: passes, seconds and rows (prompt tokens; sequences x decode steps) per step kind
+        "steps": {kind: {"passes": t[0] - before[kind][0], "seconds": t[1] - before[kind][1],
+                         "rows": t[2] - before[kind][2]} for kind, t in engine.step_totals.items()},
     }
 
 

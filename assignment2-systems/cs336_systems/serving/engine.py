@@ -133,6 +133,9 @@ class LLMEngine:
         self.prompt_tokens_total = self.generation_tokens_total = self.requests_finished_total = 0
         self._recent: deque[tuple[float, int]] = deque()
         self._recent_tokens = 0
+        # Wall time per kind of step (each ends in a host sync, so this is device time plus host work): where a
+        # benchmark's time went. kind -> [steps, seconds, sequence-steps (rows x decode steps, or prompt tokens)]
+        self.step_totals: dict[str, list[float]] = {"prefill": [0, 0.0, 0], "decode": [0, 0.0, 0]}
 
     def _default_num_blocks(self, dtype: torch.dtype, block_size: int) -> int:
         per_seq = -(-self.context_length // block_size)
@@ -187,9 +190,20 @@ class LLMEngine:
 
     # -- the step ------------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        start = time.perf_counter()
         batch = self.scheduler.schedule()
         if batch is None:
             return []
+        try:
+            return self._run(batch)
+        finally:
+            totals = self.step_totals[batch.kind]
+            totals[0] += 1
+            totals[1] += time.perf_counter() - start
+            totals[2] += (len(batch.seqs) * batch.steps if batch.kind == "decode"
+                          else sum(len(slots) for slots in batch.slots))
+
+    def _run(self, batch) -> list[RequestOutput]:
         self.runner.copy_blocks(batch.copies)
         seqs = batch.seqs
         touched = {seq.request.request_id: seq.request for seq in seqs}

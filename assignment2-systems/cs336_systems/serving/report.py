@@ -74,7 +74,7 @@ def markdown(results: dict[str, Any]) -> str:
                              f"| {p['status']} |")
                 continue
             ttft, itl = p.get("ttft_ms", {}), p.get("itl_ms", {})
-            note = f"{p['errors']} failed" if p.get("errors") else ""
+            note = f"{p['errors']} failed" if p.get("errors") else _step_note(p.get("steps"))
             lines.append(
                 f"| {p['concurrency']} | {LABELS.get(p['system'], p['system'])} | {p['num_requests']} | "
                 f"{_num(p.get('output_tokens_per_s'), '.0f')} | {_num(ttft.get('p50'))} / {_num(ttft.get('p99'))} | "
@@ -83,6 +83,20 @@ def markdown(results: dict[str, Any]) -> str:
             )
         lines.append("")
     return "\n".join(lines)
+
+
+def _step_note(steps: dict[str, Any] | None) -> str:
+    """Where the engine's time went: prefill passes and decode windows, their seconds and average sizes."""
+    if not steps:
+        return ""
+    pre, dec = steps["prefill"], steps["decode"]
+    parts = []
+    if pre["passes"]:
+        parts.append(f"{pre['passes']} prefills, {pre['seconds']:.2f} s, {pre['rows'] / pre['passes']:.0f} tokens each")
+    if dec["passes"]:
+        parts.append(f"{dec['passes']} decode windows, {dec['seconds']:.2f} s, "
+                     f"{1e3 * dec['seconds'] / dec['passes']:.1f} ms each")
+    return "; ".join(parts)
 
 
 def figure(results: dict[str, Any], path: Path) -> bool:
