@@ -102,12 +102,12 @@ class FusedAdamW(torch.optim.AdamW):
                 state["host_step"] = int(state["step"].item())
 
 
-@torch.no_grad()
 def _local(t: Tensor) -> Tensor:
     """A DTensor's local shard (a view: in-place updates reach the DTensor), any other tensor itself."""
     return t.to_local() if hasattr(t, "to_local") and hasattr(t, "placements") else t
 
 
+@torch.no_grad()
 def adamw_group_step(state_of: dict, group: dict) -> None:
     """The AdamW update of one parameter group (shared by `AdamW` and `Muon`'s AdamW groups)."""
     lr, (beta1, beta2), eps, weight_decay = group["lr"], group["betas"], group["eps"], group["weight_decay"]

@@ -56,6 +56,20 @@ def test_adamw_first_step_by_hand_and_param_groups():
         AdamW([p], lr=-1.0)
 
 
+def test_adamw_group_step_on_its_own_matches_the_optimizer_step():
+    """The shared group update (Muon's AdamW groups call it directly) runs outside any no_grad of its caller and
+    gives AdamW's step."""
+    from cs336_basics.optim import adamw_group_step
+
+    p, q = (torch.nn.Parameter(torch.tensor([1.0, -2.0, 0.5])) for _ in range(2))
+    for param in (p, q):
+        param.grad = torch.tensor([0.2, -0.4, 0.1])
+    opt = AdamW([p], lr=0.1, weight_decay=0.5)
+    opt.step()
+    adamw_group_step({q: {}}, dict(params=[q], lr=0.1, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.5))
+    torch.testing.assert_close(q.detach(), p.detach(), rtol=0, atol=0)
+
+
 def test_cosine_schedule_formula_and_edges():
     kw = dict(max_learning_rate=1.0, min_learning_rate=0.1, warmup_iters=10, cosine_cycle_iters=110)
     assert get_lr_cosine_schedule(0, **kw) == 0.0
