@@ -184,6 +184,24 @@ def test_checks_catch_unequal_budgets_and_starts_and_report_redraws(head_to_head
     assert (tmp_path / "a5_methods_cpu.png").is_file()
 
 
+def test_report_compares_run_folders_gathered_from_separate_jobs(head_to_head, tmp_path):
+    """Seeds run as separate device jobs (`--seeds 0`, `--seeds 1`) leave only their run folders' results;
+    `report --of methods` over the union gives the comparison of one job that ran both."""
+    _, root = head_to_head
+    for seed in SEEDS:
+        for method in METHODS:
+            folder = tmp_path / f"seed{seed}" / method
+            folder.mkdir(parents=True)
+            (folder / "a5_demo_results.json").write_text(json.dumps(run_results(root, seed, method)))
+    (tmp_path / "seed7").mkdir()  # a seed folder without finished runs is not a seed of the comparison
+    assert main(["report", "--of", "methods", "--out-dir", str(tmp_path)]) == 0
+    gathered = json.loads((tmp_path / "a5_methods.json").read_text())
+    one_job = json.loads((root / "runs" / "a5_methods.json").read_text())
+    assert gathered["seeds"] == list(SEEDS) and gathered["methods"] == list(METHODS)
+    assert gathered["per_method"] == one_job["per_method"] and gathered["winner"] == one_job["winner"]
+    assert (tmp_path / "a5_methods_cpu.png").is_file()
+
+
 def test_tiny_mode_in_one_process_gives_the_same_numbers(head_to_head, tmp_path):
     """`--tiny` (every stage in this process, in turn) reproduces the child-command path's seed-0 run."""
     _, root = head_to_head

@@ -20,6 +20,7 @@ figure there; `report --of seeds|sweep` redraws from finished run folders or fro
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -207,7 +208,6 @@ def run_methods(preset_name: str, overrides: list[str], seeds: list[int], method
     """Per seed one SFT start (`seed<S>/start/start.pt`), then every method from it (`seed<S>/<method>/`), all
     seeds' starts side by side, then all (seed, method) runs side by side (`inline`: in this process, in turn);
     writes the comparison (`demo/compare.py`). 1 if a run failed (the others are still compared)."""
-    from cs336_alignment.demo import compare
 
     def start(s: int) -> str:
         return os.path.join(root, f"seed{s}", "start", "start.pt")
@@ -232,10 +232,32 @@ def run_methods(preset_name: str, overrides: list[str], seeds: list[int], method
                                              "--start-from", start(s))
                 for s in seeds if not codes[f"seed{s}/start"] for m in methods}
         run_children(jobs, root)
+    return compare_methods(root, seeds, methods, fig_dir)
+
+
+def finished_methods(root: str) -> tuple[list[int], list[str]]:
+    """The seeds and methods that have run folders (`seed<S>/<method>/a5_demo_results.json`) under `root`."""
+    seeds, methods = set(), set()
+    for entry in os.listdir(root):
+        match = re.fullmatch(r"seed(\d+)", entry)
+        if not match:
+            continue
+        for m in METHODS:
+            if os.path.isfile(os.path.join(root, entry, m, "a5_demo_results.json")):
+                seeds.add(int(match.group(1)))
+                methods.add(m)
+    return sorted(seeds), [m for m in METHODS if m in methods]
+
+
+def compare_methods(root: str, seeds: list[int], methods: list[str], fig_dir: str | None) -> int:
+    """The comparison of the (seed, method) runs under `root`; seeds run in separate jobs (`--seeds 0`, then
+    `--seeds 1`, ... into one folder) are compared together by `report --of methods`."""
+    from cs336_alignment.demo import compare
+
     runs = {}
     for s in seeds:
         for m in methods:
-            path = os.path.join(folder(s, m), "a5_demo_results.json")
+            path = os.path.join(root, f"seed{s}", m, "a5_demo_results.json")
             if os.path.isfile(path):
                 with open(path) as f:
                     runs[(s, m)] = json.load(f)
@@ -325,6 +347,9 @@ def _main(argv: list[str] | None = None) -> int:
         if not args.of:
             return fail("report needs --of seeds|sweep|methods")
         if args.of == "methods":
+            seeds, methods = finished_methods(root)
+            if seeds:  # run folders (possibly of several jobs): compare them afresh
+                return compare_methods(root, seeds, methods, args.fig_dir)
             return redraw_methods(root, args.fig_dir, fail)
         labels = sorted(d for d in os.listdir(root) if os.path.isfile(os.path.join(root, d, "a5_demo_results.json")))
         saved = os.path.join(root, f"{NAMES[args.of]}.json")
