@@ -296,14 +296,11 @@ def clip_sharded_gradients(parameters, max_l2_norm: float, dist: Dist, eps: floa
     import torch
     from torch.distributed.tensor import DTensor
 
+    from cs336_basics.optim import clip_scale, grouped, grouped_norm, scale_grouped_
+
     grads = [p.grad for p in parameters if p.grad is not None]
-    local = [g.to_local() if isinstance(g, DTensor) else g for g in grads]
-    device = local[0].device if local else dist.device
-    squares = torch.zeros((), device=device, dtype=torch.float32)
-    if local:
-        squares = torch.stack([torch.linalg.vector_norm(g.float()) ** 2 for g in local]).sum()
+    groups = grouped([g.to_local() if isinstance(g, DTensor) else g for g in grads])
+    squares = grouped_norm(groups) ** 2 if groups else torch.zeros((), device=dist.device, dtype=torch.float32)
     total = dist.all_sum_(squares).sqrt()
-    scale = torch.where(total > max_l2_norm, max_l2_norm / (total + eps), torch.ones_like(total))
-    for g in local:
-        g.mul_(scale.to(g.dtype))
+    scale_grouped_(groups, clip_scale(total, max_l2_norm, eps))
     return total
