@@ -101,17 +101,24 @@ def test_gradient_clipping_matches_torch(max_norm):
     assert total == pytest.approx(min(max_norm, expected_norm.item()), rel=1e-4)
 
 
+def _clip_sharded_one_process(params, max_norm):
+    from cs336_basics.training.distributed import Dist, Launch, clip_sharded_gradients
+
+    return clip_sharded_gradients(params, max_norm, Dist(Launch(0, 1, 0, False), "none", torch.device("cpu"), 60))
+
+
+@pytest.mark.parametrize("clip", [clip_gradients, _clip_sharded_one_process], ids=["plain", "sharded"])
 @pytest.mark.parametrize("max_norm", [1e-2, 1e3])
-def test_gradient_clipping_of_mixed_dtype_gradients_matches_a_float64_recomputation(max_norm):
+def test_gradient_clipping_of_mixed_dtype_gradients_matches_a_float64_recomputation(max_norm, clip):
     """fp32, bf16 and fp64 gradients together (one multi-tensor group per dtype): the global norm and the
-    scaled gradients equal a float64 recomputation."""
+    scaled gradients equal a float64 recomputation, for the plain and the FSDP (sharded) clipping."""
     torch.manual_seed(0)
     params = [torch.nn.Parameter(torch.zeros(shape, dtype=dtype)) for shape, dtype in
               [((7, 5), torch.float32), ((3,), torch.bfloat16), ((4, 4), torch.float64), ((9,), torch.float32)]]
     for p in params:
         p.grad = torch.randn(p.shape, dtype=torch.float64).to(p.dtype)
     before = [p.grad.double().clone() for p in params]
-    norm = clip_gradients(params, max_norm)
+    norm = clip(params, max_norm)
     expected = math.sqrt(sum(g.pow(2).sum().item() for g in before))
     assert norm.item() == pytest.approx(expected, rel=1e-6)
     scale = min(1.0, max_norm / (expected + 1e-6))
