@@ -28,7 +28,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
-from cs336_basics.optim import adamw_group_step
+from cs336_basics.optim import adamw_group_step, evaluate_closure
 
 # Coefficients of the quintic p(σ) = aσ + bσ³ + cσ⁵ (Jordan): the slope at 0 is as steep as possible while the
 # iterates stay in roughly [0.7, 1.2]; singular values are pushed towards 1 quickly but not exactly onto it.
@@ -98,10 +98,7 @@ class Muon(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = evaluate_closure(closure)
         for group in self.param_groups:
             if group["use_muon"]:
                 self._muon_group_step(group)

@@ -8,6 +8,14 @@ import torch
 from torch import Tensor
 
 
+def evaluate_closure(closure: Callable[[], float] | None) -> float | None:
+    """The loss a `step(closure)` re-evaluates, with gradients on (the step itself runs under no_grad)."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
 class AdamW(torch.optim.Optimizer):
     """Adam with decoupled weight decay (Loshchilov & Hutter), bias correction folded into the step size.
 
@@ -32,10 +40,7 @@ class AdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = evaluate_closure(closure)
         for group in self.param_groups:
             adamw_group_step(self.state, group)
         return loss
@@ -67,10 +72,7 @@ class FusedAdamW(torch.optim.AdamW):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = evaluate_closure(closure)
         groups = self.param_groups
         try:
             for group in groups:

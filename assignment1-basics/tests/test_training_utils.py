@@ -70,6 +70,24 @@ def test_adamw_group_step_on_its_own_matches_the_optimizer_step():
     torch.testing.assert_close(q.detach(), p.detach(), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("optimizer_class", ["AdamW", "FusedAdamW"])
+def test_step_with_a_closure_returns_its_loss_computed_with_gradients(optimizer_class):
+    import cs336_basics.optim as optim
+
+    p = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+    opt = getattr(optim, optimizer_class)([p], lr=0.1)
+
+    def closure():
+        opt.zero_grad()
+        loss = (p**2).sum()
+        loss.backward()  # fails if the step had left gradients off
+        return loss
+
+    loss = opt.step(closure)
+    assert loss.item() == 5.0 and p.grad is not None
+    assert p.detach().abs().lt(torch.tensor([1.0, 2.0])).all()  # the step used the closure's gradient
+
+
 def test_cosine_schedule_formula_and_edges():
     kw = dict(max_learning_rate=1.0, min_learning_rate=0.1, warmup_iters=10, cosine_cycle_iters=110)
     assert get_lr_cosine_schedule(0, **kw) == 0.0
