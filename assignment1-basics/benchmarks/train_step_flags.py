@@ -19,6 +19,7 @@ import json
 import os
 import platform
 import re
+import socket
 import statistics
 import sys
 import time
@@ -51,6 +52,9 @@ VARIANTS: dict[str, dict] = {
     "all-full-loss": dict(compile_loss=True, adamw_impl="fused", prefetch=True),
     "all-bs128": dict(ALL, batch_size=128),
     "hf-llama": {},  # transformers' LlamaForCausalLM, compiled, our loss and AdamW (train_step.py's setup)
+    # the trainer's data-parallel wrappers in a one-process group (world size 1): their cost against "baseline"
+    "ddp": dict(parallel="ddp"),
+    "fsdp": dict(parallel="fsdp"),
 }
 # the acceptance rows first (before, after, HF Llama), then one flag at a time; reduce-overhead (riskiest) last
 DEFAULT_VARIANTS = ("baseline,all,hf-llama,compile-loss,chunked,chunked+compile-loss,fused,prefetch,all-full-loss,"
@@ -90,9 +94,29 @@ def make_config(args, variant: str):
         overrides = {**TINY, **overrides}
         if "batch_size" in VARIANTS[variant]:
             overrides["batch_size"] = TINY["batch_size"] * 2
+    overrides = {**args.overrides, **overrides}
     overrides.setdefault("batch_size", args.batch_size or None)
     overrides = {k: v for k, v in overrides.items() if v is not None}
     return config_from_preset(args.preset, device=str(args.device), compile=args.compile, **overrides)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def parse_override(item: str) -> tuple[str, object]:
+    """KEY=VALUE of a TrainConfig field, the value as an int, a float or else a string."""
+    key, sep, text = item.partition("=")
+    if not sep or not key:
+        raise SystemExit(f"--set wants KEY=VALUE, got {item!r}")
+    for kind in (int, float):
+        try:
+            return key.replace("-", "_"), kind(text)
+        except ValueError:
+            pass
+    return key.replace("-", "_"), text
 
 
 class TrainerStep:
@@ -101,10 +125,15 @@ class TrainerStep:
     def __init__(self, config, device, precision):
         torch.manual_seed(config.seed)
         self.model = TransformerLM(config.model_config(), device=device)
-        wrapped = wrap_model(self.model, "none", device, precision, config.compile, config.compile_mode)
+        dist = Dist(Launch(launched=True), config.parallel, device, 600.0)
+        if config.parallel != "none":  # a one-process group, as `torchrun --nproc_per_node 1` would give
+            for name, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(free_port())), ("RANK", "0"),
+                                ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
+                os.environ.setdefault(name, value)
+            dist.start()
+        wrapped = wrap_model(self.model, config.parallel, device, precision, config.compile, config.compile_mode)
         self.optimizer = build_optimizer(self.model, config)
         scaler = torch.amp.GradScaler(device.type, enabled=False)
-        dist = Dist(Launch(), "none", device, 600.0)
         self.step_fn = _make_step(self.model, wrapped, self.optimizer, scaler, SpikeGuard(0.0, 0), config, device,
                                   precision, dist)
 
@@ -181,7 +210,12 @@ def kernel_profile(run_steps, steps: int, device: torch.device) -> dict:
     categories["idle_gap"] = max(wall_ms - busy_ms, 0.0) / steps
     top = {category: sorted(((round(ms / steps, 4), name[:160]) for name, ms in names.items()), reverse=True)[:12]
            for category, names in kernels.items()}
+    # host side: the ops and hooks (FSDP's all-gather/reduce-scatter hooks among them) with the most self time
+    cpu_top = sorted(((e.self_cpu_time_total / 1e3 / steps, e.key[:120]) for e in prof.key_averages()
+                      if e.self_cpu_time_total > 0), reverse=True)[:15]
     return {"steps": steps, "timeline": timeline,  # False: busy is a sum of kernel times, not their union
+            "cpu_self_ms_per_step": sum(e.self_cpu_time_total for e in prof.key_averages()) / 1e3 / steps,
+            "top_cpu_ops_ms": [(round(ms, 4), name) for ms, name in cpu_top],
             "wall_ms_per_step": wall_ms / steps, "busy_ms_per_step": busy_ms / steps,
             "categories_ms": categories, "top_kernels_ms": top}
 
@@ -257,6 +291,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="owt-leaderboard")
     parser.add_argument("--batch-size", type=int, default=0, help="0: the preset's")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config field of every variant (e.g. d_model=768 num_layers=12)")
     parser.add_argument("--variants", default=DEFAULT_VARIANTS, help=f"comma-separated of {', '.join(VARIANTS)}")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
@@ -280,6 +316,7 @@ def main():
     if args.compile is None:
         args.compile = args.device.type == "cuda"
     args.profile_variants = set(args.profile_variants.split(","))
+    args.overrides = dict(parse_override(item) for item in args.set)
     variants = args.variants.split(",")
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
