@@ -27,7 +27,7 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def commands_in_this_process(jobs: dict[str, list[str]], root: str) -> dict[str, int]:
+def commands_in_this_process(jobs: dict[str, list[str]], root: str, max_parallel: int = 0) -> dict[str, int]:
     """Stands in for `multi.run_children`: each child's command line, run through the demo's own CLI entry
     point here instead of a new Python process (the GPU run's path, minus process start-up)."""
     from cs336_alignment.demo.__main__ import main as demo_main
@@ -225,3 +225,49 @@ def test_card_names_and_bad_methods():
     with pytest.raises(UserError, match="unknown method"):
         preset("tiny", ["method=dpo"])
     assert main(["methods", "--tiny", "--methods", "grpo", "grpo", "--out-dir", "/nonexistent/x"]) == 2
+
+
+def test_run_children_keeps_at_most_max_parallel_running(tmp_path):
+    """Real child processes: each appends its start and end time; no instant may have more than two running."""
+    script = ("import sys, time; f = open(sys.argv[1], 'a'); f.write(f'{time.time()} 1\\n'); f.flush(); "
+              "time.sleep(0.6); f.write(f'{time.time()} -1\\n'); sys.exit(int(sys.argv[2]))")
+    jobs = {f"job{i}": [sys.executable, "-c", script, str(tmp_path / f"events{i}"), str(int(i == 3))]
+            for i in range(5)}
+    codes = multi.run_children(jobs, str(tmp_path), max_parallel=2)
+    assert codes == {f"job{i}": int(i == 3) for i in range(5)}
+    events = sorted((float(t), int(d)) for i in range(5)
+                    for t, d in (line.split() for line in (tmp_path / f"events{i}").read_text().splitlines()))
+    running = [sum(d for _, d in events[: k + 1]) for k in range(len(events))]
+    assert max(running) == 2 and running[-1] == 0
+
+
+def test_resume_runs_only_what_did_not_finish(head_to_head, tmp_path):
+    """After the head-to-head, `--resume` keeps every start and run; with one run's results removed it runs
+    that one alone, from its seed's kept start, and the comparison is complete again."""
+    _, root = head_to_head
+    runs = tmp_path / "runs"
+    import shutil
+
+    shutil.copytree(root / "runs", runs)
+    (runs / "seed1" / "gspo" / "a5_demo_results.json").unlink()
+    ran: list[str] = []
+
+    def recording(jobs, where, max_parallel=0):
+        ran.extend(jobs)
+        return commands_in_this_process(jobs, where, max_parallel)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(multi, "run_children", recording)
+        code = main(["methods", "--preset", "tiny", "--seeds", *map(str, SEEDS), "--out-dir", str(runs), "--resume"])
+    assert code == 0 and ran == ["seed1/gspo"]
+    again, before = run_results(tmp_path, 1, "gspo"), run_results(root, 1, "gspo")
+    rewards = lambda r: {(stage, mode): r["heldout"][stage][mode]["reward"] for stage in ("sft", "grpo")
+                         for mode in ("sampled", "greedy")}
+    assert rewards(again) == rewards(before) and again["budget"] == before["budget"]  # same start, same run
+    assert [e["reward"] for e in again["curves"]["grpo_eval"]] == [e["reward"] for e in before["curves"]["grpo_eval"]]
+    assert not json.loads((runs / "a5_methods.json").read_text())["missing"]
+
+
+def test_max_parallel_must_not_be_negative(tmp_path, capsys):
+    assert main(["methods", "--preset", "tiny", "--out-dir", str(tmp_path), "--max-parallel", "-1"]) == 2
+    assert "--max-parallel" in capsys.readouterr().err

@@ -158,7 +158,8 @@ def contains_answer(response, truth):
 def per_token(policy, tok, prompt, response):
     p, r = tok.encode(prompt), tok.encode(response)
     with torch.no_grad():
-        logp = torch.log_softmax(policy.model(torch.tensor([p + r])).double(), dim=-1)[0]
+        device = next(policy.parameters()).device
+        logp = torch.log_softmax(policy.model(torch.tensor([p + r], device=device)).double(), dim=-1)[0]
     return sum(float(logp[len(p) + i - 1, t]) for i, t in enumerate(r)) / len(r)
 
 
@@ -166,9 +167,16 @@ def gap(policy, tok):
     return sum(per_token(policy, tok, p, GOOD) - per_token(policy, tok, p, BAD) for p in PROMPTS[:4]) / 4
 
 
-def test_ppo_step_favours_the_rewarded_response_and_fits_values(tok):
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                 reason="the policy on a GPU needs CUDA"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_ppo_step_favours_the_rewarded_response_and_fits_values(tok, device):
+    """On CUDA too: the scored batch (old log-probs, values, reference log-probs) must meet the host-side
+    scores and masks."""
     torch.manual_seed(0)
-    policy = make_policy(tok, seed=5)
+    policy = make_policy(tok, seed=5).to(device)
     before = gap(policy, tok)
     config = PPOConfig(n_ppo_steps=1, learning_rate=3e-3, rollout_batch_size=8, samples_per_prompt=2,
                        train_batch_size=4, gradient_accumulation_steps=2, ppo_epochs=2, vf_coef=1.0,

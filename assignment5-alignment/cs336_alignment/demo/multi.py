@@ -39,18 +39,28 @@ def demo_command(preset_name: str, out_dir: str, overrides: list[str], *extra: s
     return command + list(extra)
 
 
-def run_children(jobs: dict[str, list[str]], root: str) -> dict[str, int]:
-    """Starts every job at once, each logging to `root/<label>/log.txt`; returns exit codes by label."""
+def run_children(jobs: dict[str, list[str]], root: str, max_parallel: int = 0) -> dict[str, int]:
+    """Runs the jobs side by side, at most `max_parallel` at a time (0: all at once), each logging to
+    `root/<label>/log.txt`; returns exit codes by label."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     started, procs, logs = time.perf_counter(), {}, {}
-    for label, command in jobs.items():
+    queue = list(jobs)
+    limit = max_parallel or len(queue)
+
+    def launch(label: str) -> None:
         os.makedirs(os.path.join(root, label), exist_ok=True)
         logs[label] = open(os.path.join(root, label, "log.txt"), "w")  # noqa: SIM115 (closed when the child ends)
-        procs[label] = subprocess.Popen(command, stdout=logs[label], stderr=subprocess.STDOUT, env=env)
-    print(f"multi: started {len(procs)} runs: {', '.join(procs)}", flush=True)
+        procs[label] = subprocess.Popen(jobs[label], stdout=logs[label], stderr=subprocess.STDOUT, env=env)
+
+    first = queue[:limit]
+    for label in first:
+        launch(label)
+    del queue[:limit]
+    waiting = f" ({len(queue)} more as these finish)" if queue else ""
+    print(f"multi: started {len(first)} runs: {', '.join(first)}{waiting}", flush=True)
     codes: dict[str, int] = {}
-    while len(codes) < len(procs):
-        for label, proc in procs.items():
+    while len(codes) < len(jobs):
+        for label, proc in list(procs.items()):
             if label not in codes and proc.poll() is not None:
                 codes[label] = proc.returncode
                 logs[label].close()
@@ -58,6 +68,9 @@ def run_children(jobs: dict[str, list[str]], root: str) -> dict[str, int]:
                       f"{time.perf_counter() - started:.0f} s", flush=True)
                 if proc.returncode:
                     print(tail(os.path.join(root, label, "log.txt")), file=sys.stderr, flush=True)
+                if queue:
+                    launch(queue[0])
+                    print(f"multi: started {queue.pop(0)}", flush=True)
         time.sleep(1.0)
     return codes
 
@@ -204,10 +217,11 @@ def gather(kind: str, root: str, labels: list[str], repeat: tuple[str, str] | No
 
 
 def run_methods(preset_name: str, overrides: list[str], seeds: list[int], methods: list[str], root: str,
-                fig_dir: str | None, inline: bool) -> int:
+                fig_dir: str | None, inline: bool, max_parallel: int = 0, resume: bool = False) -> int:
     """Per seed one SFT start (`seed<S>/start/start.pt`), then every method from it (`seed<S>/<method>/`), all
     seeds' starts side by side, then all (seed, method) runs side by side (`inline`: in this process, in turn);
-    writes the comparison (`demo/compare.py`). 1 if a run failed (the others are still compared)."""
+    writes the comparison (`demo/compare.py`). 1 if a run failed (the others are still compared). `resume`
+    keeps the starts and runs that finished before (a start.pt, an a5_demo_results.json) and runs the rest."""
 
     def start(s: int) -> str:
         return os.path.join(root, f"seed{s}", "start", "start.pt")
@@ -224,14 +238,22 @@ def run_methods(preset_name: str, overrides: list[str], seeds: list[int], method
             for m in methods:
                 run_demo(replace(base, seed=s, method=m), folder(s, m), start_from=start(s))
     else:
+        def finished(s: int, m: str) -> bool:
+            return resume and os.path.isfile(os.path.join(folder(s, m), "a5_demo_results.json"))
+
+        kept = [f"seed{s}/start" for s in seeds if resume and os.path.isfile(start(s))]
+        kept += [f"seed{s}/{m}" for s in seeds for m in methods if finished(s, m)]
+        if kept:
+            print(f"multi: --resume keeps {', '.join(kept)}", flush=True)
         print("multi: training the SFT start of each seed", flush=True)
-        codes = run_children({f"seed{s}/start": demo_command(preset_name, folder(s, "start"), [*overrides, f"seed={s}"],
-                                                             "--save-start", start(s), "--start-only")
-                              for s in seeds}, root)
+        starts = {f"seed{s}/start": demo_command(preset_name, folder(s, "start"), [*overrides, f"seed={s}"],
+                                                 "--save-start", start(s), "--start-only")
+                  for s in seeds if f"seed{s}/start" not in kept}
+        codes = {label: 0 for label in kept} | run_children(starts, root, max_parallel)
         jobs = {f"seed{s}/{m}": demo_command(preset_name, folder(s, m), [*overrides, f"seed={s}", f"method={m}"],
                                              "--start-from", start(s))
-                for s in seeds if not codes[f"seed{s}/start"] for m in methods}
-        run_children(jobs, root)
+                for s in seeds if not codes[f"seed{s}/start"] for m in methods if not finished(s, m)}
+        run_children(jobs, root, max_parallel)
     return compare_methods(root, seeds, methods, fig_dir)
 
 
@@ -323,6 +345,11 @@ def _main(argv: list[str] | None = None) -> int:
                         help="methods: the RL methods to compare (default: all four)")
     parser.add_argument("--tiny", action="store_true", help="methods: the tiny CPU preset, in this process")
     parser.add_argument("--inline", action="store_true", help="methods: run every stage in this process, in turn")
+    parser.add_argument("--max-parallel", type=int, default=8,
+                        help="runs at a time (0: all); a run of the h200/methods presets holds about 7 GB of GPU "
+                             "memory, so 8 fit an 80 GB card and 12 do not")
+    parser.add_argument("--resume", action="store_true",
+                        help="methods: keep the starts and runs that finished before, run only the rest")
     args = parser.parse_args(argv)
     if args.tiny:
         args.preset, args.inline = "tiny", True
@@ -340,6 +367,8 @@ def _main(argv: list[str] | None = None) -> int:
         return fail(str(e))
     if any(lr <= 0 for lr in args.lrs):
         return fail("--lrs must be positive")
+    if args.max_parallel < 0:
+        return fail("--max-parallel must be 0 (all at once) or positive")
     root = args.out_dir
     os.makedirs(root, exist_ok=True)
 
@@ -365,7 +394,8 @@ def _main(argv: list[str] | None = None) -> int:
     if args.kind == "methods":
         if len(set(args.seeds)) != len(args.seeds) or len(set(args.methods)) != len(args.methods):
             return fail("--seeds and --methods must be distinct")
-        return run_methods(args.preset, args.set, args.seeds, args.methods, root, args.fig_dir, args.inline)
+        return run_methods(args.preset, args.set, args.seeds, args.methods, root, args.fig_dir, args.inline,
+                           args.max_parallel, args.resume)
 
     if args.kind == "seeds":
         if len(set(args.seeds)) != len(args.seeds):
@@ -379,7 +409,7 @@ def _main(argv: list[str] | None = None) -> int:
             label = f"seed{args.repeat}-repeat"
             jobs[label] = demo_command(args.preset, os.path.join(root, label), [*args.set, f"seed={args.repeat}"])
             repeat = (f"seed{args.repeat}", label)
-        run_children(jobs, root)
+        run_children(jobs, root, args.max_parallel)
         return gather("seeds", root, list(jobs), repeat, args.fig_dir)
 
     settings = [(f"lr{lr:g}", [f"grpo_lr={lr:g}"]) for lr in args.lrs] + variants
@@ -391,12 +421,12 @@ def _main(argv: list[str] | None = None) -> int:
     start = os.path.join(root, "start", "start.pt")
     print("multi: training the shared SFT start", flush=True)
     codes = run_children({"start": demo_command(args.preset, os.path.join(root, "start"), shared,
-                                                "--save-start", start, "--start-only")}, root)
+                                                "--save-start", start, "--start-only")}, root, args.max_parallel)
     if codes["start"]:
         return fail("the shared start failed; see start/log.txt")
     jobs = {label: demo_command(args.preset, os.path.join(root, label), shared + extra, "--start-from", start)
             for label, extra in settings}
-    run_children(jobs, root)
+    run_children(jobs, root, args.max_parallel)
     return gather("sweep", root, list(jobs), None, args.fig_dir)
 
 

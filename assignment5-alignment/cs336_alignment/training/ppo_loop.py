@@ -119,7 +119,8 @@ def score_rollout_batch(
     precision: str,
 ) -> dict[str, Tensor]:
     """log π_old, V_old and log π_ref of every label, before any update (the reference is the policy with its
-    adapters switched off when `reference` is None), in eval mode: no dropout noise in the old log-probs."""
+    adapters switched off when `reference` is None), in eval mode: no dropout noise in the old log-probs. Returned
+    on the host, beside the rest of the rollout batch (training moves each micro-batch to the device)."""
     device = model_device(policy)
     was_training = policy.training
     policy.eval()
@@ -139,7 +140,7 @@ def score_rollout_batch(
         parts["old_values"].append(values.float())
         parts["ref_log_probs"].append(ref.float())
     policy.train(was_training)
-    return {key: torch.cat(value) for key, value in parts.items()}
+    return {key: torch.cat(value).cpu() for key, value in parts.items()}
 
 
 def ppo_train_on_rollouts(
