@@ -89,12 +89,10 @@ def synchronize(device: torch.device) -> None:
 
 
 def make_config(args, variant: str):
-    overrides = dict(VARIANTS[variant])
-    if args.tiny:
-        overrides = {**TINY, **overrides}
-        if "batch_size" in VARIANTS[variant]:
-            overrides["batch_size"] = TINY["batch_size"] * 2
-    overrides = {**args.overrides, **overrides}
+    """The preset, then --tiny's shape, then --set, then the variant's own flags."""
+    overrides = {**(TINY if args.tiny else {}), **args.overrides, **VARIANTS[variant]}
+    if args.tiny and "batch_size" in VARIANTS[variant]:
+        overrides["batch_size"] = TINY["batch_size"] * 2
     overrides.setdefault("batch_size", args.batch_size or None)
     overrides = {k: v for k, v in overrides.items() if v is not None}
     return config_from_preset(args.preset, device=str(args.device), compile=args.compile, **overrides)

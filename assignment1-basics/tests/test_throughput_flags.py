@@ -24,7 +24,7 @@ from cs336_basics.nn_utils import cross_entropy
 from cs336_basics.optim import AdamW, FusedAdamW
 from cs336_basics.training import distributed
 from cs336_basics.training.config import TrainConfig
-from cs336_basics.training.metrics import read_jsonl
+from cs336_basics.training.metrics import read_jsonl, training_flops_per_token
 from cs336_basics.training.trainer import build_optimizer, loss_function
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -314,3 +314,23 @@ def test_benchmark_script_smoke_on_cpu(tmp_path):
     assert all(r["ms_per_step"] > 0 and not r.get("error") for r in rows.values())
     categories = json.loads(profile.read_text())["profiles"][0]["categories_ms"]
     assert categories["matmul"] > 0 and "idle_gap" in categories
+
+
+def test_benchmark_ddp_and_fsdp_variants_train_like_the_plain_step(tmp_path):
+    """The script's ddp/fsdp variants (a one-process gloo group on the CPU) start from the same weights and batch
+    as the plain step, so their losses must agree with it; --set reaches every variant's model."""
+    out = tmp_path / "flags.json"
+    env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "train_step_flags.py"), "--tiny", "--device", "cpu",
+                    "--steps", "2", "--windows", "1", "--warmup", "1", "--variants", "baseline,ddp,fsdp",
+                    "--set", "num_layers=3", "--out", str(out)],
+                   check=True, env=env, timeout=300, capture_output=True)
+    rows = {r["variant"]: r for r in json.loads(out.read_text())["rows"]}
+    assert not any(r.get("error") for r in rows.values())
+    base = rows["baseline"]
+    three_layers = TransformerConfig(vocab_size=512, context_length=32, d_model=64, num_layers=3, num_heads=4,
+                                     d_ff=128)  # the script's --tiny shape with the override
+    assert base["flops_per_token"] == training_flops_per_token(TransformerLM(three_layers, device="meta"))
+    for variant in ("ddp", "fsdp"):
+        assert rows[variant]["first_step_loss"] == pytest.approx(base["first_step_loss"], rel=1e-6)
+        assert rows[variant]["last_loss"] == pytest.approx(base["last_loss"], rel=1e-4)
