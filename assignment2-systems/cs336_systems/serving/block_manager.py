@@ -124,6 +124,22 @@ class BlockManager:
         self._note_usage()
         return table[index] * self.block_size + (num_tokens - 1) % self.block_size, copy
 
+    def slots_in_place(self, seq_id: int, num_tokens: int, count: int) -> list[int] | None:
+        """The slots of tokens num_tokens .. num_tokens + count - 1 (1-based) when the blocks the sequence
+        already owns alone hold them all (what `append_slot` would return for each, with nothing to allocate
+        or copy); None when a block must be added or copied first."""
+        table, size = self.tables[seq_id], self.block_size
+        first, last = (num_tokens - 1) // size, (num_tokens + count - 2) // size
+        if last >= len(table):
+            return None
+        refcount = self.allocator.refcount
+        if any(refcount[table[index]] > 1 for index in range(first, last + 1)):
+            return None
+        if first == last:
+            base = table[first] * size - first * size
+            return list(range(base + num_tokens - 1, base + num_tokens - 1 + count))
+        return [table[p // size] * size + p % size for p in range(num_tokens - 1, num_tokens - 1 + count)]
+
     def fork(self, parent_id: int, child_id: int) -> None:
         """The child shares every block of the parent (a sample of the same prompt)."""
         table = list(self.tables[parent_id])

@@ -60,6 +60,30 @@ class IncrementalDetokenizer:
         self.prefix, self.read = self.read, len(self.ids)
         return now[len(before) :]
 
+    def step_windows(self, steps: int) -> list[list[int]]:
+        """After `steps` ids were added at once: the id windows from `prefix` that end after each of them but
+        the last (the last one is `windows()[1]`), for `advance_steps`."""
+        end = len(self.ids)
+        return [self.ids[self.prefix : end - steps + j] for j in range(1, steps)]
+
+    def advance_steps(self, before: str, nows: list[str]) -> str:
+        """What `push`ing the newest len(nows) ids one at a time would add in all, from the texts of
+        `windows()[0]` and of the windows from `prefix` that end after each of those ids (`step_windows` and
+        then `windows()[1]`): each step advances when its text does not end in U+FFFD and is longer than the
+        text that was read. Equal to the per-token pushes for decoders where decoding from a point after which
+        text was read gives that same text's continuation (byte-level BPE, SentencePiece), i.e. all decoders
+        for which `push` itself is right; the state afterwards is the per-token one."""
+        base = len(self.ids) - len(nows)
+        read_len, last = len(before), None
+        prefix, read = self.prefix, self.read
+        for j, now in enumerate(nows, 1):
+            if len(now) > read_len and not now.endswith("\ufffd"):
+                prefix, read, read_len, last = read, base + j, len(now), now
+        if last is None:
+            return ""
+        self.prefix, self.read = prefix, read
+        return last[len(before) :]
+
     def flush(self) -> str:
         """Whatever is still held back (an incomplete character at the very end), as replacement characters."""
         before = self.decode(self.ids[self.prefix : self.read])

@@ -129,6 +129,9 @@ class LLMEngine:
         self.window = self.model.config.sliding_window if self.model.config.attention == "mha" else None
         self.eos_ids = set(served.eos_token_ids)
         self.decode_batch = batch_decoder(served.tokenizer)
+        # Sequences without stop strings take a decode window's tokens and text at once (`_take_windows`);
+        # False: every sequence goes token by token (`_process`), the reference the tests compare against.
+        self.window_text = True
         self.generator = torch.Generator(device=device).manual_seed(config.seed)
         self.prompt_tokens_total = self.generation_tokens_total = self.requests_finished_total = 0
         self._recent: deque[tuple[float, int]] = deque()
@@ -158,6 +161,7 @@ class LLMEngine:
             raise ValueError(f"request id {request_id!r} is already running")
         self.check_request(prompt_token_ids, params)
         request = Request(request_id, list(prompt_token_ids), params)
+        request.end_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_ids)
         if params.seed is not None:
             # One generator per sample, each drawing once per token of its own: the text of a seeded request
             # is then independent of what shares its batch, of preemption and of multi-step decoding.
@@ -253,18 +257,93 @@ class LLMEngine:
         tables = [self.blocks.tables[s.seq_id] for s in seqs]
         tokens = self.runner.decode([s.token_ids[-1] for s in seqs], [len(s.token_ids) for s in seqs],
                                     batch.slots, tables, self._sampler(seqs), batch.steps)
+        columns = list(zip(*tokens, strict=True))  # each sequence's tokens of the window
+        if not self.window_text:
+            self._count(self._take_steps(seqs, columns, batch.slots))
+            return
+        stepwise = [i for i, seq in enumerate(seqs) if seq.request.params.stop]
+        if not stepwise:
+            self._count(self._take_windows(seqs, columns, batch.slots))
+            return
+        windowed = sorted(set(range(len(seqs))) - set(stepwise))
+        pick = lambda rows, items: [items[i] for i in rows]
+        kept = self._take_steps(pick(stepwise, seqs), pick(stepwise, columns), pick(stepwise, batch.slots))
+        kept += self._take_windows(pick(windowed, seqs), pick(windowed, columns), pick(windowed, batch.slots))
+        self._count(kept)
+
+    def _take_steps(self, seqs: list[Sequence], columns: list[tuple[int, ...]], slots: list[list[int]]) -> int:
+        """Token by token: after each decode step every sequence still going takes its token and `_process`
+        checks it (stop strings need this: text is cut at the token where one appears). Returns tokens kept."""
         kept = 0
-        for step, step_tokens in enumerate(tokens):
-            active = [(seq, token) for seq, token, slots in zip(seqs, step_tokens, batch.slots, strict=True)
-                      if not seq.finished and step < len(slots)]
+        for step in range(len(columns[0]) if columns else 0):
+            active = [seq for seq, seq_slots in zip(seqs, slots, strict=True)
+                      if not seq.finished and step < len(seq_slots)]
             if not active:
                 break
-            for seq, token in active:
-                seq.num_cached = len(seq.token_ids)
-                seq.token_ids.append(token)
-            self._process([seq for seq, _ in active])
+            for seq, column, seq_slots in zip(seqs, columns, slots, strict=True):
+                if not seq.finished and step < len(seq_slots):
+                    seq.num_cached = len(seq.token_ids)
+                    seq.token_ids.append(column[step])
+            self._process(active)
             kept += len(active)
-        self._count(kept)
+        return kept
+
+    def _take_windows(self, seqs: list[Sequence], columns: list[tuple[int, ...]], slots: list[list[int]]) -> int:
+        """The whole window per sequence at once, for sequences without stop strings: its tokens up to the
+        first end-of-text or stop token, or as many as it has slots for (max_tokens), and their text from one
+        batched decode for all sequences, the same text, finish reasons and counts as `_take_steps` gives.
+        A window whose text ends inside a character (or adds none) is resolved step by step from a second
+        batched decode of its shorter windows (`IncrementalDetokenizer.advance_steps`). Returns tokens kept."""
+        kept = 0
+        texted: list[tuple[Sequence, int, bool]] = []  # (sequence, text tokens taken, ended by a stop token)
+        for seq, column, seq_slots in zip(seqs, columns, slots, strict=True):
+            new = column[: len(seq_slots)]
+            ends = seq.request.end_ids
+            cut = None
+            if ends and not ends.isdisjoint(new):
+                cut = next(j for j, token in enumerate(new) if token in ends)
+                new = new[: cut + 1]
+            seq.num_cached = len(seq.token_ids) + len(new) - 1
+            seq.token_ids.extend(new)
+            kept += len(new)
+            text_ids = new if cut is None else new[:cut]  # the end-of-text token itself is not text
+            if text_ids:
+                seq.detokenizer.ids.extend(text_ids)
+                texted.append((seq, len(text_ids), cut is not None))
+            else:
+                seq.text += seq.detokenizer.flush()
+                self.scheduler.finish(seq, "stop")
+        if not texted:
+            return kept
+        texts = self.decode_batch([w for seq, _, _ in texted for w in seq.detokenizer.windows()])
+        added = []
+        for i, (seq, n, _) in enumerate(texted):
+            if n > 1 and texts[2 * i].endswith("\ufffd"):  # the read text ends inside a character (only after a
+                detok = seq.detokenizer  # prompt that does): token by token, as `_take_steps` would
+                new, detok.ids[-n:] = detok.ids[-n:], []
+                added.append("".join(map(detok.push, new)))
+            else:
+                added.append(seq.detokenizer.advance(texts[2 * i], texts[2 * i + 1]))
+        unsure = [i for i, (_, n, _) in enumerate(texted)
+                  if n > 1 and not added[i] and not texts[2 * i].endswith("\ufffd")]
+        if unsure:  # its text ends inside a character: where would the token-by-token path have stopped?
+            detoks = [(texted[i][0].detokenizer, texted[i][1]) for i in unsure]
+            shorter = self.decode_batch([w for detok, n in detoks for w in detok.step_windows(n)])
+            at = 0
+            for i in unsure:
+                seq, n, _ = texted[i]
+                nows = [*shorter[at : at + n - 1], texts[2 * i + 1]]
+                added[i] = seq.detokenizer.advance_steps(texts[2 * i], nows)
+                at += n - 1
+        for (seq, _, stopped), text in zip(texted, added, strict=True):
+            seq.text += text
+            if stopped:
+                seq.text += seq.detokenizer.flush()
+                self.scheduler.finish(seq, "stop")
+            elif len(seq.token_ids) - seq.prompt_len >= seq.request.params.max_tokens:
+                seq.text += seq.detokenizer.flush()
+                self.scheduler.finish(seq, "length")
+        return kept
 
     def _fork(self, parent: Sequence) -> Sequence:
         child = self._new_sequence(parent.request, len(parent.request.seqs), list(parent.token_ids))
@@ -305,7 +384,7 @@ class LLMEngine:
                 visible = max(seq.emitted_chars, visible - holdback(request.params.stop))
             out_ids = seq.output_ids
             outputs.append(CompletionOutput(
-                index=seq.index, text=seq.text[:visible], token_ids=list(out_ids),
+                index=seq.index, text=seq.text[:visible], token_ids=out_ids,  # a fresh list: a slice
                 delta_text=seq.text[seq.emitted_chars : visible], delta_token_ids=out_ids[seq.emitted_tokens :],
                 finish_reason=seq.finish_reason,
             ))

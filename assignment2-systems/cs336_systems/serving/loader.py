@@ -94,7 +94,7 @@ class HFTokenizer:
             return [self.decode(ids) for ids in batch]
         vocab = backend.get_vocab_size(with_added_tokens=True)
         # The Rust decoder rejects ids past its vocabulary (models often pad theirs): those become U+FFFD.
-        if any(i >= vocab for ids in batch for i in ids):
+        if max(map(max, filter(None, batch)), default=-1) >= vocab:
             return [self.decode([i for i in ids if i < vocab]) + "\ufffd" * sum(i >= vocab for i in ids)
                     for ids in batch]
         return backend.decode_batch(batch, skip_special_tokens=True)

@@ -108,6 +108,12 @@ class Scheduler:
             seq = self.running[i]
             generated = len(seq.token_ids) - seq.prompt_len
             steps = max(1, min(self.decode_steps, seq.request.params.max_tokens - generated))
+            seq_slots = self.blocks.slots_in_place(seq.seq_id, len(seq.token_ids), steps)
+            if seq_slots is not None:  # the common case: its own blocks have room for the whole window
+                seqs.append(seq)
+                slots.append(seq_slots)
+                i += 1
+                continue
             seq_slots = []
             for step in range(steps):
                 holds = len(seq.token_ids) + step  # tokens the pool holds once this step has stored its input

@@ -55,6 +55,7 @@ class Request:
     arrival: float = field(default_factory=time.monotonic)
     seqs: list[Sequence] = field(default_factory=list)
     generators: list | None = None  # one torch.Generator per sample when the request carries a seed
+    end_ids: frozenset[int] = frozenset()  # token ids that end a sample: stop_token_ids, and eos unless ignored
 
     @property
     def finished(self) -> bool:

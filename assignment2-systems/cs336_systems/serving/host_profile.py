@@ -1,0 +1,144 @@
+"""Host (CPU) work per decode window of `LLMEngine`, with a tiny random model on the CPU.
+
+    python -m cs336_systems.serving.host_profile                 # 64 sequences, HF byte-level BPE tokenizer
+    python -m cs336_systems.serving.host_profile --per-token     # the per-step text path, for an A/B
+    python -m cs336_systems.serving.host_profile --stop-strings  # every request has a (never met) stop string
+    python -m cs336_systems.serving.host_profile --cprofile 25   # plus the top 25 functions by own time
+
+Every request decodes `--max-tokens` tokens (ignore_eos), so the decode windows are full batches. Each decode
+window's wall time is split into the model runner's `decode` (here the CPU forward of the tiny model, on a
+GPU the device work plus its launches) and everything else the engine does around it: scheduling, reading
+the tokens, stop checks, detokenization, outputs. That second part is the "host ms per window" this script
+reports (per window and per decode step), the median over `--repeats` runs after one warm-up run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+
+
+def build_served(tokenizer: str, vocab_size: int, seed: int):
+    import torch
+
+    from cs336_basics.model import TransformerConfig, TransformerLM
+    from cs336_systems.serving.loader import ByteTokenizer, HFTokenizer, ServedModel
+
+    if tokenizer == "hf":
+        from transformers import AutoTokenizer
+
+        from cs336_systems.serving.bench_models import write_tokenizer
+
+        folder = tempfile.mkdtemp(prefix="cs336-host-profile-")
+        eos = write_tokenizer(folder, vocab_size, 2048)
+        tok = HFTokenizer(AutoTokenizer.from_pretrained(folder, local_files_only=True))
+    else:
+        vocab_size, eos, tok = 257, 256, ByteTokenizer()
+    torch.manual_seed(seed)
+    config = TransformerConfig(vocab_size=vocab_size, context_length=512, d_model=32, num_layers=1, num_heads=2,
+                               d_ff=64)
+    return ServedModel(TransformerLM(config).eval(), tok, f"tiny-{tokenizer}", eos_token_ids=[eos])
+
+
+class Timer:
+    """Wraps a bound method: calls and seconds spent inside it."""
+
+    def __init__(self, fn):
+        self.fn, self.calls, self.seconds = fn, 0, 0.0
+
+    def __call__(self, *args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return self.fn(*args, **kwargs)
+        finally:
+            self.seconds += time.perf_counter() - start
+            self.calls += 1
+
+
+def run_once(served, args, profiler=None) -> dict:
+    from cs336_systems.serving.engine import EngineConfig, LLMEngine
+    from cs336_systems.serving.params import SamplingParams
+
+    engine = LLMEngine(served, EngineConfig(device="cpu", max_num_seqs=args.num_seqs,
+                                            decode_steps=args.decode_steps, prefill_delay_steps=0,
+                                            seed=args.seed))
+    if args.per_token:
+        engine.window_text = False
+    runner = engine.runner.decode = Timer(engine.runner.decode)
+    schedule = engine.scheduler.schedule = Timer(engine.scheduler.schedule)
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, ignore_eos=True,
+                            stop=["\x00never\x00"] if args.stop_strings else [])
+    prompts = [[(7 * i + j) % 200 + 32 for j in range(args.prompt_len)] for i in range(args.num_seqs)]
+    if profiler is not None:
+        profiler.enable()
+    outputs = engine.generate(prompts, params)
+    if profiler is not None:
+        profiler.disable()
+    windows, seconds, _ = engine.step_totals["decode"]
+    decode_schedule = schedule.seconds  # includes the one prefill's scheduling: negligible next to the windows
+    host = seconds - runner.seconds
+    return {
+        "windows": int(windows),
+        "host_ms_per_window": 1e3 * host / windows,
+        "host_ms_per_step": 1e3 * host / windows / args.decode_steps,
+        "schedule_ms_per_window": 1e3 * decode_schedule / windows,
+        "runner_ms_per_window": 1e3 * runner.seconds / windows,
+        "tokens": sum(len(o.outputs[0].token_ids) for o in outputs),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--num-seqs", type=int, default=64)
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--prompt-len", type=int, default=16)
+    p.add_argument("--decode-steps", type=int, default=4)
+    p.add_argument("--temperature", type=float, default=1.0,
+                   help="1.0 (default): random bytes, the worst case for multi-byte characters; 0: greedy")
+    p.add_argument("--tokenizer", choices=("hf", "byte"), default="hf",
+                   help="hf: a synthetic byte-level BPE behind tokenizers' Rust decode_batch (the benchmark's); "
+                        "byte: cs336_basics' Python tokenizer over 256 bytes")
+    p.add_argument("--vocab-size", type=int, default=4096)
+    p.add_argument("--per-token", action="store_true", help="the per-step text path for every sequence")
+    p.add_argument("--stop-strings", action="store_true", help="every request has a stop string (never met)")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: steadier timings)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cprofile", type=int, default=0, metavar="N",
+                   help="one more run under cProfile; print its top N functions by own time")
+    p.add_argument("--json", action="store_true", help="one JSON line instead of the table")
+    args = p.parse_args(argv)
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    served = build_served(args.tokenizer, args.vocab_size, args.seed)
+    run_once(served, args)  # warm-up
+    runs = [run_once(served, args) for _ in range(args.repeats)]
+    summary = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+    summary["host_ms_per_window_runs"] = [round(r["host_ms_per_window"], 3) for r in runs]
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(f"{args.num_seqs} sequences x {args.max_tokens} tokens, decode_steps {args.decode_steps}, "
+              f"tokenizer {args.tokenizer}, {'per-token' if args.per_token else 'window'} text path"
+              f"{', stop strings' if args.stop_strings else ''}; median of {args.repeats}")
+        for key in ("windows", "host_ms_per_window", "host_ms_per_step", "schedule_ms_per_window",
+                    "runner_ms_per_window"):
+            print(f"  {key:24s} {summary[key]:.3f}")
+        print(f"  runs (host ms/window)    {summary['host_ms_per_window_runs']}")
+    if args.cprofile:
+        import cProfile
+        import pstats
+
+        profiler = cProfile.Profile()
+        run_once(served, args, profiler)
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(args.cprofile)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
