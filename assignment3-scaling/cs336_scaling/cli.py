@@ -17,6 +17,7 @@ from cs336_basics.cli_support import (
     bounded,
     check_ranges,
     read_jsonl_tolerant,
+    reading,
     refuse_overwriting_inputs,
     run_command,
 )
@@ -62,6 +63,41 @@ def positive(flag: str, values: list[float]) -> list[float]:
     return values
 
 
+def flop_counts(flag: str, values: list[float]) -> list[int]:
+    """FLOP counts as the integers a run is configured with: each finite and >= 1 (0.5 would become 0)."""
+    for value in values:
+        if not (math.isfinite(value) and value >= 1):
+            raise UserError(f"{flag} must be >= 1, got {value}")
+    return [int(value) for value in values]
+
+
+def _file_in_the_way(folder: str) -> str | None:
+    """The existing file among `folder` and its ancestors, if any (a folder cannot be created there)."""
+    folder = os.path.abspath(folder)
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    return None if os.path.isdir(folder) else folder
+
+
+def check_outputs(files: list[tuple[str, str | None]] = (), folders: list[tuple[str, str]] = ()) -> None:
+    """(flag, path) outputs refused before any work rather than when written at the end (after the fit, the
+    study or the tokenizer's training): a folder where a file goes, a file where a folder must be created."""
+    for flag, folder in folders:
+        blocker = _file_in_the_way(folder)
+        if blocker == os.path.abspath(folder):
+            raise UserError(f"{flag} {folder} is a file; expected a folder")
+        if blocker is not None:
+            raise UserError(f"{flag} {folder}: {blocker} is a file, not a folder")
+    for flag, path in files:
+        if path is None:
+            continue
+        if os.path.isdir(path):
+            raise UserError(f"{flag} {path} is a folder; expected a file path")
+        blocker = _file_in_the_way(os.path.dirname(os.path.abspath(path)))
+        if blocker is not None:
+            raise UserError(f"{flag} {path}: {blocker} is a file, not a folder")
+
+
 def figure_paths(prefix: str, names: tuple[str, ...]) -> list[str]:
     return [f"{prefix}_{name}.png" for name in names]
 
@@ -75,6 +111,8 @@ def cmd_isoflops(args) -> dict:
     prefix = os.path.join(args.out_dir, args.prefix)
     n_path, d_path, profiles_path = figure_paths(prefix, ("n_opt", "d_opt", "profiles"))
     refuse_overwriting_inputs([n_path, d_path, profiles_path] + ([args.json] if args.json else []), [args.data])
+    check_outputs([("--json", args.json), *(("--prefix", p) for p in (n_path, d_path, profiles_path))],
+                  [("--out-dir", args.out_dir)])
     runs = load_runs(args.data)
     if len({r.compute_budget for r in runs}) < 2:
         raise UserError(f"{args.data}: the fits need runs at two compute budgets or more")
@@ -129,6 +167,9 @@ def cmd_serve(args) -> None:
     keys = list(args.api_key) + [k for k in os.environ.get("CS336_SCALING_API_KEYS", "").split(",") if k]
     if not keys:
         raise UserError("the server needs at least one API key (--api-key or $CS336_SCALING_API_KEYS)")
+    if any(not key.strip() for key in keys):
+        raise UserError("--api-key: API keys must not be empty or blank (an empty one lets in requests without a key)")
+    check_outputs([("--db", args.db)])
     if args.trainer == "surrogate":
         trainer = SurrogateLaw(seed=args.seed, noise=args.noise).loss
     else:
@@ -165,6 +206,9 @@ def cmd_study(args) -> dict:
     outputs = [args.report, *figure_paths(os.path.join(args.out_dir, args.prefix), ("profiles", "n_opt"))]
     refuse_overwriting_inputs(outputs + ([args.json] if args.json else []),
                               [args.cache] if args.cache != ":memory:" else [])
+    check_outputs([("--report", args.report), ("--json", args.json),
+                   *([("--cache", args.cache)] if args.cache != ":memory:" else []),
+                   *(("--prefix", p) for p in outputs[1:])], [("--out-dir", args.out_dir)])
     if args.cache != ":memory:":  # before the local server starts: a bad cache is refused at once
         open_database(args.cache, CACHE_SCHEMA, "--cache").close()
     law = None
@@ -199,9 +243,9 @@ def cmd_study(args) -> dict:
 
 
 def cmd_train(args) -> dict:
-    positive("--train-flops", [args.train_flops])
+    (train_flops,) = flop_counts("--train-flops", [args.train_flops])
     run = RunConfig(args.d_model, args.num_layers, args.num_heads, args.batch_size, args.learning_rate,
-                    int(args.train_flops))
+                    train_flops)
     result = {**run.to_dict(), **_real_trainer(args).train(run)}
     print(json.dumps(result))
     return result
@@ -214,11 +258,13 @@ def cmd_profile(args) -> dict:
     from cs336_scaling.isoflops import Run, fit_isoflops, plot_law, plot_profiles
 
     ProfileOptions(args.time_limit_s)
-    budgets = [int(f) for f in positive("--budgets", args.budgets)]
+    budgets = flop_counts("--budgets", args.budgets)
     shapes = [parse_shape(shape) for shape in args.shapes]
     figures = figure_paths(args.figure_prefix, ("profiles", "n_opt"))
     refuse_overwriting_inputs([args.results, *figures], [args.tokens] if args.tokens else [])
+    check_outputs([("--results", args.results), *(("--figure-prefix", f) for f in figures)])
     trainer = _real_trainer(args)
+    os.makedirs(os.path.dirname(os.path.abspath(args.results)), exist_ok=True)  # before a run, not after it
     started = time.perf_counter()
     done = load_profile(args.results)
     for flops in budgets:
@@ -259,7 +305,8 @@ def load_profile(path: str) -> dict:
     rewritten without it so the next append starts on a fresh line)."""
     if not os.path.exists(path):
         return {}
-    rows = read_jsonl_tolerant(path)
+    with reading(path):
+        rows = read_jsonl_tolerant(path)
     done = {}
     for number, row in enumerate(rows, start=1):
         try:
@@ -289,6 +336,7 @@ def cmd_make_tokens(args) -> dict:
     started = time.perf_counter()
     text = os.path.join(args.work_dir, "stories.txt")
     refuse_overwriting_inputs([args.out], [text])
+    check_outputs([("--out", args.out)], [("--work-dir", args.work_dir)])
     os.makedirs(args.work_dir, exist_ok=True)
     write_corpus(text, args.stories, seed=args.seed)
     vocab, merges = train_bpe(text, args.vocab_size, ["<|endoftext|>"])

@@ -135,6 +135,8 @@ def test_serve_and_study_bad_environment_is_one_line(tmp_path):
     (["profile", "--budgets", "1e14", "-1", "--shapes", "128x2x2"], "--budgets"),
     (["profile", "--budgets", "1e14", "--shapes", "128x2"], "--shapes"),
     (["profile", "--budgets", "1e14", "--shapes", "128x2x2", "--time-limit-s", "-1"], "--time-limit-s"),
+    (["train", "--train-flops", "0.5"], "--train-flops"),  # was "must be > 0, got 0" (truncated to an int)
+    (["profile", "--budgets", "0.5", "--shapes", "128x2x2"], "--budgets"),  # was the error of --train-flops
     (["make-tokens", "--out", "t.npy", "--vocab-size", "70000"], "--vocab-size"),
     (["make-tokens", "--out", "t.npy", "--stories", "0"], "--stories"),
     (["isoflops", "--data", str(EXAMPLE), "--predict", "-1"], "--predict"),
@@ -203,6 +205,52 @@ def test_profile_results_tolerate_a_half_written_last_line(tmp_path):
     assert list(done) == [(64, 2, 10**9)]
     assert any("profile.jsonl" in str(w.message) for w in caught)
     assert path.read_text() == json.dumps(row) + "\n"  # the next append starts on a line of its own
+
+
+def test_unwritable_outputs_are_refused_before_any_work(tmp_path):
+    """A folder where an output file goes, or a file where an output folder goes, was refused only when written:
+    after the fit (isoflops), the whole study (20 s, its report and figures already replaced), the tokenizer's
+    training (make-tokens) or a profile's runs, with "File exists: ..." as the message."""
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "file.txt").write_text("a file")
+    tokens = ["--tokens", "tokens.npy", "--vocab-size", "32", "--context-length", "16", "--device", "cpu"]
+    np.save(tmp_path / "tokens.npy", np.arange(5000, dtype=np.uint16) % 17)
+    cases = [
+        (["isoflops", "--data", str(EXAMPLE), "--json", "folder"], ["--json folder is a folder"]),
+        (["isoflops", "--data", str(EXAMPLE), "--out-dir", "file.txt"], ["--out-dir file.txt is a file"]),
+        (["study", "--json", "folder"], ["--json folder is a folder"]),
+        (["study", "--out-dir", "file.txt/figs"], ["--out-dir file.txt/figs", "file.txt is a file"]),
+        (["study", "--cache", "file.txt/cache.sqlite"], ["--cache", "file.txt is a file"]),
+        (["make-tokens", "--out", "folder", "--stories", "10", "--vocab-size", "300"], ["--out folder is a folder"]),
+        (["make-tokens", "--out", "t.npy", "--work-dir", "file.txt"], ["--work-dir file.txt is a file"]),
+        (["profile", "--budgets", "1e9", "--shapes", "64x2x2", "--results", "folder", *tokens], ["--results"]),
+        (["profile", "--budgets", "1e9", "--shapes", "64x2x2", "--figure-prefix", "file.txt/x", *tokens],
+         ["--figure-prefix", "file.txt is a file"]),
+        (["serve", "--api-key", "k", "--db", "file.txt/db.sqlite"], ["--db", "file.txt is a file"]),
+    ]
+    for args, needles in cases:
+        assert_one_line_error(cli(tmp_path, *args), *needles)
+    assert sorted(os.listdir(tmp_path)) == ["file.txt", "folder", "tokens.npy"]  # nothing written, no run folder
+    assert not os.listdir(tmp_path / "folder")
+
+
+def test_profile_results_file_that_is_not_utf8_or_in_a_new_folder(tmp_path):
+    np.save(tmp_path / "tokens.npy", np.arange(5000, dtype=np.uint16) % 17)
+    (tmp_path / "bytes.jsonl").write_bytes(b"\xff\xfe not UTF-8\n")
+    args = ["profile", "--budgets", "1e9", "--shapes", "64x2x2", "--tokens", "tokens.npy", "--vocab-size", "32",
+            "--context-length", "16", "--device", "cpu", "--max-steps", "1", "--eval-batches", "1"]
+    # was the codec's message alone, without the file
+    assert_one_line_error(cli(tmp_path, *args, "--results", "bytes.jsonl"), "cannot read bytes.jsonl")
+    # was: the run trained, then "No such file or directory" when appending its row (the run lost)
+    result = cli(tmp_path, *args, "--results", "new/profile.jsonl", "--figure-prefix", "new/fig")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads((tmp_path / "new" / "profile.jsonl").read_text())["train_flops"] == 10**9
+
+
+def test_serve_refuses_an_empty_api_key(tmp_path):
+    # an empty key let in every request that sent `api_key=` (it used to start and serve)
+    assert_one_line_error(cli(tmp_path, "serve", "--api-key", "", "--db", "db.sqlite"), "--api-key", "empty")
+    assert not (tmp_path / "db.sqlite").exists()
 
 
 # --- class 7: the training API over real HTTP ----------------------------------------------------------------
