@@ -23,12 +23,13 @@ from cs336_basics.cli_support import (
     atomic_write,
     bounded,
     check_ranges,
+    reading,
     refuse_overwriting_inputs,
     run_command,
 )
 from cs336_basics.cli_support.errors import describe
 from cs336_data.assets import ASSETS, asset_path, bundled_path, download_asset, require_asset
-from cs336_data.safe_io import atomic_outputs, distinct_names, out_folder, require_files
+from cs336_data.safe_io import atomic_outputs, distinct_names, out_file, out_folder, require_files
 
 
 @dataclass
@@ -45,6 +46,9 @@ class CliNumbers:
     k: int | None = bounded(None, ge=1)
     slurm_timeout_min: int | None = bounded(None, ge=1)
     seed: int | None = bounded(None, ge=0)
+    # also checked here because --no-langid / --no-harmful drop them before FilterConfig sees them
+    lang_threshold: float | None = bounded(None, ge=0, le=1)
+    nsfw_threshold: float | None = bounded(None, ge=0, le=1)
 
     def __post_init__(self) -> None:
         check_ranges(self)
@@ -61,6 +65,8 @@ def _progress(args: argparse.Namespace) -> bool:
 
 def _assets(args: argparse.Namespace) -> int:
     if args.action == "list":
+        if args.names:
+            raise UserError(f"assets list takes no names (got {args.names[0]!r}); use `assets download NAME ...`")
         for name, asset in ASSETS.items():
             path = asset_path(name)
             state = ("bundled" if path == bundled_path(name) else "present") if path.is_file() else "missing"
@@ -87,6 +93,7 @@ def _extract(args: argparse.Namespace) -> int:
 
     require_files([args.input])
     refuse_overwriting_inputs([args.out], [args.input])
+    out_file(args.out)
     stats: Counter[str] = Counter()
     step = ExtractText()
     docs = (d for d in (step(doc) for doc in read_whole(args.input, "response", stats)) if d is not None)
@@ -137,8 +144,8 @@ def _filter(args: argparse.Namespace) -> int:
 def _dedup(args: argparse.Namespace) -> int:
     from cs336_data.minhash import MinHashConfig
 
-    if args.method == "minhash":
-        MinHashConfig(args.num_hashes, args.num_bands, args.ngrams, args.threshold, args.seed, args.workers)
+    # checked for `exact` too: a nonsense value is refused, not silently ignored
+    MinHashConfig(args.num_hashes, args.num_bands, args.ngrams, args.threshold, args.seed, args.workers)
     inputs = require_files(args.inputs)
     distinct_names(inputs)
     refuse_overwriting_inputs([Path(args.out_dir) / p.name for p in inputs], inputs)
@@ -165,6 +172,7 @@ def _tokenize(args: argparse.Namespace) -> int:
 
     require_files(args.inputs)
     refuse_overwriting_inputs([args.out], [*args.inputs, *([args.gpt2_vocab] if args.gpt2_vocab else [])])
+    out_file(args.out)
     stats = tokenize_to_uint16(iter_document_texts(args.inputs), args.out, gpt2_encoding(args.gpt2_vocab),
                                workers=args.workers, progress=_progress(args), source=", ".join(args.inputs))
     print(json.dumps(stats))
@@ -177,16 +185,20 @@ def _quality(args: argparse.Namespace) -> int:
     if args.action == "sample-urls":
         source = require_files([args.urls])[0] if args.urls else require_asset("wiki-urls")
         refuse_overwriting_inputs([args.out], [source])
+        out_file(args.out)
         urls = quality.sample_urls(source, args.n, args.seed, progress=_progress(args))
+        if not urls:
+            raise UserError(f"no URLs in {source}; {args.out} not written")
         with atomic_write(args.out) as f:
             f.write("\n".join(urls) + "\n")
         print(f"{len(urls)} URLs in {args.out}; fetch them with:\n"
               f"  wget --timeout=5 --tries=1 -i {args.out} --warc-file={Path(args.out).stem} -O /dev/null")
         return 0
     inputs = require_files([*args.positives, *args.negatives])
-    work, model = Path(args.work_dir), Path(args.out or asset_path("quality"))
-    if model.is_dir():
-        raise UserError(f"--out {model} is a folder; expected the model's file path")
+    both = [p for p in map(Path, args.positives) if any(p.samefile(n) for n in map(Path, args.negatives))]
+    if both:
+        raise UserError(f"{both[0]} is among both --positives and --negatives; the classifier would learn nothing")
+    work, model = Path(args.work_dir), out_file(args.out or asset_path("quality"))
     out_folder(work, "--work-dir")
     steps = []
     if not args.no_filter:
@@ -205,7 +217,16 @@ def _quality(args: argparse.Namespace) -> int:
 
 
 def _classify(args: argparse.Namespace) -> int:
-    text = sys.stdin.read() if args.file == "-" else Path(args.file).read_text(encoding="utf-8", errors="replace")
+    if args.file == "-":
+        text = sys.stdin.read()
+    else:
+        from xopen import xopen
+
+        require_files([args.file])
+        with reading(args.file), xopen(args.file, "rt", threads=0, encoding="utf-8", errors="replace") as f:
+            text = f.read()  # a .gz file decompressed, not classified as compressed bytes
+    if not text.strip() and args.what not in ("gopher", "pii"):
+        raise UserError(f"{'standard input' if args.file == '-' else args.file} holds no text to classify")
     if args.what == "gopher":
         from cs336_data.gopher import GopherRules
 

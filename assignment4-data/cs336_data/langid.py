@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 
+from cs336_basics.cli_support import UserError
 from cs336_data.document import Document, Step
 from cs336_data.fasttext_model import load_classifier
 
@@ -25,6 +26,10 @@ class LanguageFilter(Step):
         self.languages = set(languages)
         self.min_score = min_score
         self.model = load_classifier("lid", model_path)
+        known = {label.removeprefix("__label__") for label in self.model.model.get_labels()}
+        unknown = sorted(self.languages - known)
+        if unknown:  # it would drop every document, silently
+            raise UserError(f"--lang {unknown[0]}: not a language code of the language-ID model (such as en, de, zh)")
 
     def apply(self, doc: Document) -> Document | None:
         lang, score = self.model.top(doc.text)

@@ -67,19 +67,27 @@ def _encode(text: str) -> list[int]:
 
 
 def iter_document_texts(paths: Iterable[str | os.PathLike], field: str = "text") -> Iterator[str]:
-    """Texts from JSONL shards (`field` of each object) or plain-text files (each file one document).
+    """Texts from JSONL shards (`field` of each object) or plain-text files (each non-empty file one document;
+    a WARC/WET file is refused: run `filter` first).
 
     A damaged file (truncated gzip, not gzip, not UTF-8) or a record without its text is a `UserError` naming
     the file (and line)."""
     for path in paths:
         name = str(path)
-        with reading(path), xopen(path, "rt", threads=0, encoding="utf-8") as f:
-            if ".jsonl" in name:
+        if ".jsonl" in name:
+            with reading(path), xopen(path, "rt", threads=0, encoding="utf-8") as f:
                 for lineno, line in enumerate(f, start=1):
                     if line.strip():
                         yield jsonl_field(line, path, lineno, field)
-            else:
-                yield f.read()
+            continue
+        with reading(path), xopen(path, "rb", threads=0) as b:
+            data = b.read()
+        if data.startswith(b"WARC/"):  # its headers and markup would be tokenized as one document
+            raise UserError(f"{name} is a WARC/WET file; tokenize takes JSONL shards (from filter) or text files")
+        with reading(path):
+            text = data.decode("utf-8")
+        if text.strip():  # an empty text file holds no document (not one made of a lone <|endoftext|>)
+            yield text
 
 
 def tokenize_to_uint16(texts: Iterable[str], output_path: str | os.PathLike, encoding: tiktoken.Encoding,

@@ -225,6 +225,83 @@ def test_bad_numbers_are_refused_naming_the_flag(tmp_path, args, flag):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.txt"]  # nothing written
 
 
+def test_values_that_would_be_silently_ignored_are_refused(tmp_path):
+    """Flags of a step that is off, or of the other dedup method, used to be ignored whatever they held."""
+    (tmp_path / "x.txt").write_text("x\n")
+    cases = [
+        (["filter", "x.txt", "--out-dir", "o", "--no-langid", "--no-harmful", "--lang-threshold", "nan"],
+         "--lang-threshold"),
+        (["filter", "x.txt", "--out-dir", "o", "--no-harmful", "--nsfw-threshold", "3"], "--nsfw-threshold"),
+        (["dedup", "exact", "x.txt", "--out-dir", "o", "--threshold", "7"], "--threshold"),
+        (["dedup", "exact", "x.txt", "--out-dir", "o", "--ngrams", "0"], "--ngrams"),
+    ]
+    for args, flag in cases:
+        assert_one_line_error(cli(tmp_path, *args), flag, "must be")
+    assert_one_line_error(cli(tmp_path, "assets", "list", "lid"), "assets list takes no names")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.txt"]  # nothing written
+
+
+def test_filter_refuses_a_language_the_model_does_not_know(tmp_path):
+    # --lang zz used to run and drop every document (other_lang:en), exit 0
+    wet = _wet(tmp_path / "a.warc.wet.gz")
+    assert_one_line_error(cli(tmp_path, "filter", wet, "--out-dir", "f", "--lang", "en", "zz", "--no-harmful"),
+                          "--lang zz", "not a language code")
+    assert not (tmp_path / "f").exists()
+
+
+def test_unwritable_outputs_are_refused_before_any_work(tmp_path, vocab):
+    """A file where an output's folder must be (was "File exists: <file>" or "Not a directory")."""
+    wet = _wet(tmp_path / "a.warc.wet.gz")
+    shard = _gzip_jsonl(tmp_path / "s.jsonl.gz", ["some words here"])
+    (tmp_path / "urls.txt").write_text("http://a.example/\n")
+    (tmp_path / "file").write_text("a file")
+    cases = [
+        ["extract", wet, "--out", "file/x.jsonl"],
+        ["tokenize", shard, "--out", "file/t.bin", "--gpt2-vocab", vocab],
+        ["quality", "sample-urls", "--urls", "urls.txt", "--out", "file/u.txt"],
+        ["quality", "train", "--positives", wet, "--negatives", shard, "--no-filter", "--out", "file/m.bin",
+         "--work-dir", "work"],
+        ["filter", wet, "--out-dir", "file/sub", "--no-langid", "--no-harmful"],
+        ["dedup", "exact", shard, "--out-dir", "file/sub"],
+    ]
+    for args in cases:
+        assert_one_line_error(cli(tmp_path, *args), f"{tmp_path / 'file'} is a file, not a folder")
+    assert_one_line_error(cli(tmp_path, "extract", wet, "--out", tmp_path), "is a folder; expected a file path")
+    assert not (tmp_path / "work").exists()
+
+
+def test_empty_or_wrong_kind_inputs_are_refused_not_turned_into_nonsense(tmp_path, vocab):
+    wet = _wet(tmp_path / "a.warc.wet.gz")
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "blank.txt").write_text("  \n\n")
+    (tmp_path / "none.txt").write_text("\n\n")
+    for name in ("t.bin", "u.txt"):
+        (tmp_path / name).write_bytes(PRECIOUS)
+    # a WET file was one "document" of WARC headers and text; an empty text file one lone <|endoftext|>
+    assert_one_line_error(cli(tmp_path, "tokenize", wet, "--out", "t.bin", "--gpt2-vocab", vocab),
+                          "a.warc.wet.gz is a WARC/WET file")
+    assert_one_line_error(cli(tmp_path, "tokenize", "empty.txt", "blank.txt", "--out", "t.bin", "--gpt2-vocab",
+                              vocab), "no documents")
+    # an empty URL list wrote an output of one blank line ("0 URLs in u.txt")
+    assert_one_line_error(cli(tmp_path, "quality", "sample-urls", "--urls", "none.txt", "--out", "u.txt"),
+                          "no URLs in none.txt")
+    # the same file as both classes trained a classifier that cannot tell them apart
+    assert_one_line_error(cli(tmp_path, "quality", "train", "--positives", wet, "--negatives", "./a.warc.wet.gz",
+                              "--no-filter", "--out", "m.bin", "--work-dir", "work"),
+                          "both --positives and --negatives")
+    # nothing to classify was still given a language ("en 0.12")
+    assert_one_line_error(cli(tmp_path, "classify", "lang", "blank.txt"), "blank.txt holds no text")
+    assert (tmp_path / "t.bin").read_bytes() == PRECIOUS and (tmp_path / "u.txt").read_bytes() == PRECIOUS
+    assert not (tmp_path / "m.bin").exists() and not (tmp_path / "work").exists()
+
+
+def test_classify_reads_a_gzipped_text_file_decompressed(tmp_path):
+    (tmp_path / "t.txt.gz").write_bytes(gzip.compress(("word " * 60 + "\n").encode()))
+    r = cli(tmp_path, "classify", "gopher", "t.txt.gz")  # was judged on its compressed bytes
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout) == {"keep": True, "failed": []}
+
+
 # ---------------------------------------------------------------- class 6: filter's partial failures
 
 
