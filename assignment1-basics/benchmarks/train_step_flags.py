@@ -55,6 +55,7 @@ VARIANTS: dict[str, dict] = {
     # the trainer's data-parallel wrappers in a one-process group (world size 1): their cost against "baseline"
     "ddp": dict(parallel="ddp"),
     "fsdp": dict(parallel="fsdp"),
+    "fsdp-reshard": dict(parallel="fsdp", fsdp_reshard="always"),  # each block gathered again for backward
 }
 # the acceptance rows first (before, after, HF Llama), then one flag at a time; reduce-overhead (riskiest) last
 DEFAULT_VARIANTS = ("baseline,all,hf-llama,compile-loss,chunked,chunked+compile-loss,fused,prefetch,all-full-loss,"
@@ -129,7 +130,8 @@ class TrainerStep:
                                 ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
                 os.environ.setdefault(name, value)
             dist.start()
-        wrapped = wrap_model(self.model, config.parallel, device, precision, config.compile, config.compile_mode)
+        wrapped = wrap_model(self.model, config.parallel, device, precision, config.compile, config.compile_mode,
+                             config.fsdp_reshard)
         self.optimizer = build_optimizer(self.model, config)
         scaler = torch.amp.GradScaler(device.type, enabled=False)
         self.step_fn = _make_step(self.model, wrapped, self.optimizer, scaler, SpikeGuard(0.0, 0), config, device,

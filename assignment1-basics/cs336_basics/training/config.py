@@ -24,7 +24,8 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 CHOICES = {"norm": ("pre", "post", "none"), "position": ("rope", "none", "alibi"), "ffn": ("swiglu", "silu", "moe"),
            "attention": ("mha", "mla", "linear"), "moe_router": ("softmax", "sigmoid"),
            "precision": ("auto", "fp32", "bf16", "fp16"), "optimizer": ("adamw", "muon"),
-           "parallel": ("none", "ddp", "fsdp"), "compile_mode": COMPILE_MODES, "loss_impl": ("full", "chunked"),
+           "parallel": ("none", "ddp", "fsdp"),
+           "fsdp_reshard": ("auto", "always", "never"), "compile_mode": COMPILE_MODES, "loss_impl": ("full", "chunked"),
            "adamw_impl": ("ours", "fused")}
 
 
@@ -115,6 +116,9 @@ class TrainConfig:
     # data parallelism (training/distributed.py): ddp/fsdp run under `torchrun --nproc_per_node N`; batch_size
     # stays the global batch, split over the ranks and then into grad_accum micro-batches on each
     parallel: Literal["none", "ddp", "fsdp"] = "none"
+    # fsdp: free each block's gathered weights after its forward and gather them again for backward (less memory,
+    # one more copy per block); auto: only with more than one rank (one rank holds every weight anyway)
+    fsdp_reshard: Literal["auto", "always", "never"] = "auto"
     grad_accum: int = bounded(1, ge=1)
     dist_timeout_s: float = bounded(600.0, gt=0)  # a collective waiting longer than this fails the run
     wandb: bool = False
@@ -140,6 +144,8 @@ class TrainConfig:
             raise UserError(f"--batch-size ({self.batch_size}) must be divisible by --grad-accum ({self.grad_accum})")
         if self.resume and self.overwrite:
             raise UserError("--resume and --overwrite exclude each other")
+        if self.fsdp_reshard != "auto" and self.parallel != "fsdp":
+            raise UserError(f"--fsdp-reshard {self.fsdp_reshard} needs --parallel fsdp")
         if self.parallel != "none" and (self.loss_impl != "full" or self.compile_loss):
             raise UserError("--loss-impl chunked and --compile-loss need --parallel none")
         if self.adamw_impl != "ours" and self.optimizer != "adamw":

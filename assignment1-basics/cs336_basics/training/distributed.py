@@ -246,7 +246,7 @@ def compiled(fn, mode: str = "default"):
 
 
 def wrap_model(model, parallel: str, device: torch.device, precision: str, compile: bool,
-               compile_mode: str = "default") -> Wrapped:
+               compile_mode: str = "default", fsdp_reshard: str = "auto") -> Wrapped:
     """DDP, FSDP2 (blocks then root; bf16 compute with fp32 master weights on CUDA bf16) or the model itself."""
     import torch
 
@@ -273,13 +273,14 @@ def wrap_model(model, parallel: str, device: torch.device, precision: str, compi
             policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         else:
             policy = MixedPrecisionPolicy()
+        reshard = {"always": True, "never": False}.get(fsdp_reshard, torch.distributed.get_world_size() > 1)
         for index, block in enumerate(model.layers):
             if compile:  # per block, the FSDP hooks outside the compiled graphs (as torchtitan does)
                 block = compiled(block, compile_mode)
                 model.layers.register_module(str(index), block)
-            # one rank holds everything anyway: keep the gathered bf16 blocks for backward instead of copying and
-            # casting them a second time
-            fully_shard(block, mp_policy=policy, reshard_after_forward=torch.distributed.get_world_size() > 1)
+            # by default one rank keeps the gathered bf16 blocks for backward instead of copying and casting them a
+            # second time: it holds every weight anyway
+            fully_shard(block, mp_policy=policy, reshard_after_forward=reshard)
         fully_shard(model, mp_policy=policy, reshard_after_forward=False)  # gathered again at once by backward
 
         def fsdp_sync(last: bool):

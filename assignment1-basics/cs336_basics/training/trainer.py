@@ -265,7 +265,8 @@ def _train(config: TrainConfig, model_config, train_tokens, val_tokens, device, 
             model.load_state_dict(state["model"])
         except (RuntimeError, ValueError, KeyError, TypeError) as e:  # weights of another shape or model
             _does_not_fit(checkpoint_path, e)
-    wrapped = wrap_model(model, config.parallel, device, precision, config.compile, config.compile_mode)
+    wrapped = wrap_model(model, config.parallel, device, precision, config.compile, config.compile_mode,
+                         config.fsdp_reshard)
     optimizer = build_optimizer(model, config)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     guard = SpikeGuard(config.spike_guard, config.spike_warmup_steps)
