@@ -343,38 +343,34 @@ def test_consolidate_without_a_sharded_checkpoint_is_one_line(tmp_path, capsys):
     assert err.startswith("cs336-basics consolidate: error: no sharded checkpoint in") and err.count("\n") == 1, err
 
 
-def _blocks_resharded_after_forward(port: int, setting: str, results) -> None:
-    """In a one-process gloo group: whether a block's weights are back to their sharded DTensors after forward."""
-    import torch.distributed as dist
-    from torch.distributed.tensor import DTensor
+RESHARD_PROBE = """
+import json, os, sys
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+from cs336_basics.model import TransformerConfig, TransformerLM
+from cs336_basics.training.distributed import wrap_model
 
-    from cs336_basics.model import TransformerConfig, TransformerLM
-    from cs336_basics.training.distributed import wrap_model
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-    try:
-        dist.init_process_group("gloo", timeout=__import__("datetime").timedelta(seconds=60))
-        model = TransformerLM(TransformerConfig(vocab_size=64, context_length=16, d_model=32, num_layers=2,
-                                                num_heads=2, d_ff=64))
-        wrapped = wrap_model(model, "fsdp", torch.device("cpu"), "fp32", False, fsdp_reshard=setting)
-        loss = wrapped.forward(torch.randint(0, 64, (2, 16))).float().mean()
-        sharded = [isinstance(p, DTensor) for p in model.layers[0].parameters()]
-        loss.backward()  # gathered again (or not) for backward: either way it must complete
-        dist.destroy_process_group()
-        results.put((setting, sharded))
-    except BaseException as e:
-        results.put((setting, repr(e)))
+setting, port = sys.argv[1], sys.argv[2]
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+dist.init_process_group("gloo")
+model = TransformerLM(TransformerConfig(vocab_size=64, context_length=16, d_model=32, num_layers=2, num_heads=2,
+                                        d_ff=64))
+wrapped = wrap_model(model, "fsdp", torch.device("cpu"), "fp32", False, fsdp_reshard=setting)
+loss = wrapped.forward(torch.randint(0, 64, (2, 16))).float().mean()
+sharded = [isinstance(p, DTensor) for p in model.layers[0].parameters()]
+loss.backward()  # gathered again (or not) for backward: either way it must complete
+dist.destroy_process_group()
+print(json.dumps(sharded))
+"""
 
 
 @pytest.mark.parametrize(("setting", "resharded"), [("auto", False), ("never", False), ("always", True)])
 def test_fsdp_reshard_decides_whether_one_rank_frees_the_gathered_blocks_after_forward(setting, resharded):
-    context = multiprocessing.get_context("spawn")  # a fresh interpreter: this one may hold gloo/OpenMP threads
-    results = context.Queue()
-    process = context.Process(target=_blocks_resharded_after_forward, args=(_free_port(), setting, results))
-    process.start()
-    try:
-        got, sharded = results.get(timeout=120)
-    finally:
-        process.join(timeout=30)
-    assert got == setting and isinstance(sharded, list) and sharded, sharded
-    assert set(sharded) == {resharded}
+    """In a one-process gloo group (its own interpreter): are a block's weights back to their sharded DTensors
+    after forward?"""
+    result = subprocess.run([sys.executable, "-c", RESHARD_PROBE, setting, str(_free_port())], capture_output=True,
+                            text=True, timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    sharded = json.loads(result.stdout.strip().splitlines()[-1])
+    assert sharded and set(sharded) == {resharded}
