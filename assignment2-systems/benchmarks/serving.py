@@ -83,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-cuda-graphs", action="store_true")
     p.add_argument("--decode-steps", type=int, default=4, help="decode steps per host round trip (default 4)")
     p.add_argument("--prefill-delay-steps", type=int, default=4, help="see EngineConfig (default 4)")
+    p.add_argument("--async-scheduling", action="store_true",
+                   help="our engine (server and engine rows) launches each decode window before processing the last")
     args = p.parse_args(argv)
     import torch
 
@@ -110,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(1)  # tiny matrices gain nothing from threads, and a busy CI core stalls OpenMP
 
     engine_config = EngineConfig(max_num_seqs=max(settings["concurrency"]), cuda_graphs=not args.no_cuda_graphs,
-                                 decode_steps=args.decode_steps, prefill_delay_steps=args.prefill_delay_steps)
+                                 decode_steps=args.decode_steps, prefill_delay_steps=args.prefill_delay_steps,
+                                 async_scheduling=args.async_scheduling)
     start = time.monotonic()
     deadline = start + args.time_budget
     results = {"env": bench_cli.environment(), "models": []}

@@ -65,6 +65,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     eng.add_argument("--decode-steps", type=int, default=4, help="decode steps per host round trip (default 4)")
     eng.add_argument("--prefill-delay-steps", type=int, default=4,
                      help="decode steps a new prompt may wait to share a prefill (default 4)")
+    eng.add_argument("--async-scheduling", action="store_true",
+                     help="the engine-backed rows (the server, engine) launch each decode window before the host "
+                          "processes the previous one")
     out = p.add_argument_group("outputs")
     out.add_argument("--out-json", type=Path, default=RESULTS_DIR / "serving.json")
     out.add_argument("--out-md", type=Path, default=FIG_DIR / "serving.md")
@@ -371,7 +374,8 @@ def engine_config_from(args: argparse.Namespace) -> Any:
         return EngineConfig(block_size=args.block_size, num_blocks=args.num_blocks,
                             max_num_seqs=args.max_num_seqs or max(args.concurrency),
                             cuda_graphs=not args.no_cuda_graphs, decode_steps=args.decode_steps,
-                            prefill_delay_steps=args.prefill_delay_steps)
+                            prefill_delay_steps=args.prefill_delay_steps,
+                            async_scheduling=args.async_scheduling)
     except ValueError as e:
         raise UserError(str(e)) from None
 

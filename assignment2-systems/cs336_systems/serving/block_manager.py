@@ -140,6 +140,15 @@ class BlockManager:
             return list(range(base + num_tokens - 1, base + num_tokens - 1 + count))
         return [table[p // size] * size + p % size for p in range(num_tokens - 1, num_tokens - 1 + count)]
 
+    def blocks_needed(self, seq_id: int, num_tokens: int, count: int) -> int:
+        """How many blocks `append_slot` would take from the free list for tokens num_tokens .. num_tokens +
+        count - 1 (1-based): one per block past the table's end and one per shared block to copy."""
+        table, size = self.tables[seq_id], self.block_size
+        first, last = (num_tokens - 1) // size, (num_tokens + count - 2) // size
+        refcount = self.allocator.refcount
+        shared = sum(1 for index in range(first, min(last + 1, len(table))) if refcount[table[index]] > 1)
+        return max(0, last + 1 - len(table)) + shared
+
     def fork(self, parent_id: int, child_id: int) -> None:
         """The child shares every block of the parent (a sample of the same prompt)."""
         table = list(self.tables[parent_id])

@@ -21,10 +21,10 @@ import torch
 from cs336_systems.serving.block_manager import BlockManager
 from cs336_systems.serving.detokenizer import IncrementalDetokenizer, batch_decoder, find_stop, holdback
 from cs336_systems.serving.loader import ServedModel
-from cs336_systems.serving.model_runner import ModelRunner, bytes_per_block, is_recurrent
+from cs336_systems.serving.model_runner import LaunchedWindow, ModelRunner, bytes_per_block, is_recurrent
 from cs336_systems.serving.params import CompletionOutput, RequestOutput, SamplingParams
 from cs336_systems.serving.sampling import sample_rows
-from cs336_systems.serving.scheduler import Scheduler
+from cs336_systems.serving.scheduler import ScheduledBatch, Scheduler
 from cs336_systems.serving.sequence import Request, Sequence
 
 log = logging.getLogger(__name__)
@@ -48,6 +48,11 @@ class EngineConfig:
     # the tokens, checks stops and streams them: host work per token shrinks by this factor; a stopped
     # sequence wastes at most this many − 1 tokens of compute, and clients get tokens in groups of this size.
     decode_steps: int = 4
+    # Asynchronous scheduling (vLLM's): the next decode window is planned and launched from the device-side last
+    # tokens before the host reads and processes the one in flight, so host work overlaps device work. A
+    # sequence that stops on a stop token/string runs one extra window whose tokens are discarded; outputs are
+    # those of the synchronous path (see `LLMEngine._step_async`).
+    async_scheduling: bool = False
     seed: int = 0
 
     def __post_init__(self):
@@ -139,6 +144,8 @@ class LLMEngine:
         # Wall time per kind of step (each ends in a host sync, so this is device time plus host work): where a
         # benchmark's time went. kind -> [steps, seconds, sequence-steps (rows x decode steps, or prompt tokens)]
         self.step_totals: dict[str, list[float]] = {"prefill": [0, 0.0, 0], "decode": [0, 0.0, 0]}
+        # Asynchronous scheduling: the decode window launched and not yet read (its batch, its device tokens).
+        self._in_flight: tuple[ScheduledBatch, LaunchedWindow] | None = None
 
     def _default_num_blocks(self, dtype: torch.dtype, block_size: int) -> int:
         per_seq = -(-self.context_length // block_size)
@@ -194,6 +201,8 @@ class LLMEngine:
 
     # -- the step ------------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        if self.config.async_scheduling:
+            return self._step_async()
         start = time.perf_counter()
         batch = self.scheduler.schedule()
         if batch is None:
@@ -201,11 +210,90 @@ class LLMEngine:
         try:
             return self._run(batch)
         finally:
-            totals = self.step_totals[batch.kind]
-            totals[0] += 1
-            totals[1] += time.perf_counter() - start
-            totals[2] += (len(batch.seqs) * batch.steps if batch.kind == "decode"
-                          else sum(len(slots) for slots in batch.slots))
+            self._tally(batch, start)
+
+    def _tally(self, batch: ScheduledBatch, start: float) -> None:
+        totals = self.step_totals[batch.kind]
+        totals[0] += 1
+        totals[1] += time.perf_counter() - start
+        totals[2] += (len(batch.seqs) * batch.steps if batch.kind == "decode"
+                      else sum(len(slots) for slots in batch.slots))
+
+    def _step_async(self) -> list[RequestOutput]:
+        """One step with asynchronous scheduling: the window in flight (or, if none, a freshly scheduled one)
+        gets its successor launched behind it from the device-side last tokens (`Scheduler.schedule_ahead`), and
+        only then does the host wait for the in-flight window's tokens and process them, while the successor
+        runs. Prefills, and any window whose plan needs the host's results (preemption), run as in `step`.
+
+        Why the outputs are those of the synchronous path: each sequence's tokens are made by the same
+        computation (its own window boundaries, positions and slots; the next window's first input is the
+        device copy of the very token the host later reads), and the host processes every window exactly as
+        `step` does, in the same order. What differs is only work whose results are discarded: a sequence that
+        stopped (stop token, eos, stop string) or was aborted in window k still runs window k + 1, whose tokens
+        are dropped unread (its KV writes land in blocks it held when k + 1 was planned, and anything that reuses
+        those blocks is queued on the device after k + 1). With a seed, each sample draws from its own
+        generator, once per token it makes; the extra window's draws advance only the generator of a sample
+        that has ended and never draws again, so no emitted token changes. Unseeded sampled requests draw from
+        the engine-wide generator, whose order depends on the batch (as with any batching change), so their
+        tokens differ from the synchronous path's. A sequence whose window ends at max_tokens is not planned
+        beyond it, and a sequence is never planned more than one window past its last read one."""
+        start = time.perf_counter()
+        current, self._in_flight = self._in_flight, None
+        if current is not None and all(seq.finished for seq in current[0].seqs):
+            current = None  # every row ended (aborted): nothing to read, nothing to follow
+        if current is None:
+            batch = self.scheduler.schedule()
+            if batch is None:
+                return []
+            if batch.kind == "prefill":
+                try:
+                    return self._run(batch)
+                finally:
+                    self._tally(batch, start)
+            current = (batch, self._launch(batch, None))
+        ahead = self.scheduler.schedule_ahead()
+        if ahead is not None:
+            self._in_flight = (ahead, self._launch(ahead, current))
+        try:
+            return self._read(*current)
+        finally:
+            self._tally(current[0], start)
+
+    def _launch(self, batch: ScheduledBatch,
+                after: tuple[ScheduledBatch, LaunchedWindow] | None) -> LaunchedWindow:
+        """Queues a decode window; `after`: the window in flight that this one continues (its rows' last tokens
+        are still on the device)."""
+        self.runner.copy_blocks(batch.copies)
+        seqs = batch.seqs
+        tables = [self.blocks.tables[s.seq_id] for s in seqs]
+        lengths = [len(s.token_ids) + s.num_inflight for s in seqs]
+        feed = last = None
+        if after is None:
+            last = [s.token_ids[-1] for s in seqs]
+        else:
+            row = {s.seq_id: i for i, s in enumerate(after[0].seqs)}
+            feed = (after[1], [row[s.seq_id] for s in seqs])
+        window = self.runner.launch(last, lengths, batch.slots, tables, self._sampler(seqs), batch.steps,
+                                    feed=feed, overlap=True)
+        for seq, seq_slots in zip(seqs, batch.slots, strict=True):
+            seq.num_inflight += len(seq_slots)
+        return window
+
+    def _read(self, batch: ScheduledBatch, window: LaunchedWindow) -> list[RequestOutput]:
+        """Waits for a launched window's tokens and processes them as `_run` does; rows of sequences that ended
+        since it was launched are discarded."""
+        tokens = self.runner.collect(window)
+        for seq, seq_slots in zip(batch.seqs, batch.slots, strict=True):
+            seq.num_inflight -= len(seq_slots)
+        live = [i for i, seq in enumerate(batch.seqs) if not seq.finished]
+        if not live:
+            return []
+        seqs = [batch.seqs[i] for i in live]
+        columns = [tuple(step[i] for step in tokens) for i in live]
+        self._take(seqs, columns, [batch.slots[i] for i in live])
+        self._slide(seqs)
+        touched = {seq.request.request_id: seq.request for seq in seqs}
+        return [self._output(r) for r in touched.values()]
 
     def _run(self, batch) -> list[RequestOutput]:
         self.runner.copy_blocks(batch.copies)
@@ -257,18 +345,21 @@ class LLMEngine:
         tables = [self.blocks.tables[s.seq_id] for s in seqs]
         tokens = self.runner.decode([s.token_ids[-1] for s in seqs], [len(s.token_ids) for s in seqs],
                                     batch.slots, tables, self._sampler(seqs), batch.steps)
-        columns = list(zip(*tokens, strict=True))  # each sequence's tokens of the window
+        self._take(seqs, list(zip(*tokens, strict=True)), batch.slots)
+
+    def _take(self, seqs: list[Sequence], columns: list[tuple[int, ...]], slots: list[list[int]]) -> None:
+        """A decode window's tokens (`columns[i]`: sequence i's) into the sequences: text, stops, finishing."""
         if not self.window_text:
-            self._count(self._take_steps(seqs, columns, batch.slots))
+            self._count(self._take_steps(seqs, columns, slots))
             return
         stepwise = [i for i, seq in enumerate(seqs) if seq.request.params.stop]
         if not stepwise:
-            self._count(self._take_windows(seqs, columns, batch.slots))
+            self._count(self._take_windows(seqs, columns, slots))
             return
         windowed = sorted(set(range(len(seqs))) - set(stepwise))
         pick = lambda rows, items: [items[i] for i in rows]
-        kept = self._take_steps(pick(stepwise, seqs), pick(stepwise, columns), pick(stepwise, batch.slots))
-        kept += self._take_windows(pick(windowed, seqs), pick(windowed, columns), pick(windowed, batch.slots))
+        kept = self._take_steps(pick(stepwise, seqs), pick(stepwise, columns), pick(stepwise, slots))
+        kept += self._take_windows(pick(windowed, seqs), pick(windowed, columns), pick(windowed, slots))
         self._count(kept)
 
     def _take_steps(self, seqs: list[Sequence], columns: list[tuple[int, ...]], slots: list[list[int]]) -> int:

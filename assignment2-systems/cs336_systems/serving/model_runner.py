@@ -45,6 +45,16 @@ class StepMeta:
     context_lens: Int[Tensor, " batch"] | None = None
 
 
+@dataclass
+class LaunchedWindow:
+    """A decode window queued on the device: its sampled tokens (steps, batch) there and, on CUDA, their copy
+    into pinned host memory and the event that marks it done."""
+
+    tokens: Tensor
+    host: Tensor | None = None
+    ready: torch.cuda.Event | None = None
+
+
 class PagedLayerCache(ExternalKVCache):
     def __init__(self, k_pool: Tensor, v_pool: Tensor | None, meta_ref: list[StepMeta], backend: str):
         self.k_pool, self.v_pool = k_pool, v_pool
@@ -190,18 +200,30 @@ class ModelRunner:
         last = torch.tensor([len(p) - 1 for p in prompts], device=self.device)
         return self._logits(hidden[torch.arange(batch, device=self.device), last])
 
-    @torch.inference_mode()
     def decode(self, last_tokens: list[int], lengths: list[int], slots: list[list[int]], tables: list[list[int]],
                sample: Callable[[Tensor], Tensor], steps: int = 1) -> list[list[int]]:
         """`steps` decode steps back to back, the sampled tokens fed forward on the device, one host sync at
         the end: returns the tokens of each step, (steps, batch). Sequence i feeds its newest token at position
         lengths[i] − 1 and then its own samples; step j stores keys/values at slots[i][j], or in the scratch
         block once a sequence has all the tokens it may take (its later samples are discarded)."""
-        batch = len(last_tokens)
+        return self.collect(self.launch(last_tokens, lengths, slots, tables, sample, steps))
+
+    @torch.inference_mode()
+    def launch(self, last_tokens: list[int] | None, lengths: list[int], slots: list[list[int]],
+               tables: list[list[int]], sample: Callable[[Tensor], Tensor], steps: int = 1,
+               feed: tuple[LaunchedWindow, list[int]] | None = None, overlap: bool = False) -> LaunchedWindow:
+        """`decode` without its host sync: the window's work is queued on the device; `collect` waits for its
+        tokens. `overlap` (asynchronous scheduling; implied by `feed`): on CUDA the inputs go up from pinned
+        memory and the tokens come back into pinned memory behind an event, so that neither copy makes the
+        host wait for the device's earlier work. With `feed` =
+        (an earlier window still in flight, rows), row i's first input is that window's last sampled token of
+        its row rows[i] (asynchronous scheduling: the host has not read it yet), and `last_tokens` is unused."""
+        batch = len(lengths)
         size = next((b for b in sorted(self.graphs) if b >= batch), None)
         padded = size or batch
         host = np.zeros((padded, 4 + self.max_blocks_per_seq), dtype=np.int64)
-        host[:batch, 0] = last_tokens
+        if feed is None:
+            host[:batch, 0] = last_tokens
         host[:batch, 1] = lengths
         host[:, 1] = np.maximum(host[:, 1], 1)  # padded rows: one key, the scratch block's
         for row, table in enumerate(tables):
@@ -209,12 +231,18 @@ class ModelRunner:
         schedule = np.full((padded, steps), SCRATCH_BLOCK * self.block_size, dtype=np.int64)
         for row, row_slots in enumerate(slots):
             schedule[row, : len(row_slots)] = row_slots
-        packed = torch.from_numpy(host).to(self.device, non_blocking=True)
-        schedule = torch.from_numpy(schedule).to(self.device, non_blocking=True)
+        overlap = (overlap or feed is not None) and self.device.type == "cuda"
+        # (an upload from pageable memory may wait for the device)
+        to = lambda a: (torch.from_numpy(a).pin_memory() if overlap else torch.from_numpy(a)).to(
+            self.device, non_blocking=True)
+        packed, schedule = to(host), to(schedule)
         inputs = packed
         if size is not None:
             inputs = self.static_inputs[:size]
-            inputs.copy_(packed)
+            inputs.copy_(packed)  # queued behind the previous window's replays, which read the same buffer
+        if feed is not None:
+            previous, rows = feed
+            inputs[:batch, 0] = previous.tokens[-1][to(np.asarray(rows, dtype=np.int64))]
         sampled = []
         for step in range(steps):
             inputs[:, 2] = schedule[:, step]
@@ -228,7 +256,20 @@ class ModelRunner:
             if step + 1 < steps:
                 inputs[:batch, 0] = tokens
                 inputs[:, 1] += 1
-        return torch.stack(sampled).tolist()
+        window = LaunchedWindow(torch.stack(sampled))
+        if overlap:
+            window.host = torch.empty(window.tokens.shape, dtype=window.tokens.dtype, pin_memory=True)
+            window.host.copy_(window.tokens, non_blocking=True)
+            window.ready = torch.cuda.Event()
+            window.ready.record()
+        return window
+
+    def collect(self, window: LaunchedWindow) -> list[list[int]]:
+        """The launched window's tokens, (steps, batch), once the device has made them."""
+        if window.ready is None:
+            return window.tokens.tolist()
+        window.ready.synchronize()
+        return window.host.tolist()
 
     def _decode_forward(self, packed: Int[Tensor, "batch columns"]) -> Float[Tensor, "batch vocab"]:
         """packed[:, 0] token, [:, 1] length (keys incl. this token), [:, 2] slot, [:, 4:] block table."""

@@ -134,6 +134,43 @@ class Scheduler:
             i += 1
         return ScheduledBatch("decode", seqs, slots, copies, steps=self.decode_steps)
 
+    def schedule_ahead(self) -> ScheduledBatch | None:
+        """Asynchronous scheduling: the decode window after the one in flight, planned before the host has its
+        tokens (each running sequence is `num_inflight` tokens further on than its `token_ids`). A sequence
+        whose in-flight window reaches max_tokens is left out (it ends there); one that stops there on a stop
+        token or string is not known yet, so it runs this window too and the engine discards its tokens.
+        None, and the host takes the in-flight window's results first, whenever that could change the plan:
+        a prefill is due, or the window needs more blocks than are free (preemption is decided only by
+        `schedule`, on the host's full knowledge), or no running sequence has tokens left to make."""
+        if not self.running or self._prefill_due():
+            return None
+        plan = []
+        needed = 0
+        for seq in self.running:
+            holds = len(seq.token_ids) + seq.num_inflight
+            left = seq.request.params.max_tokens - (holds - seq.prompt_len)
+            if left <= 0:
+                continue
+            steps = min(self.decode_steps, left)
+            plan.append((seq, holds, steps))
+            needed += self.blocks.blocks_needed(seq.seq_id, holds, steps)
+        if not plan or needed > self.blocks.num_free:
+            return None
+        seqs, slots, copies = [], [], []
+        for seq, holds, steps in plan:
+            seq_slots = self.blocks.slots_in_place(seq.seq_id, holds, steps)
+            if seq_slots is None:
+                seq_slots = []
+                for step in range(steps):
+                    slot, copy = self.blocks.append_slot(seq.seq_id, holds + step)
+                    seq_slots.append(slot)
+                    if copy is not None:
+                        copies.append(copy)
+            seqs.append(seq)
+            slots.append(seq_slots)
+        self.decodes_since_prefill += self.decode_steps
+        return ScheduledBatch("decode", seqs, slots, copies, steps=self.decode_steps)
+
     def preempt(self, seq: Sequence) -> None:
         """Frees the sequence's blocks; it is recomputed from all its tokens when readmitted."""
         self.running.remove(seq)

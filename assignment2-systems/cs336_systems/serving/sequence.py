@@ -26,6 +26,9 @@ class Sequence:
     token_ids: list[int]
     seq_id: int = field(default_factory=lambda: next(_seq_ids))
     num_cached: int = 0
+    # Tokens of launched decode windows that the host has not read yet (asynchronous scheduling; else 0): the
+    # device already holds them, so the next window starts `num_inflight` positions further on.
+    num_inflight: int = 0
     status: Status = Status.WAITING
     finish_reason: str | None = None
     forks_pending: int = 0  # samples still to split off this one after its prompt is prefilled

@@ -51,6 +51,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     eng.add_argument("--decode-steps", type=int, default=4,
                      help="decode steps run on the GPU before the host reads, checks and streams the tokens "
                           "(default 4; 1 streams every token as it is made)")
+    eng.add_argument("--async-scheduling", action="store_true",
+                     help="launch the next decode window before the host processes the current one, so host "
+                          "work overlaps the GPU's (a stopped sequence runs one discarded window)")
     eng.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                      help="decode eagerly instead of replaying captured CUDA graphs")
     eng.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
@@ -109,7 +112,8 @@ def run(args: argparse.Namespace) -> int:
             config = EngineConfig(block_size=args.block_size, num_blocks=args.num_blocks,
                                   max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                                   cuda_graphs=args.cuda_graphs, device=args.device, dtype=args.dtype,
-                                  prefill_delay_steps=args.prefill_delay_steps, decode_steps=args.decode_steps)
+                                  prefill_delay_steps=args.prefill_delay_steps, decode_steps=args.decode_steps,
+                                  async_scheduling=args.async_scheduling)
         except ValueError as e:
             raise UserError(str(e)) from None
         if args.hf_model is not None:
