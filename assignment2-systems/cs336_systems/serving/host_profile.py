@@ -4,12 +4,19 @@
     python -m cs336_systems.serving.host_profile --per-token     # the per-step text path, for an A/B
     python -m cs336_systems.serving.host_profile --stop-strings  # every request has a (never met) stop string
     python -m cs336_systems.serving.host_profile --cprofile 25   # plus the top 25 functions by own time
+    python -m cs336_systems.serving.host_profile --async-scheduling  # the engine's asynchronous scheduling
 
 Every request decodes `--max-tokens` tokens (ignore_eos), so the decode windows are full batches. Each decode
 window's wall time is split into the model runner's `decode` (here the CPU forward of the tiny model, on a
 GPU the device work plus its launches) and everything else the engine does around it: scheduling, reading
 the tokens, stop checks, detokenization, outputs. That second part is the "host ms per window" this script
 reports (per window and per decode step), the median over `--repeats` runs after one warm-up run.
+
+`--async-scheduling` measures the engine's asynchronous path (the next window is launched before the host
+reads the current one), its host work per window counted the same way (everything but the runner's `launch`
+and `collect`): what it adds or saves in host work, not what it hides. On a CPU the forward runs inside
+`launch`, so nothing overlaps; on a GPU `launch` returns once the window is queued, and the host work of
+window k then runs while window k + 1 computes.
 """
 
 from __future__ import annotations
@@ -64,11 +71,15 @@ def run_once(served, args, profiler=None) -> dict:
 
     engine = LLMEngine(served, EngineConfig(device="cpu", max_num_seqs=args.num_seqs,
                                             decode_steps=args.decode_steps, prefill_delay_steps=0,
-                                            seed=args.seed))
+                                            seed=args.seed, async_scheduling=args.async_scheduling))
     if args.per_token:
         engine.window_text = False
-    runner = engine.runner.decode = Timer(engine.runner.decode)
+    runner = engine.runner
+    # Both paths go through the runner's launch and collect (`decode` is collect(launch(...))).
+    launch = runner.launch = Timer(runner.launch)
+    collect = runner.collect = Timer(runner.collect)
     schedule = engine.scheduler.schedule = Timer(engine.scheduler.schedule)
+    ahead = engine.scheduler.schedule_ahead = Timer(engine.scheduler.schedule_ahead)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, ignore_eos=True,
                             stop=["\x00never\x00"] if args.stop_strings else [])
     prompts = [[(7 * i + j) % 200 + 32 for j in range(args.prompt_len)] for i in range(args.num_seqs)]
@@ -78,14 +89,15 @@ def run_once(served, args, profiler=None) -> dict:
     if profiler is not None:
         profiler.disable()
     windows, seconds, _ = engine.step_totals["decode"]
-    decode_schedule = schedule.seconds  # includes the one prefill's scheduling: negligible next to the windows
-    host = seconds - runner.seconds
+    # schedule() also planned the one prefill: negligible next to the windows
+    decode_schedule = schedule.seconds + ahead.seconds
+    host = seconds - launch.seconds - collect.seconds
     return {
         "windows": int(windows),
         "host_ms_per_window": 1e3 * host / windows,
         "host_ms_per_step": 1e3 * host / windows / args.decode_steps,
         "schedule_ms_per_window": 1e3 * decode_schedule / windows,
-        "runner_ms_per_window": 1e3 * runner.seconds / windows,
+        "runner_ms_per_window": 1e3 * (launch.seconds + collect.seconds) / windows,
         "tokens": sum(len(o.outputs[0].token_ids) for o in outputs),
     }
 
@@ -104,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vocab-size", type=int, default=4096)
     p.add_argument("--per-token", action="store_true", help="the per-step text path for every sequence")
     p.add_argument("--stop-strings", action="store_true", help="every request has a stop string (never met)")
+    p.add_argument("--async-scheduling", action="store_true",
+                   help="the engine's asynchronous scheduling (next window launched before reading this one)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: steadier timings)")
     p.add_argument("--seed", type=int, default=0)
@@ -125,7 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(f"{args.num_seqs} sequences x {args.max_tokens} tokens, decode_steps {args.decode_steps}, "
               f"tokenizer {args.tokenizer}, {'per-token' if args.per_token else 'window'} text path"
-              f"{', stop strings' if args.stop_strings else ''}; median of {args.repeats}")
+              f"{', stop strings' if args.stop_strings else ''}"
+              f"{', async scheduling' if args.async_scheduling else ''}"
+              f"; median of {args.repeats}")
         for key in ("windows", "host_ms_per_window", "host_ms_per_step", "schedule_ms_per_window",
                     "runner_ms_per_window"):
             print(f"  {key:24s} {summary[key]:.3f}")

@@ -9,6 +9,15 @@ from torch import Tensor
 from cs336_basics.decoding import top_p_filter
 
 
+def _upload(values: list, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A small host list on the device without waiting for the device: a blocking upload would make the host
+    wait for the decode window in flight (asynchronous scheduling launches the next one behind it)."""
+    tensor = torch.tensor(values, dtype=dtype)
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 def sample_rows(
     logits: Float[Tensor, "rows vocab"],
     temperatures: list[float],
@@ -20,16 +29,17 @@ def sample_rows(
     choice = logits.argmax(dim=-1)
     sampled = [i for i, t in enumerate(temperatures) if t > 0]
     if sampled:
-        index = torch.tensor(sampled, device=logits.device)
-        temperature = torch.tensor([temperatures[i] for i in sampled], device=logits.device)
+        index = _upload(sampled, torch.long, logits.device)
+        temperature = _upload([temperatures[i] for i in sampled], torch.float32, logits.device)
         probs = torch.softmax(logits[index].float() / temperature[:, None], dim=-1)
-        top_p = torch.tensor([top_ps[i] for i in sampled], device=logits.device)
+        top_p = _upload([top_ps[i] for i in sampled], torch.float32, logits.device)
         if any(p < 1 for p in top_ps):
             probs = top_p_filter(probs, top_p)
         shared = [j for j, i in enumerate(sampled) if generators[i] is None]
         if shared:
-            picks = torch.multinomial(probs[shared], 1, generator=default_generator).squeeze(-1)
-            choice[index[shared]] = picks
+            at = None if len(shared) == len(sampled) else _upload(shared, torch.long, logits.device)
+            picks = torch.multinomial(probs if at is None else probs[at], 1, generator=default_generator)
+            choice[index if at is None else index[at]] = picks.squeeze(-1)
         for j, i in enumerate(sampled):
             if generators[i] is not None:
                 choice[i] = torch.multinomial(probs[j], 1, generator=generators[i])[0]
