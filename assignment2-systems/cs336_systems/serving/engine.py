@@ -288,9 +288,12 @@ class LLMEngine:
         live = [i for i, seq in enumerate(batch.seqs) if not seq.finished]
         if not live:
             return []
-        seqs = [batch.seqs[i] for i in live]
-        columns = [tuple(step[i] for step in tokens) for i in live]
-        self._take(seqs, columns, [batch.slots[i] for i in live])
+        columns = list(zip(*tokens, strict=True))
+        if len(live) == len(batch.seqs):
+            seqs, slots = batch.seqs, batch.slots
+        else:
+            seqs, columns, slots = ([items[i] for i in live] for items in (batch.seqs, columns, batch.slots))
+        self._take(seqs, columns, slots)
         self._slide(seqs)
         touched = {seq.request.request_id: seq.request for seq in seqs}
         return [self._output(r) for r in touched.values()]
