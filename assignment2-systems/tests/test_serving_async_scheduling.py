@@ -12,12 +12,12 @@ import torch
 
 from cs336_basics.decoding import generate
 from cs336_systems.serving.engine import AsyncLLMEngine, EngineConfig, LLMEngine
-from cs336_systems.serving.loader import ByteTokenizer, tiny_served_model
+from cs336_systems.serving.loader import tiny_served_model
 from cs336_systems.serving.model_runner import LaunchedWindow
 from cs336_systems.serving.params import SamplingParams
 
 from .test_serving_engine import VARIANTS, _prompts
-from .test_serving_window_text import ScriptedRunner, _byte_ids, _check_stream, _random_ids
+from .test_serving_window_text import ScriptedRunner, _byte_ids, _check_stream, _mixed_requests, _random_ids
 
 
 @pytest.fixture(autouse=True)
@@ -151,27 +151,6 @@ def _both(served, requests, **kwargs):
     overlapped = _stream(served, requests, async_scheduling=True, **kwargs)
     assert overlapped == sync
     return sync[0]
-
-
-def _mixed_requests(served):
-    g = torch.Generator().manual_seed(5)
-    prompts = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (5, 12, 3, 20, 8, 9, 14, 6)]
-    greedy = [out.outputs[0].token_ids for out in LLMEngine(served, EngineConfig(device="cpu")).generate(
-        prompts, SamplingParams(max_tokens=40, temperature=0, ignore_eos=True))]
-    common = max(greedy[2][5:], key=greedy[2].count)  # a token request r2's greedy continuation emits late
-    stop_text = ByteTokenizer().decode(greedy[3][10:12])
-    params = [
-        SamplingParams(max_tokens=40, temperature=0, ignore_eos=True),
-        SamplingParams(max_tokens=7, temperature=0),  # ends mid-window
-        SamplingParams(max_tokens=40, temperature=0, ignore_eos=True, stop_token_ids=[common]),
-        SamplingParams(max_tokens=40, temperature=0, ignore_eos=True, stop=[stop_text]),  # per-token path
-        SamplingParams(max_tokens=33, temperature=1.0, seed=11, n=3, ignore_eos=True),
-        SamplingParams(max_tokens=1, temperature=0),
-        SamplingParams(max_tokens=21, temperature=0.8, seed=2, stop_token_ids=[common, 101]),
-        SamplingParams(max_tokens=30, temperature=1.0, top_p=0.9, seed=4, n=4, stop=["e", "a"],
-                       stop_token_ids=[common]),  # samples end at different windows, siblings go on
-    ]
-    return [(f"r{i}", p, sp) for i, (p, sp) in enumerate(zip(prompts, params, strict=True))], common
 
 
 @pytest.mark.parametrize("window_text", [True, False])

@@ -187,12 +187,11 @@ def _check_stream(stream, tokenizer, eos: int, whole_prompt: bool = True):
             assert text == full
 
 
-def test_engine_window_path_streams_exactly_the_token_by_token_path_tiny_model():
-    """A real (random, tiny) model, greedy and sampled: with and without stop strings and stop tokens,
-    max_tokens ending inside a window, n > 1; every step's output is the same on both paths."""
-    served = tiny_served_model(seed=3)
+def _mixed_requests(served):
+    """Greedy and seeded sampled requests with stop strings, stop tokens, eos, max_tokens inside a window and
+    n > 1 whose samples end in different windows; returns them and the stop token `common`."""
     g = torch.Generator().manual_seed(5)
-    prompts = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (5, 12, 3, 20, 8, 9, 14)]
+    prompts = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (5, 12, 3, 20, 8, 9, 14, 6)]
     greedy = [out.outputs[0].token_ids for out in LLMEngine(served, EngineConfig(device="cpu")).generate(
         prompts, SamplingParams(max_tokens=40, temperature=0, ignore_eos=True))]
     common = max(greedy[2][5:], key=greedy[2].count)  # a token request r2's greedy continuation emits late
@@ -205,8 +204,17 @@ def test_engine_window_path_streams_exactly_the_token_by_token_path_tiny_model()
         SamplingParams(max_tokens=33, temperature=1.0, seed=11, n=3, ignore_eos=True),
         SamplingParams(max_tokens=1, temperature=0),
         SamplingParams(max_tokens=21, temperature=0.8, seed=2, stop_token_ids=[common, 101]),
+        SamplingParams(max_tokens=30, temperature=1.0, top_p=0.9, seed=4, n=4, stop=["e", "a"],
+                       stop_token_ids=[common]),  # samples end at different windows, siblings go on
     ]
-    requests = [(f"r{i}", p, sp) for i, (p, sp) in enumerate(zip(prompts, params, strict=True))]
+    return [(f"r{i}", p, sp) for i, (p, sp) in enumerate(zip(prompts, params, strict=True))], common
+
+
+def test_engine_window_path_streams_exactly_the_token_by_token_path_tiny_model():
+    """A real (random, tiny) model, greedy and sampled: with and without stop strings and stop tokens,
+    max_tokens ending inside a window, n > 1; every step's output is the same on both paths."""
+    served = tiny_served_model(seed=3)
+    requests, common = _mixed_requests(served)
     for steps in (1, 3, 4):
         window, kept_w = _stream(served, requests, True, decode_steps=steps)
         token, kept_t = _stream(served, requests, False, decode_steps=steps)
@@ -215,7 +223,8 @@ def test_engine_window_path_streams_exactly_the_token_by_token_path_tiny_model()
             _check_stream(stream, served.tokenizer, 256)
         assert window["r2"][-1][0][3] == "stop" and window["r2"][-1][0][5][-1] == common
         assert window["r1"][-1][0][3] == "length" and len(window["r1"][-1][0][5]) == 7
-    final = LLMEngine(served, EngineConfig(device="cpu")).generate(prompts, params)
+    final = LLMEngine(served, EngineConfig(device="cpu")).generate([p for _, p, _ in requests],
+                                                                 [sp for _, _, sp in requests])
     for (rid, _, _), out in zip(requests, final, strict=True):
         streamed = {o[0]: o for o in window[rid][-1]}
         for o in out.outputs:
