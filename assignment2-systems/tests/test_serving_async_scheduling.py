@@ -15,9 +15,15 @@ from cs336_systems.serving.engine import AsyncLLMEngine, EngineConfig, LLMEngine
 from cs336_systems.serving.loader import tiny_served_model
 from cs336_systems.serving.model_runner import LaunchedWindow
 from cs336_systems.serving.params import SamplingParams
-
-from .test_serving_engine import VARIANTS, _prompts
-from .test_serving_window_text import ScriptedRunner, _byte_ids, _check_stream, _mixed_requests, _random_ids
+from cs336_systems.serving.testing import (
+    ENGINE_VARIANTS,
+    ScriptedRunner,
+    byte_ids,
+    check_stream,
+    mixed_requests,
+    random_ids,
+    random_prompts,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -159,10 +165,10 @@ def test_async_streams_equal_the_synchronous_engine_tiny_model(steps, window_tex
     """A real tiny model, greedy and seeded sampling: with and without stop strings and stop tokens, max_tokens
     ending inside a window, n > 1 (seeded samples ending in different windows): every step's outputs equal."""
     served = tiny_served_model(seed=3)
-    requests, common = _mixed_requests(served)
+    requests, common = mixed_requests(served)
     streams = _both(served, requests, window_text=window_text, decode_steps=steps)
     for stream in streams.values():
-        _check_stream(stream, served.tokenizer, 256)
+        check_stream(stream, served.tokenizer, 256)
     assert streams["r2"][-1][0][3] == "stop" and streams["r2"][-1][0][5][-1] == common
     assert streams["r1"][-1][0][3] == "length" and len(streams["r1"][-1][0][5]) == 7
     assert streams["r3"][-1][0][3] == "stop"  # its stop string was met
@@ -172,7 +178,7 @@ def test_async_streams_equal_the_synchronous_engine_tiny_model(steps, window_tex
 
 def test_async_final_outputs_equal_generate_and_seeded_samples_repeat():
     served = tiny_served_model(seed=3)
-    requests, _ = _mixed_requests(served)
+    requests, _ = mixed_requests(served)
     prompts, params = [p for _, p, _ in requests], [sp for _, _, sp in requests]
     sync = LLMEngine(served, EngineConfig(device="cpu")).generate(prompts, params)
     engine = LLMEngine(served, EngineConfig(device="cpu", async_scheduling=True))
@@ -191,18 +197,18 @@ def test_async_scripted_multibyte_text_eos_and_max_tokens_inside_windows(steps):
     served = tiny_served_model(seed=0)
     eos = 256
     scripts = {
-        "cjk": _byte_ids("日本語のテキスト、中文也可以。"),
-        "emoji": [*_byte_ids("ok 😀🎉👍🏽 fine"), eos, 65, 66],
-        "cut": _byte_ids("ab😀cd"),
-        "invalid": [0xE4, 65, 0xB8, 0xAD, 0xFF, 66, *_byte_ids("中"), 0xF0, 0x9F],
+        "cjk": byte_ids("日本語のテキスト、中文也可以。"),
+        "emoji": [*byte_ids("ok 😀🎉👍🏽 fine"), eos, 65, 66],
+        "cut": byte_ids("ab😀cd"),
+        "invalid": [0xE4, 65, 0xB8, 0xAD, 0xFF, 66, *byte_ids("中"), 0xF0, 0x9F],
         "eos-first": [eos, 65],
         "eos-second": [70, eos, 65, 66, 67, 68, 69],
-        "stop-token": [*_byte_ids("hello"), 7, *_byte_ids("world")],
-        "stop-string": _byte_ids("one, two; three. four"),
+        "stop-token": [*byte_ids("hello"), 7, *byte_ids("world")],
+        "stop-string": byte_ids("one, two; three. four"),
     }
     rng = random.Random(steps)
     for i in range(4):
-        scripts[f"random{i}"] = _random_ids(rng, 40)
+        scripts[f"random{i}"] = random_ids(rng, 40)
     limits = {"cut": 4, "invalid": 10}
     extra = {"stop-token": {"stop_token_ids": [7]}, "stop-string": {"stop": ["; t"]}}
     requests = [(rid, [65 + i], SamplingParams(max_tokens=limits.get(rid, len(ids)), temperature=0,
@@ -211,7 +217,7 @@ def test_async_scripted_multibyte_text_eos_and_max_tokens_inside_windows(steps):
     for window_text in (True, False):
         streams = _both(served, requests, scripts=scripts, window_text=window_text, decode_steps=steps)
         for stream in streams.values():
-            _check_stream(stream, served.tokenizer, eos)
+            check_stream(stream, served.tokenizer, eos)
         final = {rid: stream[-1][0] for rid, stream in streams.items()}
         assert final["emoji"][4] == "ok 😀🎉👍🏽 fine" and final["emoji"][3] == "stop"
         assert final["eos-second"][5] == [70, eos]
@@ -227,10 +233,10 @@ def test_async_requests_joining_and_leaving_between_windows():
     on the step cadence: with asynchronous scheduling a due prefill first waits for the window in flight).
     Every block comes back."""
     served = tiny_served_model(seed=3)
-    requests, _ = _mixed_requests(served)
+    requests, _ = mixed_requests(served)
     first, later = requests[:4], requests[4:]
     more = [(f"late{i}", p, SamplingParams(max_tokens=25, temperature=0, ignore_eos=True))
-            for i, p in enumerate(_prompts(9, (4, 30, 11, 2, 17, 6, 9, 13, 5)))]
+            for i, p in enumerate(random_prompts(9, (4, 30, 11, 2, 17, 6, 9, 13, 5)))]
     joins = {3: later[:2], 4: more[:3], 9: later[2:], 10: more[3:4], 15: more[4:8], 27: more[8:]}
     aborts = {5: ["late0"], 8: ["r0"], 12: ["r4", "late3"], 16: ["late5"]}
     aborted = {rid for rids in aborts.values() for rid in rids}
@@ -248,15 +254,15 @@ def test_async_requests_joining_and_leaving_between_windows():
                         assert stream == whole[rid][: len(stream)] and stream[-1][0][3] is None
 
 
-@pytest.mark.parametrize("variant", sorted(VARIANTS))
+@pytest.mark.parametrize("variant", sorted(ENGINE_VARIANTS))
 def test_async_greedy_equals_kv_cache_decoding_under_a_tiny_pool(variant):
     """Every attention variant (paged KV, sliding windows that free blocks, MLA, MoE, linear attention's paged
     states) with a pool too small for the batch, so that windows planned ahead run short of blocks and the
     engine falls back to the host's schedule, which preempts: outputs equal `cs336_basics` decoding and the
     synchronous engine's, stops and all, and every block comes back."""
-    served = tiny_served_model(**VARIANTS[variant])
-    reference = tiny_served_model(**VARIANTS[variant]).model
-    prompts = _prompts(1, (3, 17, 40, 9, 1, 33))
+    served = tiny_served_model(**ENGINE_VARIANTS[variant])
+    reference = tiny_served_model(**ENGINE_VARIANTS[variant]).model
+    prompts = random_prompts(1, (3, 17, 40, 9, 1, 33))
     small_pool = {} if variant == "linear" else {"num_blocks": 20, "block_size": 4}
     config = dict(max_num_seqs=4, **small_pool)
     params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
@@ -282,7 +288,7 @@ def test_async_preemption_streams_under_a_tiny_pool_equal_the_synchronous_engine
     """Preemption (the fallback to the host's schedule) keeps the streams step for step, with n > 1 samples
     sharing prompt blocks and seeded sampling."""
     served = tiny_served_model(seed=1)
-    prompts = _prompts(7, (3, 17, 30, 9, 1, 25, 12))
+    prompts = random_prompts(7, (3, 17, 30, 9, 1, 25, 12))
     params = [SamplingParams(max_tokens=24, temperature=0, ignore_eos=True),
               SamplingParams(max_tokens=18, temperature=0.9, seed=3, n=2, ignore_eos=True),
               SamplingParams(max_tokens=24, temperature=0),
@@ -301,7 +307,7 @@ def test_async_preemption_streams_under_a_tiny_pool_equal_the_synchronous_engine
 
 def test_abort_with_windows_in_flight_frees_every_block_and_the_engine_goes_on():
     served = tiny_served_model(seed=2)
-    prompts = _prompts(3, (5, 9, 14, 3))
+    prompts = random_prompts(3, (5, 9, 14, 3))
     params = SamplingParams(max_tokens=60, temperature=0, ignore_eos=True)
     engine = LLMEngine(served, EngineConfig(device="cpu", block_size=4, async_scheduling=True))
     for i, prompt in enumerate(prompts):
@@ -323,7 +329,7 @@ def test_async_llm_engine_streams_and_client_aborts_with_async_scheduling():
     """The server's engine thread with async scheduling: concurrent streams equal the synchronous engine's
     outputs and a client that leaves mid-stream gets its blocks freed."""
     served = tiny_served_model(seed=0)
-    prompts = _prompts(11, (4, 19, 7, 2, 12))
+    prompts = random_prompts(11, (4, 19, 7, 2, 12))
     params = SamplingParams(max_tokens=17, temperature=0.8, seed=9, n=2, stop_token_ids=[3, 4, 5])
     expected = LLMEngine(served, EngineConfig(device="cpu")).generate(prompts, params)
     engine = AsyncLLMEngine.from_served(tiny_served_model(seed=0), EngineConfig(device="cpu",

@@ -12,24 +12,10 @@ from cs336_systems.serving.detokenizer import IncrementalDetokenizer, find_stop
 from cs336_systems.serving.engine import EngineConfig, LLMEngine
 from cs336_systems.serving.loader import ByteTokenizer, tiny_served_model
 from cs336_systems.serving.params import SamplingParams
-
-VARIANTS = {
-    "mha": {},
-    "gqa": {"num_kv_heads": 2},
-    "mqa": {"num_kv_heads": 1},
-    "alibi": {"position": "alibi"},
-    "sliding": {"sliding_window": 5},
-    "gqa+sliding": {"num_kv_heads": 2, "sliding_window": 7},
-    "mla": {"attention": "mla"},
-    "mla+q_lora": {"attention": "mla", "q_lora_rank": 24},
-    "moe": {"ffn": "moe"},
-    "linear": {"attention": "linear", "position": "none"},
-}
-
-
-def _prompts(seed: int, lengths) -> list[list[int]]:
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, 256, (n,), generator=g).tolist() for n in lengths]
+from cs336_systems.serving.testing import (
+    ENGINE_VARIANTS,
+    random_prompts,
+)
 
 
 def _engine(served, **config) -> LLMEngine:
@@ -97,13 +83,13 @@ def test_block_manager_matches_a_brute_force_model_of_the_pool():
 # -- the engine against cs336_basics' own decoding ------------------------------------------------------------
 
 
-@pytest.mark.parametrize("variant", sorted(VARIANTS))
+@pytest.mark.parametrize("variant", sorted(ENGINE_VARIANTS))
 def test_greedy_engine_equals_kv_cache_decoding_even_when_preempting(variant):
     """A pool too small for the batch forces preemption and recomputation; every output still equals
     `cs336_basics.decoding.generate` (contiguous KV cache, one prompt at a time) token for token."""
-    served = tiny_served_model(**VARIANTS[variant])
-    reference = tiny_served_model(**VARIANTS[variant]).model
-    prompts = _prompts(1, (3, 17, 40, 9, 1, 33))
+    served = tiny_served_model(**ENGINE_VARIANTS[variant])
+    reference = tiny_served_model(**ENGINE_VARIANTS[variant]).model
+    prompts = random_prompts(1, (3, 17, 40, 9, 1, 33))
     small_pool = {} if variant == "linear" else {"num_blocks": 20, "block_size": 4}
     engine = _engine(served, max_num_seqs=4, **small_pool)
     outputs = engine.generate(prompts, SamplingParams(max_tokens=20, temperature=0, ignore_eos=True))
@@ -117,7 +103,7 @@ def test_greedy_engine_equals_kv_cache_decoding_even_when_preempting(variant):
 
 def test_prefix_sharing_for_n_samples_shares_blocks_and_copies_on_write():
     served = tiny_served_model()
-    prompt = _prompts(2, (30,))[0]  # 30 tokens in blocks of 4: the 8th block is half full and shared
+    prompt = random_prompts(2, (30,))[0]  # 30 tokens in blocks of 4: the 8th block is half full and shared
     alone = _engine(served, block_size=4).generate([prompt], SamplingParams(max_tokens=6, temperature=0,
                                                                                ignore_eos=True))[0]
     engine = _engine(served, block_size=4)
@@ -131,7 +117,7 @@ def test_prefix_sharing_for_n_samples_shares_blocks_and_copies_on_write():
 
 def test_seeded_sampling_is_reproducible_and_independent_of_the_batch():
     served = tiny_served_model()
-    prompt, others = _prompts(3, (12,))[0], _prompts(4, (5, 20, 9))
+    prompt, others = random_prompts(3, (12,))[0], random_prompts(4, (5, 20, 9))
     params = SamplingParams(max_tokens=12, temperature=1.0, top_p=0.9, seed=7, n=3, ignore_eos=True)
     alone = _engine(served).generate([prompt], params)[0]
     crowded = _engine(served).generate([*others, prompt], [SamplingParams(max_tokens=8, temperature=1.0)] * 3
@@ -142,7 +128,7 @@ def test_seeded_sampling_is_reproducible_and_independent_of_the_batch():
 
 def test_stop_strings_cut_the_text_and_streamed_deltas_add_up():
     served = tiny_served_model()
-    prompt = _prompts(5, (8,))[0]
+    prompt = random_prompts(5, (8,))[0]
     free = _engine(served).generate([prompt], SamplingParams(max_tokens=60, temperature=0, ignore_eos=True))[0]
     text = free.outputs[0].text
     stop = text[20:23]  # a stop string the greedy continuation is known to produce
@@ -162,7 +148,7 @@ def test_stop_strings_cut_the_text_and_streamed_deltas_add_up():
 
 def test_end_of_text_stops_unless_ignored():
     served = tiny_served_model()
-    prompt = _prompts(6, (10,))[0]
+    prompt = random_prompts(6, (10,))[0]
     greedy = generate(tiny_served_model().model, [prompt], 30, temperature=0)[0]
     eos = greedy[5]  # pretend the 6th greedy token is the end-of-text token
     served.eos_token_ids = [eos]
@@ -174,7 +160,7 @@ def test_end_of_text_stops_unless_ignored():
 
 def test_abort_frees_every_block_at_once():
     engine = _engine(tiny_served_model(), block_size=4)
-    for i, prompt in enumerate(_prompts(7, (30, 12, 50))):
+    for i, prompt in enumerate(random_prompts(7, (30, 12, 50))):
         engine.add_request(f"r{i}", prompt, SamplingParams(max_tokens=40, temperature=0, n=2, ignore_eos=True))
     for _ in range(6):
         engine.step()
@@ -226,7 +212,7 @@ def test_pool_holds_each_samples_own_keys_after_copy_on_write():
     served = tiny_served_model(num_kv_heads=2)
     reference = tiny_served_model(num_kv_heads=2).model
     engine = _engine(served, block_size=4, decode_steps=1)
-    engine.add_request("r", _prompts(8, (10,))[0], SamplingParams(max_tokens=9, temperature=1.5, n=3, seed=3,
+    engine.add_request("r", random_prompts(8, (10,))[0], SamplingParams(max_tokens=9, temperature=1.5, n=3, seed=3,
                                                                    ignore_eos=True))
     for _ in range(6):
         engine.step()
@@ -248,9 +234,9 @@ def test_pool_holds_each_samples_own_keys_after_copy_on_write():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton paged kernel and CUDA graphs need a GPU")
 @pytest.mark.parametrize("variant", ["mha", "gqa", "alibi", "sliding", "mla", "moe", "linear"])
 def test_cuda_engine_with_triton_and_cuda_graphs_equals_kv_cache_decoding(variant):
-    served = tiny_served_model(**VARIANTS[variant])
-    reference = tiny_served_model(**VARIANTS[variant]).model.cuda()
-    prompts = _prompts(9, (3, 17, 40, 9, 1, 33, 70, 5))
+    served = tiny_served_model(**ENGINE_VARIANTS[variant])
+    reference = tiny_served_model(**ENGINE_VARIANTS[variant]).model.cuda()
+    prompts = random_prompts(9, (3, 17, 40, 9, 1, 33, 70, 5))
     engine = LLMEngine(served, EngineConfig(device="cuda", dtype="float32", num_blocks=40, block_size=4,
                                             max_num_seqs=6))
     if variant not in ("moe",):
@@ -274,7 +260,7 @@ def test_merged_updates_equal_the_sequence_of_updates():
     from cs336_systems.serving.engine import merge_outputs
 
     engine = _engine(tiny_served_model())
-    engine.add_request("r", _prompts(10, (6,))[0], SamplingParams(max_tokens=12, temperature=0, n=2,
+    engine.add_request("r", random_prompts(10, (6,))[0], SamplingParams(max_tokens=12, temperature=0, n=2,
                                                                   ignore_eos=True))
     updates = []
     while engine.has_unfinished():
@@ -291,7 +277,7 @@ def test_prefill_waits_a_few_decode_steps_while_others_decode():
     """With prefill_delay_steps=3, a prompt arriving while another sequence decodes is prefilled after three
     decode steps (not dropped, not starved), and both outputs are what each prompt gives alone."""
     served = tiny_served_model()
-    first, second = _prompts(11, (5, 7))
+    first, second = random_prompts(11, (5, 7))
     params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
     engine = _engine(served, prefill_delay_steps=3, decode_steps=1)
     engine.add_request("a", first, params)
@@ -318,9 +304,10 @@ def test_a_burst_of_prompts_alternates_with_decode_steps():
     directly (each stall of the decoding stream is one prefill long), and nothing is dropped."""
     served = tiny_served_model()
     engine = _engine(served, max_num_batched_tokens=64, decode_steps=2)
-    engine.add_request("first", _prompts(14, (5,))[0], SamplingParams(max_tokens=40, temperature=0, ignore_eos=True))
+    engine.add_request("first", random_prompts(14, (5,))[0],
+                       SamplingParams(max_tokens=40, temperature=0, ignore_eos=True))
     engine.step()
-    for i, prompt in enumerate(_prompts(15, [20] * 20)):
+    for i, prompt in enumerate(random_prompts(15, [20] * 20)):
         engine.add_request(f"r{i}", prompt, SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))
     kinds, finished = [], set()
     while engine.has_unfinished():
@@ -341,7 +328,7 @@ def test_engine_process_serves_the_same_tokens_and_frees_blocks_on_abort():
     from cs336_systems.serving.engine_process import ProcessEngine
 
     config = EngineConfig(device="cpu", num_blocks=30, block_size=4, max_num_seqs=4)
-    prompts = _prompts(12, (3, 17, 40, 9))
+    prompts = random_prompts(12, (3, 17, 40, 9))
     params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
     expected = _engine(tiny_served_model(), num_blocks=30, block_size=4, max_num_seqs=4).generate(prompts, params)
     engine = ProcessEngine(functools.partial(tiny_served_model, seed=0), config)
@@ -384,7 +371,7 @@ def test_multi_step_decoding_keeps_every_output_and_stop(decode_steps):
     strings, end-of-text and max_tokens cut exactly where single-step decoding cuts them, even mid-window,
     and every block comes back."""
     served = tiny_served_model(num_kv_heads=2)
-    prompts = _prompts(13, (4, 19, 33, 8, 2))
+    prompts = random_prompts(13, (4, 19, 33, 8, 2))
     greedy = [generate(tiny_served_model(num_kv_heads=2).model, [p], 23, temperature=0)[0] for p in prompts]
     served.eos_token_ids = [greedy[1][9]]  # the second prompt meets end-of-text mid-window
     stop_text = ByteTokenizer().decode(greedy[2][11:13])
@@ -409,7 +396,7 @@ def test_sliding_window_frees_blocks_the_window_has_left():
     """With a window of 6 and blocks of 4, a sequence holds a bounded number of blocks however long it grows,
     and its tokens still equal cs336_basics' ring-buffer decoding."""
     served = tiny_served_model(sliding_window=6)
-    prompt = _prompts(16, (30,))[0]
+    prompt = random_prompts(16, (30,))[0]
     engine = _engine(served, block_size=4, decode_steps=3)
     engine.add_request("r", prompt, SamplingParams(max_tokens=60, temperature=0, ignore_eos=True))
     held, final = [], None
@@ -425,7 +412,7 @@ def test_sliding_window_frees_blocks_the_window_has_left():
     # Preempted and recomputed while windows slide: six short prompts whose windows (20 tokens, 6 blocks each)
     # outgrow a pool of 19 blocks.
     served = tiny_served_model(sliding_window=20)
-    prompts = _prompts(17, (4, 6, 3, 8, 5, 7))
+    prompts = random_prompts(17, (4, 6, 3, 8, 5, 7))
     engine = _engine(served, block_size=4, num_blocks=20, decode_steps=2)
     outputs = engine.generate(prompts, SamplingParams(max_tokens=40, temperature=0, ignore_eos=True))
     assert engine.scheduler.num_preemptions > 0

@@ -12,9 +12,14 @@ from cs336_systems.serving.detokenizer import IncrementalDetokenizer
 from cs336_systems.serving.engine import EngineConfig, LLMEngine
 from cs336_systems.serving.loader import ByteTokenizer, tiny_served_model
 from cs336_systems.serving.params import SamplingParams
-
-TEXTS = ["plain ascii text, nothing special. ", "héllo wörld ", "日本語のテキスト", "emoji 😀🎉 and 👍🏽 ok",
-         "mixé 中文 😀 end"]
+from cs336_systems.serving.testing import (
+    TEXTS,
+    ScriptedRunner,
+    byte_ids,
+    check_stream,
+    mixed_requests,
+    random_ids,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -23,18 +28,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def _byte_ids(text: str) -> list[int]:
-    return list(text.encode())
-
-
-def _random_ids(rng: random.Random, n: int) -> list[int]:
-    """Bytes of real multi-byte text mixed with random (often invalid) bytes."""
-    ids: list[int] = []
-    while len(ids) < n:
-        ids += _byte_ids(rng.choice(TEXTS)) if rng.random() < 0.6 else [rng.randrange(256) for _ in range(3)]
-    return ids[:n]
 
 
 def _window_push(detok: IncrementalDetokenizer, decode, new: list[int]) -> str:
@@ -53,7 +46,7 @@ def _window_push(detok: IncrementalDetokenizer, decode, new: list[int]) -> str:
 
 def _check_detokenizer(decode, encode_texts, rng, trials=300):
     for _ in range(trials):
-        prompt = _random_ids(rng, rng.randint(1, 6))
+        prompt = random_ids(rng, rng.randint(1, 6))
         out = encode_texts(rng)
         one, window = IncrementalDetokenizer(decode, prompt), IncrementalDetokenizer(decode, prompt)
         at = 0
@@ -69,7 +62,7 @@ def _check_detokenizer(decode, encode_texts, rng, trials=300):
 
 def test_window_text_equals_token_by_token_text_byte_tokenizer():
     tok = ByteTokenizer()
-    _check_detokenizer(tok.decode, lambda rng: _random_ids(rng, rng.randint(1, 40)), random.Random(0))
+    _check_detokenizer(tok.decode, lambda rng: random_ids(rng, rng.randint(1, 40)), random.Random(0))
 
 
 def test_window_text_equals_token_by_token_text_hf_byte_level_bpe(tmp_path):
@@ -117,41 +110,6 @@ def test_slots_in_place_equals_append_slot():
 # -- the engine -------------------------------------------------------------------------------------------
 
 
-class ScriptedRunner:
-    """Stands in for the model: each request's output tokens come from a script (prefill gives the first
-    one as a one-hot logits row, decode windows the next ones), so tests choose the bytes."""
-
-    def __init__(self, engine: LLMEngine, scripts: dict[str, list[int]]):
-        self.engine, self.scripts = engine, scripts
-        self.real = engine.runner
-        self.batch_seqs: list = []
-        schedule = engine.scheduler.schedule
-
-        def remember():
-            batch = schedule()
-            self.batch_seqs = [] if batch is None else list(batch.seqs)
-            return batch
-
-        engine.scheduler.schedule = remember
-
-    def __getattr__(self, name):
-        return getattr(self.real, name)
-
-    def _next(self, seq, k: int) -> int:
-        script = self.scripts[seq.request.request_id]
-        done = len(seq.token_ids) - seq.prompt_len + k
-        return script[done] if done < len(script) else 0
-
-    def prefill(self, prompts, slots):
-        logits = torch.full((len(prompts), self.engine.model.config.vocab_size), -1e9)
-        for row, seq in enumerate(self.batch_seqs):
-            logits[row, self._next(seq, 0)] = 0.0
-        return logits
-
-    def decode(self, last_tokens, lengths, slots, tables, sample, steps=1):
-        return [[self._next(seq, k) for seq in self.batch_seqs] for k in range(steps)]
-
-
 def _stream(served, requests, window_text: bool, scripts=None, **config):
     """Every RequestOutput of every step, per request: [(delta_text, delta_ids, finish_reason, text, ids)]."""
     engine = LLMEngine(served, EngineConfig(device="cpu", **config))
@@ -170,57 +128,17 @@ def _stream(served, requests, window_text: bool, scripts=None, **config):
     return streams, engine.generation_tokens_total
 
 
-def _check_stream(stream, tokenizer, eos: int, whole_prompt: bool = True):
-    """The deltas add up to the final text and ids, and the streamed text never shows a replacement character
-    that the full decode of the output does not have."""
-    final = {o[0]: o for o in stream[-1]}
-    for index, (_, _, _, reason, text, ids) in final.items():
-        deltas = [o for chunk in stream for o in chunk if o[0] == index]
-        assert "".join(o[1] for o in deltas) == text
-        assert [t for o in deltas for t in o[2]] == ids
-        assert reason in ("stop", "length")
-        full = tokenizer.decode(ids[:-1] if reason == "stop" and ids[-1] == eos else ids)  # eos: not text
-        if not whole_prompt:  # the prompt ends inside a character that the output completes
-            continue
-        assert text.count("\ufffd") <= full.count("\ufffd")
-        if reason == "length" or ids[-1] == eos:
-            assert text == full
-
-
-def _mixed_requests(served):
-    """Greedy and seeded sampled requests with stop strings, stop tokens, eos, max_tokens inside a window and
-    n > 1 whose samples end in different windows; returns them and the stop token `common`."""
-    g = torch.Generator().manual_seed(5)
-    prompts = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (5, 12, 3, 20, 8, 9, 14, 6)]
-    greedy = [out.outputs[0].token_ids for out in LLMEngine(served, EngineConfig(device="cpu")).generate(
-        prompts, SamplingParams(max_tokens=40, temperature=0, ignore_eos=True))]
-    common = max(greedy[2][5:], key=greedy[2].count)  # a token request r2's greedy continuation emits late
-    stop_text = ByteTokenizer().decode(greedy[3][10:12])
-    params = [
-        SamplingParams(max_tokens=40, temperature=0, ignore_eos=True),
-        SamplingParams(max_tokens=7, temperature=0),  # ends mid-window
-        SamplingParams(max_tokens=40, temperature=0, ignore_eos=True, stop_token_ids=[common]),
-        SamplingParams(max_tokens=40, temperature=0, ignore_eos=True, stop=[stop_text]),  # per-token path
-        SamplingParams(max_tokens=33, temperature=1.0, seed=11, n=3, ignore_eos=True),
-        SamplingParams(max_tokens=1, temperature=0),
-        SamplingParams(max_tokens=21, temperature=0.8, seed=2, stop_token_ids=[common, 101]),
-        SamplingParams(max_tokens=30, temperature=1.0, top_p=0.9, seed=4, n=4, stop=["e", "a"],
-                       stop_token_ids=[common]),  # samples end at different windows, siblings go on
-    ]
-    return [(f"r{i}", p, sp) for i, (p, sp) in enumerate(zip(prompts, params, strict=True))], common
-
-
 def test_engine_window_path_streams_exactly_the_token_by_token_path_tiny_model():
     """A real (random, tiny) model, greedy and sampled: with and without stop strings and stop tokens,
     max_tokens ending inside a window, n > 1; every step's output is the same on both paths."""
     served = tiny_served_model(seed=3)
-    requests, common = _mixed_requests(served)
+    requests, common = mixed_requests(served)
     for steps in (1, 3, 4):
         window, kept_w = _stream(served, requests, True, decode_steps=steps)
         token, kept_t = _stream(served, requests, False, decode_steps=steps)
         assert window == token and kept_w == kept_t
         for stream in window.values():
-            _check_stream(stream, served.tokenizer, 256)
+            check_stream(stream, served.tokenizer, 256)
         assert window["r2"][-1][0][3] == "stop" and window["r2"][-1][0][5][-1] == common
         assert window["r1"][-1][0][3] == "length" and len(window["r1"][-1][0][5]) == 7
     final = LLMEngine(served, EngineConfig(device="cpu")).generate([p for _, p, _ in requests],
@@ -239,19 +157,19 @@ def test_engine_window_path_multibyte_characters_split_over_tokens_and_windows(s
     served = tiny_served_model(seed=0)
     eos = 256
     scripts = {
-        "cjk": _byte_ids("日本語のテキスト、中文也可以。"),
-        "emoji": [*_byte_ids("ok 😀🎉👍🏽 fine"), eos, 65, 66],
-        "mixed": _byte_ids("héllo wörld ñ ü"),
-        "cut": _byte_ids("ab😀cd"),  # max_tokens 4 ends inside the emoji: its bytes become U+FFFD
-        "invalid": [0xE4, 65, 0xB8, 0xAD, 0xFF, 66, *_byte_ids("中"), 0xF0, 0x9F],
+        "cjk": byte_ids("日本語のテキスト、中文也可以。"),
+        "emoji": [*byte_ids("ok 😀🎉👍🏽 fine"), eos, 65, 66],
+        "mixed": byte_ids("héllo wörld ñ ü"),
+        "cut": byte_ids("ab😀cd"),  # max_tokens 4 ends inside the emoji: its bytes become U+FFFD
+        "invalid": [0xE4, 65, 0xB8, 0xAD, 0xFF, 66, *byte_ids("中"), 0xF0, 0x9F],
         "eos-first": [eos, 65],
-        "split-prompt": [0xAD, 0xE4, 0xB8, 0xAD, 0x80, *_byte_ids("ab中cd")],  # the prompt ends inside "中"
-        "split-prompt-2": [*_byte_ids("é中"), 0xE4],
+        "split-prompt": [0xAD, 0xE4, 0xB8, 0xAD, 0x80, *byte_ids("ab中cd")],  # the prompt ends inside "中"
+        "split-prompt-2": [*byte_ids("é中"), 0xE4],
     }
     prompts = {"split-prompt": [120, 0xE4, 0xB8], "split-prompt-2": [0xF0, 0x9F, 0x98]}
     rng = random.Random(steps)
     for i in range(6):
-        scripts[f"random{i}"] = _random_ids(rng, 40)
+        scripts[f"random{i}"] = random_ids(rng, 40)
     limits = {"cut": 4, "invalid": 10}
     requests = [(rid, prompts.get(rid, [65 + i]), SamplingParams(max_tokens=limits.get(rid, len(ids)), temperature=0,
                                                 ignore_eos=rid.startswith("random")))
@@ -260,7 +178,7 @@ def test_engine_window_path_multibyte_characters_split_over_tokens_and_windows(s
     token, kept_t = _stream(served, requests, False, scripts, decode_steps=steps)
     assert window == token and kept_w == kept_t
     for rid, stream in window.items():
-        _check_stream(stream, served.tokenizer, eos, rid not in prompts)
+        check_stream(stream, served.tokenizer, eos, rid not in prompts)
     final = {rid: stream[-1][0] for rid, stream in window.items()}
     assert final["cjk"][4] == "日本語のテキスト、中文也可以。" and final["cjk"][3] == "length"
     assert final["emoji"][4] == "ok 😀🎉👍🏽 fine" and final["emoji"][3] == "stop"
