@@ -5,6 +5,7 @@
     python -m cs336_systems.serving.host_profile --stop-strings  # every request has a (never met) stop string
     python -m cs336_systems.serving.host_profile --cprofile 25   # plus the top 25 functions by own time
     python -m cs336_systems.serving.host_profile --async-scheduling  # the engine's asynchronous scheduling
+    python -m cs336_systems.serving.host_profile --prefill       # host side of one prefill pass (see below)
 
 Every request decodes `--max-tokens` tokens (ignore_eos), so the decode windows are full batches. Each decode
 window's wall time is split into the model runner's `decode` (here the CPU forward of the tiny model, on a
@@ -17,6 +18,12 @@ reads the current one), its host work per window counted the same way (everythin
 and `collect`): what it adds or saves in host work, not what it hides. On a CPU the forward runs inside
 `launch`, so nothing overlaps; on a GPU `launch` returns once the window is queued, and the host work of
 window k then runs while window k + 1 computes.
+
+`--prefill` times the runner's prefill pass instead, for the benchmark's 12-layer Llama shape (12 heads, bf16,
+RMSNorm eps 1e-6; llama-125m in benchmarks/serving.py) at tiny widths (`--prefill-d-model`, d_ff 2·d_model) and
+short prompts (`--prefill-lengths`), so that the wall time is the host's: top-level aten calls per pass
+(torch.profiler, by op name with `--top`), and host ms per pass (median of `--prefill-passes`), for the engine's
+prefill (`PrefillForward`) and for the model's own forward through the paged cache, side by side.
 """
 
 from __future__ import annotations
@@ -102,6 +109,53 @@ def run_once(served, args, profiler=None) -> dict:
     }
 
 
+def prefill_profile(args) -> dict:
+    """Aten calls and host ms per prefill pass, the engine's prefill and the model's own forward."""
+    import collections
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from cs336_basics.model import TransformerConfig, TransformerLM
+    from cs336_systems.serving.model_runner import ModelRunner
+
+    lengths = [int(n) for n in args.prefill_lengths.split(",")]
+    block = 16
+    slots, next_block = [], 1
+    for n in lengths:
+        blocks = list(range(next_block, next_block + -(-n // block)))
+        next_block += len(blocks)
+        slots.append([blocks[t // block] * block + t % block for t in range(n)])
+    prompts = [[(7 * i + j) % 250 for j in range(n)] for i, n in enumerate(lengths)]
+    result = {"lengths": lengths}
+    for name, fast in (("model_forward", False), ("engine_prefill", True)):
+        torch.manual_seed(args.seed)
+        d = args.prefill_d_model
+        config = TransformerConfig(vocab_size=256, context_length=1024, d_model=d, num_layers=12, num_heads=12,
+                                   d_ff=2 * d, rmsnorm_eps=1e-6)
+        model = TransformerLM(config).to(getattr(torch, args.prefill_dtype)).eval()
+        runner = ModelRunner(model, next_block + 1, block, 64, cuda_graphs=False, fast_prefill=fast)
+        for _ in range(5):
+            runner.prefill(prompts, slots)
+        times = []
+        for _ in range(args.prefill_passes):
+            start = time.perf_counter()
+            runner.prefill(prompts, slots)
+            times.append(time.perf_counter() - start)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            runner.prefill(prompts, slots)
+        top = collections.Counter()
+        for event in prof.events():
+            parent = event.cpu_parent
+            while parent is not None and not parent.name.startswith("aten::"):
+                parent = parent.cpu_parent
+            if event.name.startswith("aten::") and parent is None:
+                top[event.name] += 1
+        result[name] = {"aten_calls": sum(top.values()), "casts": top["aten::to"] + top["aten::_to_copy"],
+                        "host_ms": 1e3 * statistics.median(times), "by_op": dict(top.most_common(args.top))}
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--num-seqs", type=int, default=64)
@@ -124,11 +178,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cprofile", type=int, default=0, metavar="N",
                    help="one more run under cProfile; print its top N functions by own time")
     p.add_argument("--json", action="store_true", help="one JSON line instead of the table")
+    p.add_argument("--prefill", action="store_true", help="aten calls and host ms per prefill pass instead")
+    p.add_argument("--prefill-lengths", default="5,12,3", help="the pass's prompt lengths (default: 3 short ones)")
+    p.add_argument("--prefill-d-model", type=int, default=24, help="width (12 heads, d_ff 2x): near-free matrices")
+    p.add_argument("--prefill-dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    p.add_argument("--prefill-passes", type=int, default=50)
+    p.add_argument("--top", type=int, default=12, help="--prefill: the most frequent aten ops to list")
     args = p.parse_args(argv)
 
     import torch
 
     torch.set_num_threads(args.threads)
+    if args.prefill:
+        result = prefill_profile(args)
+        if args.json:
+            print(json.dumps(result))
+            return 0
+        print(f"prefill pass, 12-layer Llama shape, d_model {args.prefill_d_model}, {args.prefill_dtype}, "
+              f"prompts {result['lengths']}; host ms median of {args.prefill_passes}")
+        for name in ("model_forward", "engine_prefill"):
+            r = result[name]
+            print(f"  {name:15s} aten calls {r['aten_calls']:4d} (casts {r['casts']:3d})  host ms {r['host_ms']:.2f}")
+            print("    " + ", ".join(f"{op.removeprefix('aten::')} {n}" for op, n in r["by_op"].items()))
+        return 0
     served = build_served(args.tokenizer, args.vocab_size, args.seed)
     run_once(served, args)  # warm-up
     runs = [run_once(served, args) for _ in range(args.repeats)]

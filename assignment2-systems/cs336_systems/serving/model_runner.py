@@ -25,6 +25,8 @@ from cs336_basics.layers import RotaryPositionalEmbedding
 from cs336_basics.model import TransformerLM
 from cs336_systems.serving.block_manager import SCRATCH_BLOCK, CopyOnWrite
 from cs336_systems.serving.paged_attention import paged_attention, write_kv
+from cs336_systems.serving.prefill import PrefillForward
+from cs336_systems.serving.prefill import supports as prefill_supports
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +113,7 @@ def bytes_per_block(model: TransformerLM, block_size: int, dtype: torch.dtype) -
 
 class ModelRunner:
     def __init__(self, model: TransformerLM, num_blocks: int, block_size: int, max_num_seqs: int,
-                 cuda_graphs: bool = True, attention_backend: str = "auto"):
+                 cuda_graphs: bool = True, attention_backend: str = "auto", fast_prefill: bool = True):
         self.model = model
         self.config = model.config
         weight = model.lm_head.weight
@@ -143,6 +145,9 @@ class ModelRunner:
                             for _ in model.layers]
             self.caches = [PagedLayerCache(k, v, self.meta_ref, attention_backend)
                            for k, v in zip(self.k_pools, self.v_pools, strict=True)]
+        # The common decoder shape prefills through `PrefillForward` (same results, per-pass work done once).
+        self.prefill_forward = (PrefillForward(model, self.k_pools, self.v_pools)
+                                if fast_prefill and not self.recurrent and prefill_supports(model) else None)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, Tensor]] = {}
         if cuda_graphs and self.device.type == "cuda":
             self._capture(max_num_seqs)
@@ -183,22 +188,31 @@ class ModelRunner:
     def prefill(self, prompts: list[list[int]], slots: list[list[int]]) -> Float[Tensor, "batch vocab"]:
         """Logits after each prompt's last token; every prompt token's keys/values land at its slots."""
         batch, longest = len(prompts), max(map(len, prompts))
-        tokens = np.zeros((batch, longest), dtype=np.int64)
-        slot_mapping = np.full((batch, longest), SCRATCH_BLOCK * self.block_size, dtype=np.int64)
+        # One upload: tokens, slots (batch, longest) and each row's last token's flat index.
+        host = np.zeros((2 * batch * longest + batch,), dtype=np.int64)
+        tokens, slot_mapping = host[: batch * longest].reshape(batch, longest), host[batch * longest : -batch]
+        slot_mapping = slot_mapping.reshape(batch, longest)
+        slot_mapping[:] = SCRATCH_BLOCK * self.block_size
         for row, (prompt, row_slots) in enumerate(zip(prompts, slots, strict=True)):
             tokens[row, : len(prompt)] = prompt
             slot_mapping[row, : len(prompt)] = row_slots
-        to = lambda a: torch.from_numpy(a).to(self.device, non_blocking=True)
-        positions = torch.arange(longest, device=self.device).expand(batch, longest)
-        self.meta_ref[0] = StepMeta(False, to(slot_mapping).view(-1))
-        key_mask = rows = None
-        if self.recurrent:
-            key_mask = positions < torch.tensor([len(p) for p in prompts], device=self.device)[:, None]
-            rows = torch.tensor([row_slots[0] // self.block_size for row_slots in slots], device=self.device)
+        host[-batch:] = np.arange(batch) * longest + np.fromiter(map(len, prompts), np.int64, batch) - 1
+        device = torch.from_numpy(host).to(self.device, non_blocking=True)
+        tokens_d = device[: batch * longest].view(batch, longest)
+        slots_d = device[batch * longest : -batch].view(batch, longest)
+        last = device[-batch:]
         with sdpa_kernel(PREFILL_SDPA_BACKENDS):
-            hidden = self._hidden(to(tokens), positions, key_mask, rows, fresh=True)
-        last = torch.tensor([len(p) - 1 for p in prompts], device=self.device)
-        return self._logits(hidden[torch.arange(batch, device=self.device), last])
+            if self.prefill_forward is not None:
+                hidden = self.prefill_forward(tokens_d, slots_d)
+            else:
+                positions = torch.arange(longest, device=self.device).expand(batch, longest)
+                self.meta_ref[0] = StepMeta(False, slots_d.reshape(-1))
+                key_mask = rows = None
+                if self.recurrent:
+                    key_mask = positions < torch.tensor([len(p) for p in prompts], device=self.device)[:, None]
+                    rows = torch.tensor([row_slots[0] // self.block_size for row_slots in slots], device=self.device)
+                hidden = self._hidden(tokens_d, positions, key_mask, rows, fresh=True)
+        return self._logits(hidden.reshape(batch * longest, -1).index_select(0, last))
 
     def decode(self, last_tokens: list[int], lengths: list[int], slots: list[list[int]], tables: list[list[int]],
                sample: Callable[[Tensor], Tensor], steps: int = 1) -> list[list[int]]:

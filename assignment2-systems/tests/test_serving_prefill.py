@@ -1,0 +1,122 @@
+"""The engine's prefill pass (`cs336_systems.serving.prefill.PrefillForward`) against the model's own forward
+through `PagedLayerCache`: bit-identical logits and cached keys/values for every attention variant it takes,
+the model's own path for the others, and both close to the model's plain (contiguous, unpaged) forward."""
+
+import pytest
+import torch
+
+from cs336_basics.model import TransformerConfig, TransformerLM
+from cs336_systems.serving.block_manager import SCRATCH_BLOCK
+from cs336_systems.serving.model_runner import ModelRunner
+from cs336_systems.serving.testing import ENGINE_VARIANTS, random_prompts
+
+FAST = {
+    "mha": {},
+    "gqa": {"num_kv_heads": 2},
+    "mqa": {"num_kv_heads": 1},
+    "no-rope": {"position": "none"},
+    "silu-ffn": {"ffn": "silu"},
+    "llama-eps": {"rmsnorm_eps": 1e-6, "rope_theta": 500_000.0},
+}
+MODEL_PATH = {name: over for name, over in ENGINE_VARIANTS.items() if name not in FAST and name != "linear"}
+BLOCK = 4
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _model(overrides: dict, dtype: torch.dtype) -> TransformerLM:
+    torch.manual_seed(0)
+    settings = dict(vocab_size=257, context_length=128, d_model=64, num_layers=3, num_heads=4, d_ff=96)
+    return TransformerLM(TransformerConfig(**{**settings, **overrides})).to(dtype).eval()
+
+
+def _slots(lengths) -> list[list[int]]:
+    slots, next_block = [], SCRATCH_BLOCK + 1
+    for n in lengths:
+        blocks = list(range(next_block, next_block + -(-n // BLOCK)))[::-1]  # scattered, not in order
+        next_block += len(blocks)
+        slots.append([blocks[t // BLOCK] * BLOCK + t % BLOCK for t in range(n)])
+    return slots
+
+
+def _prefill(overrides, dtype, fast: bool, lengths=(13, 40, 7, 1)):
+    runner = ModelRunner(_model(overrides, dtype), num_blocks=64, block_size=BLOCK, max_num_seqs=8,
+                         cuda_graphs=False, fast_prefill=fast)
+    prompts = random_prompts(1, lengths)
+    logits = runner.prefill(prompts, _slots(lengths))
+    pools = [p[SCRATCH_BLOCK + 1 :] for p in (*runner.k_pools, *runner.v_pools) if p is not None]
+    return runner, prompts, logits, pools
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("variant", sorted(FAST))
+def test_fast_prefill_is_bit_identical_to_the_models_own_forward(variant, dtype):
+    fast, _, logits, pools = _prefill(FAST[variant], dtype, fast=True)
+    slow, _, ref_logits, ref_pools = _prefill(FAST[variant], dtype, fast=False)
+    assert fast.prefill_forward is not None and slow.prefill_forward is None
+    assert logits.dtype == torch.float32 and torch.equal(logits, ref_logits)
+    for pool, ref in zip(pools, ref_pools, strict=True):
+        assert torch.equal(pool, ref)
+    assert any(p.abs().sum() > 0 for p in pools)
+
+
+@pytest.mark.parametrize("variant", sorted(MODEL_PATH))
+def test_other_variants_keep_the_models_own_prefill(variant):
+    runner, _, logits, _ = _prefill(MODEL_PATH[variant], torch.float32, fast=True)
+    assert runner.prefill_forward is None and torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("variant", sorted(FAST) + sorted(MODEL_PATH))
+def test_prefill_equals_the_plain_forward_and_its_kv_cache(variant):
+    """Each row's logits equal the unpaged model's on that prompt alone, and its cached keys (gathered back
+    through its slots) equal those of cs336_basics' contiguous KV cache (attention variants with K and V)."""
+    overrides = {**FAST, **MODEL_PATH}[variant]
+    lengths = (13, 40, 7, 1)
+    runner, prompts, logits, _ = _prefill(overrides, torch.float32, fast=True, lengths=lengths)
+    reference = _model(overrides, torch.float32)
+    slots = _slots(lengths)
+    for row, prompt in enumerate(prompts):
+        caches = reference.new_kv_caches(1)
+        with torch.no_grad():
+            expected = reference(torch.tensor([prompt]), kv_caches=caches)[0, -1]
+        torch.testing.assert_close(logits[row], expected, rtol=1e-4, atol=1e-4)
+        if not hasattr(caches[0], "keys") or overrides.get("sliding_window"):
+            continue
+        index = torch.tensor(slots[row])
+        for cache, k_pool, v_pool in zip(caches, runner.k_pools, runner.v_pools, strict=True):
+            k = k_pool.view(-1, *k_pool.shape[2:])[index]  # (seq, kv_heads, d)
+            torch.testing.assert_close(k, cache.keys[0, :, : len(prompt)].transpose(0, 1), rtol=1e-4, atol=1e-4)
+            v = v_pool.view(-1, *v_pool.shape[2:])[index]
+            torch.testing.assert_close(v, cache.values[0, :, : len(prompt)].transpose(0, 1), rtol=1e-4, atol=1e-4)
+
+
+def test_fusing_the_projections_leaves_the_models_weights_and_forward_unchanged():
+    model, reference = _model(FAST["gqa"], torch.float32), _model(FAST["gqa"], torch.float32)
+    before = {name: t.clone() for name, t in model.state_dict().items()}
+    ModelRunner(model, num_blocks=16, block_size=BLOCK, max_num_seqs=2, cuda_graphs=False)
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    qkv = model.layers[0].attn
+    assert qkv.k_proj.weight.untyped_storage().data_ptr() == qkv.q_proj.weight.untyped_storage().data_ptr()
+    for layer in reference.layers:  # what the runner sets on the model's layers
+        layer.attn.use_torch_sdpa = True
+    tokens = torch.tensor([random_prompts(2, (20,))[0]])
+    with torch.no_grad():
+        assert torch.equal(model(tokens), reference(tokens))
+
+
+def test_host_profile_prefill_counts_fewer_aten_calls_for_the_engines_prefill(capsys):
+    from cs336_systems.serving.host_profile import main
+
+    assert main(["--prefill", "--prefill-passes", "2", "--json"]) == 0
+    import json
+
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    ours, model = result["engine_prefill"], result["model_forward"]
+    assert 0 < ours["aten_calls"] < model["aten_calls"] and ours["casts"] < model["casts"]
