@@ -4,8 +4,9 @@ The pool is one K and one V tensor per layer, (num_blocks, block_size, kv_heads,
 (kv_lora_rank + rope dims per token) in K alone. The model's attention modules receive a `PagedLayerCache`
 (cs336_basics' `ExternalKVCache` hook): they store new keys/values at the step's slots and, when decoding,
 attend through the block tables with `paged_attention`. Prefill runs the model's own causal attention over
-right-padded prompts. Decode steps on CUDA replay CUDA graphs captured per padded batch size, so a step costs
-a few kernel launches' worth of CPU instead of one Python pass over every module.
+right-padded prompts (for the common decoder shape, `prefill.PrefillForward`: the same computation with its
+per-pass work hoisted out of the layers). Decode steps on CUDA replay CUDA graphs captured per padded batch
+size, so a step costs a few kernel launches' worth of CPU instead of one Python pass over every module.
 """
 
 from __future__ import annotations
