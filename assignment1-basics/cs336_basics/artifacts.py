@@ -113,5 +113,6 @@ def sample_text(model, tokenizer, prompts: list[str], max_new_tokens: int, tempe
     stop_ids = tokenizer.encode(stop_token) if stop_token else []
     generator = torch.Generator(device=model.lm_head.weight.device).manual_seed(seed)
     outputs = generate(model, [tokenizer.encode(p) for p in prompts], max_new_tokens, temperature, top_p,
-                       stop_token_id=stop_ids[0] if len(stop_ids) == 1 else None, generator=generator)
+                       stop_token_id=stop_ids[0] if len(stop_ids) == 1 else None, generator=generator,
+                       num_ids=max(tokenizer.vocab) + 1)
     return [tokenizer.decode(ids) for ids in outputs]

@@ -3,6 +3,7 @@
 import argparse
 import dataclasses
 import json
+import math
 import os
 import sys
 import time
@@ -17,7 +18,14 @@ from cs336_basics.artifacts import (
     load_trained_model,
     sample_text,
 )
-from cs336_basics.cli_support import UserError, range_help, reading, refuse_overwriting_inputs, run_command
+from cs336_basics.cli_support import (
+    UserError,
+    check_output,
+    range_help,
+    reading,
+    refuse_overwriting_inputs,
+    run_command,
+)
 from cs336_basics.training.config import PRESETS, TrainConfig
 
 __all__ = [
@@ -69,11 +77,6 @@ def _nonempty(path: str, flag: str) -> None:
         raise UserError(f"{flag} {path} is empty")
 
 
-def _output_folder(path: str, flag: str) -> None:
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise UserError(f"{flag} {path} exists and is not a folder")
-
-
 def _positive_int(text: str) -> int:
     value = int(text)
     if value <= 0:
@@ -85,7 +88,7 @@ def _positive_int(text: str) -> int:
 def cmd_train_tokenizer(args) -> dict:
     check_vocab_size(args.vocab_size, args.special_token)
     _nonempty(args.input, "--input")
-    _output_folder(args.out_dir, "--out-dir")
+    check_output(args.out_dir, "--out-dir", folder=True)
     refuse_overwriting_inputs([os.path.join(args.out_dir, n) for n in ("vocab.json", "merges.txt")], [args.input])
     from cs336_basics.tokenizer import save_tokenizer, train_bpe
     start = time.perf_counter()
@@ -107,8 +110,7 @@ def cmd_train_tokenizer(args) -> dict:
 
 def cmd_encode(args) -> dict:
     refuse_overwriting_inputs([args.output], [args.input])
-    if os.path.isdir(args.output):
-        raise UserError(f"--output {args.output} is a folder; give the .npy file to write")
+    check_output(args.output, "--output")
     _nonempty(args.input, "--input")
     tokenizer = load_tokenizer(args.tokenizer, args.special_token)
     from cs336_basics.encode import encode_file
@@ -202,7 +204,10 @@ def cmd_train(args) -> dict:
 def cmd_consolidate(args) -> dict:
     from cs336_basics.training.dist_checkpoint import consolidate
 
-    _output_folder(args.run_dir, "--run-dir")
+    if os.path.exists(args.run_dir) and not os.path.isdir(args.run_dir):
+        raise UserError(f"--run-dir {args.run_dir} is a file; expected a folder")
+    if args.out is not None:
+        check_output(args.out, "--out")
     report = consolidate(args.run_dir, args.out)
     print(json.dumps(report))
     return report
@@ -217,6 +222,12 @@ def check_generation(model, tokenizer, prompts: list[str], max_new_tokens: int) 
     if largest >= vocab_size:
         raise UserError(f"the tokenizer has ids up to {largest} but the model's vocabulary has {vocab_size}: "
                         "use the tokenizer the run was trained with")
+    for prompt in prompts:
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError as e:  # bytes the shell could not decode arrive as lone surrogates
+            raise UserError(f"--prompt {prompt.encode('utf-8', 'backslashreplace').decode()!r} is not valid "
+                            "UTF-8") from e
     lengths = [len(tokenizer.encode(p)) for p in prompts]
     if min(lengths) == 0:
         raise UserError("--prompt must not be empty")
@@ -245,7 +256,9 @@ def cmd_plot(args) -> str:
 
     if args.labels is not None and len(args.labels) != len(args.runs):
         raise UserError(f"--labels gives {len(args.labels)} label(s) for {len(args.runs)} run(s)")
-    path = plot_runs(args.runs, figure_path(args.out), args.labels, args.title)
+    out = figure_path(args.out)
+    check_output(out, "--out")
+    path = plot_runs(args.runs, out, args.labels, args.title)
     print(f"wrote {path}")
     return path
 
@@ -343,10 +356,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_arguments(args) -> None:
+    """Values argparse's types let through: an empty special token, sampling settings out of range (NaN and inf
+    included: a NaN temperature crashed the sampler, an infinite one sampled uniformly)."""
+    if "" in (getattr(args, "special_token", None) or ()):
+        raise UserError("--special-token must not be empty")
+    if args.command == "generate":
+        if not (math.isfinite(args.temperature) and args.temperature >= 0):
+            raise UserError(f"--temperature must be finite and >= 0, got {args.temperature}")
+        if not 0 < args.top_p <= 1:
+            raise UserError(f"--top-p must be > 0 and <= 1, got {args.top_p}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "special_token", "unset") is None:
         args.special_token = [DEFAULT_SPECIAL]
-    if args.command == "generate" and (args.temperature < 0 or not 0 < args.top_p <= 1):
-        build_parser().error("need --temperature >= 0 and 0 < --top-p <= 1")
-    return run_command(f"{PROG} {args.command}", lambda: args.func(args))
+
+    def call():
+        check_arguments(args)
+        return args.func(args)
+
+    return run_command(f"{PROG} {args.command}", call)

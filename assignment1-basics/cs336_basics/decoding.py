@@ -46,8 +46,11 @@ def generate(
     top_p: float = 1.0,
     stop_token_id: int | None = None,
     generator: torch.Generator | None = None,
+    num_ids: int | None = None,
 ) -> list[list[int]]:
-    """Continues each prompt; returns only the new tokens, cut before `stop_token_id`.
+    """Continues each prompt; returns only the new tokens, cut before `stop_token_id`. With `num_ids`, only ids
+    below it are sampled (a model whose vocabulary is larger than its tokenizer's never yields an id the
+    tokenizer cannot decode).
 
     Prompts are left-padded into one batch, the padding hidden by a key mask and the positions counted
     from each prompt's first real token, so every row is decoded exactly as if it were alone. One prefill
@@ -82,6 +85,9 @@ def generate(
     active = [True] * batch
     next_position = positions[:, -1:] + 1
     for step in range(max_new_tokens):
+        if num_ids is not None and num_ids < logits.shape[-1]:
+            logits = logits.clone()
+            logits[:, num_ids:] = float("-inf")
         next_token = sample_next_token(logits, temperature, top_p, generator)
         for row, token in enumerate(next_token.tolist()):
             if active[row]:

@@ -5,7 +5,7 @@ import os
 import time
 
 from cs336_basics.artifacts import DEFAULT_SPECIAL, check_vocab_size, figure_path
-from cs336_basics.cli_support import UserError, atomic_write, reading, refuse_overwriting_inputs
+from cs336_basics.cli_support import UserError, atomic_write, check_output, reading, refuse_overwriting_inputs
 
 RUN_MARKERS = ("checkpoint.pt", "metrics.jsonl")
 
@@ -106,6 +106,8 @@ def check_arguments(args, run_dir: str, vocab_size: int) -> None:
     already in --out-dir (needs --overwrite), real data given by halves or empty, a vocabulary too small."""
     if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
         raise UserError(f"--out-dir {args.out_dir} exists and is not a folder")
+    check_output(args.out_dir, "--out-dir", folder=True)
+    check_output(figure_destination(args.out_dir, args.figure), "--figure")
     present = [m for m in RUN_MARKERS if os.path.exists(os.path.join(run_dir, m))]
     if present and not args.overwrite:
         raise UserError(f"{args.out_dir} already holds a quickstart run ({run_dir}); pass --overwrite to start "
@@ -116,3 +118,8 @@ def check_arguments(args, run_dir: str, vocab_size: int) -> None:
         if path and os.path.getsize(path) == 0:
             raise UserError(f"{flag} {path} is empty")
     check_vocab_size(vocab_size, [DEFAULT_SPECIAL])
+    if vocab_size > 2**16:  # encode writes uint16 ids
+        raise UserError(f"--vocab-size must be <= {2**16} (the token files hold uint16 ids), got {vocab_size}")
+    from cs336_basics.training.trainer import resolve_device  # torch: last, after the checks that need none
+
+    resolve_device(args.device)  # a bad --device named now, not after the tokenizer and the encoding

@@ -141,6 +141,43 @@ def test_generate_says_when_max_new_tokens_is_cut_to_the_context(work, trained_r
     assert "### Once" in result.stdout
 
 
+# Nonsense that used to pass (or crash with a traceback), each refused in one line naming the flag; none imports
+# torch before the error except the non-UTF-8 prompt (which needs the tokenizer).
+NAMED_ERRORS = [
+    (["generate", "--run-dir", "run", "--tokenizer", "tok", "--prompt", "Once", "--temperature", "nan"],
+     ["generate: error:", "--temperature must be finite and >= 0, got nan"]),  # was a RuntimeError traceback
+    (["generate", "--run-dir", "run", "--tokenizer", "tok", "--prompt", "Once", "--temperature", "inf"],
+     ["--temperature must be finite"]),  # was accepted: uniform sampling
+    (["generate", "--run-dir", "run", "--tokenizer", "tok", "--prompt", "Once", "--top-p", "1.5"],
+     ["generate: error:", "--top-p must be > 0 and <= 1, got 1.5"]),
+    (["train-tokenizer", "--input", "train.txt", "--vocab-size", "280", "--out-dir", "out", "--special-token", ""],
+     ["--special-token must not be empty"]),  # was a ValueError traceback
+    (["train-tokenizer", "--input", "train.txt", "--vocab-size", "280", "--out-dir", "train.txt/tok"],
+     ["--out-dir train.txt/tok:", "train.txt is a file, not a folder"]),  # was 'Not a directory'
+    (["encode", "--tokenizer", "tok", "--input", "train.txt", "--output", "train.txt/x.npy"],
+     ["--output train.txt/x.npy:", "is a file, not a folder"]),  # was 'File exists' after the encoding
+    (["plot", "--runs", "run-no-loss", "--out", "train.txt/curve.png"], ["--out train.txt/curve.png:"]),
+    (["quickstart", "--out-dir", "qs", "--figure", "train.txt/loss.png"],
+     ["--figure train.txt/loss.png:", "is a file, not a folder"]),  # was 'File exists' after the training
+    (["quickstart", "--out-dir", "qs", "--vocab-size", "70000"], ["--vocab-size must be <= 65536"]),
+    (["quickstart", "--out-dir", "qs", "--device", "nope"], ["--device 'nope' is not a device"]),  # was after encode
+]
+
+
+@pytest.mark.parametrize(("args", "fragments"), NAMED_ERRORS, ids=[" ".join(args) for args, _ in NAMED_ERRORS])
+def test_nonsense_is_refused_naming_the_flag_before_any_work(work, args, fragments):
+    before = sorted(p.name for p in work.iterdir())
+    assert_one_line_error(cli(work, *args), *fragments)
+    assert sorted(p.name for p in work.iterdir()) == before
+
+
+def test_generate_refuses_a_prompt_that_is_not_utf8(work, trained_run):
+    result = subprocess.run([sys.executable, "-m", "cs336_basics", "generate", "--run-dir", str(trained_run),
+                             "--tokenizer", "tok", "--prompt", os.fsdecode(b"caf\xe9"), "--device", "cpu"],
+                            cwd=work, capture_output=True, text=True, timeout=300)
+    assert_one_line_error(result, "--prompt", "is not valid UTF-8")  # was a UnicodeEncodeError traceback
+
+
 def _sentinels(*paths: Path) -> dict[Path, bytes]:
     contents = {}
     for path in paths:

@@ -14,6 +14,7 @@ from cs336_basics.cli_support import (
     atomic_path,
     atomic_write,
     bounded,
+    check_output,
     check_ranges,
     prepare_run_dir,
     read_jsonl_tolerant,
@@ -58,6 +59,24 @@ def test_outputs_that_are_inputs_are_refused_by_any_path(tmp_path):
         with pytest.raises(UserError, match="would overwrite the input"):
             refuse_overwriting_inputs([output], [source])
     refuse_overwriting_inputs([tmp_path / "y.txt"], [source])
+
+
+def test_outputs_below_a_file_or_of_the_wrong_kind_are_refused_before_any_work(tmp_path):
+    (tmp_path / "a.txt").write_text("x")
+    (tmp_path / "folder").mkdir()
+    check_output(tmp_path / "new" / "deeper" / "out.npy", "--output")  # missing parents: created later, fine
+    check_output(tmp_path / "new" / "deeper", "--out-dir", folder=True)
+    for path, folder, message in [
+        (tmp_path / "a.txt" / "x" / "out.npy", False, r"a\.txt is a file, not a folder"),
+        (tmp_path / "a.txt" / "x", True, r"a\.txt is a file, not a folder"),
+        (tmp_path / "folder", False, "is a folder; expected a file path"),
+        (tmp_path / "a.txt", True, "is a file; expected a folder"),
+    ]:
+        with pytest.raises(UserError, match=message):
+            check_output(path, "--out", folder=folder)
+    with pytest.raises(UserError, match=r"a\.txt is a file, not a folder"):
+        prepare_run_dir(tmp_path / "a.txt" / "run", resume=False, overwrite=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "folder"]
 
 
 def test_a_run_folder_needs_resume_or_overwrite(tmp_path):

@@ -72,3 +72,12 @@ def test_temperature_sharpens_and_zero_is_greedy():
     assert sample_next_token(logits[:2], 0.0).tolist() == [1, 1]
     with pytest.raises(ValueError):
         sample_next_token(logits, 1.0, top_p=0.0)
+
+
+def test_num_ids_keeps_sampling_inside_a_smaller_tokenizer():
+    """A model with more embeddings than its tokenizer has tokens (a padded vocabulary, an untrained model)
+    never yields an id the tokenizer cannot decode (generate and quickstart crashed in Tokenizer.decode)."""
+    model = _model()
+    out = generate(model, [[1, 2, 3], [4]], max_new_tokens=30, temperature=5.0, num_ids=7,
+                   generator=torch.Generator().manual_seed(0))
+    assert max(max(row) for row in out) < 7 and sum(map(len, out)) > 30

@@ -11,7 +11,13 @@ cleanly: one mechanism per concern, used by all five packages' CLIs.
 - `jsonl`: JSON Lines reading that tolerates the half-written last line of a killed run.
 """
 
-from cs336_basics.cli_support.atomic import atomic_path, atomic_write, prepare_run_dir, refuse_overwriting_inputs
+from cs336_basics.cli_support.atomic import (
+    atomic_path,
+    atomic_write,
+    check_output,
+    prepare_run_dir,
+    refuse_overwriting_inputs,
+)
 from cs336_basics.cli_support.errors import UserError, reading, run_command
 from cs336_basics.cli_support.interrupt import StopRequest
 from cs336_basics.cli_support.jsonl import read_jsonl_tolerant
@@ -23,6 +29,7 @@ __all__ = [
     "atomic_path",
     "atomic_write",
     "bounded",
+    "check_output",
     "check_ranges",
     "prepare_run_dir",
     "range_help",

@@ -52,6 +52,28 @@ def atomic_write(destination: PathLike, mode: str = "w", **open_kwargs: Any) -> 
         os.fsync(f.fileno())
 
 
+def _file_in_the_way(folder: str) -> str | None:
+    """The existing file among `folder` and its ancestors, if any (no folder can be created there)."""
+    folder = os.path.abspath(folder)
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    return None if os.path.isdir(folder) else folder
+
+
+def check_output(path: PathLike, flag: str, folder: bool = False) -> None:
+    """An output (a file, or with `folder` a folder) checked before any work: a folder where a file goes, a file
+    where a folder goes, or a file above it is a `UserError` naming the flag (writing it at the end would fail
+    with 'File exists' or 'Not a directory', after the work)."""
+    path = os.fspath(path)
+    if folder and os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"{flag} {path} is a file; expected a folder")
+    if not folder and os.path.isdir(path):
+        raise UserError(f"{flag} {path} is a folder; expected a file path")
+    blocker = _file_in_the_way(path if folder else os.path.dirname(os.path.abspath(path)))
+    if blocker is not None:
+        raise UserError(f"{flag} {path}: {blocker} is a file, not a folder")
+
+
 def _same(a: str, b: str) -> bool:
     if os.path.exists(a) and os.path.exists(b):
         return os.path.samefile(a, b)
@@ -77,6 +99,8 @@ def prepare_run_dir(path: PathLike, resume: bool, overwrite: bool, markers: Iter
     path = os.fspath(path)
     if os.path.exists(path) and not os.path.isdir(path):
         raise UserError(f"{path} exists and is not a folder")
+    if (blocker := _file_in_the_way(path)) is not None:
+        raise UserError(f"{path}: {blocker} is a file, not a folder")
     present = [m for m in markers if os.path.exists(os.path.join(path, m))]
     if resume and overwrite:
         raise UserError(f"{flag_prefix}resume and {flag_prefix}overwrite exclude each other")

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from cs336_basics.cli_support import UserError, reading
+from cs336_basics.cli_support import UserError, check_output, reading
 from cs336_basics.hf.architectures import DEEPSEEK_V3, architecture_for, config_from_hf, hf_config
 from cs336_basics.hf.tokenizer_files import EOS, read_tokenizer_json, write_tokenizer_files
 from cs336_basics.hf.weights import from_hf_state_dict, to_hf_state_dict
@@ -47,8 +47,7 @@ def staged_folder(out_dir: str | os.PathLike, overwrite: bool, inputs: tuple[str
     A non-empty `out_dir` is refused unless `overwrite`; so is an `out_dir` that is, or holds, an input.
     """
     out_dir = os.fspath(out_dir)
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise UserError(f"{flag} {out_dir} exists and is not a folder")
+    check_output(out_dir, flag, folder=True)
     for source in inputs:
         if _inside(source, out_dir):
             raise UserError(f"{flag} {out_dir} would replace the input {source}; choose another folder")
