@@ -5,7 +5,7 @@ import argparse
 import json
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 from cs336_alignment.cli_inputs import (
     check_model_flags,
@@ -15,7 +15,14 @@ from cs336_alignment.cli_inputs import (
     values_checked_downstream,
 )
 from cs336_alignment.evaluation.runner import markdown_table
-from cs336_basics.cli_support import UserError, bounded, check_ranges, refuse_overwriting_inputs, run_command
+from cs336_basics.cli_support import (
+    UserError,
+    bounded,
+    check_output,
+    check_ranges,
+    refuse_overwriting_inputs,
+    run_command,
+)
 
 PROG = "cs336-align"
 
@@ -94,8 +101,7 @@ def _check_eval_paths(args) -> None:
         require_file(args.data, "data file")
     elif not os.path.exists(args.data):
         raise FileNotFoundError(f"{args.data} does not exist")
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise UserError(f"--out {args.out} is a file; expected a folder")
+    check_output(args.out, "--out", folder=True)  # a file in the way found now, not after the generation
     refuse_overwriting_inputs(_eval_outputs(args.out, args.task), [args.data])
 
 
@@ -108,6 +114,9 @@ def cmd_eval(args) -> dict:
     _check_eval_paths(args)  # fail before spending time on loading a model
     if args.backend == "native":
         check_model_flags(args.model, args.basics_run, args.basics_tokenizer)
+        from cs336_alignment.models import resolve_device
+
+        resolve_device(args.device)
     if args.judge_model and args.task != "sst":
         raise UserError("--judge-model applies to the sst task only")
     if args.judge_model and args.judge_backend == "native":
@@ -150,10 +159,25 @@ def cmd_prompt(args) -> str:
     return text
 
 
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors are one line (`cs336-align <cmd>: error: ...`, exit 2) like every other failure, not
+    the usage block; the usage stays one `--help` away. Under torchrun rank 0 alone reports."""
+
+    def error(self, message: str) -> NoReturn:
+        from cs336_basics.training.distributed import env_rank
+
+        if env_rank() != 0:
+            self.exit(2)
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from cs336_alignment.prompts import PROMPT_NAMES
 
-    parser = argparse.ArgumentParser(prog="cs336-align", description=__doc__)
+    parser = OneLineParser(prog="cs336-align", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("eval", help="generate on an evaluation set and grade it")
@@ -175,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int)
     p.add_argument("--batch-size", type=int, default=16, help="native backend rows per batch")
     p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="auto")
+    p.add_argument("--dtype", choices=DTYPES, default="auto")
     p.add_argument("--judge-model", help="sst only: Hugging Face directory of an LM that judges safe/unsafe")
     p.add_argument("--judge-backend", choices=("native", "vllm"), default="native")
     p.set_defaults(func=cmd_eval)

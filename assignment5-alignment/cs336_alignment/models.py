@@ -13,7 +13,12 @@ from cs336_alignment.text_tokenizer import DEFAULT_EOS, BasicsTokenizer
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        return torch.device(device)
+    except RuntimeError as e:
+        from cs336_basics.cli_support import UserError
+
+        raise UserError(f"--device {device!r} is not a device (cpu, cuda, cuda:1, mps, auto)") from e
 
 
 def load_hf(path: str, device: str = "auto", dtype: str = "auto") -> tuple[nn.Module, Any]:

@@ -184,6 +184,14 @@ def test_bad_model_and_run_files_are_one_line_errors(setup, tmp_path, capsys, ca
     (["eval", "--n", "0"], "--n must be >= 1"),
     (["eval", "--temperature", "-1"], "--temperature must be >= 0"),
     (["eval", "--min-tokens", "10", "--max-tokens", "5"], "min_tokens <= max_tokens"),
+    (["eval", "--device", "nope"], "--device 'nope' is not a device"),
+    # used to pass silently (an unused flag) or fail only inside the loop, after the model loaded
+    (["sft", "--seq-length", "-5"], "--seq-length must be >= 1"),
+    (["sft", "--dist-timeout-s", "nan"], "--dist-timeout-s must be finite and > 0"),
+    (["sft", "--device", "nope"], "--device 'nope' is not a device"),
+    (["grpo", "--sampling-min-tokens", "10", "--sampling-max-tokens", "4"],
+     "--sampling-min-tokens (10) must not exceed --sampling-max-tokens (4)"),
+    (["ei", "--sampling-min-tokens", "10", "--sampling-max-tokens", "4"], "must not exceed --sampling-max-tokens"),
 ])
 def test_bad_numbers_name_the_flag(setup, tmp_path, capsys, argv, message):
     if argv[0] == "eval":
@@ -194,6 +202,33 @@ def test_bad_numbers_name_the_flag(setup, tmp_path, capsys, argv, message):
                 *argv[1:]]
     assert message in one_line_error(capsys, full)
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["sft", "--dtype", "float7"], "argument --dtype: invalid choice: 'float7'"),  # was ignored for basics runs
+    (["eval", "--dtype", "int3"], "argument --dtype: invalid choice: 'int3'"),
+    (["orpo", "--lambda", "1"], "unrecognized arguments: --lambda 1"),  # was the usage block and the error
+])
+def test_flag_errors_are_one_line(setup, tmp_path, capsys, argv, message):
+    if argv[0] == "eval":
+        full = ["eval", "math", *model_flags(setup), "--data", str(setup / "math.jsonl"), "--out", str(tmp_path),
+                *argv[1:]]
+    else:
+        full = [argv[0], *model_flags(setup), "--out-dir", str(tmp_path / "o"), "--data", str(setup / "sft.jsonl"),
+                *argv[1:]]
+    with pytest.raises(SystemExit) as exit_info:
+        main(full)
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith("cs336-align") and ": error: " in err and message in err and err.endswith("(see --help)"), err
+
+
+def test_eval_out_below_a_file_is_refused_before_generating(setup, tmp_path, capsys):
+    (tmp_path / "a.txt").write_text("keep")
+    err = one_line_error(capsys, ["eval", "math", *model_flags(setup), "--data", str(setup / "math.jsonl"),
+                                  "--out", str(tmp_path / "a.txt" / "out"), "--limit", "1", "--max-tokens", "2"])
+    assert "a.txt is a file, not a folder" in err  # was 'Not a directory' after the generation
+    assert (tmp_path / "a.txt").read_text() == "keep"
 
 
 def test_demo_settings_are_checked(capsys):

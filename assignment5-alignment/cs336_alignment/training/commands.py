@@ -88,7 +88,8 @@ def add_loop_parsers(sub: Any) -> None:
         p.add_argument("--basics-run", help="cs336-basics run directory (config + checkpoint.pt)")
         p.add_argument("--basics-tokenizer", help="folder with the run's vocab.json and merges.txt")
         p.add_argument("--device", default="auto")
-        p.add_argument("--dtype", default="float32", help="weights' dtype (training keeps fp32 master weights)")
+        p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="float32",
+                       help="weights' dtype (training keeps fp32 master weights)")
         p.add_argument("--resume", action="store_true", help="continue from --out-dir/checkpoint.pt (exact)")
         p.add_argument("--overwrite", action="store_true",
                        help="start over in an --out-dir that already holds a run (its checkpoint and metrics go)")
@@ -248,9 +249,28 @@ def run_loop(args: argparse.Namespace) -> list[dict[str, Any]]:
     return history
 
 
+def _check_numbers(args: argparse.Namespace, config: Any) -> None:
+    """Flags outside the loops' configs, and settings the rollout sampler would refuse only once the loop runs
+    (after the model is loaded and the run folder written)."""
+    import math
+
+    if getattr(args, "seq_length", 1) < 1:
+        raise UserError(f"--seq-length must be >= 1, got {args.seq_length}")
+    timeout = getattr(args, "dist_timeout_s", 1.0)
+    if not (math.isfinite(timeout) and timeout > 0):
+        raise UserError(f"--dist-timeout-s must be finite and > 0, got {timeout}")
+    low, high = getattr(config, "sampling_min_tokens", None), getattr(config, "sampling_max_tokens", None)
+    if low is not None and high is not None and low > high:
+        raise UserError(f"--sampling-min-tokens ({low}) must not exceed --sampling-max-tokens ({high})")
+    from cs336_alignment.models import resolve_device
+
+    resolve_device(args.device)
+
+
 def _check_loop(args: argparse.Namespace):
     name = args.command
     config = args.config = config_from_args(_config_class(name), args)
+    _check_numbers(args, config)
     for path in (args.data, args.eval_data):
         if path is not None and not os.path.exists(path):
             raise FileNotFoundError(f"{path} does not exist")
