@@ -241,6 +241,31 @@ def test_demo_settings_are_checked(capsys):
         assert message in err and len(err.splitlines()) == 1 and "error:" in err
 
 
+def test_demo_refuses_a_start_file_that_is_not_one(tmp_path, capsys):
+    from cs336_alignment.demo.__main__ import main as demo_main
+
+    (tmp_path / "garbage.pt").write_bytes(b"hi\n")
+    torch.save({"a": 1}, tmp_path / "other.pt")
+    for name, message in [("garbage.pt", "is not a start written by --save-start ("),  # was a KeyError traceback
+                          ("other.pt", "is not a start written by --save-start")]:
+        assert demo_main(["--preset", "tiny", "--out-dir", str(tmp_path / "out"), "--device", "cpu",
+                          "--start-from", str(tmp_path / name)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1 and "error:" in err, err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["seeds", "--seeds", "-1"], "--seeds and --seed must be >= 0"),  # each child failed, then 'no run finished'
+    (["sweep", "--lrs", "nan"], "--lrs must be positive and finite"),
+])
+def test_demo_multi_checks_seeds_and_learning_rates_before_launching(tmp_path, capsys, argv, message):
+    from cs336_alignment.demo.multi import main as multi_main
+
+    assert multi_main([*argv, "--preset", "tiny", "--out-dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"multi: error: {message}" and not (tmp_path / "out").exists()
+
+
 # Class 1: run folders and outputs survive.
 def test_a_run_folder_needs_resume_or_overwrite(setup, tmp_path, capsys):
     out = tmp_path / "out"

@@ -19,6 +19,7 @@ figure there; `report --of seeds|sweep` redraws from finished run folders or fro
 
 import argparse
 import json
+import math
 import os
 import re
 import shutil
@@ -365,8 +366,10 @@ def _main(argv: list[str] | None = None) -> int:
             preset(args.preset, args.set + settings)
     except ValueError as e:
         return fail(str(e))
-    if any(lr <= 0 for lr in args.lrs):
-        return fail("--lrs must be positive")
+    if not all(math.isfinite(lr) and lr > 0 for lr in args.lrs):  # NaN passed `lr <= 0`: every run then failed
+        return fail("--lrs must be positive and finite")
+    if min([*args.seeds, args.seed]) < 0:
+        return fail("--seeds and --seed must be >= 0")
     if args.max_parallel < 0:
         return fail("--max-parallel must be 0 (all at once) or positive")
     root = args.out_dir

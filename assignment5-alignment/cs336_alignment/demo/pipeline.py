@@ -257,7 +257,13 @@ def save_start(path: str, policy: BasicsCausalLM, config: DemoConfig, stats: dic
 def load_start(path: str, config: DemoConfig, data: DemoData, device: torch.device) -> tuple[BasicsCausalLM,
                                                                                            dict[str, Any]]:
     """A saved SFT start, refused when it was made with other data, model or stage settings."""
-    state = torch.load(path, map_location=device, weights_only=True)
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # truncated, not a torch file, a pickle weights_only refuses: the file's fault
+        reason = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
+        raise StartMismatch(f"{path} is not a start written by --save-start ({reason})") from e
+    if not isinstance(state, dict) or not {"start_config", "model", "stats"} <= state.keys():
+        raise StartMismatch(f"{path} is not a start written by --save-start")
     mismatched = [k for k in START_FIELDS if state["start_config"].get(k) != getattr(config, k)]
     if mismatched:
         raise StartMismatch(f"{path} was made with other settings: " + ", ".join(
