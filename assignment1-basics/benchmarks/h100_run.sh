@@ -15,8 +15,8 @@ fi
 if [ ! -f "$RUNS/data/train.npy" ]; then
   mkdir -p "$RUNS/data"
   python3 -c "from cs336_basics.corpus import write_corpus as w; w('$RUNS/data/train.txt', 400_000, 0); w('$RUNS/data/val.txt', 4_000, 1)"
-  cli train-tokenizer --input "$RUNS/data/train.txt" --vocab-size 10000 --out-dir "$RUNS/tok"
-  for s in train val; do cli encode --tokenizer "$RUNS/tok" --input "$RUNS/data/$s.txt" --output "$RUNS/data/$s.npy"; done
+  cli train-tokenizer --input "$RUNS/data/train.txt" --vocab-size 10000 --out-dir "$RUNS/tok" --overwrite
+  for s in train val; do cli encode --tokenizer "$RUNS/tok" --input "$RUNS/data/$s.txt" --output "$RUNS/data/$s.npy" --overwrite; done
 fi
 resume=(); [ -f "$RUNS/ts17m/checkpoint.pt" ] && resume=(--resume)
 cli train --preset tinystories-17m --train-data "$RUNS/data/train.npy" --val-data "$RUNS/data/val.npy" \

@@ -89,7 +89,11 @@ def cmd_train_tokenizer(args) -> dict:
     check_vocab_size(args.vocab_size, args.special_token)
     _nonempty(args.input, "--input")
     check_output(args.out_dir, "--out-dir", folder=True)
-    refuse_overwriting_inputs([os.path.join(args.out_dir, n) for n in ("vocab.json", "merges.txt")], [args.input])
+    files = [os.path.join(args.out_dir, n) for n in ("vocab.json", "merges.txt")]
+    refuse_overwriting_inputs(files, [args.input])
+    if not args.overwrite and any(os.path.exists(f) for f in files):
+        raise UserError(f"--out-dir {args.out_dir} already holds a tokenizer (vocab.json, merges.txt); pass "
+                        f"--overwrite to replace it")
     from cs336_basics.tokenizer import save_tokenizer, train_bpe
     start = time.perf_counter()
     with reading(args.input):
@@ -111,6 +115,8 @@ def cmd_train_tokenizer(args) -> dict:
 def cmd_encode(args) -> dict:
     refuse_overwriting_inputs([args.output], [args.input])
     check_output(args.output, "--output")
+    if not args.overwrite and os.path.exists(args.output):
+        raise UserError(f"--output {args.output} exists; pass --overwrite to replace it")
     _nonempty(args.input, "--input")
     tokenizer = load_tokenizer(args.tokenizer, args.special_token)
     from cs336_basics.encode import encode_file
@@ -290,6 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--special-token", action="append", default=None, help=f"repeatable; default {DEFAULT_SPECIAL}")
     p.add_argument("--out-dir", required=True, help="writes vocab.json and merges.txt (GPT-2 format) here")
     p.add_argument("--workers", type=_positive_int, default=None, help="pre-tokenization processes (default: cores)")
+    p.add_argument("--overwrite", action="store_true", help="replace a tokenizer already in --out-dir")
     p.set_defaults(func=cmd_train_tokenizer)
 
     p = sub.add_parser("encode", help="encode a text file into a uint16 .npy token array")
@@ -298,6 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="destination .npy")
     p.add_argument("--special-token", action="append", default=None, help=f"repeatable; default {DEFAULT_SPECIAL}")
     p.add_argument("--workers", type=_positive_int, default=None)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     p.set_defaults(func=cmd_encode)
 
     p = sub.add_parser("train", help="train a Transformer LM on encoded token files",

@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from cs336_basics.cli import main
@@ -236,6 +237,22 @@ def test_an_output_that_is_an_input_is_refused(work, tmp_path):
     assert_one_line_error(cli(tmp_path, "train-tokenizer", "--input", corpus, "--vocab-size", "280",
                               "--out-dir", "tok"), "would overwrite the input")
     assert text.read_bytes() == original and corpus.read_bytes() == original
+
+
+def test_an_existing_tokenizer_or_token_file_is_kept_unless_overwrite(work, tmp_path):
+    """A second train-tokenizer or encode onto the same output is refused; --overwrite replaces it."""
+    kept = _sentinels(tmp_path / "tok" / "vocab.json", tmp_path / "tok" / "merges.txt", tmp_path / "val.npy")
+    assert_one_line_error(cli(tmp_path, "train-tokenizer", "--input", work / "val.txt", "--vocab-size", "270",
+                              "--out-dir", "tok"), "--out-dir tok already holds a tokenizer", "--overwrite")
+    assert_one_line_error(cli(tmp_path, "encode", "--tokenizer", work / "tok", "--input", work / "val.txt",
+                              "--output", "val.npy"), "--output val.npy exists", "--overwrite")
+    assert {path: path.read_bytes() for path in kept} == kept
+    assert cli(tmp_path, "train-tokenizer", "--input", work / "val.txt", "--vocab-size", "270", "--out-dir", "tok",
+               "--overwrite").returncode == 0
+    assert cli(tmp_path, "encode", "--tokenizer", work / "tok", "--input", work / "val.txt", "--output", "val.npy",
+               "--overwrite").returncode == 0
+    assert np.array_equal(np.load(tmp_path / "val.npy"), np.load(work / "val.npy"))  # the real encoding now
+    assert len(json.loads((tmp_path / "tok" / "vocab.json").read_text())) == 270
 
 
 def _metrics_run(folder: Path) -> Path:
