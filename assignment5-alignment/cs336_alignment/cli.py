@@ -102,7 +102,12 @@ def _check_eval_paths(args) -> None:
     elif not os.path.exists(args.data):
         raise FileNotFoundError(f"{args.data} does not exist")
     check_output(args.out, "--out", folder=True)  # a file in the way found now, not after the generation
-    refuse_overwriting_inputs(_eval_outputs(args.out, args.task), [args.data])
+    outputs = _eval_outputs(args.out, args.task)
+    refuse_overwriting_inputs(outputs, [args.data])
+    existing = [os.path.basename(path) for path in outputs if os.path.exists(path)]
+    if existing and not args.overwrite:
+        raise UserError(f"--out {args.out} already holds {', '.join(existing)} of an earlier {args.task} "
+                        f"evaluation; pass --overwrite to replace them")
 
 
 def cmd_eval(args) -> dict:
@@ -184,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("task", choices=sorted(TASK_DEFAULTS))
     p.add_argument("--data", required=True, help="JSONL/CSV file (MMLU: a CSV or a folder of CSVs)")
     p.add_argument("--out", required=True, help="folder for <task>_results.jsonl and <task>_summary.{json,md}")
+    p.add_argument("--overwrite", action="store_true", help="replace the results of an earlier run of this task")
     p.add_argument("--model", help="Hugging Face model directory")
     p.add_argument("--basics-run", help="cs336-basics run directory (config + checkpoint.pt)")
     p.add_argument("--basics-tokenizer", help="folder with the run's vocab.json and merges.txt")

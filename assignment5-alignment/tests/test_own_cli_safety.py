@@ -294,10 +294,13 @@ def test_eval_outputs_are_not_inputs_and_survive_a_failure(setup, tmp_path, caps
     err = one_line_error(capsys, ["eval", "gsm8k", *model_flags(setup), "--data", str(results), "--out", str(out)])
     assert "would overwrite the input" in err
     assert snapshot(out) == before
-    # a failure while generating (a prompt longer than the model's context) leaves the earlier results as they were
+    # earlier results are replaced only with --overwrite, and even then not by a run that fails while generating
+    # (a prompt longer than the model's context)
     (tmp_path / "long.jsonl").write_text(json.dumps({"question": "Question 1 " * 400, "answer": "#### 1"}) + "\n")
-    err = one_line_error(capsys, ["eval", "gsm8k", *model_flags(setup), "--data", str(tmp_path / "long.jsonl"),
-                                  "--out", str(out)])
+    long_run = ["eval", "gsm8k", *model_flags(setup), "--data", str(tmp_path / "long.jsonl"), "--out", str(out)]
+    err = one_line_error(capsys, long_run)
+    assert "already holds gsm8k_results.jsonl" in err and "--overwrite" in err
+    err = one_line_error(capsys, [*long_run, "--overwrite"])
     assert "leaves no room to generate" in err
     assert snapshot(out) == before
 
