@@ -21,13 +21,15 @@ if TYPE_CHECKING:
     from jaxtyping import Int
     from torch import Tensor
 
+TEXT_SUFFIXES = (".txt", ".text", ".md", ".json", ".jsonl", ".csv", ".html")
 CHECK_CHUNK = 1 << 24  # token ids scanned per slice of the memory map (16M ids: tens of ms, bounded memory)
 
 
 def load_tokens(path: str | os.PathLike, dtype: npt.DTypeLike = np.uint16) -> np.ndarray:
     """Opens a token file without reading it into memory: `.npy` via np.load, anything else as raw `dtype`.
 
-    Refused with an error naming the file: a missing file, one that is not an array, a non-integer dtype
+    Refused with an error naming the file: a missing file, a text file (by its suffix: .txt, .jsonl, ...; raw
+    ids are otherwise read from any file), one that is not an array, a non-integer dtype
     (float or bool ids would be silently cast), more than one dimension, no tokens at all.
     """
     path = os.fspath(path)
@@ -37,6 +39,9 @@ def load_tokens(path: str | os.PathLike, dtype: npt.DTypeLike = np.uint16) -> np
         raise FileNotFoundError(f"token file not found: {path}")
     if os.path.getsize(path) == 0:
         raise UserError(f"token file {path} is empty")
+    if path.lower().endswith(TEXT_SUFFIXES):  # raw ids would be the text's bytes, two at a time
+        raise UserError(f"token file {path} is a text file; encode it first (`cs336-basics encode --tokenizer DIR "
+                        f"--input {path} --output TOKENS.npy`) and train on the .npy")
     if path.endswith(".npy"):
         with open(path, "rb") as f:
             if f.read(6) != b"\x93NUMPY":

@@ -112,7 +112,9 @@ def _bad_token_files(folder: Path) -> dict[str, str]:
     (folder / "empty.npy").write_bytes(b"")
     (folder / "garbage.npy").write_bytes(os.urandom(300))
     (folder / "truncated.npy").write_bytes((folder / "too_large.npy").read_bytes()[:100])
-    return {"float32.npy": "holds float32 values", "bool.npy": "holds bool values",
+    (folder / "stories.txt").write_text("Once upon a time there was a text file. " * 20)
+    return {"stories.txt": "is a text file; encode it first",
+            "float32.npy": "holds float32 values", "bool.npy": "holds bool values",
             "negative.npy": f"id -3 at index 2 is outside [0, vocab_size={VOCAB})",
             "too_large.npy": f"id {VOCAB} at index 1 is outside [0, vocab_size={VOCAB})",
             "short.npy": "too few for --context-length 8", "matrix.npy": "expected a 1-D array",
@@ -121,10 +123,11 @@ def _bad_token_files(folder: Path) -> dict[str, str]:
 
 def test_token_files_of_the_wrong_kind_are_refused_naming_the_file(data, tmp_path):
     bad = _bad_token_files(tmp_path)
-    commands = [_train_args(data, tmp_path / name.replace(".npy", "-run"), train=str(tmp_path / name)) for name in bad]
+    run = lambda name: tmp_path / (os.path.splitext(name)[0] + "-run")
+    commands = [_train_args(data, run(name), train=str(tmp_path / name)) for name in bad]
     for (name, expected), result in zip(bad.items(), _run_all(commands, tmp_path), strict=True):
         _assert_one_line_error(result, f"{tmp_path / name}", expected)
-        assert not (tmp_path / name.replace(".npy", "-run")).exists()  # nothing written for a run that cannot start
+        assert not run(name).exists()  # nothing written for a run that cannot start
 
 
 def test_check_token_ids_scans_every_chunk_of_the_memory_map(tmp_path):
