@@ -13,7 +13,6 @@ import torch
 from cs336_basics.decoding import generate
 from cs336_systems.serving.engine import AsyncLLMEngine, EngineConfig, LLMEngine
 from cs336_systems.serving.loader import tiny_served_model
-from cs336_systems.serving.model_runner import LaunchedWindow
 from cs336_systems.serving.params import SamplingParams
 from cs336_systems.serving.testing import (
     ENGINE_VARIANTS,
@@ -34,32 +33,6 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-class AsyncScriptedRunner(ScriptedRunner):
-    """`ScriptedRunner` for both paths: a launched window's tokens are the script's next ones after what the
-    host has read plus what earlier windows still in flight will give (`num_inflight`)."""
-
-    def __init__(self, engine: LLMEngine, scripts: dict[str, list[int]]):
-        super().__init__(engine, scripts)
-        ahead = engine.scheduler.schedule_ahead
-
-        def remember_ahead():
-            batch = ahead()
-            if batch is not None:
-                self.batch_seqs = list(batch.seqs)
-            return batch
-
-        engine.scheduler.schedule_ahead = remember_ahead
-
-    def _next(self, seq, k: int) -> int:
-        return super()._next(seq, k + seq.num_inflight)
-
-    def launch(self, last_tokens, lengths, slots, tables, sample, steps=1, feed=None, overlap=False):
-        return LaunchedWindow(torch.tensor([[self._next(seq, k) for seq in self.batch_seqs] for k in range(steps)]))
-
-    def collect(self, window):
-        return window.tokens.tolist()
-
-
 class Recorder:
     """Wraps the engine's window launches: decode slots launched per sequence, and the sequences of each
     launched window by step number."""
@@ -69,22 +42,13 @@ class Recorder:
         self.launched: dict[int, int] = {}
         self.windows: list[tuple[int, list]] = []
         self.finished_at: dict[int, int] = {}
-        if engine.config.async_scheduling:
-            launch = engine._launch
+        launch = engine._launch  # both schedules launch every decode window here
 
-            def record(batch, after):
-                self._note(batch)
-                return launch(batch, after)
+        def record(batch, *args, **kwargs):
+            self._note(batch)
+            return launch(batch, *args, **kwargs)
 
-            engine._launch = record
-        else:
-            decode = engine._decode
-
-            def record_sync(batch):
-                self._note(batch)
-                return decode(batch)
-
-            engine._decode = record_sync
+        engine._launch = record
 
     def _note(self, batch) -> None:
         for seq, slots in zip(batch.seqs, batch.slots, strict=True):
@@ -107,7 +71,7 @@ def _stream(served, requests, *, async_scheduling: bool, scripts=None, window_te
     engine = LLMEngine(served, EngineConfig(device="cpu", async_scheduling=async_scheduling, **config))
     engine.window_text = window_text
     if scripts is not None:
-        engine.runner = AsyncScriptedRunner(engine, scripts)
+        engine.runner = ScriptedRunner(engine, scripts)
     recorder = Recorder(engine)
     joins, aborts = dict(joins or {}), dict(aborts or {})
     everything = list(requests) + [r for later in joins.values() for r in later]

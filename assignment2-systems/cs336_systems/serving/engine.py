@@ -259,10 +259,10 @@ class LLMEngine:
         finally:
             self._tally(current[0], start)
 
-    def _launch(self, batch: ScheduledBatch,
-                after: tuple[ScheduledBatch, LaunchedWindow] | None) -> LaunchedWindow:
+    def _launch(self, batch: ScheduledBatch, after: tuple[ScheduledBatch, LaunchedWindow] | None,
+                overlap: bool = True) -> LaunchedWindow:
         """Queues a decode window; `after`: the window in flight that this one continues (its rows' last tokens
-        are still on the device)."""
+        are still on the device); `overlap`: pinned copies that never wait for the device (see `runner.launch`)."""
         self.runner.copy_blocks(batch.copies)
         seqs = batch.seqs
         tables = [self.blocks.tables[s.seq_id] for s in seqs]
@@ -274,7 +274,7 @@ class LLMEngine:
             row = {s.seq_id: i for i, s in enumerate(after[0].seqs)}
             feed = (after[1], [row[s.seq_id] for s in seqs])
         window = self.runner.launch(last, lengths, batch.slots, tables, self._sampler(seqs), batch.steps,
-                                    feed=feed, overlap=True)
+                                    feed=feed, overlap=overlap)
         for seq, seq_slots in zip(seqs, batch.slots, strict=True):
             seq.num_inflight += len(seq_slots)
         return window
@@ -299,13 +299,11 @@ class LLMEngine:
         return [self._output(r) for r in touched.values()]
 
     def _run(self, batch) -> list[RequestOutput]:
+        if batch.kind == "decode":  # launched and read at once: the synchronous schedule
+            return self._read(batch, self._launch(batch, None, overlap=False))
         self.runner.copy_blocks(batch.copies)
         seqs = batch.seqs
         touched = {seq.request.request_id: seq.request for seq in seqs}
-        if batch.kind == "decode":
-            self._decode(batch)
-            self._slide(seqs)
-            return [self._output(r) for r in touched.values()]
         logits = self.runner.prefill([s.token_ids for s in seqs], batch.slots)
         # A prefilled prompt with n > 1 samples gives its one logits row to each of its samples.
         rows = [(i, s.index + j) for i, s in enumerate(seqs) for j in range(1 + s.forks_pending)]
@@ -340,15 +338,6 @@ class LLMEngine:
         generators = [None if s.request.generators is None else s.request.generators[i]
                       for s, i in zip(seqs, indices, strict=True)]
         return lambda logits: sample_rows(logits, temperatures, top_ps, generators, self.generator)
-
-    def _decode(self, batch) -> None:
-        """`batch.steps` tokens per sequence from one runner call; each sequence takes its tokens in order until
-        it stops (the tokens after a stop were computed but are not kept)."""
-        seqs = batch.seqs
-        tables = [self.blocks.tables[s.seq_id] for s in seqs]
-        tokens = self.runner.decode([s.token_ids[-1] for s in seqs], [len(s.token_ids) for s in seqs],
-                                    batch.slots, tables, self._sampler(seqs), batch.steps)
-        self._take(seqs, list(zip(*tokens, strict=True)), batch.slots)
 
     def _take(self, seqs: list[Sequence], columns: list[tuple[int, ...]], slots: list[list[int]]) -> None:
         """A decode window's tokens (`columns[i]`: sequence i's) into the sequences: text, stops, finishing."""

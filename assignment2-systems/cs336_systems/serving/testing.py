@@ -8,6 +8,7 @@ import torch
 
 from cs336_systems.serving.engine import EngineConfig, LLMEngine
 from cs336_systems.serving.loader import ByteTokenizer
+from cs336_systems.serving.model_runner import LaunchedWindow
 from cs336_systems.serving.params import SamplingParams
 
 TEXTS = ["plain ascii text, nothing special. ", "héllo wörld ", "日本語のテキスト", "emoji 😀🎉 and 👍🏽 ok",
@@ -44,7 +45,8 @@ def random_ids(rng: random.Random, n: int) -> list[int]:
 
 class ScriptedRunner:
     """Stands in for the model: each request's output tokens come from a script (prefill gives the first
-    one as a one-hot logits row, decode windows the next ones), so tests choose the bytes."""
+    one as a one-hot logits row, decode windows the next ones, also windows launched ahead by asynchronous
+    scheduling), so tests choose the bytes."""
 
     def __init__(self, engine: LLMEngine, scripts: dict[str, list[int]]):
         self.engine, self.scripts = engine, scripts
@@ -58,13 +60,23 @@ class ScriptedRunner:
             return batch
 
         engine.scheduler.schedule = remember
+        ahead = engine.scheduler.schedule_ahead
+
+        def remember_ahead():
+            batch = ahead()
+            if batch is not None:
+                self.batch_seqs = list(batch.seqs)
+            return batch
+
+        engine.scheduler.schedule_ahead = remember_ahead
 
     def __getattr__(self, name):
         return getattr(self.real, name)
 
     def _next(self, seq, k: int) -> int:
+        """The script's token k places after what the host has read and what windows in flight will give."""
         script = self.scripts[seq.request.request_id]
-        done = len(seq.token_ids) - seq.prompt_len + k
+        done = len(seq.token_ids) - seq.prompt_len + seq.num_inflight + k
         return script[done] if done < len(script) else 0
 
     def prefill(self, prompts, slots):
@@ -73,8 +85,11 @@ class ScriptedRunner:
             logits[row, self._next(seq, 0)] = 0.0
         return logits
 
-    def decode(self, last_tokens, lengths, slots, tables, sample, steps=1):
-        return [[self._next(seq, k) for seq in self.batch_seqs] for k in range(steps)]
+    def launch(self, last_tokens, lengths, slots, tables, sample, steps=1, feed=None, overlap=False):
+        return LaunchedWindow(torch.tensor([[self._next(seq, k) for seq in self.batch_seqs] for k in range(steps)]))
+
+    def collect(self, window):
+        return window.tokens.tolist()
 
 def check_stream(stream, tokenizer, eos: int, whole_prompt: bool = True):
     """The deltas add up to the final text and ids, and the streamed text never shows a replacement character
