@@ -15,6 +15,7 @@ from cs336_basics.cli_support import (
     UserError,
     atomic_write,
     bounded,
+    check_output,
     check_ranges,
     read_jsonl_tolerant,
     reading,
@@ -71,31 +72,14 @@ def flop_counts(flag: str, values: list[float]) -> list[int]:
     return [int(value) for value in values]
 
 
-def _file_in_the_way(folder: str) -> str | None:
-    """The existing file among `folder` and its ancestors, if any (a folder cannot be created there)."""
-    folder = os.path.abspath(folder)
-    while not os.path.exists(folder):
-        folder = os.path.dirname(folder)
-    return None if os.path.isdir(folder) else folder
-
-
 def check_outputs(files: list[tuple[str, str | None]] = (), folders: list[tuple[str, str]] = ()) -> None:
     """(flag, path) outputs refused before any work rather than when written at the end (after the fit, the
     study or the tokenizer's training): a folder where a file goes, a file where a folder must be created."""
     for flag, folder in folders:
-        blocker = _file_in_the_way(folder)
-        if blocker == os.path.abspath(folder):
-            raise UserError(f"{flag} {folder} is a file; expected a folder")
-        if blocker is not None:
-            raise UserError(f"{flag} {folder}: {blocker} is a file, not a folder")
+        check_output(folder, flag, folder=True)
     for flag, path in files:
-        if path is None:
-            continue
-        if os.path.isdir(path):
-            raise UserError(f"{flag} {path} is a folder; expected a file path")
-        blocker = _file_in_the_way(os.path.dirname(os.path.abspath(path)))
-        if blocker is not None:
-            raise UserError(f"{flag} {path}: {blocker} is a file, not a folder")
+        if path is not None:
+            check_output(path, flag)
 
 
 def figure_paths(prefix: str, names: tuple[str, ...]) -> list[str]:

@@ -11,7 +11,7 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
-from cs336_basics.cli_support import UserError, atomic_path, refuse_overwriting_inputs
+from cs336_basics.cli_support import UserError, atomic_path, check_output, refuse_overwriting_inputs
 
 PathLike = str | os.PathLike
 
@@ -28,22 +28,11 @@ def require_files(paths: Iterable[PathLike]) -> list[Path]:
     return checked
 
 
-def _file_in_the_way(folder: Path) -> Path | None:
-    """The existing file among `folder` and its ancestors, if any (no folder can be created there)."""
-    folder = Path(os.path.abspath(folder))
-    while not folder.exists():
-        folder = folder.parent
-    return None if folder.is_dir() else folder
-
-
 def out_folder(path: PathLike, flag: str = "--out-dir") -> Path:
     """The output folder, created if needed; an existing file there (or above it) is refused rather than a
     FileExistsError or NotADirectoryError."""
+    check_output(path, flag, folder=True)
     out = Path(path)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{flag} {out} is a file; expected a folder")
-    if (blocker := _file_in_the_way(out)) is not None:
-        raise UserError(f"{flag} {out}: {blocker} is a file, not a folder")
     out.mkdir(parents=True, exist_ok=True)
     return out
 
@@ -51,12 +40,8 @@ def out_folder(path: PathLike, flag: str = "--out-dir") -> Path:
 def out_file(path: PathLike, flag: str = "--out") -> Path:
     """An output file's path, checked before any work: not a folder, and not below a file (atomic_path would
     fail only when writing, with "File exists: <the file>")."""
-    out = Path(path)
-    if out.is_dir():
-        raise UserError(f"{flag} {out} is a folder; expected a file path")
-    if (blocker := _file_in_the_way(out.parent)) is not None:
-        raise UserError(f"{flag} {out}: {blocker} is a file, not a folder")
-    return out
+    check_output(path, flag)
+    return Path(path)
 
 
 @contextmanager
