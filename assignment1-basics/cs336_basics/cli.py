@@ -19,6 +19,7 @@ from cs336_basics.artifacts import (
     sample_text,
 )
 from cs336_basics.cli_support import (
+    OneLineParser,
     UserError,
     check_output,
     range_help,
@@ -40,18 +41,6 @@ __all__ = [
     "sample_text",
 ]
 PROG = "cs336-basics"
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse whose errors are one line (`cs336-basics <cmd>: error: ...`, exit 2) like every other failure;
-    the usage stays one `--help` away."""
-
-    def error(self, message: str) -> typing.NoReturn:
-        from cs336_basics.training.distributed import env_rank
-
-        if env_rank() != 0:  # under torchrun every rank parses the same flags: rank 0 reports
-            self.exit(2)
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def _peak_rss_mb() -> float:
@@ -287,7 +276,7 @@ def cmd_quickstart(args) -> dict:
 
 # ---------------------------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog=PROG, description=__doc__)
+    parser = OneLineParser(prog=PROG, description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train-tokenizer", help="train a byte-level BPE tokenizer on a text file")

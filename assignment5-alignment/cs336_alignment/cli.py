@@ -5,7 +5,7 @@ import argparse
 import json
 import os
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import Any
 
 from cs336_alignment.cli_inputs import (
     check_model_flags,
@@ -16,6 +16,7 @@ from cs336_alignment.cli_inputs import (
 )
 from cs336_alignment.evaluation.runner import markdown_table
 from cs336_basics.cli_support import (
+    OneLineParser,
     UserError,
     bounded,
     check_output,
@@ -165,18 +166,6 @@ def cmd_prompt(args) -> str:
 
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse whose errors are one line (`cs336-align <cmd>: error: ...`, exit 2) like every other failure, not
-    the usage block; the usage stays one `--help` away. Under torchrun rank 0 alone reports."""
-
-    def error(self, message: str) -> NoReturn:
-        from cs336_basics.training.distributed import env_rank
-
-        if env_rank() != 0:
-            self.exit(2)
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:

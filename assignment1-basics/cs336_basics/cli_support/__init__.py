@@ -1,8 +1,8 @@
 """What every cs336 command shares so that it keeps the user's files safe, rejects bad values and stops
 cleanly: one mechanism per concern, used by all five packages' CLIs.
 
-- `errors`: `UserError` and `run_command`, the error boundary that turns expected failures into one line
-  (`<prog>: error: ...`, exit 2) while a real bug still shows its traceback.
+- `errors`: `UserError`, `run_command` and `OneLineParser`, the error boundary that turns expected failures
+  (and bad flags) into one line (`<prog>: error: ...`, exit 2) while a real bug still shows its traceback.
 - `atomic`: outputs written beside their destination and renamed into place only on success; outputs that
   would overwrite inputs refused; run folders that need `--resume` or `--overwrite`.
 - `ranges`: declared valid ranges on config dataclass fields, checked at construction, errors naming the flag.
@@ -18,12 +18,13 @@ from cs336_basics.cli_support.atomic import (
     prepare_run_dir,
     refuse_overwriting_inputs,
 )
-from cs336_basics.cli_support.errors import UserError, reading, run_command
+from cs336_basics.cli_support.errors import OneLineParser, UserError, reading, run_command
 from cs336_basics.cli_support.interrupt import StopRequest
 from cs336_basics.cli_support.jsonl import read_jsonl_tolerant
 from cs336_basics.cli_support.ranges import bounded, check_ranges, range_help
 
 __all__ = [
+    "OneLineParser",
     "StopRequest",
     "UserError",
     "atomic_path",

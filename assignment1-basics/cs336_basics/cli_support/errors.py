@@ -1,12 +1,13 @@
 """The error boundary of every cs336 command: expected failures become one line and exit code 2."""
 
+import argparse
 import gzip
 import json
 import sys
 import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, NoReturn
 
 
 class UserError(ValueError):
@@ -66,3 +67,15 @@ def run_command(prog: str, func: Callable[[], Any], expected: tuple[type[BaseExc
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors are one line (`<prog> <cmd>: error: ...`, exit 2) like every other failure, not the
+    usage block; the usage stays one `--help` away. Under torchrun rank 0 alone reports."""
+
+    def error(self, message: str) -> NoReturn:
+        from cs336_basics.training.distributed import env_rank
+
+        if env_rank() != 0:  # every rank parses the same flags
+            self.exit(2)
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
