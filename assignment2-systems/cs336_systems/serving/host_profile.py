@@ -82,7 +82,7 @@ def run_once(served, args, profiler=None) -> dict:
     if args.per_token:
         engine.window_text = False
     runner = engine.runner
-    # Both paths go through the runner's launch and collect (`decode` is collect(launch(...))).
+    # Both schedules launch and collect every decode window through the runner.
     launch = runner.launch = Timer(runner.launch)
     collect = runner.collect = Timer(runner.collect)
     schedule = engine.scheduler.schedule = Timer(engine.scheduler.schedule)
