@@ -168,7 +168,12 @@ class Dist:
         timeout = timedelta(seconds=self.timeout_s)
         if not dist.is_initialized():
             backend = "nccl" if self.device.type == "cuda" else "gloo"
-            kwargs: dict[str, Any] = {"device_id": self.device} if self.device.type == "cuda" else {}
+            kwargs: dict[str, Any] = {}
+            if self.device.type == "cuda":  # init_process_group wants an indexed device ("cuda" alone is refused)
+                import torch
+
+                index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+                kwargs["device_id"] = torch.device("cuda", index)
             dist.init_process_group(backend, timeout=timeout, **kwargs)
             self.created = True
         self.control = dist.new_group(backend="gloo", timeout=timeout) if dist.get_backend() != "gloo" else None
