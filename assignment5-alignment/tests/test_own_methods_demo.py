@@ -169,6 +169,32 @@ def test_aggregation_of_varied_per_seed_rewards(head_to_head):
     assert comparison["winner"]["margin_se"] == pytest.approx(0)
 
 
+def test_drift_reports_the_reward_a_run_was_given_against_what_it_became(head_to_head):
+    """A PPO (reward model) run whose reward-model score climbs while its answers shrink: the drift entry is the
+    mean score of the first and last four steps, the held-out format reward and length, and the last KL; a rule
+    run's training reward is its rule reward. Both show in the table's second part."""
+    _, root = head_to_head
+    rm, rule = run_results(root, SEEDS[0], "ppo-rm"), run_results(root, SEEDS[0], "grpo")
+    scores = [-0.5 + 0.25 * i for i in range(10)]
+    rm["curves"]["grpo_train"] = [{"step": i + 1, "reward_mean": 0.4, "score_mean": v, "kl": 0.1 * i}
+                                  for i, v in enumerate(scores)]
+    rm["heldout"]["sft"]["sampled"].update(format_reward=0.98, response_length=41.0)
+    rm["heldout"]["grpo"]["sampled"].update(format_reward=0.02, response_length=6.5)
+    rule["curves"]["grpo_train"] = [{"step": i + 1, "reward_mean": 0.3 + 0.01 * i} for i in range(6)]
+    d = compare.drift(rm)
+    assert d["trained_reward_first"] == pytest.approx(sum(scores[:4]) / 4)
+    assert d["trained_reward_last"] == pytest.approx(sum(scores[-4:]) / 4)
+    assert d["kl_last"] == pytest.approx(0.9)
+    assert (d["format_reward_start"], d["format_reward_end"]) == (0.98, 0.02)
+    assert (d["response_length_start"], d["response_length_end"]) == (41.0, 6.5)
+    r = compare.drift(rule)
+    assert r["trained_reward_first"] == pytest.approx(0.315) and r["trained_reward_last"] == pytest.approx(0.335)
+    assert r["kl_last"] is None
+    table = compare.markdown(compare.compare({(0, "ppo-rm"): rm, (0, "grpo"): rule}, [0], ["grpo", "ppo-rm"]))
+    assert "| PPO (reward model) | -0.125 → 1.375 | 0.980 → 0.020 | 41.0 → 6.5 | 0.90 |" in table
+    assert "| GRPO | 0.315 → 0.335 |" in table and table.count("| – |") >= 1
+
+
 def test_checks_catch_unequal_budgets_and_starts_and_report_redraws(head_to_head, tmp_path):
     _, root = head_to_head
     comparison = json.loads((root / "runs" / "a5_methods.json").read_text())

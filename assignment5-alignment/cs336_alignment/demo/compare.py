@@ -49,7 +49,25 @@ def per_run(results: dict[str, Any]) -> dict[str, Any]:
         "start_greedy": held["sft"]["greedy"]["reward"], "end_greedy": held["grpo"]["greedy"]["reward"],
         "budget": results["budget"], "reward_model": results.get("reward_model"),
         "stopped_by_guard": results.get("stopped_by_guard", []), "wall_s": results["timings_s"]["total"],
+        "drift": drift(results),
     }
+
+
+def drift(results: dict[str, Any], window: int = 4) -> dict[str, Any]:
+    """What a run optimised against what it became: the training reward it was given (the reward model's score
+    for ppo-rm, else the rule reward) over its first and last `window` steps, and the held-out format reward and
+    response length at start and end. A reward that rises while the held-out rule reward falls is exploitation."""
+    train = results["curves"]["grpo_train"]
+    given = [r["score_mean"] if r.get("score_mean") is not None else r["reward_mean"] for r in train]
+    held = results["heldout"]
+    out: dict[str, Any] = {
+        "trained_reward_first": sum(given[:window]) / len(given[:window]) if given else None,
+        "trained_reward_last": sum(given[-window:]) / len(given[-window:]) if given else None,
+        "kl_last": train[-1].get("kl") if train else None,
+    }
+    for key in ("format_reward", "response_length"):
+        out[f"{key}_start"], out[f"{key}_end"] = held["sft"]["sampled"][key], held["grpo"]["sampled"][key]
+    return out
 
 
 def compare(runs: dict[tuple[int, str], dict[str, Any]], seeds: list[int], methods: list[str]) -> dict[str, Any]:
@@ -143,6 +161,28 @@ def markdown(comparison: dict[str, Any]) -> str:
                      f"{budgets[0]['optimizer_steps']} | {_pm(e['start'])} | {_pm(e['end'])} | "
                      f"**{_pm(e['gain'], True)}** | {_pm(e['end_greedy'])} | {_pm(e['gain_greedy'], True)} | "
                      f"{_pm(e['reward_model_heldout_accuracy'])} |")
+    lines += ["", "What each method was given and what it became (means over seeds): the training reward over the "
+              "first and last 4 RL steps (the reward model's score for PPO (reward model), else the rule reward), "
+              "then the held-out (T=1) format reward and response length at start and end.", "",
+              "| method | training reward, first → last | format reward, start → end | response tokens, start → end "
+              "| KL to the start, last step |", "|---|---:|---:|---:|---:|"]
+    for method, e in c["per_method"].items():
+        d = [r["drift"] for r in e["seeds"].values() if r.get("drift")]
+        if not d:
+            continue
+
+        def mean(key: str, rows: list[dict[str, Any]] = d) -> float | None:
+            values = [r[key] for r in rows if r.get(key) is not None]
+            return sum(values) / len(values) if values else None
+
+        def num(key: str, spec: str) -> str:
+            value = mean(key)
+            return "–" if value is None else format(value, spec)
+
+        lines.append(f"| {LABELS.get(method, method)} | {num('trained_reward_first', '.3f')} → "
+                     f"{num('trained_reward_last', '.3f')} | {num('format_reward_start', '.3f')} → "
+                     f"{num('format_reward_end', '.3f')} | {num('response_length_start', '.1f')} → "
+                     f"{num('response_length_end', '.1f')} | {num('kl_last', '.2f')} |")
     w, k = c["winner"], c["checks"]
     notes = ["", f"Checks: same rollout budget for every run: {'yes' if k['same_rollout_budget'] else 'NO'}; "
              f"every method starts from the same held-out reward within each seed: "
@@ -158,12 +198,23 @@ def markdown(comparison: dict[str, Any]) -> str:
                      f"{sum(r['heldout_pairs'] for r in rm) / len(rm):.0f} held-out pairs (on "
                      f"{rm[0]['heldout_questions']} questions it never trained on) on average"
                      + ("; gold answers added to each group (tiny mode)" if rm[0].get("gold_answers_added") else "")
-                     + ".")
+                     + _fit_note(rm) + ".")
     if w and w.get("runner_up"):
         margin = f"{w['margin']:+.3f}" + (f" ± {w['margin_se']:.3f}" if w["margin_se"] is not None else "")
         notes.append(f"Highest mean end reward (T=1): **{LABELS.get(w['method'], w['method'])}**, {w['end']:.3f}; "
                      f"ahead of {LABELS.get(w['runner_up'], w['runner_up'])} by {margin} (paired over seeds).")
     return "\n".join([*lines, *notes, ""])
+
+
+def _fit_note(rm: list[dict[str, Any]]) -> str:
+    """Training-batch against held-out accuracy: a reward model that learned its pairs but not the task is the
+    one PPO can exploit."""
+    train = [r["train_accuracy_last"] for r in rm if r.get("train_accuracy_last") is not None]
+    held = [r["heldout_accuracy"] for r in rm if r.get("heldout_accuracy") is not None]
+    if not train or not held:
+        return ""
+    return (f"; pair accuracy on its last training batch {sum(train) / len(train):.2f}, on the held-out pairs "
+            f"{sum(held) / len(held):.2f}")
 
 
 def plot(comparison: dict[str, Any], path: str) -> None:
