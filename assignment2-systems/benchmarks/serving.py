@@ -83,8 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-cuda-graphs", action="store_true")
     p.add_argument("--decode-steps", type=int, default=4, help="decode steps per host round trip (default 4)")
     p.add_argument("--prefill-delay-steps", type=int, default=4, help="see EngineConfig (default 4)")
-    p.add_argument("--async-scheduling", action="store_true",
-                   help="our engine (server and engine rows) launches each decode window before processing the last")
+    p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True,
+                   help="our engine (server and engine rows) launches each decode window before processing the last "
+                        "(default on)")
     args = p.parse_args(argv)
     import torch
 

@@ -342,8 +342,10 @@ def test_serve_and_bench_serve_take_the_flag():
         parser = argparse.ArgumentParser()
         module.add_arguments(parser)
         assert parser.parse_args(["--async-scheduling"]).async_scheduling is True
-        assert parser.parse_args([]).async_scheduling is False
+        assert parser.parse_args([]).async_scheduling is True  # the default since the H100 measurement
+        assert parser.parse_args(["--no-async-scheduling"]).async_scheduling is False
     parser = argparse.ArgumentParser()
     bench_cli.add_arguments(parser)
-    args = parser.parse_args(["--async-scheduling", "--concurrency", "2"])
-    assert bench_cli.engine_config_from(args).async_scheduling is True
+    for flags, want in ((["--async-scheduling"], True), (["--no-async-scheduling"], False), ([], True)):
+        args = parser.parse_args([*flags, "--concurrency", "2"])
+        assert bench_cli.engine_config_from(args).async_scheduling is want

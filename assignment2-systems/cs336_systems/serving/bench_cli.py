@@ -65,9 +65,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     eng.add_argument("--decode-steps", type=int, default=4, help="decode steps per host round trip (default 4)")
     eng.add_argument("--prefill-delay-steps", type=int, default=4,
                      help="decode steps a new prompt may wait to share a prefill (default 4)")
-    eng.add_argument("--async-scheduling", action="store_true",
+    eng.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True,
                      help="the engine-backed rows (the server, engine) launch each decode window before the host "
-                          "processes the previous one")
+                          "processes the previous one (default on)")
     out = p.add_argument_group("outputs")
     out.add_argument("--out-json", type=Path, default=RESULTS_DIR / "serving.json")
     out.add_argument("--out-md", type=Path, default=FIG_DIR / "serving.md")

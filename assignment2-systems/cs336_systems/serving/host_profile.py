@@ -170,8 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vocab-size", type=int, default=4096)
     p.add_argument("--per-token", action="store_true", help="the per-step text path for every sequence")
     p.add_argument("--stop-strings", action="store_true", help="every request has a stop string (never met)")
-    p.add_argument("--async-scheduling", action="store_true",
-                   help="the engine's asynchronous scheduling (next window launched before reading this one)")
+    p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=False,
+                   help="the engine's asynchronous scheduling (next window launched before reading this one; "
+                        "off here by default: the synchronous path's host work is what this profiles)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: steadier timings)")
     p.add_argument("--seed", type=int, default=0)

@@ -51,9 +51,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     eng.add_argument("--decode-steps", type=int, default=4,
                      help="decode steps run on the GPU before the host reads, checks and streams the tokens "
                           "(default 4; 1 streams every token as it is made)")
-    eng.add_argument("--async-scheduling", action="store_true",
+    eng.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True,
                      help="launch the next decode window before the host processes the current one, so host "
-                          "work overlaps the GPU's (a stopped sequence runs one discarded window)")
+                          "work overlaps the GPU's (a stopped sequence runs one discarded window; default on)")
     eng.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                      help="decode eagerly instead of replaying captured CUDA graphs")
     eng.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
