@@ -135,3 +135,81 @@ def test_host_profile_prefill_counts_fewer_aten_calls_for_the_engines_prefill(ca
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     ours, model = result["engine_prefill"], result["model_forward"]
     assert 0 < ours["aten_calls"] < model["aten_calls"] and ours["casts"] < model["casts"]
+
+
+@pytest.fixture(scope="module")
+def compiled_and_eager():
+    """Two runners of one fp32 GQA model (the Llama shape with grouped heads), the second compiling its
+    prefill; compiled once for the module (about 10 s on a CPU), with the one thread the tests run with (the
+    graph's guards include the thread count)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    eager = ModelRunner(_model(FAST["gqa"], torch.float32), num_blocks=64, block_size=BLOCK, max_num_seqs=8,
+                        cuda_graphs=False)
+    compiled = ModelRunner(_model(FAST["gqa"], torch.float32), num_blocks=64, block_size=BLOCK, max_num_seqs=8,
+                           cuda_graphs=False, compile_prefill=True)
+    torch.set_num_threads(threads)
+    return eager, compiled
+
+
+def test_compiled_prefill_matches_the_eager_one_at_every_shape_without_recompiling(compiled_and_eager):
+    """Logits and stored keys/values of the compiled graph equal the eager fast prefill's up to fp32 rounding
+    for batches of one and several prompts, including one-token prompts (padded to the graph's minimum shape),
+    and no pass after start-up compiles again."""
+    from torch._dynamo.utils import counters
+
+    eager, compiled = compiled_and_eager
+    assert compiled.prefill_forward is not None and compiled.prefill_forward.compiled
+    assert not eager.prefill_forward.compiled
+    graphs = counters["stats"]["unique_graphs"]
+    for lengths in [(13, 40, 7, 1), (5,), (1,), (1, 1, 2), (3, 4, 5, 6, 7, 8, 9, 10)]:
+        slots, prompts = _slots(lengths), random_prompts(len(lengths), lengths)
+        for runner in (eager, compiled):
+            for pool in (*runner.k_pools, *runner.v_pools):
+                pool.zero_()
+        want, got = eager.prefill(prompts, slots), compiled.prefill(prompts, slots)
+        assert got.shape == want.shape == (len(lengths), 257)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        for pool, ref in zip((*compiled.k_pools, *compiled.v_pools), (*eager.k_pools, *eager.v_pools), strict=True):
+            torch.testing.assert_close(pool[SCRATCH_BLOCK + 1 :], ref[SCRATCH_BLOCK + 1 :], rtol=1e-5, atol=1e-5)
+        assert any(p[SCRATCH_BLOCK + 1 :].abs().sum() > 0 for p in compiled.k_pools)
+    assert counters["stats"]["unique_graphs"] == graphs
+
+
+def test_engine_with_a_compiled_prefill_generates_what_the_eager_engine_does():
+    from cs336_systems.serving.engine import EngineConfig, LLMEngine
+    from cs336_systems.serving.loader import tiny_served_model
+    from cs336_systems.serving.params import SamplingParams
+
+    prompts = random_prompts(3, (5, 17, 1, 30, 9))
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    outputs = {}
+    for compile_prefill in (False, True):
+        engine = LLMEngine(tiny_served_model(num_kv_heads=2),
+                           EngineConfig(device="cpu", compile_prefill=compile_prefill))
+        assert engine.runner.prefill_forward.compiled is compile_prefill
+        outputs[compile_prefill] = [o.outputs[0].token_ids for o in engine.generate(prompts, params)]
+    assert outputs[True] == outputs[False]
+    assert all(len(ids) == 12 for ids in outputs[True])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled prefill's CUDA graph needs a GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_compiled_prefill_on_cuda_matches_the_eager_one(dtype):
+    """Triton kernels and cuBLAS on the GPU: equal to the eager fast prefill up to the dtype's rounding, and one
+    graph for every shape."""
+    from torch._dynamo.utils import counters
+
+    tol = {torch.float32: 1e-4, torch.bfloat16: 3e-2}[dtype]
+    runners = [ModelRunner(_model(FAST["gqa"], dtype).cuda(), num_blocks=64, block_size=BLOCK, max_num_seqs=8,
+                           cuda_graphs=False, compile_prefill=compile_prefill) for compile_prefill in (False, True)]
+    assert runners[1].prefill_forward.compiled
+    graphs = counters["stats"]["unique_graphs"]
+    for lengths in [(13, 40, 7, 1), (5,), (1,), (3, 4, 5, 6, 7, 8, 9, 10)]:
+        slots, prompts = _slots(lengths), random_prompts(len(lengths), lengths)
+        want, got = (runner.prefill(prompts, slots) for runner in runners)
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+        for pool, ref in zip((*runners[1].k_pools, *runners[1].v_pools), (*runners[0].k_pools, *runners[0].v_pools),
+                             strict=True):
+            torch.testing.assert_close(pool[SCRATCH_BLOCK + 1 :], ref[SCRATCH_BLOCK + 1 :], rtol=tol, atol=tol)
+    assert counters["stats"]["unique_graphs"] == graphs

@@ -26,7 +26,7 @@ from cs336_basics.layers import RotaryPositionalEmbedding
 from cs336_basics.model import TransformerLM
 from cs336_systems.serving.block_manager import SCRATCH_BLOCK, CopyOnWrite
 from cs336_systems.serving.paged_attention import paged_attention, write_kv
-from cs336_systems.serving.prefill import PrefillForward
+from cs336_systems.serving.prefill import MIN_COMPILED_SHAPE, PrefillForward
 from cs336_systems.serving.prefill import supports as prefill_supports
 
 log = logging.getLogger(__name__)
@@ -114,7 +114,8 @@ def bytes_per_block(model: TransformerLM, block_size: int, dtype: torch.dtype) -
 
 class ModelRunner:
     def __init__(self, model: TransformerLM, num_blocks: int, block_size: int, max_num_seqs: int,
-                 cuda_graphs: bool = True, attention_backend: str = "auto", fast_prefill: bool = True):
+                 cuda_graphs: bool = True, attention_backend: str = "auto", fast_prefill: bool = True,
+                 compile_prefill: bool = False):
         self.model = model
         self.config = model.config
         weight = model.lm_head.weight
@@ -147,8 +148,10 @@ class ModelRunner:
             self.caches = [PagedLayerCache(k, v, self.meta_ref, attention_backend)
                            for k, v in zip(self.k_pools, self.v_pools, strict=True)]
         # The common decoder shape prefills through `PrefillForward` (same results, per-pass work done once).
-        self.prefill_forward = (PrefillForward(model, self.k_pools, self.v_pools)
+        self.prefill_forward = (PrefillForward(model, self.k_pools, self.v_pools, compile=compile_prefill)
                                 if fast_prefill and not self.recurrent and prefill_supports(model) else None)
+        if self.prefill_forward is not None and self.prefill_forward.compiled:
+            self._compile_prefill()
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, Tensor]] = {}
         if cuda_graphs and self.device.type == "cuda":
             self._capture(max_num_seqs)
@@ -185,10 +188,28 @@ class ModelRunner:
         for pool in (*self.k_pools, *(v for v in self.v_pools if v is not None)):
             pool[dst] = pool[src]
 
+    def _compile_prefill(self) -> None:
+        """Compiles the prefill graph now (a pass over scratch slots only), not on the first request; where
+        compilation fails (no compiler for the device, say), prefills run eagerly."""
+        rows, tokens = MIN_COMPILED_SHAPE[0], MIN_COMPILED_SHAPE[1] + 1  # unequal: equal sizes would share a symbol
+        scratch = [SCRATCH_BLOCK * self.block_size] * tokens
+        try:
+            self.prefill([[0] * tokens] * rows, [scratch] * rows)
+        except Exception as error:  # any compiler failure: the eager path works
+            log.warning("prefill compilation failed (%s); prefilling eagerly", str(error).splitlines()[0])
+            self.prefill_forward = PrefillForward(self.model, self.k_pools, self.v_pools)
+
     @torch.inference_mode()
     def prefill(self, prompts: list[list[int]], slots: list[list[int]]) -> Float[Tensor, "batch vocab"]:
         """Logits after each prompt's last token; every prompt token's keys/values land at its slots."""
         batch, longest = len(prompts), max(map(len, prompts))
+        real = batch
+        if self.prefill_forward is not None and self.prefill_forward.compiled:  # one graph for every pass:
+            # pad rows (token 0 at scratch slots) and positions past the prompts, whose outputs are not read
+            extra = max(0, MIN_COMPILED_SHAPE[0] - batch)
+            prompts = [*prompts, *[[0]] * extra]
+            slots = [*slots, *[[SCRATCH_BLOCK * self.block_size]] * extra]
+            batch, longest = len(prompts), max(longest, MIN_COMPILED_SHAPE[1])
         # One upload: tokens, slots (batch, longest) and each row's last token's flat index.
         host = np.zeros((2 * batch * longest + batch,), dtype=np.int64)
         tokens, slot_mapping = host[: batch * longest].reshape(batch, longest), host[batch * longest : -batch]
@@ -213,7 +234,7 @@ class ModelRunner:
                     key_mask = positions < torch.tensor([len(p) for p in prompts], device=self.device)[:, None]
                     rows = torch.tensor([row_slots[0] // self.block_size for row_slots in slots], device=self.device)
                 hidden = self._hidden(tokens_d, positions, key_mask, rows, fresh=True)
-        return self._logits(hidden.reshape(batch * longest, -1).index_select(0, last))
+        return self._logits(hidden.reshape(batch * longest, -1).index_select(0, last[:real]))
 
     def decode(self, last_tokens: list[int], lengths: list[int], slots: list[list[int]], tables: list[list[int]],
                sample: Callable[[Tensor], Tensor], steps: int = 1) -> list[list[int]]:

@@ -18,6 +18,13 @@ model's own (`tests/test_serving_prefill.py`), but:
   indexed shape is the attention layout's (batch, kv_heads, seq): no transpose, no reshape copy, no checks;
 - tokens, slots and the rows whose logits are wanted go up in one upload (`ModelRunner.prefill`).
 
+With `compile=True` the pass is one `torch.compile` graph with symbolic batch and length (the keys/values
+stored in place into the pools, fused with RoPE): a few dozen kernel launches instead of ~500 host-dispatched
+calls, at the price of one compilation when the engine starts and of the eager path's bit-for-bit equality
+(inductor fuses the elementwise work, so results agree to rounding). Batches are padded to at least 2 rows
+of at least 2 tokens (`MIN_COMPILED_SHAPE`) so that one graph serves every pass: torch specialises size-1
+dimensions.
+
 Any other configuration (MLA, linear attention, MoE, ALiBi, sliding windows, post-norm, attention backends)
 keeps the model's own forward through `PagedLayerCache`; `supports` decides by exact module types, so a
 subclass with a different forward is never bypassed.
@@ -79,10 +86,13 @@ class _Layer:
                  "qkv", "swiglu", "w2", "w13")
 
 
+MIN_COMPILED_SHAPE = (2, 2)  # (rows, tokens) of every compiled pass: size-1 dimensions would each recompile
+
+
 class PrefillForward:
     """Hidden states of a right-padded prefill batch, keys/values stored in the paged pools on the way."""
 
-    def __init__(self, model: TransformerLM, k_pools: list[Tensor], v_pools: list[Tensor]):
+    def __init__(self, model: TransformerLM, k_pools: list[Tensor], v_pools: list[Tensor], compile: bool = False):
         if not supports(model):
             raise ValueError("PrefillForward: unsupported model configuration (see prefill.supports)")
         self.model = model
@@ -109,6 +119,10 @@ class PrefillForward:
             self.layers.append(layer)
         self.rope = model.layers[0].attn.rope if config.position == "rope" else None
         self._rope: tuple[Tensor, Tensor, Tensor] | None = None
+        if self.rope is not None:
+            self._rope_tables(1)  # built now, so that a compiled graph never guards on their absence
+        self.compiled = compile
+        self._run = torch.compile(self._forward, fullgraph=True) if compile else self._forward
 
     def _rope_tables(self, length: int) -> tuple[Tensor, Tensor, Tensor]:
         """cos and signed sin of positions 0..length − 1, (length, d) with each pair's angle twice, and the
@@ -132,6 +146,13 @@ class PrefillForward:
 
     def __call__(self, tokens: Tensor, slots: Tensor) -> Tensor:
         """tokens and slots (batch, seq); returns the last layer's output (batch, seq, d_model), before ln_final."""
+        if self.compiled:  # batch and length symbolic; everything else (weights, pools, tables) static
+            for tensor in (tokens, slots):
+                torch._dynamo.maybe_mark_dynamic(tensor, 0)
+                torch._dynamo.maybe_mark_dynamic(tensor, 1)
+        return self._run(tokens, slots)
+
+    def _forward(self, tokens: Tensor, slots: Tensor) -> Tensor:
         rope = None if self.rope is None else self._rope_tables(tokens.shape[1])
         x = self.model.token_embeddings.weight[tokens]
         slots = slots[:, None, :]  # (batch, 1, seq) against each layer's head index (kv_heads, 1)
