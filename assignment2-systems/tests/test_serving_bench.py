@@ -314,3 +314,29 @@ def test_load_split_over_worker_processes_keeps_every_request_in_order(tiny_llam
            [(len(w.prompt_token_ids), w.max_tokens) for w in wl]
     assert [r.output_tokens for r in result.requests] == [w.max_tokens for w in wl]
     assert result.duration_s >= max(r.latency_s for r in result.requests) > 0
+
+
+def test_gpu_profile_script_runs_on_cpu_and_the_compiled_prefill_dispatches_fewer_calls(tmp_path):
+    """`benchmarks/serving_gpu_profile.py --tiny`: both parts measured and written; the compiled prefill pass
+    dispatches fewer aten calls from the host than the eager one (the point of compiling it)."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "serving_gpu_profile.py"
+    spec = importlib.util.spec_from_file_location("serving_gpu_profile", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    threads = torch.get_num_threads()
+    results = {}
+    try:
+        for flags in ([], ["--compile-prefill"]):
+            out = tmp_path / f"profile{len(flags)}.json"
+            assert module.main(["--tiny", *flags, "--out", str(out)]) == 0
+            results[bool(flags)] = json.loads(out.read_text())
+    finally:
+        torch.set_num_threads(threads)
+    eager, compiled = results[False], results[True]
+    assert not eager["prefill"]["compiled"] and compiled["prefill"]["compiled"]
+    for r in (eager, compiled):
+        assert r["prefill"]["wall_ms_per_pass"] > 0 and r["decode"]["wall_ms_per_window"] > 0
+        assert r["decode"]["sequences"] == 4 and r["prefill"]["aten_calls_per_pass"] > 0
+    assert compiled["prefill"]["aten_calls_per_pass"] < eager["prefill"]["aten_calls_per_pass"] / 2
+    with pytest.raises(SystemExit):
+        module.main(["--tiny", "--windows", "0", "--out", str(tmp_path / "bad.json")])
