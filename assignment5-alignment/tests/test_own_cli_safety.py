@@ -252,6 +252,7 @@ def test_demo_refuses_a_start_file_that_is_not_one(tmp_path, capsys):
                           "--start-from", str(tmp_path / name)]) == 2
         err = capsys.readouterr().err.strip()
         assert message in err and len(err.splitlines()) == 1 and "error:" in err, err
+        assert not (tmp_path / "out").exists()  # a refused start leaves no empty output folder behind
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -155,6 +155,7 @@ def test_a_start_made_with_other_settings_is_refused(tmp_path, capsys):
     code = main(["--preset", "cpu-smoke", "--out-dir", str(tmp_path / "b"), "--start-from", str(tmp_path / "start.pt"),
                  "--set", "pretrain_steps=4"])
     assert code == 2 and "pretrain_steps=3" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()  # refused before the run made its folder
     assert main(["--preset", "cpu-smoke", "--out-dir", "x", "--start-only"]) == 2
 
 

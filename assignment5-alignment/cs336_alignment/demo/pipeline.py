@@ -254,11 +254,11 @@ def save_start(path: str, policy: BasicsCausalLM, config: DemoConfig, stats: dic
         torch.save(state, tmp)
 
 
-def load_start(path: str, config: DemoConfig, data: DemoData, device: torch.device) -> tuple[BasicsCausalLM,
-                                                                                           dict[str, Any]]:
-    """A saved SFT start, refused when it was made with other data, model or stage settings."""
+def read_start(path: str, config: DemoConfig) -> dict[str, Any]:
+    """A saved SFT start (on the CPU), refused when it was made with other data, model or stage settings; read
+    before the run makes its output folder, so that a refused start leaves nothing behind."""
     try:
-        state = torch.load(path, map_location=device, weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated, not a torch file, a pickle weights_only refuses: the file's fault
         reason = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
         raise StartMismatch(f"{path} is not a start written by --save-start ({reason})") from e
@@ -268,6 +268,12 @@ def load_start(path: str, config: DemoConfig, data: DemoData, device: torch.devi
     if mismatched:
         raise StartMismatch(f"{path} was made with other settings: " + ", ".join(
             f"{k}={state['start_config'].get(k)!r} (this run: {getattr(config, k)!r})" for k in mismatched))
+    return state
+
+
+def load_start(state: dict[str, Any], config: DemoConfig, data: DemoData, device: torch.device
+               ) -> tuple[BasicsCausalLM, dict[str, Any]]:
+    """The policy of a start `read_start` accepted."""
     model = TransformerLM(model_config_for(config, data.tokenizer, device)).to(device)
     model.load_state_dict(state["model"])
     return BasicsCausalLM(model), state["stats"]
@@ -411,6 +417,7 @@ def run_demo(config: DemoConfig, out_dir: str, start_from: str | None = None,
     settings); `start_only` stops after saving it.
     """
     t0 = time.perf_counter()
+    start = read_start(start_from, config) if start_from is not None else None
     os.makedirs(out_dir, exist_ok=True)
     device = resolve_device(config.device)
     if config.deterministic:
@@ -424,8 +431,8 @@ def run_demo(config: DemoConfig, out_dir: str, start_from: str | None = None,
 
     data = make_data(config)
     timings["data_and_tokenizer"] = time.perf_counter() - t0
-    if start_from is not None:
-        policy, start_stats = load_start(start_from, config, data, device)
+    if start is not None:
+        policy, start_stats = load_start(start, config, data, device)
     else:
         policy, start_stats = train_start(config, data, device, log, timings)
     if save_start_to is not None:
