@@ -83,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-cuda-graphs", action="store_true")
     p.add_argument("--decode-steps", type=int, default=4, help="decode steps per host round trip (default 4)")
     p.add_argument("--prefill-delay-steps", type=int, default=4, help="see EngineConfig (default 4)")
+    p.add_argument("--compile-decode", action="store_true",
+                   help="the decode step as one torch.compile graph (compiled at start-up; fewer, fused kernels)")
     p.add_argument("--compile-prefill", action="store_true",
                    help="the prefill pass as one torch.compile graph (compiled at start-up; fewer host calls)")
     p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True,
@@ -116,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
 
     engine_config = EngineConfig(max_num_seqs=max(settings["concurrency"]), cuda_graphs=not args.no_cuda_graphs,
                                  decode_steps=args.decode_steps, prefill_delay_steps=args.prefill_delay_steps,
-                                 async_scheduling=args.async_scheduling, compile_prefill=args.compile_prefill)
+                                 async_scheduling=args.async_scheduling, compile_prefill=args.compile_prefill,
+                                 compile_decode=args.compile_decode)
     start = time.monotonic()
     deadline = start + args.time_budget
     results = {"env": bench_cli.environment(), "models": []}

@@ -11,7 +11,7 @@ engine and shapes apart:
   (decode windows of `--decode-steps` steps) profiled: wall ms per window, kernels and busy ms per window.
 
     python assignment2-systems/benchmarks/serving_gpu_profile.py --out /tmp/serving_profile.json
-    python assignment2-systems/benchmarks/serving_gpu_profile.py --compile-prefill --out ...   # the compiled pass
+    python assignment2-systems/benchmarks/serving_gpu_profile.py --compile-prefill --compile-decode --out ...
     python assignment2-systems/benchmarks/serving_gpu_profile.py --tiny --out /tmp/p.json       # CPU check
 
 Prints a table and writes JSON. `--tiny` (a tiny random model on the CPU) checks the script, not the numbers.
@@ -45,7 +45,7 @@ def build(args) -> tuple:
         served, device = load_hf_model(folder, "llama-125m"), None
     config = EngineConfig(device=device, max_num_seqs=args.num_seqs, decode_steps=args.decode_steps,
                           prefill_delay_steps=0, async_scheduling=args.async_scheduling,
-                          compile_prefill=args.compile_prefill)
+                          compile_prefill=args.compile_prefill, compile_decode=args.compile_decode)
     return LLMEngine(served, config), served
 
 
@@ -127,6 +127,7 @@ def decode_part(engine, args, device: torch.device) -> dict:
         sync(device)
         walls.append(1e3 * (time.perf_counter() - start))
     out = {"sequences": engine.stats().num_running, "decode_steps_per_window": args.decode_steps,
+           "compiled": engine.runner.decode_forward is not None,
            "wall_ms_per_window": statistics.median(walls)}
     out.update(profiled(device, engine.step, args.windows, args.top))
     return out
@@ -145,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--top", type=int, default=12)
     p.add_argument("--compile-prefill", action="store_true")
+    p.add_argument("--compile-decode", action="store_true")
     p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=False,
                    help="off by default: each window is then timed whole, from its launch to its tokens")
     p.add_argument("--out", type=Path, required=True)
@@ -177,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"| prefill pass{' (compiled)' if pre['compiled'] else ''} | {pre['rows']} x {pre['tokens_per_row']} tokens "
           f"| {pre['wall_ms_per_pass']:.2f} | {pre.get('busy_ms_per_pass', float('nan')):.2f} | "
           f"{pre.get('kernels_per_pass', float('nan')):.0f} | {pre['aten_calls_per_pass']:.0f} |")
-    print(f"| decode window | {dec['sequences']} sequences x {dec['decode_steps_per_window']} steps | "
+    compiled = " (compiled)" if dec["compiled"] else ""
+    print(f"| decode window{compiled} | {dec['sequences']} sequences x {dec['decode_steps_per_window']} steps | "
           f"{dec['wall_ms_per_window']:.2f} | {dec.get('busy_ms_per_pass', float('nan')):.2f} | "
           f"{dec.get('kernels_per_pass', float('nan')):.0f} | {dec['aten_calls_per_pass']:.0f} |")
     for part in ("prefill", "decode"):

@@ -316,9 +316,9 @@ def test_load_split_over_worker_processes_keeps_every_request_in_order(tiny_llam
     assert result.duration_s >= max(r.latency_s for r in result.requests) > 0
 
 
-def test_gpu_profile_script_runs_on_cpu_and_the_compiled_prefill_dispatches_fewer_calls(tmp_path):
+def test_gpu_profile_script_runs_on_cpu_and_the_compiled_steps_dispatch_fewer_calls(tmp_path):
     """`benchmarks/serving_gpu_profile.py --tiny`: both parts measured and written; the compiled prefill pass
-    dispatches fewer aten calls from the host than the eager one (the point of compiling it)."""
+    and decode window dispatch far fewer aten calls from the host than the eager ones (the point of compiling)."""
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "serving_gpu_profile.py"
     spec = importlib.util.spec_from_file_location("serving_gpu_profile", path)
     module = importlib.util.module_from_spec(spec)
@@ -326,7 +326,7 @@ def test_gpu_profile_script_runs_on_cpu_and_the_compiled_prefill_dispatches_fewe
     threads = torch.get_num_threads()
     results = {}
     try:
-        for flags in ([], ["--compile-prefill"]):
+        for flags in ([], ["--compile-prefill", "--compile-decode"]):
             out = tmp_path / f"profile{len(flags)}.json"
             assert module.main(["--tiny", *flags, "--out", str(out)]) == 0
             results[bool(flags)] = json.loads(out.read_text())
@@ -334,6 +334,8 @@ def test_gpu_profile_script_runs_on_cpu_and_the_compiled_prefill_dispatches_fewe
         torch.set_num_threads(threads)
     eager, compiled = results[False], results[True]
     assert not eager["prefill"]["compiled"] and compiled["prefill"]["compiled"]
+    assert not eager["decode"]["compiled"] and compiled["decode"]["compiled"]
+    assert compiled["decode"]["aten_calls_per_pass"] < eager["decode"]["aten_calls_per_pass"] / 2
     for r in (eager, compiled):
         assert r["prefill"]["wall_ms_per_pass"] > 0 and r["decode"]["wall_ms_per_window"] > 0
         assert r["decode"]["sequences"] == 4 and r["prefill"]["aten_calls_per_pass"] > 0

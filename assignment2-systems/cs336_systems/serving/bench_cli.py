@@ -65,6 +65,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     eng.add_argument("--decode-steps", type=int, default=4, help="decode steps per host round trip (default 4)")
     eng.add_argument("--prefill-delay-steps", type=int, default=4,
                      help="decode steps a new prompt may wait to share a prefill (default 4)")
+    eng.add_argument("--compile-decode", action="store_true",
+                     help="the decode step as one torch.compile graph (compiled at start-up; fewer, fused kernels)")
     eng.add_argument("--compile-prefill", action="store_true",
                      help="the prefill pass as one torch.compile graph (compiled at start-up; fewer host calls)")
     eng.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True,
@@ -377,7 +379,8 @@ def engine_config_from(args: argparse.Namespace) -> Any:
                             max_num_seqs=args.max_num_seqs or max(args.concurrency),
                             cuda_graphs=not args.no_cuda_graphs, decode_steps=args.decode_steps,
                             prefill_delay_steps=args.prefill_delay_steps,
-                            async_scheduling=args.async_scheduling, compile_prefill=args.compile_prefill)
+                            async_scheduling=args.async_scheduling, compile_prefill=args.compile_prefill,
+                            compile_decode=args.compile_decode)
     except ValueError as e:
         raise UserError(str(e)) from None
 

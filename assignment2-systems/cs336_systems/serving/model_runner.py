@@ -25,6 +25,7 @@ from cs336_basics.kv_cache import ExternalKVCache
 from cs336_basics.layers import RotaryPositionalEmbedding
 from cs336_basics.model import TransformerLM
 from cs336_systems.serving.block_manager import SCRATCH_BLOCK, CopyOnWrite
+from cs336_systems.serving.decode import DecodeForward
 from cs336_systems.serving.paged_attention import paged_attention, write_kv
 from cs336_systems.serving.prefill import MIN_COMPILED_SHAPE, PrefillForward
 from cs336_systems.serving.prefill import supports as prefill_supports
@@ -115,7 +116,7 @@ def bytes_per_block(model: TransformerLM, block_size: int, dtype: torch.dtype) -
 class ModelRunner:
     def __init__(self, model: TransformerLM, num_blocks: int, block_size: int, max_num_seqs: int,
                  cuda_graphs: bool = True, attention_backend: str = "auto", fast_prefill: bool = True,
-                 compile_prefill: bool = False):
+                 compile_prefill: bool = False, compile_decode: bool = False):
         self.model = model
         self.config = model.config
         weight = model.lm_head.weight
@@ -152,6 +153,9 @@ class ModelRunner:
                                 if fast_prefill and not self.recurrent and prefill_supports(model) else None)
         if self.prefill_forward is not None and self.prefill_forward.compiled:
             self._compile_prefill()
+        self.decode_forward: DecodeForward | None = None
+        if compile_decode and self.prefill_forward is not None:
+            self._compile_decode(attention_backend)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, Tensor]] = {}
         if cuda_graphs and self.device.type == "cuda":
             self._capture(max_num_seqs)
@@ -187,6 +191,22 @@ class ModelRunner:
         dst = torch.tensor([c.dst for c in copies], device=self.device)
         for pool in (*self.k_pools, *(v for v in self.v_pools if v is not None)):
             pool[dst] = pool[src]
+
+    def _compile_decode(self, attention_backend: str) -> None:
+        """The decode step as one compiled graph (see `decode.py`), compiled now on two scratch rows; where
+        compilation fails, decode steps keep the model's own forward."""
+        self.decode_forward = DecodeForward(self.prefill_forward, self.k_pools, self.v_pools, attention_backend,
+                                            compile=True)
+        packed = torch.zeros(2, 4 + self.max_blocks_per_seq, dtype=torch.long, device=self.device)
+        packed[:, 1] = 1  # one key each, at the scratch block's first slot (block table and slot all zero)
+        packed[:, 2] = SCRATCH_BLOCK * self.block_size
+        packed[:, 4:] = SCRATCH_BLOCK
+        try:
+            with torch.inference_mode():
+                self.decode_forward(packed)
+        except Exception as error:  # any compiler failure: the model's own decode step works
+            log.warning("decode compilation failed (%s); decoding through the model", str(error).splitlines()[0])
+            self.decode_forward = None
 
     def _compile_prefill(self) -> None:
         """Compiles the prefill graph now (a pass over scratch slots only), not on the first request; where
@@ -256,7 +276,8 @@ class ModelRunner:
         its row rows[i] (asynchronous scheduling: the host has not read it yet), and `last_tokens` is unused."""
         batch = len(lengths)
         size = next((b for b in sorted(self.graphs) if b >= batch), None)
-        padded = size or batch
+        # a compiled decode step takes at least two rows (a one-row batch would compile a second graph)
+        padded = size or (max(batch, 2) if self.decode_forward is not None else batch)
         host = np.zeros((padded, 4 + self.max_blocks_per_seq), dtype=np.int64)
         if feed is None:
             host[:batch, 0] = last_tokens
@@ -309,6 +330,8 @@ class ModelRunner:
 
     def _decode_forward(self, packed: Int[Tensor, "batch columns"]) -> Float[Tensor, "batch vocab"]:
         """packed[:, 0] token, [:, 1] length (keys incl. this token), [:, 2] slot, [:, 4:] block table."""
+        if self.decode_forward is not None:
+            return self.decode_forward(packed)
         tokens, lengths = packed[:, 0:1], packed[:, 1]
         self.meta_ref[0] = StepMeta(
             True, packed[:, 2], packed[:, 4:].to(torch.int32), lengths.to(torch.int32)
@@ -321,6 +344,8 @@ class ModelRunner:
 
     def _capture(self, max_num_seqs: int) -> None:
         sizes = [b for b in GRAPH_BATCH_SIZES if b < max_num_seqs] + [max_num_seqs]
+        if self.decode_forward is not None and max_num_seqs > 1:  # one compiled graph: no size-1 batch
+            sizes = [b for b in sizes if b > 1]
         self.static_inputs = torch.zeros(max(sizes), 4 + self.max_blocks_per_seq, dtype=torch.long,
                                          device=self.device)
         self.static_inputs[:, 1] = 1

@@ -54,6 +54,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     eng.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True,
                      help="launch the next decode window before the host processes the current one, so host "
                           "work overlaps the GPU's (a stopped sequence runs one discarded window; default on)")
+    eng.add_argument("--compile-decode", action="store_true",
+                     help="the decode step as one torch.compile graph (compiled at start-up; fewer, fused kernels)")
     eng.add_argument("--compile-prefill", action="store_true",
                      help="the prefill pass as one torch.compile graph (compiled at start-up; fewer host calls)")
     eng.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
@@ -115,7 +117,8 @@ def run(args: argparse.Namespace) -> int:
                                   max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                                   cuda_graphs=args.cuda_graphs, device=args.device, dtype=args.dtype,
                                   prefill_delay_steps=args.prefill_delay_steps, decode_steps=args.decode_steps,
-                                  async_scheduling=args.async_scheduling, compile_prefill=args.compile_prefill)
+                                  async_scheduling=args.async_scheduling, compile_prefill=args.compile_prefill,
+                                  compile_decode=args.compile_decode)
         except ValueError as e:
             raise UserError(str(e)) from None
         if args.hf_model is not None:

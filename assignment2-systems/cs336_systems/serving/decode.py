@@ -1,0 +1,92 @@
+"""The decode step of the common decoder shape written out once, to be compiled into few kernels.
+
+A decode step replays a captured CUDA graph, so its host cost is gone; what is left is the device's cost of the
+step's kernels. Through `cs336_basics`' modules a 12-layer Llama step is several hundred small kernels (each
+RMSNorm, RoPE and cast its own launches, the q/k/v and W1/W3 weights concatenated per call) for a batch of a
+few dozen rows, and a graph's kernels each cost a few microseconds however little they do.
+
+`DecodeForward` computes the model's decode step for the shape `prefill.supports` accepts (it reuses the
+prefill pass's fused weights and RoPE tables): embedding, then per layer RMSNorm, one q/k/v GEMM, RoPE at each
+row's position, the new key and value written into the paged pools, paged attention, the output projection,
+RMSNorm and the fused feed-forward; then the final norm and the LM head. With `compile=True` (the engine's
+`compile_decode`) it is one `torch.compile` graph with a symbolic batch, which the runner then captures per
+padded batch size as before: inductor fuses each layer's elementwise work into a few kernels. Paged attention
+stays one opaque operator (`cs336_serving::paged_decode`), so its Triton kernel is launched as written.
+
+Results equal the model's own decode step up to rounding (inductor's fusions, and the fused GEMMs, may round
+differently), not bit for bit; `tests/test_serving_decode.py` checks both forms against it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from cs336_systems.serving.paged_attention import paged_attention
+from cs336_systems.serving.prefill import PrefillForward
+
+
+@torch.library.custom_op("cs336_serving::paged_decode", mutates_args=())
+def paged_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, context_lens: Tensor,
+                 scale: float, backend: str) -> Tensor:
+    """`paged_attention` as an operator that torch.compile keeps whole."""
+    return paged_attention(q, k_cache, v_cache, block_tables, context_lens, scale=scale, backend=backend)
+
+
+@paged_decode.register_fake
+def _paged_decode_fake(q, k_cache, v_cache, block_tables, context_lens, scale, backend):
+    return q.new_empty(q.shape[0], q.shape[1], v_cache.shape[-1])
+
+
+class DecodeForward:
+    """Logits (batch, vocab) in float32 of one decode step from the runner's packed inputs."""
+
+    def __init__(self, prefill: PrefillForward, k_pools: list[Tensor], v_pools: list[Tensor], backend: str,
+                 compile: bool = False):
+        self.model = prefill.model
+        self.layers = prefill.layers
+        self.rms = prefill._rms
+        self.rotate = prefill._rotate
+        self.rope = None if prefill.rope is None else prefill._rope_tables(self.model.config.context_length)
+        self.k_pools, self.v_pools = k_pools, v_pools
+        self.backend = backend
+        self.context_length = self.model.config.context_length
+        self.compiled = compile
+        self._run = torch.compile(self._forward, fullgraph=True) if compile else self._forward
+
+    def __call__(self, packed: Tensor) -> Tensor:
+        """packed[:, 0] token, [:, 1] length (keys incl. this token), [:, 2] slot, [:, 4:] block table."""
+        if self.compiled:
+            torch._dynamo.maybe_mark_dynamic(packed, 0)
+        return self._run(packed)
+
+    def _forward(self, packed: Tensor) -> Tensor:
+        tokens, lengths, slots = packed[:, 0], packed[:, 1], packed[:, 2]
+        tables, context_lens = packed[:, 4:].to(torch.int32), lengths.to(torch.int32)
+        batch = tokens.shape[0]
+        rope = None
+        if self.rope is not None:  # a row past its last real token may run past the context: clamp (discarded)
+            cos2, sin2, swap = self.rope
+            positions = (lengths - 1).clamp(max=self.context_length - 1)
+            rope = (cos2[positions][:, None, :], sin2[positions][:, None, :], swap)
+        x = self.model.token_embeddings.weight[tokens]
+        for layer, k_pool, v_pool in zip(self.layers, self.k_pools, self.v_pools, strict=True):
+            heads, kv_heads, d = layer.heads, layer.kv_heads, layer.d
+            q, k, v = (self.rms(x, layer.ln1, layer.eps1) @ layer.qkv).split(
+                (heads * d, kv_heads * d, kv_heads * d), dim=-1)
+            q, k, v = q.view(batch, heads, d), k.view(batch, kv_heads, d), v.view(batch, kv_heads, d)
+            if rope is not None:
+                q, k = self.rotate(q, rope), self.rotate(k, rope)
+            k_pool.view(-1, kv_heads, d)[slots] = k
+            v_pool.view(-1, kv_heads, d)[slots] = v
+            out = paged_decode(q, k_pool, v_pool, tables, context_lens, 1 / math.sqrt(d), self.backend)
+            x = x + out.reshape(batch, heads * d) @ layer.out
+            h = self.rms(x, layer.ln2, layer.eps2)
+            if layer.swiglu:
+                gate, up = (h @ layer.w13).chunk(2, dim=-1)
+                x = x + (torch.nn.functional.silu(gate) * up) @ layer.w2
+            else:
+                x = x + torch.nn.functional.silu(h @ layer.w13) @ layer.w2
+        return self.model.lm_head(self.model.ln_final(x)).float()
