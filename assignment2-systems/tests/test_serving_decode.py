@@ -149,3 +149,9 @@ def test_compiled_decode_on_cuda_matches_the_models_step_and_captures_into_cuda_
     assert got == want
     for pool, ref in zip((*fast.k_pools, *fast.v_pools), (*reference.k_pools, *reference.v_pools), strict=True):
         torch.testing.assert_close(pool[SCRATCH_BLOCK + 1 :], ref[SCRATCH_BLOCK + 1 :], rtol=tol, atol=tol)
+
+
+def test_other_model_shapes_keep_their_own_decode_step_and_say_so(caplog):
+    runner = _runner({"attention": "mla"}, compile_decode=True, compile_prefill=True)
+    assert runner.prefill_forward is None and runner.decode_forward is None
+    assert "this model runs its own forward" in caplog.text

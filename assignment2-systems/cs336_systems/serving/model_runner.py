@@ -156,6 +156,9 @@ class ModelRunner:
         self.decode_forward: DecodeForward | None = None
         if compile_decode and self.prefill_forward is not None:
             self._compile_decode(attention_backend)
+        elif (compile_decode or compile_prefill) and self.prefill_forward is None:
+            log.warning("--compile-prefill/--compile-decode cover the common decoder shape (prefill.supports); "
+                        "this model runs its own forward")
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, Tensor]] = {}
         if cuda_graphs and self.device.type == "cuda":
             self._capture(max_num_seqs)
