@@ -56,6 +56,7 @@ VARIANTS: dict[str, dict] = {
     "ddp": dict(parallel="ddp"),
     "fsdp": dict(parallel="fsdp"),
     "fsdp-reshard": dict(parallel="fsdp", fsdp_reshard="always"),  # each block gathered again for backward
+    "fsdp-blocks": dict(parallel="fsdp", fsdp_units="block"),  # one unit per block (the default on several ranks)
 }
 # the acceptance rows first (before, after, HF Llama), then one flag at a time; reduce-overhead (riskiest) last
 DEFAULT_VARIANTS = ("baseline,all,hf-llama,compile-loss,chunked,chunked+compile-loss,fused,prefetch,all-full-loss,"
@@ -131,7 +132,7 @@ class TrainerStep:
                 os.environ.setdefault(name, value)
             dist.start()
         wrapped = wrap_model(self.model, config.parallel, device, precision, config.compile, config.compile_mode,
-                             config.fsdp_reshard)
+                             config.fsdp_reshard, config.fsdp_units)
         self.optimizer = build_optimizer(self.model, config)
         scaler = torch.amp.GradScaler(device.type, enabled=False)
         self.step_fn = _make_step(self.model, wrapped, self.optimizer, scaler, SpikeGuard(0.0, 0), config, device,

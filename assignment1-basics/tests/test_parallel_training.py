@@ -321,6 +321,9 @@ LAUNCH = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1", "LOCAL_RANK": "0"}
     ({"RANK": "0", "WORLD_SIZE": "2"}, ["--parallel", "fsdp", "--optimizer", "muon"], "use --parallel ddp"),
     ({}, ["--grad-accum", "3"], "--batch-size (8) must be divisible by --grad-accum (3)"),
     ({}, ["--fsdp-reshard", "never"], "--fsdp-reshard never needs --parallel fsdp"),
+    ({}, ["--fsdp-units", "model"], "--fsdp-units model needs --parallel fsdp"),
+    ({"RANK": "0", "WORLD_SIZE": "2"}, ["--parallel", "fsdp", "--fsdp-units", "model", "--fsdp-reshard", "always"],
+     "--fsdp-reshard always frees each block after its forward: it needs --fsdp-units block"),
 ])
 def test_bad_launches_are_one_line_errors_before_any_process_group(data, tmp_path, monkeypatch, capsys, env, flags,
                                                                     needle):
@@ -374,3 +377,54 @@ def test_fsdp_reshard_decides_whether_one_rank_frees_the_gathered_blocks_after_f
     assert result.returncode == 0, result.stderr[-2000:]
     sharded = json.loads(result.stdout.strip().splitlines()[-1])
     assert sharded and set(sharded) == {resharded}
+
+
+UNITS_PROBE = """
+import json, os, sys
+import torch
+import torch.distributed as dist
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
+from cs336_basics.model import TransformerConfig, TransformerLM
+from cs336_basics.training.distributed import wrap_model
+
+units, compile, port = sys.argv[1], sys.argv[2] == "1", sys.argv[3]
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+dist.init_process_group("gloo")
+config = TransformerConfig(vocab_size=64, context_length=16, d_model=32, num_layers=2, num_heads=2, d_ff=64)
+torch.manual_seed(0)
+plain = TransformerLM(config)
+model = TransformerLM(config)
+model.load_state_dict(plain.state_dict())
+wrapped = wrap_model(model, "fsdp", torch.device("cpu"), "fp32", compile, fsdp_units=units)
+errors = []
+for step in range(2):  # twice: the second step runs the gathered/compiled path again
+    tokens = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(step))
+    loss = wrapped.forward(tokens).float().pow(2).mean()
+    loss.backward()
+    reference = plain(tokens).float().pow(2).mean()
+    reference.backward()
+    errors.append(abs(loss.item() - reference.item()))
+    for (name, p), q in zip(model.named_parameters(), plain.parameters(), strict=True):
+        grad = p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
+        errors.append((grad - q.grad).abs().max().item())
+        p.grad, q.grad = None, None
+units_seen = {"root": isinstance(model, FSDPModule), "blocks": [isinstance(b, FSDPModule) for b in model.layers]}
+dist.destroy_process_group()
+print(json.dumps({"max_error": max(errors), **units_seen}))
+"""
+
+
+@pytest.mark.parametrize(("units", "compile", "per_block"), [("auto", False, False), ("model", True, False),
+                                                              ("block", False, True)])
+def test_fsdp_units_at_world_size_1_shard_the_model_or_its_blocks_and_compute_the_plain_gradients(units, compile,
+                                                                                                  per_block):
+    """In a one-process gloo group: `--fsdp-units auto` makes the whole model one FSDP unit on one rank, `block`
+    one unit per block; either way (and compiled whole) two steps' losses and every gradient equal the plain
+    model's."""
+    result = subprocess.run([sys.executable, "-c", UNITS_PROBE, units, "1" if compile else "0", str(_free_port())],
+                            capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out["root"] and out["blocks"] == [per_block, per_block]
+    assert out["max_error"] < 1e-5

@@ -322,7 +322,8 @@ def test_benchmark_ddp_and_fsdp_variants_train_like_the_plain_step(tmp_path):
     out = tmp_path / "flags.json"
     env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / "train_step_flags.py"), "--tiny", "--device", "cpu",
-                    "--steps", "2", "--windows", "1", "--warmup", "1", "--variants", "baseline,ddp,fsdp,fsdp-reshard",
+                    "--steps", "2", "--windows", "1", "--warmup", "1",
+                    "--variants", "baseline,ddp,fsdp,fsdp-blocks,fsdp-reshard",
                     "--set", "num_layers=3", "--out", str(out)],
                    check=True, env=env, timeout=300, capture_output=True)
     rows = {r["variant"]: r for r in json.loads(out.read_text())["rows"]}
@@ -331,6 +332,6 @@ def test_benchmark_ddp_and_fsdp_variants_train_like_the_plain_step(tmp_path):
     three_layers = TransformerConfig(vocab_size=512, context_length=32, d_model=64, num_layers=3, num_heads=4,
                                      d_ff=128)  # the script's --tiny shape with the override
     assert base["flops_per_token"] == training_flops_per_token(TransformerLM(three_layers, device="meta"))
-    for variant in ("ddp", "fsdp", "fsdp-reshard"):
+    for variant in ("ddp", "fsdp", "fsdp-blocks", "fsdp-reshard"):
         assert rows[variant]["first_step_loss"] == pytest.approx(base["first_step_loss"], rel=1e-6)
         assert rows[variant]["last_loss"] == pytest.approx(base["last_loss"], rel=1e-4)

@@ -25,7 +25,8 @@ CHOICES = {"norm": ("pre", "post", "none"), "position": ("rope", "none", "alibi"
            "attention": ("mha", "mla", "linear"), "moe_router": ("softmax", "sigmoid"),
            "precision": ("auto", "fp32", "bf16", "fp16"), "optimizer": ("adamw", "muon"),
            "parallel": ("none", "ddp", "fsdp"),
-           "fsdp_reshard": ("auto", "always", "never"), "compile_mode": COMPILE_MODES, "loss_impl": ("full", "chunked"),
+           "fsdp_reshard": ("auto", "always", "never"), "fsdp_units": ("auto", "block", "model"),
+           "compile_mode": COMPILE_MODES, "loss_impl": ("full", "chunked"),
            "adamw_impl": ("ours", "fused")}
 
 
@@ -119,6 +120,10 @@ class TrainConfig:
     # fsdp: free each block's gathered weights after its forward and gather them again for backward (less memory,
     # one more copy per block); auto: only with more than one rank (one rank holds every weight anyway)
     fsdp_reshard: Literal["auto", "always", "never"] = "auto"
+    # fsdp: what one FSDP unit holds: each transformer block (then the root: blocks gathered one by one, which
+    # overlaps communication with compute across ranks) or the whole model; auto: the whole model on one rank
+    # (no communication to overlap: one gather per step, and the model compiles whole), blocks otherwise
+    fsdp_units: Literal["auto", "block", "model"] = "auto"
     grad_accum: int = bounded(1, ge=1)
     dist_timeout_s: float = bounded(600.0, gt=0)  # a collective waiting longer than this fails the run
     wandb: bool = False
@@ -146,6 +151,10 @@ class TrainConfig:
             raise UserError("--resume and --overwrite exclude each other")
         if self.fsdp_reshard != "auto" and self.parallel != "fsdp":
             raise UserError(f"--fsdp-reshard {self.fsdp_reshard} needs --parallel fsdp")
+        if self.fsdp_units != "auto" and self.parallel != "fsdp":
+            raise UserError(f"--fsdp-units {self.fsdp_units} needs --parallel fsdp")
+        if self.fsdp_units == "model" and self.fsdp_reshard == "always":
+            raise UserError("--fsdp-reshard always frees each block after its forward: it needs --fsdp-units block")
         if self.parallel != "none" and (self.loss_impl != "full" or self.compile_loss):
             raise UserError("--loss-impl chunked and --compile-loss need --parallel none")
         if self.adamw_impl != "ours" and self.optimizer != "adamw":

@@ -251,8 +251,9 @@ def compiled(fn, mode: str = "default"):
 
 
 def wrap_model(model, parallel: str, device: torch.device, precision: str, compile: bool,
-               compile_mode: str = "default", fsdp_reshard: str = "auto") -> Wrapped:
-    """DDP, FSDP2 (blocks then root; bf16 compute with fp32 master weights on CUDA bf16) or the model itself."""
+               compile_mode: str = "default", fsdp_reshard: str = "auto", fsdp_units: str = "auto") -> Wrapped:
+    """DDP, FSDP2 (blocks then root, or the whole model as one unit; bf16 compute with fp32 master weights on
+    CUDA bf16) or the model itself."""
     import torch
 
     if parallel == "ddp":
@@ -278,7 +279,21 @@ def wrap_model(model, parallel: str, device: torch.device, precision: str, compi
             policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         else:
             policy = MixedPrecisionPolicy()
-        reshard = {"always": True, "never": False}.get(fsdp_reshard, torch.distributed.get_world_size() > 1)
+        world_size = torch.distributed.get_world_size()
+        reshard = {"always": True, "never": False}.get(fsdp_reshard, world_size > 1)
+        if fsdp_units == "model" or (fsdp_units == "auto" and world_size == 1 and fsdp_reshard != "always"):
+            # One unit: one gather before forward and one reduce after backward, no per-block hooks; the
+            # forward compiles whole (the unit's hooks run in the module's __call__, outside the graph), as
+            # with --parallel none. On one rank nothing could overlap the gathers anyway.
+            fully_shard(model, mp_policy=policy, reshard_after_forward=reshard)
+            if compile:
+                model.forward = compiled(model.forward, compile_mode)
+
+            def model_sync(last: bool):
+                model.set_requires_gradient_sync(last)
+                return contextlib.nullcontext()
+
+            return Wrapped(model, model, model_sync)
         for index, block in enumerate(model.layers):
             if compile:  # per block, the FSDP hooks outside the compiled graphs (as torchtitan does)
                 block = compiled(block, compile_mode)

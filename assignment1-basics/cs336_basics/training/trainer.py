@@ -266,7 +266,7 @@ def _train(config: TrainConfig, model_config, train_tokens, val_tokens, device, 
         except (RuntimeError, ValueError, KeyError, TypeError) as e:  # weights of another shape or model
             _does_not_fit(checkpoint_path, e)
     wrapped = wrap_model(model, config.parallel, device, precision, config.compile, config.compile_mode,
-                         config.fsdp_reshard)
+                         config.fsdp_reshard, config.fsdp_units)
     optimizer = build_optimizer(model, config)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     guard = SpikeGuard(config.spike_guard, config.spike_warmup_steps)
