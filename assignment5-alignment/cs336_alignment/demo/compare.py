@@ -165,7 +165,7 @@ def markdown(comparison: dict[str, Any]) -> str:
               "first and last 4 RL steps (the reward model's score for PPO (reward model), else the rule reward), "
               "then the held-out (T=1) format reward and response length at start and end.", "",
               "| method | training reward, first → last | format reward, start → end | response tokens, start → end "
-              "| KL to the start, last step |", "|---|---:|---:|---:|---:|"]
+              "| KL to the start (nats per response), last step |", "|---|---:|---:|---:|---:|"]
     for method, e in c["per_method"].items():
         d = [r["drift"] for r in e["seeds"].values() if r.get("drift")]
         if not d:
