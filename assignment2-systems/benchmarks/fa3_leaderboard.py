@@ -111,6 +111,7 @@ def main() -> None:
         "sdpa flash": (lambda a, b, c: _sdpa(SDPBackend.FLASH_ATTENTION, a, b, c, causal), None),
     }
     result["timings"], result["backward_paths"] = {}, {}
+    backward_default = hopper_impl._settings["backward"]
     for name, (attn, gluon_bwd) in impls.items():
         if gluon_bwd is not None:
             hopper_impl.set_backward_enabled(gluon_bwd)
@@ -118,7 +119,7 @@ def main() -> None:
         if gluon_bwd is not None:
             result["backward_paths"][name] = hopper_impl.last_path["backward"] or "gluon dK/dV"
         print(name, json.dumps(result["timings"][name]), flush=True)
-    hopper_impl.set_backward_enabled(True)
+    hopper_impl.set_backward_enabled(backward_default)
     # the cuDNN baseline once more at the end: the clock falls under sustained load (NOTES.md, v7)
     result["timings"]["sdpa cudnn (again)"] = fwd_bwd_times(impls["sdpa cudnn"][0], q, k, v, do, args.rep_ms)
     result["fa3_path"] = hopper_impl.last_path["forward"] or "gluon"

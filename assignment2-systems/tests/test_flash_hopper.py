@@ -22,6 +22,24 @@ def _is_hopper() -> bool:
 needs_hopper = pytest.mark.skipif(not _is_hopper(), reason="the Gluon kernels need an sm_90 (Hopper) GPU")
 
 
+@pytest.fixture(autouse=True)
+def gluon_backward_on():
+    """These tests check the Gluon dK/dV kernel too, which is off by default (slower, NOTES.md fa3-v2): on for
+    each test, the default back afterwards."""
+    default = hopper_impl._settings["backward"]
+    hopper_impl.set_backward_enabled(True)
+    yield
+    hopper_impl.set_backward_enabled(default)
+
+
+def test_the_gluon_backward_is_off_by_default_unless_asked_for():
+    """The default follows the H100 measurement (the Triton backward was faster); CS336_FA3_BWD=1 turns it on."""
+    assert hopper_impl.settings_from({}) == {"enabled": True, "backward": False}
+    assert hopper_impl.settings_from({"CS336_FA3_BWD": "1"})["backward"] is True
+    assert hopper_impl.settings_from({"CS336_FA3_BWD": "0", "CS336_FA3": "0"}) == {"enabled": False,
+                                                                                 "backward": False}
+
+
 def _rel(a: torch.Tensor, b: torch.Tensor, floor: float = 1e-30) -> float:
     """‖a − b‖ / max(‖b‖, floor): the floor keeps an exactly-zero reference (dQ and dK with one key, where the
     softmax is constant) from turning float rounding into an infinite relative error."""

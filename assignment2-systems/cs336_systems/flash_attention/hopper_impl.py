@@ -1,9 +1,10 @@
 """FlashAttention with the Hopper (sm_90) Gluon kernels of `hopper_kernels` (issue 24).
 
 `FlashAttentionHopper.apply(q, k, v, is_causal)` takes what `FlashAttentionTriton` takes and saves the same
-Q, K, V, O and L. Backward: the Triton dQ kernel (which also writes D = rowsum(dO ∘ O)) then the Gluon dK/dV
-kernel (fa3-v2; CS336_FA3_BWD=0 or `set_backward_enabled(False)` gives the whole Triton backward,
-`triton_impl.flash_backward`, instead). Inputs the Gluon kernels do not take fall back, whole, to the portable kernels:
+Q, K, V, O and L. Backward: by default the whole Triton backward (`triton_impl.flash_backward`), which measured
+1.2 ms faster at the leaderboard shape on an H100 (NOTES.md, fa3-v2); CS336_FA3_BWD=1 or
+`set_backward_enabled(True)` gives the Triton dQ kernel (which also writes D = rowsum(dO ∘ O)) then the Gluon
+dK/dV kernel. Inputs the Gluon kernels do not take fall back, whole, to the portable kernels:
 a GPU other than compute capability 9.x, dtypes other than bf16/fp16, head dims other than 64 and 128, a
 Triton without Gluon; on a CPU the tiled PyTorch twin runs (so that the wiring is testable without a GPU).
 Nothing here imports Gluon until a Hopper launch.
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -31,8 +33,15 @@ CONFIGS: dict[int, tuple[int, int, bool]] = {64: (128, 3, True), 128: (64, 3, Tr
 # head dim -> (query tile, key tile, stages) of the dK/dV kernel, 8 warps; d 128 takes 32-query tiles because
 # 64 spill (compile facts in NOTES.md, "fa3-v2")
 BWD_CONFIGS: dict[int, tuple[int, int, int]] = {64: (64, 128, 2), 128: (32, 128, 2)}
-_settings: dict[str, Any] = {"enabled": os.environ.get("CS336_FA3", "1") != "0",
-                             "backward": os.environ.get("CS336_FA3_BWD", "1") != "0"}
+
+
+def settings_from(environ: Mapping[str, str]) -> dict[str, Any]:
+    """CS336_FA3=0 turns the Gluon kernels off; CS336_FA3_BWD=1 turns the Gluon dK/dV kernel on (off by default:
+    slower than the Triton backward on an H100, NOTES.md fa3-v2)."""
+    return {"enabled": environ.get("CS336_FA3", "1") != "0", "backward": environ.get("CS336_FA3_BWD", "0") != "0"}
+
+
+_settings: dict[str, Any] = settings_from(os.environ)
 # why the last call fell back ("" when the Gluon kernel ran): for tests and benchmarks
 last_path: dict[str, str] = {"forward": "", "backward": ""}
 
