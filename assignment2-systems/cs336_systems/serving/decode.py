@@ -24,6 +24,7 @@ import math
 import torch
 from torch import Tensor
 
+from cs336_basics.nn_utils import silu
 from cs336_systems.serving.paged_attention import paged_attention
 from cs336_systems.serving.prefill import PrefillForward
 
@@ -86,7 +87,7 @@ class DecodeForward:
             h = self.rms(x, layer.ln2, layer.eps2)
             if layer.swiglu:
                 gate, up = (h @ layer.w13).chunk(2, dim=-1)
-                x = x + (torch.nn.functional.silu(gate) * up) @ layer.w2
+                x = x + (silu(gate) * up) @ layer.w2
             else:
-                x = x + torch.nn.functional.silu(h @ layer.w13) @ layer.w2
+                x = x + silu(h @ layer.w13) @ layer.w2
         return self.model.lm_head(self.model.ln_final(x)).float()
