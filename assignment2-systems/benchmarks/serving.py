@@ -36,6 +36,7 @@ for sub in ("assignment1-basics", "assignment2-systems"):
 
 from cs336_systems.serving import bench_cli  # noqa: E402
 from cs336_systems.serving.bench_models import write_random_llama, write_random_preset  # noqa: E402
+from cs336_systems.serving.engine_args import add_speed_arguments, speed_settings  # noqa: E402
 
 FULL = {
     "concurrency": [1, 8, 64, 256],
@@ -80,16 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--time-budget", type=float, default=420.0,
                    help="seconds of measuring after which remaining points are recorded as skipped")
-    p.add_argument("--no-cuda-graphs", action="store_true")
-    p.add_argument("--decode-steps", type=int, default=4, help="decode steps per host round trip (default 4)")
-    p.add_argument("--prefill-delay-steps", type=int, default=4, help="see EngineConfig (default 4)")
-    p.add_argument("--compile-decode", action="store_true",
-                   help="the decode step as one torch.compile graph (compiled at start-up; fewer, fused kernels)")
-    p.add_argument("--compile-prefill", action="store_true",
-                   help="the prefill pass as one torch.compile graph (compiled at start-up; fewer host calls)")
-    p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True,
-                   help="our engine (server and engine rows) launches each decode window before processing the last "
-                        "(default on)")
+    add_speed_arguments(p)
     args = p.parse_args(argv)
     import torch
 
@@ -116,10 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.tiny and not torch.cuda.is_available():
         torch.set_num_threads(1)  # tiny matrices gain nothing from threads, and a busy CI core stalls OpenMP
 
-    engine_config = EngineConfig(max_num_seqs=max(settings["concurrency"]), cuda_graphs=not args.no_cuda_graphs,
-                                 decode_steps=args.decode_steps, prefill_delay_steps=args.prefill_delay_steps,
-                                 async_scheduling=args.async_scheduling, compile_prefill=args.compile_prefill,
-                                 compile_decode=args.compile_decode)
+    engine_config = EngineConfig(max_num_seqs=max(settings["concurrency"]), **speed_settings(args))
     start = time.monotonic()
     deadline = start + args.time_budget
     results = {"env": bench_cli.environment(), "models": []}

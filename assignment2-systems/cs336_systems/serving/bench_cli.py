@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from cs336_basics.cli_support import UserError, atomic_write
+from cs336_systems.serving.engine_args import add_speed_arguments, speed_settings
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 FIG_DIR = REPO_ROOT / "fig"
@@ -61,17 +62,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     eng.add_argument("--block-size", type=int, default=16)
     eng.add_argument("--num-blocks", type=int, default=None, help="KV blocks (default: the engine's choice)")
     eng.add_argument("--max-num-seqs", type=int, default=None, help="default: the largest --concurrency")
-    eng.add_argument("--no-cuda-graphs", action="store_true")
-    eng.add_argument("--decode-steps", type=int, default=4, help="decode steps per host round trip (default 4)")
-    eng.add_argument("--prefill-delay-steps", type=int, default=4,
-                     help="decode steps a new prompt may wait to share a prefill (default 4)")
-    eng.add_argument("--compile-decode", action="store_true",
-                     help="the decode step as one torch.compile graph (compiled at start-up; fewer, fused kernels)")
-    eng.add_argument("--compile-prefill", action="store_true",
-                     help="the prefill pass as one torch.compile graph (compiled at start-up; fewer host calls)")
-    eng.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True,
-                     help="the engine-backed rows (the server, engine) launch each decode window before the host "
-                          "processes the previous one (default on)")
+    add_speed_arguments(eng)
     out = p.add_argument_group("outputs")
     out.add_argument("--out-json", type=Path, default=RESULTS_DIR / "serving.json")
     out.add_argument("--out-md", type=Path, default=FIG_DIR / "serving.md")
@@ -376,11 +367,7 @@ def engine_config_from(args: argparse.Namespace) -> Any:
 
     try:
         return EngineConfig(block_size=args.block_size, num_blocks=args.num_blocks,
-                            max_num_seqs=args.max_num_seqs or max(args.concurrency),
-                            cuda_graphs=not args.no_cuda_graphs, decode_steps=args.decode_steps,
-                            prefill_delay_steps=args.prefill_delay_steps,
-                            async_scheduling=args.async_scheduling, compile_prefill=args.compile_prefill,
-                            compile_decode=args.compile_decode)
+                            max_num_seqs=args.max_num_seqs or max(args.concurrency), **speed_settings(args))
     except ValueError as e:
         raise UserError(str(e)) from None
 

@@ -17,6 +17,7 @@ import socket
 from pathlib import Path
 
 from cs336_basics.cli_support import UserError
+from cs336_systems.serving.engine_args import add_speed_arguments, speed_settings
 
 API_KEY_ENV = "CS336_API_KEY"
 
@@ -46,20 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     eng.add_argument("--max-num-seqs", type=int, default=256, help="sequences in one batch at most (default 256)")
     eng.add_argument("--max-num-batched-tokens", type=int, default=8192,
                      help="prompt tokens in one prefill batch at most (default 8192)")
-    eng.add_argument("--prefill-delay-steps", type=int, default=4,
-                     help="decode steps a new prompt may wait so that close arrivals share a prefill (default 4)")
-    eng.add_argument("--decode-steps", type=int, default=4,
-                     help="decode steps run on the GPU before the host reads, checks and streams the tokens "
-                          "(default 4; 1 streams every token as it is made)")
-    eng.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True,
-                     help="launch the next decode window before the host processes the current one, so host "
-                          "work overlaps the GPU's (a stopped sequence runs one discarded window; default on)")
-    eng.add_argument("--compile-decode", action="store_true",
-                     help="the decode step as one torch.compile graph (compiled at start-up; fewer, fused kernels)")
-    eng.add_argument("--compile-prefill", action="store_true",
-                     help="the prefill pass as one torch.compile graph (compiled at start-up; fewer host calls)")
-    eng.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
-                     help="decode eagerly instead of replaying captured CUDA graphs")
+    add_speed_arguments(eng)
     eng.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     eng.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                      help="weights and KV cache dtype (default: bfloat16 on CUDA, float32 on CPU)")
@@ -115,10 +103,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             config = EngineConfig(block_size=args.block_size, num_blocks=args.num_blocks,
                                   max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                                  cuda_graphs=args.cuda_graphs, device=args.device, dtype=args.dtype,
-                                  prefill_delay_steps=args.prefill_delay_steps, decode_steps=args.decode_steps,
-                                  async_scheduling=args.async_scheduling, compile_prefill=args.compile_prefill,
-                                  compile_decode=args.compile_decode)
+                                  device=args.device, dtype=args.dtype, **speed_settings(args))
         except ValueError as e:
             raise UserError(str(e)) from None
         if args.hf_model is not None:

@@ -1,0 +1,33 @@
+"""The engine's speed flags, defined once for `serve`, `bench-serve` and `benchmarks/serving.py` (their names
+are `EngineConfig`'s fields, so `speed_settings(args)` passes them on as they are)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+SPEED_FIELDS = ("prefill_delay_steps", "decode_steps", "async_scheduling", "compile_decode", "compile_prefill",
+                "cuda_graphs")
+
+
+def add_speed_arguments(group: Any) -> None:
+    """The flags of `SPEED_FIELDS` on an argparse parser or argument group."""
+    group.add_argument("--prefill-delay-steps", type=int, default=4,
+                       help="decode steps a new prompt may wait so that close arrivals share a prefill (default 4)")
+    group.add_argument("--decode-steps", type=int, default=4,
+                       help="decode steps run on the GPU before the host reads, checks and streams the tokens "
+                            "(default 4; 1 streams every token as it is made)")
+    group.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True,
+                       help="launch the next decode window before the host processes the current one, so host "
+                            "work overlaps the GPU's (a stopped sequence runs one discarded window; default on)")
+    group.add_argument("--compile-decode", action="store_true",
+                       help="the decode step as one torch.compile graph (compiled at start-up; fewer, fused kernels)")
+    group.add_argument("--compile-prefill", action="store_true",
+                       help="the prefill pass as one torch.compile graph (compiled at start-up; fewer host calls)")
+    group.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
+                       help="decode eagerly instead of replaying captured CUDA graphs")
+
+
+def speed_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """`EngineConfig` keyword arguments from the parsed flags."""
+    return {name: getattr(args, name) for name in SPEED_FIELDS}
