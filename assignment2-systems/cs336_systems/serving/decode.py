@@ -24,7 +24,6 @@ import math
 import torch
 from torch import Tensor
 
-from cs336_basics.nn_utils import silu
 from cs336_systems.serving.paged_attention import paged_attention
 from cs336_systems.serving.prefill import PrefillForward
 
@@ -50,6 +49,7 @@ class DecodeForward:
         self.layers = prefill.layers
         self.rms = prefill._rms
         self.rotate = prefill._rotate
+        self.ffn = prefill._ffn
         self.rope = None if prefill.rope is None else prefill._rope_tables(self.model.config.context_length)
         self.k_pools, self.v_pools = k_pools, v_pools
         self.backend = backend
@@ -84,10 +84,5 @@ class DecodeForward:
             v_pool.view(-1, kv_heads, d)[slots] = v
             out = paged_decode(q, k_pool, v_pool, tables, context_lens, 1 / math.sqrt(d), self.backend)
             x = x + out.reshape(batch, heads * d) @ layer.out
-            h = self.rms(x, layer.ln2, layer.eps2)
-            if layer.swiglu:
-                gate, up = (h @ layer.w13).chunk(2, dim=-1)
-                x = x + (silu(gate) * up) @ layer.w2
-            else:
-                x = x + silu(h @ layer.w13) @ layer.w2
+            x = x + self.ffn(layer, self.rms(x, layer.ln2, layer.eps2))
         return self.model.lm_head(self.model.ln_final(x)).float()

@@ -158,13 +158,16 @@ class PrefillForward:
         slots = slots[:, None, :]  # (batch, 1, seq) against each layer's head index (kv_heads, 1)
         for layer, k_flat, v_flat in zip(self.layers, self.k_flat, self.v_flat, strict=True):
             x = x + self._attention(layer, self._rms(x, layer.ln1, layer.eps1), rope, slots, k_flat, v_flat)
-            h = self._rms(x, layer.ln2, layer.eps2)
-            if layer.swiglu:
-                gate, up = (h @ layer.w13).chunk(2, dim=-1)
-                x = x + (silu(gate) * up) @ layer.w2
-            else:
-                x = x + silu(h @ layer.w13) @ layer.w2
+            x = x + self._ffn(layer, self._rms(x, layer.ln2, layer.eps2))
         return x
+
+    @staticmethod
+    def _ffn(layer: _Layer, h: Tensor) -> Tensor:
+        """SwiGLU through the fused W1/W3 weight, or SiLU."""
+        if layer.swiglu:
+            gate, up = (h @ layer.w13).chunk(2, dim=-1)
+            return (silu(gate) * up) @ layer.w2
+        return silu(h @ layer.w13) @ layer.w2
 
     @staticmethod
     def _rotate(x: Tensor, rope: tuple[Tensor, Tensor, Tensor]) -> Tensor:
