@@ -30,6 +30,9 @@ from pathlib import Path
 
 import torch
 
+from cs336_basics.cli_support import atomic_write
+from cs336_systems.benchmarking.common import sync
+
 
 def build(args) -> tuple:
     from cs336_systems.serving.engine import EngineConfig, LLMEngine
@@ -47,11 +50,6 @@ def build(args) -> tuple:
                           prefill_delay_steps=0, async_scheduling=args.async_scheduling,
                           compile_prefill=args.compile_prefill, compile_decode=args.compile_decode)
     return LLMEngine(served, config), served
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def kernel_summary(prof, passes: int, top: int) -> dict:
@@ -171,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
               "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
               "prefill": prefill_part(engine, args, device), "decode": decode_part(engine, args, device)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1))
+    with atomic_write(args.out) as f:
+        json.dump(result, f, indent=1)
     pre, dec = result["prefill"], result["decode"]
     print(f"{result['device']}, {served.name}")
     print("| part | shape | wall ms | busy ms | kernels | aten calls |")
