@@ -288,20 +288,15 @@ def wrap_model(model, parallel: str, device: torch.device, precision: str, compi
             fully_shard(model, mp_policy=policy, reshard_after_forward=reshard)
             if compile:
                 model.forward = compiled(model.forward, compile_mode)
-
-            def model_sync(last: bool):
-                model.set_requires_gradient_sync(last)
-                return contextlib.nullcontext()
-
-            return Wrapped(model, model, model_sync)
-        for index, block in enumerate(model.layers):
-            if compile:  # per block, the FSDP hooks outside the compiled graphs (as torchtitan does)
-                block = compiled(block, compile_mode)
-                model.layers.register_module(str(index), block)
-            # by default one rank keeps the gathered bf16 blocks for backward instead of copying and casting them a
-            # second time: it holds every weight anyway
-            fully_shard(block, mp_policy=policy, reshard_after_forward=reshard)
-        fully_shard(model, mp_policy=policy, reshard_after_forward=False)  # gathered again at once by backward
+        else:
+            for index, block in enumerate(model.layers):
+                if compile:  # per block, the FSDP hooks outside the compiled graphs (as torchtitan does)
+                    block = compiled(block, compile_mode)
+                    model.layers.register_module(str(index), block)
+                # by default one rank keeps the gathered bf16 blocks for backward instead of copying and casting
+                # them a second time: it holds every weight anyway
+                fully_shard(block, mp_policy=policy, reshard_after_forward=reshard)
+            fully_shard(model, mp_policy=policy, reshard_after_forward=False)  # gathered again at once by backward
 
         def fsdp_sync(last: bool):
             model.set_requires_gradient_sync(last)
