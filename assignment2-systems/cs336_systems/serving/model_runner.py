@@ -200,7 +200,8 @@ class ModelRunner:
         compilation fails, decode steps keep the model's own forward."""
         self.decode_forward = DecodeForward(self.prefill_forward, self.k_pools, self.v_pools, attention_backend,
                                             compile=True)
-        packed = torch.zeros(2, 4 + self.max_blocks_per_seq, dtype=torch.long, device=self.device)
+        packed = torch.zeros(MIN_COMPILED_SHAPE[0], 4 + self.max_blocks_per_seq, dtype=torch.long,
+                             device=self.device)
         packed[:, 1] = 1  # one key each, at the scratch block's first slot (block table and slot all zero)
         packed[:, 2] = SCRATCH_BLOCK * self.block_size
         packed[:, 4:] = SCRATCH_BLOCK
@@ -220,7 +221,7 @@ class ModelRunner:
             self.prefill([[0] * tokens] * rows, [scratch] * rows)
         except Exception as error:  # any compiler failure: the eager path works
             log.warning("prefill compilation failed (%s); prefilling eagerly", str(error).splitlines()[0])
-            self.prefill_forward = PrefillForward(self.model, self.k_pools, self.v_pools)
+            self.prefill_forward.stop_compiling()
 
     @torch.inference_mode()
     def prefill(self, prompts: list[list[int]], slots: list[list[int]]) -> Float[Tensor, "batch vocab"]:
@@ -280,7 +281,7 @@ class ModelRunner:
         batch = len(lengths)
         size = next((b for b in sorted(self.graphs) if b >= batch), None)
         # a compiled decode step takes at least two rows (a one-row batch would compile a second graph)
-        padded = size or (max(batch, 2) if self.decode_forward is not None else batch)
+        padded = size or (max(batch, MIN_COMPILED_SHAPE[0]) if self.decode_forward is not None else batch)
         host = np.zeros((padded, 4 + self.max_blocks_per_seq), dtype=np.int64)
         if feed is None:
             host[:batch, 0] = last_tokens
@@ -347,8 +348,8 @@ class ModelRunner:
 
     def _capture(self, max_num_seqs: int) -> None:
         sizes = [b for b in GRAPH_BATCH_SIZES if b < max_num_seqs] + [max_num_seqs]
-        if self.decode_forward is not None and max_num_seqs > 1:  # one compiled graph: no size-1 batch
-            sizes = [b for b in sizes if b > 1]
+        if self.decode_forward is not None and max_num_seqs >= MIN_COMPILED_SHAPE[0]:  # one graph: no 1-row batch
+            sizes = [b for b in sizes if b >= MIN_COMPILED_SHAPE[0]]
         self.static_inputs = torch.zeros(max(sizes), 4 + self.max_blocks_per_seq, dtype=torch.long,
                                          device=self.device)
         self.static_inputs[:, 1] = 1

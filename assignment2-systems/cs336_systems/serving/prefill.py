@@ -144,6 +144,10 @@ class PrefillForward:
         out = x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + eps) * weight
         return out if out.dtype == x.dtype else out.to(x.dtype)
 
+    def stop_compiling(self) -> None:
+        """The eager pass from now on (compilation failed); the fused weights stay as they are."""
+        self.compiled, self._run = False, self._forward
+
     def __call__(self, tokens: Tensor, slots: Tensor) -> Tensor:
         """tokens and slots (batch, seq); returns the last layer's output (batch, seq, d_model), before ln_final."""
         if self.compiled:  # batch and length symbolic; everything else (weights, pools, tables) static
