@@ -155,3 +155,28 @@ def test_other_model_shapes_keep_their_own_decode_step_and_say_so(caplog):
     runner = _runner({"attention": "mla"}, compile_decode=True, compile_prefill=True)
     assert runner.prefill_forward is None and runner.decode_forward is None
     assert "this model runs its own forward" in caplog.text
+
+
+def test_a_failed_compilation_leaves_the_eager_steps(monkeypatch, caplog):
+    """A compiler that fails (no toolchain, say) costs a warning, not the server: prefill runs its eager pass
+    on the same fused weights, decode the model's own step, with the eager runner's results."""
+    def failing_compile(fn, **kwargs):
+        def fail(*args):
+            raise RuntimeError("no compiler here")
+        return fail
+
+    monkeypatch.setattr(torch, "compile", failing_compile)
+    runner = _runner(VARIANTS["gqa"], compile_prefill=True, compile_decode=True)
+    assert not runner.prefill_forward.compiled and runner.decode_forward is None
+    assert "prefill compilation failed (no compiler here)" in caplog.text
+    assert "decode compilation failed (no compiler here)" in caplog.text
+    monkeypatch.undo()
+    reference = _runner(VARIANTS["gqa"])
+    lengths = (5, 11, 1)
+    tables, _ = _prefilled(reference, lengths)
+    _prefilled(runner, lengths)
+    packed = _packed(reference, [3, 4, 5], [n + 1 for n in lengths], tables)
+    with torch.inference_mode():
+        torch.testing.assert_close(runner._decode_forward(packed.clone()), reference._decode_forward(packed.clone()))
+    for pool, ref in zip((*runner.k_pools, *runner.v_pools), (*reference.k_pools, *reference.v_pools), strict=True):
+        assert torch.equal(pool, ref)
