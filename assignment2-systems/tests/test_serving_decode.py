@@ -108,6 +108,27 @@ def test_compiled_decode_forward_equals_the_models_decode_step_without_recompili
     assert counters["stats"]["unique_graphs"] - graphs <= 2
 
 
+def test_compiled_decode_keeps_the_pools_out_of_its_graph():
+    """The pools reach the cache write and paged attention through the operator's registry, not as graph
+    inputs: a pool written inside the graph and then read by the operator was cloned and copied back whole,
+    per layer and step, by inductor on the GPU. The graph's inputs here are the packed step and the weights."""
+    runner = _runner(VARIANTS["gqa"])
+    step = DecodeForward(runner.prefill_forward, runner.k_pools, runner.v_pools, "torch")
+    shapes = []
+
+    def record_inputs(graph, example_inputs):
+        shapes.extend(tuple(t.shape) for t in example_inputs if isinstance(t, torch.Tensor))
+        return graph.forward
+
+    tables, _ = _prefilled(runner, (5, 11))
+    with torch.inference_mode():
+        eager = step(_packed(runner, [9, 9], [6, 12], tables))
+        traced = torch.compile(step._forward, backend=record_inputs, fullgraph=True)
+        torch.testing.assert_close(traced(_packed(runner, [9, 9], [6, 12], tables)), eager)
+    assert shapes and tuple(runner.k_pools[0].shape) not in shapes
+    assert tuple(runner.v_pools[0].shape) not in shapes
+
+
 def test_engine_with_compiled_decode_and_prefill_generates_what_the_plain_engine_does():
     """Greedy streams of a batch whose size changes as requests finish (down to one row, padded to two) equal
     the plain engine's; the runner compiled both steps."""

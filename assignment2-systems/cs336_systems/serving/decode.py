@@ -10,8 +10,16 @@ prefill pass's fused weights and RoPE tables): embedding, then per layer RMSNorm
 row's position, the new key and value written into the paged pools, paged attention, the output projection,
 RMSNorm and the fused feed-forward; then the final norm and the LM head. With `compile=True` (the engine's
 `compile_decode`) it is one `torch.compile` graph with a symbolic batch, which the runner then captures per
-padded batch size as before: inductor fuses each layer's elementwise work into a few kernels. Paged attention
-stays one opaque operator (`cs336_serving::paged_decode`), so its Triton kernel is launched as written.
+padded batch size as before: inductor fuses each layer's elementwise work into a few kernels. Each layer's
+cache write and paged attention are one opaque operator (`cs336_serving::paged_decode`), so its Triton kernel
+is launched as written.
+
+The pools stay outside the graph: the operator finds a layer's pools by (step, layer) in a registry instead of
+taking them as arguments (the way vLLM keeps its KV cache out of its graphs). Passed in and written by
+`index_put_` inside the graph, a pool is a mutated graph input read afterwards by the operator; on the H200
+inductor then cloned every pool, scattered the new rows into the clone and copied it back, twice per layer and
+step (~94 µs each at the 125M model's pool size, 18 of a window's 21 ms of kernels;
+`benchmarks/results/serving_profile_compiled_h200_pool_copy.json`), though on the CPU it wrote in place.
 
 Results equal the model's own decode step up to rounding (inductor's fusions, and the fused GEMMs, may round
 differently), not bit for bit; `tests/test_serving_decode.py` checks both forms against it.
@@ -19,7 +27,9 @@ differently), not bit for bit; `tests/test_serving_decode.py` checks both forms 
 
 from __future__ import annotations
 
+import itertools
 import math
+import weakref
 
 import torch
 from torch import Tensor
@@ -28,16 +38,25 @@ from cs336_systems.serving.paged_attention import paged_attention
 from cs336_systems.serving.prefill import PrefillForward
 
 
+_POOLS: dict[int, tuple[list[Tensor], list[Tensor]]] = {}  # DecodeForward key -> its (k pools, v pools)
+_KEYS = itertools.count()
+
+
 @torch.library.custom_op("cs336_serving::paged_decode", mutates_args=())
-def paged_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, context_lens: Tensor,
-                 scale: float, backend: str) -> Tensor:
-    """`paged_attention` as an operator that torch.compile keeps whole."""
-    return paged_attention(q, k_cache, v_cache, block_tables, context_lens, scale=scale, backend=backend)
+def paged_decode(q: Tensor, k: Tensor, v: Tensor, slots: Tensor, block_tables: Tensor, context_lens: Tensor,
+                 pools: int, layer: int, scale: float, backend: str) -> Tensor:
+    """Writes the step's keys/values at `slots` of layer `layer`'s pools (registry entry `pools`), then
+    `paged_attention` over them: one operator that torch.compile keeps whole, pools out of its sight."""
+    k_pools, v_pools = _POOLS[pools]
+    k_pool, v_pool = k_pools[layer], v_pools[layer]
+    k_pool.view(-1, *k.shape[1:])[slots] = k
+    v_pool.view(-1, *v.shape[1:])[slots] = v
+    return paged_attention(q, k_pool, v_pool, block_tables, context_lens, scale=scale, backend=backend)
 
 
 @paged_decode.register_fake
-def _paged_decode_fake(q, k_cache, v_cache, block_tables, context_lens, scale, backend):
-    return q.new_empty(q.shape[0], q.shape[1], v_cache.shape[-1])
+def _paged_decode_fake(q, k, v, slots, block_tables, context_lens, pools, layer, scale, backend):
+    return q.new_empty(q.shape[0], q.shape[1], v.shape[-1])
 
 
 class DecodeForward:
@@ -52,6 +71,9 @@ class DecodeForward:
         self.ffn = prefill._ffn
         self.rope = None if prefill.rope is None else prefill._rope_tables(self.model.config.context_length)
         self.k_pools, self.v_pools = k_pools, v_pools
+        self.pools_key = next(_KEYS)
+        _POOLS[self.pools_key] = (k_pools, v_pools)
+        weakref.finalize(self, _POOLS.pop, self.pools_key, None)
         self.backend = backend
         self.context_length = self.model.config.context_length
         self.compiled = compile
@@ -73,16 +95,15 @@ class DecodeForward:
             positions = (lengths - 1).clamp(max=self.context_length - 1)
             rope = (cos2[positions][:, None, :], sin2[positions][:, None, :], swap)
         x = self.model.token_embeddings.weight[tokens]
-        for layer, k_pool, v_pool in zip(self.layers, self.k_pools, self.v_pools, strict=True):
+        for index, layer in enumerate(self.layers):
             heads, kv_heads, d = layer.heads, layer.kv_heads, layer.d
             q, k, v = (self.rms(x, layer.ln1, layer.eps1) @ layer.qkv).split(
                 (heads * d, kv_heads * d, kv_heads * d), dim=-1)
             q, k, v = q.view(batch, heads, d), k.view(batch, kv_heads, d), v.view(batch, kv_heads, d)
             if rope is not None:
                 q, k = self.rotate(q, rope), self.rotate(k, rope)
-            k_pool.view(-1, kv_heads, d)[slots] = k
-            v_pool.view(-1, kv_heads, d)[slots] = v
-            out = paged_decode(q, k_pool, v_pool, tables, context_lens, 1 / math.sqrt(d), self.backend)
+            out = paged_decode(q, k, v, slots, tables, context_lens, self.pools_key, index, 1 / math.sqrt(d),
+                               self.backend)
             x = x + out.reshape(batch, heads * d) @ layer.out
             x = x + self.ffn(layer, self.rms(x, layer.ln2, layer.eps2))
         return self.model.lm_head(self.model.ln_final(x)).float()
