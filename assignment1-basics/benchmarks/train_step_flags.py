@@ -36,7 +36,7 @@ from cs336_basics.training.config import config_from_preset
 from cs336_basics.training.distributed import Dist, Launch, wrap_model
 from cs336_basics.training.metrics import peak_flops, training_flops_per_token
 from cs336_basics.training.spike_guard import SpikeGuard
-from cs336_basics.training.trainer import _autocast, _make_step, build_optimizer
+from cs336_basics.training.trainer import _autocast, _make_step, apply_residual_dtype, build_optimizer
 
 ALL = dict(loss_impl="chunked", compile_loss=True, adamw_impl="fused", prefetch=True)
 VARIANTS: dict[str, dict] = {
@@ -51,6 +51,8 @@ VARIANTS: dict[str, dict] = {
     "all": ALL,
     "all-full-loss": dict(compile_loss=True, adamw_impl="fused", prefetch=True),
     "all-bs128": dict(ALL, batch_size=128),
+    "bf16-residual": dict(compile_loss=True, adamw_impl="fused", prefetch=True, residual_dtype="bf16"),
+    "all-bf16-residual": dict(ALL, residual_dtype="bf16"),
     "hf-llama": {},  # transformers' LlamaForCausalLM, compiled, our loss and AdamW (train_step.py's setup)
     # the trainer's data-parallel wrappers in a one-process group (world size 1): their cost against "baseline"
     "ddp": dict(parallel="ddp"),
@@ -125,6 +127,7 @@ class TrainerStep:
     def __init__(self, config, device, precision):
         torch.manual_seed(config.seed)
         self.model = TransformerLM(config.model_config(), device=device)
+        apply_residual_dtype(self.model, config)
         dist = Dist(Launch(launched=True), config.parallel, device, 600.0)
         if config.parallel != "none":  # a one-process group, as `torchrun --nproc_per_node 1` would give
             for name, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(free_port())), ("RANK", "0"),

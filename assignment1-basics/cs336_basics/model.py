@@ -247,6 +247,9 @@ class TransformerLM(nn.Module):
             else nn.Identity()
         )
         self.lm_head = Linear(config.d_model, config.vocab_size, device=device, dtype=dtype)
+        # None: the residual stream has the embedding's dtype (fp32 master weights: fp32, even under autocast);
+        # set by training's --residual-dtype bf16, not part of the config (the weights are the same)
+        self.residual_dtype: torch.dtype | None = None
 
     def forward(
         self,
@@ -270,6 +273,8 @@ class TransformerLM(nn.Module):
                 f"{self.config.context_length}"
             )
         x = self.token_embeddings(in_indices)
+        if self.residual_dtype is not None:
+            x = x.to(self.residual_dtype)
         for i, layer in enumerate(self.layers):
             x = layer(x, token_positions, kv_caches[i] if kv_caches else None, key_mask)
         hidden = self.ln_final(x)

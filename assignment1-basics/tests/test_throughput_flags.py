@@ -129,6 +129,48 @@ def test_model_return_hidden_gives_the_states_the_lm_head_reads():
     torch.testing.assert_close(hidden @ model.lm_head.weight.T, model(x))
 
 
+def _stream_dtypes(model) -> list[torch.dtype]:
+    seen = []
+    for layer in model.layers:
+        layer.register_forward_pre_hook(lambda module, args: seen.append(args[0].dtype))
+    return seen
+
+
+def test_bf16_residual_stream_computes_what_the_all_bf16_model_does():
+    """--residual-dtype bf16 under bf16 autocast over fp32 weights: every block sees a bf16 stream (autocast
+    alone leaves it fp32), and the logits are those of the same model with its weights cast to bf16 and no
+    autocast (torch's pure-bf16 model; the RoPE table rounded to bf16 there is the one difference)."""
+    torch.manual_seed(0)
+    config = TransformerConfig(vocab_size=64, context_length=16, d_model=32, num_layers=3, num_heads=4, d_ff=64)
+    model = TransformerLM(config)
+    for parameter in model.parameters():  # non-trivial norm gains, exactly representable in bf16
+        if parameter.ndim == 1:
+            parameter.data = (1 + torch.randn_like(parameter) / 4).bfloat16().float()
+    pure = TransformerLM(config)
+    pure.load_state_dict(model.state_dict())
+    pure = pure.to(torch.bfloat16)
+    x = torch.randint(0, 64, (2, 16))
+    seen = _stream_dtypes(model)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(x)
+        plain_dtypes = seen[:]
+        model.residual_dtype = torch.bfloat16
+        logits = model(x)
+    assert plain_dtypes == [torch.float32] * 3 and seen[3:] == [torch.bfloat16] * 3
+    torch.testing.assert_close(logits.float(), pure(x).float(), rtol=3e-2, atol=3e-2)
+
+
+def test_residual_dtype_flag_needs_bf16_precision_and_keeps_the_loss_curve(data, tmp_path):
+    with pytest.raises(UserError, match="needs bf16 precision"):
+        TrainConfig(residual_dtype="bf16", precision="fp32")
+    assert main(["train", "--train-data", str(data / "train.npy"), "--val-data", str(data / "val.npy"),
+                 "--out-dir", str(tmp_path / "auto"), *TINY, "--residual-dtype", "bf16"]) == 2  # auto: fp32 on CPU
+    plain = _losses(data, tmp_path / "plain", "--precision", "bf16")
+    bf16 = _losses(data, tmp_path / "bf16", "--precision", "bf16", "--residual-dtype", "bf16")
+    assert bf16 != plain  # another path: the stream rounded to bf16 ...
+    np.testing.assert_allclose(bf16, plain, rtol=2e-2)  # ... and the same curve to bf16 rounding
+
+
 def _params(seed=0):
     gen = torch.Generator().manual_seed(seed)
     shapes = [(6, 5), (5,), (3, 6), (3,), (4,)]

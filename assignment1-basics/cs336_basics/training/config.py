@@ -27,7 +27,7 @@ CHOICES = {"norm": ("pre", "post", "none"), "position": ("rope", "none", "alibi"
            "parallel": ("none", "ddp", "fsdp"),
            "fsdp_reshard": ("auto", "always", "never"), "fsdp_units": ("auto", "block", "model"),
            "compile_mode": COMPILE_MODES, "loss_impl": ("full", "chunked"),
-           "adamw_impl": ("ours", "fused")}
+           "adamw_impl": ("ours", "fused"), "residual_dtype": ("param", "bf16")}
 
 
 @dataclass
@@ -112,6 +112,9 @@ class TrainConfig:
     loss_chunk_tokens: int = bounded(4096, ge=1)  # tokens per chunk of --loss-impl chunked
     adamw_impl: Literal["ours", "fused"] = "ours"  # fused: torch's fused kernel, our update (optim.FusedAdamW)
     prefetch: bool = False  # build the next steps' batches (pinned) on a background thread
+    # bf16 (with bf16 precision): the residual stream and the norms' outputs in bf16 rather than in the fp32 of
+    # the master weights, which autocast leaves them in: half the traffic of the step's elementwise kernels
+    residual_dtype: Literal["param", "bf16"] = "param"
     seed: int = bounded(0, ge=0, lt=2**63)
     peak_flops: float = bounded(0.0, ge=0)  # accelerator peak FLOP/s for MFU; 0 = look up by device name
     # data parallelism (training/distributed.py): ddp/fsdp run under `torchrun --nproc_per_node N`; batch_size
@@ -157,6 +160,8 @@ class TrainConfig:
             raise UserError("--fsdp-reshard always frees each block after its forward: it needs --fsdp-units block")
         if self.parallel != "none" and (self.loss_impl != "full" or self.compile_loss):
             raise UserError("--loss-impl chunked and --compile-loss need --parallel none")
+        if self.residual_dtype == "bf16" and self.precision in ("fp32", "fp16"):
+            raise UserError(f"--residual-dtype bf16 needs bf16 precision, not --precision {self.precision}")
         if self.adamw_impl != "ours" and self.optimizer != "adamw":
             raise UserError(f"--adamw-impl {self.adamw_impl} applies to --optimizer adamw, not {self.optimizer}")
         if self.attention_backend is not None:

@@ -254,8 +254,12 @@ def _train(config: TrainConfig, model_config, train_tokens, val_tokens, device, 
         e.every_rank = True
         raise
 
+    if config.residual_dtype == "bf16" and precision != "bf16":
+        raise UserError(f"--residual-dtype bf16 needs bf16 precision; this run's is {precision} "
+                        "(--precision auto is bf16 on CUDA only)")
     torch.manual_seed(config.seed)
     model = TransformerLM(model_config, device=device)
+    apply_residual_dtype(model, config)
     flops_per_token = training_flops_per_token(model)  # before sharding: counts read whole parameters
     num_parameters, num_active = model.num_parameters(), model.num_active_parameters()
     checkpoint_path = os.path.join(config.out_dir, CHECKPOINT)
@@ -436,6 +440,12 @@ def _load_plain_optimizer(state: dict, model, model_config, optimizer, config: T
     model_state, optimizer_state = get_state_dict(plain_model, plain_optimizer)
     set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state,
                    options=StateDictOptions(full_state_dict=True))
+
+
+def apply_residual_dtype(model, config: TrainConfig) -> None:
+    import torch
+
+    model.residual_dtype = torch.bfloat16 if config.residual_dtype == "bf16" else None
 
 
 def build_optimizer(model, config: TrainConfig):
