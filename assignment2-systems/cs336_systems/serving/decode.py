@@ -37,7 +37,6 @@ from torch import Tensor
 from cs336_systems.serving.paged_attention import paged_attention
 from cs336_systems.serving.prefill import PrefillForward
 
-
 _POOLS: dict[int, tuple[list[Tensor], list[Tensor]]] = {}  # DecodeForward key -> its (k pools, v pools)
 _KEYS = itertools.count()
 
