@@ -57,7 +57,9 @@ def kernel_summary(prof, passes: int, top: int) -> dict:
     times: Counter = Counter()
     counts: Counter = Counter()
     for event in prof.events():
-        if event.device_type == torch.autograd.DeviceType.CUDA and event.device_time_total > 0:
+        # not the device copies of record_function ranges: they span kernels already counted
+        if (event.device_type == torch.autograd.DeviceType.CUDA and event.device_time_total > 0
+                and not getattr(event, "is_user_annotation", False)):
             times[event.name] += event.device_time_total
             counts[event.name] += 1
     busy_ms = sum(times.values()) / 1e3
