@@ -8,7 +8,6 @@ import asyncio
 import random
 
 import pytest
-import torch
 
 from cs336_basics.decoding import generate
 from cs336_systems.serving.engine import AsyncLLMEngine, EngineConfig, LLMEngine
@@ -20,17 +19,10 @@ from cs336_systems.serving.testing import (
     byte_ids,
     check_stream,
     mixed_requests,
+    one_thread,  # noqa: F401 (autouse: one torch thread)
     random_ids,
     random_prompts,
 )
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class Recorder:

@@ -9,18 +9,13 @@ from cs336_basics.model import TransformerConfig, TransformerLM
 from cs336_systems.serving.block_manager import SCRATCH_BLOCK
 from cs336_systems.serving.decode import DecodeForward
 from cs336_systems.serving.model_runner import ModelRunner
-from cs336_systems.serving.testing import random_prompts
+from cs336_systems.serving.testing import (
+    one_thread,  # noqa: F401 (autouse: one torch thread)
+    random_prompts,
+)
 
 BLOCK = 4
 VARIANTS = {"mha": {}, "gqa": {"num_kv_heads": 2}, "no-rope+silu": {"position": "none", "ffn": "silu"}}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _model(overrides: dict) -> TransformerLM:

@@ -14,20 +14,13 @@ from cs336_systems.serving.loader import ByteTokenizer, tiny_served_model
 from cs336_systems.serving.params import SamplingParams
 from cs336_systems.serving.testing import (
     ENGINE_VARIANTS,
+    one_thread,  # noqa: F401 (autouse: one torch thread)
     random_prompts,
 )
 
 
 def _engine(served, **config) -> LLMEngine:
     return LLMEngine(served, EngineConfig(device="cpu", **config))
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # -- block manager ------------------------------------------------------------------------------------------

@@ -8,7 +8,11 @@ import torch
 from cs336_basics.model import TransformerConfig, TransformerLM
 from cs336_systems.serving.block_manager import SCRATCH_BLOCK
 from cs336_systems.serving.model_runner import ModelRunner
-from cs336_systems.serving.testing import ENGINE_VARIANTS, random_prompts
+from cs336_systems.serving.testing import (
+    ENGINE_VARIANTS,
+    one_thread,  # noqa: F401 (autouse: one torch thread)
+    random_prompts,
+)
 
 FAST = {
     "mha": {},
@@ -20,14 +24,6 @@ FAST = {
 }
 MODEL_PATH = {name: over for name, over in ENGINE_VARIANTS.items() if name not in FAST and name != "linear"}
 BLOCK = 4
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _model(overrides: dict, dtype: torch.dtype) -> TransformerLM:

@@ -5,7 +5,6 @@ multi-byte character is split over tokens and over windows."""
 import random
 
 import pytest
-import torch
 
 from cs336_systems.serving.block_manager import BlockManager
 from cs336_systems.serving.detokenizer import IncrementalDetokenizer
@@ -18,16 +17,9 @@ from cs336_systems.serving.testing import (
     byte_ids,
     check_stream,
     mixed_requests,
+    one_thread,  # noqa: F401 (autouse: one torch thread)
     random_ids,
 )
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _window_push(detok: IncrementalDetokenizer, decode, new: list[int]) -> str:
