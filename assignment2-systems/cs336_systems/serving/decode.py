@@ -69,7 +69,6 @@ class DecodeForward:
         self.rotate = prefill._rotate
         self.ffn = prefill._ffn
         self.rope = None if prefill.rope is None else prefill._rope_tables(self.model.config.context_length)
-        self.k_pools, self.v_pools = k_pools, v_pools
         self.pools_key = next(_KEYS)
         _POOLS[self.pools_key] = (k_pools, v_pools)
         weakref.finalize(self, _POOLS.pop, self.pools_key, None)
