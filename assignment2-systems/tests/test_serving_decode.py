@@ -143,6 +143,27 @@ def test_engine_with_compiled_decode_and_prefill_generates_what_the_plain_engine
     assert [len(ids) for ids in outputs[True]] == [3, 9, 14, 6, 20]
 
 
+
+def test_the_command_lines_compile_on_cuda_only_unless_told():
+    """`serve`/`bench-serve` pass None unless a flag says otherwise; the engine reads None as "compile on CUDA",
+    so a CPU engine stays eager, and the library's own default (False) never compiles."""
+    import argparse
+
+    from cs336_systems.serving import bench_cli, serve_cli
+    from cs336_systems.serving.engine import EngineConfig, LLMEngine
+    from cs336_systems.serving.loader import tiny_served_model
+
+    for module in (serve_cli, bench_cli):
+        parser = argparse.ArgumentParser()
+        module.add_arguments(parser)
+        for flags, want in (([], None), (["--compile-decode", "--compile-prefill"], True),
+                            (["--no-compile-decode", "--no-compile-prefill"], False)):
+            args = parser.parse_args(flags)
+            assert (args.compile_decode, args.compile_prefill) == (want, want)
+    assert (EngineConfig().compile_decode, EngineConfig().compile_prefill) == (False, False)
+    engine = LLMEngine(tiny_served_model(), EngineConfig(device="cpu", compile_decode=None, compile_prefill=None))
+    assert engine.runner.decode_forward is None and not engine.runner.prefill_forward.compiled
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton paged-attention kernel needs a GPU")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_compiled_decode_on_cuda_matches_the_models_step_and_captures_into_cuda_graphs(dtype):

@@ -240,6 +240,7 @@ def run_engine_offline(engine: Any, workload: Sequence[RequestSpec], concurrency
         "decode_steps": engine.config.decode_steps,
         "async_scheduling": engine.config.async_scheduling,
         "compile_prefill": engine.runner.prefill_forward is not None and engine.runner.prefill_forward.compiled,
+        "compile_decode": engine.runner.decode_forward is not None,
         # where the time went: passes, seconds and rows (prompt tokens; sequences x decode steps) per step kind
         "steps": {kind: {"passes": t[0] - before[kind][0], "seconds": t[1] - before[kind][1],
                          "rows": t[2] - before[kind][2]} for kind, t in engine.step_totals.items()},

@@ -20,10 +20,12 @@ def add_speed_arguments(group: Any) -> None:
     group.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True,
                        help="launch the next decode window before the host processes the current one, so host "
                             "work overlaps the GPU's (a stopped sequence runs one discarded window; default on)")
-    group.add_argument("--compile-decode", action="store_true",
-                       help="the decode step as one torch.compile graph (compiled at start-up; fewer, fused kernels)")
-    group.add_argument("--compile-prefill", action="store_true",
-                       help="the prefill pass as one torch.compile graph (compiled at start-up; fewer host calls)")
+    group.add_argument("--compile-decode", action=argparse.BooleanOptionalAction, default=None,
+                       help="the decode step as one torch.compile graph (compiled at start-up; fewer, fused kernels; "
+                            "default: on with CUDA, off on CPU)")
+    group.add_argument("--compile-prefill", action=argparse.BooleanOptionalAction, default=None,
+                       help="the prefill pass as one torch.compile graph (compiled at start-up; fewer host calls; "
+                            "default: on with CUDA, off on CPU)")
     group.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                        help="decode eagerly instead of replaying captured CUDA graphs")
 

@@ -12,6 +12,7 @@ size, so a step costs a few kernel launches' worth of CPU instead of one Python 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -205,23 +206,29 @@ class ModelRunner:
         packed[:, 1] = 1  # one key each, at the scratch block's first slot (block table and slot all zero)
         packed[:, 2] = SCRATCH_BLOCK * self.block_size
         packed[:, 4:] = SCRATCH_BLOCK
+        start = time.perf_counter()
         try:
             with torch.inference_mode():
                 self.decode_forward(packed)
         except Exception as error:  # any compiler failure: the model's own decode step works
             log.warning("decode compilation failed (%s); decoding through the model", str(error).splitlines()[0])
             self.decode_forward = None
+            return
+        log.info("compiled the decode step in %.1f s (--no-compile-decode skips this)", time.perf_counter() - start)
 
     def _compile_prefill(self) -> None:
         """Compiles the prefill graph now (a pass over scratch slots only), not on the first request; where
         compilation fails (no compiler for the device, say), prefills run eagerly."""
         rows, tokens = MIN_COMPILED_SHAPE[0], MIN_COMPILED_SHAPE[1] + 1  # unequal: equal sizes would share a symbol
         scratch = [SCRATCH_BLOCK * self.block_size] * tokens
+        start = time.perf_counter()
         try:
             self.prefill([[0] * tokens] * rows, [scratch] * rows)
         except Exception as error:  # any compiler failure: the eager path works
             log.warning("prefill compilation failed (%s); prefilling eagerly", str(error).splitlines()[0])
             self.prefill_forward.stop_compiling()
+            return
+        log.info("compiled the prefill pass in %.1f s (--no-compile-prefill skips this)", time.perf_counter() - start)
 
     @torch.inference_mode()
     def prefill(self, prompts: list[list[int]], slots: list[list[int]]) -> Float[Tensor, "batch vocab"]:
