@@ -26,7 +26,7 @@ CHOICES = {"norm": ("pre", "post", "none"), "position": ("rope", "none", "alibi"
            "precision": ("auto", "fp32", "bf16", "fp16"), "optimizer": ("adamw", "muon"),
            "parallel": ("none", "ddp", "fsdp"),
            "fsdp_reshard": ("auto", "always", "never"), "fsdp_units": ("auto", "block", "model"),
-           "compile_mode": COMPILE_MODES, "loss_impl": ("full", "chunked"),
+           "compile_mode": COMPILE_MODES, "loss_impl": ("full", "chunked", "onepass"),
            "adamw_impl": ("ours", "fused"), "residual_dtype": ("param", "bf16")}
 
 
@@ -108,7 +108,9 @@ class TrainConfig:
     # throughput (benchmarks/NOTES_throughput.md); the defaults are the original paths
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
     compile_loss: bool = False  # with --compile: the loss compiled too (full: with the model; chunked: per chunk)
-    loss_impl: Literal["full", "chunked"] = "full"  # chunked: LM head + cross-entropy per chunk of tokens
+    # chunked: LM head + cross-entropy per chunk of tokens; onepass: the full logits, the gradient written out
+    # as one pass over them (onepass_ce.py) instead of autograd's scatter + log-softmax backward
+    loss_impl: Literal["full", "chunked", "onepass"] = "full"
     loss_chunk_tokens: int = bounded(4096, ge=1)  # tokens per chunk of --loss-impl chunked
     adamw_impl: Literal["ours", "fused"] = "ours"  # fused: torch's fused kernel, our update (optim.FusedAdamW)
     prefetch: bool = False  # build the next steps' batches (pinned) on a background thread
@@ -158,7 +160,7 @@ class TrainConfig:
             raise UserError(f"--fsdp-units {self.fsdp_units} needs --parallel fsdp")
         if self.fsdp_units == "model" and self.fsdp_reshard == "always":
             raise UserError("--fsdp-reshard always frees each block after its forward: it needs --fsdp-units block")
-        if self.parallel != "none" and (self.loss_impl != "full" or self.compile_loss):
+        if self.parallel != "none" and (self.loss_impl == "chunked" or self.compile_loss):
             raise UserError("--loss-impl chunked and --compile-loss need --parallel none")
         if self.residual_dtype == "bf16" and self.precision in ("fp32", "fp16"):
             raise UserError(f"--residual-dtype bf16 needs bf16 precision, not --precision {self.precision}")

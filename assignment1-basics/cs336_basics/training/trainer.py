@@ -167,7 +167,7 @@ def evaluate(model, tokens, config: TrainConfig, device, precision, dist=None) -
         if config.loss_impl == "chunked":
             return chunked_ce.chunked_linear_cross_entropy(model(x, return_hidden=True), model.lm_head.weight, y,
                                                            config.loss_chunk_tokens)
-        return cross_entropy(model(x), y)
+        return cross_entropy(model(x), y)  # onepass differs from full in its backward only
 
     rank, world_size = (dist.rank, dist.world_size) if dist is not None else (0, 1)
     share = config.batch_size // world_size
@@ -465,12 +465,14 @@ def build_optimizer(model, config: TrainConfig):
 
 def loss_function(model, wrapped, config: TrainConfig):
     """(inputs, targets) -> mean loss by the configured path. The original: the (optionally compiled) model's
-    logits into `cross_entropy`, outside the compiled graph. --compile-loss: tokens to loss as one compiled
-    graph. --loss-impl chunked: the model's final hidden states into `chunked_linear_cross_entropy` (its
-    per-chunk softmax compiled under --compile-loss)."""
-    from cs336_basics.nn_utils import cross_entropy
+    logits into `cross_entropy`, outside the compiled graph (--loss-impl onepass: `onepass_cross_entropy`).
+    --compile-loss: tokens to loss as one compiled graph. --loss-impl chunked: the model's final hidden states
+    into `chunked_linear_cross_entropy` (its per-chunk softmax compiled under --compile-loss)."""
+    from cs336_basics.nn_utils import cross_entropy as full_cross_entropy
+    from cs336_basics.onepass_ce import onepass_cross_entropy
     from cs336_basics.training.distributed import compiled
 
+    cross_entropy = onepass_cross_entropy if config.loss_impl == "onepass" else full_cross_entropy
     compile_loss = config.compile and config.compile_loss
     if config.loss_impl == "chunked":
         from cs336_basics.chunked_ce import chunked_linear_cross_entropy
