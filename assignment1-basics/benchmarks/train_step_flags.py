@@ -38,9 +38,13 @@ from cs336_basics.training.metrics import peak_flops, training_flops_per_token
 from cs336_basics.training.spike_guard import SpikeGuard
 from cs336_basics.training.trainer import _autocast, _make_step, apply_residual_dtype, build_optimizer
 
+# Every variant starts from the flags as they were before issue 25 (the preset now turns some on), so that
+# "baseline" stays the old step and each single-flag variant changes one thing.
+OLD_SETTINGS = dict(loss_impl="full", compile_loss=False, adamw_impl="ours", prefetch=False,
+                    compile_mode="default", residual_dtype="param")
 ALL = dict(loss_impl="chunked", compile_loss=True, adamw_impl="fused", prefetch=True)
 VARIANTS: dict[str, dict] = {
-    "baseline": {},  # the preset as it was: full logits + eager cross-entropy, our AdamW, no prefetch
+    "baseline": {},  # OLD_SETTINGS: full logits + eager cross-entropy, our AdamW, no prefetch
     "compile-loss": dict(compile_loss=True),
     "chunked": dict(loss_impl="chunked"),
     "chunked+compile-loss": dict(loss_impl="chunked", compile_loss=True),
@@ -112,8 +116,8 @@ def synchronize(device: torch.device) -> None:
 
 
 def make_config(args, variant: str):
-    """The preset, then --tiny's shape, then --set, then the variant's own flags."""
-    overrides = {**(TINY if args.tiny else {}), **args.overrides, **VARIANTS[variant]}
+    """The preset, then the old speed flags, then --tiny's shape, then --set, then the variant's own flags."""
+    overrides = {**OLD_SETTINGS, **(TINY if args.tiny else {}), **args.overrides, **VARIANTS[variant]}
     if args.tiny and "batch_size" in VARIANTS[variant]:
         overrides["batch_size"] = TINY["batch_size"] * 2
     overrides.setdefault("batch_size", args.batch_size or None)

@@ -469,6 +469,26 @@ def test_profile_categories_read_inductor_kernel_names_by_their_ops():
     }
     assert {name: script.categorise(name) for name in expected} == expected
 
+def test_the_leaderboard_preset_carries_the_matched_flags_and_the_benchmark_baseline_stays_old():
+    """The preset takes the flags whose 2,000-step curve matched; the benchmark's baseline and single-flag
+    variants still start from the old settings, so its table keeps comparing one change at a time."""
+    import argparse
+    import importlib.util
+
+    from cs336_basics.training.config import config_from_preset
+
+    preset = config_from_preset("owt-leaderboard")
+    assert (preset.loss_impl, preset.compile_loss, preset.adamw_impl, preset.prefetch) == ("full", True, "fused", True)
+    spec = importlib.util.spec_from_file_location("train_step_flags", ROOT / "benchmarks" / "train_step_flags.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    args = argparse.Namespace(tiny=False, overrides={}, batch_size=None, preset="owt-leaderboard", device="cpu",
+                              compile=True)
+    baseline, fused = script.make_config(args, "baseline"), script.make_config(args, "fused")
+    assert (baseline.compile_loss, baseline.adamw_impl, baseline.prefetch) == (False, "ours", False)
+    assert (fused.compile_loss, fused.adamw_impl, fused.prefetch) == (False, "fused", False)
+    assert script.make_config(args, "ddp").compile_loss is False  # --compile-loss would refuse --parallel ddp
+
 def test_benchmark_script_smoke_on_cpu(tmp_path):
     out = tmp_path / "flags.json"
     profile = tmp_path / "profile.json"
