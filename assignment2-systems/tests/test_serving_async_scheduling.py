@@ -8,6 +8,7 @@ import asyncio
 import random
 
 import pytest
+import torch
 
 from cs336_basics.decoding import generate
 from cs336_systems.serving.engine import AsyncLLMEngine, EngineConfig, LLMEngine
@@ -109,9 +110,13 @@ def _stream(served, requests, *, async_scheduling: bool, scripts=None, window_te
 
 
 def _both(served, requests, **kwargs):
+    """The synchronous engine's streams, which the asynchronous one's must equal, also with prefills queued
+    behind the window in flight (`overlap_prefill`)."""
     sync = _stream(served, requests, async_scheduling=False, **kwargs)
     overlapped = _stream(served, requests, async_scheduling=True, **kwargs)
     assert overlapped == sync
+    behind = _stream(served, requests, async_scheduling=True, overlap_prefill=True, **kwargs)
+    assert behind == sync
     return sync[0]
 
 
@@ -200,15 +205,74 @@ def test_async_requests_joining_and_leaving_between_windows():
         for delay in (0, 4):
             config = dict(decode_steps=steps, prefill_delay_steps=delay)
             whole = _both(served, first, joins=joins, **config)
-            for async_scheduling in (False, True):
+            for async_scheduling, overlap in ((False, False), (True, False), (True, True)):
                 streams, _ = _stream(served, first, joins=joins, aborts=aborts, async_scheduling=async_scheduling,
-                                     **config)
+                                     overlap_prefill=overlap, **config)
                 for rid, stream in streams.items():
                     if rid not in aborted:
                         assert stream == whole[rid]
                     elif stream:  # aborted after its prefill: what it got is what it would have got so far
-                        assert stream == whole[rid][: len(stream)] and stream[-1][0][3] is None
+                        # (or all of it: with prefills behind the window a request can end before its abort)
+                        assert stream == whole[rid][: len(stream)]
+                        assert stream[-1][0][3] is None or (overlap and stream == whole[rid])
 
+
+def test_prefills_queued_behind_the_window_in_flight_happen_and_change_no_stream(monkeypatch):
+    """Requests arriving while others decode: with `overlap_prefill` their prefills are launched behind the
+    window in flight (counted here, so that the equality below is not vacuous), the step's outputs merge the
+    window's and the prefill's, and every request's stream equals the synchronous engine's."""
+    served = tiny_served_model(seed=3)
+    requests, _ = mixed_requests(served)
+    joins = {2: requests[4:6], 5: requests[6:], 6: [("x", random_prompts(4, (9,))[0],
+                                                    SamplingParams(max_tokens=12, temperature=0))]}
+    sync, _ = _stream(served, requests[:4], joins=joins, async_scheduling=False, decode_steps=2)
+    behind = []
+    original = LLMEngine._launch_prefill
+
+    def counting(engine, batch, overlap=False):
+        behind.append(overlap)
+        return original(engine, batch, overlap)
+
+    monkeypatch.setattr(LLMEngine, "_launch_prefill", counting)
+    overlapped, _ = _stream(served, requests[:4], joins=joins, async_scheduling=True, overlap_prefill=True,
+                            decode_steps=2)
+    assert overlapped == sync
+    assert behind.count(True) >= 2  # the joins at steps 2, 5 and 6 arrive while windows are in flight
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned uploads and events need a GPU")
+def test_prefills_behind_the_window_on_cuda_give_the_synchronous_outputs(monkeypatch):
+    """On the GPU the prefill queued behind the window uploads from pinned memory and its tokens come back behind
+    an event: greedy outputs of requests joining mid-stream equal the synchronous engine's."""
+    prompts = random_prompts(5, (7, 30, 2, 19, 11, 4, 25, 9))
+    params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
+    behind = []
+    original = LLMEngine._launch_prefill
+
+    def counting(engine, batch, overlap=False):
+        behind.append(overlap)
+        return original(engine, batch, overlap)
+
+    monkeypatch.setattr(LLMEngine, "_launch_prefill", counting)
+
+    def run(**config):
+        engine = LLMEngine(tiny_served_model(seed=3), EngineConfig(device="cuda", dtype="float32", **config))
+        for i, prompt in enumerate(prompts[:3]):
+            engine.add_request(f"r{i}", prompt, params)
+        finals, step = {}, 0
+        while engine.has_unfinished() or step < 6:
+            if 2 <= step < 2 + len(prompts) - 3:  # one arrival per step while the first ones decode
+                engine.add_request(f"r{step + 1}", prompts[step + 1], params)
+            for out in engine.step():
+                if out.finished:
+                    finals[out.request_id] = out.outputs[0].token_ids
+            step += 1
+        assert engine.blocks.num_used == 0
+        return finals
+
+    overlapped = run(async_scheduling=True, overlap_prefill=True)
+    assert True in behind  # some prefill did go behind a window in flight
+    assert overlapped == run(async_scheduling=False)
 
 @pytest.mark.parametrize("variant", sorted(ENGINE_VARIANTS))
 def test_async_greedy_equals_kv_cache_decoding_under_a_tiny_pool(variant):
@@ -234,10 +298,12 @@ def test_async_greedy_equals_kv_cache_decoding_under_a_tiny_pool(variant):
              for j, o in zip((5, 2, 9, 13, 7, 3), outputs, strict=True)]
     requests = [(f"s{i}", p, sp) for i, (p, sp) in enumerate(zip(prompts, stops, strict=True))]
     sync, _ = _stream(served, requests, async_scheduling=False, check_waste=False, **config)
-    overlapped, _ = _stream(served, requests, async_scheduling=True, check_waste=False, **config)
     final = lambda streams: {rid: [(o[3], o[4], o[5]) for o in s[-1]] for rid, s in streams.items()}
-    assert final(overlapped) == final(sync)
-    assert all(s[-1][0][3] == "stop" for s in overlapped.values())
+    for overlap in (False, True):
+        overlapped, _ = _stream(served, requests, async_scheduling=True, overlap_prefill=overlap,
+                                check_waste=False, **config)
+        assert final(overlapped) == final(sync)
+        assert all(s[-1][0][3] == "stop" for s in overlapped.values())
 
 
 def test_async_preemption_streams_under_a_tiny_pool_equal_the_synchronous_engine():

@@ -63,6 +63,11 @@ class EngineConfig:
     # those of the synchronous path (see `LLMEngine._step_async`). On by default: on an H100 it raised the
     # server's tokens/s by 20% at 64 and 256 streams (assignment2-systems/README.md).
     async_scheduling: bool = True
+    # With asynchronous scheduling: a prefill that falls due while a decode window is in flight is queued on
+    # the device behind that window before the host reads it, so that the pass's host work (launches; a few
+    # ms even compiled) overlaps the window's GPU time instead of stalling every stream. Same outputs (greedy
+    # or seeded); off until measured on a GPU.
+    overlap_prefill: bool = False
     seed: int = 0
 
     def __post_init__(self):
@@ -225,10 +230,10 @@ class LLMEngine:
         finally:
             self._tally(batch, start)
 
-    def _tally(self, batch: ScheduledBatch, start: float) -> None:
+    def _tally(self, batch: ScheduledBatch, start: float, excluded: float = 0.0) -> None:
         totals = self.step_totals[batch.kind]
         totals[0] += 1
-        totals[1] += time.perf_counter() - start
+        totals[1] += time.perf_counter() - start - excluded
         totals[2] += (len(batch.seqs) * batch.steps if batch.kind == "decode"
                       else sum(len(slots) for slots in batch.slots))
 
@@ -265,12 +270,22 @@ class LLMEngine:
                     self._tally(batch, start)
             current = (batch, self._launch(batch, None))
         ahead = self.scheduler.schedule_ahead()
+        behind = None  # (a prefill queued behind the window in flight, its launch, host seconds spent so far)
         if ahead is not None:
             self._in_flight = (ahead, self._launch(ahead, current))
+        elif self.config.overlap_prefill and (batch := self.scheduler.schedule_prefill_behind()) is not None:
+            launched_at = time.perf_counter()
+            launched = self._launch_prefill(batch, overlap=True)
+            behind = (batch, launched, time.perf_counter() - launched_at)
         try:
-            return self._read(*current)
+            touched = self._read(*current)
         finally:
-            self._tally(current[0], start)
+            self._tally(current[0], start, excluded=behind[2] if behind else 0.0)
+        if behind is not None:  # read after the window, as `step` would have run it after the window
+            taken_at = time.perf_counter()
+            touched.update(self._take_prefill(behind[0], behind[1]))
+            self._tally(behind[0], taken_at - behind[2])
+        return [self._output(r) for r in touched.values()]
 
     def _launch(self, batch: ScheduledBatch, after: tuple[ScheduledBatch, LaunchedWindow] | None,
                 overlap: bool = True) -> LaunchedWindow:
@@ -292,15 +307,15 @@ class LLMEngine:
             seq.num_inflight += len(seq_slots)
         return window
 
-    def _read(self, batch: ScheduledBatch, window: LaunchedWindow) -> list[RequestOutput]:
+    def _read(self, batch: ScheduledBatch, window: LaunchedWindow) -> dict[str, Request]:
         """Waits for a launched window's tokens and processes them as `_run` does; rows of sequences that ended
-        since it was launched are discarded."""
+        since it was launched are discarded. Returns the requests it touched, by id."""
         tokens = self.runner.collect(window)
         for seq, seq_slots in zip(batch.seqs, batch.slots, strict=True):
             seq.num_inflight -= len(seq_slots)
         live = [i for i, seq in enumerate(batch.seqs) if not seq.finished]
         if not live:
-            return []
+            return {}
         columns = list(zip(*tokens, strict=True))
         if len(live) == len(batch.seqs):
             seqs, slots = batch.seqs, batch.slots
@@ -308,20 +323,33 @@ class LLMEngine:
             seqs, columns, slots = ([items[i] for i in live] for items in (batch.seqs, columns, batch.slots))
         self._take(seqs, columns, slots)
         self._slide(seqs)
-        touched = {seq.request.request_id: seq.request for seq in seqs}
-        return [self._output(r) for r in touched.values()]
+        return {seq.request.request_id: seq.request for seq in seqs}
 
     def _run(self, batch) -> list[RequestOutput]:
         if batch.kind == "decode":  # launched and read at once: the synchronous schedule
-            return self._read(batch, self._launch(batch, None, overlap=False))
+            touched = self._read(batch, self._launch(batch, None, overlap=False))
+        else:
+            touched = self._take_prefill(batch, self._launch_prefill(batch))
+        return [self._output(r) for r in touched.values()]
+
+    def _launch_prefill(self, batch: ScheduledBatch, overlap: bool = False) -> LaunchedWindow:
+        """Queues a prefill pass and the sampling of each prompt's first token (one per sample: a prompt with
+        n > 1 samples gives its one logits row to each of them)."""
         self.runner.copy_blocks(batch.copies)
         seqs = batch.seqs
-        touched = {seq.request.request_id: seq.request for seq in seqs}
-        logits = self.runner.prefill([s.token_ids for s in seqs], batch.slots)
-        # A prefilled prompt with n > 1 samples gives its one logits row to each of its samples.
         rows = [(i, s.index + j) for i, s in enumerate(seqs) for j in range(1 + s.forks_pending)]
-        sample = self._sampler([seqs[i] for i, _ in rows], [index for _, index in rows])
-        tokens = sample(logits[[i for i, _ in rows]] if len(rows) != len(seqs) else logits).tolist()
+        sample_rows_of = self._sampler([seqs[i] for i, _ in rows], [index for _, index in rows])
+
+        def sample(logits: torch.Tensor) -> torch.Tensor:
+            return sample_rows_of(logits[[i for i, _ in rows]] if len(rows) != len(seqs) else logits)
+
+        return self.runner.launch_prefill([s.token_ids for s in seqs], batch.slots, sample, overlap=overlap)
+
+    def _take_prefill(self, batch: ScheduledBatch, launched: LaunchedWindow) -> dict[str, Request]:
+        """The prefill's first tokens into their sequences (forking the extra samples); the requests touched."""
+        seqs = batch.seqs
+        touched = {seq.request.request_id: seq.request for seq in seqs}
+        tokens = self.runner.collect(launched)[0]
         appended: list[Sequence] = []
         for seq in seqs:
             appended += [seq] + [self._fork(seq) for _ in range(seq.forks_pending)]
@@ -332,7 +360,7 @@ class LLMEngine:
         self._process(appended)
         self._count(len(tokens))
         self._slide(appended)
-        return [self._output(r) for r in touched.values()]
+        return touched
 
     def _slide(self, seqs: list[Sequence]) -> None:
         """Frees the blocks a sliding window has left behind: the next query (position len − 1) sees positions

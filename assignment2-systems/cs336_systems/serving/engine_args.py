@@ -6,8 +6,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-SPEED_FIELDS = ("prefill_delay_steps", "decode_steps", "async_scheduling", "compile_decode", "compile_prefill",
-                "cuda_graphs")
+SPEED_FIELDS = ("prefill_delay_steps", "decode_steps", "async_scheduling", "overlap_prefill", "compile_decode",
+                "compile_prefill", "cuda_graphs")
 
 
 def add_speed_arguments(group: Any) -> None:
@@ -20,6 +20,9 @@ def add_speed_arguments(group: Any) -> None:
     group.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True,
                        help="launch the next decode window before the host processes the current one, so host "
                             "work overlaps the GPU's (a stopped sequence runs one discarded window; default on)")
+    group.add_argument("--overlap-prefill", action=argparse.BooleanOptionalAction, default=False,
+                       help="with asynchronous scheduling: queue a due prefill behind the decode window in flight, "
+                            "so its host work overlaps the window's GPU time (same outputs; default off)")
     group.add_argument("--compile-decode", action=argparse.BooleanOptionalAction, default=None,
                        help="the decode step as one torch.compile graph (compiled at start-up; fewer, fused kernels; "
                             "default: on with CUDA, off on CPU)")

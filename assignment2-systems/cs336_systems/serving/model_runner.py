@@ -231,8 +231,25 @@ class ModelRunner:
         log.info("compiled the prefill pass in %.1f s (--no-compile-prefill skips this)", time.perf_counter() - start)
 
     @torch.inference_mode()
-    def prefill(self, prompts: list[list[int]], slots: list[list[int]]) -> Float[Tensor, "batch vocab"]:
-        """Logits after each prompt's last token; every prompt token's keys/values land at its slots."""
+    def launch_prefill(self, prompts: list[list[int]], slots: list[list[int]], sample: Callable[[Tensor], Tensor],
+                       overlap: bool = False) -> LaunchedWindow:
+        """`prefill` and the sampling of each prompt's first token, queued without a host sync: `collect` gives
+        [[token of each prompt]]. `overlap`: as in `launch` (pinned copies, so that a pass queued behind a decode
+        window in flight never makes the host wait for that window)."""
+        overlap = overlap and self.device.type == "cuda"
+        window = LaunchedWindow(sample(self.prefill(prompts, slots, pinned=overlap)).unsqueeze(0))
+        if overlap:
+            window.host = torch.empty(window.tokens.shape, dtype=window.tokens.dtype, pin_memory=True)
+            window.host.copy_(window.tokens, non_blocking=True)
+            window.ready = torch.cuda.Event()
+            window.ready.record()
+        return window
+
+    @torch.inference_mode()
+    def prefill(self, prompts: list[list[int]], slots: list[list[int]],
+                pinned: bool = False) -> Float[Tensor, "batch vocab"]:
+        """Logits after each prompt's last token; every prompt token's keys/values land at its slots. `pinned`:
+        the inputs go up from pinned memory (an upload from pageable memory may wait for the device)."""
         batch, longest = len(prompts), max(map(len, prompts))
         real = batch
         if self.prefill_forward is not None and self.prefill_forward.compiled:  # one graph for every pass:
@@ -250,7 +267,8 @@ class ModelRunner:
             tokens[row, : len(prompt)] = prompt
             slot_mapping[row, : len(prompt)] = row_slots
         host[-batch:] = np.arange(batch) * longest + np.fromiter(map(len, prompts), np.int64, batch) - 1
-        device = torch.from_numpy(host).to(self.device, non_blocking=True)
+        staged = torch.from_numpy(host)
+        device = (staged.pin_memory() if pinned else staged).to(self.device, non_blocking=True)
         tokens_d = device[: batch * longest].view(batch, longest)
         slots_d = device[batch * longest : -batch].view(batch, longest)
         last = device[-batch:]

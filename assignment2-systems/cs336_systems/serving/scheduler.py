@@ -171,6 +171,20 @@ class Scheduler:
         self.decodes_since_prefill += self.decode_steps
         return ScheduledBatch("decode", seqs, slots, copies, steps=self.decode_steps)
 
+    def schedule_prefill_behind(self) -> ScheduledBatch | None:
+        """Asynchronous scheduling with a decode window in flight and a prefill due (`schedule_ahead` gave
+        None for it): the prompts `schedule` would admit now, so that their pass can be queued on the device
+        behind that window instead of after the host has read it. Admission needs free blocks and seats only;
+        the window in flight holds its slots already (they were allocated when it was planned), and sequences
+        it ends free theirs when it is read, so at worst fewer prompts go in than after the read. Never a
+        decode: preemption is decided only by `schedule`."""
+        if not self._prefill_due():
+            return None
+        batch = self._schedule_prefill()
+        if batch is not None:
+            self.decodes_since_prefill = 0
+        return batch
+
     def preempt(self, seq: Sequence) -> None:
         """Frees the sequence's blocks; it is recomputed from all its tokens when readmitted."""
         self.running.remove(seq)

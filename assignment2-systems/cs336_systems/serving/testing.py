@@ -81,6 +81,15 @@ class ScriptedRunner:
             return batch
 
         engine.scheduler.schedule_ahead = remember_ahead
+        behind = engine.scheduler.schedule_prefill_behind
+
+        def remember_behind():
+            batch = behind()
+            if batch is not None:
+                self.batch_seqs = list(batch.seqs)
+            return batch
+
+        engine.scheduler.schedule_prefill_behind = remember_behind
 
     def __getattr__(self, name):
         return getattr(self.real, name)
@@ -97,11 +106,15 @@ class ScriptedRunner:
             logits[row, self._next(seq, 0)] = 0.0
         return logits
 
+    def launch_prefill(self, prompts, slots, sample, overlap=False):
+        return LaunchedWindow(sample(self.prefill(prompts, slots)).unsqueeze(0))
+
     def launch(self, last_tokens, lengths, slots, tables, sample, steps=1, feed=None, overlap=False):
         return LaunchedWindow(torch.tensor([[self._next(seq, k) for seq in self.batch_seqs] for k in range(steps)]))
 
     def collect(self, window):
         return window.tokens.tolist()
+
 
 def check_stream(stream, tokenizer, eos: int, whole_prompt: bool = True):
     """The deltas add up to the final text and ids, and the streamed text never shows a replacement character
