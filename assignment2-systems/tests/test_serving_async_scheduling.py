@@ -10,6 +10,7 @@ import random
 import pytest
 import torch
 
+from cs336_basics.cli_support import UserError
 from cs336_basics.decoding import generate
 from cs336_systems.serving.engine import AsyncLLMEngine, EngineConfig, LLMEngine
 from cs336_systems.serving.loader import tiny_served_model
@@ -407,3 +408,7 @@ def test_serve_and_bench_serve_take_the_flag():
     for flags, want in ((["--async-scheduling"], True), (["--no-async-scheduling"], False), ([], True)):
         args = parser.parse_args([*flags, "--concurrency", "2"])
         assert bench_cli.engine_config_from(args).async_scheduling is want
+    args = parser.parse_args(["--overlap-prefill", "--concurrency", "2"])
+    assert bench_cli.engine_config_from(args).overlap_prefill is True
+    with pytest.raises(UserError, match="needs async_scheduling"):  # it would do nothing: refused, not ignored
+        bench_cli.engine_config_from(parser.parse_args(["--overlap-prefill", "--no-async-scheduling"]))

@@ -85,6 +85,9 @@ class EngineConfig:
              f"dtype must be float32, bfloat16 or float16, got {self.dtype}"),
             (self.attention_backend in ("auto", "torch", "triton"),
              f"unknown attention backend {self.attention_backend!r}"),
+            (self.async_scheduling or not self.overlap_prefill,
+             "overlap_prefill (--overlap-prefill) needs async_scheduling: a prefill goes behind a decode window "
+             "launched ahead, which the synchronous schedule never has"),
         ]
         for ok, message in checks:
             if not ok:
