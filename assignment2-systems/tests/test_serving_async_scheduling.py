@@ -218,6 +218,18 @@ def test_async_requests_joining_and_leaving_between_windows():
                         assert stream[-1][0][3] is None or (overlap and stream == whole[rid])
 
 
+def _count_prefill_launches(monkeypatch) -> list[bool]:
+    """Each prefill launch's `overlap` (True: queued behind a window in flight), appended as they happen."""
+    launches = []
+    original = LLMEngine._launch_prefill
+
+    def counting(engine, batch, overlap=False):
+        launches.append(overlap)
+        return original(engine, batch, overlap)
+
+    monkeypatch.setattr(LLMEngine, "_launch_prefill", counting)
+    return launches
+
 def test_prefills_queued_behind_the_window_in_flight_happen_and_change_no_stream(monkeypatch):
     """Requests arriving while others decode: with `overlap_prefill` their prefills are launched behind the
     window in flight (counted here, so that the equality below is not vacuous), the step's outputs merge the
@@ -227,14 +239,7 @@ def test_prefills_queued_behind_the_window_in_flight_happen_and_change_no_stream
     joins = {2: requests[4:6], 5: requests[6:], 6: [("x", random_prompts(4, (9,))[0],
                                                     SamplingParams(max_tokens=12, temperature=0))]}
     sync, _ = _stream(served, requests[:4], joins=joins, async_scheduling=False, decode_steps=2)
-    behind = []
-    original = LLMEngine._launch_prefill
-
-    def counting(engine, batch, overlap=False):
-        behind.append(overlap)
-        return original(engine, batch, overlap)
-
-    monkeypatch.setattr(LLMEngine, "_launch_prefill", counting)
+    behind = _count_prefill_launches(monkeypatch)
     overlapped, _ = _stream(served, requests[:4], joins=joins, async_scheduling=True, overlap_prefill=True,
                             decode_steps=2)
     assert overlapped == sync
@@ -247,14 +252,7 @@ def test_prefills_behind_the_window_on_cuda_give_the_synchronous_outputs(monkeyp
     an event: greedy outputs of requests joining mid-stream equal the synchronous engine's."""
     prompts = random_prompts(5, (7, 30, 2, 19, 11, 4, 25, 9))
     params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
-    behind = []
-    original = LLMEngine._launch_prefill
-
-    def counting(engine, batch, overlap=False):
-        behind.append(overlap)
-        return original(engine, batch, overlap)
-
-    monkeypatch.setattr(LLMEngine, "_launch_prefill", counting)
+    behind = _count_prefill_launches(monkeypatch)
 
     def run(**config):
         engine = LLMEngine(tiny_served_model(seed=3), EngineConfig(device="cuda", dtype="float32", **config))

@@ -59,6 +59,15 @@ class LaunchedWindow:
     host: Tensor | None = None
     ready: torch.cuda.Event | None = None
 
+    def copied_to_host(self) -> LaunchedWindow:
+        """Queues the tokens' copy into pinned host memory and an event behind it, so that `collect` waits for
+        this window only, and nothing before it makes the host wait for the device."""
+        self.host = torch.empty(self.tokens.shape, dtype=self.tokens.dtype, pin_memory=True)
+        self.host.copy_(self.tokens, non_blocking=True)
+        self.ready = torch.cuda.Event()
+        self.ready.record()
+        return self
+
 
 class PagedLayerCache(ExternalKVCache):
     def __init__(self, k_pool: Tensor, v_pool: Tensor | None, meta_ref: list[StepMeta], backend: str):
@@ -238,12 +247,7 @@ class ModelRunner:
         window in flight never makes the host wait for that window)."""
         overlap = overlap and self.device.type == "cuda"
         window = LaunchedWindow(sample(self.prefill(prompts, slots, pinned=overlap)).unsqueeze(0))
-        if overlap:
-            window.host = torch.empty(window.tokens.shape, dtype=window.tokens.dtype, pin_memory=True)
-            window.host.copy_(window.tokens, non_blocking=True)
-            window.ready = torch.cuda.Event()
-            window.ready.record()
-        return window
+        return window.copied_to_host() if overlap else window
 
     @torch.inference_mode()
     def prefill(self, prompts: list[list[int]], slots: list[list[int]],
@@ -343,12 +347,7 @@ class ModelRunner:
                 inputs[:batch, 0] = tokens
                 inputs[:, 1] += 1
         window = LaunchedWindow(torch.stack(sampled))
-        if overlap:
-            window.host = torch.empty(window.tokens.shape, dtype=window.tokens.dtype, pin_memory=True)
-            window.host.copy_(window.tokens, non_blocking=True)
-            window.ready = torch.cuda.Event()
-            window.ready.record()
-        return window
+        return window.copied_to_host() if overlap else window
 
     def collect(self, window: LaunchedWindow) -> list[list[int]]:
         """The launched window's tokens, (steps, batch), once the device has made them."""

@@ -64,32 +64,19 @@ class ScriptedRunner:
         self.engine, self.scripts = engine, scripts
         self.real = engine.runner
         self.batch_seqs: list = []
-        schedule = engine.scheduler.schedule
+        # every way a batch gets planned: the next launch (window or prefill) is of its sequences
+        for name, forget_on_none in (("schedule", True), ("schedule_ahead", False),
+                                     ("schedule_prefill_behind", False)):
+            setattr(engine.scheduler, name, self._remembering(getattr(engine.scheduler, name), forget_on_none))
 
+    def _remembering(self, plan, forget_on_none: bool):
         def remember():
-            batch = schedule()
-            self.batch_seqs = [] if batch is None else list(batch.seqs)
+            batch = plan()
+            if batch is not None or forget_on_none:
+                self.batch_seqs = [] if batch is None else list(batch.seqs)
             return batch
 
-        engine.scheduler.schedule = remember
-        ahead = engine.scheduler.schedule_ahead
-
-        def remember_ahead():
-            batch = ahead()
-            if batch is not None:
-                self.batch_seqs = list(batch.seqs)
-            return batch
-
-        engine.scheduler.schedule_ahead = remember_ahead
-        behind = engine.scheduler.schedule_prefill_behind
-
-        def remember_behind():
-            batch = behind()
-            if batch is not None:
-                self.batch_seqs = list(batch.seqs)
-            return batch
-
-        engine.scheduler.schedule_prefill_behind = remember_behind
+        return remember
 
     def __getattr__(self, name):
         return getattr(self.real, name)
