@@ -15,19 +15,12 @@ import torch
 from cs336_basics import chunked_ce
 from cs336_basics.chunked_ce import chunked_linear_cross_entropy
 from cs336_basics.model import TransformerLM
+from cs336_basics.testing import one_thread  # noqa: F401 (autouse: one torch thread)
 from cs336_basics.training.config import TrainConfig
 from cs336_basics.training.trainer import evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPE = dict(vocab_size=50, context_length=16, d_model=16, num_layers=2, num_heads=2, d_ff=32)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("precision, rel", [("fp32", 1e-6), ("bf16", 1e-4)])

@@ -24,20 +24,13 @@ from cs336_basics.model import TransformerConfig, TransformerLM
 from cs336_basics.nn_utils import cross_entropy
 from cs336_basics.onepass_ce import onepass_cross_entropy
 from cs336_basics.optim import AdamW, FusedAdamW
+from cs336_basics.testing import one_thread  # noqa: F401 (autouse: one torch thread)
 from cs336_basics.training import distributed
 from cs336_basics.training.config import TrainConfig
 from cs336_basics.training.metrics import read_jsonl, training_flops_per_token
 from cs336_basics.training.trainer import build_optimizer, loss_function
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _full_reference(hidden, weight, targets):
@@ -443,7 +436,6 @@ def test_profile_counts_kernels_not_the_gpu_copies_of_record_function_ranges():
               FunctionEvent(3, "aten::mul", 0, 90, 95)]  # a host op
     assert script.device_spans(events) == [("multi_tensor_apply_kernel", 100, 150),
                                            ("multi_tensor_apply_kernel", 350, 400)]
-
 
 
 def test_profile_categories_read_inductor_kernel_names_by_their_ops():

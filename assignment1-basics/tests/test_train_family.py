@@ -11,6 +11,7 @@ import torch
 from cs336_basics.checkpoint import load_checkpoint_state
 from cs336_basics.cli import main
 from cs336_basics.model import TransformerLM
+from cs336_basics.testing import one_thread  # noqa: F401 (autouse: one torch thread)
 from cs336_basics.training.config import PRESETS, config_from_preset
 from cs336_basics.training.metrics import read_jsonl
 from cs336_basics.training.spike_guard import SpikeGuard
@@ -21,15 +22,6 @@ TINY = ["--vocab-size", str(VOCAB), "--d-model", "32", "--num-layers", "2", "--n
         "--eval-interval", "100", "--eval-batches", "1", "--warmup-steps", "2", "--lr-max", "3e-3", "--seed", "1"]
 MOE = ["--attention", "mla", "--kv-lora-rank", "16", "--qk-nope-head-dim", "8", "--qk-rope-head-dim", "4",
        "--v-head-dim", "8", "--ffn", "moe", "--num-experts", "4", "--moe-top-k", "2", "--moe-d-ff", "16"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: threads only contend (several times slower on a loaded 2-core machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -25,16 +25,9 @@ from cs336_alignment.testing import tiny_basics_lm, write_tiny_run
 from cs336_alignment.training import GRPOConfig, run_grpo
 from cs336_alignment.training.eval_config import QuestionSet
 from cs336_basics.cli_support import StopRequest
+from cs336_basics.testing import one_thread  # noqa: F401 (autouse: one torch thread)
 
 PROG = "cs336-align: error:"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -7,23 +7,13 @@ import re
 from dataclasses import replace
 
 import pytest
-import torch
 
 from cs336_alignment.demo.__main__ import main
 from cs336_alignment.demo.config import preset
 from cs336_alignment.demo.problems import generate, is_held_out, maybe_slip
 from cs336_alignment.demo.tokenizer import train_demo_tokenizer
 from cs336_alignment.reward import r1_zero_reward
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run faster on one thread, and the 2-core CI machine is not oversubscribed."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
+from cs336_basics.testing import one_thread  # noqa: F401 (autouse: one torch thread)
 
 WORD_OPS = {"buys": "+", "finds": "+", "gives away": "-", "loses": "-"}
 

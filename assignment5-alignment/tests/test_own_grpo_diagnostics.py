@@ -30,15 +30,7 @@ from cs336_alignment.training import GRPOConfig, run_grpo
 from cs336_alignment.training.common import clip_and_step, make_adamw
 from cs336_alignment.training.eval_config import QuestionSet
 from cs336_alignment.training.grpo_loop import grpo_train_on_rollouts, rollout_training_batch
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run faster on one thread, and the 2-core CI machine is not oversubscribed."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from cs336_basics.testing import one_thread  # noqa: F401 (autouse: one torch thread)
 
 
 @pytest.fixture(scope="module")

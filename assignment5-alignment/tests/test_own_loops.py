@@ -35,16 +35,7 @@ from cs336_alignment.training.common import epoch_order
 from cs336_alignment.training.dpo_loop import dpo_batch
 from cs336_alignment.training.eval_config import QuestionSet
 from cs336_alignment.training.grpo_loop import grpo_train_on_rollouts
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run faster on one thread, and the 2-core CI machine is not oversubscribed."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
+from cs336_basics.testing import one_thread  # noqa: F401 (autouse: one torch thread)
 
 PROMPTS = [f"Question {i}: what is {i} plus {i + 3}?" for i in range(8)]
 GOOD, BAD = " Answer: <answer> 7 </answer>", " The quick brown fox"

@@ -9,22 +9,14 @@ import math
 import sys
 
 import pytest
-import torch
 
 from cs336_alignment.demo import compare, multi
 from cs336_alignment.demo.config import METHODS, preset
 from cs336_alignment.demo.multi import main
 from cs336_basics.cli_support import UserError
+from cs336_basics.testing import one_thread  # noqa: F401 (autouse: one torch thread)
 
 SEEDS = (0, 1)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def commands_in_this_process(jobs: dict[str, list[str]], root: str, max_parallel: int = 0) -> dict[str, int]:

@@ -31,18 +31,11 @@ from cs336_alignment.text_tokenizer import BasicsTokenizer
 from cs336_alignment.training import EIConfig, GRPOConfig, run_expert_iteration, run_grpo
 from cs336_alignment.training.eval_config import QuestionSet
 from cs336_alignment.training.parallel import RolloutEngine
+from cs336_basics.testing import one_thread  # noqa: F401 (autouse: one torch thread)
 
 LOSS_TOL = 1e-5  # absolute, on SFT losses of ~20 nats summed per example and GRPO/DPO losses below 1
 WEIGHT_TOL = 2e-5  # absolute, on weights of order 0.1 after 3 AdamW steps at lr 1e-2
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -30,15 +30,7 @@ from cs336_alignment.peft import (
 from cs336_alignment.peft.nf4 import dequantize_scales, nf4_max_half_gap
 from cs336_alignment.testing import tiny_basics_lm
 from cs336_basics.cli_support import UserError
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
+from cs336_basics.testing import one_thread  # noqa: F401 (autouse: one torch thread)
 
 VOCAB = 64
 

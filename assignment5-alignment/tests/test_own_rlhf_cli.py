@@ -11,14 +11,7 @@ from cs336_alignment.cli import run
 from cs336_alignment.models import load_basics
 from cs336_alignment.peft import LoRAConfig
 from cs336_alignment.testing import write_tiny_run
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from cs336_basics.testing import one_thread  # noqa: F401 (autouse: one torch thread)
 
 
 @pytest.fixture(scope="module")

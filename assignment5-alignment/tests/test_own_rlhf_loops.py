@@ -30,14 +30,7 @@ from cs336_alignment.training import (
     run_reward_model,
 )
 from cs336_alignment.training.eval_config import QuestionSet
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from cs336_basics.testing import one_thread  # noqa: F401 (autouse: one torch thread)
 
 
 @pytest.fixture(scope="module")

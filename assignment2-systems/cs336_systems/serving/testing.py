@@ -4,24 +4,13 @@ checks a token stream must pass. Nothing here is used when serving."""
 
 import random
 
-import pytest
 import torch
 
+from cs336_basics.testing import one_thread  # noqa: F401 (re-exported: the serving tests import it from here)
 from cs336_systems.serving.engine import EngineConfig, LLMEngine
 from cs336_systems.serving.loader import ByteTokenizer
 from cs336_systems.serving.model_runner import LaunchedWindow
 from cs336_systems.serving.params import SamplingParams
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Imported into a test module, runs each of its tests on one torch thread: tiny matrices gain nothing from
-    threads, and a busy CI core stalls OpenMP."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 TEXTS = ["plain ascii text, nothing special. ", "héllo wörld ", "日本語のテキスト", "emoji 😀🎉 and 👍🏽 ok",
          "mixé 中文 😀 end"]
