@@ -509,6 +509,30 @@ def test_metrics_parse_as_prometheus_text_and_health_works(live, engine):
     assert m[p + "generation_tokens_total"] >= 1 and m[p + "prompt_tokens_total"] >= 2
     assert 0 < m[p + "kv_blocks_high_water"] <= m[p + "kv_blocks_total"]
     assert m[p + "kv_block_size"] == CONFIG["block_size"]
+    assert 0 <= m[p + "event_loop_lag_seconds"] < 10  # the heartbeat started with the first request
+
+
+def test_loop_lag_monitor_sees_a_blocked_loop_and_forgets_it_after_its_window():
+    """A coroutine that holds the loop for 0.3 s (as a slow stream write would): the lag shows while the beat is
+    overdue and after it ran late, and is forgotten once it leaves the window."""
+    from cs336_systems.serving.api import LoopLagMonitor
+
+    async def main():
+        monitor = LoopLagMonitor(interval_s=0.01, window_s=1.0)
+        assert monitor.max_recent() is None
+        monitor.ensure_started()
+        await asyncio.sleep(0.05)
+        idle = monitor.max_recent()
+        time.sleep(0.3)  # blocks the loop
+        overdue = monitor.max_recent()
+        await asyncio.sleep(0.05)
+        late = monitor.max_recent()
+        await asyncio.sleep(1.3)
+        return idle, overdue, late, monitor.max_recent()
+
+    idle, overdue, late, forgotten = asyncio.run(main())
+    assert overdue >= 0.25 and 0.25 <= late < 1.0
+    assert idle < 0.25 and forgotten < 0.25  # a loaded 2-core machine still beats within a quarter second
 
 
 # --------------------------------------------------------------------------------------------- chat.py alone

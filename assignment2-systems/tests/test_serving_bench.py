@@ -291,6 +291,7 @@ def test_tiny_benchmark_end_to_end(tmp_path):
                 assert r["output_tokens"] == r["chunk_tokens"] == r["max_tokens"] == s.max_tokens >= r["chunks"] >= 1
                 assert r["prompt_tokens"] == len(s.prompt_token_ids) and r["finish_reason"] == "length"
                 assert 0 < r["ttft_ms"] <= r["latency_ms"]
+            assert 0 <= p["event_loop_lag_max_ms"] < 10_000  # read from our server's /metrics after the level
             kv = p["kv_blocks"]
             assert kv["method"] == "high_water" and 0 < kv["peak"] <= kv["total"]
             assert kv["block_bytes"] == kv["block_size"] * bpt

@@ -29,6 +29,7 @@ import hmac
 import json
 import logging
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 from typing import Any, TypeVar
@@ -221,9 +222,55 @@ async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
 
 
 # ------------------------------------------------------------------------------------------------- the app
+class LoopLagMonitor:
+    """How late a 10 ms heartbeat on the server's event loop runs: the time any ready callback (a chunk to
+    write, a request to parse) may wait for the loop. `max_recent()` is the largest lag of the last
+    `window_s` seconds. A chain of `call_at` timers, not a task, so a closing loop just drops it."""
+
+    def __init__(self, interval_s: float = 0.01, window_s: float = 10.0):
+        self.interval_s, self.window_s = interval_s, window_s
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._due = 0.0
+        self._maxima: deque[tuple[float, float]] = deque()  # (time, lag), lags decreasing: a sliding-window max
+
+    def ensure_started(self) -> None:
+        """Starts the heartbeat on the running loop (the first request does: uvicorn may run without lifespan)."""
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+            self._schedule()
+
+    def _schedule(self) -> None:
+        self._due = self._loop.time() + self.interval_s
+        self._loop.call_at(self._due, self._beat)
+
+    def _beat(self) -> None:
+        now = self._loop.time()
+        self.record(now, max(0.0, now - self._due))
+        self._schedule()
+
+    def record(self, now: float, lag: float) -> None:
+        while self._maxima and self._maxima[-1][1] <= lag:
+            self._maxima.pop()
+        self._maxima.append((now, lag))
+        while self._maxima[0][0] < now - self.window_s:
+            self._maxima.popleft()
+
+    def max_recent(self) -> float | None:
+        """The largest lag of the last `window_s` seconds, counting a beat that is overdue now; None before the
+        heartbeat started."""
+        if self._loop is None:
+            return None
+        now = self._loop.time()
+        while self._maxima and self._maxima[0][0] < now - self.window_s:
+            self._maxima.popleft()
+        overdue = max(0.0, now - self._due)
+        return max(overdue, self._maxima[0][1]) if self._maxima else overdue
+
+
 class _Server:
     def __init__(self, engine: Any, api_key: str | None, max_body_bytes: int, model_name: str | None):
         self.engine = engine
+        self.loop_lag = LoopLagMonitor()
         self.api_key = api_key or None
         self.max_body_bytes = max_body_bytes
         self.model_name = model_name or engine.model_name
@@ -308,6 +355,7 @@ class _Server:
     async def start(self, request: Request, request_id: str, prompts: list[list[int]],
                     params: SamplingParams) -> tuple[list[AsyncIterator[RequestOutput]], list[RequestOutput]]:
         """The engine streams of a request's prompts and their first outputs (ValueError -> 400)."""
+        self.loop_lag.ensure_started()
         gens = [self.engine.generate(f"{request_id}-{i}", ids, params) for i, ids in enumerate(prompts)]
         try:
             firsts = await _unless_disconnected(request, _prime(gens))
@@ -317,8 +365,15 @@ class _Server:
 
     # -- metrics -------------------------------------------------------------------------------------------
     def metrics_text(self) -> str:
+        self.loop_lag.ensure_started()
         stats = self.engine.stats()
         lines = []
+        lag = self.loop_lag.max_recent()
+        if lag is not None:
+            full = METRIC_PREFIX + "event_loop_lag_seconds"
+            lines += [f"# HELP {full} Largest delay of a 10 ms heartbeat on the HTTP server's event loop over the "
+                      "last 10 s: how long a ready stream write may wait.", f"# TYPE {full} gauge",
+                      f"{full} {_number(float(lag))}"]
         for field, name, kind, help_text in METRICS:
             value = getattr(stats, field, None)
             if value is None:

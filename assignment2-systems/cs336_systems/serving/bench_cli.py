@@ -284,8 +284,10 @@ def benchmark_model(
         summary["kv_contiguous_bytes"] = contiguous[c]
         summary["status"] = "ok" if summary["errors"] < summary["num_requests"] else _first(summary)
         points.append(summary)
+        lag = summary.get("event_loop_lag_max_ms")
         log(f"[{name}] server c={c}: {summary['output_tokens_per_s']:.0f} tok/s, ITL p99 "
-            f"{summary['itl_ms']['p99']:.2f} ms, {summary['errors']} errors")
+            f"{summary['itl_ms']['p99']:.2f} ms, {summary['errors']} errors"
+            + (f", event loop lag max {lag:.1f} ms" if lag is not None else ""))
         if kv.get("block_size"):
             info["block_size"] = int(kv["block_size"])
 

@@ -295,6 +295,8 @@ class LoadResult:
             "itl_ms": latency_summary(itl),
             "latency_ms": latency_summary([r.latency_s for r in ok]),
             "kv_blocks": self.kv_blocks(),
+            # the server's event loop: its largest heartbeat delay over the 10 s before the run's end (ours only)
+            "event_loop_lag_max_ms": _ms(metric(self.metrics_after, "event_loop_lag_seconds")),
             "per_request": [
                 {"prompt_tokens": r.prompt_tokens, "max_tokens": r.max_tokens, "output_tokens": r.output_tokens,
                  "chunk_tokens": r.chunk_tokens, "chunks": r.chunks, "ttft_ms": r.ttft_s * 1e3,
@@ -327,6 +329,10 @@ class LoadResult:
             "block_size": metric(self.metrics_after, *BLOCK_SIZE),
             "block_bytes": metric(self.metrics_after, *BLOCK_BYTES),
         }
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else seconds * 1e3
 
 
 async def served_model_name(client: Any) -> str:
