@@ -273,7 +273,7 @@ class LLMEngine:
                     self._tally(batch, start)
             current = (batch, self._launch(batch, None))
         ahead = self.scheduler.schedule_ahead()
-        behind = None  # (a prefill queued behind the window in flight, its launch, host seconds spent so far)
+        behind = None  # (a prefill queued behind the window in flight, its launch, the seconds its launch took)
         if ahead is not None:
             self._in_flight = (ahead, self._launch(ahead, current))
         elif self.config.overlap_prefill and (batch := self.scheduler.schedule_prefill_behind()) is not None:
