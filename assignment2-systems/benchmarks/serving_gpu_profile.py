@@ -83,6 +83,20 @@ def profiled(device: torch.device, fn, passes: int, top: int) -> dict:
     return summary
 
 
+def median_wall_ms(fn, repeats: int, device: torch.device, warmup: int = 3) -> float:
+    """Median synchronised wall ms of `fn` over `repeats` calls, after `warmup` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    walls = []
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        walls.append(1e3 * (time.perf_counter() - start))
+    return statistics.median(walls)
+
+
 def prefill_part(engine, args, device: torch.device) -> dict:
     from cs336_systems.serving.block_manager import SCRATCH_BLOCK
 
@@ -94,16 +108,8 @@ def prefill_part(engine, args, device: torch.device) -> dict:
     def one():
         runner.prefill(rows, slots)
 
-    for _ in range(3):
-        one()
-    walls = []
-    for _ in range(args.repeats):
-        sync(device)
-        start = time.perf_counter()
-        one()
-        sync(device)
-        walls.append(1e3 * (time.perf_counter() - start))
-    out = {"rows": args.prefill_rows, "tokens_per_row": args.prefill_len, "wall_ms_per_pass": statistics.median(walls),
+    wall = median_wall_ms(one, args.repeats, device)
+    out = {"rows": args.prefill_rows, "tokens_per_row": args.prefill_len, "wall_ms_per_pass": wall,
            "compiled": bool(runner.prefill_forward is not None and runner.prefill_forward.compiled)}
     out.update(profiled(device, one, args.repeats, args.top))
     return out
@@ -117,18 +123,9 @@ def decode_part(engine, args, device: torch.device) -> dict:
         engine.add_request(f"r{i}", [(7 * i + j) % 200 + 32 for j in range(args.prompt_len)], params)
     while engine.stats().num_waiting > 0:  # every prompt prefilled, every sequence decoding
         engine.step()
-    for _ in range(3):
-        engine.step()
-    walls = []
-    for _ in range(args.windows):
-        sync(device)
-        start = time.perf_counter()
-        engine.step()
-        sync(device)
-        walls.append(1e3 * (time.perf_counter() - start))
+    wall = median_wall_ms(engine.step, args.windows, device)
     out = {"sequences": engine.stats().num_running, "decode_steps_per_window": args.decode_steps,
-           "compiled": engine.runner.decode_forward is not None,
-           "wall_ms_per_window": statistics.median(walls)}
+           "compiled": engine.runner.decode_forward is not None, "wall_ms_per_window": wall}
     out.update(profiled(device, engine.step, args.windows, args.top))
     return out
 
