@@ -43,6 +43,8 @@ from cs336_basics.training.trainer import _autocast, _make_step, apply_residual_
 OLD_SETTINGS = dict(loss_impl="full", compile_loss=False, adamw_impl="ours", prefetch=False,
                     compile_mode="default", residual_dtype="param")
 ALL = dict(loss_impl="chunked", compile_loss=True, adamw_impl="fused", prefetch=True)
+FULL_LOSS = dict(ALL, loss_impl="full")  # the flags the preset now carries
+ONEPASS_BF16 = dict(ALL, loss_impl="onepass", residual_dtype="bf16")
 VARIANTS: dict[str, dict] = {
     "baseline": {},  # OLD_SETTINGS: full logits + eager cross-entropy, our AdamW, no prefetch
     "compile-loss": dict(compile_loss=True),
@@ -53,22 +55,18 @@ VARIANTS: dict[str, dict] = {
     "reduce-overhead": dict(compile_mode="reduce-overhead"),
     "max-autotune": dict(compile_mode="max-autotune-no-cudagraphs"),  # minutes of autotuning: opt-in
     "all": ALL,
-    "all-full-loss": dict(compile_loss=True, adamw_impl="fused", prefetch=True),
+    "all-full-loss": FULL_LOSS,
     "all-bs128": dict(ALL, batch_size=128),
-    "bf16-residual": dict(compile_loss=True, adamw_impl="fused", prefetch=True, residual_dtype="bf16"),
+    "bf16-residual": dict(FULL_LOSS, residual_dtype="bf16"),
     "all-bf16-residual": dict(ALL, residual_dtype="bf16"),
     # the cross-entropy's gradient written out as one pass over the logits (cs336_basics/onepass_ce.py)
-    "onepass": dict(loss_impl="onepass", compile_loss=True, adamw_impl="fused", prefetch=True),
-    "onepass-bf16-residual": dict(loss_impl="onepass", compile_loss=True, adamw_impl="fused", prefetch=True,
-                                  residual_dtype="bf16"),
+    "onepass": dict(FULL_LOSS, loss_impl="onepass"),
+    "onepass-bf16-residual": ONEPASS_BF16,
     # the attention at context 512 (cuDNN's by default: 6.6 ms of kernels a step) through other backends
-    "onepass-bf16-residual-flash": dict(loss_impl="onepass", compile_loss=True, adamw_impl="fused", prefetch=True,
-                                        residual_dtype="bf16", attention_backend="sdpa-flash"),
-    "onepass-bf16-residual-fa2": dict(loss_impl="onepass", compile_loss=True, adamw_impl="fused", prefetch=True,
-                                      residual_dtype="bf16", attention_backend="cs336-fa2"),
+    "onepass-bf16-residual-flash": dict(ONEPASS_BF16, attention_backend="sdpa-flash"),
+    "onepass-bf16-residual-fa2": dict(ONEPASS_BF16, attention_backend="cs336-fa2"),
     # twice the tokens a step (a different optimisation: the loss curve is not the preset's)
-    "onepass-bf16-residual-b128": dict(loss_impl="onepass", compile_loss=True, adamw_impl="fused", prefetch=True,
-                                       residual_dtype="bf16", batch_size=128),
+    "onepass-bf16-residual-b128": dict(ONEPASS_BF16, batch_size=128),
     "hf-llama": {},  # transformers' LlamaForCausalLM, compiled, our loss and AdamW (train_step.py's setup)
     # the trainer's data-parallel wrappers in a one-process group (world size 1): their cost against "baseline"
     "ddp": dict(parallel="ddp"),
