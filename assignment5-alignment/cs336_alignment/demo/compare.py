@@ -171,12 +171,8 @@ def markdown(comparison: dict[str, Any]) -> str:
         if not d:
             continue
 
-        def mean(key: str, rows: list[dict[str, Any]] = d) -> float | None:
-            values = [r[key] for r in rows if r.get(key) is not None]
-            return sum(values) / len(values) if values else None
-
-        def num(key: str, spec: str) -> str:
-            value = mean(key)
+        def num(key: str, spec: str, rows: list[dict[str, Any]] = d) -> str:
+            value = _mean_of(rows, key)
             return "–" if value is None else format(value, spec)
 
         lines.append(f"| {LABELS.get(method, method)} | {num('trained_reward_first', '.3f')} → "
@@ -206,15 +202,19 @@ def markdown(comparison: dict[str, Any]) -> str:
     return "\n".join([*lines, *notes, ""])
 
 
+def _mean_of(rows: list[dict[str, Any]], key: str) -> float | None:
+    """The mean of `key` over the rows that have it, None when none does."""
+    values = [r[key] for r in rows if r.get(key) is not None]
+    return sum(values) / len(values) if values else None
+
+
 def _fit_note(rm: list[dict[str, Any]]) -> str:
     """Training-batch against held-out accuracy: a reward model that learned its pairs but not the task is the
     one PPO can exploit."""
-    train = [r["train_accuracy_last"] for r in rm if r.get("train_accuracy_last") is not None]
-    held = [r["heldout_accuracy"] for r in rm if r.get("heldout_accuracy") is not None]
-    if not train or not held:
+    train, held = _mean_of(rm, "train_accuracy_last"), _mean_of(rm, "heldout_accuracy")
+    if train is None or held is None:
         return ""
-    return (f"; pair accuracy on its last training batch {sum(train) / len(train):.2f}, on the held-out pairs "
-            f"{sum(held) / len(held):.2f}")
+    return f"; pair accuracy on its last training batch {train:.2f}, on the held-out pairs {held:.2f}"
 
 
 def plot(comparison: dict[str, Any], path: str) -> None:
