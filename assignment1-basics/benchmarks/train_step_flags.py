@@ -36,12 +36,12 @@ from cs336_basics.training.config import config_from_preset
 from cs336_basics.training.distributed import Dist, Launch, wrap_model
 from cs336_basics.training.metrics import peak_flops, training_flops_per_token
 from cs336_basics.training.spike_guard import SpikeGuard
-from cs336_basics.training.trainer import _autocast, _make_step, apply_residual_dtype, build_optimizer
+from cs336_basics.training.trainer import _autocast, _make_step, apply_activation_flags, build_optimizer
 
 # Every variant starts from the flags as they were before issue 25 (the preset now turns some on), so that
 # "baseline" stays the old step and each single-flag variant changes one thing.
 OLD_SETTINGS = dict(loss_impl="full", compile_loss=False, adamw_impl="ours", prefetch=False,
-                    compile_mode="default", residual_dtype="param")
+                    compile_mode="default", residual_dtype="param", attention_layout="bhsd")
 ALL = dict(loss_impl="chunked", compile_loss=True, adamw_impl="fused", prefetch=True)
 FULL_LOSS = dict(ALL, loss_impl="full")  # the flags the preset now carries
 ONEPASS_BF16 = dict(ALL, loss_impl="onepass", residual_dtype="bf16")
@@ -65,6 +65,9 @@ VARIANTS: dict[str, dict] = {
     # the attention at context 512 (cuDNN's by default: 6.6 ms of kernels a step) through other backends
     "onepass-bf16-residual-flash": dict(ONEPASS_BF16, attention_backend="sdpa-flash"),
     "onepass-bf16-residual-fa2": dict(ONEPASS_BF16, attention_backend="cs336-fa2"),
+    # q, k, v and the attention output kept (batch, seq, heads, d) around SDPA: no layout copies
+    "onepass-bf16-residual-bshd": dict(ONEPASS_BF16, attention_layout="bshd"),
+    "bf16-residual-bshd": dict(FULL_LOSS, residual_dtype="bf16", attention_layout="bshd"),
     # twice the tokens a step (a different optimisation: the loss curve is not the preset's)
     "onepass-bf16-residual-b128": dict(ONEPASS_BF16, batch_size=128),
     "hf-llama": {},  # transformers' LlamaForCausalLM, compiled, our loss and AdamW (train_step.py's setup)
@@ -153,7 +156,7 @@ class TrainerStep:
     def __init__(self, config, device, precision):
         torch.manual_seed(config.seed)
         self.model = TransformerLM(config.model_config(), device=device)
-        apply_residual_dtype(self.model, config)
+        apply_activation_flags(self.model, config)
         dist = Dist(Launch(launched=True), config.parallel, device, 600.0)
         if config.parallel != "none":  # a one-process group, as `torchrun --nproc_per_node 1` would give
             for name, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(free_port())), ("RANK", "0"),

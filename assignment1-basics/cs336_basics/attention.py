@@ -106,6 +106,8 @@ class MultiHeadSelfAttention(nn.Module):
         self.rope = rope
         self.use_torch_sdpa = use_torch_sdpa
         self.attention_backend = attention_backend  # a name, not a module: the state dict is unchanged
+        # set by training's --attention-layout bshd (the weights are the same, so not part of the config)
+        self.sequence_major = False
         self.sliding_window = sliding_window
         # Derived from num_heads alone, so a non-persistent buffer: the state dict keeps the course's keys.
         self.register_buffer("alibi_slopes", alibi_slopes(num_heads, device) if alibi else None, persistent=False)
@@ -129,6 +131,10 @@ class MultiHeadSelfAttention(nn.Module):
         """`key_mask` (True = real token) hides left-padding from batched decoding. An `ExternalKVCache` (a
         server's paged pool) takes the new keys/values and, when decoding, computes the attention itself."""
         seq_len = x.shape[-2]
+        plain_causal = self.sliding_window is None and self.alibi_slopes is None
+        if (self.sequence_major and self.use_torch_sdpa and self.attention_backend is None and plain_causal
+                and kv_cache is None and key_mask is None and token_positions is None and x.dim() == 3):
+            return self.output_proj(self._sdpa_sequence_major(x))
         offset = kv_cache.length if kv_cache is not None else 0
         q, k, v = self._project(x, token_positions, offset)
         if isinstance(kv_cache, ExternalKVCache):
@@ -144,7 +150,6 @@ class MultiHeadSelfAttention(nn.Module):
         elif kv_cache is not None:
             k, v = kv_cache.append(k, v)
         gqa = {"enable_gqa": True} if self.grouped else {}
-        plain_causal = self.sliding_window is None and self.alibi_slopes is None
         if self.attention_backend is not None and plain_causal and offset == 0 and key_mask is None:
             out = get_attention_backend(self.attention_backend)(q, k, v, causal=True)
         elif self.use_torch_sdpa and plain_causal and offset == 0 and key_mask is None:
@@ -165,6 +170,21 @@ class MultiHeadSelfAttention(nn.Module):
             else:
                 out = self._attend(q, k, v, mask, bias)
         return self.output_proj(rearrange(out, "... heads seq d -> ... seq (heads d)"))
+
+    def _sdpa_sequence_major(self, x: Float[Tensor, "batch seq d_model"]) -> Float[Tensor, "batch seq d_model"]:
+        """Causal SDPA with q, k, v and the output kept (batch, seq, heads, d) in memory and handed over as
+        transposed views: no layout copy on either side of the kernel, and RoPE a contiguous elementwise pass
+        (--attention-layout bshd; same arithmetic as the heads-major path)."""
+        qkv = x @ torch.cat((self.q_proj.weight, self.k_proj.weight, self.v_proj.weight)).mT
+        heads = qkv.unflatten(-1, (-1, self.d_head))  # (batch, seq, heads + 2 kv_heads, d)
+        qk, v = heads.split((self.num_heads + self.num_kv_heads, self.num_kv_heads), dim=-2)
+        if self.rope is not None:
+            qk = self.rope.rotate_sequence_major(qk)  # q and k rotated in one pass
+        q, k = qk.split((self.num_heads, self.num_kv_heads), dim=-2)
+        gqa = {"enable_gqa": True} if self.grouped else {}
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                             is_causal=True, **gqa)
+        return out.transpose(1, 2).flatten(-2)  # a view when the kernel kept its input's layout
 
     def _project(self, x: Tensor, token_positions: Tensor | None, offset: int) -> tuple[Tensor, Tensor, Tensor]:
         """q (..., heads, seq, d) and k, v (..., kv_heads, seq, d), rotated if RoPE is on."""

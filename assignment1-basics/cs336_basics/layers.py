@@ -128,6 +128,19 @@ class RotaryPositionalEmbedding(nn.Module):
                 if largest >= self.max_seq_len:
                     raise ValueError(f"token position {largest} is beyond max_seq_len={self.max_seq_len}")
             cos, sin = self.cos[token_positions], self.sin[token_positions]  # (..., seq, d_k/2)
+        return self._rotate(x, cos, sin)
+
+    def rotate_sequence_major(self, x: Float[Tensor, "batch seq *heads d_k"]) -> Float[Tensor, "batch seq *heads d_k"]:
+        """Rotates x at positions 0, 1, ... along dim 1, the tables broadcast over the head axes after it:
+        a token's heads next to each other in memory, the layout SDPA's kernels read without a copy."""
+        seq_len = x.shape[1]
+        if seq_len > self.max_seq_len:
+            raise ValueError(f"positions up to {seq_len - 1} exceed max_seq_len={self.max_seq_len}")
+        broadcast = (seq_len, *(1,) * (x.dim() - 3), -1)
+        return self._rotate(x, self.cos[:seq_len].view(broadcast), self.sin[:seq_len].view(broadcast))
+
+    @staticmethod
+    def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         # Float32 inputs rotate in float32; bf16 activations rotate in bf16, as in common LLaMA code.
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)
         pairs = x.unflatten(-1, (-1, 2))

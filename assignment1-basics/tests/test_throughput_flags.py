@@ -516,3 +516,48 @@ def test_benchmark_ddp_and_fsdp_variants_train_like_the_plain_step(tmp_path):
     for variant in ("ddp", "fsdp", "fsdp-blocks", "fsdp-reshard"):
         assert rows[variant]["first_step_loss"] == pytest.approx(base["first_step_loss"], rel=1e-6)
         assert rows[variant]["last_loss"] == pytest.approx(base["last_loss"], rel=1e-4)
+
+
+@pytest.mark.parametrize("num_kv_heads", [4, 2])  # plain multi-head and grouped-query attention
+def test_sequence_major_attention_computes_what_the_heads_major_path_does(num_kv_heads, monkeypatch):
+    """--attention-layout bshd: the logits and every parameter's gradient equal the heads-major path's in
+    float64, and SDPA receives q, k, v whose heads sit next to each other within a token (stride d_head)."""
+    torch.manual_seed(0)
+    config = TransformerConfig(vocab_size=64, context_length=16, d_model=32, num_layers=2, num_heads=4, d_ff=64,
+                               num_kv_heads=num_kv_heads, use_torch_sdpa=True)
+    model = TransformerLM(config).double()
+    x = torch.randint(0, 64, (3, 16))
+
+    def logits_and_grads(sequence_major):
+        for layer in model.layers:
+            layer.attn.sequence_major = sequence_major
+        model.zero_grad()
+        logits = model(x)
+        (logits * torch.linspace(-1, 1, 64, dtype=torch.float64)).sum().backward()  # every logit its own weight
+        return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    head_strides = []
+    sdpa = F.scaled_dot_product_attention
+
+    def recording_sdpa(q, k, v, **kwargs):
+        head_strides.append((q.stride(1), k.stride(1), v.stride(1)))
+        return sdpa(q, k, v, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", recording_sdpa)
+    plain_logits, plain_grads = logits_and_grads(False)
+    assert [q for q, _, _ in head_strides] == [16 * 8] * 2  # heads-major q: a head's 16 tokens × d_head 8 apart
+    head_strides.clear()
+    logits, grads = logits_and_grads(True)
+    assert head_strides == [(8, 8, 8)] * 2
+    torch.testing.assert_close(logits, plain_logits, rtol=1e-12, atol=1e-12)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, plain_grads[name], rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_attention_layout_flag_is_checked_and_keeps_the_loss_curve(data, tmp_path):
+    for bad in (dict(use_torch_sdpa=False), dict(attention="mla"), dict(attention_backend="sdpa-math")):
+        with pytest.raises(UserError, match="attention-layout bshd"):
+            TrainConfig(attention_layout="bshd", **bad)
+    plain = _losses(data, tmp_path / "plain")
+    bshd = _losses(data, tmp_path / "bshd", "--attention-layout", "bshd")
+    np.testing.assert_allclose(bshd, plain, rtol=1e-5)  # fp32: the same arithmetic, other memory strides

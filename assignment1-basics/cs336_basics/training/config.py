@@ -27,7 +27,8 @@ CHOICES = {"norm": ("pre", "post", "none"), "position": ("rope", "none", "alibi"
            "parallel": ("none", "ddp", "fsdp"),
            "fsdp_reshard": ("auto", "always", "never"), "fsdp_units": ("auto", "block", "model"),
            "compile_mode": COMPILE_MODES, "loss_impl": ("full", "chunked", "onepass"),
-           "adamw_impl": ("ours", "fused"), "residual_dtype": ("param", "bf16")}
+           "adamw_impl": ("ours", "fused"), "residual_dtype": ("param", "bf16"),
+           "attention_layout": ("bhsd", "bshd")}
 
 
 @dataclass
@@ -117,6 +118,9 @@ class TrainConfig:
     # bf16 (with bf16 precision): the residual stream and the norms' outputs in bf16 rather than in the fp32 of
     # the master weights, which autocast leaves them in: half the traffic of the step's elementwise kernels
     residual_dtype: Literal["param", "bf16"] = "param"
+    # bshd: q, k, v and the attention output stay (batch, seq, heads, d) in memory around SDPA, so neither
+    # side of the kernel needs a layout copy and RoPE reads contiguously (bhsd: the heads-major copies)
+    attention_layout: Literal["bhsd", "bshd"] = "bhsd"
     seed: int = bounded(0, ge=0, lt=2**63)
     peak_flops: float = bounded(0.0, ge=0)  # accelerator peak FLOP/s for MFU; 0 = look up by device name
     # data parallelism (training/distributed.py): ddp/fsdp run under `torchrun --nproc_per_node N`; batch_size
@@ -166,6 +170,10 @@ class TrainConfig:
                             "--no-compile-loss turns it off)")
         if self.residual_dtype == "bf16" and self.precision in ("fp32", "fp16"):
             raise UserError(f"--residual-dtype bf16 needs bf16 precision, not --precision {self.precision}")
+        if self.attention_layout == "bshd" and (not self.use_torch_sdpa or self.attention_backend is not None
+                                                or self.attention != "mha"):
+            raise UserError("--attention-layout bshd is a layout for torch's SDPA in multi-head attention: it needs "
+                            "--use-torch-sdpa, --attention mha and no --attention-backend")
         if self.adamw_impl != "ours" and self.optimizer != "adamw":
             raise UserError(f"--adamw-impl {self.adamw_impl} applies to --optimizer adamw, not {self.optimizer}")
         if self.attention_backend is not None:
