@@ -66,6 +66,7 @@ VARIANTS: dict[str, dict] = {
     "onepass-bf16-residual-flash": dict(ONEPASS_BF16, attention_backend="sdpa-flash"),
     "onepass-bf16-residual-fa2": dict(ONEPASS_BF16, attention_backend="cs336-fa2"),
     # q, k, v and the attention output kept (batch, seq, heads, d) around SDPA: no layout copies
+    "bshd": dict(FULL_LOSS, attention_layout="bshd"),
     "onepass-bf16-residual-bshd": dict(ONEPASS_BF16, attention_layout="bshd"),
     "bf16-residual-bshd": dict(FULL_LOSS, residual_dtype="bf16", attention_layout="bshd"),
     # twice the tokens a step (a different optimisation: the loss curve is not the preset's)
