@@ -266,51 +266,74 @@ def test_merged_updates_equal_the_sequence_of_updates():
         assert out.delta_token_ids == out.token_ids and out.delta_text == out.text
 
 
-def test_prefill_waits_a_few_decode_steps_while_others_decode():
+def _record_launches(monkeypatch) -> list[str]:
+    """The order in which the engine queues work on the device: "W" a decode window, "P" a prefill pass (with
+    asynchronous scheduling and overlapped prefills, the host's steps no longer show it)."""
+    launches: list[str] = []
+    launch_window, launch_prefill = LLMEngine._launch, LLMEngine._launch_prefill
+
+    def window(engine, batch, after, overlap=True):
+        launches.append("W")
+        return launch_window(engine, batch, after, overlap)
+
+    def prefill(engine, batch, overlap=False):
+        launches.append("P")
+        return launch_prefill(engine, batch, overlap)
+
+    monkeypatch.setattr(LLMEngine, "_launch", window)
+    monkeypatch.setattr(LLMEngine, "_launch_prefill", prefill)
+    return launches
+
+
+SCHEDULES = [dict(async_scheduling=False), dict(async_scheduling=True, overlap_prefill=False),
+             dict(async_scheduling=True, overlap_prefill=True)]
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES, ids=["sync", "async", "async+overlap"])
+def test_prefill_waits_a_few_decode_steps_while_others_decode(schedule, monkeypatch):
     """With prefill_delay_steps=3, a prompt arriving while another sequence decodes is prefilled after three
-    decode steps (not dropped, not starved), and both outputs are what each prompt gives alone."""
+    decode steps on the device (not dropped, not starved), and both outputs are what each prompt gives alone."""
     served = tiny_served_model()
     first, second = random_prompts(11, (5, 7))
     params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
-    engine = _engine(served, prefill_delay_steps=3, decode_steps=1)
+    engine = _engine(served, prefill_delay_steps=3, decode_steps=1, **schedule)
     engine.add_request("a", first, params)
     assert engine.scheduler.schedule().kind == "prefill"  # nothing is decoding: the first prompt goes in at once
-    engine = _engine(served, prefill_delay_steps=3, decode_steps=1)
+    engine = _engine(served, prefill_delay_steps=3, decode_steps=1, **schedule)
     engine.add_request("a", first, params)
     engine.step()
     engine.add_request("b", second, params)
+    launches = _record_launches(monkeypatch)
     finals = {}
-    order = []
     while engine.has_unfinished():
-        waiting = bool(engine.scheduler.waiting)
         for out in engine.step():
             if out.finished:
                 finals[out.request_id] = out.outputs[0].token_ids
-        order.append(waiting and not engine.scheduler.waiting)  # True on the step that admitted "b"
-    assert order.index(True) == 3  # three decode steps, then the prefill
+    assert "".join(launches).startswith("WWWP")  # three decode steps, then the prefill
+    assert launches.count("P") == 1
     assert finals["a"] == generate(served.model, [first], 10, temperature=0)[0]
     assert finals["b"] == generate(served.model, [second], 10, temperature=0)[0]
 
 
-def test_a_burst_of_prompts_alternates_with_decode_steps():
+@pytest.mark.parametrize("schedule", SCHEDULES, ids=["sync", "async", "async+overlap"])
+def test_a_burst_of_prompts_alternates_with_decode_steps(schedule, monkeypatch):
     """Twenty prompts arriving while one sequence decodes are admitted in prefills that never follow each other
-    directly (each stall of the decoding stream is one prefill long), and nothing is dropped."""
+    directly on the device (each stall of the decoding stream is one prefill long), and nothing is dropped."""
     served = tiny_served_model()
-    engine = _engine(served, max_num_batched_tokens=64, decode_steps=2)
+    engine = _engine(served, max_num_batched_tokens=64, decode_steps=2, **schedule)
     engine.add_request("first", random_prompts(14, (5,))[0],
                        SamplingParams(max_tokens=40, temperature=0, ignore_eos=True))
     engine.step()
     for i, prompt in enumerate(random_prompts(15, [20] * 20)):
         engine.add_request(f"r{i}", prompt, SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))
-    kinds, finished = [], set()
+    launches = _record_launches(monkeypatch)
+    finished = set()
     while engine.has_unfinished():
-        waiting_before = len(engine.scheduler.waiting)
         for out in engine.step():
             if out.finished:
                 finished.add(out.request_id)
-        kinds.append("prefill" if len(engine.scheduler.waiting) < waiting_before else "decode")
-    assert kinds.count("prefill") >= 7  # 64 padded tokens per prefill: at most 3 prompts of 20 at a time
-    assert "prefill,prefill" not in ",".join(kinds)
+    assert launches.count("P") >= 7  # 64 padded tokens per prefill: at most 3 prompts of 20 at a time
+    assert "PP" not in "".join(launches)
     assert finished == {"first"} | {f"r{i}" for i in range(20)}
 
 

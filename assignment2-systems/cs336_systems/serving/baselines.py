@@ -239,7 +239,7 @@ def run_engine_offline(engine: Any, workload: Sequence[RequestSpec], concurrency
         "kv_blocks_high_water": engine.blocks.high_water,
         "decode_steps": engine.config.decode_steps,
         "async_scheduling": engine.config.async_scheduling,
-        "overlap_prefill": engine.config.overlap_prefill,
+        "overlap_prefill": engine.overlap_prefill,
         "compile_prefill": engine.runner.prefill_forward is not None and engine.runner.prefill_forward.compiled,
         "compile_decode": engine.runner.decode_forward is not None,
         # where the time went: passes, seconds and rows (prompt tokens; sequences x decode steps) per step kind

@@ -20,9 +20,10 @@ def add_speed_arguments(group: Any) -> None:
     group.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True,
                        help="launch the next decode window before the host processes the current one, so host "
                             "work overlaps the GPU's (a stopped sequence runs one discarded window; default on)")
-    group.add_argument("--overlap-prefill", action=argparse.BooleanOptionalAction, default=False,
+    group.add_argument("--overlap-prefill", action=argparse.BooleanOptionalAction, default=None,
                        help="with asynchronous scheduling: queue a due prefill behind the decode window in flight, "
-                            "so its host work overlaps the window's GPU time (same outputs; default off)")
+                            "so its host work overlaps the window's GPU time (same outputs; default: on with "
+                            "asynchronous scheduling)")
     group.add_argument("--compile-decode", action=argparse.BooleanOptionalAction, default=None,
                        help="the decode step as one torch.compile graph (compiled at start-up; fewer, fused kernels; "
                             "default: on with CUDA, off on CPU)")
