@@ -97,6 +97,34 @@ def test_rope_matches_complex_rotation_with_arbitrary_positions():
         rope(x, torch.full((3, 10), 64))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_pair_swap_form_is_the_textbook_rotation_bit_for_bit(dtype):
+    """The implementation's x·cos + swap(x)·(−sin, sin) against (even·cos − odd·sin, even·sin + odd·cos) written
+    out pair by pair: the same products and sums, so equal exactly in float32 and bf16; gradients vs float64."""
+    rope = RotaryPositionalEmbedding(theta=10_000.0, d_k=16, max_seq_len=64)
+    x = torch.randn(2, 3, 20, 16).to(dtype)
+    cos, sin = rope.cos[:20].to(dtype), rope.sin[:20].to(dtype)
+    even, odd = x[..., 0::2], x[..., 1::2]
+    textbook = torch.empty_like(x)
+    textbook[..., 0::2], textbook[..., 1::2] = even * cos - odd * sin, even * sin + odd * cos
+    assert torch.equal(rope(x), textbook)
+    x64 = x.double().requires_grad_(True)
+    weights = torch.randn(x.shape, dtype=torch.float64)
+    (rope(x64) * weights).sum().backward()
+    reference = x.double().requires_grad_(True)
+    (_rope_reference(reference, torch.arange(20).expand(2, 3, 20), 10_000.0) * weights).sum().backward()
+    torch.testing.assert_close(x64.grad, reference.grad, rtol=1e-5, atol=1e-5)  # the tables are float32
+
+
+def test_rope_sequence_major_equals_the_heads_major_rotation():
+    """`rotate_sequence_major` on (batch, seq, heads, d) is `forward` on the (batch, heads, seq, d) transpose."""
+    rope = RotaryPositionalEmbedding(theta=10_000.0, d_k=8, max_seq_len=32)
+    x = torch.randn(2, 12, 5, 8)
+    assert torch.equal(rope.rotate_sequence_major(x), rope(x.transpose(1, 2)).transpose(1, 2))
+    with pytest.raises(ValueError, match="max_seq_len"):
+        rope.rotate_sequence_major(torch.randn(1, 33, 2, 8))
+
+
 def test_rope_preserves_norms_and_relative_positions():
     rope = RotaryPositionalEmbedding(theta=500.0, d_k=8, max_seq_len=100)
     q, k = torch.randn(8), torch.randn(8)

@@ -497,6 +497,18 @@ def test_benchmark_script_smoke_on_cpu(tmp_path):
     assert categories["matmul"] > 0 and "idle_gap" in categories
 
 
+def test_rope_benchmark_smoke_on_cpu(tmp_path):
+    """The RoPE micro-benchmark runs both forms (it checks them equal before timing) and writes its rows."""
+    out = tmp_path / "rope.json"
+    env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "rope_kernels.py"), "--device", "cpu", "--batch-size",
+                    "2", "--seq-len", "16", "--num-heads", "2", "--head-dim", "8", "--iters", "2", "--out", str(out)],
+                   check=True, env=env, timeout=300, capture_output=True)
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["form"] for r in rows] == ["textbook stack", "pair swap (ours)"]
+    assert all(r["ms_per_layer"] > 0 for r in rows)
+
+
 def test_benchmark_ddp_and_fsdp_variants_train_like_the_plain_step(tmp_path):
     """The script's ddp/fsdp variants (a one-process gloo group on the CPU) start from the same weights and batch
     as the plain step, so their losses must agree with it; --set reaches every variant's model."""
