@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from cs336_basics import chunked_ce, onepass_ce
+from cs336_basics.attention import MultiHeadSelfAttention
 from cs336_basics.chunked_ce import chunk_loss_and_grad, chunked_linear_cross_entropy
 from cs336_basics.cli import main
 from cs336_basics.cli_support import UserError
@@ -556,11 +557,15 @@ def test_sequence_major_attention_computes_what_the_heads_major_path_does(num_kv
         return sdpa(q, k, v, **kwargs)
 
     monkeypatch.setattr(F, "scaled_dot_product_attention", recording_sdpa)
+    sequence_major_calls = []
+    path = MultiHeadSelfAttention._sdpa_sequence_major
+    monkeypatch.setattr(MultiHeadSelfAttention, "_sdpa_sequence_major",
+                        lambda self, x: sequence_major_calls.append(1) or path(self, x))
     plain_logits, plain_grads = logits_and_grads(False)
-    assert [q for q, _, _ in head_strides] == [16 * 8] * 2  # heads-major q: a head's 16 tokens × d_head 8 apart
+    assert len(head_strides) == 2 and not sequence_major_calls
     head_strides.clear()
     logits, grads = logits_and_grads(True)
-    assert head_strides == [(8, 8, 8)] * 2
+    assert head_strides == [(8, 8, 8)] * 2 and len(sequence_major_calls) == 2  # heads d_head = 8 apart
     torch.testing.assert_close(logits, plain_logits, rtol=1e-12, atol=1e-12)
     for name, grad in grads.items():
         torch.testing.assert_close(grad, plain_grads[name], rtol=1e-10, atol=1e-12, msg=name)
