@@ -10,6 +10,7 @@ import argparse
 import importlib.util
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -292,6 +293,10 @@ def test_tiny_benchmark_end_to_end(tmp_path):
                 assert r["prompt_tokens"] == len(s.prompt_token_ids) and r["finish_reason"] == "length"
                 assert 0 < r["ttft_ms"] <= r["latency_ms"]
             assert 0 <= p["event_loop_lag_max_ms"] < 10_000  # read from our server's /metrics after the level
+            # each process's busy cores over the level: the engine and the client worked, none beyond the machine
+            cores = p["cpu_cores"]
+            assert set(cores) == {"http_process", "engine_process", "load_generator"}
+            assert all(0 < busy <= os.cpu_count() + 0.5 for busy in cores.values()), cores
             kv = p["kv_blocks"]
             assert kv["method"] == "high_water" and 0 < kv["peak"] <= kv["total"]
             assert kv["block_bytes"] == kv["block_size"] * bpt
@@ -299,6 +304,30 @@ def test_tiny_benchmark_end_to_end(tmp_path):
             # every sequence of the level fits in its blocks: the peak holds at least the largest one
             largest = max(len(s.prompt_token_ids) + s.max_tokens for s in specs)
             assert kv["peak"] >= math.ceil((largest - 1) / kv["block_size"])
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="reads Linux's /proc")
+def test_process_cpu_seconds_reads_what_the_process_itself_counts():
+    """Another process's CPU time from /proc against that process's own `time.process_time()`: a child spins
+    for 0.4 s of CPU, reports its count, then waits (so it is still there to be read)."""
+    import subprocess
+    import sys
+
+    from cs336_systems.serving.bench_cli import process_cpu_seconds
+
+    child = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time\n"
+        "while time.process_time() < 0.4: pass\n"
+        "print(time.process_time(), flush=True)\n"
+        "sys.stdin.read()\n")], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        own = float(child.stdout.readline())
+        seen = process_cpu_seconds(child.pid)
+    finally:
+        child.communicate("", timeout=30)
+    assert own >= 0.4 and seen is not None
+    assert abs(seen - own) <= 0.05  # /proc counts in clock ticks (10 ms), plus the interpreter's exit-free tail
+    assert process_cpu_seconds(2**22 + 12345) is None  # no such process
 
 
 def test_load_split_over_worker_processes_keeps_every_request_in_order(tiny_llama):

@@ -15,6 +15,7 @@ import datetime
 import gc
 import json
 import math
+import os
 import platform
 import tempfile
 import threading
@@ -140,6 +141,38 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def process_cpu_seconds(pid: int | None = None) -> float | None:
+    """User + system CPU seconds of a process, all its threads (this one when `pid` is None); None where Linux's
+    /proc is not there to read another's."""
+    if pid is None:
+        return time.process_time()
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _server_cpu_seconds(engine: Any) -> dict[str, float | None]:
+    """This process (the HTTP server's loop and the engine client's reader thread) and, when the engine runs in
+    a process here, that process."""
+    pid = getattr(engine, "pid", None)
+    return {"http_process": process_cpu_seconds(), "engine_process": process_cpu_seconds(pid) if pid else None}
+
+
+def _cores_busy(before: dict[str, float | None], after: dict[str, float | None],
+                summary: dict[str, Any]) -> dict[str, float | None]:
+    """CPU cores each process kept busy over the point's load (1.0: one core throughout): one near 1.0 in a
+    Python process is the interpreter lock's ceiling, whatever the GPU could do."""
+    duration = summary["duration_s"]
+    busy: dict[str, float | None] = {
+        role: (after[role] - before[role]) / duration if before[role] is not None and after[role] is not None
+        and duration > 0 else None for role in before}
+    busy["load_generator"] = summary.get("client_cpu_cores")
+    return busy
 
 
 @contextlib.contextmanager
@@ -269,7 +302,10 @@ def benchmark_model(
                 points.append(_skipped("server", c, len(wl), "skipped: time budget"))
                 continue
             _reset_high_water(engine)
+            before = _server_cpu_seconds(engine) if engine is not None else None  # ours, in this process
             summary = run_load_in_subprocess(server_url, wl, c, timeout_s=timeout_s).summary()
+            if before is not None:
+                summary["cpu_cores"] = _cores_busy(before, _server_cpu_seconds(engine), summary)
             _server_point(summary, c, engine)
 
     def _server_point(summary: dict[str, Any], c: int, engine: Any) -> None:
@@ -285,9 +321,12 @@ def benchmark_model(
         summary["status"] = "ok" if summary["errors"] < summary["num_requests"] else _first(summary)
         points.append(summary)
         lag = summary.get("event_loop_lag_max_ms")
+        cores = ", ".join(f"{role} {busy:.2f}" for role, busy in (summary.get("cpu_cores") or {}).items()
+                          if busy is not None)
         log(f"[{name}] server c={c}: {summary['output_tokens_per_s']:.0f} tok/s, ITL p99 "
             f"{summary['itl_ms']['p99']:.2f} ms, {summary['errors']} errors"
-            + (f", event loop lag max {lag:.1f} ms" if lag is not None else ""))
+            + (f", event loop lag max {lag:.1f} ms" if lag is not None else "")
+            + (f"; CPU cores busy: {cores}" if cores else ""))
         if kv.get("block_size"):
             info["block_size"] = int(kv["block_size"])
 

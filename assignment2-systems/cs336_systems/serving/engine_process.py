@@ -178,6 +178,11 @@ class ProcessEngine:
             self._reader.join(timeout=5)
 
     # -- the interface ----------------------------------------------------------------------------------------
+    @property
+    def pid(self) -> int | None:
+        """The engine process's id (None before `start`), e.g. for its CPU time."""
+        return None if self._process is None else self._process.pid
+
     def stats(self) -> EngineStats:
         if self._stats is None:
             raise EngineDead("the engine has not started")

@@ -269,6 +269,7 @@ class LoadResult:
     metrics_before: dict[str, float]
     metrics_after: dict[str, float]
     blocks_used_sampled_max: float | None
+    client_cpu_s: float | None = None  # CPU seconds the load generator's processes spent while loading
 
     @property
     def ok(self) -> list[RequestResult]:
@@ -290,6 +291,8 @@ class LoadResult:
             "requested_output_tokens": sum(r.max_tokens for r in self.requests),
             "prompt_tokens": sum(r.prompt_tokens for r in self.requests),
             "output_tokens_per_s": out_tokens / self.duration_s if self.duration_s > 0 else math.nan,
+            "client_cpu_cores": (self.client_cpu_s / self.duration_s
+                                 if self.client_cpu_s is not None and self.duration_s > 0 else None),
             "tokens_merged_into_earlier_chunks": sum(r.chunk_tokens - r.chunks for r in ok),
             "ttft_ms": latency_summary([r.ttft_s for r in ok if not math.isnan(r.ttft_s)]),
             "itl_ms": latency_summary(itl),
@@ -465,8 +468,10 @@ def run_load_in_subprocess(url: str, workload: Sequence[RequestSpec], concurrenc
     last = max(d["started_at"] + d["duration_s"] for d in results)
     latest = max(results, key=lambda d: d["started_at"] + d["duration_s"])
     sampled = [d["blocks_used_sampled_max"] for d in results if d["blocks_used_sampled_max"] is not None]
+    cpu = [d.get("client_cpu_s") for d in results]
     return LoadResult(concurrency, len(workload), last - first, order, results[0]["metrics_before"],
-                      latest["metrics_after"], max(sampled) if sampled else None)
+                      latest["metrics_after"], max(sampled) if sampled else None,
+                      None if None in cpu else sum(cpu))
 
 
 def _main(argv: list[str]) -> int:
@@ -481,9 +486,10 @@ def _main(argv: list[str]) -> int:
     workload = [RequestSpec(list(p), int(n)) for p, n in job["workload"]]
     if job.get("start_at"):
         time.sleep(max(0.0, job["start_at"] - time.time()))  # every worker fires at the same instant
-    started_at = time.time()
+    started_at, cpu_before = time.time(), time.process_time()
     result = run_load(job["url"], workload, int(job["concurrency"]), timeout_s=float(job["timeout_s"]),
                       model=job.get("model"))
+    result.client_cpu_s = time.process_time() - cpu_before  # this process's threads, start-up excluded
     with open(out_path, "w") as f:
         json.dump({**dataclasses.asdict(result), "started_at": started_at}, f)
     return 0
