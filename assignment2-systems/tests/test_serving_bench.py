@@ -344,6 +344,7 @@ def test_load_split_over_worker_processes_keeps_every_request_in_order(tiny_llam
            [(len(w.prompt_token_ids), w.max_tokens) for w in wl]
     assert [r.output_tokens for r in result.requests] == [w.max_tokens for w in wl]
     assert result.duration_s >= max(r.latency_s for r in result.requests) > 0
+    assert result.client_workers == 2 and result.client_cpu_s > 0  # both workers' own CPU counts, summed
 
 
 def test_gpu_profile_script_runs_on_cpu_and_the_compiled_steps_dispatch_fewer_calls(tmp_path):

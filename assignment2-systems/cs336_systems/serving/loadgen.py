@@ -269,7 +269,8 @@ class LoadResult:
     metrics_before: dict[str, float]
     metrics_after: dict[str, float]
     blocks_used_sampled_max: float | None
-    client_cpu_s: float | None = None  # CPU seconds the load generator's processes spent while loading
+    client_cpu_s: float | None = None  # CPU seconds the load generator's processes spent in their timed windows
+    client_workers: int = 1  # its processes
 
     @property
     def ok(self) -> list[RequestResult]:
@@ -293,6 +294,7 @@ class LoadResult:
             "output_tokens_per_s": out_tokens / self.duration_s if self.duration_s > 0 else math.nan,
             "client_cpu_cores": (self.client_cpu_s / self.duration_s
                                  if self.client_cpu_s is not None and self.duration_s > 0 else None),
+            "client_workers": self.client_workers,
             "tokens_merged_into_earlier_chunks": sum(r.chunk_tokens - r.chunks for r in ok),
             "ttft_ms": latency_summary([r.ttft_s for r in ok if not math.isnan(r.ttft_s)]),
             "itl_ms": latency_summary(itl),
@@ -387,13 +389,14 @@ async def run_load_async(
 
         stop, seen = asyncio.Event(), []
         poller = asyncio.create_task(_poll_blocks(client, stop, poll_interval_s, seen))
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         results = await asyncio.gather(*(bounded(spec) for spec in workload))
-        duration = time.perf_counter() - start
+        duration, cpu = time.perf_counter() - start, time.process_time() - cpu_start  # this window only
         stop.set()
         await poller
         after = await read_metrics(client)
-    return LoadResult(concurrency, len(workload), duration, list(results), before, after, max(seen) if seen else None)
+    return LoadResult(concurrency, len(workload), duration, list(results), before, after, max(seen) if seen else None,
+                      cpu)
 
 
 def run_load(url: str, workload: Sequence[RequestSpec], concurrency: int, **kwargs: Any) -> LoadResult:
@@ -404,9 +407,11 @@ def run_load(url: str, workload: Sequence[RequestSpec], concurrency: int, **kwar
 
 # ------------------------------------------------------------------------------------- in a process of its own
 def default_workers(concurrency: int) -> int:
-    """Client processes for a concurrency: one Python process parses about 20-30k chunks/s, which a fast
-    server can exceed at high concurrency; the client must not be what the benchmark measures."""
-    return max(1, min(4, concurrency // 32))
+    """Client processes for a concurrency, one per 16 streams (at most 8): the client must not be what the
+    benchmark measures. Each streamed chunk costs a client process ~250 µs of CPU on the developer machine
+    (httpx's line iterator, `json.loads`, the bookkeeping; `client_cpu_cores` in every server point), i.e. ~4k
+    chunks/s per process, while a fast server sends ~8k a second at 64 streams (the 17M model on an H100)."""
+    return max(1, min(8, concurrency // 16))
 
 
 def run_load_in_subprocess(url: str, workload: Sequence[RequestSpec], concurrency: int, *, timeout_s: float = 600.0,
@@ -471,7 +476,7 @@ def run_load_in_subprocess(url: str, workload: Sequence[RequestSpec], concurrenc
     cpu = [d.get("client_cpu_s") for d in results]
     return LoadResult(concurrency, len(workload), last - first, order, results[0]["metrics_before"],
                       latest["metrics_after"], max(sampled) if sampled else None,
-                      None if None in cpu else sum(cpu))
+                      None if None in cpu else sum(cpu), workers)
 
 
 def _main(argv: list[str]) -> int:
@@ -486,10 +491,9 @@ def _main(argv: list[str]) -> int:
     workload = [RequestSpec(list(p), int(n)) for p, n in job["workload"]]
     if job.get("start_at"):
         time.sleep(max(0.0, job["start_at"] - time.time()))  # every worker fires at the same instant
-    started_at, cpu_before = time.time(), time.process_time()
+    started_at = time.time()
     result = run_load(job["url"], workload, int(job["concurrency"]), timeout_s=float(job["timeout_s"]),
                       model=job.get("model"))
-    result.client_cpu_s = time.process_time() - cpu_before  # this process's threads, start-up excluded
     with open(out_path, "w") as f:
         json.dump({**dataclasses.asdict(result), "started_at": started_at}, f)
     return 0
