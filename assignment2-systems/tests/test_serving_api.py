@@ -510,6 +510,9 @@ def test_metrics_parse_as_prometheus_text_and_health_works(live, engine):
     assert 0 < m[p + "kv_blocks_high_water"] <= m[p + "kv_blocks_total"]
     assert m[p + "kv_block_size"] == CONFIG["block_size"]
     assert 0 <= m[p + "event_loop_lag_seconds"] < 10  # the heartbeat started with the first request
+    with httpx.Client(base_url=live.url, timeout=60) as http:
+        stalls = http.get("/debug/loop_stalls", params={"since": time.monotonic() + 3600}).json()
+    assert stalls == {"threshold_ms": 50.0, "samples": 0, "stacks": []}  # nothing after a future instant
 
 
 def test_loop_lag_monitor_sees_a_blocked_loop_and_forgets_it_after_its_window():
@@ -533,6 +536,35 @@ def test_loop_lag_monitor_sees_a_blocked_loop_and_forgets_it_after_its_window():
     idle, overdue, late, forgotten = asyncio.run(main())
     assert overdue >= 0.25 and 0.25 <= late < 1.0
     assert idle < 0.25 and forgotten < 0.25  # a loaded 2-core machine still beats within a quarter second
+
+
+def _hold_the_loop(seconds: float) -> None:
+    time.sleep(seconds)  # a blocking call inside a coroutine, as a slow handler would make
+
+
+def test_stall_sampler_names_the_function_that_held_the_loop_once_per_stall():
+    """Two 0.3 s blocks of the loop by one function, called from two lines: two samples (one per late beat, not
+    one per poll), two stacks, each with that function innermost; a `since` between them keeps the second."""
+    from cs336_systems.serving.api import LoopLagMonitor
+
+    async def main():
+        monitor = LoopLagMonitor(interval_s=0.01)
+        monitor.ensure_started()
+        await asyncio.sleep(0.05)
+        _hold_the_loop(0.3)
+        await asyncio.sleep(0.05)
+        between = time.monotonic()
+        _hold_the_loop(0.3)
+        await asyncio.sleep(0.05)
+        return monitor.stalls.report(), monitor.stalls.report(since=between)
+
+    everything, second = asyncio.run(main())
+    assert everything["samples"] == 2 and second["samples"] == 1
+    assert [g["count"] for g in everything["stacks"]] == [1, 1]
+    for group in everything["stacks"]:
+        assert group["stack"][-1].endswith("_hold_the_loop") and "main" in group["stack"][-2]
+        assert 50 <= group["max_overdue_ms"] <= 400
+    assert second["stacks"][0] in everything["stacks"]
 
 
 # --------------------------------------------------------------------------------------------- chat.py alone

@@ -297,6 +297,8 @@ def test_tiny_benchmark_end_to_end(tmp_path):
             cores = p["cpu_cores"]
             assert set(cores) == {"http_process", "engine_process", "load_generator"}
             assert all(0 < busy <= os.cpu_count() + 0.5 for busy in cores.values()), cores
+            stalls = p["loop_stalls"]  # read from our server's /debug/loop_stalls for this level
+            assert stalls["samples"] == sum(g["count"] for g in stalls["stacks"]) or len(stalls["stacks"]) == 5
             kv = p["kv_blocks"]
             assert kv["method"] == "high_water" and 0 < kv["peak"] <= kv["total"]
             assert kv["block_bytes"] == kv["block_size"] * bpt

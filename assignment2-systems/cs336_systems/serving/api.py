@@ -29,7 +29,6 @@ import hmac
 import json
 import logging
 import time
-from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 from typing import Any, TypeVar
@@ -41,6 +40,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from cs336_systems.serving.engine import EngineDead
+from cs336_systems.serving.loop_lag import LoopLagMonitor
 from cs336_systems.serving.params import RequestOutput, SamplingParams
 from cs336_systems.serving.protocol import (
     AssistantMessage,
@@ -222,51 +222,6 @@ async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
 
 
 # ------------------------------------------------------------------------------------------------- the app
-class LoopLagMonitor:
-    """How late a 10 ms heartbeat on the server's event loop runs: the time any ready callback (a chunk to
-    write, a request to parse) may wait for the loop. `max_recent()` is the largest lag of the last
-    `window_s` seconds. A chain of `call_at` timers, not a task, so a closing loop just drops it."""
-
-    def __init__(self, interval_s: float = 0.01, window_s: float = 10.0):
-        self.interval_s, self.window_s = interval_s, window_s
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._due = 0.0
-        self._maxima: deque[tuple[float, float]] = deque()  # (time, lag), lags decreasing: a sliding-window max
-
-    def ensure_started(self) -> None:
-        """Starts the heartbeat on the running loop (the first request does: uvicorn may run without lifespan)."""
-        if self._loop is None:
-            self._loop = asyncio.get_running_loop()
-            self._schedule()
-
-    def _schedule(self) -> None:
-        self._due = self._loop.time() + self.interval_s
-        self._loop.call_at(self._due, self._beat)
-
-    def _beat(self) -> None:
-        now = self._loop.time()
-        self.record(now, max(0.0, now - self._due))
-        self._schedule()
-
-    def record(self, now: float, lag: float) -> None:
-        while self._maxima and self._maxima[-1][1] <= lag:
-            self._maxima.pop()
-        self._maxima.append((now, lag))
-        while self._maxima[0][0] < now - self.window_s:
-            self._maxima.popleft()
-
-    def max_recent(self) -> float | None:
-        """The largest lag of the last `window_s` seconds, counting a beat that is overdue now; None before the
-        heartbeat started."""
-        if self._loop is None:
-            return None
-        now = self._loop.time()
-        while self._maxima and self._maxima[0][0] < now - self.window_s:
-            self._maxima.popleft()
-        overdue = max(0.0, now - self._due)
-        return max(overdue, self._maxima[0][1]) if self._maxima else overdue
-
-
 class _Server:
     def __init__(self, engine: Any, api_key: str | None, max_body_bytes: int, model_name: str | None):
         self.engine = engine
@@ -450,6 +405,14 @@ def build_app(engine: Any, *, api_key: str | None = None, max_body_bytes: int = 
     @app.get("/metrics")
     async def metrics() -> PlainTextResponse:
         return PlainTextResponse(server.metrics_text(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/debug/loop_stalls")
+    async def loop_stalls(request: Request, since: float | None = None) -> JSONResponse:
+        """Where the event loop was when its heartbeat ran ≥ 50 ms late: stacks by frequency; `since`: only
+        samples after that time.monotonic() (this process's clock: the benchmark's in-process server)."""
+        server.authorize(request)
+        server.loop_lag.ensure_started()
+        return JSONResponse(server.loop_lag.stalls.report(since))
 
     def card() -> ModelCard:
         return ModelCard(id=server.model_name, created=server.created, max_model_len=server.context_length)

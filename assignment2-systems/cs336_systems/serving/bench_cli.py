@@ -156,6 +156,18 @@ def process_cpu_seconds(pid: int | None = None) -> float | None:
         return None
 
 
+def _loop_stalls(server_url: str, since: float) -> dict[str, Any] | None:
+    """Our in-process server's loop-stall samples since `since` (this process's monotonic clock)."""
+    import httpx
+
+    try:
+        response = httpx.get(f"{server_url}/debug/loop_stalls", params={"since": since}, timeout=30,
+                             trust_env=False)
+        return response.json() if response.status_code == 200 else None
+    except httpx.HTTPError:
+        return None
+
+
 def _server_cpu_seconds(engine: Any) -> dict[str, float | None]:
     """This process (the HTTP server's loop and the engine client's reader thread) and, when the engine runs in
     a process here, that process."""
@@ -303,9 +315,11 @@ def benchmark_model(
                 continue
             _reset_high_water(engine)
             before = _server_cpu_seconds(engine) if engine is not None else None  # ours, in this process
+            started = time.monotonic()
             summary = run_load_in_subprocess(server_url, wl, c, timeout_s=timeout_s).summary()
             if before is not None:
                 summary["cpu_cores"] = _cores_busy(before, _server_cpu_seconds(engine), summary)
+                summary["loop_stalls"] = _loop_stalls(server_url, started)
             _server_point(summary, c, engine)
 
     def _server_point(summary: dict[str, Any], c: int, engine: Any) -> None:
@@ -323,10 +337,13 @@ def benchmark_model(
         lag = summary.get("event_loop_lag_max_ms")
         cores = ", ".join(f"{role} {busy:.2f}" for role, busy in (summary.get("cpu_cores") or {}).items()
                           if busy is not None)
+        stalls = summary.get("loop_stalls") or {}
+        top = (stalls.get("stacks") or [{}])[0].get("stack")
         log(f"[{name}] server c={c}: {summary['output_tokens_per_s']:.0f} tok/s, ITL p99 "
             f"{summary['itl_ms']['p99']:.2f} ms, {summary['errors']} errors"
             + (f", event loop lag max {lag:.1f} ms" if lag is not None else "")
-            + (f"; CPU cores busy: {cores}" if cores else ""))
+            + (f"; CPU cores busy: {cores}" if cores else "")
+            + (f"; {stalls['samples']} loop stalls, most often at {' < '.join(reversed(top[-3:]))}" if top else ""))
         if kv.get("block_size"):
             info["block_size"] = int(kv["block_size"])
 
