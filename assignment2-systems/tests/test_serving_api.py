@@ -538,6 +538,44 @@ def test_loop_lag_monitor_sees_a_blocked_loop_and_forgets_it_after_its_window():
     assert idle < 0.25 and forgotten < 0.25  # a loaded 2-core machine still beats within a quarter second
 
 
+# (sample index, new text, finish reason) per engine step, and the writes expected: one string per write
+ONE_SAMPLE = [[(0, "a", None)], [(0, "b", None)], [(0, "d", "length")]]
+TWO_SAMPLES = [[(0, "a", None), (1, "a", None)], [(0, "b", None), (1, "c", "length")], [(0, "d", "length")]]
+
+
+@pytest.mark.parametrize("steps, writes", [
+    (ONE_SAMPLE, ["0:a:None", "0:b:None", "0:d:length|usage 3|[DONE]"]),
+    (TWO_SAMPLES, ["0:a:None", "1:a:None", "0:b:None", "1:c:length", "0:d:length|usage 5|[DONE]"]),
+])
+def test_a_streams_last_chunk_usage_and_done_leave_in_one_write(steps, writes):
+    """`_events` yields one string per write: every content chunk on its own (a sample that ends early too),
+    except the stream's last chunk, which shares its write with the usage chunk and `[DONE]`."""
+    from cs336_systems.serving.api import _events
+    from cs336_systems.serving.params import CompletionOutput, RequestOutput
+
+    n = len(steps[0])
+
+    async def stream():
+        texts = [""] * n
+        for step in steps:
+            outputs = []
+            for index, delta, reason in step:
+                texts[index] += delta
+                outputs.append(CompletionOutput(index, texts[index], list(range(len(texts[index]))), delta,
+                                                [len(texts[index]) - 1], reason))
+            yield RequestOutput("r", [1], outputs, finished=step is steps[-1])
+
+    async def collect():
+        gen = stream()
+        first = await gen.__anext__()
+        return [line async for line in _events(
+            [gen], [first], n, 1, True, False, [], lambda c, text, ids, finish: f"data: {c}:{text}:{finish}\n\n",
+            lambda usage: f"data: usage {usage.completion_tokens}\n\n")]
+
+    got = asyncio.run(collect())
+    assert ["|".join(event.removeprefix("data: ") for event in w.split("\n\n") if event) for w in got] == writes
+
+
 def _hold_the_loop(seconds: float) -> None:
     time.sleep(seconds)  # a blocking call inside a coroutine, as a slow handler would make
 
