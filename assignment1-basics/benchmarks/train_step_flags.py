@@ -70,6 +70,9 @@ VARIANTS: dict[str, dict] = {
     "onepass-bf16-residual-bshd": dict(ONEPASS_BF16, attention_layout="bshd"),
     # the same under CUDA graphs: the 2.2 ms of idle GPU a step that its profile shows
     "onepass-bf16-residual-bshd-graphs": dict(ONEPASS_BF16, attention_layout="bshd", compile_mode="reduce-overhead"),
+    # ... and with inductor's GEMM templates tried against cuBLAS (minutes of autotuning: its own device run)
+    "onepass-bf16-residual-bshd-autotune": dict(ONEPASS_BF16, attention_layout="bshd",
+                                                compile_mode="max-autotune-no-cudagraphs"),
     "bf16-residual-bshd": dict(FULL_LOSS, residual_dtype="bf16", attention_layout="bshd"),
     # twice the tokens a step (a different optimisation: the loss curve is not the preset's)
     "onepass-bf16-residual-b128": dict(ONEPASS_BF16, batch_size=128),
