@@ -76,7 +76,7 @@ class StallSampler:
     A stall inside C code that holds the interpreter lock is seen only when the lock comes back: its sample
     then shows where the loop went next."""
 
-    def __init__(self, monitor: LoopLagMonitor, *, threshold_s: float = 0.05, poll_s: float = 0.005,
+    def __init__(self, monitor: LoopLagMonitor, *, threshold_s: float = 0.05, poll_s: float = 0.01,
                  depth: int = 10, keep: int = 256):
         self.monitor, self.threshold_s, self.poll_s, self.depth = monitor, threshold_s, poll_s, depth
         self.samples: deque[dict[str, Any]] = deque(maxlen=keep)
