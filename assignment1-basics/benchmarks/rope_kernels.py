@@ -29,12 +29,12 @@ def textbook_rotation(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> 
     return torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1).flatten(-2)
 
 
-def layer_rope(rotate, rope: RotaryPositionalEmbedding, num_heads: int):
+def layer_rope(rotate, tables: tuple[torch.Tensor, torch.Tensor], num_heads: int):
+    """One layer's q/k/v split and rotation; `tables`: the (seq, ·) cos and sin tables `rotate` takes."""
     def run(qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         seq = qkv.shape[1]
         qk, v = qkv.split((2 * num_heads, num_heads), dim=-2)
-        cos, sin = rope.cos[:seq, None, :], rope.sin[:seq, None, :]
-        q, k = rotate(qk, cos, sin).split(num_heads, dim=-2)
+        q, k = rotate(qk, *(t[:seq, None, :] for t in tables)).split(num_heads, dim=-2)
         return q, k, v
     return run
 
@@ -86,9 +86,10 @@ def main() -> None:
     qkv = torch.randn(shape, device=device, dtype=dtype)
     grads = tuple(torch.randn(args.batch_size, args.seq_len, args.num_heads, args.head_dim, device=device,
                               dtype=dtype) for _ in range(3))
-    forms = {"textbook stack": textbook_rotation, "pair swap (ours)": RotaryPositionalEmbedding._rotate}
+    forms = {"textbook stack": (textbook_rotation, (rope.cos, rope.sin)),
+             "pair swap (ours)": (RotaryPositionalEmbedding._rotate, (rope.cos_pairs, rope.signed_sin))}
     # eager outputs equal (the compiled ones may contract multiply-adds differently)
-    outputs = [layer_rope(rotate, rope, args.num_heads)(qkv) for rotate in forms.values()]
+    outputs = [layer_rope(rotate, tables, args.num_heads)(qkv) for rotate, tables in forms.values()]
     for a, b in zip(*outputs, strict=True):
         assert torch.equal(a, b), "the two forms disagree"
     # fewest bytes a layer must move: forward reads and writes q and k; backward reads dq, dk, dv, writes dqkv
@@ -99,9 +100,9 @@ def main() -> None:
           f"shape {shape} {str(dtype).removeprefix('torch.')}")
     print("| form | ms per layer | ms for the model's layers | GB/s of the minimum traffic |")
     print("|---|---:|---:|---:|")
-    for name, rotate in forms.items():
+    for name, (rotate, tables) in forms.items():
         torch._dynamo.reset()  # each form compiled on its own (they share `layer_rope`'s code object)
-        ms = time_form(torch.compile(layer_rope(rotate, rope, args.num_heads)), qkv, grads, args.iters, device)
+        ms = time_form(torch.compile(layer_rope(rotate, tables, args.num_heads)), qkv, grads, args.iters, device)
         rows.append({"form": name, "ms_per_layer": ms, "ms_per_step": ms * args.num_layers,
                      "gb_per_s": min_bytes / ms / 1e6})
         print(f"| {name} | {ms:.3f} | {ms * args.num_layers:.2f} | {min_bytes / ms / 1e6:,.0f} |")

@@ -149,11 +149,10 @@ class MultiHeadSelfAttention(nn.Module):
             k, v, key_index = kv_cache.append(k, v)
         elif kv_cache is not None:
             k, v = kv_cache.append(k, v)
-        gqa = {"enable_gqa": True} if self.grouped else {}
         if self.attention_backend is not None and plain_causal and offset == 0 and key_mask is None:
             out = get_attention_backend(self.attention_backend)(q, k, v, causal=True)
         elif self.use_torch_sdpa and plain_causal and offset == 0 and key_mask is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, **gqa)  # no mask tensor: flash kernels
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, **self._gqa)  # no mask tensor: flash kernels
         else:
             # Query i sits at absolute index offset + i and sees every key at or before it.
             query_index = torch.arange(offset, offset + seq_len, device=x.device)
@@ -166,30 +165,36 @@ class MultiHeadSelfAttention(nn.Module):
             if self.use_torch_sdpa:
                 if bias is not None:  # a float mask: the ALiBi penalty, −inf where masked
                     mask = bias.to(q.dtype).masked_fill(~mask, float("-inf"))
-                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **gqa)
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **self._gqa)
             else:
                 out = self._attend(q, k, v, mask, bias)
         return self.output_proj(rearrange(out, "... heads seq d -> ... seq (heads d)"))
+
+    def _fused_qkv(self, x: Float[Tensor, "... seq d_model"]) -> Float[Tensor, "... seq qkv"]:
+        """One GEMM for the three projections (weights concatenated on the fly; keys stay q/k/v_proj)."""
+        return x @ torch.cat((self.q_proj.weight, self.k_proj.weight, self.v_proj.weight)).mT
+
+    @property
+    def _gqa(self) -> dict:
+        """SDPA's keyword for fewer key/value heads than query heads."""
+        return {"enable_gqa": True} if self.grouped else {}
 
     def _sdpa_sequence_major(self, x: Float[Tensor, "batch seq d_model"]) -> Float[Tensor, "batch seq d_model"]:
         """Causal SDPA with q, k, v and the output kept (batch, seq, heads, d) in memory and handed over as
         transposed views: no layout copy on either side of the kernel, and RoPE a contiguous elementwise pass
         (--attention-layout bshd; same arithmetic as the heads-major path)."""
-        qkv = x @ torch.cat((self.q_proj.weight, self.k_proj.weight, self.v_proj.weight)).mT
-        heads = qkv.unflatten(-1, (-1, self.d_head))  # (batch, seq, heads + 2 kv_heads, d)
+        heads = self._fused_qkv(x).unflatten(-1, (-1, self.d_head))  # (batch, seq, heads + 2 kv_heads, d)
         qk, v = heads.split((self.num_heads + self.num_kv_heads, self.num_kv_heads), dim=-2)
         if self.rope is not None:
             qk = self.rope.rotate_sequence_major(qk)  # q and k rotated in one pass
         q, k = qk.split((self.num_heads, self.num_kv_heads), dim=-2)
-        gqa = {"enable_gqa": True} if self.grouped else {}
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                             is_causal=True, **gqa)
+                                             is_causal=True, **self._gqa)
         return out.transpose(1, 2).flatten(-2)  # a view when the kernel kept its input's layout
 
     def _project(self, x: Tensor, token_positions: Tensor | None, offset: int) -> tuple[Tensor, Tensor, Tensor]:
         """q (..., heads, seq, d) and k, v (..., kv_heads, seq, d), rotated if RoPE is on."""
-        # One GEMM for the three projections (weights concatenated on the fly; keys stay q/k/v_proj).
-        qkv = x @ torch.cat((self.q_proj.weight, self.k_proj.weight, self.v_proj.weight)).mT
+        qkv = self._fused_qkv(x)
         if self.rope is not None and token_positions is not None:
             token_positions = token_positions.unsqueeze(-2)  # broadcast over the heads axis
         if not self.grouped:

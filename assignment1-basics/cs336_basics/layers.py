@@ -111,6 +111,9 @@ class RotaryPositionalEmbedding(nn.Module):
         angles = torch.outer(torch.arange(max_seq_len, device=device, dtype=torch.float64), inv_freq)
         self.register_buffer("cos", angles.cos().float(), persistent=False)
         self.register_buffer("sin", angles.sin().float(), persistent=False)
+        # the same per element, as `_rotate` multiplies: cos twice per pair, and (−sin, sin)
+        self.register_buffer("cos_pairs", self.cos.repeat_interleave(2, dim=-1), persistent=False)
+        self.register_buffer("signed_sin", torch.stack((-self.sin, self.sin), dim=-1).flatten(-2), persistent=False)
 
     def forward(
         self, x: Float[Tensor, "... seq d_k"], token_positions: Int[Tensor, "... seq"] | None = None, offset: int = 0
@@ -120,14 +123,14 @@ class RotaryPositionalEmbedding(nn.Module):
         if token_positions is None:
             if offset + seq_len > self.max_seq_len:
                 raise ValueError(f"positions up to {offset + seq_len - 1} exceed max_seq_len={self.max_seq_len}")
-            cos, sin = self.cos[offset : offset + seq_len], self.sin[offset : offset + seq_len]
+            cos, sin = self.cos_pairs[offset : offset + seq_len], self.signed_sin[offset : offset + seq_len]
         else:
             if (self.check_positions and token_positions.numel()
                     and not (torch.compiler.is_compiling() or _capturing(token_positions))):
                 largest = int(token_positions.max())  # a host sync, so only outside compiled graphs
                 if largest >= self.max_seq_len:
                     raise ValueError(f"token position {largest} is beyond max_seq_len={self.max_seq_len}")
-            cos, sin = self.cos[token_positions], self.sin[token_positions]  # (..., seq, d_k/2)
+            cos, sin = self.cos_pairs[token_positions], self.signed_sin[token_positions]  # (..., seq, d_k)
         return self._rotate(x, cos, sin)
 
     def rotate_sequence_major(self, x: Float[Tensor, "batch seq *heads d_k"]) -> Float[Tensor, "batch seq *heads d_k"]:
@@ -137,16 +140,13 @@ class RotaryPositionalEmbedding(nn.Module):
         if seq_len > self.max_seq_len:
             raise ValueError(f"positions up to {seq_len - 1} exceed max_seq_len={self.max_seq_len}")
         broadcast = (seq_len, *(1,) * (x.dim() - 3), -1)
-        return self._rotate(x, self.cos[:seq_len].view(broadcast), self.sin[:seq_len].view(broadcast))
+        return self._rotate(x, self.cos_pairs[:seq_len].view(broadcast), self.signed_sin[:seq_len].view(broadcast))
 
     @staticmethod
-    def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    def _rotate(x: Tensor, cos_pairs: Tensor, signed_sin: Tensor) -> Tensor:
         """(even, odd) ↦ (even·cos − odd·sin, odd·cos + even·sin), written as x·cos + swap(x)·(−sin, sin) with
         swap exchanging each pair's members: the same products and sums (bit for bit), but one elementwise
         expression, whose compiled backward is one pass instead of an even/odd `stack` taken apart again."""
         # Float32 inputs rotate in float32; bf16 activations rotate in bf16, as in common LLaMA code.
-        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-        cos_pairs = cos.repeat_interleave(2, dim=-1)
-        signed_sin = torch.stack((-sin, sin), dim=-1).flatten(-2)
         swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
-        return x * cos_pairs + swapped * signed_sin
+        return x * cos_pairs.to(x.dtype) + swapped * signed_sin.to(x.dtype)

@@ -6,6 +6,7 @@ the loop (a burst of admissions, a slow write, a long parse) rather than only fo
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 import threading
 import time
@@ -99,7 +100,7 @@ class StallSampler:
             if frame is None:
                 return  # the loop's thread has ended
             sampled_due = due
-            stack = [f"{f.filename.rsplit('/', 2)[-1] if '/' in f.filename else f.filename}:{f.lineno} {f.name}"
+            stack = [f"{os.path.basename(f.filename)}:{f.lineno} {f.name}"
                      for f in traceback.extract_stack(frame)[-self.depth:]]
             self.samples.append({"at": time.monotonic(), "overdue_ms": overdue * 1e3, "stack": stack})
 
