@@ -67,8 +67,8 @@ class EngineConfig:
     # the device behind that window before the host reads it, so that the pass's host work (launches; a few
     # ms even compiled) overlaps the window's GPU time instead of stalling every stream. Same outputs (greedy
     # or seeded). None: on whenever async_scheduling is (on an H100 it raised the in-process engine's tokens/s
-    # by 28% on the 17M model at 64 streams and changed nothing on the 134M one, whose prefills are GPU-bound;
-    # assignment2-systems/benchmarks/NOTES.md).
+    # by 28% on the 17M model at 64 streams (one run) and changed nothing on the 134M one, whose prefills are
+    # GPU-bound; assignment2-systems/benchmarks/NOTES.md).
     overlap_prefill: bool | None = None
     seed: int = 0
 
