@@ -36,7 +36,12 @@ for sub in ("assignment1-basics", "assignment2-systems"):
 
 from cs336_systems.serving import bench_cli  # noqa: E402
 from cs336_systems.serving.bench_models import write_random_llama, write_random_preset  # noqa: E402
-from cs336_systems.serving.engine_args import add_speed_arguments, speed_settings  # noqa: E402
+from cs336_systems.serving.engine_args import (  # noqa: E402
+    add_http_arguments,
+    add_speed_arguments,
+    http_settings,
+    speed_settings,
+)
 
 FULL = {
     "concurrency": [1, 8, 64, 256],
@@ -82,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--time-budget", type=float, default=420.0,
                    help="seconds of measuring after which remaining points are recorded as skipped")
     add_speed_arguments(p)
+    add_http_arguments(p)
     args = p.parse_args(argv)
     import torch
 
@@ -118,14 +124,15 @@ def main(argv: list[str] | None = None) -> int:
             results["models"].append(bench_cli.benchmark_model(
                 name, hf_dir, info, concurrency=settings["concurrency"], num_requests=levels,
                 prompt_len_range=settings["prompt_len_range"], output_len_range=settings["output_len_range"],
-                seed=args.seed, baselines=baselines, engine_config=engine_config, deadline=deadline,
-                log=lambda msg: print(msg, flush=True),
+                seed=args.seed, baselines=baselines, engine_config=engine_config, http=http_settings(args),
+                deadline=deadline, log=lambda msg: print(msg, flush=True),
             ))
     results["workload"] = {"seed": args.seed, "prompt_len_range": list(settings["prompt_len_range"]),
                            "output_len_range": list(settings["output_len_range"]),
                            "concurrency": settings["concurrency"],
                            "num_requests": dict(zip(settings["concurrency"], levels, strict=True)),
-                           "sampling": "greedy, ignore_eos", "tiny": args.tiny}
+                           "sampling": "greedy, ignore_eos", "tiny": args.tiny,
+                           "http": http_settings(args)}
     results["wall_s"] = time.monotonic() - start
     bench_cli.write_outputs(results, out_dir / f"{stem}.json", out_dir / f"{stem}.md", out_dir / f"{stem}.png")
     print(f"done in {results['wall_s']:.0f} s")

@@ -10,8 +10,10 @@
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
 #     fastapi==0.165.0 starlette==1.10.0 pydantic==2.14.3 pydantic-core==2.50.4 annotated-types==0.8.0 \
-#     typing-inspection==0.4.5 uvicorn==0.54.0 annotated-doc==0.0.7 opentelemetry-api==1.45.2 typing-extensions==4.16.0
-# (fastapi imports annotated-doc and opentelemetry-api; pydantic needs typing-extensions >= 4.16).
+#     typing-inspection==0.4.5 uvicorn==0.54.0 annotated-doc==0.0.7 opentelemetry-api==1.45.2 typing-extensions==4.16.0 \
+#     uvloop==0.23.0 httptools==0.9.0
+# (fastapi imports annotated-doc and opentelemetry-api; pydantic needs typing-extensions >= 4.16; uvicorn takes
+# uvloop and httptools when they import, as in the project's environment).
 #
 # From the run tool: command `bash assignment2-systems/benchmarks/serving_device.sh`, carry [".whl"].
 # Results: $OUT/serving.json, serving.md, serving.png, serving_log.txt.

@@ -37,14 +37,15 @@ API_KEY = "sekrit"
 class LiveServer:
     """`build_app(engine)` served by uvicorn on a free loopback port, on a background thread."""
 
-    def __init__(self, engine: AsyncLLMEngine, **app_kwargs):
+    def __init__(self, engine: AsyncLLMEngine, http: dict[str, str] | None = None, **app_kwargs):
         self.engine = engine
+        self.http = http or {}
         sock = socket.socket()
         sock.bind(("127.0.0.1", 0))
         self.port = sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
         self.server = uvicorn.Server(uvicorn.Config(build_app(engine, **app_kwargs), log_level="warning",
-                                                    lifespan="off"))
+                                                    lifespan="off", **self.http))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
         self.thread.start()
         wait_until(lambda: self.server.started, what="uvicorn to start")
@@ -75,9 +76,15 @@ def engine() -> Iterator[AsyncLLMEngine]:
     eng.shutdown()
 
 
-@pytest.fixture(scope="module")
-def live(engine) -> Iterator[LiveServer]:
-    server = LiveServer(engine)
+# uvicorn's pure-Python stack and the C one (`serve`'s default when installed, as in the project's environment):
+# every test on `live` runs on both, since streaming, disconnects and errors go through different code in each.
+HTTP_STACKS = {"asyncio+h11": {"loop": "asyncio", "http": "h11"},
+               "uvloop+httptools": {"loop": "uvloop", "http": "httptools"}}
+
+
+@pytest.fixture(scope="module", params=list(HTTP_STACKS))
+def live(engine, request) -> Iterator[LiveServer]:
+    server = LiveServer(engine, http=HTTP_STACKS[request.param])
     yield server
     server.close()
 
@@ -369,6 +376,20 @@ def test_32_concurrent_streams_each_equal_the_request_served_alone(live, engine)
     assert all(finish == "length" and tokens == 16 for _, finish, tokens in together)
     assert max_running[0] > 1  # they really were batched together
     wait_until(lambda: idle(engine), what="the engine to go idle")
+
+
+def test_the_server_runs_on_the_http_stack_it_was_given(live):
+    body = {"model": MODEL, "prompt": "stack", "max_tokens": 64, "temperature": 0, "ignore_eos": True,
+            "stream": True}
+    with httpx.Client(base_url=live.url, timeout=60) as http, http.stream("POST", "/v1/completions",
+                                                                         json=body) as response:
+        next(line for line in response.iter_lines() if line.startswith("data: "))
+        connections = list(live.server.server_state.connections)  # earlier tests' kept-alive ones too
+        loop_modules = {type(c.loop).__module__.split(".")[0] for c in connections}
+        protocols = {type(c).__name__ for c in connections}
+    want_loop, want_http = live.http["loop"], live.http["http"]
+    assert loop_modules == {want_loop}
+    assert protocols == {{"h11": "H11Protocol", "httptools": "HttpToolsProtocol"}[want_http]}
 
 
 # -------------------------------------------------------------------------------------------- disconnects

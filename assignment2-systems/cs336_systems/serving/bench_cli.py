@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import datetime
 import gc
+import importlib.metadata
 import json
 import math
 import os
@@ -25,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from cs336_basics.cli_support import UserError, atomic_write
-from cs336_systems.serving.engine_args import add_speed_arguments, speed_settings
+from cs336_systems.serving.engine_args import add_http_arguments, add_speed_arguments, http_settings, speed_settings
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 FIG_DIR = REPO_ROOT / "fig"
@@ -64,6 +65,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     eng.add_argument("--num-blocks", type=int, default=None, help="KV blocks (default: the engine's choice)")
     eng.add_argument("--max-num-seqs", type=int, default=None, help="default: the largest --concurrency")
     add_speed_arguments(eng)
+    add_http_arguments(p.add_argument_group("the in-process server's HTTP stack"))
     out = p.add_argument_group("outputs")
     out.add_argument("--out-json", type=Path, default=RESULTS_DIR / "serving.json")
     out.add_argument("--out-md", type=Path, default=FIG_DIR / "serving.md")
@@ -188,7 +190,7 @@ def _cores_busy(before: dict[str, float | None], after: dict[str, float | None],
 
 
 @contextlib.contextmanager
-def local_server(hf_dir: str, engine_config: Any) -> Iterator[tuple[str, Any]]:
+def local_server(hf_dir: str, engine_config: Any, http: dict[str, str] | None = None) -> Iterator[tuple[str, Any]]:
     """Our server on a free loopback port: the engine in its own process, uvicorn on a thread here. Yields
     (url, engine); on exit both stop and the engine's memory is released."""
     import functools
@@ -203,7 +205,7 @@ def local_server(hf_dir: str, engine_config: Any) -> Iterator[tuple[str, Any]]:
     engine.start()
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(build_app(engine), host="127.0.0.1", port=port, log_level="warning",
-                                           access_log=False, lifespan="off"))
+                                           access_log=False, lifespan="off", **(http or {})))
     thread = threading.Thread(target=server.run, name="bench-serve-uvicorn", daemon=True)
     thread.start()
     try:
@@ -250,6 +252,8 @@ def environment() -> dict[str, Any]:
         env["transformers"] = transformers.__version__
     except ImportError:
         pass
+    # uvicorn's "auto" takes uvloop and httptools when importable: the HTTP process's cost per chunk depends on it
+    env["http_stack"] = {name: _installed(name) for name in ("uvicorn", "uvloop", "httptools")}
     if torch.cuda.is_available():
         env["device"] = "cuda"
         env["gpu"] = torch.cuda.get_device_name(0)
@@ -257,6 +261,13 @@ def environment() -> dict[str, Any]:
         env["device"] = "cpu"
         env["gpu"] = f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"
     return env
+
+
+def _installed(module: str) -> str | None:
+    try:
+        return importlib.metadata.version(module)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def _skipped(system: str, concurrency: int, n: int, why: str) -> dict[str, Any]:
@@ -281,6 +292,7 @@ def benchmark_model(
     baselines: list[str],
     url: str | None = None,
     engine_config: Any = None,
+    http: dict[str, str] | None = None,
     timeout_s: float = 600.0,
     deadline: float = math.inf,
     log: Any = print,
@@ -350,7 +362,7 @@ def benchmark_model(
     if url is not None:
         measure_server(url, None)
     else:
-        with local_server(hf_dir, engine_config) as (server_url, engine):
+        with local_server(hf_dir, engine_config, http) as (server_url, engine):
             measure_server(server_url, engine)
             del engine  # the KV pool goes when the server stops, before the baselines load
 
@@ -442,7 +454,7 @@ def run(args: argparse.Namespace) -> int:
             name, hf_dir, info, concurrency=args.concurrency, num_requests=levels,
             prompt_len_range=tuple(args.prompt_len_range), output_len_range=tuple(args.output_len_range),
             seed=args.seed, baselines=baselines, url=args.url, engine_config=engine_config,
-            timeout_s=args.timeout_s, deadline=deadline,
+            http=http_settings(args), timeout_s=args.timeout_s, deadline=deadline,
         )
     results = {"env": environment(), "workload": workload_info(args, levels), "models": [model]}
     write_outputs(results, args.out_json, args.out_md, args.fig)
@@ -452,7 +464,8 @@ def run(args: argparse.Namespace) -> int:
 def workload_info(args: argparse.Namespace, levels: list[int]) -> dict[str, Any]:
     return {"seed": args.seed, "prompt_len_range": list(args.prompt_len_range),
             "output_len_range": list(args.output_len_range), "concurrency": list(args.concurrency),
-            "num_requests": dict(zip(args.concurrency, levels, strict=True)), "sampling": "greedy, ignore_eos"}
+            "num_requests": dict(zip(args.concurrency, levels, strict=True)), "sampling": "greedy, ignore_eos",
+            "http": http_settings(args)}
 
 
 def materialize(args: argparse.Namespace, tmp: str) -> tuple[str | None, dict[str, Any], str]:

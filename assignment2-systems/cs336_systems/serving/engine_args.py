@@ -37,3 +37,16 @@ def add_speed_arguments(group: Any) -> None:
 def speed_settings(args: argparse.Namespace) -> dict[str, Any]:
     """`EngineConfig` keyword arguments from the parsed flags."""
     return {name: getattr(args, name) for name in SPEED_FIELDS}
+
+
+def add_http_arguments(group: Any) -> None:
+    """uvicorn's event loop and HTTP parser (its own `--loop` and `--http`, under names that say what they are)."""
+    group.add_argument("--http-loop", choices=("auto", "asyncio", "uvloop"), default="auto",
+                       help="the HTTP server's event loop (default auto: uvloop when installed)")
+    group.add_argument("--http-parser", choices=("auto", "h11", "httptools"), default="auto",
+                       help="the HTTP server's protocol implementation (default auto: httptools when installed)")
+
+
+def http_settings(args: argparse.Namespace) -> dict[str, str]:
+    """`uvicorn.Config` keyword arguments from the parsed flags."""
+    return {"loop": args.http_loop, "http": args.http_parser}

@@ -17,7 +17,7 @@ import socket
 from pathlib import Path
 
 from cs336_basics.cli_support import UserError
-from cs336_systems.serving.engine_args import add_speed_arguments, speed_settings
+from cs336_systems.serving.engine_args import add_http_arguments, add_speed_arguments, http_settings, speed_settings
 
 API_KEY_ENV = "CS336_API_KEY"
 
@@ -39,6 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="the `model` name clients use (default: the run or HF folder's name)")
     net.add_argument("--max-body-bytes", type=int, default=1_000_000, help="largest request body (default 1 MB)")
     net.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    add_http_arguments(net)
     eng = parser.add_argument_group("engine")
     eng.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block (default 16)")
     eng.add_argument("--num-blocks", type=int, default=None,
@@ -118,7 +119,8 @@ def run(args: argparse.Namespace) -> int:
             host = f"[{args.host}]" if ":" in args.host else args.host
             print(f"serving `{engine.model_name}` (context {engine.context_length}) on http://{host}:{args.port}/v1"
                   + (" (API key required)" if api_key else ""), flush=True)
-            server = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=5))
+            server = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=5,
+                                                   **http_settings(args)))
             server.run(sockets=[sock])
         finally:
             engine.shutdown()
