@@ -68,6 +68,8 @@ VARIANTS: dict[str, dict] = {
     # q, k, v and the attention output kept (batch, seq, heads, d) around SDPA: no layout copies
     "bshd": dict(FULL_LOSS, attention_layout="bshd"),
     "onepass-bf16-residual-bshd": dict(ONEPASS_BF16, attention_layout="bshd"),
+    # ... with clipping's scale applied inside the fused AdamW kernel (no separate pass over the gradients)
+    "onepass-bf16-residual-bshd-clip": dict(ONEPASS_BF16, attention_layout="bshd", clip_in_optimizer=True),
     # the same under CUDA graphs: the 2.2 ms of idle GPU a step that its profile shows
     "onepass-bf16-residual-bshd-graphs": dict(ONEPASS_BF16, attention_layout="bshd", compile_mode="reduce-overhead"),
     # ... and with inductor's GEMM templates tried against cuBLAS (minutes of autotuning: its own device run)

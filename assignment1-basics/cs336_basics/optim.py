@@ -71,6 +71,19 @@ class FusedAdamW(torch.optim.AdamW):
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=True)
 
     @torch.no_grad()
+    def clip_in_next_step(self, max_l2_norm: float, eps: float = 1e-6) -> Tensor:
+        """`clip_gradients` without its pass over the gradients: the global norm is computed here, and the next
+        `step` has torch's kernel divide each gradient by (‖g‖+eps)/max as it reads it (its `grad_scale`, meant
+        for AMP's unscaling; the divided gradient is stored back, as clipping would have left it). Returns the
+        norm before clipping."""
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        if not grads:
+            return torch.zeros(())
+        total_norm = grouped_norm(grouped(grads))
+        self.grad_scale = clip_scale(total_norm, max_l2_norm, eps).reciprocal().float()
+        return total_norm
+
+    @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None):
         loss = evaluate_closure(closure)
         groups = self.param_groups
@@ -88,6 +101,7 @@ class FusedAdamW(torch.optim.AdamW):
                         self.state[p]["host_step"] = t
         finally:
             self.param_groups = groups
+            self.__dict__.pop("grad_scale", None)  # a clipping scale is for one step only
         return loss
 
     def load_state_dict(self, state_dict: dict) -> None:

@@ -24,7 +24,7 @@ from cs336_basics.data import Prefetcher, batch_at, batch_to_device, host_batch,
 from cs336_basics.model import TransformerConfig, TransformerLM
 from cs336_basics.nn_utils import cross_entropy
 from cs336_basics.onepass_ce import onepass_cross_entropy
-from cs336_basics.optim import AdamW, FusedAdamW
+from cs336_basics.optim import AdamW, FusedAdamW, clip_gradients
 from cs336_basics.testing import one_thread  # noqa: F401 (autouse: one torch thread)
 from cs336_basics.training import distributed
 from cs336_basics.training.config import TrainConfig
@@ -199,6 +199,50 @@ def test_fused_adamw_steps_equal_ours(weight_decay, eps):
         torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-7)
     assert torch.equal(fused[-1], initial[-1]) and torch.equal(ours[-1], initial[-1])
     assert not torch.equal(ours[1], initial[1])
+
+
+@pytest.mark.parametrize("max_norm", [0.5, 1e9])  # clipping active / a no-op
+def test_clip_in_the_fused_step_equals_clipping_then_stepping(max_norm):
+    clipped_first, clipping_within = _params(), _params()
+    separate = FusedAdamW(clipped_first, lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1)
+    fused = FusedAdamW(clipping_within, lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1)
+    for t in range(5):
+        gen = torch.Generator().manual_seed(t)
+        grads = [torch.randn(p.shape, generator=gen) * (i + 1) for i, p in enumerate(clipped_first)]
+        for p, q, g in zip(clipped_first, clipping_within, grads, strict=True):
+            p.grad, q.grad = g.clone(), g.clone()
+        want_norm = clip_gradients(clipped_first, max_norm)
+        norm = fused.clip_in_next_step(max_norm)
+        torch.testing.assert_close(norm, want_norm, rtol=0, atol=0)
+        assert (norm > max_norm) == (max_norm == 0.5)
+        separate.step()
+        fused.step()
+        for p, q in zip(clipped_first, clipping_within, strict=True):
+            torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-7)
+            torch.testing.assert_close(q.grad, p.grad, rtol=1e-6, atol=1e-7)  # left clipped, as clipping leaves it
+        assert not hasattr(fused, "grad_scale")  # the scale was for that step only
+    # a step without clip_in_next_step is unscaled
+    for p, q in zip(clipped_first, clipping_within, strict=True):
+        p.grad = q.grad = torch.ones_like(p)
+    separate.step()
+    fused.step()
+    for p, q in zip(clipped_first, clipping_within, strict=True):
+        torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-7)
+
+
+def test_clip_in_optimizer_flag_is_checked_and_keeps_the_clipped_curve(data, tmp_path):
+    with pytest.raises(UserError, match="needs --adamw-impl fused"):
+        TrainConfig(clip_in_optimizer=True)
+    for bad in (dict(parallel="fsdp"), dict(precision="fp16")):
+        with pytest.raises(UserError, match="--clip-in-optimizer works"):
+            TrainConfig(clip_in_optimizer=True, adamw_impl="fused", **bad)
+    clip = ["--adamw-impl", "fused", "--grad-clip", "0.05"]  # small enough that every step clips
+    plain = _losses(data, tmp_path / "plain", *clip)
+    within = _losses(data, tmp_path / "within", *clip, "--clip-in-optimizer")
+    np.testing.assert_allclose(within, plain, rtol=1e-5)
+    norms = [r["grad_norm"] for r in read_jsonl(str(tmp_path / "within" / "metrics.jsonl")) if r["split"] == "train"]
+    assert min(norms) > 0.05
+    assert within != _losses(data, tmp_path / "unclipped", "--adamw-impl", "fused", "--grad-clip", "inf")
 
 
 def test_torch_adamw_convention_differs_from_ours_where_eps_matters():

@@ -114,6 +114,9 @@ class TrainConfig:
     loss_impl: Literal["full", "chunked", "onepass"] = "full"
     loss_chunk_tokens: int = bounded(4096, ge=1)  # tokens per chunk of --loss-impl chunked
     adamw_impl: Literal["ours", "fused"] = "ours"  # fused: torch's fused kernel, our update (optim.FusedAdamW)
+    # with --adamw-impl fused: gradient clipping's scale applied by the fused kernel as it reads the gradients
+    # (FusedAdamW.clip_in_next_step), instead of a separate pass over them
+    clip_in_optimizer: bool = False
     prefetch: bool = False  # build the next steps' batches (pinned) on a background thread
     # bf16 (with bf16 precision): the residual stream and the norms' outputs in bf16 rather than in the fp32 of
     # the master weights, which autocast leaves them in: half the traffic of the step's elementwise kernels
@@ -176,6 +179,11 @@ class TrainConfig:
                             "--use-torch-sdpa, --attention mha and no --attention-backend")
         if self.adamw_impl != "ours" and self.optimizer != "adamw":
             raise UserError(f"--adamw-impl {self.adamw_impl} applies to --optimizer adamw, not {self.optimizer}")
+        if self.clip_in_optimizer and self.adamw_impl != "fused":
+            raise UserError("--clip-in-optimizer needs --adamw-impl fused (torch's kernel applies the scale)")
+        if self.clip_in_optimizer and (self.parallel == "fsdp" or self.precision == "fp16"):
+            raise UserError(f"--clip-in-optimizer works with the whole gradients and no loss scaling, not "
+                            f"{'--parallel fsdp' if self.parallel == 'fsdp' else '--precision fp16'}")
         if self.attention_backend is not None:
             from cs336_basics.attention_backends import UnknownAttentionBackend, check_attention_backend
 

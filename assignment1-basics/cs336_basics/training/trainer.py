@@ -549,6 +549,8 @@ def _make_step(model, wrapped, optimizer, scaler, guard: SpikeGuard, config: Tra
         scaler.unscale_(optimizer)  # clipping and the guard see the true gradients
         if config.parallel == "fsdp":
             grad_norm = clip_sharded_gradients(model.parameters(), config.grad_clip, dist)
+        elif config.clip_in_optimizer:
+            grad_norm = optimizer.clip_in_next_step(config.grad_clip)
         else:
             grad_norm = clip_gradients(model.parameters(), config.grad_clip)
         if not guard.enabled or guard.allows(dist.all_mean(loss).item(), grad_norm.item()):
