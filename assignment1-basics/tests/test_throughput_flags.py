@@ -201,14 +201,17 @@ def test_fused_adamw_steps_equal_ours(weight_decay, eps):
     assert not torch.equal(ours[1], initial[1])
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="torch's CUDA fused AdamW kernel needs a GPU"))])
 @pytest.mark.parametrize("max_norm", [0.5, 1e9])  # clipping active / a no-op
-def test_clip_in_the_fused_step_equals_clipping_then_stepping(max_norm):
-    clipped_first, clipping_within = _params(), _params()
+def test_clip_in_the_fused_step_equals_clipping_then_stepping(max_norm, device):
+    clipped_first = [torch.nn.Parameter(p.detach().to(device)) for p in _params()]
+    clipping_within = [torch.nn.Parameter(p.detach().to(device)) for p in _params()]
     separate = FusedAdamW(clipped_first, lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1)
     fused = FusedAdamW(clipping_within, lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1)
     for t in range(5):
         gen = torch.Generator().manual_seed(t)
-        grads = [torch.randn(p.shape, generator=gen) * (i + 1) for i, p in enumerate(clipped_first)]
+        grads = [(torch.randn(p.shape, generator=gen) * (i + 1)).to(device) for i, p in enumerate(clipped_first)]
         for p, q, g in zip(clipped_first, clipping_within, grads, strict=True):
             p.grad, q.grad = g.clone(), g.clone()
         want_norm = clip_gradients(clipped_first, max_norm)
