@@ -123,7 +123,7 @@ def figure(results: dict[str, Any], path: Path) -> bool:
             ax_tp.plot(xs, [t for _, t, _ in pts], marker="o", color=f"C{i}", label=LABELS[system])
             ax_itl.plot(xs, [q for _, _, q in pts], marker="o", color=f"C{i}", label=LABELS[system])
         ax_tp.set(title=f"{m['name']}: throughput", xlabel="concurrency", ylabel="output tokens/s")
-        ax_itl.set(title=f"{m['name']}: p99 inter-token latency", xlabel="concurrency", ylabel="p99 ITL (ms)")
+        ax_itl.set(title=f"{m['name']}: p99 ITL", xlabel="concurrency", ylabel="p99 ITL (ms)")
         levels = sorted({p["concurrency"] for p in m["points"]})
         for ax in (ax_tp, ax_itl):
             ax.set_xscale("log", base=2)
