@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import random
 import re
 import socket
 import threading
@@ -21,11 +22,12 @@ import uvicorn
 
 from cs336_basics.cli_support import run_command
 from cs336_systems.serving import serve_cli
-from cs336_systems.serving.api import build_app
+from cs336_systems.serving.api import build_app, sse, templated
 from cs336_systems.serving.chat import render_hf, render_plain
 from cs336_systems.serving.engine import AsyncLLMEngine, EngineConfig, LLMEngine
 from cs336_systems.serving.loader import tiny_served_model
 from cs336_systems.serving.params import CompletionOutput, SamplingParams
+from cs336_systems.serving.protocol import ChatChunkChoice, ChatCompletionChunk, Completion, CompletionChoice, Delta
 
 MODEL = "tiny"
 CONTEXT = 512  # long enough that a request can still be running when its client leaves
@@ -182,6 +184,56 @@ def test_raw_event_stream_format(live):
     assert all(c["object"] == "text_completion" and c["id"] == chunks[0]["id"] for c in chunks)
     assert sum(len(c["choices"][0]["token_ids"]) for c in chunks) == 3  # the extension: ids per chunk
     assert all("usage" not in c or c["usage"] is None for c in chunks)  # no include_usage: no usage chunk
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/v1/completions", {"prompt": "abc"}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "abc"}]}),
+])
+def test_streamed_text_chunks_share_the_stream_id_and_timestamp(live, path, body):
+    with httpx.Client(base_url=live.url, timeout=60) as http, http.stream("POST", path, json={
+            "model": MODEL, "max_tokens": 24, "temperature": 0, "ignore_eos": True, "stream": True,
+            "stream_options": {"include_usage": True}, **body}) as response:
+        chunks = [json.loads(e) for e in sse_events(response)[:-1]]
+    assert len(chunks) > 3
+    assert {(c["id"], c["created"], c["model"]) for c in chunks} == {(chunks[0]["id"], chunks[0]["created"], MODEL)}
+
+
+def _completion_render(choice: int, text: str, token_ids: list[int] | None, finish: str | None) -> str:
+    c = CompletionChoice(index=choice, text=text, finish_reason=finish, token_ids=token_ids)
+    return sse(Completion(id="cmpl-1", created=1_800_000_000, model='a "model"/name', choices=[c]))
+
+
+def _chat_render(choice: int, text: str, token_ids: list[int] | None, finish: str | None) -> str:
+    c = ChatChunkChoice(index=choice, delta=Delta(content=text) if text else Delta(), finish_reason=finish,
+                        token_ids=token_ids)
+    return sse(ChatCompletionChunk(id="chatcmpl-1", created=1_800_000_000, model="m", choices=[c]))
+
+
+@pytest.mark.parametrize("render", [_completion_render, _chat_render])
+def test_templated_chunks_are_byte_for_byte_what_pydantic_renders(render):
+    fast = templated(render)
+    assert fast is not render  # the template was found
+    rng = random.Random(0)
+    alphabet = ["a", " ", '"', "\\", "\n", "\t", "\r", "\x00", "\x1f", "\x7f", "/", "<", "&", "'", "é", "中", "😀",
+                "\u2028", "\ufffd", "cs336-text-mark-9f4e2b", "-7364921058"]
+    for _ in range(3000):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 12)))
+        choice = rng.choice([0, 1, 7, 255, rng.randint(0, 10**6)])
+        assert fast(choice, text, None, None) == render(choice, text, None, None), (choice, text)
+    # every other call is rendered by pydantic itself
+    for args in [(0, "", None, None), (1, "x", None, "stop"), (2, "y", [1, 2], None), (3, "", [], "length")]:
+        assert fast(*args) == render(*args)
+
+
+def test_templated_falls_back_when_the_markers_are_not_found_once():
+    def constant(choice: int, text: str, token_ids: list[int] | None, finish: str | None) -> str:
+        return "data: {}\n\n"
+
+    def twice(choice: int, text: str, token_ids: list[int] | None, finish: str | None) -> str:
+        return sse({"a": text, "b": text, "index": choice})
+
+    assert templated(constant) is constant and templated(twice) is twice
 
 
 def test_seeded_samples_map_to_choices_and_repeat(live):
