@@ -349,6 +349,26 @@ def test_load_split_over_worker_processes_keeps_every_request_in_order(tiny_llam
     assert result.client_workers == 2 and result.client_cpu_s > 0  # both workers' own CPU counts, summed
 
 
+def test_the_load_generator_reads_metrics_only_as_often_as_asked(tiny_llama, monkeypatch):
+    """`/metrics` is a request the server serves on the loop that streams: with polling off the generator reads
+    it exactly twice (before and after the level), with polling on also during the level."""
+    from cs336_systems.serving import api
+    from cs336_systems.serving.bench_cli import local_server
+    from cs336_systems.serving.engine import EngineConfig
+
+    reads = []
+    original = api._Server.metrics_text
+    monkeypatch.setattr(api._Server, "metrics_text", lambda self: reads.append(1) or original(self))
+    wl = make_workload(6, (2, 9), (8, 12), seed=5)
+    with local_server(tiny_llama["hf_dir"], EngineConfig(device="cpu", max_num_seqs=4)) as (url, _):
+        quiet = loadgen.run_load(url, wl, 4, timeout_s=120, poll_interval_s=None)
+        quiet_reads = len(reads)
+        polled = loadgen.run_load(url, wl, 4, timeout_s=120, poll_interval_s=0.001)
+    assert all(r.error is None for r in quiet.requests + polled.requests)
+    assert quiet_reads == 2 and quiet.blocks_used_sampled_max is None
+    assert len(reads) - quiet_reads > 2 and polled.blocks_used_sampled_max is not None
+
+
 def test_gpu_profile_script_runs_on_cpu_and_the_compiled_steps_dispatch_fewer_calls(tmp_path):
     """`benchmarks/serving_gpu_profile.py --tiny`: both parts measured and written; the compiled prefill pass
     and decode window dispatch far fewer aten calls from the host than the eager ones (the point of compiling)."""

@@ -366,10 +366,11 @@ async def run_load_async(
     *,
     model: str | None = None,
     timeout_s: float = 600.0,
-    poll_interval_s: float = 0.05,
+    poll_interval_s: float | None = 0.1,
 ) -> LoadResult:
     """Replays `workload` in order with at most `concurrency` requests in flight; never more than
-    `len(workload)` requests, each bounded by `timeout_s`."""
+    `len(workload)` requests, each bounded by `timeout_s`. Every `poll_interval_s` (None: never) `/metrics` is
+    read for the KV blocks in use: each read is a request the server handles on the loop that streams."""
     import httpx
 
     base = check_loopback_url(url)
@@ -388,12 +389,14 @@ async def run_load_async(
                 return await _one_request(client, spec, model, timeout_s)
 
         stop, seen = asyncio.Event(), []
-        poller = asyncio.create_task(_poll_blocks(client, stop, poll_interval_s, seen))
+        poller = asyncio.create_task(_poll_blocks(client, stop, poll_interval_s, seen)) \
+            if poll_interval_s is not None else None
         start, cpu_start = time.perf_counter(), time.process_time()
         results = await asyncio.gather(*(bounded(spec) for spec in workload))
         duration, cpu = time.perf_counter() - start, time.process_time() - cpu_start  # this window only
         stop.set()
-        await poller
+        if poller is not None:
+            await poller
         after = await read_metrics(client)
     return LoadResult(concurrency, len(workload), duration, list(results), before, after, max(seen) if seen else None,
                       cpu)
@@ -420,7 +423,8 @@ def run_load_in_subprocess(url: str, workload: Sequence[RequestSpec], concurrenc
     work (thousands of streamed chunks a second to parse) does not take an in-process server's interpreter lock.
     With `workers` > 1 the requests are dealt round-robin to that many processes, each holding its share of
     the concurrency, all starting at the same instant; the result is their union (duration: first start to last
-    end). The children import no torch; they get this process's `sys.path`."""
+    end); only the first of them polls `/metrics`. The children import no torch; they get this process's
+    `sys.path`."""
     import dataclasses
     import os
     import subprocess
@@ -440,7 +444,7 @@ def run_load_in_subprocess(url: str, workload: Sequence[RequestSpec], concurrenc
             part = list(workload)[w::workers]
             with open(job, "w") as f:
                 json.dump({"url": url, "concurrency": shares[w], "timeout_s": timeout_s, "model": model,
-                           "start_at": start_at if workers > 1 else None,
+                           "start_at": start_at if workers > 1 else None, "poll": w == 0,
                            "workload": [[r.prompt_token_ids, r.max_tokens] for r in part]}, f)
             procs.append((subprocess.Popen([sys.executable, "-m", "cs336_systems.serving.loadgen", job, out],
                                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
@@ -493,7 +497,7 @@ def _main(argv: list[str]) -> int:
         time.sleep(max(0.0, job["start_at"] - time.time()))  # every worker fires at the same instant
     started_at = time.time()
     result = run_load(job["url"], workload, int(job["concurrency"]), timeout_s=float(job["timeout_s"]),
-                      model=job.get("model"))
+                      model=job.get("model"), poll_interval_s=0.1 if job.get("poll", True) else None)
     with open(out_path, "w") as f:
         json.dump({**dataclasses.asdict(result), "started_at": started_at}, f)
     return 0
