@@ -123,9 +123,9 @@ def templated(render: ChunkMaker) -> ChunkMaker:
     """`render` (choice index, text, token ids, finish_reason → SSE line, through pydantic), with its most common
     call, a text fragment of a running choice (no finish_reason, no token ids), assembled from one rendering
     with marker values split around them: the HTTP process builds one such line per streamed chunk, and
-    pydantic's validation and serialisation were a fifth of its CPU per chunk. The text goes through
-    pydantic-core's own JSON string encoder, so the bytes are `render`'s (a test compares them); any other
-    call, or a rendering whose markers can't be found exactly once, goes to `render`."""
+    pydantic's validation and serialisation of it cost 5 µs on the developer CPU (this, 0.4 µs). The text goes
+    through pydantic-core's own JSON string encoder, so the bytes are `render`'s (a test compares them); any
+    other call, or a rendering whose markers can't be found exactly once, goes to `render`."""
     sample = render(_INDEX_MARK, _TEXT_MARK, None, None)
     index_at, text_json = str(_INDEX_MARK), to_json(_TEXT_MARK).decode()
     if sample.count(index_at) != 1 or sample.count(text_json) != 1 or sample.index(index_at) > sample.index(text_json):

@@ -1,5 +1,6 @@
-"""The engine's speed flags, defined once for `serve`, `bench-serve` and `benchmarks/serving.py` (their names
-are `EngineConfig`'s fields, so `speed_settings(args)` passes them on as they are)."""
+"""The engine's speed flags and the HTTP server's stack, defined once for `serve`, `bench-serve` and
+`benchmarks/serving.py` (the speed flags' names are `EngineConfig`'s fields, so `speed_settings(args)` passes them
+on as they are; `http_settings(args)` gives uvicorn's)."""
 
 from __future__ import annotations
 
