@@ -7,6 +7,7 @@ import torch
 
 from cs336_basics.model import TransformerConfig, TransformerLM
 from cs336_systems.serving.block_manager import SCRATCH_BLOCK
+from cs336_systems.serving.engine import EngineConfig
 from cs336_systems.serving.model_runner import ModelRunner
 from cs336_systems.serving.testing import (
     ENGINE_VARIANTS,
@@ -170,6 +171,35 @@ def test_compiled_prefill_matches_the_eager_one_at_every_shape_without_recompili
             torch.testing.assert_close(pool[SCRATCH_BLOCK + 1 :], ref[SCRATCH_BLOCK + 1 :], rtol=1e-5, atol=1e-5)
         assert any(p[SCRATCH_BLOCK + 1 :].abs().sum() > 0 for p in compiled.k_pools)
     assert counters["stats"]["unique_graphs"] == graphs
+
+
+def test_the_cpp_wrapper_prefill_computes_what_the_eager_one_does(compiled_and_eager):
+    """The same graph launched from inductor's generated C++: logits and stored keys/values as the eager fast
+    prefill's, and the option reaches torch.compile only for a compiled prefill."""
+    eager, _ = compiled_and_eager
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        wrapped = ModelRunner(_model(FAST["gqa"], torch.float32), num_blocks=64, block_size=BLOCK, max_num_seqs=8,
+                              cuda_graphs=False, compile_prefill=True, prefill_cpp_wrapper=True)
+        assert wrapped.prefill_forward.cpp_wrapper
+        for lengths in [(13, 40, 7, 1), (5,)]:
+            slots, prompts = _slots(lengths), random_prompts(len(lengths), lengths)
+            for runner in (eager, wrapped):
+                for pool in (*runner.k_pools, *runner.v_pools):
+                    pool.zero_()
+            torch.testing.assert_close(wrapped.prefill(prompts, slots), eager.prefill(prompts, slots),
+                                       rtol=1e-5, atol=1e-5)
+            for pool, ref in zip((*wrapped.k_pools, *wrapped.v_pools), (*eager.k_pools, *eager.v_pools),
+                                 strict=True):
+                torch.testing.assert_close(pool[SCRATCH_BLOCK + 1 :], ref[SCRATCH_BLOCK + 1 :], rtol=1e-5, atol=1e-5)
+    finally:
+        torch.set_num_threads(threads)
+    plain = ModelRunner(_model(FAST["gqa"], torch.float32), num_blocks=8, block_size=BLOCK, max_num_seqs=2,
+                        cuda_graphs=False, prefill_cpp_wrapper=True)
+    assert not plain.prefill_forward.compiled and not plain.prefill_forward.cpp_wrapper
+    with pytest.raises(ValueError, match="prefill_cpp_wrapper"):
+        EngineConfig(prefill_cpp_wrapper=True, compile_prefill=False)
 
 
 def test_engine_with_a_compiled_prefill_generates_what_the_eager_engine_does():

@@ -8,7 +8,7 @@ import argparse
 from typing import Any
 
 SPEED_FIELDS = ("prefill_delay_steps", "decode_steps", "async_scheduling", "overlap_prefill", "compile_decode",
-                "compile_prefill", "cuda_graphs")
+                "compile_prefill", "prefill_cpp_wrapper", "cuda_graphs")
 
 
 def add_speed_arguments(group: Any) -> None:
@@ -31,6 +31,9 @@ def add_speed_arguments(group: Any) -> None:
     group.add_argument("--compile-prefill", action=argparse.BooleanOptionalAction, default=None,
                        help="the prefill pass as one torch.compile graph (compiled at start-up; fewer host calls; "
                             "default: on with CUDA, off on CPU)")
+    group.add_argument("--prefill-cpp-wrapper", action="store_true",
+                       help="with a compiled prefill: launch its kernels from inductor's generated C++ rather than "
+                            "Python (fewer host microseconds per pass; longer start-up)")
     group.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                        help="decode eagerly instead of replaying captured CUDA graphs")
 

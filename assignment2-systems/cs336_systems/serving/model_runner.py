@@ -126,7 +126,7 @@ def bytes_per_block(model: TransformerLM, block_size: int, dtype: torch.dtype) -
 class ModelRunner:
     def __init__(self, model: TransformerLM, num_blocks: int, block_size: int, max_num_seqs: int,
                  cuda_graphs: bool = True, attention_backend: str = "auto", fast_prefill: bool = True,
-                 compile_prefill: bool = False, compile_decode: bool = False):
+                 compile_prefill: bool = False, compile_decode: bool = False, prefill_cpp_wrapper: bool = False):
         self.model = model
         self.config = model.config
         weight = model.lm_head.weight
@@ -159,7 +159,8 @@ class ModelRunner:
             self.caches = [PagedLayerCache(k, v, self.meta_ref, attention_backend)
                            for k, v in zip(self.k_pools, self.v_pools, strict=True)]
         # The common decoder shape prefills through `PrefillForward` (same results, per-pass work done once).
-        self.prefill_forward = (PrefillForward(model, self.k_pools, self.v_pools, compile=compile_prefill)
+        self.prefill_forward = (PrefillForward(model, self.k_pools, self.v_pools, compile=compile_prefill,
+                                               cpp_wrapper=prefill_cpp_wrapper)
                                 if fast_prefill and not self.recurrent and prefill_supports(model) else None)
         if self.prefill_forward is not None and self.prefill_forward.compiled:
             self._compile_prefill()

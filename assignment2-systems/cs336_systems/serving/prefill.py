@@ -92,7 +92,8 @@ MIN_COMPILED_SHAPE = (2, 2)  # (rows, tokens) of every compiled pass: size-1 dim
 class PrefillForward:
     """Hidden states of a right-padded prefill batch, keys/values stored in the paged pools on the way."""
 
-    def __init__(self, model: TransformerLM, k_pools: list[Tensor], v_pools: list[Tensor], compile: bool = False):
+    def __init__(self, model: TransformerLM, k_pools: list[Tensor], v_pools: list[Tensor], compile: bool = False,
+                 cpp_wrapper: bool = False):
         if not supports(model):
             raise ValueError("PrefillForward: unsupported model configuration (see prefill.supports)")
         self.model = model
@@ -122,7 +123,10 @@ class PrefillForward:
         if self.rope is not None:
             self._rope_tables(1)  # built now, so that a compiled graph never guards on their absence
         self.compiled = compile
-        self._run = torch.compile(self._forward, fullgraph=True) if compile else self._forward
+        self.cpp_wrapper = compile and cpp_wrapper
+        # cpp_wrapper: inductor launches the graph's kernels from generated C++ instead of Python
+        options = {"cpp_wrapper": True} if self.cpp_wrapper else None
+        self._run = torch.compile(self._forward, fullgraph=True, options=options) if compile else self._forward
 
     def _rope_tables(self, length: int) -> tuple[Tensor, Tensor, Tensor]:
         """cos and signed sin of positions 0..length − 1, (length, d) with each pair's angle twice, and the
