@@ -7,7 +7,8 @@ import torch
 
 from cs336_basics.model import TransformerConfig, TransformerLM
 from cs336_systems.serving.block_manager import SCRATCH_BLOCK
-from cs336_systems.serving.engine import EngineConfig
+from cs336_systems.serving.engine import EngineConfig, LLMEngine
+from cs336_systems.serving.loader import tiny_served_model
 from cs336_systems.serving.model_runner import ModelRunner
 from cs336_systems.serving.testing import (
     ENGINE_VARIANTS,
@@ -200,6 +201,8 @@ def test_the_cpp_wrapper_prefill_computes_what_the_eager_one_does(compiled_and_e
     assert not plain.prefill_forward.compiled and not plain.prefill_forward.cpp_wrapper
     with pytest.raises(ValueError, match="prefill_cpp_wrapper"):
         EngineConfig(prefill_cpp_wrapper=True, compile_prefill=False)
+    with pytest.raises(ValueError, match="off on cpu unless asked for"):  # None: compiled on CUDA only
+        LLMEngine(tiny_served_model(), EngineConfig(device="cpu", prefill_cpp_wrapper=True, compile_prefill=None))
 
 
 def test_engine_with_a_compiled_prefill_generates_what_the_eager_engine_does():

@@ -150,9 +150,13 @@ class LLMEngine:
         block_size = self.context_length if is_recurrent(self.model) else config.block_size  # a block = a state
         num_blocks = config.num_blocks or self._default_num_blocks(dtype, block_size)
         on_cuda = device.type == "cuda"
+        compile_prefill = on_cuda if config.compile_prefill is None else config.compile_prefill
+        if config.prefill_cpp_wrapper and not compile_prefill:
+            raise ValueError("prefill_cpp_wrapper (--prefill-cpp-wrapper) is for a compiled prefill, which is off "
+                             f"on {device.type} unless asked for (--compile-prefill)")
         self.runner = ModelRunner(self.model, num_blocks, block_size, config.max_num_seqs,
                                   config.cuda_graphs, config.attention_backend,
-                                  compile_prefill=on_cuda if config.compile_prefill is None else config.compile_prefill,
+                                  compile_prefill=compile_prefill,
                                   compile_decode=on_cuda if config.compile_decode is None else config.compile_decode,
                                   prefill_cpp_wrapper=config.prefill_cpp_wrapper)
         self.blocks = BlockManager(num_blocks, block_size)
