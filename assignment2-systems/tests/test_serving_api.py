@@ -719,6 +719,8 @@ def one_line(err: str) -> str:
     (["--run-dir", "{tmp}", "--hf-model", "{tmp}"], "give exactly one model"),
     (["--hf-model", "{tmp}", "--tokenizer", "{tmp}"], "--tokenizer goes with --run-dir"),
     (["--run-dir", "{tmp}", "--device", "tpu"], "--device must be cpu or cuda"),
+    (["--run-dir", "{tmp}", "--device", "cpu", "--prefill-cpp-wrapper"], "--prefill-cpp-wrapper is for a compiled"),
+    (["--run-dir", "{tmp}", "--prefill-cpp-wrapper", "--no-compile-prefill"], "prefill_cpp_wrapper (--prefill-cpp-"),
 ])
 def test_serve_refuses_bad_settings_in_one_line_before_loading(argv, message, tmp_path, capsys):
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]

@@ -213,6 +213,8 @@ def _cli_args(argv: list[str]) -> argparse.Namespace:
     (["--preset", "quickstart", "--baselines", "hf,vllm"], "unknown vllm"),
     (["--hf-model", "/no/such/dir"], "no such folder"),
     (["--run-dir", ".", "--context-length", "9"], "--preset only"),
+    pytest.param(["--preset", "quickstart", "--prefill-cpp-wrapper"], "is for a compiled prefill",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="with CUDA the prefill compiles")),
 ])
 def test_cli_refuses_bad_settings_in_one_line(argv, match):
     with pytest.raises(UserError, match=match):

@@ -26,7 +26,13 @@ from pathlib import Path
 from typing import Any
 
 from cs336_basics.cli_support import UserError, atomic_write
-from cs336_systems.serving.engine_args import add_http_arguments, add_speed_arguments, http_settings, speed_settings
+from cs336_systems.serving.engine_args import (
+    add_http_arguments,
+    add_speed_arguments,
+    check_speed_arguments,
+    http_settings,
+    speed_settings,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 FIG_DIR = REPO_ROOT / "fig"
@@ -107,6 +113,8 @@ def check_settings(args: argparse.Namespace) -> None:
             raise UserError(f"{flag} MIN must not exceed MAX, got {lo} {hi}")
     if args.seed < 0:
         raise UserError(f"--seed must be >= 0, got {args.seed}")
+    if args.url is None:  # the in-process server's engine
+        check_speed_arguments(args, None)
     if not args.timeout_s > 0 or not args.time_budget > 0:
         raise UserError("--timeout-s and --time-budget must be > 0")
     sources = [f for f, v in [("--hf-model", args.hf_model), ("--run-dir", args.run_dir), ("--preset", args.preset)]

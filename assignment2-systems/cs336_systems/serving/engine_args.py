@@ -38,6 +38,24 @@ def add_speed_arguments(group: Any) -> None:
                        help="decode eagerly instead of replaying captured CUDA graphs")
 
 
+def check_speed_arguments(args: argparse.Namespace, device: str | None) -> None:
+    """Refuses, before anything loads, a flag the engine would otherwise only refuse in its own process."""
+    from cs336_basics.cli_support import UserError
+
+    if args.prefill_cpp_wrapper and args.compile_prefill is None and not _cuda_device(device):
+        raise UserError("--prefill-cpp-wrapper is for a compiled prefill, which is off on the CPU unless asked for "
+                        "(--compile-prefill)")
+
+
+def _cuda_device(device: str | None) -> bool:
+    """Whether the engine will run on CUDA (its default device: CUDA when there is one)."""
+    if device is not None:
+        return device.startswith("cuda")
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def speed_settings(args: argparse.Namespace) -> dict[str, Any]:
     """`EngineConfig` keyword arguments from the parsed flags."""
     return {name: getattr(args, name) for name in SPEED_FIELDS}

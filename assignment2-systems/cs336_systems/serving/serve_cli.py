@@ -17,7 +17,13 @@ import socket
 from pathlib import Path
 
 from cs336_basics.cli_support import UserError
-from cs336_systems.serving.engine_args import add_http_arguments, add_speed_arguments, http_settings, speed_settings
+from cs336_systems.serving.engine_args import (
+    add_http_arguments,
+    add_speed_arguments,
+    check_speed_arguments,
+    http_settings,
+    speed_settings,
+)
 
 API_KEY_ENV = "CS336_API_KEY"
 
@@ -68,6 +74,7 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise UserError("--served-model-name must not be empty")
     if args.device is not None and not args.device.startswith(("cpu", "cuda")):
         raise UserError(f"--device must be cpu or cuda[:N], got {args.device}")
+    check_speed_arguments(args, args.device)
 
 
 def bind(host: str, port: int) -> socket.socket:
