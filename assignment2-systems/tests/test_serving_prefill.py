@@ -242,3 +242,57 @@ def test_compiled_prefill_on_cuda_matches_the_eager_one(dtype):
                              strict=True):
             torch.testing.assert_close(pool[SCRATCH_BLOCK + 1 :], ref[SCRATCH_BLOCK + 1 :], rtol=tol, atol=tol)
     assert counters["stats"]["unique_graphs"] == graphs
+
+
+def test_bucketed_prefill_pads_to_the_ladder_and_computes_what_the_unpadded_one_does():
+    """`prefill_graphs` pads each pass to the smallest (rows, tokens) bucket that holds it (on the CPU without
+    capturing): logits and stored keys/values equal the unpadded pass's to fp32 rounding; a pass larger than
+    every bucket runs unpadded."""
+    plain = ModelRunner(_model(FAST["gqa"], torch.float32), num_blocks=64, block_size=BLOCK, max_num_seqs=8,
+                        cuda_graphs=False)
+    bucketed = ModelRunner(_model(FAST["gqa"], torch.float32), num_blocks=64, block_size=BLOCK, max_num_seqs=8,
+                           cuda_graphs=False, prefill_graphs=True, max_num_batched_tokens=256)
+    buckets = bucketed.prefill_buckets
+    assert buckets and all(rows * length <= 256 and rows <= 8 and length <= 128 for rows, length in buckets)
+    assert bucketed._prefill_bucket(3, 40) == (3, 48) and bucketed._prefill_bucket(1, 1) == (2, 16)
+    assert bucketed._prefill_bucket(8, 100) is None  # 8 × 128 tokens is past max_num_batched_tokens
+    for lengths in [(13, 40, 7, 1), (5,), (1,), (3, 4, 5, 6, 7, 8, 9, 10), (100,), (20, 20, 20, 99)]:
+        slots, prompts = _slots(lengths), random_prompts(len(lengths), lengths)
+        for runner in (plain, bucketed):
+            for pool in (*runner.k_pools, *runner.v_pools):
+                pool.zero_()
+        want, got = plain.prefill(prompts, slots), bucketed.prefill(prompts, slots)
+        assert got.shape == want.shape == (len(lengths), 257)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        for pool, ref in zip((*bucketed.k_pools, *bucketed.v_pools), (*plain.k_pools, *plain.v_pools), strict=True):
+            torch.testing.assert_close(pool[SCRATCH_BLOCK + 1 :], ref[SCRATCH_BLOCK + 1 :], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        LLMEngine(tiny_served_model(), EngineConfig(device="cpu", prefill_cuda_graphs=True))
+    with pytest.raises(ValueError, match="without CUDA graphs"):
+        EngineConfig(prefill_cuda_graphs=True, cuda_graphs=False)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("compile_prefill", [False, True], ids=["eager", "compiled"])
+def test_prefill_cuda_graphs_replay_what_the_prefill_without_graphs_computes(compile_prefill):
+    """Captured at start-up, one per bucket; each replayed pass (fresh inputs in the graph's buffer) gives the
+    logits and stored keys/values of the same pass without graphs, in bf16 up to its rounding; a pass past
+    every bucket runs without one."""
+    tol = 3e-2
+    runners = [ModelRunner(_model(FAST["gqa"], torch.bfloat16).cuda(), num_blocks=64, block_size=BLOCK,
+                           max_num_seqs=8, cuda_graphs=False, compile_prefill=compile_prefill, prefill_graphs=graphs,
+                           max_num_batched_tokens=256) for graphs in (False, True)]
+    assert set(runners[1].prefill_graphs) == set(runners[1].prefill_buckets) and runners[1].prefill_graphs
+    replays = 0
+    for lengths in [(13, 40, 7, 1), (5,), (1,), (3, 4, 5, 6, 7, 8, 9, 10), (17, 2), (20, 20, 20, 99)]:
+        slots, prompts = _slots(lengths), random_prompts(len(lengths), lengths)
+        for runner in runners:
+            for pool in (*runner.k_pools, *runner.v_pools):
+                pool.zero_()
+        replays += runners[1]._prefill_bucket(len(lengths), max(lengths)) is not None
+        want, got = (runner.prefill(prompts, slots, pinned=True) for runner in runners)
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+        for pool, ref in zip((*runners[1].k_pools, *runners[1].v_pools), (*runners[0].k_pools, *runners[0].v_pools),
+                             strict=True):
+            torch.testing.assert_close(pool[SCRATCH_BLOCK + 1 :], ref[SCRATCH_BLOCK + 1 :], rtol=tol, atol=tol)
+    assert replays == 5  # all but the last pass (4 × 128 tokens > 256)

@@ -8,7 +8,7 @@ import argparse
 from typing import Any
 
 SPEED_FIELDS = ("prefill_delay_steps", "decode_steps", "async_scheduling", "overlap_prefill", "compile_decode",
-                "compile_prefill", "prefill_cpp_wrapper", "cuda_graphs")
+                "compile_prefill", "prefill_cpp_wrapper", "prefill_cuda_graphs", "cuda_graphs")
 
 
 def add_speed_arguments(group: Any) -> None:
@@ -34,6 +34,9 @@ def add_speed_arguments(group: Any) -> None:
     group.add_argument("--prefill-cpp-wrapper", action="store_true",
                        help="with a compiled prefill: launch its kernels from inductor's generated C++ rather than "
                             "Python (fewer host microseconds per pass; longer start-up)")
+    group.add_argument("--prefill-cuda-graphs", action="store_true",
+                       help="pad prefill passes to a ladder of (rows, tokens) buckets and replay them from CUDA "
+                            "graphs captured at start-up (a few host microseconds per pass; CUDA only)")
     group.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                        help="decode eagerly instead of replaying captured CUDA graphs")
 
@@ -45,6 +48,10 @@ def check_speed_arguments(args: argparse.Namespace, device: str | None) -> None:
     if args.prefill_cpp_wrapper and args.compile_prefill is None and not _cuda_device(device):
         raise UserError("--prefill-cpp-wrapper is for a compiled prefill, which is off on the CPU unless asked for "
                         "(--compile-prefill)")
+    if args.prefill_cuda_graphs and not _cuda_device(device):
+        raise UserError("--prefill-cuda-graphs needs a CUDA device")
+    if args.prefill_cuda_graphs and not args.cuda_graphs:
+        raise UserError("--prefill-cuda-graphs and --no-cuda-graphs contradict each other")
 
 
 def _cuda_device(device: str | None) -> bool:

@@ -38,6 +38,19 @@ log = logging.getLogger(__name__)
 PREFILL_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
+# Prefill passes captured as CUDA graphs (`prefill_graphs`): a pass is padded up to the nearest (rows, tokens)
+# of these ladders (at most ~25% more tokens past 64, 2 rows or 50% more rows), one graph per pair that fits
+# `max_num_batched_tokens`; larger passes run without a graph.
+PREFILL_GRAPH_ROWS = (2, 3, 4, 6, 8, 12, 16)
+PREFILL_GRAPH_LENGTHS = (16, 32, 48, 64, 80, 96, 128, 160, 192, 256, 320, 384, 512, 640, 768, 1024, 1280, 1536,
+                         2048)
+
+
+@dataclass
+class _PrefillGraph:
+    graph: torch.cuda.CUDAGraph
+    inputs: Int[Tensor, " flat"]  # the upload layout of `ModelRunner.prefill`
+    output: Float[Tensor, "rows d_model"]
 
 
 @dataclass
@@ -126,7 +139,8 @@ def bytes_per_block(model: TransformerLM, block_size: int, dtype: torch.dtype) -
 class ModelRunner:
     def __init__(self, model: TransformerLM, num_blocks: int, block_size: int, max_num_seqs: int,
                  cuda_graphs: bool = True, attention_backend: str = "auto", fast_prefill: bool = True,
-                 compile_prefill: bool = False, compile_decode: bool = False, prefill_cpp_wrapper: bool = False):
+                 compile_prefill: bool = False, compile_decode: bool = False, prefill_cpp_wrapper: bool = False,
+                 prefill_graphs: bool = False, max_num_batched_tokens: int = 8192):
         self.model = model
         self.config = model.config
         weight = model.lm_head.weight
@@ -162,6 +176,8 @@ class ModelRunner:
         self.prefill_forward = (PrefillForward(model, self.k_pools, self.v_pools, compile=compile_prefill,
                                                cpp_wrapper=prefill_cpp_wrapper)
                                 if fast_prefill and not self.recurrent and prefill_supports(model) else None)
+        self.prefill_buckets: list[tuple[int, int]] = []
+        self.prefill_graphs: dict[tuple[int, int], _PrefillGraph] = {}
         if self.prefill_forward is not None and self.prefill_forward.compiled:
             self._compile_prefill()
         self.decode_forward: DecodeForward | None = None
@@ -173,6 +189,14 @@ class ModelRunner:
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, Tensor]] = {}
         if cuda_graphs and self.device.type == "cuda":
             self._capture(max_num_seqs)
+        # Prefill passes padded to the buckets (on any device, so that the CPU tests run the padding) and, on
+        # CUDA, replayed from graphs captured now; only for `PrefillForward`'s shape.
+        if prefill_graphs and self.prefill_forward is not None:
+            self.prefill_buckets = [(rows, length) for length in PREFILL_GRAPH_LENGTHS for rows in PREFILL_GRAPH_ROWS
+                                    if length <= self.config.context_length and rows <= max(max_num_seqs, 2)
+                                    and rows * length <= max_num_batched_tokens]
+            if self.device.type == "cuda":
+                self._capture_prefill()
 
     @property
     def kv_bytes_per_block(self) -> int:
@@ -257,12 +281,17 @@ class ModelRunner:
         the inputs go up from pinned memory (an upload from pageable memory may wait for the device)."""
         batch, longest = len(prompts), max(map(len, prompts))
         real = batch
-        if self.prefill_forward is not None and self.prefill_forward.compiled:  # one graph for every pass:
-            # pad rows (token 0 at scratch slots) and positions past the prompts, whose outputs are not read
-            extra = max(0, MIN_COMPILED_SHAPE[0] - batch)
-            prompts = [*prompts, *[[0]] * extra]
-            slots = [*slots, *[[SCRATCH_BLOCK * self.block_size]] * extra]
-            batch, longest = len(prompts), max(longest, MIN_COMPILED_SHAPE[1])
+        bucket = self._prefill_bucket(batch, longest)
+        if bucket is not None:
+            rows, longest = bucket
+        elif self.prefill_forward is not None and self.prefill_forward.compiled:  # one graph for every pass
+            rows, longest = max(batch, MIN_COMPILED_SHAPE[0]), max(longest, MIN_COMPILED_SHAPE[1])
+        else:
+            rows = batch
+        # padding: rows of token 0 at scratch slots and positions past the prompts, whose outputs are not read
+        prompts = [*prompts, *[[0]] * (rows - batch)]
+        slots = [*slots, *[[SCRATCH_BLOCK * self.block_size]] * (rows - batch)]
+        batch = rows
         # One upload: tokens, slots (batch, longest) and each row's last token's flat index.
         host = np.zeros((2 * batch * longest + batch,), dtype=np.int64)
         tokens, slot_mapping = host[: batch * longest].reshape(batch, longest), host[batch * longest : -batch]
@@ -273,22 +302,73 @@ class ModelRunner:
             slot_mapping[row, : len(prompt)] = row_slots
         host[-batch:] = np.arange(batch) * longest + np.fromiter(map(len, prompts), np.int64, batch) - 1
         staged = torch.from_numpy(host)
-        device = (staged.pin_memory() if pinned else staged).to(self.device, non_blocking=True)
+        if pinned:
+            staged = staged.pin_memory()
+        captured = self.prefill_graphs.get(bucket) if bucket is not None else None
+        if captured is not None:  # into the graph's own input buffer, behind any earlier replay that reads it
+            captured.inputs.copy_(staged, non_blocking=True)
+            captured.graph.replay()
+            return self._logits(captured.output[:real])
+        device = staged.to(self.device, non_blocking=True)
         tokens_d = device[: batch * longest].view(batch, longest)
         slots_d = device[batch * longest : -batch].view(batch, longest)
-        last = device[-batch:]
+        return self._logits(self._prefill_last_hidden(tokens_d, slots_d, device[-batch:], prompts, slots)[:real])
+
+    def _prefill_last_hidden(self, tokens: Int[Tensor, "batch seq"], slots: Int[Tensor, "batch seq"],
+                             last: Int[Tensor, " batch"], prompts: list[list[int]] | None = None,
+                             prompt_slots: list[list[int]] | None = None) -> Float[Tensor, "batch d_model"]:
+        """Each row's hidden state at its last prompt token (flat index `last`), before ln_final. `prompts` and
+        `prompt_slots` only for the model's own path of a recurrent model (its key mask and state rows)."""
+        batch, longest = tokens.shape
         with sdpa_kernel(PREFILL_SDPA_BACKENDS):
             if self.prefill_forward is not None:
-                hidden = self.prefill_forward(tokens_d, slots_d)
+                hidden = self.prefill_forward(tokens, slots)
             else:
                 positions = torch.arange(longest, device=self.device).expand(batch, longest)
-                self.meta_ref[0] = StepMeta(False, slots_d.reshape(-1))
+                self.meta_ref[0] = StepMeta(False, slots.reshape(-1))
                 key_mask = rows = None
                 if self.recurrent:
                     key_mask = positions < torch.tensor([len(p) for p in prompts], device=self.device)[:, None]
-                    rows = torch.tensor([row_slots[0] // self.block_size for row_slots in slots], device=self.device)
-                hidden = self._hidden(tokens_d, positions, key_mask, rows, fresh=True)
-        return self._logits(hidden.reshape(batch * longest, -1).index_select(0, last[:real]))
+                    rows = torch.tensor([row_slots[0] // self.block_size for row_slots in prompt_slots],
+                                        device=self.device)
+                hidden = self._hidden(tokens, positions, key_mask, rows, fresh=True)
+        return hidden.reshape(batch * longest, -1).index_select(0, last)
+
+    def _prefill_bucket(self, batch: int, longest: int) -> tuple[int, int] | None:
+        """The smallest (rows, tokens) bucket that holds the pass, if any (by the ladders' order: fewest tokens)."""
+        fits = [b for b in self.prefill_buckets if b[0] >= batch and b[1] >= longest]
+        return min(fits, key=lambda b: (b[0] * b[1], b[1])) if fits else None
+
+    def _capture_prefill(self) -> None:
+        """One CUDA graph per bucket, largest first into one memory pool, each with its own input buffer (tokens,
+        slots, last-token indices: `prefill`'s upload layout) and its output (rows, d_model). Where capture fails,
+        prefills run without graphs."""
+        scratch = SCRATCH_BLOCK * self.block_size
+        pool, start = None, time.perf_counter()
+        try:
+            with torch.inference_mode():
+                for rows, length in sorted(self.prefill_buckets, key=lambda b: (b[0] * b[1], b[1]), reverse=True):
+                    inputs = torch.zeros(2 * rows * length + rows, dtype=torch.long, device=self.device)
+                    inputs[rows * length : 2 * rows * length] = scratch
+                    args = (inputs[: rows * length].view(rows, length),
+                            inputs[rows * length : -rows].view(rows, length), inputs[-rows:])
+                    stream = torch.cuda.Stream()
+                    stream.wait_stream(torch.cuda.current_stream())
+                    with torch.cuda.stream(stream):
+                        self._prefill_last_hidden(*args)  # warm-up: lazy initialisation outside the capture
+                    torch.cuda.current_stream().wait_stream(stream)
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph, pool=pool):
+                        output = self._prefill_last_hidden(*args)
+                    pool = graph.pool()
+                    self.prefill_graphs[(rows, length)] = _PrefillGraph(graph, inputs, output)
+            torch.cuda.synchronize()
+        except Exception as error:  # e.g. a kernel that syncs with the host: prefills run without graphs
+            log.warning("prefill CUDA graph capture failed (%s); prefilling without graphs",
+                        str(error).splitlines()[0])
+            self.prefill_graphs.clear()
+            return
+        log.info("captured %d prefill graphs in %.1f s", len(self.prefill_graphs), time.perf_counter() - start)
 
     def decode(self, last_tokens: list[int], lengths: list[int], slots: list[list[int]], tables: list[list[int]],
                sample: Callable[[Tensor], Tensor], steps: int = 1) -> list[list[int]]:
