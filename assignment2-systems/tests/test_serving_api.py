@@ -721,6 +721,9 @@ def one_line(err: str) -> str:
     (["--run-dir", "{tmp}", "--device", "tpu"], "--device must be cpu or cuda"),
     (["--run-dir", "{tmp}", "--device", "cpu", "--prefill-cpp-wrapper"], "--prefill-cpp-wrapper is for a compiled"),
     (["--run-dir", "{tmp}", "--prefill-cpp-wrapper", "--no-compile-prefill"], "prefill_cpp_wrapper (--prefill-cpp-"),
+    (["--run-dir", "{tmp}", "--device", "cpu", "--prefill-cuda-graphs"], "--prefill-cuda-graphs needs a CUDA device"),
+    (["--run-dir", "{tmp}", "--device", "cuda", "--prefill-cuda-graphs", "--no-cuda-graphs"],
+     "--prefill-cuda-graphs and --no-cuda-graphs contradict"),
 ])
 def test_serve_refuses_bad_settings_in_one_line_before_loading(argv, message, tmp_path, capsys):
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]

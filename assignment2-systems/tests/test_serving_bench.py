@@ -215,6 +215,8 @@ def _cli_args(argv: list[str]) -> argparse.Namespace:
     (["--run-dir", ".", "--context-length", "9"], "--preset only"),
     pytest.param(["--preset", "quickstart", "--prefill-cpp-wrapper"], "is for a compiled prefill",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="with CUDA the prefill compiles")),
+    pytest.param(["--preset", "quickstart", "--prefill-cuda-graphs"], "needs a CUDA device",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="with CUDA the graphs are captured")),
 ])
 def test_cli_refuses_bad_settings_in_one_line(argv, match):
     with pytest.raises(UserError, match=match):
