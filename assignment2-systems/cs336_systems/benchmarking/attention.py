@@ -29,10 +29,10 @@ GRIDS: dict[str, dict[str, Any]] = {
     },
 }
 LEADERBOARD = {"batch": 1, "heads": 16, "seq": 16384, "d": 64, "dtype": "bfloat16", "causal": True}
-ALL_IMPLS = ["triton", "triton_tma", "triton_concurrent", "triton_atomic", "pytorch_fa2", "naive",
+ALL_IMPLS = ["triton", "fa3", "triton_tma", "triton_concurrent", "triton_atomic", "pytorch_fa2", "naive",
              "sdpa_flash", "sdpa_cudnn", "sdpa_efficient"]
 TRITON_MODES = {"triton": "split", "triton_tma": "tma", "triton_concurrent": "concurrent", "triton_atomic": "atomic"}
-GRID_IMPLS = ["triton", "pytorch_fa2", "naive", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient"]
+GRID_IMPLS = ["triton", "fa3", "pytorch_fa2", "naive", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient"]
 # our PyTorch twin loops over key tiles in Python: past this length a measurement costs seconds
 SLOW_IMPL_MAX_SEQ = {"pytorch_fa2": 16384}
 
@@ -72,6 +72,10 @@ def make_impl(name: str) -> tuple[Callable, contextlib.AbstractContextManager]:
 
         mode = TRITON_MODES[name]
         return FlashAttentionTriton.apply, _triton_mode(mode)
+    if name == "fa3":  # the Hopper path (Gluon forward); where it does not apply, the Triton kernels run
+        from cs336_systems.flash_attention.hopper_impl import FlashAttentionHopper
+
+        return FlashAttentionHopper.apply, contextlib.nullcontext()
     if name == "pytorch_fa2":
         return FlashAttentionPytorch.apply, _pytorch_tiles(128, 128, 256)
     if name == "naive":
@@ -131,6 +135,10 @@ def measure(name: str, shape: tuple[int, ...], dtype: torch.dtype, causal: bool,
         with ctx:
             row.update(time_passes(fn, q, k, v, do, causal, warmup, rep))
         row["status"] = "ok"
+        if name == "fa3":  # which kernels ran: "" = the Gluon one, else why it fell back to the Triton kernels
+            from cs336_systems.flash_attention.hopper_impl import last_path
+
+            row["fallback"] = {part: why for part, why in last_path.items() if why}
     except torch.OutOfMemoryError:
         row["status"] = "OOM"
     except (RuntimeError, ValueError, TypeError, NotImplementedError) as e:
@@ -203,7 +211,7 @@ def run_leaderboard(impls: list[str], warmup: int, rep: int, course_harness: boo
     out: dict[str, Any] = {"shape": lb, "flops": flops, "rows": rows}
     checks = {}
     for name in impls:
-        if name.startswith("triton"):
+        if name.startswith("triton") or name == "fa3":
             for ref in ("sdpa_flash", "sdpa_cudnn"):
                 with contextlib.suppress(RuntimeError):
                     checks[f"{name}_vs_{ref}"] = check_against(name, ref, shape, dtype, True)

@@ -42,17 +42,18 @@ def _paths(args: argparse.Namespace, stem: str) -> dict[str, Path]:
     fig_dir = args.out_dir or FIG_DIR
     res_dir = args.out_dir or RESULTS_DIR
     return {"json": res_dir / f"{stem}.json", "fig_json": fig_dir / f"{stem}.json",
-            "md": fig_dir / f"{stem}.md", "png": fig_dir / f"{stem}.png"}
+            "md": fig_dir / f"{stem}.md", "png": fig_dir / f"{stem}.png", "ratio_png": fig_dir / f"{stem}_ratio.png"}
 
 
 def _write_reports(results: dict, paths: dict[str, Path]) -> None:
-    from cs336_systems.benchmarking.attention_report import figure, markdown
+    from cs336_systems.benchmarking.attention_report import figure, markdown, ratio_figure
 
     paths["md"].parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(paths["md"]) as f:
         f.write(markdown(results))
-    if figure(results, paths["png"]):
-        print(f"wrote {paths['png']}")
+    for draw, key in ((figure, "png"), (ratio_figure, "ratio_png")):
+        if draw(results, paths[key]):
+            print(f"wrote {paths[key]}")
     print(f"wrote {paths['md']}")
 
 

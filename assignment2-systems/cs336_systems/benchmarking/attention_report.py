@@ -9,6 +9,7 @@ from cs336_basics.cli_support import atomic_path
 
 LABELS = {
     "triton": "ours, Triton",
+    "fa3": "ours, Hopper (Gluon forward)",
     "triton_tma": "ours, Triton (TMA-reduced dQ)",
     "triton_concurrent": "ours, Triton (two-stream backward)",
     "triton_atomic": "ours, Triton (atomic dQ)",
@@ -18,6 +19,54 @@ LABELS = {
     "sdpa_cudnn": "SDPA cuDNN",
     "sdpa_efficient": "SDPA efficient",
 }
+
+
+OURS = ("triton", "fa3", "triton_tma", "triton_concurrent", "triton_atomic")  # the GPU kernels (not the PyTorch twin)
+SDPA = ("sdpa_flash", "sdpa_cudnn", "sdpa_efficient")
+PASSES = {"fwd": "forward", "bwd": "backward", "fwd_bwd": "forward+backward"}
+
+
+def ratios_to_best_sdpa(grid: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per grid point, pass and one of our implementations: its time ÷ the fastest SDPA backend's at that point
+    and pass (which backend that was), where both ran."""
+    out = []
+    points = dict.fromkeys((r["dtype"], r["d"], r["seq"]) for r in grid)
+    for dtype, d, seq in points:
+        here = {r["impl"]: r for r in grid if (r["dtype"], r["d"], r["seq"]) == (dtype, d, seq)
+                and r.get("status") == "ok"}
+        for key in PASSES:
+            sdpa = {name: here[name][key] for name in SDPA if name in here}
+            if not sdpa:
+                continue
+            best = min(sdpa, key=sdpa.get)
+            for impl in OURS:
+                if impl in here:
+                    out.append({"dtype": dtype, "d": d, "seq": seq, "pass": key, "impl": impl,
+                                "ratio": here[impl][key] / sdpa[best], "best_sdpa": best})
+    return out
+
+
+def _ratio_markdown(ratios: list[dict[str, Any]]) -> list[str]:
+    impls = [i for i in OURS if any(r["impl"] == i for r in ratios)]
+    lines = ["## Ours ÷ the fastest SDPA backend at each point (below 1: ours is faster)", "",
+             "Cells: forward / backward / forward+backward; the fastest backend of forward+backward in brackets.", ""]
+    for dtype in dict.fromkeys(r["dtype"] for r in ratios):
+        lines += [f"### {dtype}", "", "| d | seq | " + " | ".join(LABELS.get(i, i) for i in impls) + " |",
+                  "|---:|---:|" + "---|" * len(impls)]
+        for d, seq in dict.fromkeys((r["d"], r["seq"]) for r in ratios if r["dtype"] == dtype):
+            cells = []
+            for impl in impls:
+                mine = {r["pass"]: r for r in ratios
+                        if (r["dtype"], r["d"], r["seq"], r["impl"]) == (dtype, d, seq, impl)}
+                if not mine:
+                    cells.append("—")
+                    continue
+                parts = " / ".join(f"{mine[k]['ratio']:.2f}" if k in mine else "—" for k in PASSES)
+                best = mine.get("fwd_bwd", {}).get("best_sdpa", "")
+                cells.append(f"{parts} [{best.removeprefix('sdpa_')}]" if best else parts)
+            lines.append(f"| {d} | {seq} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
 
 
 def _cell(row: dict[str, Any], key: str) -> str:
@@ -96,15 +145,17 @@ def markdown(results: dict[str, Any]) -> str:
             for d, seq in keys:
                 cells = []
                 for impl in impls:
-                    row = next(
-                        r for r in grid if r["dtype"] == dtype and r["d"] == d and r["seq"] == seq and r["impl"] == impl
-                    )
+                    row = next((r for r in grid
+                                if r["dtype"] == dtype and r["d"] == d and r["seq"] == seq and r["impl"] == impl), {})
                     if row.get("status") == "ok":
                         cells.append(f"{row['fwd']:.3g} / {row['bwd']:.3g} / {row['fwd_bwd']:.3g}")
                     else:
                         cells.append(_status_note(row) or "—")
                 lines.append(f"| {d} | {seq} | " + " | ".join(cells) + " |")
             lines.append("")
+        ratios = ratios_to_best_sdpa(grid)
+        if ratios:
+            lines += _ratio_markdown(ratios)
     return "\n".join(lines)
 
 
@@ -141,6 +192,46 @@ def figure(results: dict[str, Any], path: Path) -> bool:
         row[0].set_ylabel("forward+backward ms")
         row[0].legend(fontsize=7)
     fig.suptitle(f"Causal attention, batch 1 ({results.get('env', {}).get('gpu', '')})")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def ratio_figure(results: dict[str, Any], path: Path) -> bool:
+    """Our time ÷ the fastest SDPA backend's against sequence length, one panel per (dtype, d), a line per our
+    implementation and pass; 1 is drawn. False when the grid has no point with both."""
+    ratios = ratios_to_best_sdpa(results.get("grid") or [])
+    if not ratios:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dtypes = list(dict.fromkeys(r["dtype"] for r in ratios))
+    dims = list(dict.fromkeys(r["d"] for r in ratios))
+    impls = [i for i in OURS if any(r["impl"] == i for r in ratios)]
+    styles = {"fwd_bwd": "-", "fwd": "--", "bwd": ":"}
+    fig, axes = plt.subplots(len(dtypes), len(dims), figsize=(4 * len(dims), 3.4 * len(dtypes)), squeeze=False)
+    for (dtype, d), ax in zip([(t, d) for t in dtypes for d in dims], [a for row in axes for a in row], strict=True):
+        for i, impl in enumerate(impls):
+            for key, style in styles.items():
+                pts = sorted((r["seq"], r["ratio"]) for r in ratios
+                             if (r["dtype"], r["d"], r["impl"], r["pass"]) == (dtype, d, impl, key))
+                if pts:
+                    ax.plot(*zip(*pts, strict=True), style, marker="o", ms=3, color=f"C{i}",
+                            label=f"{LABELS.get(impl, impl)}, {PASSES[key]}")
+        ax.axhline(1.0, color="black", lw=0.8)
+        ax.set(yscale="log", title=f"{dtype}, d={d}", xlabel="sequence length")
+        ax.set_xscale("log", base=2)
+        ax.grid(alpha=0.3)
+    for row in axes:
+        row[0].set_ylabel("ours ÷ fastest SDPA backend")
+    axes[0][0].legend(fontsize=6)
+    fig.suptitle(f"Causal attention, batch 1: below 1 ours is faster ({results.get('env', {}).get('gpu', '')})")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
