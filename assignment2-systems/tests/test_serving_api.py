@@ -214,6 +214,11 @@ def _chat_render(choice: int, text: str, token_ids: list[int] | None, finish: st
 def test_templated_chunks_are_byte_for_byte_what_pydantic_renders(render):
     fast = templated(render)
     assert fast is not render  # the template was found
+    calls = []
+    counted = templated(lambda *args: calls.append(args) or render(*args))
+    calls.clear()
+    counted(0, "a", None, None), counted(0, "a", [1, 2], None)
+    assert calls == []  # both kinds of text chunk come from the templates, not from pydantic
     rng = random.Random(0)
     alphabet = ["a", " ", '"', "\\", "\n", "\t", "\r", "\x00", "\x1f", "\x7f", "/", "<", "&", "'", "é", "中", "😀",
                 "\u2028", "\ufffd", "cs336-text-mark-9f4e2b", "-7364921058"]
@@ -221,8 +226,11 @@ def test_templated_chunks_are_byte_for_byte_what_pydantic_renders(render):
         text = "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 12)))
         choice = rng.choice([0, 1, 7, 255, rng.randint(0, 10**6)])
         assert fast(choice, text, None, None) == render(choice, text, None, None), (choice, text)
+        ids = [rng.choice([0, 1, 9, 255, 8_462_019_377, rng.randint(0, 10**6)]) for _ in range(rng.randint(0, 5))]
+        assert fast(choice, text, ids, None) == render(choice, text, ids, None), (choice, text, ids)
     # every other call is rendered by pydantic itself
-    for args in [(0, "", None, None), (1, "x", None, "stop"), (2, "y", [1, 2], None), (3, "", [], "length")]:
+    for args in [(0, "", None, None), (1, "x", None, "stop"), (2, "", [1, 2], None), (3, "", [], "length"),
+                 (4, "z", [5], "stop")]:
         assert fast(*args) == render(*args)
 
 

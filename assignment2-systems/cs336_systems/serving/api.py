@@ -117,25 +117,44 @@ SSE_DONE = "data: [DONE]\n\n"
 ChunkMaker = Callable[[int, str, "list[int] | None", "str | None"], str]
 _INDEX_MARK = -7_364_921_058  # values no chunk carries, to find where a rendered chunk holds them
 _TEXT_MARK = "cs336-text-mark-9f4e2b"
+_ID_MARK = 8_462_019_377
+
+
+def _split_at_markers(sample: str, ids: bool) -> list[str] | None:
+    """A rendering of the marker values cut around them (index, text and, with `ids`, the one-id list), in that
+    order; None unless each marker is there exactly once."""
+    markers = [str(_INDEX_MARK), to_json(_TEXT_MARK).decode()] + ([f"[{_ID_MARK}]"] if ids else [])
+    pieces, rest = [], sample
+    for marker in markers:
+        if sample.count(marker) != 1 or marker not in rest:
+            return None
+        head, rest = rest.split(marker)
+        pieces.append(head)
+    return [*pieces, rest]
 
 
 def templated(render: ChunkMaker) -> ChunkMaker:
     """`render` (choice index, text, token ids, finish_reason → SSE line, through pydantic), with its most common
-    call, a text fragment of a running choice (no finish_reason, no token ids), assembled from one rendering
-    with marker values split around them: the HTTP process builds one such line per streamed chunk, and
-    pydantic's validation and serialisation of it cost 5 µs on the developer CPU (this, 0.4 µs). The text goes
-    through pydantic-core's own JSON string encoder, so the bytes are `render`'s (a test compares them); any
-    other call, or a rendering whose markers can't be found exactly once, goes to `render`."""
-    sample = render(_INDEX_MARK, _TEXT_MARK, None, None)
-    index_at, text_json = str(_INDEX_MARK), to_json(_TEXT_MARK).decode()
-    if sample.count(index_at) != 1 or sample.count(text_json) != 1 or sample.index(index_at) > sample.index(text_json):
+    calls, a text fragment of a running choice (no finish_reason) with or without its token ids, assembled from
+    one rendering of each with marker values split around them: the HTTP process builds one such line per
+    streamed chunk, and pydantic's validation and serialisation of it cost 5 µs on the developer CPU (this,
+    0.4 µs). The text goes through pydantic-core's own JSON string encoder and the ids are written as its
+    compact list, so the bytes are `render`'s (a test compares them); any other call, or a rendering whose
+    markers can't be found exactly once, goes to `render`."""
+    plain = _split_at_markers(render(_INDEX_MARK, _TEXT_MARK, None, None), ids=False)
+    with_ids = _split_at_markers(render(_INDEX_MARK, _TEXT_MARK, [_ID_MARK], None), ids=True)
+    if plain is None and with_ids is None:
         return render
-    head, rest = sample.split(index_at)
-    middle, tail = rest.split(text_json)
 
     def chunk(choice: int, text: str, token_ids: list[int] | None, finish: str | None) -> str:
-        if finish is None and token_ids is None and text:
-            return f"{head}{choice:d}{middle}{to_json(text).decode()}{tail}"
+        if finish is None and text:
+            if token_ids is None and plain is not None:
+                head, middle, tail = plain
+                return f"{head}{choice:d}{middle}{to_json(text).decode()}{tail}"
+            if token_ids is not None and with_ids is not None:
+                head, middle, between, tail = with_ids
+                listed = ",".join(map(str, token_ids))
+                return f"{head}{choice:d}{middle}{to_json(text).decode()}{between}[{listed}]{tail}"
         return render(choice, text, token_ids, finish)
 
     return chunk
