@@ -239,6 +239,7 @@ def test_cli_runs_a_preset_and_writes_its_outputs(tmp_path):
     (model,) = results["models"]
     assert {p["system"] for p in model["points"]} == {"server", "nonpaged"}
     assert all(p["status"] == "ok" and p["output_tokens"] == p["requested_output_tokens"] for p in model["points"])
+    assert 0 < model["info"]["server_startup_s"] < 600 and "engine_startup_s" not in model["info"]  # no engine row
     assert (tmp_path / "r.md").is_file() and (tmp_path / "r.png").is_file()
 
 

@@ -370,7 +370,10 @@ def benchmark_model(
     if url is not None:
         measure_server(url, None)
     else:
+        started = time.monotonic()  # start-up includes compiling and capturing graphs: reported, not timed below
         with local_server(hf_dir, engine_config, http) as (server_url, engine):
+            info["server_startup_s"] = round(time.monotonic() - started, 2)
+            log(f"[{name}] server up in {info['server_startup_s']:.1f} s")
             measure_server(server_url, engine)
             del engine  # the KV pool goes when the server stops, before the baselines load
 
@@ -382,7 +385,10 @@ def benchmark_model(
         try:
             device = "cuda" if cuda else "cpu"
             if system == "engine":
+                started = time.monotonic()
                 model = bl.load_engine(hf_dir, engine_config)
+                info["engine_startup_s"] = round(time.monotonic() - started, 2)
+                log(f"[{name}] in-process engine up in {info['engine_startup_s']:.1f} s")
 
                 def run(wl: list[RequestSpec], c: int, model: Any = model) -> dict[str, Any]:
                     result = bl.run_engine_offline(model, wl, c)
