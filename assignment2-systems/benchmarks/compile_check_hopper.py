@@ -209,7 +209,8 @@ FWD_VARIANTS = [
 ] + [
     {"dtype": "bf16", "head_dim": d, "causal": c, "block_m": 128, "block_n": bn, "stages": st, "num_warps": 8,
      "p_in_smem": True}
-    for d, bn, st in ((64, 128, 3), (64, 64, 4), (128, 64, 3)) for c in (True, False)
+    for d, bn, st in ((64, 128, 3), (64, 64, 4), (64, 64, 3), (64, 64, 2), (128, 64, 3), (128, 64, 2))
+    for c in (True, False)
 ] + [
     {"dtype": "bf16", "head_dim": 64, "causal": True, "block_m": 64, "block_n": 128, "stages": 3, "num_warps": 4},
 ]

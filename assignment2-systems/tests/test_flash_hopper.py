@@ -104,7 +104,8 @@ def test_hopper_unequal_lengths(n_q, n_k, causal):
 
 
 @needs_hopper
-@pytest.mark.parametrize("config", [(128, 3, False), (128, 4, True), (64, 4, True), (128, 2, True)])
+@pytest.mark.parametrize("config", [(128, 3, False), (128, 4, True), (128, 3, True), (128, 2, True), (64, 3, True),
+                                    (64, 2, True)])
 def test_hopper_other_configs(config, monkeypatch):
     """The register-P variant and other key tiles / stage counts (d 64), all of which compile_check builds."""
     monkeypatch.setitem(hopper_impl.CONFIGS, 64, config)
