@@ -52,6 +52,18 @@ def _prefill(overrides, dtype, fast: bool, lengths=(13, 40, 7, 1), device="cpu")
     return runner, prompts, logits, pools
 
 
+def _clear_pools(*runners: ModelRunner) -> None:
+    for runner in runners:
+        for pool in (*runner.k_pools, *runner.v_pools):
+            pool.zero_()
+
+
+def _assert_pools_close(runner: ModelRunner, reference: ModelRunner, tol: float) -> None:
+    """Every stored key/value outside the scratch block, against the reference runner's."""
+    for pool, ref in zip((*runner.k_pools, *runner.v_pools), (*reference.k_pools, *reference.v_pools), strict=True):
+        torch.testing.assert_close(pool[SCRATCH_BLOCK + 1 :], ref[SCRATCH_BLOCK + 1 :], rtol=tol, atol=tol)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("variant", sorted(FAST))
 def test_fast_prefill_is_bit_identical_to_the_models_own_forward(variant, dtype):
@@ -162,14 +174,11 @@ def test_compiled_prefill_matches_the_eager_one_at_every_shape_without_recompili
     graphs = counters["stats"]["unique_graphs"]
     for lengths in [(13, 40, 7, 1), (5,), (1,), (1, 1, 2), (3, 4, 5, 6, 7, 8, 9, 10)]:
         slots, prompts = _slots(lengths), random_prompts(len(lengths), lengths)
-        for runner in (eager, compiled):
-            for pool in (*runner.k_pools, *runner.v_pools):
-                pool.zero_()
+        _clear_pools(eager, compiled)
         want, got = eager.prefill(prompts, slots), compiled.prefill(prompts, slots)
         assert got.shape == want.shape == (len(lengths), 257)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-        for pool, ref in zip((*compiled.k_pools, *compiled.v_pools), (*eager.k_pools, *eager.v_pools), strict=True):
-            torch.testing.assert_close(pool[SCRATCH_BLOCK + 1 :], ref[SCRATCH_BLOCK + 1 :], rtol=1e-5, atol=1e-5)
+        _assert_pools_close(compiled, eager, 1e-5)
         assert any(p[SCRATCH_BLOCK + 1 :].abs().sum() > 0 for p in compiled.k_pools)
     assert counters["stats"]["unique_graphs"] == graphs
 
@@ -186,14 +195,10 @@ def test_the_cpp_wrapper_prefill_computes_what_the_eager_one_does(compiled_and_e
         assert wrapped.prefill_forward.cpp_wrapper
         for lengths in [(13, 40, 7, 1), (5,)]:
             slots, prompts = _slots(lengths), random_prompts(len(lengths), lengths)
-            for runner in (eager, wrapped):
-                for pool in (*runner.k_pools, *runner.v_pools):
-                    pool.zero_()
+            _clear_pools(eager, wrapped)
             torch.testing.assert_close(wrapped.prefill(prompts, slots), eager.prefill(prompts, slots),
                                        rtol=1e-5, atol=1e-5)
-            for pool, ref in zip((*wrapped.k_pools, *wrapped.v_pools), (*eager.k_pools, *eager.v_pools),
-                                 strict=True):
-                torch.testing.assert_close(pool[SCRATCH_BLOCK + 1 :], ref[SCRATCH_BLOCK + 1 :], rtol=1e-5, atol=1e-5)
+            _assert_pools_close(wrapped, eager, 1e-5)
     finally:
         torch.set_num_threads(threads)
     plain = ModelRunner(_model(FAST["gqa"], torch.float32), num_blocks=8, block_size=BLOCK, max_num_seqs=2,
@@ -238,9 +243,7 @@ def test_compiled_prefill_on_cuda_matches_the_eager_one(dtype):
         slots, prompts = _slots(lengths), random_prompts(len(lengths), lengths)
         want, got = (runner.prefill(prompts, slots) for runner in runners)
         torch.testing.assert_close(got, want, rtol=tol, atol=tol)
-        for pool, ref in zip((*runners[1].k_pools, *runners[1].v_pools), (*runners[0].k_pools, *runners[0].v_pools),
-                             strict=True):
-            torch.testing.assert_close(pool[SCRATCH_BLOCK + 1 :], ref[SCRATCH_BLOCK + 1 :], rtol=tol, atol=tol)
+        _assert_pools_close(runners[1], runners[0], tol)
     assert counters["stats"]["unique_graphs"] == graphs
 
 
@@ -258,14 +261,11 @@ def test_bucketed_prefill_pads_to_the_ladder_and_computes_what_the_unpadded_one_
     assert bucketed._prefill_bucket(8, 100) is None  # 8 × 128 tokens is past max_num_batched_tokens
     for lengths in [(13, 40, 7, 1), (5,), (1,), (3, 4, 5, 6, 7, 8, 9, 10), (100,), (20, 20, 20, 99)]:
         slots, prompts = _slots(lengths), random_prompts(len(lengths), lengths)
-        for runner in (plain, bucketed):
-            for pool in (*runner.k_pools, *runner.v_pools):
-                pool.zero_()
+        _clear_pools(plain, bucketed)
         want, got = plain.prefill(prompts, slots), bucketed.prefill(prompts, slots)
         assert got.shape == want.shape == (len(lengths), 257)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-        for pool, ref in zip((*bucketed.k_pools, *bucketed.v_pools), (*plain.k_pools, *plain.v_pools), strict=True):
-            torch.testing.assert_close(pool[SCRATCH_BLOCK + 1 :], ref[SCRATCH_BLOCK + 1 :], rtol=1e-5, atol=1e-5)
+        _assert_pools_close(bucketed, plain, 1e-5)
     with pytest.raises(ValueError, match="needs a CUDA device"):
         LLMEngine(tiny_served_model(), EngineConfig(device="cpu", prefill_cuda_graphs=True))
     with pytest.raises(ValueError, match="without CUDA graphs"):
@@ -286,13 +286,9 @@ def test_prefill_cuda_graphs_replay_what_the_prefill_without_graphs_computes(com
     replays = 0
     for lengths in [(13, 40, 7, 1), (5,), (1,), (3, 4, 5, 6, 7, 8, 9, 10), (17, 2), (20, 20, 20, 99)]:
         slots, prompts = _slots(lengths), random_prompts(len(lengths), lengths)
-        for runner in runners:
-            for pool in (*runner.k_pools, *runner.v_pools):
-                pool.zero_()
+        _clear_pools(*runners)
         replays += runners[1]._prefill_bucket(len(lengths), max(lengths)) is not None
         want, got = (runner.prefill(prompts, slots, pinned=True) for runner in runners)
         torch.testing.assert_close(got, want, rtol=tol, atol=tol)
-        for pool, ref in zip((*runners[1].k_pools, *runners[1].v_pools), (*runners[0].k_pools, *runners[0].v_pools),
-                             strict=True):
-            torch.testing.assert_close(pool[SCRATCH_BLOCK + 1 :], ref[SCRATCH_BLOCK + 1 :], rtol=tol, atol=tol)
+        _assert_pools_close(runners[1], runners[0], tol)
     assert replays == 5  # all but the last pass (4 × 128 tokens > 256)

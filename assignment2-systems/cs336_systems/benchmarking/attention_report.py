@@ -69,6 +69,17 @@ def _ratio_markdown(ratios: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def _save(fig: Any, path: Path) -> None:
+    """Written whole or not at all, then closed."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+
+
 def _cell(row: dict[str, Any], key: str) -> str:
     return f"{row[key]:.3f}" if row.get("status") == "ok" else "—"
 
@@ -192,11 +203,7 @@ def figure(results: dict[str, Any], path: Path) -> bool:
         row[0].set_ylabel("forward+backward ms")
         row[0].legend(fontsize=7)
     fig.suptitle(f"Causal attention, batch 1 ({results.get('env', {}).get('gpu', '')})")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
     return True
 
 
@@ -232,9 +239,5 @@ def ratio_figure(results: dict[str, Any], path: Path) -> bool:
         row[0].set_ylabel("ours ÷ fastest SDPA backend")
     axes[0][0].legend(fontsize=6)
     fig.suptitle(f"Causal attention, batch 1: below 1 ours is faster ({results.get('env', {}).get('gpu', '')})")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
     return True
