@@ -6,7 +6,8 @@ The pool is one K and one V tensor per layer, (num_blocks, block_size, kv_heads,
 attend through the block tables with `paged_attention`. Prefill runs the model's own causal attention over
 right-padded prompts (for the common decoder shape, `prefill.PrefillForward`: the same computation with its
 per-pass work hoisted out of the layers). Decode steps on CUDA replay CUDA graphs captured per padded batch
-size, so a step costs a few kernel launches' worth of CPU instead of one Python pass over every module.
+size, so a step costs a few kernel launches' worth of CPU instead of one Python pass over every module; with
+`prefill_graphs`, prefill passes padded to a ladder of (rows, tokens) buckets replay graphs captured per bucket.
 """
 
 from __future__ import annotations
