@@ -52,14 +52,17 @@ def _prefill(overrides, dtype, fast: bool, lengths=(13, 40, 7, 1), device="cpu")
     return runner, prompts, logits, pools
 
 
-def _clear_pools(*runners: ModelRunner) -> None:
-    for runner in runners:
-        for pool in (*runner.k_pools, *runner.v_pools):
+def _same_prefill(runner: ModelRunner, reference: ModelRunner, lengths: tuple[int, ...], tol: float,
+                  pinned: bool = False) -> None:
+    """One pass of random prompts through both runners (pools cleared first): the logits and every stored
+    key/value outside the scratch block agree within `tol`."""
+    slots, prompts = _slots(lengths), random_prompts(len(lengths), lengths)
+    for r in (runner, reference):
+        for pool in (*r.k_pools, *r.v_pools):
             pool.zero_()
-
-
-def _assert_pools_close(runner: ModelRunner, reference: ModelRunner, tol: float) -> None:
-    """Every stored key/value outside the scratch block, against the reference runner's."""
+    want, got = reference.prefill(prompts, slots, pinned=pinned), runner.prefill(prompts, slots, pinned=pinned)
+    assert got.shape == want.shape == (len(lengths), reference.config.vocab_size)
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
     for pool, ref in zip((*runner.k_pools, *runner.v_pools), (*reference.k_pools, *reference.v_pools), strict=True):
         torch.testing.assert_close(pool[SCRATCH_BLOCK + 1 :], ref[SCRATCH_BLOCK + 1 :], rtol=tol, atol=tol)
 
@@ -173,12 +176,7 @@ def test_compiled_prefill_matches_the_eager_one_at_every_shape_without_recompili
     assert not eager.prefill_forward.compiled
     graphs = counters["stats"]["unique_graphs"]
     for lengths in [(13, 40, 7, 1), (5,), (1,), (1, 1, 2), (3, 4, 5, 6, 7, 8, 9, 10)]:
-        slots, prompts = _slots(lengths), random_prompts(len(lengths), lengths)
-        _clear_pools(eager, compiled)
-        want, got = eager.prefill(prompts, slots), compiled.prefill(prompts, slots)
-        assert got.shape == want.shape == (len(lengths), 257)
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-        _assert_pools_close(compiled, eager, 1e-5)
+        _same_prefill(compiled, eager, lengths, 1e-5)
         assert any(p[SCRATCH_BLOCK + 1 :].abs().sum() > 0 for p in compiled.k_pools)
     assert counters["stats"]["unique_graphs"] == graphs
 
@@ -194,11 +192,7 @@ def test_the_cpp_wrapper_prefill_computes_what_the_eager_one_does(compiled_and_e
                               cuda_graphs=False, compile_prefill=True, prefill_cpp_wrapper=True)
         assert wrapped.prefill_forward.cpp_wrapper
         for lengths in [(13, 40, 7, 1), (5,)]:
-            slots, prompts = _slots(lengths), random_prompts(len(lengths), lengths)
-            _clear_pools(eager, wrapped)
-            torch.testing.assert_close(wrapped.prefill(prompts, slots), eager.prefill(prompts, slots),
-                                       rtol=1e-5, atol=1e-5)
-            _assert_pools_close(wrapped, eager, 1e-5)
+            _same_prefill(wrapped, eager, lengths, 1e-5)
     finally:
         torch.set_num_threads(threads)
     plain = ModelRunner(_model(FAST["gqa"], torch.float32), num_blocks=8, block_size=BLOCK, max_num_seqs=2,
@@ -240,10 +234,7 @@ def test_compiled_prefill_on_cuda_matches_the_eager_one(dtype):
     assert runners[1].prefill_forward.compiled
     graphs = counters["stats"]["unique_graphs"]
     for lengths in [(13, 40, 7, 1), (5,), (1,), (3, 4, 5, 6, 7, 8, 9, 10)]:
-        slots, prompts = _slots(lengths), random_prompts(len(lengths), lengths)
-        want, got = (runner.prefill(prompts, slots) for runner in runners)
-        torch.testing.assert_close(got, want, rtol=tol, atol=tol)
-        _assert_pools_close(runners[1], runners[0], tol)
+        _same_prefill(runners[1], runners[0], lengths, tol)
     assert counters["stats"]["unique_graphs"] == graphs
 
 
@@ -260,12 +251,7 @@ def test_bucketed_prefill_pads_to_the_ladder_and_computes_what_the_unpadded_one_
     assert bucketed._prefill_bucket(3, 40) == (3, 48) and bucketed._prefill_bucket(1, 1) == (2, 16)
     assert bucketed._prefill_bucket(8, 100) is None  # 8 × 128 tokens is past max_num_batched_tokens
     for lengths in [(13, 40, 7, 1), (5,), (1,), (3, 4, 5, 6, 7, 8, 9, 10), (100,), (20, 20, 20, 99)]:
-        slots, prompts = _slots(lengths), random_prompts(len(lengths), lengths)
-        _clear_pools(plain, bucketed)
-        want, got = plain.prefill(prompts, slots), bucketed.prefill(prompts, slots)
-        assert got.shape == want.shape == (len(lengths), 257)
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-        _assert_pools_close(bucketed, plain, 1e-5)
+        _same_prefill(bucketed, plain, lengths, 1e-5)
     with pytest.raises(ValueError, match="needs a CUDA device"):
         LLMEngine(tiny_served_model(), EngineConfig(device="cpu", prefill_cuda_graphs=True))
     with pytest.raises(ValueError, match="without CUDA graphs"):
@@ -285,10 +271,6 @@ def test_prefill_cuda_graphs_replay_what_the_prefill_without_graphs_computes(com
     assert set(runners[1].prefill_graphs) == set(runners[1].prefill_buckets) and runners[1].prefill_graphs
     replays = 0
     for lengths in [(13, 40, 7, 1), (5,), (1,), (3, 4, 5, 6, 7, 8, 9, 10), (17, 2), (20, 20, 20, 99)]:
-        slots, prompts = _slots(lengths), random_prompts(len(lengths), lengths)
-        _clear_pools(*runners)
         replays += runners[1]._prefill_bucket(len(lengths), max(lengths)) is not None
-        want, got = (runner.prefill(prompts, slots, pinned=True) for runner in runners)
-        torch.testing.assert_close(got, want, rtol=tol, atol=tol)
-        _assert_pools_close(runners[1], runners[0], tol)
+        _same_prefill(runners[1], runners[0], lengths, tol, pinned=True)
     assert replays == 5  # all but the last pass (4 × 128 tokens > 256)
