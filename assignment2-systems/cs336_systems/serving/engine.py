@@ -100,7 +100,8 @@ class EngineConfig:
             (self.compile_prefill is not False or not self.prefill_cpp_wrapper,
              "prefill_cpp_wrapper (--prefill-cpp-wrapper) is for a compiled prefill: not with --no-compile-prefill"),
             (self.cuda_graphs or not self.prefill_cuda_graphs,
-             "prefill_cuda_graphs (--prefill-cuda-graphs) is not for an engine without CUDA graphs (--no-cuda-graphs)"),
+             "prefill_cuda_graphs (--prefill-cuda-graphs) is not for an engine without CUDA graphs: "
+             "--prefill-cuda-graphs and --no-cuda-graphs contradict each other"),
         ]
         for ok, message in checks:
             if not ok:

@@ -50,8 +50,6 @@ def check_speed_arguments(args: argparse.Namespace, device: str | None) -> None:
                         "(--compile-prefill)")
     if args.prefill_cuda_graphs and not _cuda_device(device):
         raise UserError("--prefill-cuda-graphs needs a CUDA device")
-    if args.prefill_cuda_graphs and not args.cuda_graphs:
-        raise UserError("--prefill-cuda-graphs and --no-cuda-graphs contradict each other")
 
 
 def _cuda_device(device: str | None) -> bool:

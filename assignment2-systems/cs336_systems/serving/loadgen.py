@@ -496,8 +496,9 @@ def _main(argv: list[str]) -> int:
     if job.get("start_at"):
         time.sleep(max(0.0, job["start_at"] - time.time()))  # every worker fires at the same instant
     started_at = time.time()
+    polling = {} if job.get("poll", True) else {"poll_interval_s": None}  # run_load_async's interval, or none
     result = run_load(job["url"], workload, int(job["concurrency"]), timeout_s=float(job["timeout_s"]),
-                      model=job.get("model"), poll_interval_s=0.1 if job.get("poll", True) else None)
+                      model=job.get("model"), **polling)
     with open(out_path, "w") as f:
         json.dump({**dataclasses.asdict(result), "started_at": started_at}, f)
     return 0

@@ -193,9 +193,10 @@ class ModelRunner:
         # Prefill passes padded to the buckets (on any device, so that the CPU tests run the padding) and, on
         # CUDA, replayed from graphs captured now; only for `PrefillForward`'s shape.
         if prefill_graphs and self.prefill_forward is not None:
-            self.prefill_buckets = [(rows, length) for length in PREFILL_GRAPH_LENGTHS for rows in PREFILL_GRAPH_ROWS
-                                    if length <= self.config.context_length and rows <= max(max_num_seqs, 2)
-                                    and rows * length <= max_num_batched_tokens]
+            fitting = [(rows, length) for length in PREFILL_GRAPH_LENGTHS for rows in PREFILL_GRAPH_ROWS
+                       if length <= self.config.context_length and rows <= max(max_num_seqs, 2)
+                       and rows * length <= max_num_batched_tokens]
+            self.prefill_buckets = sorted(fitting, key=lambda b: (b[0] * b[1], b[1]))  # fewest tokens first
             if self.device.type == "cuda":
                 self._capture_prefill()
 
@@ -336,9 +337,8 @@ class ModelRunner:
         return hidden.reshape(batch * longest, -1).index_select(0, last)
 
     def _prefill_bucket(self, batch: int, longest: int) -> tuple[int, int] | None:
-        """The smallest (rows, tokens) bucket that holds the pass, if any (by the ladders' order: fewest tokens)."""
-        fits = [b for b in self.prefill_buckets if b[0] >= batch and b[1] >= longest]
-        return min(fits, key=lambda b: (b[0] * b[1], b[1])) if fits else None
+        """The smallest (rows, tokens) bucket that holds the pass, if any (the buckets are sorted by size)."""
+        return next((b for b in self.prefill_buckets if b[0] >= batch and b[1] >= longest), None)
 
     def _capture_prefill(self) -> None:
         """One CUDA graph per bucket, largest first into one memory pool, each with its own input buffer (tokens,
@@ -348,7 +348,7 @@ class ModelRunner:
         pool, start = None, time.perf_counter()
         try:
             with torch.inference_mode():
-                for rows, length in sorted(self.prefill_buckets, key=lambda b: (b[0] * b[1], b[1]), reverse=True):
+                for rows, length in reversed(self.prefill_buckets):
                     inputs = torch.zeros(2 * rows * length + rows, dtype=torch.long, device=self.device)
                     inputs[rows * length : 2 * rows * length] = scratch
                     args = (inputs[: rows * length].view(rows, length),
