@@ -21,6 +21,7 @@ from cs336_basics.cli_support import (
     reading,
     refuse_overwriting_inputs,
     run_command,
+    save_figure,
 )
 
 
@@ -48,6 +49,54 @@ def test_atomic_path_keeps_the_extension_and_refuses_a_folder(tmp_path):
     assert (tmp_path / "fig.png").read_bytes() == b"png"
     with pytest.raises(UserError, match="is a folder"), atomic_path(tmp_path):
         pass
+
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _agg_figure():
+    matplotlib = pytest.importorskip("matplotlib")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(2, 1.5))
+    ax.plot([0, 1], [1, 0])
+    return plt, fig, fig.number
+
+
+def test_save_figure_writes_the_extensions_format_and_closes_the_figure(tmp_path):
+    plt, fig, number = _agg_figure()
+    png = tmp_path / "new" / "fig.PNG"  # a folder to create; the extension's case does not matter
+    assert save_figure(fig, png) == str(png)
+    assert png.read_bytes()[:8] == PNG_SIGNATURE
+    assert number not in plt.get_fignums()
+    plt, fig, number = _agg_figure()
+    save_figure(fig, tmp_path / "fig.pdf", dpi=130)
+    assert (tmp_path / "fig.pdf").read_bytes()[:4] == b"%PDF"
+    assert number not in plt.get_fignums()
+    plt, fig, number = _agg_figure()
+    save_figure(fig, tmp_path / "plain")  # no extension: matplotlib's default format, nothing written beside it
+    assert (tmp_path / "plain").read_bytes()[:8] == PNG_SIGNATURE
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fig.pdf", "new", "plain"]
+    assert sorted(p.name for p in (tmp_path / "new").iterdir()) == ["fig.PNG"]
+
+
+def test_save_figure_leaves_the_destination_when_savefig_fails_and_still_closes(tmp_path, monkeypatch):
+    plt, fig, number = _agg_figure()
+    target = tmp_path / "fig.png"
+    target.write_bytes(b"precious")
+
+    def savefig_that_fails_midway(fname, **kwargs):
+        with open(fname, "wb") as f:
+            f.write(PNG_SIGNATURE + b"half a figure")
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(fig, "savefig", savefig_that_fails_midway)
+    with pytest.raises(RuntimeError, match="disk full"):
+        save_figure(fig, target)
+    assert target.read_bytes() == b"precious"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fig.png"]  # no temporary left behind
+    assert number not in plt.get_fignums()
 
 
 def test_outputs_that_are_inputs_are_refused_by_any_path(tmp_path):

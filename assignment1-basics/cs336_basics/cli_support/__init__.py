@@ -3,8 +3,9 @@ cleanly: one mechanism per concern, used by all five packages' CLIs.
 
 - `errors`: `UserError`, `run_command` and `OneLineParser`, the error boundary that turns expected failures
   (and bad flags) into one line (`<prog>: error: ...`, exit 2) while a real bug still shows its traceback.
-- `atomic`: outputs written beside their destination and renamed into place only on success; outputs that
-  would overwrite inputs refused; run folders that need `--resume` or `--overwrite`.
+- `atomic`: outputs written beside their destination and renamed into place only on success (`save_figure`
+  for matplotlib figures, closed afterwards); outputs that would overwrite inputs refused; run folders that
+  need `--resume` or `--overwrite`.
 - `ranges`: declared valid ranges on config dataclass fields, checked at construction, errors naming the flag.
 - `interrupt`: SIGINT/SIGTERM turned into a request that a loop honours between steps (checkpoint, exit
   130/143).
@@ -17,6 +18,7 @@ from cs336_basics.cli_support.atomic import (
     check_output,
     prepare_run_dir,
     refuse_overwriting_inputs,
+    save_figure,
 )
 from cs336_basics.cli_support.errors import OneLineParser, UserError, reading, run_command
 from cs336_basics.cli_support.interrupt import StopRequest
@@ -38,4 +40,5 @@ __all__ = [
     "reading",
     "refuse_overwriting_inputs",
     "run_command",
+    "save_figure",
 ]

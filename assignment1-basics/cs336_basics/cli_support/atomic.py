@@ -52,6 +52,23 @@ def atomic_write(destination: PathLike, mode: str = "w", **open_kwargs: Any) -> 
         os.fsync(f.fileno())
 
 
+def save_figure(fig: Any, path: PathLike, dpi: int = 120) -> str:
+    """A matplotlib figure written whole or not at all (an existing file survives a failed save), then closed
+    either way: a figure left open stays in pyplot's registry and leaks memory in long runs. The format is the
+    destination's extension, passed explicitly (the temporary file only copies it as its suffix); a path
+    without one gets matplotlib's default format rather than a stray `<tmp>.png` beside an empty file."""
+    import matplotlib.pyplot as plt
+
+    path = os.fspath(path)
+    try:
+        extension = os.path.splitext(path)[1].lstrip(".").lower()
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=dpi, format=extension or plt.rcParams["savefig.format"])
+    finally:
+        plt.close(fig)
+    return path
+
+
 def _file_in_the_way(folder: str) -> str | None:
     """The existing file among `folder` and its ancestors, if any (no folder can be created there)."""
     folder = os.path.abspath(folder)
