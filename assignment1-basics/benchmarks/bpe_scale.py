@@ -227,6 +227,8 @@ def plot(rows: list[dict], fig_path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from cs336_basics.cli_support import save_figure
+
     sizes = [r["gb"] for r in rows]
     fig, (a, c, b) = plt.subplots(1, 3, figsize=(15, 4))
     series = [("ours", "train_s", "ours: BPE training"), ("hf", "train_s", "HF tokenizers: BPE training"),
@@ -248,8 +250,7 @@ def plot(rows: list[dict], fig_path: str) -> None:
         ax.set_xticks(sizes)
     a.legend(fontsize=8)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(fig_path)), exist_ok=True)
-    fig.savefig(fig_path, dpi=120)
+    save_figure(fig, fig_path)
 
 
 def main() -> None:

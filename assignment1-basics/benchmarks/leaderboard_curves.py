@@ -163,7 +163,7 @@ def draw(report: dict[str, Any], path: str) -> None:
     import matplotlib.pyplot as plt
     from matplotlib.ticker import FormatStrFormatter
 
-    from cs336_basics.cli_support import atomic_path
+    from cs336_basics.cli_support import save_figure
 
     runs = report["runs"]
     styles = {"old": dict(color="tab:blue"), "new": dict(color="tab:orange")}
@@ -201,9 +201,7 @@ def draw(report: dict[str, Any], path: str) -> None:
                  f"max |Δ| over the last 10 %: train {_fmt(window['max_abs_delta_train'])}, val "
                  f"{_fmt(window['max_abs_delta_val'])}", fontsize=9)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def _fmt(value: float | None, spec: str = ".4f") -> str:

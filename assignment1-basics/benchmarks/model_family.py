@@ -103,7 +103,7 @@ def draw(results: list[dict], path: str, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from cs336_basics.cli_support import atomic_path
+    from cs336_basics.cli_support import save_figure
 
     fig, (by_step, by_time) = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     for r in results:
@@ -116,9 +116,7 @@ def draw(results: list[dict], path: str, title: str) -> None:
     by_step.legend(fontsize=8)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -187,6 +187,8 @@ def _figure(report: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from cs336_basics.cli_support import save_figure
+
     shapes = list(dict.fromkeys(r["shape"] for r in report["runs"]))
     fig, axes = plt.subplots(1, max(len(shapes), 1), figsize=(5 * max(len(shapes), 1), 4), squeeze=False)
     for ax, shape in zip(axes[0], shapes, strict=False):
@@ -198,8 +200,7 @@ def _figure(report: dict, path: str) -> None:
         ax.set_ylabel("k tokens/s")
         ax.set_title(f"{shape}, {report['device']}")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import time
 
 import torch
 
+from cs336_basics.cli_support import save_figure
 from cs336_basics.model import TransformerLM
 from cs336_basics.nn_utils import cross_entropy
 from cs336_basics.optim import AdamW, clip_gradients
@@ -165,7 +166,7 @@ def main():
         ax.set_title(f"{args.preset}, batch {args.batch_size}×{mc.context_length}, bf16, {result['device']}",
                      fontsize=9)
         fig.tight_layout()
-        fig.savefig(args.figure, dpi=120)
+        save_figure(fig, args.figure)
 
 
 if __name__ == "__main__":

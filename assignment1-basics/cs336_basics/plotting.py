@@ -7,7 +7,7 @@ folder is reported at once.
 import os
 from typing import Any
 
-from cs336_basics.cli_support import UserError, atomic_path
+from cs336_basics.cli_support import UserError, save_figure
 from cs336_basics.training.metrics import read_jsonl
 
 SPLITS = ("train", "val")
@@ -81,12 +81,7 @@ def plot_runs(run_dirs: list[str], out_path: str, labels: list[str] | None = Non
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    try:
-        with atomic_path(out_path) as tmp:
-            fig.savefig(tmp, dpi=120, format=os.path.splitext(out_path)[1].lstrip(".").lower())
-    finally:
-        plt.close(fig)
-    return out_path
+    return save_figure(fig, out_path)
 
 
 def _pyplot():

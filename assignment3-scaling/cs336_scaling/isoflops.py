@@ -12,7 +12,7 @@ from typing import Literal
 
 import numpy as np
 
-from cs336_basics.cli_support import UserError, atomic_path, reading
+from cs336_basics.cli_support import UserError, reading, save_figure
 
 
 @dataclass(frozen=True)
@@ -132,19 +132,14 @@ def fit_isoflops(runs: list[Run], method: Literal["min", "quadratic"] = "min") -
     )
 
 
-def save_figure(fig, out_path: str) -> None:
-    """Written beside `out_path` and renamed into place: an existing figure survives a failed save."""
-    import matplotlib.pyplot as plt
-
+def _save(fig, out_path: str) -> None:
+    """`save_figure`, with an extension matplotlib cannot write reported as a `UserError`."""
     try:
-        with atomic_path(out_path) as tmp:
-            fig.savefig(tmp, dpi=130)
-    except ValueError as error:  # e.g. an extension matplotlib cannot write
+        save_figure(fig, out_path, dpi=130)
+    except ValueError as error:
         if isinstance(error, UserError):
             raise
         raise UserError(f"cannot write figure {out_path}: {error}") from error
-    finally:
-        plt.close(fig)
 
 
 def plot_law(fit: IsoFLOPsFit, which: Literal["n", "d"], out_path: str, extrapolate_to: float = 1e24,
@@ -172,7 +167,7 @@ def plot_law(fit: IsoFLOPsFit, which: Literal["n", "d"], out_path: str, extrapol
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    save_figure(fig, out_path)
+    _save(fig, out_path)
     return out_path
 
 
@@ -197,5 +192,5 @@ def plot_profiles(runs: list[Run], out_path: str, title: str = "IsoFLOP profiles
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    save_figure(fig, out_path)
+    _save(fig, out_path)
     return out_path

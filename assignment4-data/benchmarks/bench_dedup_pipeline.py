@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cs336_basics.cli_support import save_figure
 from cs336_data.document import Document
 from cs336_data.minhash import MinHasher, band_keys, compute_signatures, find_duplicates, jaccard, word_ngrams
 from cs336_data.pipeline import FilterConfig, run_filter
@@ -176,7 +177,7 @@ def s_curve(texts, family, grams, num_hashes, num_bands, fig_path: str | None) -
         ax.set_title(f"MinHash LSH, {num_hashes} hashes in {num_bands} bands")
         ax.legend(loc="upper left", fontsize=8)
         fig.tight_layout()
-        fig.savefig(fig_path, dpi=120)
+        save_figure(fig, fig_path)
     return rows
 
 

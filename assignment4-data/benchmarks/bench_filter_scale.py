@@ -128,6 +128,8 @@ def plot(rows: list[dict], fig_path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from cs336_basics.cli_support import save_figure
+
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
     for workers in sorted({r["workers"] for r in rows}):
         rs = [r for r in rows if r["workers"] == workers]
@@ -141,8 +143,7 @@ def plot(rows: list[dict], fig_path: str) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(fig_path)), exist_ok=True)
-    fig.savefig(fig_path, dpi=120)
+    save_figure(fig, fig_path)
 
 
 if __name__ == "__main__":

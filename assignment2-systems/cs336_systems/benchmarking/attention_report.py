@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from cs336_basics.cli_support import atomic_path
+from cs336_basics.cli_support import save_figure
 
 LABELS = {
     "triton": "ours, Triton",
@@ -67,17 +67,6 @@ def _ratio_markdown(ratios: list[dict[str, Any]]) -> list[str]:
             lines.append(f"| {d} | {seq} | " + " | ".join(cells) + " |")
         lines.append("")
     return lines
-
-
-def _save(fig: Any, path: Path) -> None:
-    """Written whole or not at all, then closed."""
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=120)
-    plt.close(fig)
 
 
 def _cell(row: dict[str, Any], key: str) -> str:
@@ -203,7 +192,8 @@ def figure(results: dict[str, Any], path: Path) -> bool:
         row[0].set_ylabel("forward+backward ms")
         row[0].legend(fontsize=7)
     fig.suptitle(f"Causal attention, batch 1 ({results.get('env', {}).get('gpu', '')})")
-    _save(fig, path)
+    fig.tight_layout()
+    save_figure(fig, path)
     return True
 
 
@@ -239,5 +229,6 @@ def ratio_figure(results: dict[str, Any], path: Path) -> bool:
         row[0].set_ylabel("ours ÷ fastest SDPA backend")
     axes[0][0].legend(fontsize=6)
     fig.suptitle(f"Causal attention, batch 1: below 1 ours is faster ({results.get('env', {}).get('gpu', '')})")
-    _save(fig, path)
+    fig.tight_layout()
+    save_figure(fig, path)
     return True

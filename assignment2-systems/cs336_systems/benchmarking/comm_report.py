@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from cs336_basics.cli_support import atomic_path
+from cs336_basics.cli_support import save_figure
 
 
 def _plt():
@@ -62,10 +62,7 @@ def allreduce_figure(results: dict[str, Any], path: Path) -> bool:
     a1.legend(fontsize=7)
     fig.suptitle(f"All-reduce, float32 ({results['env'].get('gpu', '')})")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
     return True
 
 
@@ -162,8 +159,5 @@ def ddp_figure(results: dict[str, Any], path: Path) -> bool:
     fig.suptitle(f"DDP, {cfg['size']} ctx {cfg['context']}, {cfg['backend']} × {cfg['world_size']} "
                  f"({results['env'].get('gpu', '')})")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
     return True

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from cs336_basics.cli_support import atomic_path
+from cs336_basics.cli_support import save_figure
 
 MODE_LABELS = {"forward": "forward", "forward_backward": "fwd+bwd", "train_step": "train step"}
 
@@ -112,8 +112,5 @@ def figure(results: dict[str, Any], path: Path) -> bool:
     axes[0][0].legend(fontsize=6)
     fig.suptitle(f"cs336_basics LM, batch {results['config']['batch_size']} ({results['env'].get('gpu', '')})")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
     return True

@@ -12,7 +12,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from cs336_basics.cli_support import atomic_path
+from cs336_basics.cli_support import save_figure
 
 SYSTEMS = ("server", "engine", "hf", "nonpaged")
 LABELS = {
@@ -134,8 +134,5 @@ def figure(results: dict[str, Any], path: Path) -> bool:
     env = results.get("env", {})
     fig.suptitle(f"Serving: continuous batching vs static batching ({env.get('gpu', env.get('device', ''))})")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
     return True

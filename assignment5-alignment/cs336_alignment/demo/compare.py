@@ -15,7 +15,7 @@ import re
 import shutil
 from typing import Any
 
-from cs336_basics.cli_support import atomic_path, atomic_write
+from cs336_basics.cli_support import atomic_path, atomic_write, save_figure
 
 NAME = "a5_methods"
 LABELS = {"grpo": "GRPO", "gspo": "GSPO", "ppo-rule": "PPO (rule reward)", "ppo-rm": "PPO (reward model)"}
@@ -243,9 +243,7 @@ def plot(comparison: dict[str, Any], path: str) -> None:
     ax.set_title(f"Same SFT start and rollout budget, {len(c['seeds'])} seeds (mean ± 1 SE), {c['card'].upper()}",
                  fontsize=10)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=130)
-    plt.close(fig)
+    save_figure(fig, path, dpi=130)
 
 
 def write(comparison: dict[str, Any], root: str, fig_dir: str | None = None) -> dict[str, str]:

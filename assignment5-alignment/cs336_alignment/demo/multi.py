@@ -30,7 +30,7 @@ from dataclasses import replace
 from typing import Any
 
 from cs336_alignment.demo.config import METHODS, PRESETS, preset
-from cs336_basics.cli_support import UserError, atomic_path, atomic_write, run_command
+from cs336_basics.cli_support import UserError, atomic_path, atomic_write, run_command, save_figure
 
 
 def demo_command(preset_name: str, out_dir: str, overrides: list[str], *extra: str) -> list[str]:
@@ -174,9 +174,7 @@ def plot_runs(runs: dict[str, dict[str, Any]], title: str, path: str) -> None:
     held.legend(fontsize=7, loc="best")
     fig.suptitle(title)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=130)
-    plt.close(fig)
+    save_figure(fig, path, dpi=130)
 
 
 NAMES = {"seeds": "a5_seeds", "sweep": "a5_lr_sweep"}

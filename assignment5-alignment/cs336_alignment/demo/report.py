@@ -3,7 +3,7 @@
 import os
 from typing import Any
 
-from cs336_basics.cli_support import atomic_path
+from cs336_basics.cli_support import save_figure
 
 
 def plot_curves(results: dict[str, Any], out_dir: str) -> list[str]:
@@ -40,9 +40,7 @@ def plot_curves(results: dict[str, Any], out_dir: str) -> list[str]:
     ax.grid(alpha=0.3)
     fig.tight_layout()
     paths.append(os.path.join(out_dir, "a5_demo_reward.png"))
-    with atomic_path(paths[-1]) as tmp:
-        fig.savefig(tmp, dpi=130)
-    plt.close(fig)
+    save_figure(fig, paths[-1], dpi=130)
 
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.6))
     if train:
@@ -59,9 +57,7 @@ def plot_curves(results: dict[str, Any], out_dir: str) -> list[str]:
         a.legend(fontsize=7)
     fig.tight_layout()
     paths.append(os.path.join(out_dir, "a5_demo_entropy_length.png"))
-    with atomic_path(paths[-1]) as tmp:
-        fig.savefig(tmp, dpi=130)
-    plt.close(fig)
+    save_figure(fig, paths[-1], dpi=130)
     return paths
 
 
