@@ -37,6 +37,7 @@ for sub in ("assignment1-basics", "assignment2-systems"):
 from cs336_systems.serving import bench_cli  # noqa: E402
 from cs336_systems.serving.bench_models import write_random_llama, write_random_preset  # noqa: E402
 from cs336_systems.serving.engine_args import (  # noqa: E402
+    MAX_API_WORKERS,
     add_http_arguments,
     add_speed_arguments,
     http_settings,
@@ -89,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     add_speed_arguments(p)
     add_http_arguments(p)
     args = p.parse_args(argv)
+    if not 1 <= args.api_workers <= MAX_API_WORKERS:
+        p.error(f"--api-workers must be >= 1 and <= {MAX_API_WORKERS}, got {args.api_workers}")
     import torch
 
     # Every system gets the same attention kernels: with torch 2.11 on Hopper, SDPA picks cuDNN, which plans anew
@@ -125,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
                 name, hf_dir, info, concurrency=settings["concurrency"], num_requests=levels,
                 prompt_len_range=settings["prompt_len_range"], output_len_range=settings["output_len_range"],
                 seed=args.seed, baselines=baselines, engine_config=engine_config, http=http_settings(args),
-                deadline=deadline, log=lambda msg: print(msg, flush=True),
+                api_workers=args.api_workers, deadline=deadline, log=lambda msg: print(msg, flush=True),
             ))
     results["workload"] = {"seed": args.seed, "prompt_len_range": list(settings["prompt_len_range"]),
                            "output_len_range": list(settings["output_len_range"]),

@@ -25,6 +25,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH=/tmp/site:assignment1-basics:assignment2-systems PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 # Extra arguments go to serving.py (e.g. `--decode-steps 8 --models llama-125m --stem serving_k8`, or
-# `--async-scheduling --stem serving_async` for the server and engine rows with asynchronous scheduling).
+# `--async-scheduling --stem serving_async` for the server and engine rows with asynchronous scheduling, or
+# `--api-workers 4 --baselines engine --stem serving_w4` for the server with four HTTP processes).
 timeout 570 python3 assignment2-systems/benchmarks/serving.py --out-dir "$OUT" --stem serving --time-budget 330 "$@" \
     2>&1 | grep -v --line-buffered -e "^Loading weights" -e "^Writing model shards" | tee "$OUT/serving_log.txt"

@@ -22,6 +22,7 @@ from typing import Any
 
 from cs336_basics.cli_support import UserError, run_command
 from cs336_basics.cli_support.ranges import Range
+from cs336_systems.serving.engine_args import MAX_API_WORKERS
 
 PROG = "cs336-systems"
 
@@ -70,7 +71,7 @@ RANGES: dict[str, Range] = {
     "concurrency": Range(ge=1), "num_requests": Range(ge=1), "decode_steps": Range(ge=1, le=64),
     "prefill_delay_steps": Range(ge=0), "max_num_seqs": Range(ge=1), "block_size": Range(ge=1),
     "num_blocks": Range(ge=2), "port": Range(ge=1, le=65535), "max_num_batched_tokens": Range(ge=1),
-    "max_body_bytes": Range(ge=1),
+    "max_body_bytes": Range(ge=1), "api_workers": Range(ge=1, le=MAX_API_WORKERS),
 }
 
 

@@ -344,8 +344,8 @@ def test_load_split_over_worker_processes_keeps_every_request_in_order(tiny_llam
     from cs336_systems.serving.engine import EngineConfig
 
     wl = make_workload(6, (2, 9), (3, 7), seed=4)
-    with local_server(tiny_llama["hf_dir"], EngineConfig(device="cpu", max_num_seqs=4)) as (url, _):
-        result = loadgen.run_load_in_subprocess(url, wl, 4, workers=2, timeout_s=120)
+    with local_server(tiny_llama["hf_dir"], EngineConfig(device="cpu", max_num_seqs=4)) as server:
+        result = loadgen.run_load_in_subprocess(server.url, wl, 4, workers=2, timeout_s=120)
     assert len(result.requests) == len(wl) and all(r.error is None for r in result.requests)
     assert [(r.prompt_tokens, r.max_tokens) for r in result.requests] == \
            [(len(w.prompt_token_ids), w.max_tokens) for w in wl]
@@ -365,10 +365,10 @@ def test_the_load_generator_reads_metrics_only_as_often_as_asked(tiny_llama, mon
     original = api._Server.metrics_text
     monkeypatch.setattr(api._Server, "metrics_text", lambda self: reads.append(1) or original(self))
     wl = make_workload(6, (2, 9), (8, 12), seed=5)
-    with local_server(tiny_llama["hf_dir"], EngineConfig(device="cpu", max_num_seqs=4)) as (url, _):
-        quiet = loadgen.run_load(url, wl, 4, timeout_s=120, poll_interval_s=None)
+    with local_server(tiny_llama["hf_dir"], EngineConfig(device="cpu", max_num_seqs=4)) as server:
+        quiet = loadgen.run_load(server.url, wl, 4, timeout_s=120, poll_interval_s=None)
         quiet_reads = len(reads)
-        polled = loadgen.run_load(url, wl, 4, timeout_s=120, poll_interval_s=0.001)
+        polled = loadgen.run_load(server.url, wl, 4, timeout_s=120, poll_interval_s=0.001)
     assert all(r.error is None for r in quiet.requests + polled.requests)
     assert quiet_reads == 2 and quiet.blocks_used_sampled_max is None
     assert len(reads) - quiet_reads > 2 and polled.blocks_used_sampled_max is not None

@@ -15,6 +15,9 @@ Errors are OpenAI's `{"error": {"message", "type", "param", "code"}}`:
 - 422 a body that is JSON but not the schema (wrong types, missing fields);
 - 500 a bug; an engine failure in the middle of a stream arrives as an `error` event, then `[DONE]`.
 
+Every completion response, streamed or not, names the HTTP process that served it in `X-CS336-Worker-Pid`
+(with `--api-workers N`, N processes share the listening socket).
+
 Every request runs against the engine alone: a bad one is refused before the engine sees it (or the engine's
 own `ValueError` is turned into a 400), so the server keeps serving. A client that goes away aborts its
 requests: a stream's body generator is cancelled or closed (Starlette watches for the disconnect), which closes
@@ -28,6 +31,7 @@ import asyncio
 import hmac
 import json
 import logging
+import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
@@ -167,8 +171,8 @@ class EventStream(StreamingResponse):
 
     media_type = "text/event-stream"
 
-    def __init__(self, content: AsyncIterator[str]):
-        super().__init__(content, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    def __init__(self, content: AsyncIterator[str], headers: dict[str, str]):
+        super().__init__(content, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **headers})
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         try:
@@ -276,6 +280,7 @@ class _Server:
         self.max_body_bytes = max_body_bytes
         self.model_name = model_name or engine.model_name
         self.created = int(time.time())
+        self.headers = {"X-CS336-Worker-Pid": str(os.getpid())}  # on completion responses: which process served
         self.context_length = int(engine.context_length)
         self.vocab_size = _vocab_size(engine)
 
@@ -372,8 +377,8 @@ class _Server:
         lag = self.loop_lag.max_recent()
         if lag is not None:
             full = METRIC_PREFIX + "event_loop_lag_seconds"
-            lines += [f"# HELP {full} Largest delay of a 10 ms heartbeat on the HTTP server's event loop over the "
-                      "last 10 s: how long a ready stream write may wait.", f"# TYPE {full} gauge",
+            lines += [f"# HELP {full} Largest delay of a 10 ms heartbeat on the event loop of the HTTP process that "
+                      "answers over the last 10 s: how long a ready stream write may wait.", f"# TYPE {full} gauge",
                       f"{full} {_number(float(lag))}"]
         for field, name, kind, help_text in METRICS:
             value = getattr(stats, field, None)
@@ -499,14 +504,14 @@ def build_app(engine: Any, *, api_key: str | None = None, max_body_bytes: int = 
                                       usage=usage))
 
             return EventStream(_events(gens, firsts, n, prompt_tokens, req.include_usage, req.return_token_ids,
-                                       [], templated(chunk), usage_chunk))
+                                       [], templated(chunk), usage_chunk), server.headers)
         finals = await _unless_disconnected(request, _collect(gens, firsts))
         choices = sorted((CompletionChoice(index=i * n + o.index, text=o.text, finish_reason=o.finish_reason,
                                            token_ids=list(o.token_ids) if req.return_token_ids else None)
                           for i, out in enumerate(finals) for o in out.outputs), key=lambda c: c.index)
         usage = Usage.of(prompt_tokens, sum(len(o.token_ids) for out in finals for o in out.outputs))
         return JSONResponse(Completion(id=request_id, model=server.model_name, choices=choices,
-                                       usage=usage).model_dump())
+                                       usage=usage).model_dump(), headers=server.headers)
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(request: Request) -> JSONResponse | EventStream:
@@ -549,7 +554,7 @@ def build_app(engine: Any, *, api_key: str | None = None, max_body_bytes: int = 
                                                usage=usage))
 
             return EventStream(_events(gens, firsts, n, len(ids), req.include_usage, req.return_token_ids,
-                                       opening, templated(chunk), usage_chunk))
+                                       opening, templated(chunk), usage_chunk), server.headers)
         (final,) = await _unless_disconnected(request, _collect(gens, firsts))
         choices = sorted((ChatChoice(index=o.index, message=AssistantMessage(content=o.text),
                                      finish_reason=o.finish_reason,
@@ -557,7 +562,7 @@ def build_app(engine: Any, *, api_key: str | None = None, max_body_bytes: int = 
                           for o in final.outputs), key=lambda c: c.index)
         usage = Usage.of(len(ids), sum(len(o.token_ids) for o in final.outputs))
         return JSONResponse(ChatCompletion(id=request_id, model=server.model_name, choices=choices,
-                                           usage=usage).model_dump())
+                                           usage=usage).model_dump(), headers=server.headers)
 
     return app
 

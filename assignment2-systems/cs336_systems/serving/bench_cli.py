@@ -1,7 +1,8 @@
 """`cs336-systems bench-serve`: our server (continuous batching, paged KV) against static batching, same workload.
 
 The server is either one already running (`--url`, loopback only) or, by default, started here in-process on a
-free loopback port from `--hf-model`, `--run-dir` or `--preset` (random weights). A run dir or preset is first
+free loopback port from `--hf-model`, `--run-dir` or `--preset` (random weights), with `--api-workers` HTTP
+processes (this one and N−1 spawned). A run dir or preset is first
 written as a Hugging Face folder, so the server, HF `generate` and our non-paged decoding load the same weights.
 For each concurrency the load generator replays its requests against the server, then the baselines decode
 the same requests offline in static batches. Writes JSON, a Markdown table and a figure.
@@ -23,7 +24,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from cs336_basics.cli_support import UserError, atomic_write
 from cs336_systems.serving.engine_args import (
@@ -115,6 +116,8 @@ def check_settings(args: argparse.Namespace) -> None:
         raise UserError(f"--seed must be >= 0, got {args.seed}")
     if args.url is None:  # the in-process server's engine
         check_speed_arguments(args, None)
+    elif args.api_workers != 1:
+        raise UserError("--api-workers is for the in-process server, not a running one (--url)")
     if not args.timeout_s > 0 or not args.time_budget > 0:
         raise UserError("--timeout-s and --time-budget must be > 0")
     sources = [f for f, v in [("--hf-model", args.hf_model), ("--run-dir", args.run_dir), ("--preset", args.preset)]
@@ -145,14 +148,6 @@ def check_settings(args: argparse.Namespace) -> None:
 
 
 # -------------------------------------------------------------------------------------------------- server
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def process_cpu_seconds(pid: int | None = None) -> float | None:
     """User + system CPU seconds of a process, all its threads (this one when `pid` is None); None where Linux's
     /proc is not there to read another's."""
@@ -167,7 +162,8 @@ def process_cpu_seconds(pid: int | None = None) -> float | None:
 
 
 def _loop_stalls(server_url: str, since: float) -> dict[str, Any] | None:
-    """Our in-process server's loop-stall samples since `since` (this process's monotonic clock)."""
+    """Our in-process server's loop-stall samples since `since` (time.monotonic(), one clock for every process
+    here), from whichever HTTP process answers."""
     import httpx
 
     try:
@@ -178,17 +174,27 @@ def _loop_stalls(server_url: str, since: float) -> dict[str, Any] | None:
         return None
 
 
-def _server_cpu_seconds(engine: Any) -> dict[str, float | None]:
-    """This process (the HTTP server's loop and the engine client's reader thread) and, when the engine runs in
-    a process here, that process."""
-    pid = getattr(engine, "pid", None)
-    return {"http_process": process_cpu_seconds(), "engine_process": process_cpu_seconds(pid) if pid else None}
+class LocalServer(NamedTuple):
+    """Our server started by `local_server`."""
+
+    url: str
+    engine: Any  # the ProcessEngine: its stats, its high-water reset, its process
+    worker_pids: list[int]  # the HTTP worker processes beside this one (--api-workers N: N − 1)
+
+
+def _server_cpu_seconds(server: LocalServer) -> dict[str, float | None]:
+    """Every HTTP process together (this one, with the HTTP server's loop and the engine client's reader thread,
+    and the extra workers; None if one could not be read) and the engine's process."""
+    http = [process_cpu_seconds(), *(process_cpu_seconds(pid) for pid in server.worker_pids)]
+    return {"http_process": None if None in http else sum(http),  # type: ignore[arg-type]
+            "engine_process": process_cpu_seconds(server.engine.pid)}
 
 
 def _cores_busy(before: dict[str, float | None], after: dict[str, float | None],
                 summary: dict[str, Any]) -> dict[str, float | None]:
     """CPU cores each process kept busy over the point's load (1.0: one core throughout): one near 1.0 in a
-    Python process is the interpreter lock's ceiling, whatever the GPU could do."""
+    Python process is the interpreter lock's ceiling, whatever the GPU could do (the HTTP processes' sum: near
+    their number)."""
     duration = summary["duration_s"]
     busy: dict[str, float | None] = {
         role: (after[role] - before[role]) / duration if before[role] is not None and after[role] is not None
@@ -198,35 +204,45 @@ def _cores_busy(before: dict[str, float | None], after: dict[str, float | None],
 
 
 @contextlib.contextmanager
-def local_server(hf_dir: str, engine_config: Any, http: dict[str, str] | None = None) -> Iterator[tuple[str, Any]]:
-    """Our server on a free loopback port: the engine in its own process, uvicorn on a thread here. Yields
-    (url, engine); on exit both stop and the engine's memory is released."""
+def local_server(hf_dir: str, engine_config: Any, http: dict[str, str] | None = None,
+                 api_workers: int = 1) -> Iterator[LocalServer]:
+    """Our server on a free loopback port: the engine in its own process, uvicorn on a thread here and in
+    `api_workers` − 1 worker processes, all on one listening socket. On exit all stop and the engine's memory
+    is released."""
     import functools
 
     import uvicorn
 
     from cs336_systems.serving.api import build_app
+    from cs336_systems.serving.api_workers import start_workers, stop_workers
     from cs336_systems.serving.engine_process import ProcessEngine
     from cs336_systems.serving.loader import load_hf_model
+    from cs336_systems.serving.serve_cli import bind
 
-    engine = ProcessEngine(functools.partial(load_hf_model, hf_dir), engine_config)
-    engine.start()
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(build_app(engine), host="127.0.0.1", port=port, log_level="warning",
-                                           access_log=False, lifespan="off", **(http or {})))
-    thread = threading.Thread(target=server.run, name="bench-serve-uvicorn", daemon=True)
-    thread.start()
+    sock = bind("127.0.0.1", 0)
+    port = sock.getsockname()[1]
+    engine = ProcessEngine(functools.partial(load_hf_model, hf_dir), engine_config, extra_clients=api_workers - 1)
+    settings = {"log_level": "warning", "access_log": False, "lifespan": "off", **(http or {})}
+    server = uvicorn.Server(uvicorn.Config(build_app(engine), **settings))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="bench-serve-uvicorn", daemon=True)
+    workers = []
     try:
+        engine.start()
+        workers = start_workers(engine, sock, {}, settings)
+        thread.start()
         deadline = time.monotonic() + 60
         while not server.started:
             if not thread.is_alive() or time.monotonic() > deadline:
                 raise RuntimeError(f"the in-process server did not start on 127.0.0.1:{port}")
             time.sleep(0.02)
-        yield f"http://127.0.0.1:{port}", engine
+        yield LocalServer(f"http://127.0.0.1:{port}", engine, [worker.pid for worker in workers])
     finally:
         server.should_exit = True
-        thread.join(timeout=30)
+        if thread.is_alive():
+            thread.join(timeout=30)
+        stop_workers(workers)
         engine.shutdown()
+        sock.close()
         del engine
         _release_memory()
 
@@ -301,12 +317,14 @@ def benchmark_model(
     url: str | None = None,
     engine_config: Any = None,
     http: dict[str, str] | None = None,
+    api_workers: int = 1,
     timeout_s: float = 600.0,
     deadline: float = math.inf,
     log: Any = print,
 ) -> dict[str, Any]:
-    """Every (system, concurrency) point for one model: the server (ours in-process from `hf_dir` unless `url`),
-    then each baseline loaded from `hf_dir`. Past `deadline` (time.monotonic) points are recorded as skipped."""
+    """Every (system, concurrency) point for one model: the server (ours in-process from `hf_dir` with
+    `api_workers` HTTP processes, unless `url`), then each baseline loaded from `hf_dir`. Past `deadline`
+    (time.monotonic) points are recorded as skipped."""
     import torch
 
     from cs336_systems.serving import baselines as bl
@@ -324,7 +342,7 @@ def benchmark_model(
                   for c, w in workloads.items()}
     points: list[dict[str, Any]] = []
 
-    def measure_server(server_url: str, engine: Any) -> None:
+    def measure_server(server_url: str, ours: LocalServer | None) -> None:
         # The load generator runs in a process of its own: parsing thousands of streamed chunks a second must not
         # take the server's interpreter lock (the server's own HTTP work stays in, as it would in production).
         warm = [RequestSpec(list(range(1, 9)), 4), RequestSpec(list(range(1, 17)), 4)]
@@ -333,12 +351,14 @@ def benchmark_model(
             if time.monotonic() > deadline:
                 points.append(_skipped("server", c, len(wl), "skipped: time budget"))
                 continue
+            engine = ours.engine if ours is not None else None
             _reset_high_water(engine)
-            before = _server_cpu_seconds(engine) if engine is not None else None  # ours, in this process
+            before = _server_cpu_seconds(ours) if ours is not None else None
             started = time.monotonic()
             summary = run_load_in_subprocess(server_url, wl, c, timeout_s=timeout_s).summary()
             if before is not None:
-                summary["cpu_cores"] = _cores_busy(before, _server_cpu_seconds(engine), summary)
+                summary["cpu_cores"] = _cores_busy(before, _server_cpu_seconds(ours), summary)
+                # the one HTTP process that answers (each worker samples its own loop)
                 summary["loop_stalls"] = _loop_stalls(server_url, started)
             _server_point(summary, c, engine)
 
@@ -371,11 +391,12 @@ def benchmark_model(
         measure_server(url, None)
     else:
         started = time.monotonic()  # start-up includes compiling and capturing graphs: reported, not timed below
-        with local_server(hf_dir, engine_config, http) as (server_url, engine):
+        info["api_workers"] = api_workers
+        with local_server(hf_dir, engine_config, http, api_workers) as ours:
             info["server_startup_s"] = round(time.monotonic() - started, 2)
-            log(f"[{name}] server up in {info['server_startup_s']:.1f} s")
-            measure_server(server_url, engine)
-            del engine  # the KV pool goes when the server stops, before the baselines load
+            log(f"[{name}] server up in {info['server_startup_s']:.1f} s ({api_workers} HTTP processes)")
+            measure_server(ours.url, ours)
+            del ours  # the KV pool goes when the server stops, before the baselines load
 
     for system in baselines:
         if hf_dir is None:
@@ -468,7 +489,7 @@ def run(args: argparse.Namespace) -> int:
             name, hf_dir, info, concurrency=args.concurrency, num_requests=levels,
             prompt_len_range=tuple(args.prompt_len_range), output_len_range=tuple(args.output_len_range),
             seed=args.seed, baselines=baselines, url=args.url, engine_config=engine_config,
-            http=http_settings(args), timeout_s=args.timeout_s, deadline=deadline,
+            http=http_settings(args), api_workers=args.api_workers, timeout_s=args.timeout_s, deadline=deadline,
         )
     results = {"env": environment(), "workload": workload_info(args, levels), "models": [model]}
     write_outputs(results, args.out_json, args.out_md, args.fig)

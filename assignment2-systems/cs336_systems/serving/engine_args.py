@@ -1,12 +1,13 @@
 """The engine's speed flags and the HTTP server's stack, defined once for `serve`, `bench-serve` and
 `benchmarks/serving.py` (the speed flags' names are `EngineConfig`'s fields, so `speed_settings(args)` passes them
-on as they are; `http_settings(args)` gives uvicorn's)."""
+on as they are; `http_settings(args)` gives uvicorn's; `--api-workers` is read as `args.api_workers`)."""
 
 from __future__ import annotations
 
 import argparse
 from typing import Any
 
+MAX_API_WORKERS = 64  # cs336_systems.cli's RANGES holds --api-workers to 1..this
 SPEED_FIELDS = ("prefill_delay_steps", "decode_steps", "async_scheduling", "overlap_prefill", "compile_decode",
                 "compile_prefill", "prefill_cpp_wrapper", "prefill_cuda_graphs", "cuda_graphs")
 
@@ -67,11 +68,16 @@ def speed_settings(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def add_http_arguments(group: Any) -> None:
-    """uvicorn's event loop and HTTP parser (its own `--loop` and `--http`, under names that say what they are)."""
+    """uvicorn's event loop and HTTP parser (its own `--loop` and `--http`, under names that say what they are),
+    and how many HTTP processes serve the API."""
     group.add_argument("--http-loop", choices=("auto", "asyncio", "uvloop"), default="auto",
                        help="the HTTP server's event loop (default auto: uvloop when installed)")
     group.add_argument("--http-parser", choices=("auto", "h11", "httptools"), default="auto",
                        help="the HTTP server's protocol implementation (default auto: httptools when installed)")
+    group.add_argument("--api-workers", type=int, default=1,
+                       help="HTTP processes serving the API on the one listening socket, each with its own event "
+                            "loop and connection to the one engine process: streamed chunks past what one core "
+                            f"can write (default 1; at most {MAX_API_WORKERS})")
 
 
 def http_settings(args: argparse.Namespace) -> dict[str, str]:

@@ -4,6 +4,8 @@ architecture that `cs336_basics.hf` imports can be paged), or random weights for
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import os
 from collections.abc import Callable
@@ -22,10 +24,24 @@ class ServedModel:
     name: str
     eos_token_ids: list[int] = field(default_factory=list)
     chat_renderer: Callable[[list[dict]], str] | None = None  # None: chat.py's plain template
+    model_config: Any = None  # the model's config where `model` is None (`without_weights`)
+
+    @property
+    def config(self) -> Any:
+        return self.model.config if self.model is not None else self.model_config
 
     @property
     def context_length(self) -> int:
-        return self.model.config.context_length
+        return self.config.context_length
+
+    @property
+    def vocab_size(self) -> int:
+        return self.config.vocab_size
+
+    def without_weights(self) -> ServedModel:
+        """A copy for processes that tokenize and render chats but never run the model (the engine's clients):
+        no tensors, and picklable for a spawned process as long as the tokenizer and renderer are."""
+        return dataclasses.replace(self, model=None, model_config=self.config)
 
     def apply_chat_template(self, messages: list[dict]) -> str:
         if self.chat_renderer is not None:
@@ -118,7 +134,7 @@ def load_hf_model(hf_dir: str, name: str | None = None) -> ServedModel:
     if getattr(tokenizer, "chat_template", None):
         from cs336_systems.serving.chat import render_hf
 
-        renderer = lambda messages: render_hf(tokenizer, messages)
+        renderer = functools.partial(render_hf, tokenizer)  # picklable, unlike a closure: HTTP workers get it
     return ServedModel(model.eval(), HFTokenizer(tokenizer), name or os.path.basename(os.path.abspath(hf_dir)),
                        eos_token_ids=eos, chat_renderer=renderer)
 

@@ -2,18 +2,23 @@
 
     cs336-systems serve --run-dir runs/quickstart [--tokenizer runs/tokenizer] --port 8000
     cs336-systems serve --hf-model ./Qwen2.5-0.5B --api-key secret     # or CS336_API_KEY=secret
+    cs336-systems serve --run-dir runs/quickstart --api-workers 4       # four HTTP processes, one engine
 
 Every setting is checked before anything is loaded (a bad value or a missing folder is one line, exit 2), and
 the listening socket is bound before the model loads, so a port in use fails at once rather than after it.
+SIGINT or SIGTERM stops the HTTP workers (uvicorn's graceful shutdown), then the engine.
 Importing this module imports neither torch nor the web stack: `cs336-systems --help` stays fast.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import os
+import signal
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 
 from cs336_basics.cli_support import UserError
@@ -26,7 +31,6 @@ from cs336_systems.serving.engine_args import (
 )
 
 API_KEY_ENV = "CS336_API_KEY"
-
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -96,41 +100,68 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+@contextlib.contextmanager
+def sigterm_as_exit() -> Iterator[None]:
+    """SIGTERM raises SystemExit(143) while serving, so the workers and the engine are stopped on the way out
+    (uvicorn shuts down gracefully on it, then raises it again; by default it would end the process at once)."""
+
+    def exit_now(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, exit_now)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run(args: argparse.Namespace) -> int:
     check_arguments(args)
     api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
     sock = bind(args.host, args.port)
     try:
-        import uvicorn
-
-        from cs336_systems.serving.api import build_app
-        from cs336_systems.serving.engine import EngineConfig
-        from cs336_systems.serving.engine_process import ProcessEngine
-        from cs336_systems.serving.loader import load_hf_model, load_run_model
-
-        try:
-            config = EngineConfig(block_size=args.block_size, num_blocks=args.num_blocks,
-                                  max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                                  device=args.device, dtype=args.dtype, **speed_settings(args))
-        except ValueError as e:
-            raise UserError(str(e)) from None
-        if args.hf_model is not None:
-            loader = functools.partial(load_hf_model, args.hf_model, name=args.served_model_name)
-        else:
-            loader = functools.partial(load_run_model, args.run_dir, args.tokenizer, name=args.served_model_name)
-        # Loaded here first, so a bad folder is a one-line error before the engine process starts.
-        engine = ProcessEngine(loader, config, model_name=args.served_model_name, served=loader())
-        engine.start()
-        try:
-            app = build_app(engine, api_key=api_key, max_body_bytes=args.max_body_bytes)
-            host = f"[{args.host}]" if ":" in args.host else args.host
-            print(f"serving `{engine.model_name}` (context {engine.context_length}) on http://{host}:{args.port}/v1"
-                  + (" (API key required)" if api_key else ""), flush=True)
-            server = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=5,
-                                                   **http_settings(args)))
-            server.run(sockets=[sock])
-        finally:
-            engine.shutdown()
+        with sigterm_as_exit():
+            serve(args, sock, api_key)
     finally:
         sock.close()
     return 0
+
+
+def serve(args: argparse.Namespace, sock: socket.socket, api_key: str | None) -> None:
+    """Loads the model, starts the engine and the extra HTTP workers, and serves as worker 0 until stopped."""
+    import uvicorn
+
+    from cs336_systems.serving.api import build_app
+    from cs336_systems.serving.api_workers import start_workers, stop_workers
+    from cs336_systems.serving.engine import EngineConfig
+    from cs336_systems.serving.engine_process import ProcessEngine
+    from cs336_systems.serving.loader import load_hf_model, load_run_model
+
+    try:
+        config = EngineConfig(block_size=args.block_size, num_blocks=args.num_blocks,
+                              max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                              device=args.device, dtype=args.dtype, **speed_settings(args))
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    if args.hf_model is not None:
+        loader = functools.partial(load_hf_model, args.hf_model, name=args.served_model_name)
+    else:
+        loader = functools.partial(load_run_model, args.run_dir, args.tokenizer, name=args.served_model_name)
+    # Loaded here first, so a bad folder is a one-line error before the engine process starts.
+    engine = ProcessEngine(loader, config, model_name=args.served_model_name, served=loader(),
+                           extra_clients=args.api_workers - 1)
+    engine.start()
+    workers = []
+    try:
+        app_settings = {"api_key": api_key, "max_body_bytes": args.max_body_bytes}
+        server_settings = {"log_level": args.log_level, "timeout_graceful_shutdown": 5, **http_settings(args)}
+        workers = start_workers(engine, sock, app_settings, server_settings)
+        host = f"[{args.host}]" if ":" in args.host else args.host
+        print(f"serving `{engine.model_name}` (context {engine.context_length}) on http://{host}:{args.port}/v1"
+              + (f" from {args.api_workers} HTTP processes" if workers else "")
+              + (" (API key required)" if api_key else ""), flush=True)
+        server = uvicorn.Server(uvicorn.Config(build_app(engine, **app_settings), **server_settings))
+        server.run(sockets=[sock])
+    finally:
+        stop_workers(workers)
+        engine.shutdown()
