@@ -443,7 +443,8 @@ def test_the_server_runs_on_the_http_stack_it_was_given(live):
             "stream": True}
     with httpx.Client(base_url=live.url, timeout=60) as http, http.stream("POST", "/v1/completions",
                                                                          json=body) as response:
-        next(line for line in response.iter_lines() if line.startswith("data: "))
+        lines = response.iter_lines()  # held: an abandoned iterator closes the response, and the connection with it
+        next(line for line in lines if line.startswith("data: "))
         connections = list(live.server.server_state.connections)  # earlier tests' kept-alive ones too
         loop_modules = {type(c.loop).__module__.split(".")[0] for c in connections}
         protocols = {type(c).__name__ for c in connections}
