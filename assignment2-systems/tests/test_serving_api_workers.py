@@ -136,11 +136,15 @@ def client(server: LocalServer) -> openai.OpenAI:
     return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
 
 
-def metrics(url: str) -> dict[str, float]:
-    """/metrics over a fresh connection (so any HTTP process may answer): the cs336_serving_ samples."""
-    text = httpx.get(url + "/metrics", timeout=30).text
+def metrics_of(text: str) -> dict[str, float]:
+    """The cs336_serving_ samples of a /metrics body."""
     return {name.removeprefix("cs336_serving_"): float(value) for name, value in
             (line.split(" ") for line in text.splitlines() if not line.startswith("#"))}
+
+
+def metrics(url: str) -> dict[str, float]:
+    """/metrics over a fresh connection (so any HTTP process may answer)."""
+    return metrics_of(httpx.get(url + "/metrics", timeout=30).text)
 
 
 def engine_idle(url: str) -> bool:
@@ -240,6 +244,25 @@ def test_a_client_leaving_a_workers_stream_frees_its_blocks(workers):
     assert m["generation_tokens_total"] > 0 and m["kv_blocks_total"] == workers.engine.stats().blocks_total
 
 
+def test_metrics_from_every_worker_report_the_engines_stats(workers):
+    """Each HTTP process's /metrics shows the engine's gauges and counters (stats reach every client); only the
+    event loop's lag is the answering process's own."""
+    c = client(workers)
+    c.completions.create(model="hf", prompt="count me", max_tokens=5, temperature=0)
+    wait_until(lambda: engine_idle(workers.url), what="the engine to go idle")
+    time.sleep(0.6)  # an idle engine refreshes every client's stats this often
+    seen: dict[int, dict[str, float]] = {}
+    for _ in range(50):
+        response = httpx.get(workers.url + "/metrics", timeout=30)  # a fresh connection each time
+        seen[int(response.headers[PID_HEADER])] = metrics_of(response.text)
+        if len(seen) == 3:
+            break
+    assert len(seen) >= 2, seen.keys()
+    engine_side = [{k: v for k, v in m.items() if k not in ("event_loop_lag_seconds",
+                                                            "generation_tokens_per_second")} for m in seen.values()]
+    assert all(m == engine_side[0] for m in engine_side) and engine_side[0]["generation_tokens_total"] >= 5
+
+
 def test_the_benchmarks_cpu_count_sums_every_http_process():
     own = SimpleNamespace(pid=os.getpid())
     alone = _server_cpu_seconds(LocalServer("", own, []))
@@ -331,3 +354,14 @@ def test_api_workers_outside_1_to_64_is_one_line(command, value, tmp_path, capsy
     assert cli.main([command, "--run-dir", str(tmp_path), "--api-workers", value]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"cs336-systems: error: --api-workers must be >= 1 and <= 64, got {value}"]
+
+
+def test_serve_with_workers_still_refuses_a_port_in_use(tmp_path, capsys):
+    """The owner's socket takes SO_REUSEPORT for its workers; a port another socket holds is still refused."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        assert cli.main(["serve", "--run-dir", str(tmp_path), "--port", str(port), "--api-workers", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"cs336-systems: error: cannot listen on 127.0.0.1:{port}")

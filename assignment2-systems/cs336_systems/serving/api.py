@@ -15,8 +15,9 @@ Errors are OpenAI's `{"error": {"message", "type", "param", "code"}}`:
 - 422 a body that is JSON but not the schema (wrong types, missing fields);
 - 500 a bug; an engine failure in the middle of a stream arrives as an `error` event, then `[DONE]`.
 
-Every completion response, streamed or not, names the HTTP process that served it in `X-CS336-Worker-Pid`
-(with `--api-workers N`, N processes share the listening socket).
+Completion responses (streamed or not), `/health` and `/metrics` name the HTTP process that served them in
+`X-CS336-Worker-Pid` (with `--api-workers N`, N processes share the listening socket and the one engine: the
+engine's gauges and counters are the same from each; the event loop's lag is the answering process's own).
 
 Every request runs against the engine alone: a bad one is refused before the engine sees it (or the engine's
 own `ValueError` is turned into a 400), so the server keeps serving. A client that goes away aborts its
@@ -280,7 +281,7 @@ class _Server:
         self.max_body_bytes = max_body_bytes
         self.model_name = model_name or engine.model_name
         self.created = int(time.time())
-        self.headers = {"X-CS336-Worker-Pid": str(os.getpid())}  # on completion responses: which process served
+        self.headers = {"X-CS336-Worker-Pid": str(os.getpid())}  # which HTTP process served
         self.context_length = int(engine.context_length)
         self.vocab_size = _vocab_size(engine)
 
@@ -451,11 +452,12 @@ def build_app(engine: Any, *, api_key: str | None = None, max_body_bytes: int = 
         error = getattr(engine, "error", None)
         if error is not None:
             return error_response(503, f"the engine stopped: {error}", type="server_error", code="engine_dead")
-        return JSONResponse({"status": "ok"})
+        return JSONResponse({"status": "ok"}, headers=server.headers)
 
     @app.get("/metrics")
     async def metrics() -> PlainTextResponse:
-        return PlainTextResponse(server.metrics_text(), media_type="text/plain; version=0.0.4; charset=utf-8")
+        return PlainTextResponse(server.metrics_text(), media_type="text/plain; version=0.0.4; charset=utf-8",
+                                 headers=server.headers)
 
     @app.get("/debug/loop_stalls")
     async def loop_stalls(request: Request, since: float | None = None) -> JSONResponse:

@@ -207,8 +207,7 @@ def _cores_busy(before: dict[str, float | None], after: dict[str, float | None],
 def local_server(hf_dir: str, engine_config: Any, http: dict[str, str] | None = None,
                  api_workers: int = 1) -> Iterator[LocalServer]:
     """Our server on a free loopback port: the engine in its own process, uvicorn on a thread here and in
-    `api_workers` − 1 worker processes, all on one listening socket. On exit all stop and the engine's memory
-    is released."""
+    `api_workers` − 1 worker processes. On exit all stop and the engine's memory is released."""
     import functools
 
     import uvicorn
@@ -219,7 +218,7 @@ def local_server(hf_dir: str, engine_config: Any, http: dict[str, str] | None = 
     from cs336_systems.serving.loader import load_hf_model
     from cs336_systems.serving.serve_cli import bind
 
-    sock = bind("127.0.0.1", 0)
+    sock = bind("127.0.0.1", 0, reuse_port=api_workers > 1)
     port = sock.getsockname()[1]
     engine = ProcessEngine(functools.partial(load_hf_model, hf_dir), engine_config, extra_clients=api_workers - 1)
     settings = {"log_level": "warning", "access_log": False, "lifespan": "off", **(http or {})}

@@ -75,9 +75,10 @@ def add_http_arguments(group: Any) -> None:
     group.add_argument("--http-parser", choices=("auto", "h11", "httptools"), default="auto",
                        help="the HTTP server's protocol implementation (default auto: httptools when installed)")
     group.add_argument("--api-workers", type=int, default=1,
-                       help="HTTP processes serving the API on the one listening socket, each with its own event "
-                            "loop and connection to the one engine process: streamed chunks past what one core "
-                            f"can write (default 1; at most {MAX_API_WORKERS})")
+                       help="HTTP processes serving the API on the one port (SO_REUSEPORT: the kernel spreads "
+                            "connections over them), each with its own event loop and connection to the one engine "
+                            "process: streamed chunks past what one core can write (default 1; at most "
+                            f"{MAX_API_WORKERS})")
 
 
 def http_settings(args: argparse.Namespace) -> dict[str, str]:

@@ -81,8 +81,9 @@ def check_arguments(args: argparse.Namespace) -> None:
     check_speed_arguments(args, args.device)
 
 
-def bind(host: str, port: int) -> socket.socket:
-    """The listening socket, bound now: a port in use or an unknown host is a one-line error before loading."""
+def bind(host: str, port: int, reuse_port: bool = False) -> socket.socket:
+    """The listening socket, bound now: a port in use or an unknown host is a one-line error before loading.
+    With `reuse_port`, the HTTP workers' own sockets can join it (api_workers.py)."""
     try:
         family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
                                                              flags=socket.AI_PASSIVE)[0]
@@ -91,6 +92,8 @@ def bind(host: str, port: int) -> socket.socket:
         raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind(address)
         sock.listen(2048)
     except OSError as e:
@@ -118,7 +121,7 @@ def sigterm_as_exit() -> Iterator[None]:
 def run(args: argparse.Namespace) -> int:
     check_arguments(args)
     api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
-    sock = bind(args.host, args.port)
+    sock = bind(args.host, args.port, reuse_port=args.api_workers > 1)
     try:
         with sigterm_as_exit():
             serve(args, sock, api_key)
