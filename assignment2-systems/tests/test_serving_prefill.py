@@ -256,6 +256,10 @@ def test_bucketed_prefill_pads_to_the_ladder_and_computes_what_the_unpadded_one_
         LLMEngine(tiny_served_model(), EngineConfig(device="cpu", prefill_cuda_graphs=True))
     with pytest.raises(ValueError, match="without CUDA graphs"):
         EngineConfig(prefill_cuda_graphs=True, cuda_graphs=False)
+    # the command lines' default (None): graphs where the engine runs on CUDA with CUDA graphs, else none
+    EngineConfig(prefill_cuda_graphs=None, cuda_graphs=False)
+    on_cpu = LLMEngine(tiny_served_model(), EngineConfig(device="cpu", prefill_cuda_graphs=None))
+    assert on_cpu.runner.prefill_buckets == []
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")

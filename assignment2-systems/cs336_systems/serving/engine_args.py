@@ -35,9 +35,10 @@ def add_speed_arguments(group: Any) -> None:
     group.add_argument("--prefill-cpp-wrapper", action="store_true",
                        help="with a compiled prefill: launch its kernels from inductor's generated C++ rather than "
                             "Python (fewer host microseconds per pass; longer start-up)")
-    group.add_argument("--prefill-cuda-graphs", action="store_true",
+    group.add_argument("--prefill-cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
                        help="pad prefill passes to a ladder of (rows, tokens) buckets and replay them from CUDA "
-                            "graphs captured at start-up (a few host microseconds per pass; CUDA only)")
+                            "graphs captured at start-up (a few host microseconds per pass, ~25 s more start-up; "
+                            "default: on with CUDA and CUDA graphs, off on CPU)")
     group.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                        help="decode eagerly instead of replaying captured CUDA graphs")
 
