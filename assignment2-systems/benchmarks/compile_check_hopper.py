@@ -65,6 +65,27 @@ def fwd_variant(mod: Any, dtype: str, head_dim: int, causal: bool, block_m: int,
     return kernel, sig, consts, attrs
 
 
+def ws_variant(mod: Any, dtype: str, head_dim: int, causal: bool, block_m: int, block_n: int, stages: int,
+               num_warps: int, pingpong: bool = True, maxnreg: int = 168) -> tuple[Any, dict, dict, dict]:
+    """The warp-specialised forward (fa3-v4): a 1-warp TMA producer and one consumer partition of num_warps
+    warps, or (pingpong) two 4-warp consumers of 64 rows each; q_desc's block is one consumer's rows."""
+    kernel = mod.flash_fwd_hopper_ws_kernel
+    rows_per_consumer = block_m // 2 if pingpong else block_m
+    sig = {
+        "q_desc": desc_type(dtype, [rows_per_consumer, head_dim]),
+        "k_desc": desc_type(dtype, [block_n, head_dim]),
+        "v_desc": desc_type(dtype, [block_n, head_dim]),
+        "o_ptr": f"*{dtype}", "lse_ptr": "*fp32",
+        "N_QUERIES": "i32", "N_KEYS": "i32", "sm_scale": "fp32",
+        "HEAD_DIM": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "STAGES": "constexpr",
+        "IS_CAUSAL": "constexpr", "PINGPONG": "constexpr",
+    }
+    consts = {"HEAD_DIM": head_dim, "BLOCK_M": block_m, "BLOCK_N": block_n, "STAGES": stages, "IS_CAUSAL": causal,
+              "PINGPONG": pingpong}
+    attrs = {(kernel.arg_names.index(n), ): [["tt.divisibility", 16]] for n in ("o_ptr", "lse_ptr")}
+    return kernel, sig, consts, attrs
+
+
 def bwd_variant(mod: Any, dtype: str, head_dim: int, causal: bool, block_m: int, block_n: int, stages: int,
                 num_warps: int) -> tuple[Any, dict, dict, dict]:
     """The Gluon dK/dV kernel (fa3-v2): key tile block_n resident, query tiles of block_m through the ring."""
@@ -159,6 +180,11 @@ def facts(compiled: Any) -> dict[str, Any]:
         "sass_ex2": len(re.findall(r"MUFU\.EX2", sass)),
         "sass_alu_under_mma": alu_under_mma(sass),
         "serialized_warning": "serialized" in report,
+        # warp-specialised kernels: the per-partition register budgets (setmaxnreg) and mbarrier traffic
+        "ptx_setmaxnreg": re.findall(r"setmaxnreg\.(inc|dec)\.sync\.aligned\.u32\s+(\d+)", ptx),
+        "ptx_bar_sync": len(re.findall(r"\bbar(?:rier)?\.sync", ptx)),
+        "ptx_mbarrier_wait": len(re.findall(r"mbarrier\.try_wait", ptx)),
+        "ptx_mbarrier_arrive": len(re.findall(r"mbarrier\.arrive", ptx)),
         "ptxas_warnings": [line for line in report.splitlines() if "warning" in line.lower()],
     }, ptx, sass
 
@@ -182,7 +208,10 @@ def main() -> None:
             label = f"{name} " + " ".join(f"{k}={val}" for k, val in v.items())
             try:
                 src = GluonASTSource(kernel, sig, consts, attrs)
-                compiled = triton.compile(src, target=target, options={"num_warps": v["num_warps"]})
+                options = {"num_warps": v["num_warps"]}
+                if "maxnreg" in v:  # warp-specialised kernels: the budget the partitions' setmaxnreg share
+                    options["maxnreg"] = v["maxnreg"]
+                compiled = triton.compile(src, target=target, options=options)
                 info, ptx, sass = facts(compiled)
                 info["ok"] = True
                 if args.dump:
@@ -224,7 +253,17 @@ BWD_VARIANTS = [
     for dt in ("bf16", "fp16") for d, bm, bn, st, nw in BWD_TILES for c in (True, False)
 ]
 
-VARIANTS: list[tuple[str, Any, list[dict]]] = [("fwd", fwd_variant, FWD_VARIANTS), ("bwd", bwd_variant, BWD_VARIANTS)]
+# warp-specialised forward (fa3-v4): (head dim, key tile, stages, pingpong); 128-row tiles, maxnreg 168
+WS_TILES = [(64, 64, 4, True), (64, 128, 3, True), (64, 128, 2, True), (64, 64, 4, False), (128, 64, 3, True),
+            (128, 128, 2, True)]
+WS_VARIANTS = [
+    {"dtype": dt, "head_dim": d, "causal": c, "block_m": 128, "block_n": bn, "stages": st,
+     "num_warps": 4 if pp else 8, "pingpong": pp, "maxnreg": 168}
+    for dt in ("bf16", "fp16") for d, bn, st, pp in WS_TILES for c in (True, False)
+]
+
+VARIANTS: list[tuple[str, Any, list[dict]]] = [("fwd", fwd_variant, FWD_VARIANTS), ("bwd", bwd_variant, BWD_VARIANTS),
+                                               ("ws", ws_variant, WS_VARIANTS)]
 
 
 if __name__ == "__main__":

@@ -33,6 +33,13 @@ GLUON_CONFIGS = {64: [(64, 4, True), (64, 3, True), (64, 2, True), (128, 3, True
                       (64, 4, False)],
                  128: [(64, 3, True), (64, 3, False), (128, 2, True), (128, 2, False)]}
 
+# the warp-specialised forward (fa3-v4, `hopper_impl.hopper_forward_ws`): (key tile, stages, ping-pong); ping-pong
+# = two 4-warp consumer partitions of 64 rows each, else one 8-warp consumer; a 1-warp TMA producer in both
+GLUON_WS_CONFIGS = {64: [(64, 4, True), (128, 3, True), (128, 2, True), (64, 4, False)],
+                    128: [(64, 3, True), (128, 2, True)]}
+# name in the JSON -> forward launcher taking (q, k, v, causal, config=...)
+SWEEPS = {"v1": ("hopper_forward", GLUON_CONFIGS), "ws": ("hopper_forward_ws", GLUON_WS_CONFIGS)}
+
 
 def bench(fn, rep_ms: int) -> float:
     return triton.testing.do_bench(fn, warmup=100, rep=rep_ms)
@@ -79,18 +86,23 @@ def main() -> None:
         with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
             o_ref = sdpa(q, k, v, is_causal=causal)
         o_ref32 = o_ref.float()
-        check = {}
-        for cfg in GLUON_CONFIGS[args.head_dim]:
-            o, lse = hopper_impl.hopper_forward(q, k, v, causal, config=cfg)
+        # keys: "(key tile, stages, P in smem)" for the v1 forward, "ws (key tile, stages, ping-pong)" for fa3-v4
+        check, sweep = {}, []
+        for kernel, (launcher, configs) in SWEEPS.items():
+            for cfg in configs[args.head_dim]:
+                name = str(cfg) if kernel == "v1" else f"{kernel} {cfg}"
+                sweep.append((name, getattr(hopper_impl, launcher), cfg))
+        for name, fwd, cfg in sweep:
+            o, lse = fwd(q, k, v, causal, config=cfg)
             err = ((o.float() - o_ref32).norm() / o_ref32.norm()).item()
-            check[str(cfg)] = {"o_rel_err_vs_cudnn": err, "finite": bool(torch.isfinite(o).all() and
-                                                                          torch.isfinite(lse).all())}
+            check[name] = {"o_rel_err_vs_cudnn": err, "finite": bool(torch.isfinite(o).all() and
+                                                                      torch.isfinite(lse).all())}
         result["check"] = check
         print(json.dumps(check), flush=True)
 
         # forward-only sweep of the Gluon configs
-        result["gluon_fwd_ms"] = {str(c): bench(lambda c=c: hopper_impl.hopper_forward(q, k, v, causal, config=c),
-                                                args.rep_ms) for c in GLUON_CONFIGS[args.head_dim]}
+        result["gluon_fwd_ms"] = {name: bench(lambda f=fwd, c=cfg: f(q, k, v, causal, config=c), args.rep_ms)
+                                  for name, fwd, cfg in sweep}
         print(json.dumps(result["gluon_fwd_ms"]), flush=True)
 
     # the Gluon dK/dV backward's gradients at this shape against cuDNN's, before any timing
@@ -98,6 +110,14 @@ def main() -> None:
         return torch.autograd.grad(attn(q, k, v), (q, k, v), do)
 
     fa3 = lambda a, b, c: FlashAttentionHopper.apply(a, b, c, causal)
+
+    def fa3_ws(a, b, c):  # the warp-specialised forward (fa3-v4) for this call only
+        previous = hopper_impl._settings["forward"]
+        hopper_impl.set_forward_kernel("ws")
+        try:
+            return FlashAttentionHopper.apply(a, b, c, causal)
+        finally:
+            hopper_impl.set_forward_kernel(previous)
     ref = grads(lambda a, b, c: _sdpa(SDPBackend.CUDNN_ATTENTION, a, b, c, causal))
     ours = grads(fa3)
     result["bwd_check"] = {"path": hopper_impl.last_path["backward"] or "gluon dK/dV",
@@ -109,6 +129,7 @@ def main() -> None:
     impls = {
         "cs336-fa3 (gluon fwd + gluon dK/dV)": (fa3, True),
         "cs336-fa3 (gluon fwd + triton bwd)": (fa3, False),
+        "cs336-fa3 (gluon ws fwd + triton bwd)": (fa3_ws, False),
         "cs336-fa2 (triton)": (lambda a, b, c: FlashAttentionTriton.apply(a, b, c, causal), None),
         "sdpa cudnn": (lambda a, b, c: _sdpa(SDPBackend.CUDNN_ATTENTION, a, b, c, causal), None),
         "sdpa flash": (lambda a, b, c: _sdpa(SDPBackend.FLASH_ATTENTION, a, b, c, causal), None),

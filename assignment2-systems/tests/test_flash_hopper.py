@@ -34,10 +34,31 @@ def gluon_backward_on():
 
 def test_the_gluon_backward_is_off_by_default_unless_asked_for():
     """The default follows the H100 measurement (the Triton backward was faster); CS336_FA3_BWD=1 turns it on."""
-    assert hopper_impl.settings_from({}) == {"enabled": True, "backward": False}
+    assert hopper_impl.settings_from({}) == {"enabled": True, "backward": False, "forward": "v1"}
     assert hopper_impl.settings_from({"CS336_FA3_BWD": "1"})["backward"] is True
     assert hopper_impl.settings_from({"CS336_FA3_BWD": "0", "CS336_FA3": "0"}) == {"enabled": False,
-                                                                                 "backward": False}
+                                                                                 "backward": False,
+                                                                                 "forward": "v1"}
+
+
+def test_the_warp_specialised_forward_is_opt_in():
+    """fa3-v4 runs only when asked for (CS336_FA3_FWD=ws or set_forward_kernel), until it is measured."""
+    assert hopper_impl.settings_from({"CS336_FA3_FWD": "ws"})["forward"] == "ws"
+    assert hopper_impl.settings_from({"CS336_FA3_FWD": ""})["forward"] == "v1"
+    with pytest.raises(ValueError):
+        hopper_impl.settings_from({"CS336_FA3_FWD": "fast"})
+    with pytest.raises(ValueError):
+        hopper_impl.set_forward_kernel("fast")
+    assert hopper_impl._settings["forward"] in hopper_impl.FORWARD_KERNELS
+
+
+@pytest.fixture
+def ws_forward():
+    """The warp-specialised forward (fa3-v4) for one test, the previous choice back afterwards."""
+    previous = hopper_impl._settings["forward"]
+    hopper_impl.set_forward_kernel("ws")
+    yield
+    hopper_impl.set_forward_kernel(previous)
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor, floor: float = 1e-30) -> float:
@@ -114,6 +135,36 @@ def test_hopper_other_configs(config, monkeypatch):
 
 
 @needs_hopper
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("n", LENGTHS)
+def test_hopper_ws_forward(n, causal, head_dim, dtype, ws_forward):
+    """The warp-specialised forward (fa3-v4, default WS_CONFIGS: ping-pong consumers) against float64, with
+    the backward on its O and L."""
+    _check((2, 3, n, head_dim), n, causal, dtype, "cuda", 1.5e-2, 3e-2)
+    assert hopper_impl.last_path["forward_kernel"] == "ws"
+
+
+@needs_hopper
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize(("n_q", "n_k"), [(1000, 17), (17, 1000), (300, 4097), (4097, 129)])
+def test_hopper_ws_unequal_lengths(n_q, n_k, causal, ws_forward):
+    """fa3-v4 with queries and keys of different lengths, key tiles that end mid-tile."""
+    _check((1, 2, n_q, 64), n_k, causal, torch.bfloat16, "cuda", 1.5e-2, 3e-2)
+
+
+@needs_hopper
+@pytest.mark.parametrize(("head_dim", "config"), [(64, (128, 3, True)), (64, (128, 2, True)), (64, (64, 4, False)),
+                                                  (128, (128, 2, True))])
+def test_hopper_ws_other_configs(head_dim, config, ws_forward, monkeypatch):
+    """fa3-v4's other key tiles / stage counts and the single 8-warp consumer, all of which compile_check builds."""
+    monkeypatch.setitem(hopper_impl.WS_CONFIGS, head_dim, config)
+    for causal in (False, True):
+        _check((1, 2, 1000, head_dim), 1000, causal, torch.bfloat16, "cuda", 1.5e-2, 3e-2)
+
+
+@needs_hopper
 @pytest.mark.parametrize(("head_dim", "config"), [(64, (64, 128, 3)), (128, (32, 128, 3)), (128, (64, 128, 2))])
 def test_hopper_backward_other_configs(head_dim, config, monkeypatch):
     """Other dK/dV tiles and stage counts that compile_check builds (d 128 with 64-query tiles spills: still
@@ -178,6 +229,13 @@ def test_hopper_falls_back_to_triton(dtype, d, reason):
 def test_cpu_falls_back_to_pytorch(shape_q, n_k, causal):
     """On a CPU the Function runs the PyTorch twin, forward and backward, and matches float64 closely."""
     _check(shape_q, n_k, causal, torch.float32, "cpu", 1e-5, 1e-5, expect_path="device cpu")
+
+
+def test_cpu_ws_forward_falls_back_to_pytorch(ws_forward):
+    """With the warp-specialised forward chosen, a CPU still runs the PyTorch twin and names no Gluon kernel."""
+    _check((1, 2, 50, 64), 50, True, torch.float32, "cpu", 1e-5, 1e-5, expect_path=None)
+    assert hopper_impl.last_path["forward"] == "device cpu"
+    assert hopper_impl.last_path["forward_kernel"] == ""
 
 
 def test_disabled_reason():

@@ -8,6 +8,12 @@ dK/dV kernel. Inputs the Gluon kernels do not take fall back, whole, to the port
 a GPU other than compute capability 9.x, dtypes other than bf16/fp16, head dims other than 64 and 128, a
 Triton without Gluon; on a CPU the tiled PyTorch twin runs (so that the wiring is testable without a GPU).
 Nothing here imports Gluon until a Hopper launch.
+
+Forward kernel: by default `flash_fwd_hopper_kernel` (fa3-v1 schedule, the same warps issue the TMA copies).
+CS336_FA3_FWD=ws or `set_forward_kernel("ws")` selects the warp-specialised `flash_fwd_hopper_ws_kernel`
+(fa3-v4: a 1-warp TMA producer partition and two ping-pong consumer warpgroups of 64 rows each, `WS_CONFIGS`),
+opt-in until it is measured on an H100 (NOTES.md, "fa3-v4"). `last_path["forward_kernel"]` names the kernel that
+ran ("v1" or "ws"; "" after a fallback).
 """
 
 from __future__ import annotations
@@ -32,6 +38,11 @@ NUM_WARPS = 8
 # d 64: 64-key tiles, 4 stages, the fastest of six configurations at the leaderboard shape on an H100 (1.40 against
 # 1.59 ms for 128 keys × 3 stages, `results/fa3_leaderboard_h100.json`)
 CONFIGS: dict[int, tuple[int, int, bool]] = {64: (64, 4, True), 128: (64, 3, True)}
+# head dim -> (key tile, stages, ping-pong) of the warp-specialised forward (fa3-v4), 128-row query tiles:
+# ping-pong = two consumer partitions of one warpgroup each (4 warps), else one consumer of 8 warps; compile facts
+# in NOTES.md ("fa3-v4"), all variants without spills under 240 registers per consumer thread
+WS_CONFIGS: dict[int, tuple[int, int, bool]] = {64: (64, 4, True), 128: (64, 3, True)}
+FORWARD_KERNELS = ("v1", "ws")
 # head dim -> (query tile, key tile, stages) of the dK/dV kernel, 8 warps; d 128 takes 32-query tiles because
 # 64 spill (compile facts in NOTES.md, "fa3-v2")
 BWD_CONFIGS: dict[int, tuple[int, int, int]] = {64: (64, 128, 2), 128: (32, 128, 2)}
@@ -39,18 +50,30 @@ BWD_CONFIGS: dict[int, tuple[int, int, int]] = {64: (64, 128, 2), 128: (32, 128,
 
 def settings_from(environ: Mapping[str, str]) -> dict[str, Any]:
     """CS336_FA3=0 turns the Gluon kernels off; CS336_FA3_BWD=1 turns the Gluon dK/dV kernel on (off by default:
-    slower than the Triton backward on an H100, NOTES.md fa3-v2)."""
-    return {"enabled": environ.get("CS336_FA3", "1") != "0", "backward": environ.get("CS336_FA3_BWD", "0") != "0"}
+    slower than the Triton backward on an H100, NOTES.md fa3-v2); CS336_FA3_FWD=ws picks the warp-specialised
+    forward (default v1)."""
+    forward = environ.get("CS336_FA3_FWD", "v1").strip().lower() or "v1"
+    if forward not in FORWARD_KERNELS:
+        raise ValueError(f"CS336_FA3_FWD={forward!r}: expected one of {FORWARD_KERNELS}")
+    return {"enabled": environ.get("CS336_FA3", "1") != "0", "backward": environ.get("CS336_FA3_BWD", "0") != "0",
+            "forward": forward}
 
 
 _settings: dict[str, Any] = settings_from(os.environ)
 # why the last call fell back ("" when the Gluon kernel ran): for tests and benchmarks
-last_path: dict[str, str] = {"forward": "", "backward": ""}
+last_path: dict[str, str] = {"forward": "", "backward": "", "forward_kernel": ""}
 
 
 def set_enabled(enabled: bool) -> None:
     """Turn the Gluon forward off (everything then takes the fallback) or back on."""
     _settings["enabled"] = bool(enabled)
+
+
+def set_forward_kernel(name: str) -> None:
+    """"v1" (default) or "ws" (the warp-specialised forward, fa3-v4)."""
+    if name not in FORWARD_KERNELS:
+        raise ValueError(f"forward kernel {name!r}: expected one of {FORWARD_KERNELS}")
+    _settings["forward"] = name
 
 
 def set_backward_enabled(enabled: bool) -> None:
@@ -127,6 +150,35 @@ def hopper_forward(q: Tensor, k: Tensor, v: Tensor, is_causal: bool,
     return o4, lse
 
 
+def hopper_forward_ws(q: Tensor, k: Tensor, v: Tensor, is_causal: bool,
+                      config: tuple[int, int, bool] | None = None) -> tuple[Tensor, Tensor]:
+    """`hopper_forward` with the warp-specialised kernel (fa3-v4); config = (key tile, stages, ping-pong)."""
+    import triton
+
+    from cs336_systems.flash_attention.hopper_kernels import WS_MAXNREG, flash_fwd_hopper_ws_kernel
+
+    d = q.shape[-1]
+    block_n, stages, pingpong = config or WS_CONFIGS[d]
+    q4, k4, v4 = as_4d(q).contiguous(), as_4d(k).contiguous(), as_4d(v).contiguous()
+    b, h, n_q, _ = q4.shape
+    n_k = k4.shape[2]
+    o4 = alloc((b, h, n_q, d), like=q4)
+    lse = alloc((b, h, n_q), like=q4, dtype=torch.float32)
+    grid = (b * h, triton.cdiv(n_q, BLOCK_M))
+    # ping-pong: two consumers of 64 rows (one warpgroup each, num_warps is the default partition's); else one
+    # consumer of 8 warps; the producer warp comes on top, and maxnreg caps the 12 warps at the register file
+    rows_per_consumer = BLOCK_M // 2 if pingpong else BLOCK_M
+    flash_fwd_hopper_ws_kernel[grid](
+        _descriptor(_flat(q4), rows_per_consumer), _descriptor(_flat(k4), block_n), _descriptor(_flat(v4), block_n),
+        o4, lse, n_q, n_k, 1.0 / math.sqrt(d),
+        HEAD_DIM=d, BLOCK_M=BLOCK_M, BLOCK_N=block_n, STAGES=stages, IS_CAUSAL=bool(is_causal),
+        PINGPONG=bool(pingpong), num_warps=4 if pingpong else 8, maxnreg=WS_MAXNREG,
+    )
+    if q.ndim == 3:
+        return o4.squeeze(1), lse.squeeze(1)
+    return o4, lse
+
+
 def hopper_backward(q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, grad_o: Tensor, is_causal: bool,
                     config: tuple[int, int, int] | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """dQ (Triton kernel, which also writes D) and dK, dV (Gluon kernel); the caller has checked
@@ -173,7 +225,10 @@ def flash_forward(q: Tensor, k: Tensor, v: Tensor, is_causal: bool) -> tuple[Ten
     """The Gluon forward where it applies, else the portable one (Triton on CUDA, PyTorch elsewhere)."""
     reason = unsupported_reason(q, k, v)
     last_path["forward"] = reason
+    last_path["forward_kernel"] = "" if reason else _settings["forward"]
     if not reason:
+        if _settings["forward"] == "ws":
+            return hopper_forward_ws(q, k, v, is_causal)
         return hopper_forward(q, k, v, is_causal)
     if q.device.type == "cuda":
         from cs336_systems.flash_attention import triton_impl

@@ -370,3 +370,204 @@ def flash_bwd_dkdv_hopper_kernel(
     ptr_off = rows[:, None] * HEAD_DIM + offs_d[None, :]
     gl.store(dk_ptr + ptr_off, (dk * sm_scale).to(dtype), mask=key_ok)
     gl.store(dv_ptr + ptr_off, dv.to(dtype), mask=key_ok)
+
+
+# ------------------------------------------------------------------------------- warp-specialised forward
+#
+# fa3-v4: FlashAttention-3's structure with Gluon's `warp_specialize` (Triton 3.6). Partitions of one program
+# (one 128-row query tile of one batch·head):
+#
+#   producer (1 warp, 24 registers): Q once, then K_t and V_t by TMA into ring stage t % STAGES, each on its own
+#       "ready" mbarrier (expect-tx bytes), after waiting for that stage's "empty" mbarrier;
+#   consumer(s): the schedule of `_fwd_step` (S_j and O += P_{j-1} V_{j-1} issued together, the softmax of S_j
+#       under the PV product, P through shared memory), waiting on K_j's and V_{j-1}'s "ready" barriers and
+#       arriving on the "empty" barrier of tile j-1's stage once the PV product that read it has finished. No
+#       CTA-wide barrier in the loop: the copies are the producer's, and the only barrier the compiler puts in
+#       (before a product reads P from shared memory) spans the consumer's own warps.
+#
+# PINGPONG=False: one consumer partition of num_warps warps (8: two warpgroups of 64 rows in lockstep, as in
+# the v1 forward). PINGPONG=True: two consumer partitions of one warpgroup each (rows 0-63: the default
+# partition, rows 64-127: a worker), taking turns to issue their products through a pair of "turn" mbarriers
+# (FA3's warp-scheduler barriers), so that one warpgroup's softmax runs while the other's products do.
+# The default partition gets the registers the others leave under the kernel's `maxnreg` (WS_MAXNREG).
+
+WS_PRODUCER_REGS: gl.constexpr = gl.constexpr(24)
+WS_CONSUMER_REGS: gl.constexpr = gl.constexpr(240)
+# 12 warps (the default partition's 8, or 4 + a 4-warp consumer, plus the producer warp padded to a
+# warpgroup) × 32 threads × 168 registers fits the 64 K register file
+WS_MAXNREG = 168
+
+
+@gluon.jit
+def _ws_producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty,
+                 q_row0, kv_row0, n_tiles, NUM_CONSUMERS: gl.constexpr, BLOCK_N: gl.constexpr,
+                 STAGES: gl.constexpr):
+    """The load partition: Q (one block per consumer) on q_bar, then every K/V tile through the ring."""
+    M_C: gl.constexpr = q_desc.block_type.shape[0]
+    mbarrier.expect(q_bar, NUM_CONSUMERS * q_desc.block_type.nbytes)
+    for c in gl.static_range(NUM_CONSUMERS):
+        tma.async_copy_global_to_shared(q_desc, [q_row0 + c * M_C, 0], q_bar, q_smem.index(c))
+    for t in range(n_tiles):
+        stage = t % STAGES
+        # a fresh mbarrier counts as having completed the phase before phase 0: the first round passes
+        mbarrier.wait(kv_empty.index(stage), ((t // STAGES) & 1) ^ 1)
+        row = kv_row0 + t * BLOCK_N
+        kb = k_ready.index(stage)
+        mbarrier.expect(kb, k_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(k_desc, [row, 0], kb, k_smem.index(stage))
+        vb = v_ready.index(stage)
+        mbarrier.expect(vb, v_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(v_desc, [row, 0], vb, v_smem.index(stage))
+
+
+@gluon.jit
+def _ws_consumer(q_smem, k_smem, v_smem, p_smem, q_bar, k_ready, v_ready, kv_empty, turn_bars, o_ptr, lse_ptr,
+                 pid_bh, tile_start, n_tiles, mask_from, N_QUERIES, N_KEYS, qk_scale,
+                 WG: gl.constexpr, PINGPONG: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
+                 STAGES: gl.constexpr, IS_CAUSAL: gl.constexpr):
+    """A consumer partition: 16 × num_warps query rows (64 per warpgroup), consumer WG of the program's tile."""
+    NW: gl.constexpr = gl.num_warps()
+    M_C: gl.constexpr = 16 * NW
+    dtype: gl.constexpr = q_smem.dtype
+    start_m = tile_start + WG * M_C
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1],
+                                                       instr_shape=[16, BLOCK_N, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1],
+                                                       instr_shape=[16, HEAD_DIM, 16])
+    row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+    row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+    q_s = q_smem.index(WG)
+    p_base = 2 * WG  # this consumer's two P buffers
+
+    m_i = gl.full([M_C], -1.0e30, gl.float32, layout=row_s)
+    l_i = gl.zeros([M_C], gl.float32, layout=row_s)
+    s_zero = gl.zeros([M_C, BLOCK_N], gl.float32, layout=s_layout)
+    acc = gl.zeros([M_C, HEAD_DIM], gl.float32, layout=o_layout)
+
+    # tile 0: its scores alone
+    mbarrier.wait(q_bar, 0)
+    mbarrier.wait(k_ready.index(0), 0)
+    if PINGPONG:
+        mbarrier.wait(turn_bars.index(WG), 0)
+    s_tok = warpgroup_mma(q_s, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+    if PINGPONG:
+        mbarrier.arrive(turn_bars.index(1 - WG), count=1)
+    s = warpgroup_mma_wait(0, deps=(s_tok, ))
+    m_i, _, p, l_i = _softmax_tile(s, m_i, l_i, start_m, 0, mask_from, N_KEYS, qk_scale, IS_CAUSAL, M_C,
+                                   BLOCK_N, s_layout)
+    p_smem.index(p_base).store(p.to(dtype))
+    fence_async_shared()
+
+    for j in range(1, n_tiles):
+        stage = j % STAGES
+        prev = (j - 1) % STAGES
+        mbarrier.wait(k_ready.index(stage), (j // STAGES) & 1)
+        mbarrier.wait(v_ready.index(prev), ((j - 1) // STAGES) & 1)
+        if PINGPONG:
+            # my turn to issue: the other warpgroup has issued its products of the same step
+            mbarrier.wait(turn_bars.index(WG), j & 1)
+        s_tok = warpgroup_mma(q_s, k_smem.index(stage).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        o_tok = warpgroup_mma(p_smem.index(p_base + (j - 1) % 2), v_smem.index(prev), acc, is_async=True)
+        if PINGPONG:
+            mbarrier.arrive(turn_bars.index(1 - WG), count=1)
+        s = warpgroup_mma_wait(1, deps=(s_tok, ))
+        m_i, alpha, p, l_i = _softmax_tile(s, m_i, l_i, start_m, j * BLOCK_N, mask_from, N_KEYS, qk_scale,
+                                           IS_CAUSAL, M_C, BLOCK_N, s_layout)
+        # the other P buffer: its last reader, O += P_{j-2} V_{j-2}, finished in the previous step
+        p_smem.index(p_base + j % 2).store(p.to(dtype))
+        fence_async_shared()
+        acc = warpgroup_mma_wait(0, deps=(o_tok, ))
+        # both products that read tile j-1's stage (S_{j-1}, and O += P_{j-1} V_{j-1}) have finished
+        mbarrier.arrive(kv_empty.index(prev), count=1)
+        acc = acc * gl.convert_layout(alpha, row_o)[:, None]
+
+    last = (n_tiles - 1) % STAGES
+    mbarrier.wait(v_ready.index(last), ((n_tiles - 1) // STAGES) & 1)
+    o_tok = warpgroup_mma(p_smem.index(p_base + (n_tiles - 1) % 2), v_smem.index(last), acc, is_async=True)
+    acc = warpgroup_mma_wait(0, deps=(o_tok, ))
+
+    l_o = gl.convert_layout(l_i, row_o)
+    acc = acc / l_o[:, None]
+    offs_m = start_m + gl.arange(0, M_C, layout=row_o)
+    offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
+    row_ok = offs_m < N_QUERIES
+    rows = (pid_bh * N_QUERIES + offs_m).to(gl.int64)
+    gl.store(o_ptr + rows[:, None] * HEAD_DIM + offs_d[None, :], acc.to(dtype), mask=row_ok[:, None])
+    lse = (gl.convert_layout(m_i, row_o) * qk_scale + gl.log2(l_o)) * LN2
+    gl.store(lse_ptr + rows, lse, mask=row_ok)
+
+
+@gluon.jit
+def flash_fwd_hopper_ws_kernel(
+    q_desc, k_desc, v_desc, o_ptr, lse_ptr,
+    N_QUERIES, N_KEYS, sm_scale,
+    HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+    IS_CAUSAL: gl.constexpr, PINGPONG: gl.constexpr = True,
+):
+    """Warp-specialised forward (fa3-v4), same grid, outputs and conventions as `flash_fwd_hopper_kernel`.
+
+    q_desc's block is one consumer's rows: [64, d] with PINGPONG (4 warps per consumer, two consumers),
+    [BLOCK_M, d] without (one consumer of num_warps = BLOCK_M / 16 warps). Launch with maxnreg=WS_MAXNREG."""
+    NUM_CONSUMERS: gl.constexpr = 2 if PINGPONG else 1
+    M_C: gl.constexpr = BLOCK_M // NUM_CONSUMERS
+    gl.static_assert(q_desc.block_type.shape[0] == M_C, "q_desc's block must be one consumer's rows")
+    gl.static_assert(gl.num_warps() * 16 == M_C, "a consumer warpgroup owns 64 rows")
+    dtype: gl.constexpr = q_desc.dtype
+    pid_bh = gl.program_id(0)
+    n_m_tiles = gl.cdiv(N_QUERIES, BLOCK_M)
+    if IS_CAUSAL:
+        tile_m = n_m_tiles - 1 - gl.program_id(1)
+    else:
+        tile_m = gl.program_id(1)
+    tile_start = tile_m * BLOCK_M
+    q_row0 = pid_bh * N_QUERIES + tile_start
+    kv_row0 = pid_bh * N_KEYS
+    if IS_CAUSAL:
+        hi = gl.minimum(N_KEYS, tile_start + BLOCK_M)
+        mask_from = gl.minimum(N_KEYS, tile_start + 1)
+    else:
+        hi = N_KEYS
+        mask_from = N_KEYS
+    n_tiles = gl.cdiv(hi, BLOCK_N)
+    qk_scale = sm_scale * 1.4426950408889634
+
+    q_smem = gl.allocate_shared_memory(dtype, [NUM_CONSUMERS, M_C, HEAD_DIM], q_desc.layout)
+    k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
+    v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
+    p_smem = gl.allocate_shared_memory(dtype, [2 * NUM_CONSUMERS, M_C, BLOCK_N], P_SMEM_LAYOUT)
+    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    kv_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    turn_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(q_bar, count=1)
+    for i in gl.static_range(STAGES):
+        mbarrier.init(k_ready.index(i), count=1)
+        mbarrier.init(v_ready.index(i), count=1)
+        mbarrier.init(kv_empty.index(i), count=NUM_CONSUMERS)  # one arrive per consumer partition
+    for i in gl.static_range(2):
+        mbarrier.init(turn_bars.index(i), count=1)
+    if PINGPONG:
+        mbarrier.arrive(turn_bars.index(0), count=1)  # consumer 0 issues first
+
+    # the partitions' argument lists are written out in full: the frontend takes a function only as the first
+    # element of each (function, arguments) pair
+    if PINGPONG:
+        gl.warp_specialize([
+            (_ws_consumer, (q_smem, k_smem, v_smem, p_smem, q_bar, k_ready, v_ready, kv_empty, turn_bars, o_ptr,
+                            lse_ptr, pid_bh, tile_start, n_tiles, mask_from, N_QUERIES, N_KEYS, qk_scale,
+                            0, PINGPONG, HEAD_DIM, BLOCK_N, STAGES, IS_CAUSAL)),
+            (_ws_consumer, (q_smem, k_smem, v_smem, p_smem, q_bar, k_ready, v_ready, kv_empty, turn_bars, o_ptr,
+                            lse_ptr, pid_bh, tile_start, n_tiles, mask_from, N_QUERIES, N_KEYS, qk_scale,
+                            1, PINGPONG, HEAD_DIM, BLOCK_N, STAGES, IS_CAUSAL)),
+            (_ws_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty,
+                            q_row0, kv_row0, n_tiles, NUM_CONSUMERS, BLOCK_N, STAGES)),
+        ], [4, 1], [WS_CONSUMER_REGS, WS_PRODUCER_REGS])
+    else:
+        gl.warp_specialize([
+            (_ws_consumer, (q_smem, k_smem, v_smem, p_smem, q_bar, k_ready, v_ready, kv_empty, turn_bars, o_ptr,
+                            lse_ptr, pid_bh, tile_start, n_tiles, mask_from, N_QUERIES, N_KEYS, qk_scale,
+                            0, PINGPONG, HEAD_DIM, BLOCK_N, STAGES, IS_CAUSAL)),
+            (_ws_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty,
+                            q_row0, kv_row0, n_tiles, NUM_CONSUMERS, BLOCK_N, STAGES)),
+        ], [1], [WS_PRODUCER_REGS])
