@@ -160,6 +160,22 @@ def alu_under_mma(sass: str) -> int:
     return count
 
 
+def registers_by_setmaxreg(sass: str) -> dict[str, int]:
+    """Highest register index used after each USETMAXREG (SASS's setmaxnreg), in program text order, keyed
+    "ALLOC240@addr" / "DEALLOC24@addr": in a warp-specialised kernel, roughly what each partition uses under its
+    budget (ptxas -v reports only the kernel-wide maxnreg). Approximate: a partition's code need not be contiguous."""
+    region, top = "entry", {}
+    for line in sass.splitlines():
+        m = re.search(r"USETMAXREG\.(\w+)\.CTAPOOL\s+(?:UP\d,\s*)?(0x[0-9a-f]+)", line)
+        if m:
+            addr = line.split("*/")[0].strip("/* ")
+            region = f"{m.group(1).replace('TRY_', '')}{int(m.group(2), 16)}@{addr}"
+            continue
+        for r in re.findall(r"\bR(\d+)\b", line):
+            top[region] = max(top.get(region, 0), int(r))
+    return top
+
+
 def facts(compiled: Any) -> dict[str, Any]:
     ptx = compiled.asm["ptx"]
     sass = sass_of(compiled.asm["cubin"])
@@ -181,6 +197,7 @@ def facts(compiled: Any) -> dict[str, Any]:
         "sass_alu_under_mma": alu_under_mma(sass),
         "serialized_warning": "serialized" in report,
         # warp-specialised kernels: the per-partition register budgets (setmaxnreg) and mbarrier traffic
+        "sass_max_register_by_setmaxreg": registers_by_setmaxreg(sass),
         "ptx_setmaxnreg": re.findall(r"setmaxnreg\.(inc|dec)\.sync\.aligned\.u32\s+(\d+)", ptx),
         "ptx_bar_sync": len(re.findall(r"\bbar(?:rier)?\.sync", ptx)),
         "ptx_mbarrier_wait": len(re.findall(r"mbarrier\.try_wait", ptx)),
