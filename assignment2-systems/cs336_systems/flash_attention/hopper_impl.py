@@ -133,18 +133,26 @@ def hopper_forward(q: Tensor, k: Tensor, v: Tensor, is_causal: bool,
 
     d = q.shape[-1]
     block_n, stages, p_in_smem = config or CONFIGS[d]
-    q4, k4, v4 = as_4d(q).contiguous(), as_4d(k).contiguous(), as_4d(v).contiguous()
-    b, h, n_q, _ = q4.shape
-    n_k = k4.shape[2]
-    o4 = alloc((b, h, n_q, d), like=q4)
-    lse = alloc((b, h, n_q), like=q4, dtype=torch.float32)
-    grid = (b * h, triton.cdiv(n_q, BLOCK_M))
-    flash_fwd_hopper_kernel[grid](
+    q4, k4, v4, o4, lse = _forward_operands(q, k, v)
+    n_q, n_k = q4.shape[2], k4.shape[2]
+    flash_fwd_hopper_kernel[(q4.shape[0] * q4.shape[1], triton.cdiv(n_q, BLOCK_M))](
         _descriptor(_flat(q4), BLOCK_M), _descriptor(_flat(k4), block_n), _descriptor(_flat(v4), block_n), o4, lse,
         n_q, n_k, 1.0 / math.sqrt(d),
         HEAD_DIM=d, BLOCK_M=BLOCK_M, BLOCK_N=block_n, STAGES=stages, IS_CAUSAL=bool(is_causal),
         P_IN_SMEM=p_in_smem, num_warps=NUM_WARPS,
     )
+    return _as_input(q, o4, lse)
+
+
+def _forward_operands(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Contiguous 4-D q, k, v and the forward's outputs O (like q) and L (float32) to launch a forward kernel on."""
+    q4, k4, v4 = as_4d(q).contiguous(), as_4d(k).contiguous(), as_4d(v).contiguous()
+    b, h, n_q, d = q4.shape
+    return q4, k4, v4, alloc((b, h, n_q, d), like=q4), alloc((b, h, n_q), like=q4, dtype=torch.float32)
+
+
+def _as_input(q: Tensor, o4: Tensor, lse: Tensor) -> tuple[Tensor, Tensor]:
+    """O and L back in q's rank (3-D inputs were given a head axis)."""
     if q.ndim == 3:
         return o4.squeeze(1), lse.squeeze(1)
     return o4, lse
@@ -159,12 +167,9 @@ def hopper_forward_ws(q: Tensor, k: Tensor, v: Tensor, is_causal: bool,
 
     d = q.shape[-1]
     block_n, stages, pingpong = config or WS_CONFIGS[d]
-    q4, k4, v4 = as_4d(q).contiguous(), as_4d(k).contiguous(), as_4d(v).contiguous()
-    b, h, n_q, _ = q4.shape
-    n_k = k4.shape[2]
-    o4 = alloc((b, h, n_q, d), like=q4)
-    lse = alloc((b, h, n_q), like=q4, dtype=torch.float32)
-    grid = (b * h, triton.cdiv(n_q, BLOCK_M))
+    q4, k4, v4, o4, lse = _forward_operands(q, k, v)
+    n_q, n_k = q4.shape[2], k4.shape[2]
+    grid = (q4.shape[0] * q4.shape[1], triton.cdiv(n_q, BLOCK_M))
     # ping-pong: two consumers of 64 rows (one warpgroup each, num_warps is the default partition's); else one
     # consumer of 8 warps; the producer warp comes on top, and maxnreg caps the 12 warps at the register file
     rows_per_consumer = BLOCK_M // 2 if pingpong else BLOCK_M
@@ -174,9 +179,7 @@ def hopper_forward_ws(q: Tensor, k: Tensor, v: Tensor, is_causal: bool,
         HEAD_DIM=d, BLOCK_M=BLOCK_M, BLOCK_N=block_n, STAGES=stages, IS_CAUSAL=bool(is_causal),
         PINGPONG=bool(pingpong), num_warps=4 if pingpong else 8, maxnreg=WS_MAXNREG,
     )
-    if q.ndim == 3:
-        return o4.squeeze(1), lse.squeeze(1)
-    return o4, lse
+    return _as_input(q, o4, lse)
 
 
 def hopper_backward(q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, grad_o: Tensor, is_causal: bool,
