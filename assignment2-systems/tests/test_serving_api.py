@@ -13,7 +13,7 @@ import re
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import httpx
 import openai
@@ -28,6 +28,7 @@ from cs336_systems.serving.engine import AsyncLLMEngine, EngineConfig, LLMEngine
 from cs336_systems.serving.loader import tiny_served_model
 from cs336_systems.serving.params import CompletionOutput, SamplingParams
 from cs336_systems.serving.protocol import ChatChunkChoice, ChatCompletionChunk, Completion, CompletionChoice, Delta
+from cs336_systems.serving.testing import wait_until
 
 MODEL = "tiny"
 CONTEXT = 512  # long enough that a request can still be running when its client leaves
@@ -59,14 +60,6 @@ class LiveServer:
     def close(self) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=10)
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 20.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.002)
 
 
 @pytest.fixture(scope="module")

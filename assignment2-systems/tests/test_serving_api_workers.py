@@ -20,7 +20,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from types import SimpleNamespace
 
 import httpx
@@ -29,6 +29,7 @@ import psutil
 import pytest
 
 from cs336_systems import cli
+from cs336_systems.serving import testing as serving_testing
 from cs336_systems.serving.bench_cli import LocalServer, _server_cpu_seconds, local_server, process_cpu_seconds
 from cs336_systems.serving.bench_models import write_random_llama
 from cs336_systems.serving.engine import EngineConfig, LLMEngine
@@ -43,12 +44,8 @@ CHAT_TEMPLATE = ("{% for m in messages %}[{{ m.role }}]{{ m.content }}{% endfor 
 PID_HEADER = "x-cs336-worker-pid"
 
 
-def wait_until(condition: Callable[[], bool], timeout: float = 60.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
+# spawned workers take longer to start and stop than the in-process servers of test_serving_api
+wait_until = functools.partial(serving_testing.wait_until, timeout=60.0, poll_s=0.02)
 
 
 # ------------------------------------------------------------------------------------------- the engine hub

@@ -3,6 +3,8 @@ sequence ends, a scripted stand-in for the model runner that lets a test choose 
 checks a token stream must pass. Nothing here is used when serving."""
 
 import random
+import time
+from collections.abc import Callable
 
 import torch
 
@@ -130,3 +132,14 @@ def mixed_requests(served):
                        stop_token_ids=[common]),  # samples end at different windows, siblings go on
     ]
     return [(f"r{i}", p, sp) for i, (p, sp) in enumerate(zip(prompts, params, strict=True))], common
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 20.0, what: str = "condition",
+               poll_s: float = 0.002) -> None:
+    """Polls `condition` until it holds; an AssertionError naming `what` after `timeout` seconds (a server or a
+    process that never gets there fails the test instead of hanging it)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(poll_s)
