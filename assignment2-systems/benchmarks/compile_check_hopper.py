@@ -47,43 +47,37 @@ def desc_type(dtype: str, block: list[int]) -> str:
     return f"tensordesc<{dtype}[{', '.join(map(str, block))}],{layout!r}>"
 
 
-def fwd_variant(mod: Any, dtype: str, head_dim: int, causal: bool, block_m: int, block_n: int, stages: int,
-                num_warps: int, p_in_smem: bool = False) -> tuple[Any, dict, dict, dict]:
-    kernel = mod.flash_fwd_hopper_kernel
+def _fwd_signature(kernel: Any, dtype: str, head_dim: int, causal: bool, q_rows: int, block_m: int, block_n: int,
+                   stages: int, flag: str, flag_value: bool) -> tuple[Any, dict, dict, dict]:
+    """The forward kernels' shared signature: q's descriptor block of `q_rows` rows, and one variant flag."""
     sig = {
-        "q_desc": desc_type(dtype, [block_m, head_dim]),
+        "q_desc": desc_type(dtype, [q_rows, head_dim]),
         "k_desc": desc_type(dtype, [block_n, head_dim]),
         "v_desc": desc_type(dtype, [block_n, head_dim]),
         "o_ptr": f"*{dtype}", "lse_ptr": "*fp32",
         "N_QUERIES": "i32", "N_KEYS": "i32", "sm_scale": "fp32",
         "HEAD_DIM": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "STAGES": "constexpr",
-        "IS_CAUSAL": "constexpr", "P_IN_SMEM": "constexpr",
+        "IS_CAUSAL": "constexpr", flag: "constexpr",
     }
     consts = {"HEAD_DIM": head_dim, "BLOCK_M": block_m, "BLOCK_N": block_n, "STAGES": stages, "IS_CAUSAL": causal,
-              "P_IN_SMEM": p_in_smem}
+              flag: flag_value}
     attrs = {(kernel.arg_names.index(n), ): [["tt.divisibility", 16]] for n in ("o_ptr", "lse_ptr")}
     return kernel, sig, consts, attrs
+
+
+def fwd_variant(mod: Any, dtype: str, head_dim: int, causal: bool, block_m: int, block_n: int, stages: int,
+                num_warps: int, p_in_smem: bool = False) -> tuple[Any, dict, dict, dict]:
+    return _fwd_signature(mod.flash_fwd_hopper_kernel, dtype, head_dim, causal, block_m, block_m, block_n, stages,
+                          "P_IN_SMEM", p_in_smem)
 
 
 def ws_variant(mod: Any, dtype: str, head_dim: int, causal: bool, block_m: int, block_n: int, stages: int,
                num_warps: int, pingpong: bool = True, maxnreg: int = 168) -> tuple[Any, dict, dict, dict]:
     """The warp-specialised forward (fa3-v4): a 1-warp TMA producer and one consumer partition of num_warps
     warps, or (pingpong) two 4-warp consumers of 64 rows each; q_desc's block is one consumer's rows."""
-    kernel = mod.flash_fwd_hopper_ws_kernel
     rows_per_consumer = block_m // 2 if pingpong else block_m
-    sig = {
-        "q_desc": desc_type(dtype, [rows_per_consumer, head_dim]),
-        "k_desc": desc_type(dtype, [block_n, head_dim]),
-        "v_desc": desc_type(dtype, [block_n, head_dim]),
-        "o_ptr": f"*{dtype}", "lse_ptr": "*fp32",
-        "N_QUERIES": "i32", "N_KEYS": "i32", "sm_scale": "fp32",
-        "HEAD_DIM": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "STAGES": "constexpr",
-        "IS_CAUSAL": "constexpr", "PINGPONG": "constexpr",
-    }
-    consts = {"HEAD_DIM": head_dim, "BLOCK_M": block_m, "BLOCK_N": block_n, "STAGES": stages, "IS_CAUSAL": causal,
-              "PINGPONG": pingpong}
-    attrs = {(kernel.arg_names.index(n), ): [["tt.divisibility", 16]] for n in ("o_ptr", "lse_ptr")}
-    return kernel, sig, consts, attrs
+    return _fwd_signature(mod.flash_fwd_hopper_ws_kernel, dtype, head_dim, causal, rows_per_consumer, block_m,
+                          block_n, stages, "PINGPONG", pingpong)
 
 
 def bwd_variant(mod: Any, dtype: str, head_dim: int, causal: bool, block_m: int, block_n: int, stages: int,
