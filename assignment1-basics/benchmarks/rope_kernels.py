@@ -1,9 +1,10 @@
 """RoPE in the training step's layout, compiled, forward + backward: our pair-swap form (`layers.py`,
-x·cos + swap(x)·(−sin, sin)) against the textbook even/odd `stack` the model used before. The input is one
-layer's fused q/k/v projection (batch, seq, heads + 2 kv_heads, d) in bf16, sequence-major as under
+x·cos + swap(x)·(−sin, sin)) against the textbook even/odd `stack` the model used before, and the rotation of
+contiguous halves that `--rope-layout halves` uses (features reordered (evens, odds) by the projection).
+The input is one layer's fused q/k/v projection (batch, seq, heads + 2 kv_heads, d) in bf16, sequence-major as under
 `--attention-layout bshd`; q and k are rotated, v passes through, and the backward assembles the q/k/v
 gradient as the step's does. Prints a table (ms per layer and for the model's layers, GB/s of the minimum
-traffic) and writes JSON; the outputs of the two forms are checked equal first.
+traffic) and writes JSON; the outputs of the forms are checked equal first.
 
     PYTHONPATH=assignment1-basics python3 assignment1-basics/benchmarks/rope_kernels.py --out $OUT/rope.json
     PYTHONPATH=assignment1-basics python3 assignment1-basics/benchmarks/rope_kernels.py --device cpu \\
@@ -87,11 +88,17 @@ def main() -> None:
     grads = tuple(torch.randn(args.batch_size, args.seq_len, args.num_heads, args.head_dim, device=device,
                               dtype=dtype) for _ in range(3))
     forms = {"textbook stack": (textbook_rotation, (rope.cos, rope.sin)),
-             "pair swap (ours)": (RotaryPositionalEmbedding._rotate, (rope.cos_pairs, rope.signed_sin))}
-    # eager outputs equal (the compiled ones may contract multiply-adds differently)
-    outputs = [layer_rope(rotate, tables, args.num_heads)(qkv) for rotate, tables in forms.values()]
-    for a, b in zip(*outputs, strict=True):
-        assert torch.equal(a, b), "the two forms disagree"
+             "pair swap (ours)": (RotaryPositionalEmbedding._rotate, (rope.cos_pairs, rope.signed_sin)),
+             "halves (--rope-layout halves)": (RotaryPositionalEmbedding.rotate_halves, (rope.cos, rope.sin))}
+    # eager outputs equal (the compiled ones may contract multiply-adds differently); the halves form takes
+    # each head's features as (evens, odds), as the reordered projection gives them, and is compared so
+    evens_then_odds = torch.cat((torch.arange(0, args.head_dim, 2), torch.arange(1, args.head_dim, 2)))
+    expected = layer_rope(textbook_rotation, (rope.cos, rope.sin), args.num_heads)(qkv)
+    for name, (rotate, tables) in forms.items():
+        halves = rotate is RotaryPositionalEmbedding.rotate_halves
+        got = layer_rope(rotate, tables, args.num_heads)(qkv[..., evens_then_odds] if halves else qkv)
+        for a, b in zip(got, expected, strict=True):
+            assert torch.equal(a, b[..., evens_then_odds] if halves else b), f"{name} disagrees with the textbook form"
     # fewest bytes a layer must move: forward reads and writes q and k; backward reads dq, dk, dv, writes dqkv
     element = qkv.element_size()
     min_bytes = element * qkv[..., 0, 0].numel() * args.head_dim * args.num_heads * (2 * 2 + 3 * 2)

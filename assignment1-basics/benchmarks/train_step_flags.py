@@ -41,7 +41,8 @@ from cs336_basics.training.trainer import _autocast, _make_step, apply_activatio
 # Every variant starts from the flags as they were before issue 25 (the preset now turns some on), so that
 # "baseline" stays the old step and each single-flag variant changes one thing.
 OLD_SETTINGS = dict(loss_impl="full", compile_loss=False, adamw_impl="ours", prefetch=False,
-                    compile_mode="default", residual_dtype="param", attention_layout="bhsd")
+                    compile_mode="default", residual_dtype="param", attention_layout="bhsd",
+                    rope_layout="pairs")
 ALL = dict(loss_impl="chunked", compile_loss=True, adamw_impl="fused", prefetch=True)
 FULL_LOSS = dict(ALL, loss_impl="full")  # the flags the preset now carries
 ONEPASS_BF16 = dict(ALL, loss_impl="onepass", residual_dtype="bf16")
@@ -76,6 +77,10 @@ VARIANTS: dict[str, dict] = {
     "onepass-bf16-residual-bshd-autotune": dict(ONEPASS_BF16, attention_layout="bshd",
                                                 compile_mode="max-autotune-no-cudagraphs"),
     "bf16-residual-bshd": dict(FULL_LOSS, residual_dtype="bf16", attention_layout="bshd"),
+    # ... with RoPE over contiguous halves (q/k features reordered through the projection's weight rows)
+    "onepass-bf16-residual-bshd-halves": dict(ONEPASS_BF16, attention_layout="bshd", rope_layout="halves"),
+    "onepass-bf16-residual-bshd-halves-graphs": dict(ONEPASS_BF16, attention_layout="bshd", rope_layout="halves",
+                                                     compile_mode="reduce-overhead"),
     # twice the tokens a step (a different optimisation: the loss curve is not the preset's)
     "onepass-bf16-residual-b128": dict(ONEPASS_BF16, batch_size=128),
     "hf-llama": {},  # transformers' LlamaForCausalLM, compiled, our loss and AdamW (train_step.py's setup)

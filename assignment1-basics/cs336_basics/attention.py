@@ -108,6 +108,8 @@ class MultiHeadSelfAttention(nn.Module):
         self.attention_backend = attention_backend  # a name, not a module: the state dict is unchanged
         # set by training's --attention-layout bshd (the weights are the same, so not part of the config)
         self.sequence_major = False
+        # set by --rope-layout halves (with sequence_major): q/k features of each head reordered (evens, odds)
+        self.rope_halves = False
         self.sliding_window = sliding_window
         # Derived from num_heads alone, so a non-persistent buffer: the state dict keeps the course's keys.
         self.register_buffer("alibi_slopes", alibi_slopes(num_heads, device) if alibi else None, persistent=False)
@@ -170,9 +172,15 @@ class MultiHeadSelfAttention(nn.Module):
                 out = self._attend(q, k, v, mask, bias)
         return self.output_proj(rearrange(out, "... heads seq d -> ... seq (heads d)"))
 
-    def _fused_qkv(self, x: Float[Tensor, "... seq d_model"]) -> Float[Tensor, "... seq qkv"]:
-        """One GEMM for the three projections (weights concatenated on the fly; keys stay q/k/v_proj)."""
-        return x @ torch.cat((self.q_proj.weight, self.k_proj.weight, self.v_proj.weight)).mT
+    def _fused_qkv(self, x: Float[Tensor, "... seq d_model"], evens_then_odds: bool = False
+                   ) -> Float[Tensor, "... seq qkv"]:
+        """One GEMM for the three projections (weights concatenated on the fly; keys stay q/k/v_proj).
+        `evens_then_odds` reorders each q/k head's output features as (0, 2, 4, ..., 1, 3, 5, ...): q·k is a
+        sum over features, so the attention is unchanged as long as q and k share the order."""
+        w_q, w_k = self.q_proj.weight, self.k_proj.weight
+        if evens_then_odds:
+            w_q, w_k = (w.unflatten(0, (-1, self.d_head // 2, 2)).transpose(1, 2).flatten(0, 2) for w in (w_q, w_k))
+        return x @ torch.cat((w_q, w_k, self.v_proj.weight)).mT
 
     @property
     def _gqa(self) -> dict:
@@ -182,11 +190,14 @@ class MultiHeadSelfAttention(nn.Module):
     def _sdpa_sequence_major(self, x: Float[Tensor, "batch seq d_model"]) -> Float[Tensor, "batch seq d_model"]:
         """Causal SDPA with q, k, v and the output kept (batch, seq, heads, d) in memory and handed over as
         transposed views: no layout copy on either side of the kernel, and RoPE a contiguous elementwise pass
-        (--attention-layout bshd; same arithmetic as the heads-major path)."""
-        heads = self._fused_qkv(x).unflatten(-1, (-1, self.d_head))  # (batch, seq, heads + 2 kv_heads, d)
+        (--attention-layout bshd; same arithmetic as the heads-major path). With `rope_halves` each q/k head
+        comes out of the projection as (even features, odd features), so RoPE's pairs are (i, i + d/2) and
+        the rotation reads two contiguous halves instead of swapping neighbours (--rope-layout halves)."""
+        halves = self.rope_halves and self.rope is not None
+        heads = self._fused_qkv(x, evens_then_odds=halves).unflatten(-1, (-1, self.d_head))  # (b, s, h + 2 kv, d)
         qk, v = heads.split((self.num_heads + self.num_kv_heads, self.num_kv_heads), dim=-2)
         if self.rope is not None:
-            qk = self.rope.rotate_sequence_major(qk)  # q and k rotated in one pass
+            qk = self.rope.rotate_sequence_major(qk, halves=halves)  # q and k rotated in one pass
         q, k = qk.split((self.num_heads, self.num_kv_heads), dim=-2)
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                              is_causal=True, **self._gqa)

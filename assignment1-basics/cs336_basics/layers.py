@@ -133,14 +133,27 @@ class RotaryPositionalEmbedding(nn.Module):
             cos, sin = self.cos_pairs[token_positions], self.signed_sin[token_positions]  # (..., seq, d_k)
         return self._rotate(x, cos, sin)
 
-    def rotate_sequence_major(self, x: Float[Tensor, "batch seq *heads d_k"]) -> Float[Tensor, "batch seq *heads d_k"]:
+    def rotate_sequence_major(self, x: Float[Tensor, "batch seq *heads d_k"], halves: bool = False
+                              ) -> Float[Tensor, "batch seq *heads d_k"]:
         """Rotates x at positions 0, 1, ... along dim 1, the tables broadcast over the head axes after it:
-        a token's heads next to each other in memory, the layout SDPA's kernels read without a copy."""
+        a token's heads next to each other in memory, the layout SDPA's kernels read without a copy.
+        `halves`: x's features come as (evens, odds) (see `rotate_halves`)."""
         seq_len = x.shape[1]
         if seq_len > self.max_seq_len:
             raise ValueError(f"positions up to {seq_len - 1} exceed max_seq_len={self.max_seq_len}")
         broadcast = (seq_len, *(1,) * (x.dim() - 3), -1)
+        if halves:
+            return self.rotate_halves(x, self.cos[:seq_len].view(broadcast), self.sin[:seq_len].view(broadcast))
         return self._rotate(x, self.cos_pairs[:seq_len].view(broadcast), self.signed_sin[:seq_len].view(broadcast))
+
+    @staticmethod
+    def rotate_halves(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        """RoPE on features stored as (x0, x2, x4, ..., x1, x3, x5, ...): pair i is (x[i], x[i + d/2]). The
+        same products and sums as `_rotate` on the interleaved order (bit for bit, permuted), but every load
+        and store is of contiguous halves, so a compiled kernel vectorises where the pair swap cannot."""
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+        even, odd = x.chunk(2, dim=-1)
+        return torch.cat((even * cos + odd * -sin, odd * cos + even * sin), dim=-1)
 
     @staticmethod
     def _rotate(x: Tensor, cos_pairs: Tensor, signed_sin: Tensor) -> Tensor:

@@ -125,6 +125,18 @@ def test_rope_sequence_major_equals_the_heads_major_rotation():
         rope.rotate_sequence_major(torch.randn(1, 33, 2, 8))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_halves_is_the_pair_rotation_of_the_features_reordered(dtype):
+    """--rope-layout halves: with each head's features stored as (evens, odds), `rotate_sequence_major(...,
+    halves=True)` gives exactly the interleaved rotation's result in that order (the same products and sums)."""
+    rope = RotaryPositionalEmbedding(theta=10_000.0, d_k=16, max_seq_len=32)
+    x = torch.randn(2, 20, 3, 16).to(dtype)
+    evens_then_odds = torch.cat((torch.arange(0, 16, 2), torch.arange(1, 16, 2)))
+    rotated = rope.rotate_sequence_major(x[..., evens_then_odds], halves=True)
+    assert torch.equal(rotated, rope.rotate_sequence_major(x)[..., evens_then_odds])
+    assert not torch.equal(rotated, rope.rotate_sequence_major(x[..., evens_then_odds]))  # the order matters
+
+
 def test_rope_preserves_norms_and_relative_positions():
     rope = RotaryPositionalEmbedding(theta=500.0, d_k=8, max_seq_len=100)
     q, k = torch.randn(8), torch.randn(8)

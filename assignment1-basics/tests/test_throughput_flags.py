@@ -578,10 +578,12 @@ def test_benchmark_ddp_and_fsdp_variants_train_like_the_plain_step(tmp_path):
         assert rows[variant]["last_loss"] == pytest.approx(base["last_loss"], rel=1e-4)
 
 
+@pytest.mark.parametrize("rope_halves", [False, True])  # --rope-layout pairs / halves
 @pytest.mark.parametrize("num_kv_heads", [4, 2])  # plain multi-head and grouped-query attention
-def test_sequence_major_attention_computes_what_the_heads_major_path_does(num_kv_heads, monkeypatch):
+def test_sequence_major_attention_computes_what_the_heads_major_path_does(num_kv_heads, rope_halves, monkeypatch):
     """--attention-layout bshd: the logits and every parameter's gradient equal the heads-major path's in
-    float64, and SDPA receives q, k, v whose heads sit next to each other within a token (stride d_head)."""
+    float64, and SDPA receives q, k, v whose heads sit next to each other within a token (stride d_head).
+    With --rope-layout halves the q/k features reach SDPA reordered, and nothing else changes."""
     torch.manual_seed(0)
     config = TransformerConfig(vocab_size=64, context_length=16, d_model=32, num_layers=2, num_heads=4, d_ff=64,
                                num_kv_heads=num_kv_heads, use_torch_sdpa=True)
@@ -591,6 +593,7 @@ def test_sequence_major_attention_computes_what_the_heads_major_path_does(num_kv
     def logits_and_grads(sequence_major):
         for layer in model.layers:
             layer.attn.sequence_major = sequence_major
+            layer.attn.rope_halves = rope_halves
         model.zero_grad()
         logits = model(x)
         (logits * torch.linspace(-1, 1, 64, dtype=torch.float64)).sum().backward()  # every logit its own weight
@@ -625,3 +628,8 @@ def test_attention_layout_flag_is_checked_and_keeps_the_loss_curve(data, tmp_pat
     plain = _losses(data, tmp_path / "plain")
     bshd = _losses(data, tmp_path / "bshd", "--attention-layout", "bshd")
     np.testing.assert_allclose(bshd, plain, rtol=1e-5)  # fp32: the same arithmetic, other memory strides
+    for bad in (dict(attention_layout="bhsd"), dict(attention_layout="bshd", position="none")):
+        with pytest.raises(UserError, match="rope-layout halves"):
+            TrainConfig(rope_layout="halves", **bad)
+    halves = _losses(data, tmp_path / "halves", "--attention-layout", "bshd", "--rope-layout", "halves")
+    np.testing.assert_allclose(halves, plain, rtol=1e-5)  # q·k summed over the features in another order

@@ -28,7 +28,7 @@ CHOICES = {"norm": ("pre", "post", "none"), "position": ("rope", "none", "alibi"
            "fsdp_reshard": ("auto", "always", "never"), "fsdp_units": ("auto", "block", "model"),
            "compile_mode": COMPILE_MODES, "loss_impl": ("full", "chunked", "onepass"),
            "adamw_impl": ("ours", "fused"), "residual_dtype": ("param", "bf16"),
-           "attention_layout": ("bhsd", "bshd")}
+           "attention_layout": ("bhsd", "bshd"), "rope_layout": ("pairs", "halves")}
 
 
 @dataclass
@@ -124,6 +124,10 @@ class TrainConfig:
     # bshd: q, k, v and the attention output stay (batch, seq, heads, d) in memory around SDPA, so neither
     # side of the kernel needs a layout copy and RoPE reads contiguously (bhsd: the heads-major copies)
     attention_layout: Literal["bhsd", "bshd"] = "bhsd"
+    # halves (with --attention-layout bshd): each head's q/k features computed in the order (evens, odds) by
+    # reordering the projection's weight rows on the fly, so RoPE rotates two contiguous halves rather than
+    # swapping neighbours; the attention and the weights (state dict) are the same as with pairs
+    rope_layout: Literal["pairs", "halves"] = "pairs"
     seed: int = bounded(0, ge=0, lt=2**63)
     peak_flops: float = bounded(0.0, ge=0)  # accelerator peak FLOP/s for MFU; 0 = look up by device name
     # data parallelism (training/distributed.py): ddp/fsdp run under `torchrun --nproc_per_node N`; batch_size
@@ -177,6 +181,9 @@ class TrainConfig:
                                                 or self.attention != "mha"):
             raise UserError("--attention-layout bshd is a layout for torch's SDPA in multi-head attention: it needs "
                             "--use-torch-sdpa, --attention mha and no --attention-backend")
+        if self.rope_layout == "halves" and (self.attention_layout != "bshd" or self.position != "rope"):
+            raise UserError("--rope-layout halves reorders RoPE's features in the sequence-major attention: it "
+                            "needs --attention-layout bshd and --position rope")
         if self.adamw_impl != "ours" and self.optimizer != "adamw":
             raise UserError(f"--adamw-impl {self.adamw_impl} applies to --optimizer adamw, not {self.optimizer}")
         if self.clip_in_optimizer and self.adamw_impl != "fused":

@@ -443,7 +443,8 @@ def _load_plain_optimizer(state: dict, model, model_config, optimizer, config: T
 
 
 def apply_activation_flags(model, config: TrainConfig) -> None:
-    """The flags that change how activations are stored, not the weights: --residual-dtype, --attention-layout."""
+    """The flags that change how activations are stored, not the weights: --residual-dtype, --attention-layout,
+    --rope-layout."""
     import torch
 
     from cs336_basics.attention import MultiHeadSelfAttention
@@ -452,6 +453,7 @@ def apply_activation_flags(model, config: TrainConfig) -> None:
     for module in model.modules():
         if isinstance(module, MultiHeadSelfAttention):
             module.sequence_major = config.attention_layout == "bshd"
+            module.rope_halves = config.rope_layout == "halves"
 
 
 def build_optimizer(model, config: TrainConfig):
