@@ -81,6 +81,12 @@ VARIANTS: dict[str, dict] = {
     "onepass-bf16-residual-bshd-halves": dict(ONEPASS_BF16, attention_layout="bshd", rope_layout="halves"),
     "onepass-bf16-residual-bshd-halves-graphs": dict(ONEPASS_BF16, attention_layout="bshd", rope_layout="halves",
                                                      compile_mode="reduce-overhead"),
+    # inductor's GEMM templates against cuBLAS (epilogues fused into them) and tuned elementwise block sizes,
+    # without and with CUDA graphs: minutes of autotuning, their own device run
+    "onepass-bf16-residual-bshd-halves-autotune": dict(ONEPASS_BF16, attention_layout="bshd", rope_layout="halves",
+                                                       compile_mode="max-autotune-no-cudagraphs"),
+    "onepass-bf16-residual-bshd-halves-autotune-graphs": dict(ONEPASS_BF16, attention_layout="bshd",
+                                                              rope_layout="halves", compile_mode="max-autotune"),
     # twice the tokens a step (a different optimisation: the loss curve is not the preset's)
     "onepass-bf16-residual-b128": dict(ONEPASS_BF16, batch_size=128),
     "hf-llama": {},  # transformers' LlamaForCausalLM, compiled, our loss and AdamW (train_step.py's setup)
