@@ -49,7 +49,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # assignment
 PRESET = "owt-leaderboard"
 # the fastest measured step (H200, `all-full-loss` in benchmarks/NOTES_throughput.md: 59.2 ms against 60.7 ms
 # with the chunked loss, at 4.8 GB more peak memory)
-DEFAULT_NEW_FLAGS = "--loss-impl full --compile-loss --adamw-impl fused --prefetch"
+DEFAULT_NEW_FLAGS = ("--loss-impl onepass --compile-loss --adamw-impl fused --prefetch --residual-dtype auto "
+                     "--attention-layout bshd --rope-layout halves")
 # the old settings, spelled out so that a later change of a default cannot slip into the "old" run
 OLD_FLAGS = ("--loss-impl full --no-compile-loss --adamw-impl ours --no-prefetch --compile-mode default "
              "--residual-dtype param --attention-layout bhsd --rope-layout pairs")

@@ -175,7 +175,7 @@ class TrainerStep:
     def __init__(self, config, device, precision):
         torch.manual_seed(config.seed)
         self.model = TransformerLM(config.model_config(), device=device)
-        apply_activation_flags(self.model, config)
+        apply_activation_flags(self.model, config, precision)
         dist = Dist(Launch(launched=True), config.parallel, device, 600.0)
         if config.parallel != "none":  # a one-process group, as `torchrun --nproc_per_node 1` would give
             for name, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(free_port())), ("RANK", "0"),

@@ -165,6 +165,9 @@ def test_residual_dtype_flag_needs_bf16_precision_and_keeps_the_loss_curve(data,
     bf16 = _losses(data, tmp_path / "bf16", "--precision", "bf16", "--residual-dtype", "bf16")
     assert bf16 != plain  # another path: the stream rounded to bf16 ...
     np.testing.assert_allclose(bf16, plain, rtol=2e-2)  # ... and the same curve to bf16 rounding
+    # --residual-dtype auto (the owt-leaderboard preset's) follows the run's precision: bf16 here, fp32 below
+    assert _losses(data, tmp_path / "auto-bf16", "--precision", "bf16", "--residual-dtype", "auto") == bf16
+    assert _losses(data, tmp_path / "auto-fp32", "--residual-dtype", "auto") == _losses(data, tmp_path / "fp32")
 
 
 def _params(seed=0):
@@ -518,7 +521,9 @@ def test_the_leaderboard_preset_carries_the_matched_flags_and_the_benchmark_base
     from cs336_basics.training.config import config_from_preset
 
     preset = config_from_preset("owt-leaderboard")
-    assert (preset.loss_impl, preset.compile_loss, preset.adamw_impl, preset.prefetch) == ("full", True, "fused", True)
+    assert (preset.loss_impl, preset.compile_loss, preset.adamw_impl, preset.prefetch) == ("onepass", True, "fused",
+                                                                                           True)
+    assert (preset.residual_dtype, preset.attention_layout, preset.rope_layout) == ("auto", "bshd", "halves")
     spec = importlib.util.spec_from_file_location("train_step_flags", ROOT / "benchmarks" / "train_step_flags.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
@@ -527,6 +532,9 @@ def test_the_leaderboard_preset_carries_the_matched_flags_and_the_benchmark_base
     baseline, fused = script.make_config(args, "baseline"), script.make_config(args, "fused")
     assert (baseline.compile_loss, baseline.adamw_impl, baseline.prefetch) == (False, "ours", False)
     assert (fused.compile_loss, fused.adamw_impl, fused.prefetch) == (False, "fused", False)
+    for config in (baseline, fused):
+        assert (config.loss_impl, config.residual_dtype, config.attention_layout, config.rope_layout) == \
+            ("full", "param", "bhsd", "pairs")
     assert script.make_config(args, "ddp").compile_loss is False  # --compile-loss would refuse --parallel ddp
 
 def test_benchmark_script_smoke_on_cpu(tmp_path):
@@ -546,14 +554,14 @@ def test_benchmark_script_smoke_on_cpu(tmp_path):
 
 
 def test_rope_benchmark_smoke_on_cpu(tmp_path):
-    """The RoPE micro-benchmark runs both forms (it checks them equal before timing) and writes its rows."""
+    """The RoPE micro-benchmark runs the three forms (it checks them equal before timing) and writes its rows."""
     out = tmp_path / "rope.json"
     env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / "rope_kernels.py"), "--device", "cpu", "--batch-size",
                     "2", "--seq-len", "16", "--num-heads", "2", "--head-dim", "8", "--iters", "2", "--out", str(out)],
                    check=True, env=env, timeout=300, capture_output=True)
     rows = json.loads(out.read_text())["rows"]
-    assert [r["form"] for r in rows] == ["textbook stack", "pair swap (ours)"]
+    assert [r["form"] for r in rows] == ["textbook stack", "pair swap (ours)", "halves (--rope-layout halves)"]
     assert all(r["ms_per_layer"] > 0 for r in rows)
 
 

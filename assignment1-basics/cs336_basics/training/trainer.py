@@ -259,7 +259,7 @@ def _train(config: TrainConfig, model_config, train_tokens, val_tokens, device, 
                         "(--precision auto is bf16 on CUDA only)")
     torch.manual_seed(config.seed)
     model = TransformerLM(model_config, device=device)
-    apply_activation_flags(model, config)
+    apply_activation_flags(model, config, precision)
     flops_per_token = training_flops_per_token(model)  # before sharding: counts read whole parameters
     num_parameters, num_active = model.num_parameters(), model.num_active_parameters()
     checkpoint_path = os.path.join(config.out_dir, CHECKPOINT)
@@ -442,14 +442,15 @@ def _load_plain_optimizer(state: dict, model, model_config, optimizer, config: T
                    options=StateDictOptions(full_state_dict=True))
 
 
-def apply_activation_flags(model, config: TrainConfig) -> None:
+def apply_activation_flags(model, config: TrainConfig, precision: str) -> None:
     """The flags that change how activations are stored, not the weights: --residual-dtype, --attention-layout,
-    --rope-layout."""
+    --rope-layout. `precision`: the run's resolved precision (what --residual-dtype auto follows)."""
     import torch
 
     from cs336_basics.attention import MultiHeadSelfAttention
 
-    model.residual_dtype = torch.bfloat16 if config.residual_dtype == "bf16" else None
+    bf16_residual = config.residual_dtype == "bf16" or (config.residual_dtype == "auto" and precision == "bf16")
+    model.residual_dtype = torch.bfloat16 if bf16_residual else None
     for module in model.modules():
         if isinstance(module, MultiHeadSelfAttention):
             module.sequence_major = config.attention_layout == "bshd"
