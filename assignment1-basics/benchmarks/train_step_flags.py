@@ -81,6 +81,9 @@ VARIANTS: dict[str, dict] = {
     "onepass-bf16-residual-bshd-halves": dict(ONEPASS_BF16, attention_layout="bshd", rope_layout="halves"),
     "onepass-bf16-residual-bshd-halves-graphs": dict(ONEPASS_BF16, attention_layout="bshd", rope_layout="halves",
                                                      compile_mode="reduce-overhead"),
+    # the same without the background batch builder (its rows' second timing window is ~2.3 ms a step slower)
+    "onepass-bf16-residual-bshd-halves-no-prefetch": dict(ONEPASS_BF16, attention_layout="bshd",
+                                                          rope_layout="halves", prefetch=False),
     # inductor's GEMM templates against cuBLAS (epilogues fused into them) and tuned elementwise block sizes,
     # without and with CUDA graphs: minutes of autotuning, their own device run
     "onepass-bf16-residual-bshd-halves-autotune": dict(ONEPASS_BF16, attention_layout="bshd", rope_layout="halves",
