@@ -8,8 +8,10 @@ FlashAttention-2, SDPA cuDNN and SDPA flash:
 
 First checks each Gluon forward config (v1's and the warp-specialised fa3-v4's) against SDPA at that shape and
 times it forward-only, then checks the Gluon backward's gradients against cuDNN's, then times fwd / bwd /
-fwd+bwd of each implementation with do_bench (L2 flushed; the backward as torch.autograd.grad on a retained graph).
-Writes one JSON with every number, the backward path each fa3 row took, and the device.
+fwd+bwd of each implementation with do_bench (L2 flushed, median of its calls; the backward as
+torch.autograd.grad on a retained graph), in `--rounds` rounds whose order rotates, and prints the mean over the
+rounds beside cuDNN's. Writes one JSON with every number (each round's too), the backward path each fa3 row took,
+and the device.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.functional import scaled_dot_product_attention as sdpa
 
+from cs336_systems.benchmarking.attention import time_passes
+from cs336_systems.benchmarking.common import round_robin
 from cs336_systems.flash_attention import FlashAttentionTriton, hopper_impl
 from cs336_systems.flash_attention.hopper_impl import FlashAttentionHopper
 
@@ -42,23 +46,14 @@ SWEEPS = {"v1": ("hopper_forward", GLUON_CONFIGS), "ws": ("hopper_forward_ws", G
 
 
 def bench(fn, rep_ms: int) -> float:
-    return triton.testing.do_bench(fn, warmup=100, rep=rep_ms)
+    """Median ms (an occasional slow call, e.g. a host hiccup, moves a mean but not this)."""
+    return triton.testing.do_bench(fn, warmup=100, rep=rep_ms, return_mode="median")
 
 
-def fwd_bwd_times(attn, q, k, v, do, rep_ms: int) -> dict[str, float]:
-    """Milliseconds of the forward, the backward alone and both, as do_bench measures them."""
-    def fwd():
-        return attn(q, k, v)
-
-    o = fwd()
-
-    def bwd():
-        torch.autograd.grad(o, (q, k, v), do, retain_graph=True)
-
-    def both():
-        torch.autograd.grad(attn(q, k, v), (q, k, v), do)
-
-    return {"fwd_ms": bench(fwd, rep_ms), "bwd_ms": bench(bwd, rep_ms), "fwd_bwd_ms": bench(both, rep_ms)}
+def fwd_bwd_times(attn, q, k, v, do, causal: bool, rep_ms: int) -> dict[str, float]:
+    """Milliseconds of the forward, the backward alone and both (the attention benchmark's `time_passes`)."""
+    times = time_passes(lambda a, b, c, _causal: attn(a, b, c), q, k, v, do, causal, warmup=100, rep=rep_ms)
+    return {f"{name}_ms": ms for name, ms in times.items()}
 
 
 def main() -> None:
@@ -68,8 +63,11 @@ def main() -> None:
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--no-causal", action="store_true")
     parser.add_argument("--rep-ms", type=int, default=200)
+    parser.add_argument("--rounds", type=int, default=3, help="timing rounds, the order rotated between them")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
+    if args.rounds < 1 or args.rep_ms < 1:
+        parser.error("--rounds and --rep-ms must be >= 1")
     causal = not args.no_causal
     dev = torch.device("cuda")
     result: dict = {"device": torch.cuda.get_device_name(dev), "torch": torch.__version__,
@@ -132,22 +130,35 @@ def main() -> None:
         "sdpa cudnn": (lambda a, b, c: _sdpa(SDPBackend.CUDNN_ATTENTION, a, b, c, causal), None),
         "sdpa flash": (lambda a, b, c: _sdpa(SDPBackend.FLASH_ATTENTION, a, b, c, causal), None),
     }
-    result["timings"], result["backward_paths"] = {}, {}
+    result["backward_paths"] = {}
     backward_default = hopper_impl._settings["backward"]
-    for name, (attn, gluon_bwd) in impls.items():
+
+    def measure(name: str) -> dict[str, float]:
+        attn, gluon_bwd = impls[name]
         if gluon_bwd is not None:
             hopper_impl.set_backward_enabled(gluon_bwd)
-        result["timings"][name] = fwd_bwd_times(attn, q, k, v, do, args.rep_ms)
+        times = fwd_bwd_times(attn, q, k, v, do, causal, args.rep_ms)
         if gluon_bwd is not None:
             result["backward_paths"][name] = hopper_impl.last_path["backward"] or "gluon dK/dV"
-        print(name, json.dumps(result["timings"][name]), flush=True)
-    hopper_impl.set_backward_enabled(backward_default)
-    # the cuDNN baseline once more at the end: the clock falls under sustained load (NOTES.md, v7)
-    result["timings"]["sdpa cudnn (again)"] = fwd_bwd_times(impls["sdpa cudnn"][0], q, k, v, do, args.rep_ms)
+            hopper_impl.set_backward_enabled(backward_default)
+        print(name, json.dumps(times), flush=True)
+        return times
+
+    # the clock falls under sustained load (NOTES.md, v7): every implementation timed once per round, the
+    # order rotated between rounds, the mean over rounds reported
+    result["timings"], result["round_orders"], result["timing_rounds"] = round_robin(list(impls), args.rounds,
+                                                                                     measure)
     result["fa3_path"] = hopper_impl.last_path["forward"] or "gluon"
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
-    print(json.dumps(result["timings"], indent=1))
+    cudnn = result["timings"]["sdpa cudnn"]["fwd_bwd_ms"]
+    print(f"\nmean of {args.rounds} rounds (do_bench medians), {result['device']}:")
+    print("| implementation | fwd ms | bwd ms | fwd+bwd ms | fwd+bwd range over rounds | ÷ cuDNN |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, t in result["timings"].items():
+        runs = [run["fwd_bwd_ms"] for run in result["timing_rounds"][name]]
+        print(f"| {name} | {t['fwd_ms']:.3f} | {t['bwd_ms']:.3f} | {t['fwd_bwd_ms']:.3f} | "
+              f"{min(runs):.3f}–{max(runs):.3f} | {t['fwd_bwd_ms'] / cudnn:.3f} |")
 
 
 def _sdpa(backend, q, k, v, causal):

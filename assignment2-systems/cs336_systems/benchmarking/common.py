@@ -9,7 +9,7 @@ import json
 import platform
 import socket
 import statistics
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +57,28 @@ def summarize(seconds: list[float]) -> dict[str, float]:
         "max_ms": max(ms),
         "n": len(ms),
     }
+
+
+def round_robin(names: list[str], rounds: int, measure: Callable[[str], dict[str, float]]
+                ) -> tuple[dict[str, dict[str, float]], list[list[str]], dict[str, list[dict[str, float]]]]:
+    """Measures every name once per round, each round starting further along the list, and returns the mean over
+    the rounds of each metric per name, the order of each round and every sample. A GPU's clock drifts under
+    sustained load, so a single pass in a fixed order charges the drift to whichever implementation runs late;
+    with as many rounds as names each name runs once in every position and a steady drift cancels in the mean
+    (fewer rounds spread it), while the spread between rounds shows how large it was."""
+    if rounds < 1 or not names:
+        raise ValueError(f"round_robin needs at least one round and one name, got {rounds} and {names}")
+    samples: dict[str, list[dict[str, float]]] = {name: [] for name in names}
+    orders = []
+    for r in range(rounds):
+        shift = r * len(names) // rounds
+        order = names[shift:] + names[:shift]
+        orders.append(order)
+        for name in order:
+            samples[name].append(measure(name))
+    means = {name: {key: statistics.fmean(sample[key] for sample in runs) for key in runs[0]}
+             for name, runs in samples.items()}
+    return means, orders, samples
 
 
 def environment(device: str = "cuda") -> dict[str, Any]:
