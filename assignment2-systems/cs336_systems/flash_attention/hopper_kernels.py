@@ -124,6 +124,46 @@ def _fwd_step(j, q_smem, k_smem, v_smem, kv_bars, k_desc, v_desc, kv_row0, n_til
 
 
 @gluon.jit
+def _query_tile_start(N_QUERIES, BLOCK_M: gl.constexpr, IS_CAUSAL: gl.constexpr):
+    """This program's first query row; grid axis 1 runs the longest causal tiles first (both forward kernels)."""
+    n_m_tiles = gl.cdiv(N_QUERIES, BLOCK_M)
+    if IS_CAUSAL:
+        tile_m = n_m_tiles - 1 - gl.program_id(1)
+    else:
+        tile_m = gl.program_id(1)
+    return tile_m * BLOCK_M
+
+
+@gluon.jit
+def _key_bounds(start_m, N_KEYS, BLOCK_M: gl.constexpr, IS_CAUSAL: gl.constexpr):
+    """How many keys the query tile at `start_m` reads, and the key from which its tiles need masking."""
+    if IS_CAUSAL:
+        hi = gl.minimum(N_KEYS, start_m + BLOCK_M)
+        mask_from = gl.minimum(N_KEYS, start_m + 1)
+    else:
+        hi = N_KEYS
+        mask_from = N_KEYS
+    return hi, mask_from
+
+
+@gluon.jit
+def _store_rows(acc, m_i, l_i, start_m, pid_bh, N_QUERIES, qk_scale, o_ptr, lse_ptr, ROWS: gl.constexpr,
+                HEAD_DIM: gl.constexpr, o_layout: gl.constexpr, dtype: gl.constexpr):
+    """O = acc / l and the natural-log logsumexp of rows start_m.. (both forward kernels); masked stores: a tile's
+    rows past N_QUERIES belong to the next head."""
+    row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+    l_o = gl.convert_layout(l_i, row_o)
+    acc = acc / l_o[:, None]
+    offs_m = start_m + gl.arange(0, ROWS, layout=row_o)
+    offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
+    row_ok = offs_m < N_QUERIES
+    rows = (pid_bh * N_QUERIES + offs_m).to(gl.int64)
+    gl.store(o_ptr + rows[:, None] * HEAD_DIM + offs_d[None, :], acc.to(dtype), mask=row_ok[:, None])
+    lse = (gl.convert_layout(m_i, row_o) * qk_scale + gl.log2(l_o)) * LN2
+    gl.store(lse_ptr + rows, lse, mask=row_ok)
+
+
+@gluon.jit
 def flash_fwd_hopper_kernel(
     q_desc, k_desc, v_desc, o_ptr, lse_ptr,
     N_QUERIES, N_KEYS, sm_scale,
@@ -134,12 +174,7 @@ def flash_fwd_hopper_kernel(
     NUM_WARPS: gl.constexpr = gl.num_warps()
     dtype: gl.constexpr = q_desc.dtype
     pid_bh = gl.program_id(0)
-    n_m_tiles = gl.cdiv(N_QUERIES, BLOCK_M)
-    if IS_CAUSAL:
-        tile_m = n_m_tiles - 1 - gl.program_id(1)
-    else:
-        tile_m = gl.program_id(1)
-    start_m = tile_m * BLOCK_M
+    start_m = _query_tile_start(N_QUERIES, BLOCK_M, IS_CAUSAL)
     q_row0 = pid_bh * N_QUERIES + start_m
     kv_row0 = pid_bh * N_KEYS
 
@@ -161,12 +196,7 @@ def flash_fwd_hopper_kernel(
     for i in gl.static_range(STAGES):
         mbarrier.init(kv_bars.index(i), count=1)
 
-    if IS_CAUSAL:
-        hi = gl.minimum(N_KEYS, start_m + BLOCK_M)
-        mask_from = gl.minimum(N_KEYS, start_m + 1)
-    else:
-        hi = N_KEYS
-        mask_from = N_KEYS
+    hi, mask_from = _key_bounds(start_m, N_KEYS, BLOCK_M, IS_CAUSAL)
     n_tiles = gl.cdiv(hi, BLOCK_N)
 
     mbarrier.expect(q_bar, q_desc.block_type.nbytes)
@@ -223,17 +253,8 @@ def flash_fwd_hopper_kernel(
     for i in gl.static_range(STAGES):
         mbarrier.invalidate(kv_bars.index(i))
 
-    l_o = gl.convert_layout(l_i, row_o)
-    acc = acc / l_o[:, None]
-    # masked stores: the tile's rows past N_QUERIES belong to the next head
-    offs_m = start_m + gl.arange(0, BLOCK_M, layout=row_o)
-    offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
-    row_ok = offs_m < N_QUERIES
-    rows = (pid_bh * N_QUERIES + offs_m).to(gl.int64)
-    o_ptrs = o_ptr + rows[:, None] * HEAD_DIM + offs_d[None, :]
-    gl.store(o_ptrs, acc.to(dtype), mask=row_ok[:, None])
-    lse = (gl.convert_layout(m_i, row_o) * qk_scale + gl.log2(l_o)) * LN2
-    gl.store(lse_ptr + rows, lse, mask=row_ok)
+    _store_rows(acc, m_i, l_i, start_m, pid_bh, N_QUERIES, qk_scale, o_ptr, lse_ptr, BLOCK_M, HEAD_DIM, o_layout,
+                dtype)
 
 
 # ---------------------------------------------------------------------------------------------- backward
@@ -486,15 +507,7 @@ def _ws_consumer(q_smem, k_smem, v_smem, p_smem, q_bar, k_ready, v_ready, kv_emp
     o_tok = warpgroup_mma(p_smem.index(p_base + (n_tiles - 1) % 2), v_smem.index(last), acc, is_async=True)
     acc = warpgroup_mma_wait(0, deps=(o_tok, ))
 
-    l_o = gl.convert_layout(l_i, row_o)
-    acc = acc / l_o[:, None]
-    offs_m = start_m + gl.arange(0, M_C, layout=row_o)
-    offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
-    row_ok = offs_m < N_QUERIES
-    rows = (pid_bh * N_QUERIES + offs_m).to(gl.int64)
-    gl.store(o_ptr + rows[:, None] * HEAD_DIM + offs_d[None, :], acc.to(dtype), mask=row_ok[:, None])
-    lse = (gl.convert_layout(m_i, row_o) * qk_scale + gl.log2(l_o)) * LN2
-    gl.store(lse_ptr + rows, lse, mask=row_ok)
+    _store_rows(acc, m_i, l_i, start_m, pid_bh, N_QUERIES, qk_scale, o_ptr, lse_ptr, M_C, HEAD_DIM, o_layout, dtype)
 
 
 @gluon.jit
@@ -514,20 +527,10 @@ def flash_fwd_hopper_ws_kernel(
     gl.static_assert(gl.num_warps() * 16 == M_C, "a consumer warpgroup owns 64 rows")
     dtype: gl.constexpr = q_desc.dtype
     pid_bh = gl.program_id(0)
-    n_m_tiles = gl.cdiv(N_QUERIES, BLOCK_M)
-    if IS_CAUSAL:
-        tile_m = n_m_tiles - 1 - gl.program_id(1)
-    else:
-        tile_m = gl.program_id(1)
-    tile_start = tile_m * BLOCK_M
+    tile_start = _query_tile_start(N_QUERIES, BLOCK_M, IS_CAUSAL)
     q_row0 = pid_bh * N_QUERIES + tile_start
     kv_row0 = pid_bh * N_KEYS
-    if IS_CAUSAL:
-        hi = gl.minimum(N_KEYS, tile_start + BLOCK_M)
-        mask_from = gl.minimum(N_KEYS, tile_start + 1)
-    else:
-        hi = N_KEYS
-        mask_from = N_KEYS
+    hi, mask_from = _key_bounds(tile_start, N_KEYS, BLOCK_M, IS_CAUSAL)
     n_tiles = gl.cdiv(hi, BLOCK_N)
     qk_scale = sm_scale * 1.4426950408889634
 
