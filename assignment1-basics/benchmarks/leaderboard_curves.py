@@ -12,13 +12,14 @@ first ~670 ids. The corpus is easy (every model reaches a floor near 0.33), so t
 they still move (the Δ panel) as well as at the end.
 
 Both runs use the same batches in the same order (the batch of step i depends on the seed and i only) and the
-same initial weights, so their train losses are compared step by step; they differ only by rounding (bf16
-matmuls in another order, the chunked softmax, the fused AdamW kernel), which a long run amplifies a little.
+same initial weights, so their train losses are compared step by step; they differ only by rounding (the bf16
+residual stream, bf16 matmuls in another order, the one-pass loss gradient, the fused AdamW kernel), which a long
+run amplifies a little.
 Runs are sequential (old first, so the new run's compile may reuse some cached Triton kernels: its first
 logged wall-clock point is then a little earlier than a cold start; tokens/s excludes the first log window).
 
 One device call, 8-9 minutes on an H100 (prepare ~15 s; each run: ~15 s to start, ~30-60 s to compile, 2000
-steps of ~100 ms (old) and ~75 ms (new, predicted), 20 evaluations of 5 batches, one final checkpoint):
+steps of ~100 ms (old) and ~55 ms (new), 20 evaluations of 5 batches, one final checkpoint):
 
     PYTHONPATH=assignment1-basics python3 assignment1-basics/benchmarks/leaderboard_curves.py \\
         --json $OUT/leaderboard_curves.json --figure $OUT/leaderboard_curves.png
