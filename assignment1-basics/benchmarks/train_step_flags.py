@@ -46,6 +46,7 @@ OLD_SETTINGS = dict(loss_impl="full", compile_loss=False, adamw_impl="ours", pre
 ALL = dict(loss_impl="chunked", compile_loss=True, adamw_impl="fused", prefetch=True)
 FULL_LOSS = dict(ALL, loss_impl="full")  # the flags the preset now carries
 ONEPASS_BF16 = dict(ALL, loss_impl="onepass", residual_dtype="bf16")
+PRESET = dict(ONEPASS_BF16, attention_layout="bshd", rope_layout="halves")  # owt-leaderboard's flags now
 VARIANTS: dict[str, dict] = {
     "baseline": {},  # OLD_SETTINGS: full logits + eager cross-entropy, our AdamW, no prefetch
     "compile-loss": dict(compile_loss=True),
@@ -90,6 +91,13 @@ VARIANTS: dict[str, dict] = {
                                                        compile_mode="max-autotune-no-cudagraphs"),
     "onepass-bf16-residual-bshd-halves-autotune-graphs": dict(ONEPASS_BF16, attention_layout="bshd",
                                                               rope_layout="halves", compile_mode="max-autotune"),
+    # the preset's flags (above) with the cross-entropy as one Triton pass that reads the logits once and writes
+    # the gradient over them during the forward (fused_ce.py): the whole batch one chunk, or four
+    "preset-fused": dict(PRESET, loss_impl="fused", loss_chunk_tokens=32768),
+    "preset-fused-chunk8k": dict(PRESET, loss_impl="fused", loss_chunk_tokens=8192),
+    "preset-fused-graphs": dict(PRESET, loss_impl="fused", loss_chunk_tokens=32768, compile_mode="reduce-overhead"),
+    "preset-fused-autotune-graphs": dict(PRESET, loss_impl="fused", loss_chunk_tokens=32768,
+                                         compile_mode="max-autotune"),
     # twice the tokens a step (a different optimisation: the loss curve is not the preset's)
     "onepass-bf16-residual-b128": dict(ONEPASS_BF16, batch_size=128),
     "hf-llama": {},  # transformers' LlamaForCausalLM, compiled, our loss and AdamW (train_step.py's setup)
@@ -234,13 +242,33 @@ def device_spans(events) -> list[tuple[str, float, float]]:
             if e.device_type == torch.autograd.DeviceType.CUDA and not getattr(e, "is_user_annotation", False)]
 
 
-def kernel_profile(run_steps, steps: int, device: torch.device) -> dict:
-    """Kernel time by category over `steps` steps (after the variant's timing, so compiled and warm)."""
+def call_sites(events, op: str, steps: int) -> list[dict]:
+    """Where `op` was called from: its chains of enclosing events (Python frames under with_stack), with the
+    input shapes, call count and CPU time per step of each distinct chain."""
+    sites: dict[tuple, dict] = {}
+    for e in events:
+        if e.name != op:
+            continue
+        chain, parent = [], e.cpu_parent
+        while parent is not None and len(chain) < 14:
+            chain.append(parent.name[:140])
+            parent = parent.cpu_parent
+        key = (str(getattr(e, "input_shapes", ""))[:200], tuple(chain))
+        site = sites.setdefault(key, {"shapes": key[0], "callers": chain, "count": 0, "cpu_ms_per_step": 0.0})
+        site["count"] += 1
+        site["cpu_ms_per_step"] += e.cpu_time_total / 1e3 / steps
+    return sorted(sites.values(), key=lambda s: -s["cpu_ms_per_step"])[:8]
+
+
+def kernel_profile(run_steps, steps: int, device: torch.device, stack_ops: tuple[str, ...] = ()) -> dict:
+    """Kernel time by category over `steps` steps (after the variant's timing, so compiled and warm).
+    `stack_ops`: CPU ops (e.g. aten::sum) whose Python call sites are recorded, to say where an eager kernel
+    of the step comes from."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     synchronize(device)
-    with profile(activities=activities) as prof:
+    with profile(activities=activities, with_stack=bool(stack_ops), record_shapes=bool(stack_ops)) as prof:
         start = time.perf_counter()
         run_steps(steps)
         synchronize(device)
@@ -275,7 +303,9 @@ def kernel_profile(run_steps, steps: int, device: torch.device) -> dict:
     # host side: the ops and hooks (FSDP's all-gather/reduce-scatter hooks among them) with the most self time
     cpu_top = sorted(((e.self_cpu_time_total / 1e3 / steps, e.key[:120]) for e in prof.key_averages()
                       if e.self_cpu_time_total > 0), reverse=True)[:15]
+    stacks = {op: call_sites(prof.events(), op, steps) for op in stack_ops}
     return {"steps": steps, "timeline": timeline,  # False: busy is a sum of kernel times, not their union
+            **({"stacks": stacks} if stack_ops else {}),
             "cpu_self_ms_per_step": sum(e.self_cpu_time_total for e in prof.key_averages()) / 1e3 / steps,
             "top_cpu_ops_ms": [(round(ms, 4), name) for ms, name in cpu_top],
             "wall_ms_per_step": wall_ms / steps, "busy_ms_per_step": busy_ms / steps,
@@ -323,7 +353,8 @@ def measure(args, variant: str, device: torch.device, precision: str, tokens, pe
             for _ in range(n):
                 step(tokens, index)
                 index += 1
-        profile = {"variant": variant, **kernel_profile(run_steps, args.profile_steps, device)}
+        stack_ops = tuple(filter(None, args.profile_stacks.split(",")))
+        profile = {"variant": variant, **kernel_profile(run_steps, args.profile_steps, device, stack_ops)}
     return row, profile
 
 
@@ -368,6 +399,8 @@ def main():
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--profile-variants", default="baseline,all")
     parser.add_argument("--profile-steps", type=int, default=3)
+    parser.add_argument("--profile-stacks", default="", metavar="OP[,OP]",
+                        help="CPU ops (e.g. aten::sum) whose Python call sites and shapes the profile records")
     parser.add_argument("--profile-out", default=None)
     parser.add_argument("--time-budget-s", type=float, default=420.0,
                         help="variants not started by then are skipped (recorded as such); 0: no limit")

@@ -80,6 +80,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                     grad_hidden[start:start + chunk_tokens] = grad_logits @ w
                 if grad_weight is not None:
                     grad_weight += grad_logits.T @ h
+                del logits, grad_logits  # the next chunk's logits may take their memory
         if needs_grad:
             ctx.save_for_backward(grad_hidden, grad_weight)
             ctx.weight_dtype = weight.dtype
@@ -96,14 +97,18 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
 
 
 def chunked_linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor,
-                                 chunk_tokens: int = DEFAULT_CHUNK_TOKENS, compiled: bool = False) -> Tensor:
+                                 chunk_tokens: int = DEFAULT_CHUNK_TOKENS, compiled: bool = False,
+                                 fused: bool = False) -> Tensor:
     """Mean cross-entropy of `hidden @ weight.T` (weight: [vocab, d]) against `targets`, chunk by chunk.
 
     Equals `cross_entropy(hidden @ weight.T, targets)` (and its gradients) up to rounding; under autocast the
     matmuls use the autocast dtype like the plain path does. `compiled` runs the per-chunk softmax under
-    torch.compile."""
+    torch.compile; `fused` as one Triton pass that writes the gradient over the logits (`fused_ce.py`, on CUDA;
+    elsewhere the eager softmax)."""
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be positive, got {chunk_tokens}")
+    if compiled and fused:
+        raise ValueError("the per-chunk softmax is either compiled or the fused kernel, not both")
     device_type = hidden.device.type
     if torch.is_autocast_enabled(device_type):
         compute_dtype = torch.get_autocast_dtype(device_type)
@@ -112,6 +117,11 @@ def chunked_linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
     if not torch.is_grad_enabled() or not (hidden.requires_grad or weight.requires_grad):
         return _chunked_loss_only(flat_hidden, weight, targets.reshape(-1), chunk_tokens, compute_dtype)
-    chunk_fn = compiled_chunk_loss_and_grad() if compiled else chunk_loss_and_grad
+    if fused:
+        from cs336_basics.fused_ce import fused_chunk_loss_and_grad
+
+        chunk_fn = fused_chunk_loss_and_grad
+    else:
+        chunk_fn = compiled_chunk_loss_and_grad() if compiled else chunk_loss_and_grad
     return _ChunkedLinearCrossEntropy.apply(flat_hidden, weight, targets.reshape(-1), chunk_tokens,
                                             compute_dtype, chunk_fn)

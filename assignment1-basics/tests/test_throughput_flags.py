@@ -454,12 +454,13 @@ def test_trainer_flags_keep_the_loss_curve(data, tmp_path, monkeypatch):
     monkeypatch.setattr(onepass_ce, "onepass_cross_entropy", counting("onepass", onepass_ce.onepass_cross_entropy))
     # other arithmetic, the same curve up to float32 rounding
     for flags in (["--loss-impl", "chunked", "--loss-chunk-tokens", "48"], ["--adamw-impl", "fused"],
-                  ["--loss-impl", "onepass"],
+                  ["--loss-impl", "onepass"], ["--loss-impl", "fused", "--loss-chunk-tokens", "48"],
                   ["--loss-impl", "chunked", "--adamw-impl", "fused", "--prefetch", "--compile-loss"]):
         np.testing.assert_allclose(_losses(data, tmp_path / "-".join(flags).strip("-"), *flags), plain,
                                    rtol=1e-4, err_msg=str(flags))
-    # each path ran (chunked: 6 steps + 1 evaluation; onepass: the 6 steps, its evaluation is the plain loss)
-    assert calls == {"prefetch": 6, "chunked": 14, "fused": 12, "onepass": 6}
+    # each path ran (chunked and fused: 6 steps + 1 evaluation; onepass: the 6 steps, its evaluation is the
+    # plain loss)
+    assert calls == {"prefetch": 6, "chunked": 21, "fused": 12, "onepass": 6}
 
 
 def test_fused_run_resumes_from_a_checkpoint_of_ours(data, tmp_path):

@@ -26,7 +26,7 @@ CHOICES = {"norm": ("pre", "post", "none"), "position": ("rope", "none", "alibi"
            "precision": ("auto", "fp32", "bf16", "fp16"), "optimizer": ("adamw", "muon"),
            "parallel": ("none", "ddp", "fsdp"),
            "fsdp_reshard": ("auto", "always", "never"), "fsdp_units": ("auto", "block", "model"),
-           "compile_mode": COMPILE_MODES, "loss_impl": ("full", "chunked", "onepass"),
+           "compile_mode": COMPILE_MODES, "loss_impl": ("full", "chunked", "onepass", "fused"),
            "adamw_impl": ("ours", "fused"), "residual_dtype": ("param", "bf16", "auto"),
            "attention_layout": ("bhsd", "bshd"), "rope_layout": ("pairs", "halves")}
 
@@ -110,9 +110,10 @@ class TrainConfig:
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
     compile_loss: bool = False  # with --compile: the loss compiled too (full: with the model; chunked: per chunk)
     # chunked: LM head + cross-entropy per chunk of tokens; onepass: the full logits, the gradient written out
-    # as one pass over them (onepass_ce.py) instead of autograd's scatter + log-softmax backward
-    loss_impl: Literal["full", "chunked", "onepass"] = "full"
-    loss_chunk_tokens: int = bounded(4096, ge=1)  # tokens per chunk of --loss-impl chunked
+    # as one pass over them (onepass_ce.py) instead of autograd's scatter + log-softmax backward; fused: chunked,
+    # each chunk's loss and gradient one Triton pass that reads the logits once and overwrites them (fused_ce.py)
+    loss_impl: Literal["full", "chunked", "onepass", "fused"] = "full"
+    loss_chunk_tokens: int = bounded(4096, ge=1)  # tokens per chunk of --loss-impl chunked or fused
     adamw_impl: Literal["ours", "fused"] = "ours"  # fused: torch's fused kernel, our update (optim.FusedAdamW)
     # with --adamw-impl fused: gradient clipping's scale applied by the fused kernel as it reads the gradients
     # (FusedAdamW.clip_in_next_step), instead of a separate pass over them
@@ -172,8 +173,8 @@ class TrainConfig:
             raise UserError(f"--fsdp-units {self.fsdp_units} needs --parallel fsdp")
         if self.fsdp_units == "model" and self.fsdp_reshard == "always":
             raise UserError("--fsdp-reshard always frees each block after its forward: it needs --fsdp-units block")
-        if self.parallel != "none" and (self.loss_impl == "chunked" or self.compile_loss):
-            which = "--loss-impl chunked" if self.loss_impl == "chunked" else "--compile-loss"
+        if self.parallel != "none" and (self.loss_impl in ("chunked", "fused") or self.compile_loss):
+            which = f"--loss-impl {self.loss_impl}" if self.loss_impl in ("chunked", "fused") else "--compile-loss"
             raise UserError(f"{which} needs --parallel none (the owt-leaderboard preset turns --compile-loss on; "
                             "--no-compile-loss turns it off)")
         if self.residual_dtype == "bf16" and self.precision in ("fp32", "fp16"):

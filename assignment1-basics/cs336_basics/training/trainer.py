@@ -155,7 +155,7 @@ def _resume_state(config: TrainConfig, device: torch.device) -> dict[str, Any]:
 def evaluate(model, tokens, config: TrainConfig, device, precision, dist=None) -> float:
     """Mean loss over a fixed set of validation windows (own generator: the training RNG is untouched). The
     windows are the same at every world size: each rank takes its share of every batch, in micro-batches, and
-    the token-loss sums are all-reduced. Under --loss-impl chunked the loss is computed chunk by chunk like in
+    the token-loss sums are all-reduced. Under --loss-impl chunked (or fused) the loss is computed chunk by chunk like in
     training (the full logits of a leaderboard batch alone are 2 GB bf16 + 4 GB float32)."""
     import torch
 
@@ -164,7 +164,7 @@ def evaluate(model, tokens, config: TrainConfig, device, precision, dist=None) -
     from cs336_basics.nn_utils import cross_entropy
 
     def loss_of(x, y):
-        if config.loss_impl == "chunked":
+        if config.loss_impl in ("chunked", "fused"):  # no gradient here: the two are the same loss
             return chunked_ce.chunked_linear_cross_entropy(model(x, return_hidden=True), model.lm_head.weight, y,
                                                            config.loss_chunk_tokens)
         return cross_entropy(model(x), y)  # onepass differs from full in its backward only
@@ -476,20 +476,23 @@ def loss_function(model, wrapped, config: TrainConfig):
     """(inputs, targets) -> mean loss by the configured path. The original: the (optionally compiled) model's
     logits into `cross_entropy`, outside the compiled graph (--loss-impl onepass: `onepass_cross_entropy`).
     --compile-loss: tokens to loss as one compiled graph. --loss-impl chunked: the model's final hidden states
-    into `chunked_linear_cross_entropy` (its per-chunk softmax compiled under --compile-loss)."""
+    into `chunked_linear_cross_entropy` (its per-chunk softmax compiled under --compile-loss); --loss-impl fused:
+    the same with the per-chunk loss and gradient as one Triton pass over the logits (`fused_ce.py`)."""
     from cs336_basics.nn_utils import cross_entropy as full_cross_entropy
     from cs336_basics.onepass_ce import onepass_cross_entropy
     from cs336_basics.training.distributed import compiled
 
     cross_entropy = onepass_cross_entropy if config.loss_impl == "onepass" else full_cross_entropy
     compile_loss = config.compile and config.compile_loss
-    if config.loss_impl == "chunked":
+    if config.loss_impl in ("chunked", "fused"):
         from cs336_basics.chunked_ce import chunked_linear_cross_entropy
+
+        fused = config.loss_impl == "fused"
 
         def chunked_loss(x, y):
             hidden = wrapped.forward(x, return_hidden=True)
             return chunked_linear_cross_entropy(hidden, model.lm_head.weight, y, config.loss_chunk_tokens,
-                                                compiled=compile_loss)
+                                                compiled=compile_loss and not fused, fused=fused)
 
         return chunked_loss
     if compile_loss:
