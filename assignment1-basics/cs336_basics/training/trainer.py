@@ -155,8 +155,8 @@ def _resume_state(config: TrainConfig, device: torch.device) -> dict[str, Any]:
 def evaluate(model, tokens, config: TrainConfig, device, precision, dist=None) -> float:
     """Mean loss over a fixed set of validation windows (own generator: the training RNG is untouched). The
     windows are the same at every world size: each rank takes its share of every batch, in micro-batches, and
-    the token-loss sums are all-reduced. Under --loss-impl chunked (or fused) the loss is computed chunk by chunk like in
-    training (the full logits of a leaderboard batch alone are 2 GB bf16 + 4 GB float32)."""
+    the token-loss sums are all-reduced. Under --loss-impl chunked (or fused) the loss is computed chunk by chunk
+    like in training (the full logits of a leaderboard batch alone are 2 GB bf16 + 4 GB float32)."""
     import torch
 
     from cs336_basics import chunked_ce
