@@ -2,7 +2,7 @@
 the compiled one-pass path the preset uses (`onepass_ce.py` under torch.compile: a log-sum-exp reduction in the
 forward, one pointwise kernel in the backward) against the Triton kernel of `--loss-impl fused`
 (`fused_ce.softmax_grad_`: one read of the logits, the gradient written over them), with the whole row in
-registers and block by block. Checks the kernel's loss and gradient against float64 first; prints a table (ms,
+registers and block by block (the default: blocks of 16 384). Checks the kernel's loss and gradient against float64 first; prints a table (ms,
 GB/s of the traffic each path needs) and writes JSON.
 
     PYTHONPATH=assignment1-basics python3 assignment1-basics/benchmarks/loss_kernels.py --out $OUT/loss_kernels.json
@@ -16,7 +16,7 @@ import statistics
 import torch
 import torch.nn.functional as F
 
-from cs336_basics.fused_ce import softmax_grad_
+from cs336_basics.fused_ce import launch_config, softmax_grad_
 from cs336_basics.onepass_ce import onepass_cross_entropy
 
 
@@ -72,8 +72,10 @@ def main() -> None:
     work = logits.clone()
     rows = []
     timed = {"onepass, compiled (forward reduction + backward pass)": (onepass, None)}
-    for block in (None, 16384, 8192, 4096):
-        label = "fused kernel, whole row" if block is None else f"fused kernel, blocks of {block}"
+    for block in (None, 32768, 8192, 4096):
+        size, whole_row, warps = launch_config(args.vocab, block)
+        label = (f"fused kernel{', default' if block is None else ''}, "
+                 f"{'whole row' if whole_row else f'blocks of {size}'}, {warps} warps")
         timed[label] = ((lambda b=block: softmax_grad_(work, targets, 1.0 / args.tokens, block=b)), block)
     for label, (fn, block) in timed.items():
         row = {"path": label}

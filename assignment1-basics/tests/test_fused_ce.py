@@ -80,12 +80,13 @@ def test_kernel_in_the_triton_interpreter_against_float64():
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
 
 
-def test_launch_config_keeps_rows_in_registers_up_to_the_limit():
-    assert launch_config(32000) == (32768, True, 32)  # the leaderboard's vocabulary: 32 values a thread
+def test_launch_config_keeps_short_rows_in_registers_and_blocks_long_ones():
+    assert launch_config(32000) == (16384, False, 16)  # the leaderboard's vocabulary: two blocks a row
+    assert launch_config(16384) == (16384, True, 16)  # 32 values a thread
     assert launch_config(50) == (64, True, 4)
-    block, whole_row, _ = launch_config(200_000)  # a large vocabulary: block by block
-    assert (block, whole_row) == (8192, False)
-    assert launch_config(32000, block=4096)[:2] == (4096, False)
+    assert launch_config(64) == (64, True, 4)
+    assert launch_config(1) == (2, True, 4)
+    assert launch_config(32000, block=4096) == (4096, False, 4)
 
 
 def test_without_the_kernel_the_chunk_step_is_the_eager_softmax():
