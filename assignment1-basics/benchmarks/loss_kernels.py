@@ -2,8 +2,8 @@
 the compiled one-pass path the preset uses (`onepass_ce.py` under torch.compile: a log-sum-exp reduction in the
 forward, one pointwise kernel in the backward) against the Triton kernel of `--loss-impl fused`
 (`fused_ce.softmax_grad_`: one read of the logits, the gradient written over them), with the whole row in
-registers and block by block (the default: blocks of 16 384). Checks the kernel's loss and gradient against float64 first; prints a table (ms,
-GB/s of the traffic each path needs) and writes JSON.
+registers and block by block (the default: blocks of 16 384). Checks the kernel's loss and gradient against
+float64 first; prints a table (ms, GB/s of the traffic each path needs) and writes JSON.
 
     PYTHONPATH=assignment1-basics python3 assignment1-basics/benchmarks/loss_kernels.py --out $OUT/loss_kernels.json
 """

@@ -4,10 +4,10 @@ The compiled one-pass loss (`onepass_ce.py`) still reads the [tokens, vocab] log
 the log-normaliser in the forward, then the pointwise gradient in the backward (1.03 + 1.40 ms at the
 leaderboard shape on an H100, for 2.1 GB of bf16 logits read twice and a 2.1 GB gradient written once). Inside
 `chunked_ce`'s autograd function the logits of a chunk are needed for nothing else once their gradient exists,
-so here one program per row reads its logits once (the row's maximum and normaliser kept in registers, or
-an online pass over blocks when the row is longer than a block; the second read of such a row comes from L2)
-and overwrites them with scale · (softmax − onehot). The loss per row goes to a small float32 vector. The vocabulary size is a compile-time constant of the kernel
-(one compilation per vocabulary).
+so here one program per row reads its logits from memory once (an online maximum and normaliser over blocks of
+the row; the second pass over a block, which writes scale · (softmax − onehot) over it, reads from L2, or from
+registers when the row is one block). The loss per row goes to a small float32 vector. The vocabulary size is
+a compile-time constant of the kernel (one compilation per vocabulary).
 
 A target outside [0, vocab) gives that row a NaN loss instead of reading outside the row.
 """
