@@ -69,7 +69,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         loss = torch.zeros((), dtype=torch.promote_types(compute_dtype, torch.float32), device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         accumulate = torch.promote_types(weight.dtype, torch.float32)  # the head gradient's sum over chunks
-        grad_weight = torch.zeros_like(weight, dtype=accumulate) if ctx.needs_input_grad[1] else None
+        grad_weight = None  # the first chunk's product cast, later ones added (no zero-filled start)
         with torch.autocast(hidden.device.type, enabled=False):
             for start in range(0, n, chunk_tokens):
                 h = hidden[start:start + chunk_tokens].to(compute_dtype)
@@ -78,8 +78,12 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 loss += chunk_loss
                 if grad_hidden is not None:
                     grad_hidden[start:start + chunk_tokens] = grad_logits @ w
-                if grad_weight is not None:
-                    grad_weight += grad_logits.T @ h
+                if ctx.needs_input_grad[1]:
+                    chunk_grad = grad_logits.T @ h
+                    if grad_weight is None:
+                        grad_weight = chunk_grad.to(accumulate)
+                    else:
+                        grad_weight += chunk_grad
                 del logits, grad_logits  # the next chunk's logits may take their memory
         if needs_grad:
             ctx.save_for_backward(grad_hidden, grad_weight)
