@@ -154,3 +154,29 @@ def test_fused_lm_head_loss_under_bf16_autocast_on_cuda_matches_the_plain_path()
     torch.testing.assert_close(loss, plain_loss, rtol=1e-5, atol=1e-5)  # the same bf16 logits
     torch.testing.assert_close(dh, plain_dh, rtol=2e-2, atol=1e-4)  # bf16 gradient matmuls on both sides
     torch.testing.assert_close(dw, plain_dw, rtol=2e-2, atol=1e-4)
+
+
+@pytest.mark.parametrize("compile_model", [False, True])
+def test_fused_loss_function_equals_the_plain_one(compile_model):
+    """The trainer's loss under --loss-impl fused (the model's hidden states into the chunked head + loss, eager
+    or compiled model): the plain path's loss and every parameter's gradient."""
+    from cs336_basics.model import TransformerConfig, TransformerLM
+    from cs336_basics.training import distributed
+    from cs336_basics.training.trainer import loss_function
+
+    torch.manual_seed(0)
+    model = TransformerLM(TransformerConfig(vocab_size=30, context_length=8, d_model=16, num_layers=1,
+                                            num_heads=2, d_ff=32))
+    wrapped = distributed.wrap_model(model, "none", torch.device("cpu"), "fp32", compile_model)
+    x, y = torch.randint(0, 30, (2, 8)), torch.randint(0, 30, (2, 8))
+    results = []
+    for config in (TrainConfig(), TrainConfig(compile=compile_model, compile_loss=compile_model, loss_impl="fused",
+                                              loss_chunk_tokens=5)):
+        model.zero_grad()
+        loss = loss_function(model, wrapped, config)(x, y)
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    (plain_loss, plain_grads), (loss, grads) = results
+    torch.testing.assert_close(loss, plain_loss)
+    for grad, plain_grad in zip(grads, plain_grads, strict=True):
+        torch.testing.assert_close(grad, plain_grad, rtol=1e-5, atol=1e-7)
