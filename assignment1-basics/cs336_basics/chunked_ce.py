@@ -44,8 +44,14 @@ def compiled_chunk_loss_and_grad() -> Callable:
     return _compiled_chunk_fn
 
 
+def chunk_loss(logits: Tensor, targets: Tensor) -> Tensor:
+    """Summed NLL of one chunk, the softmax in float32 (float64 for float64 logits)."""
+    logp = torch.log_softmax(logits, dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32))
+    return -logp.gather(-1, targets.unsqueeze(-1)).sum()
+
+
 def _chunked_loss_only(hidden: Tensor, weight: Tensor, targets: Tensor, chunk_tokens: int,
-                       compute_dtype: torch.dtype) -> Tensor:
+                       compute_dtype: torch.dtype, loss_fn: Callable = chunk_loss) -> Tensor:
     """The loss alone (evaluation, no_grad): the same per-chunk arithmetic as the training path without the
     softmax gradient and its two matmuls, which would otherwise be computed and thrown away."""
     n = hidden.shape[0]
@@ -54,8 +60,7 @@ def _chunked_loss_only(hidden: Tensor, weight: Tensor, targets: Tensor, chunk_to
     with torch.autocast(hidden.device.type, enabled=False):
         for start in range(0, n, chunk_tokens):
             logits = hidden[start:start + chunk_tokens].to(compute_dtype) @ w.T
-            logp = torch.log_softmax(logits, dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32))
-            loss -= logp.gather(-1, targets[start:start + chunk_tokens].unsqueeze(-1)).sum()
+            loss += loss_fn(logits, targets[start:start + chunk_tokens])
     return loss / n
 
 
@@ -74,8 +79,8 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             for start in range(0, n, chunk_tokens):
                 h = hidden[start:start + chunk_tokens].to(compute_dtype)
                 logits = h @ w.T
-                chunk_loss, grad_logits = chunk_fn(logits, targets[start:start + chunk_tokens], 1.0 / n)
-                loss += chunk_loss
+                summed, grad_logits = chunk_fn(logits, targets[start:start + chunk_tokens], 1.0 / n)
+                loss += summed
                 if grad_hidden is not None:
                     grad_hidden[start:start + chunk_tokens] = grad_logits @ w
                 if ctx.needs_input_grad[1]:
@@ -119,11 +124,12 @@ def chunked_linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor
     else:
         compute_dtype = torch.promote_types(hidden.dtype, weight.dtype)
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
-    if not torch.is_grad_enabled() or not (hidden.requires_grad or weight.requires_grad):
-        return _chunked_loss_only(flat_hidden, weight, targets.reshape(-1), chunk_tokens, compute_dtype)
     if fused:
-        from cs336_basics.fused_ce import fused_chunk_loss_and_grad
-
+        from cs336_basics.fused_ce import fused_chunk_loss, fused_chunk_loss_and_grad
+    if not torch.is_grad_enabled() or not (hidden.requires_grad or weight.requires_grad):
+        return _chunked_loss_only(flat_hidden, weight, targets.reshape(-1), chunk_tokens, compute_dtype,
+                                  fused_chunk_loss if fused else chunk_loss)
+    if fused:
         chunk_fn = fused_chunk_loss_and_grad
     else:
         chunk_fn = compiled_chunk_loss_and_grad() if compiled else chunk_loss_and_grad

@@ -17,7 +17,7 @@ import os
 import torch
 from torch import Tensor
 
-from cs336_basics.chunked_ce import chunk_loss_and_grad
+from cs336_basics.chunked_ce import chunk_loss, chunk_loss_and_grad
 
 try:
     import triton
@@ -41,7 +41,7 @@ if triton is not None:
 
     @triton.jit
     def _softmax_grad_rows(logits_ptr, targets_ptr, losses_ptr, row_stride, scale, n_cols: tl.constexpr,
-                           BLOCK: tl.constexpr, WHOLE_ROW: tl.constexpr):
+                           BLOCK: tl.constexpr, WHOLE_ROW: tl.constexpr, WRITE_GRAD: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         row_ptr = logits_ptr + row * row_stride
         target = tl.load(targets_ptr + row).to(tl.int64)
@@ -53,8 +53,9 @@ if triton is not None:
             row_max = tl.max(x, axis=0)
             p = tl.exp(x - row_max)
             total = tl.sum(p, axis=0)
-            grad = p * (scale / total) - tl.where(cols == target, scale, 0.0)
-            tl.store(row_ptr + cols, grad.to(logits_ptr.dtype.element_ty), mask=cols < n_cols)
+            if WRITE_GRAD:
+                grad = p * (scale / total) - tl.where(cols == target, scale, 0.0)
+                tl.store(row_ptr + cols, grad.to(logits_ptr.dtype.element_ty), mask=cols < n_cols)
             log_normaliser = row_max + tl.log(total)
         else:  # online maximum and normaliser block by block, then a second pass for the gradient
             row_max = float("-inf")
@@ -66,11 +67,12 @@ if triton is not None:
                 total = total * tl.exp(row_max - new_max) + tl.sum(tl.exp(x - new_max), axis=0)
                 row_max = new_max
             log_normaliser = row_max + tl.log(total)
-            for start in range(0, n_cols, BLOCK):
-                cols = start + tl.arange(0, BLOCK)
-                x = tl.load(row_ptr + cols, mask=cols < n_cols, other=float("-inf")).to(tl.float32)
-                grad = tl.exp(x - log_normaliser) * scale - tl.where(cols == target, scale, 0.0)
-                tl.store(row_ptr + cols, grad.to(logits_ptr.dtype.element_ty), mask=cols < n_cols)
+            if WRITE_GRAD:
+                for start in range(0, n_cols, BLOCK):
+                    cols = start + tl.arange(0, BLOCK)
+                    x = tl.load(row_ptr + cols, mask=cols < n_cols, other=float("-inf")).to(tl.float32)
+                    grad = tl.exp(x - log_normaliser) * scale - tl.where(cols == target, scale, 0.0)
+                    tl.store(row_ptr + cols, grad.to(logits_ptr.dtype.element_ty), mask=cols < n_cols)
         tl.store(losses_ptr + row, log_normaliser - picked)
 
 
@@ -90,6 +92,15 @@ def softmax_grad_(logits: Tensor, targets: Tensor, scale: float, block: int | No
 
     The contract of `chunked_ce.chunk_loss_and_grad`, with the gradient in the logits' own storage; the
     softmax in float32. `logits`: [rows, vocab] with contiguous rows."""
+    return _launch(logits, targets, scale, block, write_grad=True), logits
+
+
+def summed_nll(logits: Tensor, targets: Tensor, block: int | None = None) -> Tensor:
+    """The summed NLL alone (evaluation): one read of the logits, which are left as they were."""
+    return _launch(logits, targets, 1.0, block, write_grad=False)
+
+
+def _launch(logits: Tensor, targets: Tensor, scale: float, block: int | None, write_grad: bool) -> Tensor:
     if logits.ndim != 2 or logits.stride(-1) != 1:
         raise ValueError(f"need [rows, vocab] logits with contiguous rows, got shape {tuple(logits.shape)} "
                          f"and strides {logits.stride()}")
@@ -100,8 +111,16 @@ def softmax_grad_(logits: Tensor, targets: Tensor, scale: float, block: int | No
     if n_rows:
         block_size, whole_row, num_warps = launch_config(n_cols, block)
         _softmax_grad_rows[(n_rows,)](logits, targets, losses, logits.stride(0), float(scale), n_cols=n_cols,
-                                      BLOCK=block_size, WHOLE_ROW=whole_row, num_warps=num_warps)
-    return losses.sum(), logits
+                                      BLOCK=block_size, WHOLE_ROW=whole_row, WRITE_GRAD=write_grad,
+                                      num_warps=num_warps)
+    return losses.sum()
+
+
+def fused_chunk_loss(logits: Tensor, targets: Tensor) -> Tensor:
+    """`summed_nll` where the Triton kernel runs, else `chunk_loss` (a float32 log-softmax)."""
+    if triton_usable(logits) and logits.stride(-1) == 1:
+        return summed_nll(logits, targets)
+    return chunk_loss(logits, targets)
 
 
 def fused_chunk_loss_and_grad(logits: Tensor, targets: Tensor, scale: float) -> tuple[Tensor, Tensor]:

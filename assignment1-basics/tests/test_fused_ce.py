@@ -13,13 +13,13 @@ import torch.nn.functional as F
 
 from cs336_basics.chunked_ce import chunk_loss_and_grad, chunked_linear_cross_entropy
 from cs336_basics.cli_support import UserError
-from cs336_basics.fused_ce import fused_chunk_loss_and_grad, launch_config, softmax_grad_
+from cs336_basics.fused_ce import fused_chunk_loss_and_grad, launch_config, softmax_grad_, summed_nll
 from cs336_basics.testing import one_thread  # noqa: F401 (autouse: one torch thread)
 from cs336_basics.training.config import TrainConfig
 
 INTERPRETER_CHECK = r"""
 import torch, torch.nn.functional as F
-from cs336_basics.fused_ce import softmax_grad_, triton_usable
+from cs336_basics.fused_ce import softmax_grad_, summed_nll, triton_usable
 from cs336_basics.chunked_ce import chunked_linear_cross_entropy
 
 assert triton_usable(torch.zeros(1, 1))
@@ -54,6 +54,14 @@ assert torch.isnan(loss)
 loss, _ = softmax_grad_(logits.clone(), torch.tensor([3, -1, 5, 0]), 1.0)
 assert torch.isnan(loss)
 
+# the loss alone leaves the logits as they were
+logits = torch.randn(5, 70, generator=gen)
+targets = torch.randint(0, 70, (5,), generator=gen)
+for block in (None, 32):
+    kept = logits.clone()
+    assert abs(summed_nll(kept, targets, block=block).item() - reference(logits, targets, 1.0)[0].item()) < 1e-4
+    assert torch.equal(kept, logits)
+
 # the LM head + loss with the kernel per chunk: loss and both gradients as autograd through the full logits
 hidden = torch.randn(3, 11, 8, generator=gen, dtype=torch.float64)
 weight = torch.randn(40, 8, generator=gen, dtype=torch.float64)
@@ -68,6 +76,8 @@ for chunk in (5, 33):
     assert abs(loss.item() - expected.item()) < 1e-5
     torch.testing.assert_close(hf.grad.double(), 2.0 * h.grad, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(wf.grad.double(), 2.0 * w.grad, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():  # evaluation: the kernel's loss-only pass
+        assert abs(chunked_linear_cross_entropy(hf, wf, targets, chunk, fused=True).item() - expected.item()) < 1e-5
 print("ok")
 """
 
@@ -101,8 +111,10 @@ def test_without_the_kernel_the_chunk_step_is_the_eager_softmax():
     hidden = torch.randn(2, 7, 6, generator=gen, dtype=torch.float64)
     weight = torch.randn(25, 6, generator=gen, dtype=torch.float64)
     targets = torch.randint(0, 25, (2, 7), generator=gen)
-    torch.testing.assert_close(chunked_linear_cross_entropy(hidden, weight, targets, 4, fused=True),
-                               F.cross_entropy((hidden @ weight.T).reshape(-1, 25), targets.reshape(-1)))
+    expected = F.cross_entropy((hidden @ weight.T).reshape(-1, 25), targets.reshape(-1))
+    torch.testing.assert_close(chunked_linear_cross_entropy(hidden, weight, targets, 4, fused=True), expected)
+    with torch.no_grad():
+        torch.testing.assert_close(chunked_linear_cross_entropy(hidden, weight, targets, 4, fused=True), expected)
 
 
 def test_bad_arguments_are_refused():
@@ -129,6 +141,9 @@ def test_kernel_on_cuda_at_the_leaderboard_vocabulary(block):
         exact = rounded.double().requires_grad_(True)
         expected = F.cross_entropy(exact, targets, reduction="sum")
         expected.backward()
+        kept = rounded.clone()
+        assert abs(summed_nll(kept, targets, block=block).item() - expected.item()) <= 1e-5 * expected.item()
+        assert torch.equal(kept, rounded)  # the loss alone writes nothing
         loss, grad = softmax_grad_(rounded.clone(), targets, scale, block=block)
         assert abs(loss.item() - expected.item()) <= 1e-5 * expected.item()
         tolerance = 1e-8 if dtype == torch.float32 else torch.finfo(dtype).eps * scale

@@ -164,9 +164,10 @@ def evaluate(model, tokens, config: TrainConfig, device, precision, dist=None) -
     from cs336_basics.nn_utils import cross_entropy
 
     def loss_of(x, y):
-        if config.loss_impl in ("chunked", "fused"):  # no gradient here: the two are the same loss
+        if config.loss_impl in ("chunked", "fused"):  # fused: the kernel's loss-only pass over each chunk
             return chunked_ce.chunked_linear_cross_entropy(model(x, return_hidden=True), model.lm_head.weight, y,
-                                                           config.loss_chunk_tokens)
+                                                           config.loss_chunk_tokens,
+                                                           fused=config.loss_impl == "fused")
         return cross_entropy(model(x), y)  # onepass differs from full in its backward only
 
     rank, world_size = (dist.rank, dist.world_size) if dist is not None else (0, 1)
