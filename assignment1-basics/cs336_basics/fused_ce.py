@@ -9,7 +9,8 @@ the row; the second pass over a block, which writes scale · (softmax − onehot
 registers when the row is one block). The loss per row goes to a small float32 vector. The vocabulary size is
 a compile-time constant of the kernel (one compilation per vocabulary).
 
-A target outside [0, vocab) gives that row a NaN loss instead of reading outside the row.
+Evaluation takes the same kernel without the gradient (`summed_nll`: one read, nothing written). A target
+outside [0, vocab) gives that row a NaN loss instead of reading outside the row.
 """
 
 import os
