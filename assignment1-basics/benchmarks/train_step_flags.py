@@ -391,6 +391,8 @@ def main():
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="default: on for CUDA (the preset's setting), off on CPU")
     parser.add_argument("--tiny", action="store_true", help="a tiny model (CPU smoke test)")
+    parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                        help="auto: bf16 on CUDA, fp32 elsewhere (the bf16-residual variants need bf16)")
     parser.add_argument("--steps", type=int, default=10, help="steps per timing window")
     parser.add_argument("--windows", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=3, help="steps after the first (compiling) one")
@@ -417,7 +419,7 @@ def main():
     if unknown:
         raise SystemExit(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
     device = args.device
-    precision = "bf16" if device.type == "cuda" else "fp32"
+    precision = args.precision if args.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

@@ -554,6 +554,25 @@ def test_benchmark_script_smoke_on_cpu(tmp_path):
     assert categories["matmul"] > 0 and "idle_gap" in categories
 
 
+def test_benchmark_script_runs_the_preset_and_its_fused_loss_in_bf16_on_cpu(tmp_path):
+    """The preset's flags (bf16 residual among them, hence --precision bf16 on a CPU) and --loss-impl fused start
+    from the same weights and batch, so their first losses agree; the profile names the callers of aten::sum."""
+    out, profile = tmp_path / "flags.json", tmp_path / "profile.json"
+    env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "train_step_flags.py"), "--tiny", "--device", "cpu",
+                    "--precision", "bf16", "--steps", "2", "--windows", "1", "--warmup", "1",
+                    "--variants", "onepass-bf16-residual-bshd-halves,preset-fused", "--profile",
+                    "--profile-variants", "preset-fused", "--profile-stacks", "aten::sum",
+                    "--profile-out", str(profile), "--out", str(out)],
+                   check=True, env=env, timeout=300, capture_output=True)
+    rows = {r["variant"]: r for r in json.loads(out.read_text())["rows"]}
+    assert not any(r.get("error") for r in rows.values())
+    assert rows["preset-fused"]["first_step_loss"] == pytest.approx(
+        rows["onepass-bf16-residual-bshd-halves"]["first_step_loss"], rel=1e-3)  # bf16 logits on both sides
+    sites = json.loads(profile.read_text())["profiles"][0]["stacks"]["aten::sum"]
+    assert any(any("chunked_ce.py" in frame for frame in site["callers"]) for site in sites)  # the chunk losses
+
+
 def test_rope_benchmark_smoke_on_cpu(tmp_path):
     """The RoPE micro-benchmark runs the three forms (it checks them equal before timing) and writes its rows."""
     out = tmp_path / "rope.json"
