@@ -126,12 +126,11 @@ def chunked_linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
     if fused:
         from cs336_basics.fused_ce import fused_chunk_loss, fused_chunk_loss_and_grad
-    if not torch.is_grad_enabled() or not (hidden.requires_grad or weight.requires_grad):
-        return _chunked_loss_only(flat_hidden, weight, targets.reshape(-1), chunk_tokens, compute_dtype,
-                                  fused_chunk_loss if fused else chunk_loss)
-    if fused:
-        chunk_fn = fused_chunk_loss_and_grad
+
+        loss_fn, chunk_fn = fused_chunk_loss, fused_chunk_loss_and_grad
     else:
-        chunk_fn = compiled_chunk_loss_and_grad() if compiled else chunk_loss_and_grad
+        loss_fn, chunk_fn = chunk_loss, compiled_chunk_loss_and_grad() if compiled else chunk_loss_and_grad
+    if not torch.is_grad_enabled() or not (hidden.requires_grad or weight.requires_grad):
+        return _chunked_loss_only(flat_hidden, weight, targets.reshape(-1), chunk_tokens, compute_dtype, loss_fn)
     return _ChunkedLinearCrossEntropy.apply(flat_hidden, weight, targets.reshape(-1), chunk_tokens,
                                             compute_dtype, chunk_fn)

@@ -33,9 +33,10 @@ MAX_BLOCK = 16384
 
 
 def triton_usable(logits: Tensor) -> bool:
-    """A CUDA tensor of a dtype the kernel takes (anywhere under TRITON_INTERPRET=1, for the CPU tests)."""
+    """A CUDA tensor with contiguous rows, of a dtype the kernel takes (anywhere under TRITON_INTERPRET=1, for the
+    CPU tests)."""
     on_device = logits.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
-    return triton is not None and on_device and logits.dtype in KERNEL_DTYPES
+    return triton is not None and on_device and logits.dtype in KERNEL_DTYPES and logits.stride(-1) == 1
 
 
 if triton is not None:
@@ -119,7 +120,7 @@ def _launch(logits: Tensor, targets: Tensor, scale: float, block: int | None, wr
 
 def fused_chunk_loss(logits: Tensor, targets: Tensor) -> Tensor:
     """`summed_nll` where the Triton kernel runs, else `chunk_loss` (a float32 log-softmax)."""
-    if triton_usable(logits) and logits.stride(-1) == 1:
+    if triton_usable(logits):
         return summed_nll(logits, targets)
     return chunk_loss(logits, targets)
 
@@ -127,6 +128,6 @@ def fused_chunk_loss(logits: Tensor, targets: Tensor) -> Tensor:
 def fused_chunk_loss_and_grad(logits: Tensor, targets: Tensor, scale: float) -> tuple[Tensor, Tensor]:
     """`softmax_grad_` where the Triton kernel runs, else `chunk_loss_and_grad` (the same quantities, not in
     place: a CPU run of --loss-impl fused, float64 logits)."""
-    if triton_usable(logits) and logits.stride(-1) == 1:
+    if triton_usable(logits):
         return softmax_grad_(logits, targets, scale)
     return chunk_loss_and_grad(logits, targets, scale)
