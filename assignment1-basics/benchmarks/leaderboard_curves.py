@@ -54,7 +54,7 @@ DEFAULT_NEW_FLAGS = ("--loss-impl onepass --compile-loss --adamw-impl fused --pr
                      "--attention-layout bshd --rope-layout halves")
 # the old settings, spelled out so that a later change of a default cannot slip into the "old" run
 OLD_FLAGS = ("--loss-impl full --no-compile-loss --adamw-impl ours --no-prefetch --compile-mode default "
-             "--residual-dtype param --attention-layout bhsd --rope-layout pairs")
+             "--residual-dtype param --attention-layout bhsd --rope-layout pairs --value-proj fused")
 TINY_MODEL = ["--vocab-size", "512", "--context-length", "32", "--d-model", "32", "--num-layers", "2",
               "--num-heads", "4", "--d-ff", "64", "--batch-size", "4", "--loss-chunk-tokens", "48"]
 RUN_OVERHEAD_S = 30.0  # per run, outside the trainer's clock: interpreter + torch import, model build, checkpoint

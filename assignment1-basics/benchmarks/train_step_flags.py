@@ -42,7 +42,7 @@ from cs336_basics.training.trainer import _autocast, _make_step, apply_activatio
 # "baseline" stays the old step and each single-flag variant changes one thing.
 OLD_SETTINGS = dict(loss_impl="full", compile_loss=False, adamw_impl="ours", prefetch=False,
                     compile_mode="default", residual_dtype="param", attention_layout="bhsd",
-                    rope_layout="pairs")
+                    rope_layout="pairs", value_proj="fused")
 ALL = dict(loss_impl="chunked", compile_loss=True, adamw_impl="fused", prefetch=True)
 FULL_LOSS = dict(ALL, loss_impl="full")  # the flags the preset now carries
 ONEPASS_BF16 = dict(ALL, loss_impl="onepass", residual_dtype="bf16")
@@ -94,6 +94,7 @@ VARIANTS: dict[str, dict] = {
     # the preset's flags (above) with the cross-entropy as one Triton pass that reads the logits once and writes
     # the gradient over them during the forward (fused_ce.py): the whole batch one chunk, or four
     "preset-fused": dict(PRESET, loss_impl="fused", loss_chunk_tokens=32768),
+    "preset-fused-separate-v": dict(PRESET, loss_impl="fused", loss_chunk_tokens=32768, value_proj="separate"),
     "preset-fused-chunk8k": dict(PRESET, loss_impl="fused", loss_chunk_tokens=8192),
     "preset-fused-graphs": dict(PRESET, loss_impl="fused", loss_chunk_tokens=32768, compile_mode="reduce-overhead"),
     "preset-fused-autotune-graphs": dict(PRESET, loss_impl="fused", loss_chunk_tokens=32768,

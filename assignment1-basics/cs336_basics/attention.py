@@ -110,6 +110,8 @@ class MultiHeadSelfAttention(nn.Module):
         self.sequence_major = False
         # set by --rope-layout halves (with sequence_major): q/k features of each head reordered (evens, odds)
         self.rope_halves = False
+        # set by --value-proj separate (with sequence_major): v from its own GEMM rather than a slice of q/k/v's
+        self.separate_value_proj = False
         self.sliding_window = sliding_window
         # Derived from num_heads alone, so a non-persistent buffer: the state dict keeps the course's keys.
         self.register_buffer("alibi_slopes", alibi_slopes(num_heads, device) if alibi else None, persistent=False)
@@ -177,10 +179,13 @@ class MultiHeadSelfAttention(nn.Module):
         """One GEMM for the three projections (weights concatenated on the fly; keys stay q/k/v_proj).
         `evens_then_odds` reorders each q/k head's output features as (0, 2, 4, ..., 1, 3, 5, ...): q·k is a
         sum over features, so the attention is unchanged as long as q and k share the order."""
+        return x @ torch.cat((*self._qk_weights(evens_then_odds), self.v_proj.weight)).mT
+
+    def _qk_weights(self, evens_then_odds: bool) -> tuple[Tensor, Tensor]:
         w_q, w_k = self.q_proj.weight, self.k_proj.weight
         if evens_then_odds:
             w_q, w_k = (w.unflatten(0, (-1, self.d_head // 2, 2)).transpose(1, 2).flatten(0, 2) for w in (w_q, w_k))
-        return x @ torch.cat((w_q, w_k, self.v_proj.weight)).mT
+        return w_q, w_k
 
     @property
     def _gqa(self) -> dict:
@@ -192,10 +197,17 @@ class MultiHeadSelfAttention(nn.Module):
         transposed views: no layout copy on either side of the kernel, and RoPE a contiguous elementwise pass
         (--attention-layout bshd; same arithmetic as the heads-major path). With `rope_halves` each q/k head
         comes out of the projection as (even features, odd features), so RoPE's pairs are (i, i + d/2) and
-        the rotation reads two contiguous halves instead of swapping neighbours (--rope-layout halves)."""
+        the rotation reads two contiguous halves instead of swapping neighbours (--rope-layout halves). With
+        `separate_value_proj` v comes from its own GEMM: a dense tensor, whose gradient SDPA allocates with v's
+        strides, so the projection's backward reads it as it is instead of copying it out of the heads-major
+        layout a slice of the fused q/k/v output gets (--value-proj separate)."""
         halves = self.rope_halves and self.rope is not None
-        heads = self._fused_qkv(x, evens_then_odds=halves).unflatten(-1, (-1, self.d_head))  # (b, s, h + 2 kv, d)
-        qk, v = heads.split((self.num_heads + self.num_kv_heads, self.num_kv_heads), dim=-2)
+        if self.separate_value_proj:  # v dense, so SDPA's value gradient (allocated like v) needs no copy
+            qk = (x @ torch.cat(self._qk_weights(halves)).mT).unflatten(-1, (-1, self.d_head))  # (b, s, h + kv, d)
+            v = (x @ self.v_proj.weight.mT).unflatten(-1, (-1, self.d_head))
+        else:
+            heads = self._fused_qkv(x, evens_then_odds=halves).unflatten(-1, (-1, self.d_head))  # (b, s, h + 2kv, d)
+            qk, v = heads.split((self.num_heads + self.num_kv_heads, self.num_kv_heads), dim=-2)
         if self.rope is not None:
             qk = self.rope.rotate_sequence_major(qk, halves=halves)  # q and k rotated in one pass
         q, k = qk.split((self.num_heads, self.num_kv_heads), dim=-2)

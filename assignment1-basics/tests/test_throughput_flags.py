@@ -561,7 +561,7 @@ def test_benchmark_script_runs_the_preset_and_its_fused_loss_in_bf16_on_cpu(tmp_
     env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / "train_step_flags.py"), "--tiny", "--device", "cpu",
                     "--precision", "bf16", "--steps", "2", "--windows", "1", "--warmup", "1",
-                    "--variants", "onepass-bf16-residual-bshd-halves,preset-fused", "--profile",
+                    "--variants", "onepass-bf16-residual-bshd-halves,preset-fused,preset-fused-separate-v", "--profile",
                     "--profile-variants", "preset-fused", "--profile-stacks", "aten::sum",
                     "--profile-out", str(profile), "--out", str(out)],
                    check=True, env=env, timeout=300, capture_output=True)
@@ -569,6 +569,8 @@ def test_benchmark_script_runs_the_preset_and_its_fused_loss_in_bf16_on_cpu(tmp_
     assert not any(r.get("error") for r in rows.values())
     assert rows["preset-fused"]["first_step_loss"] == pytest.approx(
         rows["onepass-bf16-residual-bshd-halves"]["first_step_loss"], rel=1e-3)  # bf16 logits on both sides
+    assert rows["preset-fused-separate-v"]["first_step_loss"] == pytest.approx(rows["preset-fused"]["first_step_loss"],
+                                                                               rel=1e-3)
     sites = json.loads(profile.read_text())["profiles"][0]["stacks"]["aten::sum"]
     assert any(any("chunked_ce.py" in frame for frame in site["callers"]) for site in sites)  # the chunk losses
 
@@ -606,12 +608,15 @@ def test_benchmark_ddp_and_fsdp_variants_train_like_the_plain_step(tmp_path):
         assert rows[variant]["last_loss"] == pytest.approx(base["last_loss"], rel=1e-4)
 
 
+@pytest.mark.parametrize("separate_value", [False, True])  # --value-proj fused / separate
 @pytest.mark.parametrize("rope_halves", [False, True])  # --rope-layout pairs / halves
 @pytest.mark.parametrize("num_kv_heads", [4, 2])  # plain multi-head and grouped-query attention
-def test_sequence_major_attention_computes_what_the_heads_major_path_does(num_kv_heads, rope_halves, monkeypatch):
+def test_sequence_major_attention_computes_what_the_heads_major_path_does(num_kv_heads, rope_halves, separate_value,
+                                                                          monkeypatch):
     """--attention-layout bshd: the logits and every parameter's gradient equal the heads-major path's in
     float64, and SDPA receives q, k, v whose heads sit next to each other within a token (stride d_head).
-    With --rope-layout halves the q/k features reach SDPA reordered, and nothing else changes."""
+    With --rope-layout halves the q/k features reach SDPA reordered, and nothing else changes; with
+    --value-proj separate v is a dense (batch, seq, heads, d) tensor, not a slice of the fused projection."""
     torch.manual_seed(0)
     config = TransformerConfig(vocab_size=64, context_length=16, d_model=32, num_layers=2, num_heads=4, d_ff=64,
                                num_kv_heads=num_kv_heads, use_torch_sdpa=True)
@@ -622,16 +627,18 @@ def test_sequence_major_attention_computes_what_the_heads_major_path_does(num_kv
         for layer in model.layers:
             layer.attn.sequence_major = sequence_major
             layer.attn.rope_halves = rope_halves
+            layer.attn.separate_value_proj = separate_value
         model.zero_grad()
         logits = model(x)
         (logits * torch.linspace(-1, 1, 64, dtype=torch.float64)).sum().backward()  # every logit its own weight
         return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
-    head_strides = []
+    head_strides, dense_values = [], []
     sdpa = F.scaled_dot_product_attention
 
     def recording_sdpa(q, k, v, **kwargs):
         head_strides.append((q.stride(1), k.stride(1), v.stride(1)))
+        dense_values.append(v.transpose(1, 2).is_contiguous())
         return sdpa(q, k, v, **kwargs)
 
     monkeypatch.setattr(F, "scaled_dot_product_attention", recording_sdpa)
@@ -644,6 +651,7 @@ def test_sequence_major_attention_computes_what_the_heads_major_path_does(num_kv
     head_strides.clear()
     logits, grads = logits_and_grads(True)
     assert head_strides == [(8, 8, 8)] * 2 and len(sequence_major_calls) == 2  # heads d_head = 8 apart
+    assert dense_values[-2:] == [separate_value] * 2
     torch.testing.assert_close(logits, plain_logits, rtol=1e-12, atol=1e-12)
     for name, grad in grads.items():
         torch.testing.assert_close(grad, plain_grads[name], rtol=1e-10, atol=1e-12, msg=name)
@@ -661,3 +669,8 @@ def test_attention_layout_flag_is_checked_and_keeps_the_loss_curve(data, tmp_pat
             TrainConfig(rope_layout="halves", **bad)
     halves = _losses(data, tmp_path / "halves", "--attention-layout", "bshd", "--rope-layout", "halves")
     np.testing.assert_allclose(halves, plain, rtol=1e-5)  # q·k summed over the features in another order
+    with pytest.raises(UserError, match="value-proj separate"):
+        TrainConfig(value_proj="separate")
+    separate = _losses(data, tmp_path / "separate", "--attention-layout", "bshd", "--rope-layout", "halves",
+                       "--value-proj", "separate")
+    np.testing.assert_allclose(separate, plain, rtol=1e-5)  # v = x Wv by its own GEMM

@@ -28,7 +28,8 @@ CHOICES = {"norm": ("pre", "post", "none"), "position": ("rope", "none", "alibi"
            "fsdp_reshard": ("auto", "always", "never"), "fsdp_units": ("auto", "block", "model"),
            "compile_mode": COMPILE_MODES, "loss_impl": ("full", "chunked", "onepass", "fused"),
            "adamw_impl": ("ours", "fused"), "residual_dtype": ("param", "bf16", "auto"),
-           "attention_layout": ("bhsd", "bshd"), "rope_layout": ("pairs", "halves")}
+           "attention_layout": ("bhsd", "bshd"), "rope_layout": ("pairs", "halves"),
+           "value_proj": ("fused", "separate")}
 
 
 @dataclass
@@ -130,6 +131,9 @@ class TrainConfig:
     # reordering the projection's weight rows on the fly, so RoPE rotates two contiguous halves rather than
     # swapping neighbours; the attention and the weights (state dict) are the same as with pairs
     rope_layout: Literal["pairs", "halves"] = "pairs"
+    # separate (with --attention-layout bshd): the value projection as its own GEMM instead of a slice of the
+    # fused q/k/v one, so v is dense and SDPA's value gradient is already the matrix that GEMM's backward reads
+    value_proj: Literal["fused", "separate"] = "fused"
     seed: int = bounded(0, ge=0, lt=2**63)
     peak_flops: float = bounded(0.0, ge=0)  # accelerator peak FLOP/s for MFU; 0 = look up by device name
     # data parallelism (training/distributed.py): ddp/fsdp run under `torchrun --nproc_per_node N`; batch_size
@@ -186,6 +190,9 @@ class TrainConfig:
         if self.rope_layout == "halves" and (self.attention_layout != "bshd" or self.position != "rope"):
             raise UserError("--rope-layout halves reorders RoPE's features in the sequence-major attention: it "
                             "needs --attention-layout bshd and --position rope")
+        if self.value_proj == "separate" and self.attention_layout != "bshd":
+            raise UserError("--value-proj separate changes the sequence-major attention's projections: it needs "
+                            "--attention-layout bshd")
         if self.adamw_impl != "ours" and self.optimizer != "adamw":
             raise UserError(f"--adamw-impl {self.adamw_impl} applies to --optimizer adamw, not {self.optimizer}")
         if self.clip_in_optimizer and self.adamw_impl != "fused":

@@ -445,7 +445,7 @@ def _load_plain_optimizer(state: dict, model, model_config, optimizer, config: T
 
 def apply_activation_flags(model, config: TrainConfig, precision: str) -> None:
     """The flags that change how activations are stored, not the weights: --residual-dtype, --attention-layout,
-    --rope-layout. `precision`: the run's resolved precision (what --residual-dtype auto follows)."""
+    --rope-layout, --value-proj. `precision`: the run's resolved precision (what --residual-dtype auto follows)."""
     import torch
 
     from cs336_basics.attention import MultiHeadSelfAttention
@@ -456,6 +456,7 @@ def apply_activation_flags(model, config: TrainConfig, precision: str) -> None:
         if isinstance(module, MultiHeadSelfAttention):
             module.sequence_major = config.attention_layout == "bshd"
             module.rope_halves = config.rope_layout == "halves"
+            module.separate_value_proj = config.value_proj == "separate"
 
 
 def build_optimizer(model, config: TrainConfig):
