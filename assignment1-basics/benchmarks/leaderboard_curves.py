@@ -199,11 +199,19 @@ def draw(report: dict[str, Any], path: str) -> None:
     speed_text = ", ".join(f"{name} {speed:,.0f} tok/s" for name, speed in speeds.items() if speed)
     fig.suptitle(f"{PRESET} on the generated corpus ({report['data']['bpe_vocab']}-token BPE, model vocab "
                  f"{report['vocab_size']:,}), {report['steps']} steps × {report['tokens_per_step']:,} tokens, "
-                 f"{report['device']}\nold: {runs['old']['flags']}\nnew: {runs['new']['flags']}\n{speed_text}; "
+                 f"{report['device']}{_reused(report)}\nold: {runs['old']['flags']}\nnew: {runs['new']['flags']}\n"
+                 f"{speed_text}; "
                  f"max |Δ| over the last 10 %: train {_fmt(window['max_abs_delta_train'])}, val "
                  f"{_fmt(window['max_abs_delta_val'])}", fontsize=9)
     fig.tight_layout()
     save_figure(fig, path)
+
+
+def _reused(report: dict[str, Any]) -> str:
+    old = report["runs"]["old"]
+    if not old.get("reused_from"):
+        return ""
+    return f" (old run from {os.path.basename(old['reused_from'])}, on {old['device']})"
 
 
 def _fmt(value: float | None, spec: str = ".4f") -> str:
@@ -218,6 +226,8 @@ def print_table(report: dict[str, Any]) -> None:
               f"{_fmt(run['train_loss'][-1] if run['train_loss'] else None)} | "
               f"{_fmt(run['val_loss'][-1] if run['val_loss'] else None)} | {_fmt(run['tokens_per_s'], ',.0f')} | "
               f"{_fmt(run['mfu'], '.1%')} | {_fmt(run['train_wall_s_total'], '.0f')} |")
+    if _reused(report):
+        print(f"\n{_reused(report).strip(' ()')}; a speed-up is given only for runs on the same device")
     w = report["last_10pct"]
     print(f"\nsteps {w['from_step']}–{w['to_step']}: max |Δ train loss| {_fmt(w['max_abs_delta_train'])} over "
           f"{w['train_points']} points, max |Δ val loss| {_fmt(w['max_abs_delta_val'])} over {w['val_points']}; "
@@ -231,6 +241,41 @@ def device_name(device: str) -> str:
     if device != "cpu" and torch.cuda.is_available():
         return torch.cuda.get_device_name()
     return platform.processor() or "cpu"
+
+
+RUN_SETTINGS = ("preset", "tiny", "compile", "steps", "warmup_steps", "eval_interval", "eval_batches", "seed",
+                "batch_size", "context_length", "vocab_size")
+DATA_SETTINGS = ("num_stories", "bpe_vocab", "train_tokens", "val_tokens")
+
+
+def train_config(flags: list[str], tiny: bool):
+    """The TrainConfig the train command builds from the preset and `flags` (paths are placeholders)."""
+    from cs336_basics.cli import build_parser, config_from_args
+
+    args = build_parser().parse_args(["train", "--preset", PRESET, "--train-data", "-", "--val-data", "-",
+                                      "--out-dir", "-", *(TINY_MODEL if tiny else []), *flags])
+    return config_from_args(args)
+
+
+def reused_old_run(path: str, settings: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
+    """The old run of an earlier report, if it trained what this script's old run would: the same schedule,
+    batches, model and corpus, and flags that give the same TrainConfig as OLD_FLAGS (a flag added since, at
+    its default, changes nothing). Its device is kept with it: tokens/s across devices are not a speed-up."""
+    from cs336_basics.cli_support.errors import UserError
+
+    with open(path) as f:
+        report = json.load(f)
+    different = [f"{key}: {report.get(key)!r} there, {settings[key]!r} here" for key in RUN_SETTINGS
+                 if report.get(key) != settings[key]]
+    different += [f"data {key}: {report['data'].get(key)!r} there, {data.get(key)!r} here" for key in DATA_SETTINGS
+                  if report["data"].get(key) != data.get(key)]
+    old = report["runs"]["old"]
+    if train_config(shlex.split(old["flags"]), settings["tiny"]) != train_config(shlex.split(OLD_FLAGS),
+                                                                                 settings["tiny"]):
+        different.append(f"old flags: {old['flags']!r} there, {OLD_FLAGS!r} here")
+    if different:
+        raise UserError(f"--old-from {path}: its old run trained something else ({'; '.join(different)})")
+    return {**old, "reused_from": path, "device": report["device"]}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -254,6 +299,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--tolerance", type=float, default=0.02, help="max |Δ loss| over the last 10 %% to match")
     parser.add_argument("--budget-s", type=float, default=550.0,
                         help="seconds for the whole script; the runs get --time-limit-s from it (0: no limit)")
+    parser.add_argument("--old-from", default=None, metavar="JSON",
+                        help="take the old run from an earlier report of this script (same schedule, corpus and "
+                        "old settings, checked) and train only the new one")
     parser.add_argument("--out-dir", default="/tmp/leaderboard_curves", help="corpus and the two run folders")
     parser.add_argument("--json", required=True)
     parser.add_argument("--figure", required=True)
@@ -275,9 +323,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     data = prepare_data(os.path.join(args.out_dir, "data"), args.num_stories, args.bpe_vocab, args.workers)
     data["prepare_s"] = time.monotonic() - started
     flags = {"old": shlex.split(OLD_FLAGS), "new": shlex.split(args.new_flags)}
+    config = train_config([*(["--batch-size", str(args.batch_size)] if args.batch_size else [])], args.tiny)
+    settings = {"preset": PRESET, "tiny": args.tiny, "compile": args.compile, "steps": args.steps,
+                "warmup_steps": args.warmup_steps, "eval_interval": args.eval_interval,
+                "eval_batches": args.eval_batches, "seed": args.seed, "batch_size": config.batch_size,
+                "context_length": config.context_length, "vocab_size": config.vocab_size}
     runs: dict[str, dict[str, Any]] = {}
     stop_after = 0
+    if args.old_from:
+        runs["old"] = reused_old_run(args.old_from, settings, data)
+        print(f"old run: {args.old_from} ({runs['old']['device']}, {runs['old']['steps_done']} steps)", flush=True)
+        stop_after = runs["old"]["steps_done"] if runs["old"]["steps_done"] < args.steps else 0
     for name, share in (("old", 0.56), ("new", 1.0)):  # the old step is the slower one (≈ 1.3×, predicted)
+        if name in runs:
+            continue
         limit = 0.0
         if args.budget_s:
             left = args.budget_s - (time.monotonic() - started)
@@ -290,21 +349,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             stop_after = runs[name]["steps_done"]
             print(f"{name} reached step {stop_after} of {args.steps} within its time limit", flush=True)
 
-    from cs336_basics.training.config import config_from_preset
-
-    config = config_from_preset(PRESET, **({"batch_size": args.batch_size} if args.batch_size else {}))
-    tiny = dict(zip(TINY_MODEL[::2], TINY_MODEL[1::2], strict=True)) if args.tiny else {}
     old, new = runs["old"], runs["new"]
+    device = device_name(args.device)
+    new["device"] = device
+    same_device = old.get("device", device) == device
     report = {
-        "preset": PRESET, "device": device_name(args.device), "tiny": args.tiny, "compile": args.compile,
-        "steps": args.steps, "warmup_steps": args.warmup_steps, "eval_interval": args.eval_interval,
-        "eval_batches": args.eval_batches, "seed": args.seed,
-        "batch_size": int(tiny.get("--batch-size", args.batch_size or config.batch_size)),
-        "context_length": int(tiny.get("--context-length", config.context_length)),
-        "vocab_size": int(tiny.get("--vocab-size", config.vocab_size)),
-        "data": data, "runs": runs, "last_10pct": compare(old, new, args.tolerance),
-        "speedup": new["tokens_per_s"] / old["tokens_per_s"] if old["tokens_per_s"] and new["tokens_per_s"] else None,
-        "python": platform.python_version(), "budget_s": args.budget_s,
+        **settings, "device": device, "data": data, "runs": runs, "last_10pct": compare(old, new, args.tolerance),
+        "speedup": new["tokens_per_s"] / old["tokens_per_s"]
+        if old["tokens_per_s"] and new["tokens_per_s"] and same_device else None,
+        "python": platform.python_version(), "budget_s": args.budget_s, "old_from": args.old_from,
     }
     report["tokens_per_step"] = report["batch_size"] * report["context_length"]
     report["total_s"] = time.monotonic() - started
@@ -319,4 +372,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    from cs336_basics.cli_support.errors import UserError
+
+    try:
+        main()
+    except UserError as e:
+        sys.exit(f"error: {e}")

@@ -109,3 +109,35 @@ def test_script_tiny_mode_writes_matching_curves(tmp_path):
     assert window["max_abs_delta_train"] < 1e-4 and window["max_abs_delta_val"] < 1e-4
     assert report["data"]["bpe_vocab"] <= 300 and report["data"]["train_tokens"] > 10_000
     assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_old_run_is_reused_only_from_a_report_of_the_same_training(tmp_path):
+    """--old-from: the earlier report's old curve is taken as it is and only the new run trains; a report of
+    another schedule (here fewer steps) or other old settings is refused with a message that says what differs."""
+    env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}
+    base = [sys.executable, str(ROOT / "benchmarks" / "leaderboard_curves.py"), "--tiny", "--device", "cpu",
+            "--evals", "2", "--new-flags", "--adamw-impl fused", "--out-dir", str(tmp_path / "runs")]
+    first = tmp_path / "first.json"
+    subprocess.run([*base, "--steps", "6", "--json", str(first), "--figure", str(tmp_path / "first.png")],
+                   check=True, env=env, timeout=240, capture_output=True)
+    second = tmp_path / "second.json"
+    subprocess.run([*base, "--steps", "6", "--old-from", str(first), "--json", str(second), "--figure",
+                    str(tmp_path / "second.png")], check=True, env=env, timeout=240, capture_output=True)
+    before, after = json.loads(first.read_text()), json.loads(second.read_text())
+    reused = after["runs"]["old"]
+    assert reused["reused_from"] == str(first) and after["old_from"] == str(first)
+    assert reused["train_loss"] == before["runs"]["old"]["train_loss"]  # taken, not retrained
+    assert reused["run_s"] == before["runs"]["old"]["run_s"]
+    np.testing.assert_allclose(after["runs"]["new"]["train_loss"], before["runs"]["new"]["train_loss"], rtol=1e-5)
+    assert after["last_10pct"]["match"]
+    refused = subprocess.run([*base, "--steps", "4", "--old-from", str(first), "--json", str(tmp_path / "x.json"),
+                              "--figure", str(tmp_path / "x.png")], env=env, timeout=240, capture_output=True,
+                             text=True)
+    assert refused.returncode != 0 and "steps: 6 there, 4 here" in refused.stderr
+    edited = json.loads(first.read_text())
+    edited["runs"]["old"]["flags"] = edited["runs"]["old"]["flags"].replace("--adamw-impl ours", "--adamw-impl fused")
+    (tmp_path / "edited.json").write_text(json.dumps(edited))
+    refused = subprocess.run([*base, "--steps", "6", "--old-from", str(tmp_path / "edited.json"), "--json",
+                              str(tmp_path / "y.json"), "--figure", str(tmp_path / "y.png")], env=env, timeout=240,
+                             capture_output=True, text=True)
+    assert refused.returncode != 0 and "old flags" in refused.stderr
