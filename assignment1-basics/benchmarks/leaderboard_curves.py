@@ -48,10 +48,10 @@ from typing import Any
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # assignment1-basics
 PRESET = "owt-leaderboard"
-# the fastest measured step (H200, `all-full-loss` in benchmarks/NOTES_throughput.md: 59.2 ms against 60.7 ms
-# with the chunked loss, at 4.8 GB more peak memory)
-DEFAULT_NEW_FLAGS = ("--loss-impl onepass --compile-loss --adamw-impl fused --prefetch --residual-dtype auto "
-                     "--attention-layout bshd --rope-layout halves")
+# the preset's flags (the fused loss's 2 000-step curve matched the old one on an H100:
+# results/leaderboard_curves_fused_h100.json)
+DEFAULT_NEW_FLAGS = ("--loss-impl fused --loss-chunk-tokens 32768 --compile-loss --adamw-impl fused --prefetch "
+                     "--residual-dtype auto --attention-layout bshd --rope-layout halves")
 # the old settings, spelled out so that a later change of a default cannot slip into the "old" run
 OLD_FLAGS = ("--loss-impl full --no-compile-loss --adamw-impl ours --no-prefetch --compile-mode default "
              "--residual-dtype param --attention-layout bhsd --rope-layout pairs --value-proj fused")
@@ -197,9 +197,10 @@ def draw(report: dict[str, Any], path: str) -> None:
         ax.legend(fontsize=7)
     speeds = {name: run["tokens_per_s"] for name, run in runs.items()}
     speed_text = ", ".join(f"{name} {speed:,.0f} tok/s" for name, speed in speeds.items() if speed)
+    reused = _reused(report) + "\n" if _reused(report) else ""
     fig.suptitle(f"{PRESET} on the generated corpus ({report['data']['bpe_vocab']}-token BPE, model vocab "
                  f"{report['vocab_size']:,}), {report['steps']} steps × {report['tokens_per_step']:,} tokens, "
-                 f"{report['device']}{_reused(report)}\nold: {runs['old']['flags']}\nnew: {runs['new']['flags']}\n"
+                 f"{report['device']}\n{reused}old: {runs['old']['flags']}\nnew: {runs['new']['flags']}\n"
                  f"{speed_text}; "
                  f"max |Δ| over the last 10 %: train {_fmt(window['max_abs_delta_train'])}, val "
                  f"{_fmt(window['max_abs_delta_val'])}", fontsize=9)
@@ -211,7 +212,7 @@ def _reused(report: dict[str, Any]) -> str:
     old = report["runs"]["old"]
     if not old.get("reused_from"):
         return ""
-    return f" (old run from {os.path.basename(old['reused_from'])}, on {old['device']})"
+    return f"old run from {os.path.basename(old['reused_from'])}, on {old['device']}"
 
 
 def _fmt(value: float | None, spec: str = ".4f") -> str:
@@ -227,7 +228,7 @@ def print_table(report: dict[str, Any]) -> None:
               f"{_fmt(run['val_loss'][-1] if run['val_loss'] else None)} | {_fmt(run['tokens_per_s'], ',.0f')} | "
               f"{_fmt(run['mfu'], '.1%')} | {_fmt(run['train_wall_s_total'], '.0f')} |")
     if _reused(report):
-        print(f"\n{_reused(report).strip(' ()')}; a speed-up is given only for runs on the same device")
+        print(f"\n{_reused(report)}; a speed-up is given only for runs on the same device")
     w = report["last_10pct"]
     print(f"\nsteps {w['from_step']}–{w['to_step']}: max |Δ train loss| {_fmt(w['max_abs_delta_train'])} over "
           f"{w['train_points']} points, max |Δ val loss| {_fmt(w['max_abs_delta_val'])} over {w['val_points']}; "

@@ -522,8 +522,9 @@ def test_the_leaderboard_preset_carries_the_matched_flags_and_the_benchmark_base
     from cs336_basics.training.config import config_from_preset
 
     preset = config_from_preset("owt-leaderboard")
-    assert (preset.loss_impl, preset.compile_loss, preset.adamw_impl, preset.prefetch) == ("onepass", True, "fused",
+    assert (preset.loss_impl, preset.compile_loss, preset.adamw_impl, preset.prefetch) == ("fused", True, "fused",
                                                                                            True)
+    assert preset.loss_chunk_tokens == 32_768  # the whole leaderboard batch as one chunk
     assert (preset.residual_dtype, preset.attention_layout, preset.rope_layout) == ("auto", "bshd", "halves")
     spec = importlib.util.spec_from_file_location("train_step_flags", ROOT / "benchmarks" / "train_step_flags.py")
     script = importlib.util.module_from_spec(spec)

@@ -250,14 +250,14 @@ PRESETS: dict[str, dict] = {
                 eval_interval=500, checkpoint_interval=1000),
     # Leaderboard starting point (OWT, 1.5 H100-hours): wider/deeper model, longer context, compiled, stops
     # at the time limit with a checkpoint. Not yet measured on the full budget; tune lr and steps from sweeps.
-    # The speed flags are those whose 2,000-step loss curve matched the plain path's on an H100 (1.83x the
-    # tokens/s; benchmarks/NOTES_throughput.md).
+    # The speed flags are those whose 2,000-step loss curve matched the plain path's on an H100 (1.81x the
+    # tokens/s with --loss-impl fused; benchmarks/NOTES_throughput.md).
     "owt-leaderboard": dict(vocab_size=32_000, context_length=512, d_model=768, num_layers=12, num_heads=12,
                             d_ff=2048, batch_size=64, max_steps=40_000, lr_max=1.5e-3, lr_min=1.5e-4,
                             warmup_steps=1_000, weight_decay=0.1, eval_interval=1_000, checkpoint_interval=2_000,
                             compile=True, time_limit_s=5_400, compile_loss=True, adamw_impl="fused",
-                            prefetch=True, loss_impl="onepass", residual_dtype="auto", attention_layout="bshd",
-                            rope_layout="halves"),
+                            prefetch=True, loss_impl="fused", loss_chunk_tokens=32_768, residual_dtype="auto",
+                            attention_layout="bshd", rope_layout="halves"),
     # The quickstart's small model: trains on two CPU cores in about a minute.
     "quickstart": dict(vocab_size=1_000, context_length=128, d_model=128, num_layers=3, num_heads=4, d_ff=384,
                        batch_size=16, max_steps=400, lr_max=3e-3, lr_min=3e-4, warmup_steps=30, eval_interval=50,
