@@ -197,7 +197,8 @@ def draw(report: dict[str, Any], path: str) -> None:
         ax.legend(fontsize=7)
     speeds = {name: run["tokens_per_s"] for name, run in runs.items()}
     speed_text = ", ".join(f"{name} {speed:,.0f} tok/s" for name, speed in speeds.items() if speed)
-    reused = _reused(report) + "\n" if _reused(report) else ""
+    reused = _reused(report)
+    reused = reused + "\n" if reused else ""
     fig.suptitle(f"{PRESET} on the generated corpus ({report['data']['bpe_vocab']}-token BPE, model vocab "
                  f"{report['vocab_size']:,}), {report['steps']} steps × {report['tokens_per_step']:,} tokens, "
                  f"{report['device']}\n{reused}old: {runs['old']['flags']}\nnew: {runs['new']['flags']}\n"
@@ -227,8 +228,8 @@ def print_table(report: dict[str, Any]) -> None:
               f"{_fmt(run['train_loss'][-1] if run['train_loss'] else None)} | "
               f"{_fmt(run['val_loss'][-1] if run['val_loss'] else None)} | {_fmt(run['tokens_per_s'], ',.0f')} | "
               f"{_fmt(run['mfu'], '.1%')} | {_fmt(run['train_wall_s_total'], '.0f')} |")
-    if _reused(report):
-        print(f"\n{_reused(report)}; a speed-up is given only for runs on the same device")
+    if reused := _reused(report):
+        print(f"\n{reused}; a speed-up is given only for runs on the same device")
     w = report["last_10pct"]
     print(f"\nsteps {w['from_step']}–{w['to_step']}: max |Δ train loss| {_fmt(w['max_abs_delta_train'])} over "
           f"{w['train_points']} points, max |Δ val loss| {_fmt(w['max_abs_delta_val'])} over {w['val_points']}; "
@@ -244,8 +245,6 @@ def device_name(device: str) -> str:
     return platform.processor() or "cpu"
 
 
-RUN_SETTINGS = ("preset", "tiny", "compile", "steps", "warmup_steps", "eval_interval", "eval_batches", "seed",
-                "batch_size", "context_length", "vocab_size")
 DATA_SETTINGS = ("num_stories", "bpe_vocab", "train_tokens", "val_tokens")
 
 
@@ -259,15 +258,16 @@ def train_config(flags: list[str], tiny: bool):
 
 
 def reused_old_run(path: str, settings: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
-    """The old run of an earlier report, if it trained what this script's old run would: the same schedule,
+    """The old run of an earlier report, if it trained what this script's old run would (`settings`: the
+    report's own keys that decide the curve): the same schedule,
     batches, model and corpus, and flags that give the same TrainConfig as OLD_FLAGS (a flag added since, at
     its default, changes nothing). Its device is kept with it: tokens/s across devices are not a speed-up."""
     from cs336_basics.cli_support.errors import UserError
 
     with open(path) as f:
         report = json.load(f)
-    different = [f"{key}: {report.get(key)!r} there, {settings[key]!r} here" for key in RUN_SETTINGS
-                 if report.get(key) != settings[key]]
+    different = [f"{key}: {report.get(key)!r} there, {value!r} here" for key, value in settings.items()
+                 if report.get(key) != value]
     different += [f"data {key}: {report['data'].get(key)!r} there, {data.get(key)!r} here" for key in DATA_SETTINGS
                   if report["data"].get(key) != data.get(key)]
     old = report["runs"]["old"]

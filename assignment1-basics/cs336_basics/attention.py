@@ -174,18 +174,15 @@ class MultiHeadSelfAttention(nn.Module):
                 out = self._attend(q, k, v, mask, bias)
         return self.output_proj(rearrange(out, "... heads seq d -> ... seq (heads d)"))
 
-    def _fused_qkv(self, x: Float[Tensor, "... seq d_model"], evens_then_odds: bool = False
-                   ) -> Float[Tensor, "... seq qkv"]:
-        """One GEMM for the three projections (weights concatenated on the fly; keys stay q/k/v_proj).
-        `evens_then_odds` reorders each q/k head's output features as (0, 2, 4, ..., 1, 3, 5, ...): q·k is a
-        sum over features, so the attention is unchanged as long as q and k share the order."""
-        return x @ torch.cat((*self._qk_weights(evens_then_odds), self.v_proj.weight)).mT
-
-    def _qk_weights(self, evens_then_odds: bool) -> tuple[Tensor, Tensor]:
+    def _fused_qkv(self, x: Float[Tensor, "... seq d_model"], evens_then_odds: bool = False,
+                   with_value: bool = True) -> Float[Tensor, "... seq qkv"]:
+        """One GEMM for the projections (q, k and, `with_value`, v; weights concatenated on the fly, keys stay
+        q/k/v_proj). `evens_then_odds` reorders each q/k head's output features as (0, 2, 4, ..., 1, 3, 5, ...):
+        q·k is a sum over features, so the attention is unchanged as long as q and k share the order."""
         w_q, w_k = self.q_proj.weight, self.k_proj.weight
         if evens_then_odds:
             w_q, w_k = (w.unflatten(0, (-1, self.d_head // 2, 2)).transpose(1, 2).flatten(0, 2) for w in (w_q, w_k))
-        return w_q, w_k
+        return x @ torch.cat((w_q, w_k, self.v_proj.weight) if with_value else (w_q, w_k)).mT
 
     @property
     def _gqa(self) -> dict:
@@ -203,7 +200,7 @@ class MultiHeadSelfAttention(nn.Module):
         layout a slice of the fused q/k/v output gets (--value-proj separate)."""
         halves = self.rope_halves and self.rope is not None
         if self.separate_value_proj:  # v dense, so SDPA's value gradient (allocated like v) needs no copy
-            qk = (x @ torch.cat(self._qk_weights(halves)).mT).unflatten(-1, (-1, self.d_head))  # (b, s, h + kv, d)
+            qk = self._fused_qkv(x, evens_then_odds=halves, with_value=False).unflatten(-1, (-1, self.d_head))
             v = (x @ self.v_proj.weight.mT).unflatten(-1, (-1, self.d_head))
         else:
             heads = self._fused_qkv(x, evens_then_odds=halves).unflatten(-1, (-1, self.d_head))  # (b, s, h + 2kv, d)
