@@ -28,7 +28,7 @@ from torch.nn.functional import scaled_dot_product_attention as sdpa
 
 from cs336_systems.benchmarking.attention import time_passes
 from cs336_systems.benchmarking.common import round_robin
-from cs336_systems.flash_attention import FlashAttentionTriton, hopper_impl
+from cs336_systems.flash_attention import FlashAttentionTriton, hopper_impl, triton_impl
 from cs336_systems.flash_attention.hopper_impl import FlashAttentionHopper
 
 # d 64 with 64-key tiles in 3 or 2 stages: 128 / 107 registers and 98 / 82 KB of shared memory (causal,
@@ -120,24 +120,42 @@ def main() -> None:
                            **{f"{n}_rel_err_vs_cudnn": ((g.float() - r.float()).norm() / r.float().norm()).item()
                               for n, g, r in zip(("dq", "dk", "dv"), ours, ref, strict=True)}}
     print(json.dumps(result["bwd_check"]), flush=True)
+    fa2 = lambda a, b, c: FlashAttentionTriton.apply(a, b, c, causal)
+    triton_mode = triton_impl._settings["backward"]
+    # the fused Triton backward (one dK/dV/dQ kernel, dQ bulk-reduced) against cuDNN too, before any timing
+    triton_impl.set_backward_mode("fused")
+    try:
+        fused = grads(fa2)
+    finally:
+        triton_impl.set_backward_mode(triton_mode)
+    result["fused_bwd_check"] = {f"{n}_rel_err_vs_cudnn": ((g.float() - r.float()).norm() / r.float().norm()).item()
+                                 for n, g, r in zip(("dq", "dk", "dv"), fused, ref, strict=True)}
+    print("fused triton backward", json.dumps(result["fused_bwd_check"]), flush=True)
 
-    # name -> (attention, Gluon dK/dV backward on?); the switch is read when the backward runs
+    # name -> (attention, Gluon dK/dV backward on?, Triton backward mode); read when the backward runs
     impls = {
-        "cs336-fa3 (gluon fwd + gluon dK/dV)": (fa3, True),
-        "cs336-fa3 (gluon fwd + triton bwd)": (fa3, False),
-        "cs336-fa3 (gluon ws fwd + triton bwd)": (fa3_ws, False),
-        "cs336-fa2 (triton)": (lambda a, b, c: FlashAttentionTriton.apply(a, b, c, causal), None),
-        "sdpa cudnn": (lambda a, b, c: _sdpa(SDPBackend.CUDNN_ATTENTION, a, b, c, causal), None),
-        "sdpa flash": (lambda a, b, c: _sdpa(SDPBackend.FLASH_ATTENTION, a, b, c, causal), None),
+        "cs336-fa3 (gluon fwd + gluon dK/dV)": (fa3, True, None),
+        "cs336-fa3 (gluon fwd + triton bwd)": (fa3, False, None),
+        "cs336-fa3 (gluon fwd + fused triton bwd)": (fa3, False, "fused"),
+        "cs336-fa3 (gluon ws fwd + triton bwd)": (fa3_ws, False, None),
+        "cs336-fa2 (triton)": (fa2, None, None),
+        "cs336-fa2 (triton, fused bwd)": (fa2, None, "fused"),
+        "sdpa cudnn": (lambda a, b, c: _sdpa(SDPBackend.CUDNN_ATTENTION, a, b, c, causal), None, None),
+        "sdpa flash": (lambda a, b, c: _sdpa(SDPBackend.FLASH_ATTENTION, a, b, c, causal), None, None),
     }
     result["backward_paths"] = {}
     backward_default = hopper_impl._settings["backward"]
 
     def measure(name: str) -> dict[str, float]:
-        attn, gluon_bwd = impls[name]
+        attn, gluon_bwd, mode = impls[name]
         if gluon_bwd is not None:
             hopper_impl.set_backward_enabled(gluon_bwd)
-        times = fwd_bwd_times(attn, q, k, v, do, causal, args.rep_ms)
+        if mode is not None:
+            triton_impl.set_backward_mode(mode)
+        try:
+            times = fwd_bwd_times(attn, q, k, v, do, causal, args.rep_ms)
+        finally:
+            triton_impl.set_backward_mode(triton_mode)
         if gluon_bwd is not None:
             result["backward_paths"][name] = hopper_impl.last_path["backward"] or "gluon dK/dV"
             hopper_impl.set_backward_enabled(backward_default)
@@ -149,6 +167,9 @@ def main() -> None:
     result["timings"], result["round_orders"], result["timing_rounds"] = round_robin(list(impls), args.rounds,
                                                                                      measure)
     result["fa3_path"] = hopper_impl.last_path["forward"] or "gluon"
+    # the tile configs the autotuner chose for the Triton backward kernels at this shape
+    result["triton_bwd_configs"] = {str(key): str(getattr(kernel, "best_config", None))
+                                    for key, kernel in triton_impl._tuned_cache.items()}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
     cudnn = result["timings"]["sdpa cudnn"]["fwd_bwd_ms"]

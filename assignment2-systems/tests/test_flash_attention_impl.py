@@ -176,7 +176,7 @@ def test_triton_flash(shape_q, n_k, causal, dtype, tol):
 
 
 @needs_cuda
-@pytest.mark.parametrize("mode", ["split", "concurrent", "atomic", "tma"])
+@pytest.mark.parametrize("mode", ["split", "concurrent", "atomic", "tma", "fused"])
 def test_triton_backward_modes(mode):
     """Every backward form at ragged lengths over several heads (a TMA dQ tile that runs past one head's
     queries spills into the next head's rows: they must receive exact zeros), every head dim class, fp32."""
@@ -206,6 +206,30 @@ def test_triton_every_tma_dkdv_config():
             _check(_triton(), (1, 3, 301, 64), 301, True, torch.bfloat16, "cuda", 1.5e-2, 3e-2)
     finally:
         triton_impl.forced_configs.pop("dkdv_tma", None)
+        triton_impl.set_backward_mode(old)
+
+
+@needs_cuda
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_triton_every_fused_config(head_dim):
+    """Each tile config of the fused descriptor backward (one dK/dV/dQ kernel, dQ tiles bulk-reduced), forced in
+    turn: ragged lengths over several heads (a dQ tile past one head's last query is clipped there, never added
+    into the next head's rows), causal and not, more keys than queries and fewer."""
+    from cs336_systems.flash_attention import triton_impl
+
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("the fused descriptor backward needs Hopper or newer (tensor memory accelerator)")
+    old = triton_impl._settings["backward"]
+    triton_impl.set_backward_mode("fused")
+    try:
+        for cfg in triton_impl._dkdv_fused_configs(head_dim, wide=False):
+            triton_impl.forced_configs["dkdv_fused"] = cfg
+            for causal in (False, True):
+                _check(_triton(), (1, 3, 301, head_dim), 301, causal, torch.bfloat16, "cuda", 1.5e-2, 3e-2)
+                _check(_triton(), (2, 2, 190, head_dim), 333, causal, torch.float16, "cuda", 1.5e-2, 3e-2)
+                _check(_triton(), (1, 2, 333, head_dim), 129, causal, torch.bfloat16, "cuda", 1.5e-2, 3e-2)
+    finally:
+        triton_impl.forced_configs.pop("dkdv_fused", None)
         triton_impl.set_backward_mode(old)
 
 

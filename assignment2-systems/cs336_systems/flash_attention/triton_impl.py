@@ -8,7 +8,9 @@ The backward comes in two forms, chosen by CS336_FA2_BWD or `set_backward_mode`:
 "concurrent": D preprocess, then the dQ kernel on a side stream while the dK/dV kernel runs, so each fills the
 other's tail of idle SMs;
 "tma" (Hopper and newer): like "atomic", but each dQ tile is added by one bulk reduction of the tensor memory
-accelerator (`cp.reduce.async.bulk.tensor`) instead of one atomic per element, off the compute threads.
+accelerator (`cp.reduce.async.bulk.tensor`) instead of one atomic per element, off the compute threads;
+"fused" (Hopper and newer, 2-byte dtypes): the same single dK/dV/dQ kernel built on the tensor-descriptor
+dK/dV kernel of `triton_kernels_desc` (falls back to "split" where descriptors cannot run).
 On Hopper and newer, for 2-byte dtypes with 16-byte aligned strides, "split" runs the kernels of
 `triton_kernels_desc`, which move every tile through tensor descriptors (set CS336_FA2_DESC=0 or
 `set_descriptors(False)` for the pointer kernels).
@@ -30,7 +32,7 @@ from cs336_systems.flash_attention import triton_kernels_desc as tkd
 from cs336_systems.flash_attention._common import alloc, as_4d, check_qkv
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-BACKWARD_MODES = ("split", "concurrent", "atomic", "tma")
+BACKWARD_MODES = ("split", "concurrent", "atomic", "tma", "fused")
 MAX_HEAD_DIM = 128
 
 _settings: dict[str, Any] = {
@@ -43,7 +45,8 @@ _settings: dict[str, Any] = {
 
 def set_backward_mode(mode: str) -> None:
     """"split" (dQ kernel, then dK/dV kernel), "concurrent" (the two on two streams), "atomic" (one kernel,
-    float32 atomic dQ) or "tma" (one kernel, dQ tiles reduced by the tensor memory accelerator)."""
+    float32 atomic dQ), "tma" (one kernel, dQ tiles reduced by the tensor memory accelerator) or "fused" (the
+    same with tensor descriptors for every tile)."""
     if mode not in BACKWARD_MODES:
         raise ValueError(f"backward mode must be one of {BACKWARD_MODES}, not {mode!r}")
     _settings["backward"] = mode
@@ -132,11 +135,19 @@ def _dkdv_desc_configs(head_dim: int, wide: bool) -> list[tuple]:
     return [(64, 64, 4, 3), (32, 64, 4, 3), (64, 128, 8, 2)]
 
 
+# the descriptor dK/dV kernel that also reduces each dQ tile (backward mode "fused"): a float32 dQ tile and the
+# fifth product live, so ~30 registers more than "dkdv_desc" (local sm_90 compile: 198 at 64 × 64 uncapped)
+def _dkdv_fused_configs(head_dim: int, wide: bool) -> list[tuple]:
+    if head_dim <= 64:
+        return [(64, 64, 4, 2), (64, 64, 4, 3), (32, 64, 4, 2), (64, 128, 8, 2)]
+    return [(64, 64, 4, 2), (32, 64, 4, 2), (64, 128, 8, 2)]
+
+
 _CONFIG_LISTS = {"fwd": _fwd_configs, "dkdv": _dkdv_configs, "dq": _dq_configs, "dkdv_tma": _dkdv_tma_configs,
-                 "dq_desc": _dq_desc_configs, "dkdv_desc": _dkdv_desc_configs}
+                 "dq_desc": _dq_desc_configs, "dkdv_desc": _dkdv_desc_configs, "dkdv_fused": _dkdv_fused_configs}
 _KERNELS = {"fwd": tk.flash_fwd_kernel, "dkdv": tk.flash_bwd_dkdv_kernel, "dq": tk.flash_bwd_dq_kernel,
             "dkdv_tma": tk.flash_bwd_dkdv_kernel, "dq_desc": tkd.flash_bwd_dq_desc_kernel,
-            "dkdv_desc": tkd.flash_bwd_dkdv_desc_kernel}
+            "dkdv_desc": tkd.flash_bwd_dkdv_desc_kernel, "dkdv_fused": tkd.flash_bwd_dkdv_desc_kernel}
 _tuned_cache: dict[tuple, Any] = {}
 # kind -> (BLOCK_M, BLOCK_N, num_warps, num_stages[, DIRECT]): bypasses tuning (for kernel-tuning scripts)
 forced_configs: dict[str, tuple] = {}
@@ -171,7 +182,7 @@ def _set_dq_block(nargs: dict) -> None:
         nargs["DQ_DESC"].block_shape = [nargs["BLOCK_M"], nargs["HEAD_DIM"]]
 
 
-_QUERY_ROW_DESCS = ("Q_DESC", "O_DESC", "DO_DESC", "DQ_DESC")
+_QUERY_ROW_DESCS = ("Q_DESC", "O_DESC", "DO_DESC", "DQ_DESC", "DQ_ACC_DESC")
 _KEY_ROW_DESCS = ("K_DESC", "V_DESC", "DK_DESC", "DV_DESC")
 
 
@@ -183,7 +194,16 @@ def _set_desc_blocks(nargs: dict) -> None:
                 nargs[name].block_shape = [1, 1, rows, nargs["HEAD_DIM"]]
 
 
-_PRE_HOOKS = {"dkdv_tma": _set_dq_block, "dq_desc": _set_desc_blocks, "dkdv_desc": _set_desc_blocks}
+def _set_fused_blocks(nargs: dict) -> None:
+    """Autotune pre-hook of the fused backward: the descriptors' blocks, and the float32 dQ accumulator cleared
+    before every launch (the autotuner's trial runs add into it too; the memset writes what clearing it in
+    the preprocess kernel would)."""
+    _set_desc_blocks(nargs)
+    nargs["DQ_ACC_DESC"].base.zero_()
+
+
+_PRE_HOOKS = {"dkdv_tma": _set_dq_block, "dq_desc": _set_desc_blocks, "dkdv_desc": _set_desc_blocks,
+              "dkdv_fused": _set_fused_blocks}
 
 
 def _launch(kind: str, grid_rows: int, n_bh: int, head_dim: int, wide: bool, args: tuple, consts: dict):
@@ -285,6 +305,8 @@ def flash_backward(
             launch_dq(t, is_causal, compute_delta=False)
         launch_dkdv(t, is_causal)
         main.wait_stream(side)  # later frees/reuses on the main stream are ordered after the dQ kernel
+    elif _settings["backward"] == "fused" and _ready_for_descriptors(t):
+        launch_fused_desc(t, is_causal)
     elif _settings["descriptors"] and _ready_for_descriptors(t):
         launch_dq_desc(t, is_causal)
         launch_dkdv_desc(t, is_causal)
@@ -405,11 +427,12 @@ def launch_dkdv(t: BackwardTensors, is_causal: bool, atomic: bool = False, tma: 
     return _launch("dkdv_tma" if desc is not None else "dkdv", t.n_k, t.b * t.h, t.d_pad, t.wide, args, consts)
 
 
-def _descriptor(x: Tensor):
-    """A 4-D (batch, heads, seq, d) descriptor of x; its block is set per config by _set_desc_blocks."""
+def _descriptor(x: Tensor, rows: int = 16):
+    """A 4-D (batch, heads, seq, d) descriptor of x, blocks of `rows` rows (the launchers of autotuned kernels
+    set them per config through _set_desc_blocks)."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
-    return TensorDescriptor(x, list(x.shape), list(x.stride()), [1, 1, 16, x.shape[-1]])
+    return TensorDescriptor(x, list(x.shape), list(x.stride()), [1, 1, rows, x.shape[-1]])
 
 
 def launch_dq_desc(t: BackwardTensors, is_causal: bool):
@@ -424,14 +447,34 @@ def launch_dq_desc(t: BackwardTensors, is_causal: bool):
     return _launch("dq_desc", t.n_q, t.b * t.h, t.d_pad, t.wide, args, consts)
 
 
-def launch_dkdv_desc(t: BackwardTensors, is_causal: bool):
-    """dK, dV through tensor descriptors; needs t.l2 and t.delta from launch_dq_desc."""
+def launch_dkdv_desc(t: BackwardTensors, is_causal: bool, fused_dq: bool = False):
+    """dK, dV through tensor descriptors; needs t.l2 and t.delta from launch_dq_desc, or with fused_dq from
+    launch_fused_desc's preprocess, and then also adds dQ (unscaled) into t.dq_acc."""
+    dq_acc = _descriptor(t.dq_acc) if fused_dq else None
     args = (
-        *(_descriptor(x) for x in (t.q, t.k, t.v, t.do, t.dk, t.dv)), t.l2, t.delta,
+        *(_descriptor(x) for x in (t.q, t.k, t.v, t.do, t.dk, t.dv)), dq_acc, t.l2, t.delta,
         t.h, t.n_q, t.n_k, t.sm_scale,
     )
-    consts = {"HEAD_DIM": t.d_pad, "IS_CAUSAL": bool(is_causal)}
-    return _launch("dkdv_desc", t.n_k, t.b * t.h, t.d_pad, t.wide, args, consts)
+    consts = {"HEAD_DIM": t.d_pad, "IS_CAUSAL": bool(is_causal), "FUSED_DQ": fused_dq}
+    return _launch("dkdv_fused" if fused_dq else "dkdv_desc", t.n_k, t.b * t.h, t.d_pad, t.wide, args, consts)
+
+
+def launch_fused_desc(t: BackwardTensors, is_causal: bool) -> None:
+    """The fused backward: Delta and L₂; one kernel for dK, dV and dQ's tiles (bulk-reduced into a float32
+    accumulator, cleared by the launch's pre-hook); dQ scaled and cast. Five products per score tile where the
+    split backward runs seven."""
+    t.l2 = torch.empty_like(t.delta)
+    t.dq_acc = torch.empty((t.b, t.h, t.n_q, t.d_pad), dtype=torch.float32, device=t.q.device)
+    grid = (t.b * t.h, triton.cdiv(t.n_q, _PRE_BLOCK))
+    descs = {name: _descriptor(getattr(t, name), _PRE_BLOCK) for name in ("o", "do", "dq_acc", "dq")}
+    tkd.flash_bwd_fused_preprocess_kernel[grid](
+        descs["o"], descs["do"], t.lse, t.delta, t.l2, t.h, t.n_q,
+        HEAD_DIM=t.d_pad, BLOCK_M=_PRE_BLOCK, num_warps=4,
+    )
+    launch_dkdv_desc(t, is_causal, fused_dq=True)
+    tkd.flash_bwd_dq_scale_kernel[grid](
+        descs["dq_acc"], descs["dq"], t.h, t.sm_scale, HEAD_DIM=t.d_pad, BLOCK_M=_PRE_BLOCK, num_warps=4,
+    )
 
 
 def launch_dq_convert(t: BackwardTensors) -> None:

@@ -99,11 +99,14 @@ def flash_bwd_dq_desc_kernel(
 
 @triton.jit
 def _dkdv_query_loop(
-    dk, dv, k, v, q_desc, do_desc, l2_ptrs, delta_ptrs, b, h, offs_n, offs_m_base, lo, hi, qk_scale, N_QUERIES,
-    BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, CAUSAL_MASK: tl.constexpr, QUERY_MASK: tl.constexpr,
+    dk, dv, k, v, q_desc, do_desc, dq_desc, l2_ptrs, delta_ptrs, b, h, offs_n, offs_m_base, lo, hi, qk_scale,
+    N_QUERIES, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, CAUSAL_MASK: tl.constexpr, QUERY_MASK: tl.constexpr,
+    FUSED_DQ: tl.constexpr,
 ):
     """Accumulate dK, dV of one key tile over query tiles [lo, hi), in the keys × queries form (K, V are the
-    register operands; P and dS feed dV and dK untransposed)."""
+    register operands; P and dS feed dV and dK untransposed). With FUSED_DQ each query tile's share of dQ,
+    dSᵀᵀK (unscaled), is added into the float32 accumulator behind dq_desc by one bulk reduction of the tensor
+    memory accelerator: the fifth product, in place of the dQ kernel's recomputed S and dP."""
     for start_m in range(lo, hi, BLOCK_M):
         start_m = tl.multiple_of(start_m, BLOCK_M)
         offs_m = start_m + offs_m_base
@@ -126,17 +129,22 @@ def _dkdv_query_loop(
         dp_t = tl.dot(v, tl.trans(do))
         ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
         dk = tl.dot(ds_t, q, dk)
+        if FUSED_DQ:
+            dq = tl.dot(tl.trans(ds_t), k)
+            dq_desc.atomic_add([b, h, start_m, 0], dq.reshape(1, 1, BLOCK_M, HEAD_DIM))
     return dk, dv
 
 
 @triton.jit
 def flash_bwd_dkdv_desc_kernel(
-    Q_DESC, K_DESC, V_DESC, DO_DESC, DK_DESC, DV_DESC, L2, Delta,
+    Q_DESC, K_DESC, V_DESC, DO_DESC, DK_DESC, DV_DESC, DQ_ACC_DESC, L2, Delta,
     N_HEADS, N_QUERIES, N_KEYS, sm_scale,
     HEAD_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    FUSED_DQ: tl.constexpr,
 ):
     """One program = one key tile of one (batch, head), looping over query tiles; grid (batch·heads,
-    cdiv(N_KEYS, BLOCK_N)). L2 (base-2 logsumexp) and Delta come from the dQ kernel."""
+    cdiv(N_KEYS, BLOCK_N)). L2 (base-2 logsumexp) and Delta come from the dQ kernel, or with FUSED_DQ from
+    `flash_bwd_fused_preprocess_kernel`, and then dQ (unscaled, float32) goes into DQ_ACC_DESC's tensor."""
     tl.static_assert(BLOCK_N % BLOCK_M == 0)
     bh = tl.program_id(0)
     pid_n = tl.program_id(1)  # under a causal mask low key tiles see the most queries: they launch first
@@ -160,17 +168,52 @@ def flash_bwd_dkdv_desc_kernel(
     if IS_CAUSAL:
         # queries < start_n see none of these keys; [start_n, start_n + BLOCK_N) is the masked diagonal band
         diag_hi = start_n + BLOCK_N
-        dk, dv = _dkdv_query_loop(dk, dv, k, v, Q_DESC, DO_DESC, l2_ptrs, delta_ptrs, b, h, offs_n, offs_m,
-                                  start_n, tl.minimum(diag_hi, N_QUERIES), qk_scale, N_QUERIES, BLOCK_M, HEAD_DIM,
-                                  True, True)
+        dk, dv = _dkdv_query_loop(dk, dv, k, v, Q_DESC, DO_DESC, DQ_ACC_DESC, l2_ptrs, delta_ptrs, b, h, offs_n,
+                                  offs_m, start_n, tl.minimum(diag_hi, N_QUERIES), qk_scale, N_QUERIES, BLOCK_M,
+                                  HEAD_DIM, True, True, FUSED_DQ)
         lo = diag_hi
     else:
         lo = 0
-    dk, dv = _dkdv_query_loop(dk, dv, k, v, Q_DESC, DO_DESC, l2_ptrs, delta_ptrs, b, h, offs_n, offs_m, lo,
-                              full_queries, qk_scale, N_QUERIES, BLOCK_M, HEAD_DIM, False, False)
-    dk, dv = _dkdv_query_loop(dk, dv, k, v, Q_DESC, DO_DESC, l2_ptrs, delta_ptrs, b, h, offs_n, offs_m,
+    dk, dv = _dkdv_query_loop(dk, dv, k, v, Q_DESC, DO_DESC, DQ_ACC_DESC, l2_ptrs, delta_ptrs, b, h, offs_n, offs_m,
+                              lo, full_queries, qk_scale, N_QUERIES, BLOCK_M, HEAD_DIM, False, False, FUSED_DQ)
+    dk, dv = _dkdv_query_loop(dk, dv, k, v, Q_DESC, DO_DESC, DQ_ACC_DESC, l2_ptrs, delta_ptrs, b, h, offs_n, offs_m,
                               tl.maximum(lo, full_queries), N_QUERIES, qk_scale, N_QUERIES, BLOCK_M, HEAD_DIM,
-                              False, True)
+                              False, True, FUSED_DQ)
     dk = dk * sm_scale
     DK_DESC.store([b, h, start_n, 0], dk.to(DK_DESC.dtype).reshape(1, 1, BLOCK_N, HEAD_DIM))
     DV_DESC.store([b, h, start_n, 0], dv.to(DV_DESC.dtype).reshape(1, 1, BLOCK_N, HEAD_DIM))
+
+
+@triton.jit
+def flash_bwd_fused_preprocess_kernel(
+    O_DESC, DO_DESC, L, Delta, L2, N_HEADS, N_QUERIES,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """What the fused backward's one dK/dV/dQ kernel reads besides the inputs: Delta = rowsum(O ∘ dO) and
+    L₂ = L·log₂e, both (batch·heads, N_QUERIES) float32. Grid (batch·heads, cdiv(N_QUERIES, BLOCK_M))."""
+    bh = tl.program_id(0)
+    start_m = tl.program_id(1) * BLOCK_M
+    b = bh // N_HEADS
+    h = bh % N_HEADS
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    row_ok = offs_m < N_QUERIES
+    o = O_DESC.load([b, h, start_m, 0]).reshape(BLOCK_M, HEAD_DIM)
+    do = DO_DESC.load([b, h, start_m, 0]).reshape(BLOCK_M, HEAD_DIM)
+    row_base = bh.to(tl.int64) * N_QUERIES
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+    tl.store(Delta + row_base + offs_m, delta, mask=row_ok)
+    l2 = tl.load(L + row_base + offs_m, mask=row_ok) * 1.4426950408889634
+    tl.store(L2 + row_base + offs_m, l2, mask=row_ok)
+
+
+@triton.jit
+def flash_bwd_dq_scale_kernel(
+    DQ_ACC_DESC, DQ_DESC, N_HEADS, sm_scale, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """dQ = sm_scale · (the fused backward's float32 accumulator), in dQ's dtype and layout."""
+    bh = tl.program_id(0)
+    start_m = tl.program_id(1) * BLOCK_M
+    b = bh // N_HEADS
+    h = bh % N_HEADS
+    acc = DQ_ACC_DESC.load([b, h, start_m, 0])
+    DQ_DESC.store([b, h, start_m, 0], (acc * tl.cast(sm_scale, tl.float32)).to(DQ_DESC.dtype))
