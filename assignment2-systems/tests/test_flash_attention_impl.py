@@ -219,8 +219,9 @@ def test_triton_every_fused_config(head_dim):
 
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("the fused descriptor backward needs Hopper or newer (tensor memory accelerator)")
-    old = triton_impl._settings["backward"]
+    old, old_autotune = triton_impl._settings["backward"], triton_impl._settings["autotune"]
     triton_impl.set_backward_mode("fused")
+    triton_impl.set_autotune(False)  # the other kernels' first configs: tuning them per shape took minutes
     try:
         for cfg in triton_impl._dkdv_fused_configs(head_dim, wide=False):
             triton_impl.forced_configs["dkdv_fused"] = cfg
@@ -231,6 +232,7 @@ def test_triton_every_fused_config(head_dim):
     finally:
         triton_impl.forced_configs.pop("dkdv_fused", None)
         triton_impl.set_backward_mode(old)
+        triton_impl.set_autotune(old_autotune)
 
 
 @needs_cuda
