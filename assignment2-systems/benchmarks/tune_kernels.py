@@ -100,9 +100,17 @@ DESC_REFINE = {
                   (64, 64, 4, 2, None, 152), (32, 64, 4, 2, None, 128), (32, 64, 4, 2), (64, 64, 8, 2),
                   (32, 32, 4, 2, None, 128)],
 }
+# v9: the fused descriptor backward (one dK/dV/dQ kernel, dQ tiles bulk-reduced) beside the split descriptor
+# kernels' defaults; 128-key tiles halve the dQ reductions (local compiles: 32 × 128 × 8 warps 187 registers)
+FUSED = {
+    "dq_desc": [(128, 64, 8, 3, None, 128)],
+    "dkdv_desc": [(64, 64, 4, 2, None, 168)],
+    "dkdv_fused": [(64, 64, 4, 3), (64, 64, 4, 2), (32, 128, 8, 2), (32, 128, 8, 3), (16, 128, 8, 2),
+                   (64, 128, 8, 2), (32, 64, 4, 2), (64, 64, 4, 2, None, 200)],
+}
 ROUNDS = {"v6": CANDIDATES, "v6-refine": REFINE, "v7": POLY, "v7-sustained": SUSTAINED, "v8": DESC,
-          "v8-refine": DESC_REFINE}
-KINDS = ["fwd", "dq", "dkdv", "dkdv_tma", "dq_desc", "dkdv_desc"]
+          "v8-refine": DESC_REFINE, "v9": FUSED}
+KINDS = ["fwd", "dq", "dkdv", "dkdv_tma", "dq_desc", "dkdv_desc", "dkdv_fused"]
 
 
 def sass_stats(compiled) -> dict[str, int]:
@@ -134,7 +142,7 @@ def main() -> None:
     q, k, v, do = (torch.randn(b, h, n, d, device="cuda", dtype=dtype) for _ in range(4))
     o, lse = ti.flash_forward(q, k, v, causal)
     one = 2.0 * b * h * n * n * d * (0.5 if causal else 1.0)
-    products = {"fwd": 2, "dq": 3, "dkdv": 4, "dkdv_tma": 5, "dq_desc": 3, "dkdv_desc": 4}
+    products = {"fwd": 2, "dq": 3, "dkdv": 4, "dkdv_tma": 5, "dq_desc": 3, "dkdv_desc": 4, "dkdv_fused": 5}
     rows = []
     for kind in args.kinds:
         reference = None
@@ -144,6 +152,8 @@ def main() -> None:
             t = BackwardTensors(q, k, v, o, do, lse, d)
             launch_preprocess(t, zero_dq=kind == "dkdv_tma")  # D, which the dQ kernel would otherwise write
             t.l2 = t.lse * tk.LOG2E  # what the descriptor dQ kernel writes for its dK/dV kernel
+            if kind == "dkdv_fused":  # cleared before every launch by the kernel's pre-hook
+                t.dq_acc = torch.empty((b, h, n, d), dtype=torch.float32, device="cuda")
             launchers = {
                 "fwd": lambda: ti.flash_forward(q, k, v, causal),
                 "dq": lambda t=t: launch_dq(t, causal),
@@ -151,6 +161,7 @@ def main() -> None:
                 "dkdv_tma": lambda t=t: launch_dkdv(t, causal, atomic=True, tma=True),
                 "dq_desc": lambda t=t: launch_dq_desc(t, causal),
                 "dkdv_desc": lambda t=t: launch_dkdv_desc(t, causal),
+                "dkdv_fused": lambda t=t: launch_dkdv_desc(t, causal, fused_dq=True),
             }
             fn = launchers[kind]
             row = {"kind": kind, "cfg": cfg}
@@ -158,7 +169,8 @@ def main() -> None:
                 compiled = fn()
                 # same outputs as the first candidate (a broken variant shows here)
                 parts = {"fwd": list(compiled) if kind == "fwd" else [], "dq": [t.dq], "dkdv": [t.dk, t.dv],
-                         "dkdv_tma": [t.dk, t.dv, t.dq_acc], "dq_desc": [t.dq], "dkdv_desc": [t.dk, t.dv]}[kind]
+                         "dkdv_tma": [t.dk, t.dv, t.dq_acc], "dq_desc": [t.dq], "dkdv_desc": [t.dk, t.dv],
+                         "dkdv_fused": [t.dk, t.dv, t.dq_acc]}[kind]
                 out = torch.cat([x.flatten().float() for x in parts])
                 reference = out if reference is None else reference
                 row["rel_err_vs_first"] = ((out - reference).norm() / reference.norm()).item()
