@@ -11,6 +11,9 @@ out-of-bounds rows of a ragged tile come back as zeros without masks.
 
 Descriptors are 4-D, (batch, heads, seq, d) with the tensor's own strides and blocks (1, 1, rows, d): a tile
 that runs past a head's last row is clipped at that head, never read from the next one.
+The dK/dV kernel also runs the "fused" backward (FUSED_DQ): it adds each dQ tile into a float32 accumulator by
+a bulk reduction of the tensor memory accelerator, after `flash_bwd_fused_preprocess_kernel` and before
+`flash_bwd_dq_scale_kernel`; measured slower than the split pair at the leaderboard shape (NOTES.md, v9).
 Conventions otherwise as in `triton_kernels` (base-2 scores, top-left causal mask, natural-log L).
 """
 
@@ -105,8 +108,9 @@ def _dkdv_query_loop(
 ):
     """Accumulate dK, dV of one key tile over query tiles [lo, hi), in the keys × queries form (K, V are the
     register operands; P and dS feed dV and dK untransposed). With FUSED_DQ each query tile's share of dQ,
-    dSᵀᵀK (unscaled), is added into the float32 accumulator behind dq_desc by one bulk reduction of the tensor
-    memory accelerator: the fifth product, in place of the dQ kernel's recomputed S and dP."""
+    dS·K (dS the transpose of the dSᵀ just computed; unscaled), is added into the float32 accumulator behind
+    dq_desc by one bulk reduction of the tensor memory accelerator: the fifth product, in place of the dQ
+    kernel's recomputed S and dP."""
     for start_m in range(lo, hi, BLOCK_M):
         start_m = tl.multiple_of(start_m, BLOCK_M)
         offs_m = start_m + offs_m_base
