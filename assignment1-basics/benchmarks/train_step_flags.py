@@ -34,6 +34,7 @@ from cs336_basics.nn_utils import cross_entropy
 from cs336_basics.optim import AdamW, clip_gradients
 from cs336_basics.training.config import config_from_preset
 from cs336_basics.training.distributed import Dist, Launch, wrap_model
+from cs336_basics.training.gc_schedule import ScheduledGC
 from cs336_basics.training.metrics import peak_flops, training_flops_per_token
 from cs336_basics.training.spike_guard import SpikeGuard
 from cs336_basics.training.trainer import _autocast, _make_step, apply_activation_flags, build_optimizer
@@ -97,6 +98,8 @@ VARIANTS: dict[str, dict] = {
     "preset-fused": dict(PRESET, loss_impl="fused", loss_chunk_tokens=32768),
     "preset-fused-separate-v": dict(PRESET, loss_impl="fused", loss_chunk_tokens=32768, value_proj="separate"),
     "preset-fused-chunk8k": dict(PRESET, loss_impl="fused", loss_chunk_tokens=8192),
+    # ... with Python's garbage collection on a schedule (training/gc_schedule.py), for the once-a-second stall
+    "preset-fused-gc": dict(PRESET, loss_impl="fused", loss_chunk_tokens=32768, gc_interval=50),
     "preset-fused-graphs": dict(PRESET, loss_impl="fused", loss_chunk_tokens=32768, compile_mode="reduce-overhead"),
     "preset-fused-autotune-graphs": dict(PRESET, loss_impl="fused", loss_chunk_tokens=32768,
                                          compile_mode="max-autotune"),
@@ -325,21 +328,24 @@ def measure(args, variant: str, device: torch.device, precision: str, tokens, pe
     first_loss = float(step(tokens, index))  # includes compilation
     index += 1
     compile_s = time.perf_counter() - compile_start
-    for _ in range(args.warmup):
-        step(tokens, index)
-        index += 1
-    synchronize(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
     window_ms = []
-    for _ in range(args.windows):
-        synchronize(device)
-        start = time.perf_counter()
-        for _ in range(args.steps):
-            loss = step(tokens, index)
+    with ScheduledGC(config.gc_interval) as collector:  # as the trainer's loop runs it
+        for _ in range(args.warmup):
+            step(tokens, index)
             index += 1
+            collector.step(index)
         synchronize(device)
-        window_ms.append((time.perf_counter() - start) * 1e3 / args.steps)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        for _ in range(args.windows):
+            synchronize(device)
+            start = time.perf_counter()
+            for _ in range(args.steps):
+                loss = step(tokens, index)
+                index += 1
+                collector.step(index)
+            synchronize(device)
+            window_ms.append((time.perf_counter() - start) * 1e3 / args.steps)
     ms = statistics.median(window_ms)
     tokens_per_step = config.batch_size * config.context_length
     row = {"variant": variant, "flags": VARIANTS[variant], "batch_size": config.batch_size,

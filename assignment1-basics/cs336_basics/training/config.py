@@ -120,6 +120,9 @@ class TrainConfig:
     # (FusedAdamW.clip_in_next_step), instead of a separate pass over them
     clip_in_optimizer: bool = False
     prefetch: bool = False  # build the next steps' batches (pinned) on a background thread
+    # N > 0: Python's automatic garbage collection off while training, a young-generation collection every N
+    # steps instead (training/gc_schedule.py: an unscheduled full collection pauses the host for tens of ms)
+    gc_interval: int = bounded(0, ge=0)
     # bf16 (with bf16 precision): the residual stream and the norms' outputs in bf16 rather than in the fp32 of
     # the master weights, which autocast leaves them in: half the traffic of the step's elementwise kernels;
     # auto: bf16 when the run's precision is bf16 (the owt-leaderboard preset's), else param

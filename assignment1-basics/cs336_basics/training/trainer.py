@@ -24,6 +24,7 @@ import numpy as np
 from cs336_basics.cli_support import StopRequest, UserError, atomic_write, prepare_run_dir
 from cs336_basics.data import check_length, check_token_ids, load_tokens
 from cs336_basics.training.config import TrainConfig
+from cs336_basics.training.gc_schedule import ScheduledGC
 from cs336_basics.training.metrics import JsonlLog
 from cs336_basics.training.spike_guard import SpikeGuard
 
@@ -301,7 +302,8 @@ def _train(config: TrainConfig, model_config, train_tokens, val_tokens, device, 
 
         if importlib.util.find_spec("wandb") is None:
             raise UserError("--wandb needs the optional dependency: uv sync --extra wandb")
-    with StopRequest(announce=main) as stop:  # from here on the folder changes: a signal ends with a checkpoint
+    with StopRequest(announce=main) as stop, ScheduledGC(config.gc_interval) as collector:
+        # from here on the folder changes: a signal ends with a checkpoint
         if main:
             if config.overwrite:
                 import shutil
@@ -350,6 +352,7 @@ def _train(config: TrainConfig, model_config, train_tokens, val_tokens, device, 
             loss, grad_norm, extras = step_fn(train_tokens, lr, step)
             window_steps += 1
             done = step + 1
+            collector.step(done)
             if done % config.log_interval == 0 or done == end_step:
                 last_train_loss = dist.all_mean(loss).item()  # the only host sync of the step, once per interval
                 now = time.time()
