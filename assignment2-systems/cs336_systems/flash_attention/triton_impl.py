@@ -137,8 +137,9 @@ def _dkdv_desc_configs(head_dim: int, wide: bool) -> list[tuple]:
 
 # the descriptor dK/dV kernel that also reduces each dQ tile (backward mode "fused"): a float32 dQ tile and the
 # fifth product live, ~30 registers more than "dkdv_desc". Local sm_90a compiles (Triton 3.6, NOTES.md v9): at
-# d 64, 64 × 64 × 4 warps 198 registers, 32 × 128 × 8 warps 187, 32 × 64 fits a 168 cap, none of these spill; at d 128 every 4-warp tile
-# of 32+ queries spills, so 8 warps there (64 × 64: 242 registers, 32 × 64: 205) or 16-query tiles (254)
+# d 64, 64 × 64 × 4 warps 198 registers, 32 × 128 × 8 warps 187, 32 × 64 fits a 168 cap; none of these spill.
+# At d 128 every 4-warp tile of 32+ queries spills, so 8 warps there (64 × 64: 242 registers, 32 × 64: 205) or
+# 16-query tiles (254)
 def _dkdv_fused_configs(head_dim: int, wide: bool) -> list[tuple]:
     if head_dim <= 64:  # 128-key tiles: half the dQ reductions; 32 × 64 capped at 168: three programs per SM
         return [(64, 64, 4, 3), (32, 64, 4, 2, None, 168), (32, 64, 4, 3, None, 168), (32, 128, 8, 2),
