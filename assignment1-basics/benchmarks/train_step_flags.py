@@ -15,6 +15,7 @@ trainer runs. The loss of step 0 (same weights, same batch) is recorded per vari
 """
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -34,7 +35,7 @@ from cs336_basics.nn_utils import cross_entropy
 from cs336_basics.optim import AdamW, clip_gradients
 from cs336_basics.training.config import config_from_preset
 from cs336_basics.training.distributed import Dist, Launch, wrap_model
-from cs336_basics.training.gc_schedule import ScheduledGC
+from cs336_basics.training.gc_schedule import CollectionLog, ScheduledGC
 from cs336_basics.training.metrics import peak_flops, training_flops_per_token
 from cs336_basics.training.spike_guard import SpikeGuard
 from cs336_basics.training.trainer import _autocast, _make_step, apply_activation_flags, build_optimizer
@@ -239,6 +240,29 @@ class LlamaStep:
         return loss.detach()
 
 
+def step_end_marker(device: torch.device):
+    """Something that later tells when the step just issued finished: a recorded CUDA event on a GPU (read after
+    the window's sync), the host clock elsewhere (where issuing is running)."""
+    if device.type == "cuda":
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+    return time.perf_counter()
+
+
+def step_trace(issued: list[float], ends: list, collections: list[dict]) -> dict:
+    """The traced steps' durations, each from the end of the step before it to its own end (GPU events or the
+    host clock; one fewer than the steps, and a window's first step also holds the sync between windows), the
+    host time at which each was issued (s from the start of the timing) and the garbage collections of the run
+    on the same clock."""
+    if ends and not isinstance(ends[0], float):
+        step_ms = [earlier.elapsed_time(later) for earlier, later in itertools.pairwise(ends)]
+    else:
+        step_ms = [(later - earlier) * 1e3 for earlier, later in itertools.pairwise(ends)]
+    return {"step_ms": [round(ms, 4) for ms in step_ms], "issued_s": [round(t, 6) for t in issued],
+            "collections": collections}
+
+
 def device_spans(events) -> list[tuple[str, float, float]]:
     """(name, start, end) of each kernel and memcpy on the GPU timeline. Not the GPU-side copies of
     `record_function` ranges (`Optimizer.step#AdamW.step`, ...): they are device events too, but span the
@@ -329,7 +353,10 @@ def measure(args, variant: str, device: torch.device, precision: str, tokens, pe
     index += 1
     compile_s = time.perf_counter() - compile_start
     window_ms = []
-    with ScheduledGC(config.gc_interval) as collector:  # as the trainer's loop runs it
+    # --trace-steps: when each step was issued (host) and ended (GPU events, no sync inside a window), and every
+    # garbage collection in between, to line a slow window's stall up with what the host did
+    issued, ends = [], []
+    with ScheduledGC(config.gc_interval) as collector, CollectionLog() as collections:  # as the trainer's loop
         for _ in range(args.warmup):
             step(tokens, index)
             index += 1
@@ -341,19 +368,24 @@ def measure(args, variant: str, device: torch.device, precision: str, tokens, pe
             synchronize(device)
             start = time.perf_counter()
             for _ in range(args.steps):
+                if args.trace_steps:
+                    issued.append(time.perf_counter() - collections.origin)
                 loss = step(tokens, index)
                 index += 1
                 collector.step(index)
+                if args.trace_steps:
+                    ends.append(step_end_marker(device))
             synchronize(device)
             window_ms.append((time.perf_counter() - start) * 1e3 / args.steps)
     ms = statistics.median(window_ms)
+    trace = step_trace(issued, ends, collections.events) if args.trace_steps else None
     tokens_per_step = config.batch_size * config.context_length
     row = {"variant": variant, "flags": VARIANTS[variant], "batch_size": config.batch_size,
            "ms_per_step": ms, "window_ms": window_ms, "tokens_per_s": tokens_per_step / ms * 1e3,
            "mfu": tokens_per_step / ms * 1e3 * flops_per_token / peak if peak else None,
            "peak_memory_gb": torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None,
            "first_step_loss": first_loss, "last_loss": float(loss), "first_step_s": compile_s,
-           "flops_per_token": flops_per_token}
+           "flops_per_token": flops_per_token, **({"trace": trace} if trace else {})}
     profile = None
     if args.profile and variant in args.profile_variants:
         def run_steps(n):
@@ -412,6 +444,9 @@ def main():
     parser.add_argument("--profile-stacks", default="", metavar="OP[,OP]",
                         help="CPU ops (e.g. aten::sum) whose Python call sites and shapes the profile records")
     parser.add_argument("--profile-out", default=None)
+    parser.add_argument("--trace-steps", action="store_true",
+                        help="record each timed step's duration (CUDA events), when it was issued, and every "
+                             "garbage collection of the timing, in the row's 'trace'")
     parser.add_argument("--time-budget-s", type=float, default=420.0,
                         help="variants not started by then are skipped (recorded as such); 0: no limit")
     parser.add_argument("--out", required=True)

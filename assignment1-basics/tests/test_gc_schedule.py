@@ -5,7 +5,11 @@ a real reference cycle, and the trainer's loss curve."""
 from __future__ import annotations
 
 import gc
+import json
+import subprocess
+import sys
 import weakref
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,8 +18,10 @@ from cs336_basics.cli import main
 from cs336_basics.cli_support import UserError
 from cs336_basics.testing import one_thread  # noqa: F401 (autouse: one torch thread)
 from cs336_basics.training.config import TrainConfig
-from cs336_basics.training.gc_schedule import ScheduledGC
+from cs336_basics.training.gc_schedule import CollectionLog, ScheduledGC
 from cs336_basics.training.metrics import read_jsonl
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -124,3 +130,34 @@ def test_trainer_with_a_gc_interval_keeps_the_curve_and_restores_the_collector(d
     assert gc.isenabled()
     assert main(["train", "--train-data", str(data / "train.npy"), "--val-data", str(data / "val.npy"),
                  "--out-dir", str(tmp_path / "bad"), *TINY, "--gc-interval", "-1"]) == 2
+
+
+def test_collection_log_records_each_collection_with_its_generation():
+    with CollectionLog() as log:
+        gc.collect(0)
+        gc.collect(2)
+    ours = [e for e in log.events if e["generation"] in (0, 2)]
+    assert [e["generation"] for e in ours][-2:] == [0, 2]
+    assert all(e["duration_ms"] >= 0 and e["start_s"] >= 0 for e in log.events)
+    assert log._callback not in gc.callbacks  # removed on exit
+    count = len(log.events)
+    gc.collect()
+    assert len(log.events) == count  # nothing recorded after the context
+
+
+def test_step_benchmark_traces_steps_and_collections_on_cpu(tmp_path):
+    """--trace-steps: one duration per traced step after the first, one issue time per step, and the scheduled
+    collections of --set gc_interval=2 among the recorded ones (generation 1, every second step)."""
+    out = tmp_path / "flags.json"
+    env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "train_step_flags.py"), "--tiny", "--device", "cpu",
+                    "--steps", "3", "--windows", "2", "--warmup", "1", "--variants", "baseline,fused",
+                    "--set", "gc_interval=2", "--trace-steps", "--out", str(out)],
+                   check=True, env=env, timeout=300, capture_output=True)
+    rows = {r["variant"]: r for r in json.loads(out.read_text())["rows"]}
+    for row in rows.values():
+        trace = row["trace"]
+        assert len(trace["issued_s"]) == 6 and len(trace["step_ms"]) == 5
+        assert trace["issued_s"] == sorted(trace["issued_s"]) and all(ms > 0 for ms in trace["step_ms"])
+        # steps 2..7 ran in the traced context (warm-up included): scheduled collections after 2, 4, 6
+        assert [e["generation"] for e in trace["collections"]].count(1) >= 3

@@ -13,6 +13,7 @@ again when the context ends, which for a training loop's steady state (no growin
 from __future__ import annotations
 
 import gc
+import time
 
 
 class ScheduledGC:
@@ -44,3 +45,31 @@ class ScheduledGC:
             if self._was_enabled:
                 gc.enable()
             self._was_enabled = None
+
+
+class CollectionLog:
+    """Every collection Python's cyclic collector runs while the context is open, as dicts of generation, start
+    (seconds from the context's start, perf_counter clock), duration and objects collected: to line a stall of
+    a timed loop up with the collections that ran in it (`gc.callbacks`)."""
+
+    def __init__(self):
+        self.events: list[dict] = []
+        self.origin = 0.0  # perf_counter at the context's start
+        self._started: float | None = None
+
+    def _callback(self, phase: str, info: dict) -> None:
+        now = time.perf_counter()
+        if phase == "start":
+            self._started = now
+        elif self._started is not None:
+            self.events.append({"generation": info["generation"], "start_s": self._started - self.origin,
+                                "duration_ms": (now - self._started) * 1e3, "collected": info["collected"]})
+            self._started = None
+
+    def __enter__(self) -> CollectionLog:
+        self.origin = time.perf_counter()
+        gc.callbacks.append(self._callback)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        gc.callbacks.remove(self._callback)
