@@ -356,7 +356,8 @@ def measure(args, variant: str, device: torch.device, precision: str, tokens, pe
     # --trace-steps: when each step was issued (host) and ended (GPU events, no sync inside a window), and every
     # garbage collection in between, to line a slow window's stall up with what the host did
     issued, ends = [], []
-    with ScheduledGC(config.gc_interval) as collector, CollectionLog() as collections:  # as the trainer's loop
+    # the garbage-collection schedule as the trainer's loop runs it
+    with ScheduledGC(config.gc_interval) as collector, CollectionLog() as collections:
         for _ in range(args.warmup):
             step(tokens, index)
             index += 1
