@@ -9,9 +9,7 @@ import json
 import subprocess
 import sys
 import weakref
-from pathlib import Path
 
-import numpy as np
 import pytest
 
 from cs336_basics.cli import main
@@ -19,9 +17,7 @@ from cs336_basics.cli_support import UserError
 from cs336_basics.testing import one_thread  # noqa: F401 (autouse: one torch thread)
 from cs336_basics.training.config import TrainConfig
 from cs336_basics.training.gc_schedule import CollectionLog, ScheduledGC
-from cs336_basics.training.metrics import read_jsonl
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.test_throughput_flags import ROOT, TINY, _losses, data  # noqa: F401 (data: the token fixture)
 
 
 @pytest.fixture
@@ -100,27 +96,7 @@ def test_bad_intervals_are_refused():
         TrainConfig(gc_interval=-5)
 
 
-@pytest.fixture
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("gc_data")
-    ids = np.random.default_rng(0).integers(0, 64, size=20_000, dtype=np.uint16)
-    np.save(root / "train.npy", ids[:16_000])
-    np.save(root / "val.npy", ids[16_000:])
-    return root
-
-
-TINY = ["--vocab-size", "64", "--context-length", "16", "--d-model", "32", "--num-layers", "2", "--num-heads", "2",
-        "--d-ff", "64", "--batch-size", "4", "--max-steps", "6", "--warmup-steps", "2", "--eval-interval", "6",
-        "--eval-batches", "1", "--log-interval", "1", "--checkpoint-interval", "6", "--device", "cpu", "--no-progress"]
-
-
-def _losses(data, out, *extra):
-    assert main(["train", "--train-data", str(data / "train.npy"), "--val-data", str(data / "val.npy"),
-                 "--out-dir", str(out), *TINY, *extra]) == 0
-    return [r["loss"] for r in read_jsonl(str(out / "metrics.jsonl")) if r["split"] == "train"]
-
-
-def test_trainer_with_a_gc_interval_keeps_the_curve_and_restores_the_collector(data, tmp_path, gc_enabled,
+def test_trainer_with_a_gc_interval_keeps_the_curve_and_restores_the_collector(data, tmp_path, gc_enabled,  # noqa: F811
                                                                              monkeypatch):
     plain = _losses(data, tmp_path / "plain")
     calls = _counting_collect(monkeypatch)
