@@ -13,7 +13,6 @@ import torch
 from triton.testing import do_bench
 
 from cs336_systems.flash_attention import triton_impl as ti
-from cs336_systems.flash_attention import triton_kernels as tk
 from cs336_systems.flash_attention.triton_impl import (
     BackwardTensors,
     launch_dkdv,
@@ -153,8 +152,8 @@ def main() -> None:
         for cfg in candidates[kind]:
             ti.forced_configs[kind] = cfg
             t = BackwardTensors(q, k, v, o, do, lse, d)
-            launch_preprocess(t, zero_dq=kind == "dkdv_tma")  # D, which the dQ kernel would otherwise write
-            t.l2 = t.lse * tk.LOG2E  # what the descriptor dQ kernel writes for its dK/dV kernel
+            # D and L₂, which the (descriptor) dQ kernel would otherwise write for the dK/dV kernels
+            launch_preprocess(t, zero_dq=kind == "dkdv_tma", write_l2=True)
             if kind == "dkdv_fused":  # cleared before every launch by the kernel's pre-hook
                 t.dq_acc = torch.empty((b, h, n, d), dtype=torch.float32, device="cuda")
             launchers = {

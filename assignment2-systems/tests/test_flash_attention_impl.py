@@ -149,6 +149,41 @@ def test_triton_kernels_in_interpreter():
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
 
 
+def test_triton_preprocess_and_dq_convert_in_interpreter():
+    """The backward's helper kernels against torch, in Triton's CPU interpreter: Delta = rowsum(O ∘ dO),
+    L₂ = L·log₂e (what the fused backward reads) and the cleared accumulator; dQ = scale · accumulator, cast
+    into a strided dQ. Ragged rows over three heads."""
+    triton = pytest.importorskip("triton")
+    if tuple(int(x) for x in triton.__version__.split(".")[:2]) < (3, 9):
+        pytest.skip("Triton's interpreter before 3.9 cannot loop over tensor-valued range bounds")
+    code = textwrap.dedent(
+        """
+        import math
+        import torch
+        from cs336_systems.flash_attention import triton_impl
+        b, h, n, d = 2, 3, 77, 32
+        q, k, v, o, do = (torch.randn(b, h, n, d) for _ in range(5))
+        lse = torch.randn(b, h, n)
+        t = triton_impl.BackwardTensors(q, k, v, o, do, lse, d)
+        t.dq_acc = None
+        triton_impl.launch_preprocess(t, zero_dq=True, write_l2=True)
+        torch.testing.assert_close(t.delta, (o.double() * do.double()).sum(-1).reshape(b * h, n).float())
+        torch.testing.assert_close(t.l2, lse.reshape(b * h, n) * math.log2(math.e))
+        assert t.dq_acc.shape == (b * h, n, d) and torch.count_nonzero(t.dq_acc) == 0
+        t.dq_acc = torch.randn(b * h, n, d)
+        t.dq = torch.empty(b, n, h, d).transpose(1, 2)  # a strided dQ
+        triton_impl.launch_dq_convert(t, scale=0.125)
+        torch.testing.assert_close(t.dq, (0.125 * t.dq_acc).reshape(b, h, n, d))
+        print("ok")
+        """
+    )
+    env = dict(os.environ, TRITON_INTERPRET="1", CS336_FA2_AUTOTUNE="0")
+    root = Path(__file__).resolve().parents[1]
+    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
+
+
 # ---------------------------------------------------------------------------------------------- Triton, GPU
 
 GPU_CASES = [

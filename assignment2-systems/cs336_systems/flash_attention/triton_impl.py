@@ -378,14 +378,18 @@ class BackwardTensors:
 _PRE_BLOCK = 64
 
 
-def launch_preprocess(t: BackwardTensors, zero_dq: bool = False) -> None:
-    """D = rowsum(dO ∘ O); with zero_dq also allocates the float32 dQ accumulator and clears it."""
+def launch_preprocess(t: BackwardTensors, zero_dq: bool = False, write_l2: bool = False) -> None:
+    """D = rowsum(dO ∘ O); with zero_dq also allocates the float32 dQ accumulator and clears it; with write_l2
+    also t.l2 = L·log₂e (what the descriptor dK/dV kernel reads when no descriptor dQ kernel ran first)."""
     if zero_dq:
         t.dq_acc = torch.empty((t.b * t.h, t.n_q, t.d_pad), dtype=torch.float32, device=t.q.device)
+    if write_l2:
+        t.l2 = torch.empty_like(t.delta)
     grid = (t.b * t.h, triton.cdiv(t.n_q, _PRE_BLOCK))
     tk.flash_bwd_preprocess_kernel[grid](
-        t.o, t.do, t.delta, t.dq_acc if zero_dq else t.delta, *_strides(t.o), *_strides(t.do), t.h, t.n_q,
-        HEAD_DIM=t.d_pad, BLOCK_M=_PRE_BLOCK, ZERO_DQ=zero_dq, num_warps=4,
+        t.o, t.do, t.delta, t.dq_acc if zero_dq else t.delta, t.lse, t.l2 if write_l2 else t.delta,
+        *_strides(t.o), *_strides(t.do), t.h, t.n_q,
+        HEAD_DIM=t.d_pad, BLOCK_M=_PRE_BLOCK, ZERO_DQ=zero_dq, WRITE_L2=write_l2, num_warps=4,
     )
 
 
@@ -467,24 +471,17 @@ def launch_fused_desc(t: BackwardTensors, is_causal: bool) -> None:
     """The fused backward: Delta and L₂; one kernel for dK, dV and dQ's tiles (bulk-reduced into a float32
     accumulator, cleared by the launch's pre-hook); dQ scaled and cast. Five products per score tile where the
     split backward runs seven."""
-    t.l2 = torch.empty_like(t.delta)
+    launch_preprocess(t, write_l2=True)
+    # (batch, heads, queries, d): the 4-D descriptor's shape, the convert kernel's (batch·heads, queries, d) memory
     t.dq_acc = torch.empty((t.b, t.h, t.n_q, t.d_pad), dtype=torch.float32, device=t.q.device)
-    grid = (t.b * t.h, triton.cdiv(t.n_q, _PRE_BLOCK))
-    descs = {name: _descriptor(getattr(t, name), _PRE_BLOCK) for name in ("o", "do", "dq_acc", "dq")}
-    tkd.flash_bwd_fused_preprocess_kernel[grid](
-        descs["o"], descs["do"], t.lse, t.delta, t.l2, t.h, t.n_q,
-        HEAD_DIM=t.d_pad, BLOCK_M=_PRE_BLOCK, num_warps=4,
-    )
     launch_dkdv_desc(t, is_causal, fused_dq=True)
-    tkd.flash_bwd_dq_scale_kernel[grid](
-        descs["dq_acc"], descs["dq"], t.h, t.sm_scale, HEAD_DIM=t.d_pad, BLOCK_M=_PRE_BLOCK, num_warps=4,
-    )
+    launch_dq_convert(t, scale=t.sm_scale)
 
 
-def launch_dq_convert(t: BackwardTensors) -> None:
+def launch_dq_convert(t: BackwardTensors, scale: float = 1.0) -> None:
     grid = (t.b * t.h, triton.cdiv(t.n_q, _PRE_BLOCK))
     tk.flash_bwd_dq_convert_kernel[grid](
-        t.dq_acc, t.dq, *_strides(t.dq), t.h, t.n_q, HEAD_DIM=t.d_pad, BLOCK_M=_PRE_BLOCK, num_warps=4
+        t.dq_acc, t.dq, *_strides(t.dq), t.h, t.n_q, scale, HEAD_DIM=t.d_pad, BLOCK_M=_PRE_BLOCK, num_warps=4
     )
 
 

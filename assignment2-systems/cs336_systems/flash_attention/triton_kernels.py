@@ -223,16 +223,17 @@ def flash_fwd_kernel(
 
 @triton.jit
 def flash_bwd_preprocess_kernel(
-    Out, DO, Delta, DQ_ACC,
+    Out, DO, Delta, DQ_ACC, L, L2,
     stride_ob, stride_oh, stride_om, stride_od,
     stride_dob, stride_doh, stride_dom, stride_dod,
     N_HEADS, N_QUERIES,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, ZERO_DQ: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, ZERO_DQ: tl.constexpr, WRITE_L2: tl.constexpr,
 ):
     """Delta[bh, i] = Σ_d O[i, d]·dO[i, d] in float32 (= rowsum(P ∘ dP)); Delta is (batch·heads, N_QUERIES).
 
     With ZERO_DQ it also clears its rows of the float32 dQ accumulator (batch·heads, N_QUERIES, HEAD_DIM),
-    which saves the atomic backward a memset launch."""
+    which saves the atomic backward a memset launch; with WRITE_L2 it writes L₂ = L·log₂e (both like Delta)
+    for the descriptor dK/dV kernel, which otherwise gets it from the descriptor dQ kernel."""
     bh = tl.program_id(0)
     pid_m = tl.program_id(1)
     b = (bh // N_HEADS).to(tl.int64)
@@ -246,6 +247,9 @@ def flash_bwd_preprocess_kernel(
                  mask=ok, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
     tl.store(Delta + bh.to(tl.int64) * N_QUERIES + offs_m, delta, mask=offs_m < N_QUERIES)
+    if WRITE_L2:
+        rows = bh.to(tl.int64) * N_QUERIES + offs_m
+        tl.store(L2 + rows, tl.load(L + rows, mask=offs_m < N_QUERIES) * 1.4426950408889634, mask=offs_m < N_QUERIES)
     if ZERO_DQ:
         zeros = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
         tl.store(DQ_ACC + (bh.to(tl.int64) * N_QUERIES + offs_m[:, None]) * HEAD_DIM + offs_d[None, :], zeros, mask=ok)
@@ -500,10 +504,11 @@ def flash_bwd_dq_kernel(
 def flash_bwd_dq_convert_kernel(
     DQ_ACC, DQ,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
-    N_HEADS, N_QUERIES,
+    N_HEADS, N_QUERIES, scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
-    """Cast the float32 atomic dQ accumulator (batch·heads, N_QUERIES, HEAD_DIM) into dQ's dtype and layout."""
+    """Cast the float32 dQ accumulator (batch·heads, N_QUERIES, HEAD_DIM) times `scale` into dQ's dtype and
+    layout (the atomic backward adds scaled tiles and passes 1; the fused one adds unscaled tiles)."""
     bh = tl.program_id(0)
     pid_m = tl.program_id(1)
     b = (bh // N_HEADS).to(tl.int64)
@@ -512,5 +517,6 @@ def flash_bwd_dq_convert_kernel(
     offs_d = tl.arange(0, HEAD_DIM)
     ok = (offs_m < N_QUERIES)[:, None]
     acc = tl.load(DQ_ACC + (bh.to(tl.int64) * N_QUERIES + offs_m[:, None]) * HEAD_DIM + offs_d[None, :], mask=ok)
+    acc = acc * tl.cast(scale, tl.float32)
     tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
              acc.to(DQ.dtype.element_ty), mask=ok)

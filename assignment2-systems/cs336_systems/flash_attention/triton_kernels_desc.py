@@ -12,8 +12,8 @@ out-of-bounds rows of a ragged tile come back as zeros without masks.
 Descriptors are 4-D, (batch, heads, seq, d) with the tensor's own strides and blocks (1, 1, rows, d): a tile
 that runs past a head's last row is clipped at that head, never read from the next one.
 The dK/dV kernel also runs the "fused" backward (FUSED_DQ): it adds each dQ tile into a float32 accumulator by
-a bulk reduction of the tensor memory accelerator, after `flash_bwd_fused_preprocess_kernel` and before
-`flash_bwd_dq_scale_kernel`; measured slower than the split pair at the leaderboard shape (NOTES.md, v9).
+a bulk reduction of the tensor memory accelerator, between `triton_kernels`' preprocess (Delta, L₂) and its
+scale-and-cast of dQ; measured slower than the split pair at the leaderboard shape (NOTES.md, v9).
 Conventions otherwise as in `triton_kernels` (base-2 scores, top-left causal mask, natural-log L).
 """
 
@@ -148,7 +148,8 @@ def flash_bwd_dkdv_desc_kernel(
 ):
     """One program = one key tile of one (batch, head), looping over query tiles; grid (batch·heads,
     cdiv(N_KEYS, BLOCK_N)). L2 (base-2 logsumexp) and Delta come from the dQ kernel, or with FUSED_DQ from
-    `flash_bwd_fused_preprocess_kernel`, and then dQ (unscaled, float32) goes into DQ_ACC_DESC's tensor."""
+    `triton_kernels.flash_bwd_preprocess_kernel`, and then dQ (unscaled, float32) goes into DQ_ACC_DESC's
+    tensor."""
     tl.static_assert(BLOCK_N % BLOCK_M == 0)
     bh = tl.program_id(0)
     pid_n = tl.program_id(1)  # under a causal mask low key tiles see the most queries: they launch first
@@ -187,37 +188,3 @@ def flash_bwd_dkdv_desc_kernel(
     DK_DESC.store([b, h, start_n, 0], dk.to(DK_DESC.dtype).reshape(1, 1, BLOCK_N, HEAD_DIM))
     DV_DESC.store([b, h, start_n, 0], dv.to(DV_DESC.dtype).reshape(1, 1, BLOCK_N, HEAD_DIM))
 
-
-@triton.jit
-def flash_bwd_fused_preprocess_kernel(
-    O_DESC, DO_DESC, L, Delta, L2, N_HEADS, N_QUERIES,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-):
-    """What the fused backward's one dK/dV/dQ kernel reads besides the inputs: Delta = rowsum(O ∘ dO) and
-    L₂ = L·log₂e, both (batch·heads, N_QUERIES) float32. Grid (batch·heads, cdiv(N_QUERIES, BLOCK_M))."""
-    bh = tl.program_id(0)
-    start_m = tl.program_id(1) * BLOCK_M
-    b = bh // N_HEADS
-    h = bh % N_HEADS
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    row_ok = offs_m < N_QUERIES
-    o = O_DESC.load([b, h, start_m, 0]).reshape(BLOCK_M, HEAD_DIM)
-    do = DO_DESC.load([b, h, start_m, 0]).reshape(BLOCK_M, HEAD_DIM)
-    row_base = bh.to(tl.int64) * N_QUERIES
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
-    tl.store(Delta + row_base + offs_m, delta, mask=row_ok)
-    l2 = tl.load(L + row_base + offs_m, mask=row_ok) * 1.4426950408889634
-    tl.store(L2 + row_base + offs_m, l2, mask=row_ok)
-
-
-@triton.jit
-def flash_bwd_dq_scale_kernel(
-    DQ_ACC_DESC, DQ_DESC, N_HEADS, sm_scale, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-):
-    """dQ = sm_scale · (the fused backward's float32 accumulator), in dQ's dtype and layout."""
-    bh = tl.program_id(0)
-    start_m = tl.program_id(1) * BLOCK_M
-    b = bh // N_HEADS
-    h = bh % N_HEADS
-    acc = DQ_ACC_DESC.load([b, h, start_m, 0])
-    DQ_DESC.store([b, h, start_m, 0], (acc * tl.cast(sm_scale, tl.float32)).to(DQ_DESC.dtype))
