@@ -135,5 +135,7 @@ def test_step_benchmark_traces_steps_and_collections_on_cpu(tmp_path):
         trace = row["trace"]
         assert len(trace["issued_s"]) == 6 and len(trace["step_ms"]) == 5
         assert trace["issued_s"] == sorted(trace["issued_s"]) and all(ms > 0 for ms in trace["step_ms"])
+        # the origin on the wall clock: before the run's file was written, within the test's five minutes
+        assert 0 < out.stat().st_mtime - trace["origin_unix"] < 300
         # steps 2..7 ran in the traced context (warm-up included): scheduled collections after 2, 4, 6
         assert [e["generation"] for e in trace["collections"]].count(1) >= 3
