@@ -66,7 +66,13 @@ def main() -> None:
     parser.add_argument("--variant", default=None, help="the row to draw (default: the first with a trace)")
     parser.add_argument("--figure", type=Path, required=True)
     args = parser.parse_args()
-    report = json.loads(args.report.read_text())
+    for path in (args.report, args.clocks):
+        if not path.is_file():
+            parser.error(f"no such file: {path}")
+    try:
+        report = json.loads(args.report.read_text())
+    except json.JSONDecodeError as e:
+        parser.error(f"{args.report}: not a JSON report ({e})")
     rows = [r for r in report["rows"] if "trace" in r and (args.variant is None or r["variant"] == args.variant)]
     if not rows:
         parser.error(f"{args.report}: no traced row" + (f" named {args.variant!r}" if args.variant else ""))
@@ -74,8 +80,11 @@ def main() -> None:
     if "origin_unix" not in row["trace"]:
         parser.error(f"{args.report}: the trace has no wall-clock origin (made before origin_unix was recorded)")
     steps = step_times(row["trace"], report["steps_per_window"])
-    samples = clocks_during(read_clock_log(args.clocks), row["trace"]["origin_unix"], steps[0][0] - 0.2,
-                            steps[-1][0] + 0.2)
+    try:
+        log = read_clock_log(args.clocks)
+    except ValueError as e:
+        parser.error(str(e))
+    samples = clocks_during(log, row["trace"]["origin_unix"], steps[0][0] - 0.2, steps[-1][0] + 0.2)
     if not samples:
         parser.error("the clock log has no sample inside the traced steps' time span")
 

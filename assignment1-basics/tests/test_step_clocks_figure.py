@@ -83,3 +83,8 @@ def test_the_figure_is_drawn_from_a_report_and_a_log(tmp_path):
     refused = subprocess.run([sys.executable, str(SCRIPT), "--report", str(report), "--clocks", str(log), "--figure",
                               str(tmp_path / "none.png")], capture_output=True, text=True, timeout=120)
     assert refused.returncode == 2 and "origin" in refused.stderr and not (tmp_path / "none.png").exists()
+    # a missing log: refused by name
+    missing = subprocess.run([sys.executable, str(SCRIPT), "--report", str(report), "--clocks",
+                              str(tmp_path / "absent.csv"), "--figure", str(tmp_path / "none.png")],
+                             capture_output=True, text=True, timeout=120)
+    assert missing.returncode == 2 and "absent.csv" in missing.stderr
