@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from cs336_systems.benchmarking.attention import _inputs, environment, make_impl
+from cs336_systems.benchmarking.attention import ALL_IMPLS, _inputs, environment, make_impl
 
 DEFAULT_IMPLS = ["triton", "fa3", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient"]
 
@@ -110,6 +110,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.calls < 1 or args.d not in (16, 32, 64, 128) or min(args.seqs) < 1:
         parser.error("--calls ≥ 1, --d one of 16/32/64/128, every --seqs ≥ 1")
+    unknown = sorted(set(args.impls) - set(ALL_IMPLS))
+    if unknown:
+        parser.error(f"unknown --impls {unknown}; choose from {ALL_IMPLS}")
     if not torch.cuda.is_available():
         raise SystemExit("needs a CUDA GPU")
     rows = []
