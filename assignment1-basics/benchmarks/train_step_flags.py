@@ -381,7 +381,7 @@ def measure(args, variant: str, device: torch.device, precision: str, tokens, pe
     ms = statistics.median(window_ms)
     trace = step_trace(issued, ends, collections.events) if args.trace_steps else None
     if trace is not None:  # the trace's clock origin on the wall clock, to line it up with a GPU clock log
-        trace["origin_unix"] = time.time() - (time.perf_counter() - collections.origin)
+        trace["origin_unix"] = collections.origin_unix
     tokens_per_step = config.batch_size * config.context_length
     row = {"variant": variant, "flags": VARIANTS[variant], "batch_size": config.batch_size,
            "ms_per_step": ms, "window_ms": window_ms, "tokens_per_s": tokens_per_step / ms * 1e3,

@@ -112,6 +112,16 @@ def test_bad_inputs_raise(q, k, v, error):
 # ---------------------------------------------------------------------------------------------- Triton kernels on CPU
 
 
+def _run_in_interpreter(code: str) -> None:
+    """Run `code` in a fresh process under Triton's CPU interpreter (TRITON_INTERPRET must be set before the
+    kernels are defined), untuned; it prints "ok" when its checks pass."""
+    env = dict(os.environ, TRITON_INTERPRET="1", CS336_FA2_AUTOTUNE="0")
+    root = Path(__file__).resolve().parents[1]
+    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
+
+
 def test_triton_kernels_in_interpreter():
     """The Triton kernels' indexing and masking, run by Triton's CPU interpreter in a child process
     (TRITON_INTERPRET must be set before the kernels are defined). Both backward forms, ragged tiles."""
@@ -142,11 +152,7 @@ def test_triton_kernels_in_interpreter():
         print("ok")
         """
     )
-    env = dict(os.environ, TRITON_INTERPRET="1", CS336_FA2_AUTOTUNE="0")
-    root = Path(__file__).resolve().parents[1]
-    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
-    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
+    _run_in_interpreter(code)
 
 
 def test_triton_preprocess_and_dq_convert_in_interpreter():
@@ -177,11 +183,7 @@ def test_triton_preprocess_and_dq_convert_in_interpreter():
         print("ok")
         """
     )
-    env = dict(os.environ, TRITON_INTERPRET="1", CS336_FA2_AUTOTUNE="0")
-    root = Path(__file__).resolve().parents[1]
-    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
-    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
+    _run_in_interpreter(code)
 
 
 # ---------------------------------------------------------------------------------------------- Triton, GPU

@@ -121,7 +121,8 @@ class TrainConfig:
     clip_in_optimizer: bool = False
     prefetch: bool = False  # build the next steps' batches (pinned) on a background thread
     # N > 0: Python's automatic garbage collection off while training, a young-generation collection every N
-    # steps instead (training/gc_schedule.py: an unscheduled full collection pauses the host for tens of ms)
+    # steps instead (training/gc_schedule.py: for loops whose unscheduled full collections pause the host; the
+    # owt-leaderboard step saw none and is unchanged by it)
     gc_interval: int = bounded(0, ge=0)
     # bf16 (with bf16 precision): the residual stream and the norms' outputs in bf16 rather than in the fp32 of
     # the master weights, which autocast leaves them in: half the traffic of the step's elementwise kernels;
