@@ -10,6 +10,10 @@ on) and backward (`torch.autograd.grad` on a retained graph):
 - GPU µs per call: the kernels' summed device time per call from `torch.profiler`;
 - and, for our Triton backward, where the host time goes (`cProfile`, cumulative, top functions).
 
+`triton_tuner_dispatch` is our Triton path with its launch cache off (`triton_impl.set_launch_cache(False)`):
+every call then goes through `triton.autotune`'s dispatch, as before the cache existed; `triton` beside it in
+the same run is the difference the cache makes.
+
     PYTHONPATH=assignment1-basics:assignment2-systems \
         python3 assignment2-systems/benchmarks/attention_host_overhead.py \
         --out $OUT/attention_host_overhead.json
@@ -29,7 +33,9 @@ import torch
 
 from cs336_systems.benchmarking.attention import ALL_IMPLS, _inputs, environment, make_impl
 
-DEFAULT_IMPLS = ["triton", "fa3", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient"]
+DEFAULT_IMPLS = ["triton", "triton_tuner_dispatch", "fa3", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient"]
+# our Triton path, every call through the autotuner's dispatch (its launch cache off)
+TUNER_DISPATCH = "triton_tuner_dispatch"
 
 
 def host_us_per_call(run, calls: int) -> float:
@@ -78,6 +84,14 @@ def host_profile(run, calls: int, top: int) -> list[dict]:
 
 
 def measure(name: str, seq: int, d: int, calls: int, profile_top: int) -> dict:
+    if name == TUNER_DISPATCH:
+        from cs336_systems.flash_attention import triton_impl
+
+        triton_impl.set_launch_cache(False)
+        try:
+            return {**measure("triton", seq, d, calls, 0), "impl": name}
+        finally:
+            triton_impl.set_launch_cache(True)
     fn, ctx = make_impl(name)
     q, k, v, do = _inputs((1, 1, seq, d), torch.bfloat16)
     row: dict = {"impl": name, "seq": seq, "d": d}
@@ -110,22 +124,22 @@ def main() -> None:
     args = parser.parse_args()
     if args.calls < 1 or args.d not in (16, 32, 64, 128) or min(args.seqs) < 1:
         parser.error("--calls ≥ 1, --d one of 16/32/64/128, every --seqs ≥ 1")
-    unknown = sorted(set(args.impls) - set(ALL_IMPLS))
+    unknown = sorted(set(args.impls) - set(ALL_IMPLS) - {TUNER_DISPATCH})
     if unknown:
-        parser.error(f"unknown --impls {unknown}; choose from {ALL_IMPLS}")
+        parser.error(f"unknown --impls {unknown}; choose from {[*ALL_IMPLS, TUNER_DISPATCH]}")
     if not torch.cuda.is_available():
         raise SystemExit("needs a CUDA GPU")
     rows = []
     print(f"batch 1, one head, d {args.d}, bf16, causal; µs per call, host issue time | GPU kernel time")
-    print(f"{'impl':<16}{'seq':>7}{'fwd host':>10}{'fwd gpu':>9}{'bwd host':>10}{'bwd gpu':>9}")
+    print(f"{'impl':<22}{'seq':>7}{'fwd host':>10}{'fwd gpu':>9}{'bwd host':>10}{'bwd gpu':>9}")
     for seq in args.seqs:
         for name in args.impls:
             row = measure(name, seq, args.d, args.calls, args.profile_top if seq == args.seqs[0] else 0)
             rows.append(row)
             if row["status"] != "ok":
-                print(f"{name:<16}{seq:>7}  {row['status']}")
+                print(f"{name:<22}{seq:>7}  {row['status']}")
                 continue
-            print(f"{name:<16}{seq:>7}{row['fwd_host_us']:>10.1f}{row['fwd_gpu_us']:>9.1f}"
+            print(f"{name:<22}{seq:>7}{row['fwd_host_us']:>10.1f}{row['fwd_gpu_us']:>9.1f}"
                   f"{row['bwd_host_us']:>10.1f}{row['bwd_gpu_us']:>9.1f}")
     for row in rows:
         for part in ("fwd", "bwd"):

@@ -293,6 +293,55 @@ def test_triton_repeatable():
 
 
 @needs_cuda
+def test_triton_launch_cache(monkeypatch):
+    """With autotuning on, a tuned shape's later calls launch the chosen configs directly: no pass through
+    `triton.autotune`'s dispatch, bitwise the result of that dispatch, and a new shape is tuned anew."""
+    from triton.runtime.autotuner import Autotuner
+
+    from cs336_systems.flash_attention import triton_impl
+
+    dispatches = []
+    dispatch = Autotuner.run
+
+    def counted(self, *args, **kwargs):
+        dispatches.append(self.base_fn.__name__)
+        return dispatch(self, *args, **kwargs)
+
+    monkeypatch.setattr(Autotuner, "run", counted)
+    monkeypatch.setattr(triton_impl, "_chosen_configs", {})
+    old = dict(triton_impl._settings)
+    triton_impl.set_autotune(True)
+    triton_impl.set_backward_mode("split")  # no atomics: equal inputs give bitwise equal results
+    q, k, v, do = _inputs((1, 2, 257, 64), 257, torch.bfloat16, "cuda")
+
+    def step():
+        o = _triton()(q, k, v, True)
+        return (o, *torch.autograd.grad(o, (q, k, v), do))
+
+    try:
+        triton_impl.set_launch_cache(False)
+        through_tuner = step()  # tunes the three kernels, records nothing
+        launches = len(dispatches)
+        assert launches == 3, dispatches  # forward, dQ, dK/dV
+        assert triton_impl._chosen_configs == {}
+        triton_impl.set_launch_cache(True)
+        step()  # through the tuner once more (nothing recorded yet), now recording its choices
+        assert len(dispatches) == 2 * launches and len(triton_impl._chosen_configs) == 3
+        dispatches.clear()
+        cached = step()
+        assert dispatches == [], "a tuned shape went through the autotuner again"
+        for a, b in zip(cached, through_tuner, strict=True):
+            assert torch.equal(a, b)
+        # a new shape is tuned (and then cached); both calls agree with the float64 reference
+        _check(_triton(), (1, 2, 301, 64), 190, True, torch.bfloat16, "cuda", 1.5e-2, 3e-2)
+        assert len(dispatches) == 3 and len(triton_impl._chosen_configs) == 6
+        _check(_triton(), (1, 2, 301, 64), 190, True, torch.bfloat16, "cuda", 1.5e-2, 3e-2)
+        assert len(dispatches) == 3
+    finally:
+        triton_impl._settings.update(old)
+
+
+@needs_cuda
 def test_triton_rejects_cpu_and_long_heads():
     q = torch.randn(1, 16, 16)
     if os.environ.get("TRITON_INTERPRET") != "1":

@@ -14,6 +14,9 @@ dK/dV kernel of `triton_kernels_desc` (falls back to "split" where descriptors c
 On Hopper and newer, for 2-byte dtypes with 16-byte aligned strides, "split" runs the kernels of
 `triton_kernels_desc`, which move every tile through tensor descriptors (set CS336_FA2_DESC=0 or
 `set_descriptors(False)` for the pointer kernels).
+Once the autotuner has chosen a tile for a shape, later calls of that shape launch the chosen config directly
+(CS336_FA2_LAUNCH_CACHE=0 or `set_launch_cache(False)` goes through the autotuner every call): at small shapes
+the host's issue time, not the GPU, sets a call's time (benchmarks/NOTES.md, "The grid on the H100").
 float32 inputs multiply on the tensor cores in tf32 (`set_fp32_precision("ieee")` for exact float32).
 """
 
@@ -40,6 +43,7 @@ _settings: dict[str, Any] = {
     "backward": os.environ.get("CS336_FA2_BWD", "split"),
     "fp32_precision": "tf32",
     "descriptors": os.environ.get("CS336_FA2_DESC", "1") != "0",
+    "launch_cache": os.environ.get("CS336_FA2_LAUNCH_CACHE", "1") != "0",
 }
 
 
@@ -61,6 +65,12 @@ def set_fp32_precision(precision: str) -> None:
 
 def set_autotune(enabled: bool) -> None:
     _settings["autotune"] = bool(enabled)
+
+
+def set_launch_cache(enabled: bool) -> None:
+    """Whether a shape the autotuner has seen launches its chosen config directly (default) or goes through
+    `triton.autotune`'s dispatch (key building, argument dicts) on every call."""
+    _settings["launch_cache"] = bool(enabled)
 
 
 def set_descriptors(enabled: bool) -> None:
@@ -153,6 +163,8 @@ _KERNELS = {"fwd": tk.flash_fwd_kernel, "dkdv": tk.flash_bwd_dkdv_kernel, "dq": 
             "dkdv_tma": tk.flash_bwd_dkdv_kernel, "dq_desc": tkd.flash_bwd_dq_desc_kernel,
             "dkdv_desc": tkd.flash_bwd_dkdv_desc_kernel, "dkdv_fused": tkd.flash_bwd_dkdv_desc_kernel}
 _tuned_cache: dict[tuple, Any] = {}
+# (kind, head dim, wide, atomic dQ, N_QUERIES, N_KEYS, IS_CAUSAL, dtype) -> the config the autotuner chose there
+_chosen_configs: dict[tuple, triton.Config] = {}
 # kind -> (BLOCK_M, BLOCK_N, num_warps, num_stages[, DIRECT]): bypasses tuning (for kernel-tuning scripts)
 forced_configs: dict[str, tuple] = {}
 # kind -> the compiled kernel of its last untuned launch (registers, spills, SASS for the tuning scripts)
@@ -228,6 +240,18 @@ def _launch(kind: str, grid_rows: int, n_bh: int, head_dim: int, wide: bool, arg
         last_compiled[kind] = compiled
         return compiled
     key = (kind, head_dim, wide, consts.get("ATOMIC_DQ", False))
+    # under torch.compile the kernels are traced, not launched: the autotuner's own path, nothing recorded
+    use_cache = _settings["launch_cache"] and not torch.compiler.is_compiling()
+    if use_cache:
+        nargs = dict(zip(_KERNELS[kind].arg_names, args, strict=False))
+        # what `triton.autotune` keys its choice on here: the key arguments and the inputs' dtype
+        shape_key = (*key, nargs["N_QUERIES"], nargs["N_KEYS"], consts["IS_CAUSAL"], _dtype_of(args[0]))
+        chosen = _chosen_configs.get(shape_key)
+        if chosen is not None:  # what the autotuner's dispatch does for a tuned key, minus its bookkeeping
+            meta = chosen.all_kwargs()
+            if chosen.pre_hook is not None:
+                chosen.pre_hook({**nargs, **consts, **meta})
+            return _KERNELS[kind][grid](*args, **consts, **meta)
     kernel = _tuned_cache.get(key)
     if kernel is None:
         kernel = triton.autotune(
@@ -236,7 +260,15 @@ def _launch(kind: str, grid_rows: int, n_bh: int, head_dim: int, wide: bool, arg
             reset_to_zero=["DQ_ACC"] if consts.get("ATOMIC_DQ", False) else None,
         )(_KERNELS[kind])
         _tuned_cache[key] = kernel
-    return kernel[grid](*args, **consts)
+    result = kernel[grid](*args, **consts)
+    if use_cache:
+        _chosen_configs[shape_key] = kernel.best_config
+    return result
+
+
+def _dtype_of(x: Any) -> torch.dtype:
+    """The dtype of a tensor argument or of a tensor descriptor's tensor."""
+    return x.dtype if isinstance(x, Tensor) else x.base.dtype
 
 
 def _padded_head_dim(d: int) -> int:
@@ -329,7 +361,13 @@ def _has_tma(x: Tensor) -> bool:
     per-element atomics instead)."""
     if os.environ.get("TRITON_INTERPRET") == "1" or not x.is_cuda:
         return False
-    return torch.cuda.get_device_capability(x.device)[0] >= 9
+    index = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    if index not in _capability_major:
+        _capability_major[index] = torch.cuda.get_device_capability(index)[0]
+    return _capability_major[index] >= 9
+
+
+_capability_major: dict[int, int] = {}
 
 
 def _ready_for_descriptors(t: BackwardTensors) -> bool:
@@ -373,6 +411,15 @@ class BackwardTensors:
         self.dv = alloc(tuple(v4.shape), like=v4)
         self.dq_acc: Tensor | None = None
         self.l2: Tensor | None = None  # base-2 logsumexp, written by the descriptor dQ kernel
+        self._descriptors: dict[str, Any] = {}
+
+    def descriptor(self, name: str):
+        """The tensor descriptor of input or output `name`, made once per backward: the dQ and dK/dV kernels
+        share q, k, v and dO's (each launch's pre-hook sets the block shape it needs; the launcher encodes
+        the TMA map from it while launching, so the next launch may change it)."""
+        if name not in self._descriptors:
+            self._descriptors[name] = _descriptor(getattr(self, name))
+        return self._descriptors[name]
 
 
 _PRE_BLOCK = 64
@@ -448,7 +495,7 @@ def launch_dq_desc(t: BackwardTensors, is_causal: bool):
     if t.l2 is None:
         t.l2 = torch.empty_like(t.delta)
     args = (
-        *(_descriptor(x) for x in (t.q, t.k, t.v, t.o, t.do, t.dq)), t.lse, t.delta, t.l2,
+        *(t.descriptor(name) for name in ("q", "k", "v", "o", "do", "dq")), t.lse, t.delta, t.l2,
         t.h, t.n_q, t.n_k, t.sm_scale,
     )
     consts = {"HEAD_DIM": t.d_pad, "IS_CAUSAL": bool(is_causal)}
@@ -458,9 +505,9 @@ def launch_dq_desc(t: BackwardTensors, is_causal: bool):
 def launch_dkdv_desc(t: BackwardTensors, is_causal: bool, fused_dq: bool = False):
     """dK, dV through tensor descriptors; needs t.l2 and t.delta from launch_dq_desc, or with fused_dq from
     launch_fused_desc's preprocess, and then also adds dQ (unscaled) into t.dq_acc."""
-    dq_acc = _descriptor(t.dq_acc) if fused_dq else None
+    dq_acc = t.descriptor("dq_acc") if fused_dq else None
     args = (
-        *(_descriptor(x) for x in (t.q, t.k, t.v, t.do, t.dk, t.dv)), dq_acc, t.l2, t.delta,
+        *(t.descriptor(name) for name in ("q", "k", "v", "do", "dk", "dv")), dq_acc, t.l2, t.delta,
         t.h, t.n_q, t.n_k, t.sm_scale,
     )
     consts = {"HEAD_DIM": t.d_pad, "IS_CAUSAL": bool(is_causal), "FUSED_DQ": fused_dq}
