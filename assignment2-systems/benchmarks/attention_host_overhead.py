@@ -10,9 +10,9 @@ on) and backward (`torch.autograd.grad` on a retained graph):
 - GPU µs per call: the kernels' summed device time per call from `torch.profiler`;
 - and, for our Triton backward, where the host time goes (`cProfile`, cumulative, top functions).
 
-`triton_tuner_dispatch` is our Triton path with its launch cache off (`triton_impl.set_launch_cache(False)`):
-every call then goes through `triton.autotune`'s dispatch, as before the cache existed; `triton` beside it in
-the same run is the difference the cache makes.
+`triton` runs our Triton path with its launch cache on (`triton_impl.set_launch_cache(True)`: a tuned shape
+launches its chosen configs directly), `triton_tuner_dispatch` with it off (every call through
+`triton.autotune`'s dispatch, the default for now): the two rows of one run are the difference the cache makes.
 
     PYTHONPATH=assignment1-basics:assignment2-systems \
         python3 assignment2-systems/benchmarks/attention_host_overhead.py \
@@ -84,14 +84,19 @@ def host_profile(run, calls: int, top: int) -> list[dict]:
 
 
 def measure(name: str, seq: int, d: int, calls: int, profile_top: int) -> dict:
-    if name == TUNER_DISPATCH:
+    if name in ("triton", TUNER_DISPATCH):
         from cs336_systems.flash_attention import triton_impl
 
-        triton_impl.set_launch_cache(False)
+        before = triton_impl._settings["launch_cache"]
+        triton_impl.set_launch_cache(name == "triton")
         try:
-            return {**measure("triton", seq, d, calls, 0), "impl": name}
+            return {**_measure("triton", seq, d, calls, profile_top if name == "triton" else 0), "impl": name}
         finally:
-            triton_impl.set_launch_cache(True)
+            triton_impl.set_launch_cache(before)
+    return _measure(name, seq, d, calls, profile_top)
+
+
+def _measure(name: str, seq: int, d: int, calls: int, profile_top: int) -> dict:
     fn, ctx = make_impl(name)
     q, k, v, do = _inputs((1, 1, seq, d), torch.bfloat16)
     row: dict = {"impl": name, "seq": seq, "d": d}

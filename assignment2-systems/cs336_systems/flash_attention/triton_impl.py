@@ -14,9 +14,10 @@ dK/dV kernel of `triton_kernels_desc` (falls back to "split" where descriptors c
 On Hopper and newer, for 2-byte dtypes with 16-byte aligned strides, "split" runs the kernels of
 `triton_kernels_desc`, which move every tile through tensor descriptors (set CS336_FA2_DESC=0 or
 `set_descriptors(False)` for the pointer kernels).
-Once the autotuner has chosen a tile for a shape, later calls of that shape launch the chosen config directly
-(CS336_FA2_LAUNCH_CACHE=0 or `set_launch_cache(False)` goes through the autotuner every call): at small shapes
-the host's issue time, not the GPU, sets a call's time (benchmarks/NOTES.md, "The grid on the H100").
+With CS336_FA2_LAUNCH_CACHE=1 or `set_launch_cache(True)`, once the autotuner has chosen a tile for a shape,
+later calls of that shape launch the chosen config directly instead of through the autotuner's dispatch: at
+small shapes the host's issue time, not the GPU, sets a call's time (benchmarks/NOTES.md, "The grid on the
+H100"). Off by default until its GPU test and timing have run (NOTES.md, "The launch cache").
 float32 inputs multiply on the tensor cores in tf32 (`set_fp32_precision("ieee")` for exact float32).
 """
 
@@ -43,7 +44,7 @@ _settings: dict[str, Any] = {
     "backward": os.environ.get("CS336_FA2_BWD", "split"),
     "fp32_precision": "tf32",
     "descriptors": os.environ.get("CS336_FA2_DESC", "1") != "0",
-    "launch_cache": os.environ.get("CS336_FA2_LAUNCH_CACHE", "1") != "0",
+    "launch_cache": os.environ.get("CS336_FA2_LAUNCH_CACHE", "0") == "1",
 }
 
 
@@ -68,8 +69,8 @@ def set_autotune(enabled: bool) -> None:
 
 
 def set_launch_cache(enabled: bool) -> None:
-    """Whether a shape the autotuner has seen launches its chosen config directly (default) or goes through
-    `triton.autotune`'s dispatch (key building, argument dicts) on every call."""
+    """Whether a shape the autotuner has seen launches its chosen config directly or goes through
+    `triton.autotune`'s dispatch (key building, argument dicts) on every call (the default, for now)."""
     _settings["launch_cache"] = bool(enabled)
 
 
