@@ -15,8 +15,8 @@ On Hopper and newer, for 2-byte dtypes with 16-byte aligned strides, "split" run
 `triton_kernels_desc`, which move every tile through tensor descriptors (set CS336_FA2_DESC=0 or
 `set_descriptors(False)` for the pointer kernels).
 With CS336_FA2_LAUNCH_CACHE=1 or `set_launch_cache(True)`, once the autotuner has chosen a tile for a shape,
-later calls of that shape launch the chosen config directly instead of through the autotuner's dispatch: at
-small shapes the host's issue time, not the GPU, sets a call's time (benchmarks/NOTES.md, "The grid on the
+later calls of that shape launch the chosen config directly instead of through the autotuner's dispatch, and
+the backward's two kernels share q, k, v and dO's tensor descriptors: at small shapes the host's issue time, not the GPU, sets a call's time (benchmarks/NOTES.md, "The grid on the
 H100"). Off by default until its GPU test and timing have run (NOTES.md, "The launch cache").
 float32 inputs multiply on the tensor cores in tf32 (`set_fp32_precision("ieee")` for exact float32).
 """
@@ -415,9 +415,11 @@ class BackwardTensors:
         self._descriptors: dict[str, Any] = {}
 
     def descriptor(self, name: str):
-        """The tensor descriptor of input or output `name`, made once per backward: the dQ and dK/dV kernels
-        share q, k, v and dO's (each launch's pre-hook sets the block shape it needs; the launcher encodes
-        the TMA map from it while launching, so the next launch may change it)."""
+        """The tensor descriptor of input or output `name`; with the launch cache on, made once per backward, so
+        that the dQ and dK/dV kernels share q, k, v and dO's (each launch's pre-hook sets the block shape it
+        needs, and the launcher encodes the TMA map from it while launching, so the next launch may change it)."""
+        if not _settings["launch_cache"]:
+            return _descriptor(getattr(self, name))
         if name not in self._descriptors:
             self._descriptors[name] = _descriptor(getattr(self, name))
         return self._descriptors[name]
