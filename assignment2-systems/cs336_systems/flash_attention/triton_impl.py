@@ -16,8 +16,9 @@ On Hopper and newer, for 2-byte dtypes with 16-byte aligned strides, "split" run
 `set_descriptors(False)` for the pointer kernels).
 With CS336_FA2_LAUNCH_CACHE=1 or `set_launch_cache(True)`, once the autotuner has chosen a tile for a shape,
 later calls of that shape launch the chosen config directly instead of through the autotuner's dispatch, and
-the backward's two kernels share q, k, v and dO's tensor descriptors: at small shapes the host's issue time, not the GPU, sets a call's time (benchmarks/NOTES.md, "The grid on the
-H100"). Off by default until its GPU test and timing have run (NOTES.md, "The launch cache").
+the backward's two kernels share q, k, v and dO's tensor descriptors: at small shapes the host's issue time,
+not the GPU, sets a call's time (benchmarks/NOTES.md, "The grid on the H100"). Off by default until its GPU
+test and timing have run (NOTES.md, "The launch cache").
 float32 inputs multiply on the tensor cores in tf32 (`set_fp32_precision("ieee")` for exact float32).
 """
 
