@@ -186,6 +186,55 @@ def test_triton_preprocess_and_dq_convert_in_interpreter():
     _run_in_interpreter(code)
 
 
+def test_triton_descriptor_backward_in_interpreter():
+    """The tensor-descriptor split backward (dQ, then dK/dV) in Triton's CPU interpreter, made to take the
+    Hopper path (the fused mode's bulk reduction has no interpreter version: GPU only): float16, several
+    heads, ragged lengths, causal and not, against float64; with the launch cache on, the two kernels share
+    q, k, v and dO's descriptors (each launch's pre-hook resizing their blocks), which must give bitwise what
+    fresh descriptors give."""
+    triton = pytest.importorskip("triton")
+    if tuple(int(x) for x in triton.__version__.split(".")[:2]) < (3, 9):
+        pytest.skip("Triton's interpreter before 3.9 cannot loop over tensor-valued range bounds")
+    code = textwrap.dedent(
+        """
+        import torch
+        from cs336_systems.flash_attention import FlashAttentionTriton, attention_with_lse, poisoned_outputs
+        from cs336_systems.flash_attention import triton_impl
+        triton_impl._has_tma = lambda x: True  # the interpreter has no tensor memory accelerator to ask about
+        made = []
+        make = triton_impl._descriptor
+        triton_impl._descriptor = lambda x, rows=16: made.append(x) or make(x, rows)
+        torch.manual_seed(0)
+        triton_impl.set_backward_mode("split")
+        for shape, n_k in [((1, 3, 75, 32), 75), ((2, 2, 50, 64), 90), ((1, 2, 70, 32), 45)]:
+            for causal in (False, True):
+                q = torch.randn(shape, dtype=torch.float16, requires_grad=True)
+                k = torch.randn(*shape[:-2], n_k, shape[-1], dtype=torch.float16, requires_grad=True)
+                v = torch.randn_like(k, requires_grad=True)
+                do = torch.randn(shape, dtype=torch.float16)
+                runs = {}
+                for cache in (False, True):
+                    triton_impl.set_launch_cache(cache)
+                    made.clear()
+                    with poisoned_outputs():
+                        o = FlashAttentionTriton.apply(q, k, v, causal)
+                        runs[cache] = (o, *torch.autograd.grad(o, (q, k, v), do))
+                    # 6 + 6 descriptors, or 8 with q, k, v and dO shared
+                    assert len(made) == (8 if cache else 12), (cache, len(made))
+                for a, b in zip(runs[False], runs[True]):
+                    assert torch.equal(a, b), (shape, causal, "shared descriptors changed a result")
+                q2, k2, v2 = (x.detach().double().requires_grad_() for x in (q, k, v))
+                o2, _ = attention_with_lse(q2, k2, v2, causal)
+                g2 = torch.autograd.grad(o2, (q2, k2, v2), do.double())
+                for name, a, b in zip(("O", "dQ", "dK", "dV"), runs[True], (o2, *g2)):
+                    err = ((a.double() - b).norm() / b.norm()).item()
+                    assert err < 3e-3, (shape, causal, name, err)
+        print("ok")
+        """
+    )
+    _run_in_interpreter(code)
+
+
 # ---------------------------------------------------------------------------------------------- Triton, GPU
 
 GPU_CASES = [
