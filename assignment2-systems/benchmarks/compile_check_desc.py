@@ -40,7 +40,8 @@ BUNDLED_PTXAS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "
 # (kind, queries, keys, warps, stages, register cap): the shipped defaults first (triton_impl._*_desc_configs)
 TILES = [
     ("dkdv", 64, 64, 4, 2, 168), ("dkdv", 64, 64, 4, 3, 168), ("dkdv", 64, 64, 4, 3, None),
-    ("dkdv", 32, 64, 4, 3, 128), ("dq", 128, 64, 8, 4, 128), ("dq", 128, 64, 8, 3, 128), ("dq", 64, 64, 4, 3, None),
+    ("dkdv", 32, 64, 4, 3, 128), ("dkdv", 32, 64, 4, 3, 168), ("dkdv", 64, 64, 4, 4, 168),
+    ("dq", 128, 64, 8, 4, 128), ("dq", 128, 64, 8, 3, 128), ("dq", 64, 64, 4, 3, None),
 ]
 
 
@@ -62,7 +63,8 @@ def descriptor(rows: int, head_dim: int, dtype: str = "bf16") -> str:
     return f"tensordesc<{dtype}[1, 1, {rows}, {head_dim}]>"
 
 
-def source(mod: Any, kind: str, block_m: int, block_n: int, head_dim: int, causal: bool) -> ASTSource:
+def source(mod: Any, kind: str, block_m: int, block_n: int, head_dim: int, causal: bool,
+           one_loop: bool = False) -> ASTSource:
     """The kernel's signature as its launcher would bind it: 4-D descriptors of (1, 1, tile rows, d) blocks."""
     scalars = {"N_HEADS": "i32", "N_QUERIES": "i32", "N_KEYS": "i32", "sm_scale": "fp32"}
     consts = {"HEAD_DIM": head_dim, "IS_CAUSAL": causal, "BLOCK_M": block_m, "BLOCK_N": block_n}
@@ -70,7 +72,7 @@ def source(mod: Any, kind: str, block_m: int, block_n: int, head_dim: int, causa
         fn = mod.flash_bwd_dkdv_desc_kernel
         q_rows, k_rows = ("Q_DESC", "DO_DESC"), ("K_DESC", "V_DESC", "DK_DESC", "DV_DESC")
         pointers = ("L2", "Delta")
-        consts.update(FUSED_DQ=False, DQ_ACC_DESC=None)
+        consts.update(FUSED_DQ=False, DQ_ACC_DESC=None, ONE_LOOP=one_loop)
     else:
         fn = mod.flash_bwd_dq_desc_kernel
         q_rows, k_rows = ("Q_DESC", "O_DESC", "DO_DESC", "DQ_DESC"), ("K_DESC", "V_DESC")
@@ -121,6 +123,7 @@ def main() -> None:
                         help="ptxas binaries to assemble the same PTX with ('bundled': Triton's own)")
     parser.add_argument("--head-dim", type=int, default=64, choices=(64, 128))
     parser.add_argument("--non-causal", action="store_true")
+    parser.add_argument("--one-loop", action="store_true", help="the dK/dV kernel's ONE_LOOP form")
     parser.add_argument("--json", type=Path, help="write the facts here")
     args = parser.parse_args()
     binaries = [BUNDLED_PTXAS if p == "bundled" else Path(p) for p in args.ptxas]
@@ -130,12 +133,14 @@ def main() -> None:
     versions = {str(p): ptxas_version(p) for p in binaries}
     mod = load_kernels()
     target = GPUTarget("cuda", 90, 32)
-    print(f"triton {triton.__version__}, sm_90a, d {args.head_dim}, causal {not args.non_causal}; "
+    print(f"triton {triton.__version__}, sm_90a, d {args.head_dim}, causal {not args.non_causal}, "
+          f"one loop {args.one_loop}; "
           f"ptxas {', '.join(versions.values())}")
     rows = []
     for kind, block_m, block_n, warps, stages, cap in TILES:
         options = {"num_warps": warps, "num_stages": stages, **({"maxnreg": cap} if cap else {})}
-        compiled = triton.compile(source(mod, kind, block_m, block_n, args.head_dim, not args.non_causal),
+        compiled = triton.compile(source(mod, kind, block_m, block_n, args.head_dim, not args.non_causal,
+                                         args.one_loop),
                                   target=target, options=options)
         ptx = compiled.asm["ptx"]
         row = {"kind": kind, "tile": [block_m, block_n, warps, stages, cap],
@@ -145,7 +150,8 @@ def main() -> None:
         print(json.dumps(row))
     if args.json:
         args.json.write_text(json.dumps({"triton": triton.__version__, "head_dim": args.head_dim,
-                                         "causal": not args.non_causal, "ptxas": versions, "rows": rows},
+                                         "causal": not args.non_causal, "one_loop": args.one_loop,
+                                         "ptxas": versions, "rows": rows},
                                         indent=1))
         print(f"wrote {args.json}")
 

@@ -110,9 +110,17 @@ FUSED = {
                    (64, 64, 4, 2, None, 168), (64, 64, 4, 2, None, 184), (32, 128, 8, 2), (32, 128, 8, 3),
                    (16, 128, 8, 2), (64, 128, 8, 2), (32, 64, 4, 2)],
 }
+# v10: the dK/dV kernel's ONE_LOOP form (no products serialised at 3-4 stages under Triton 3.6, local compiles)
+# beside v8's winner in its three-loop form
+ONE_LOOP = {
+    "dq_desc": [(128, 64, 8, 3, None, 128)],
+    "dkdv_desc": [(64, 64, 4, 2, None, 168)],
+    "dkdv_desc1": [(64, 64, 4, 2, None, 168), (64, 64, 4, 3, None, 168), (64, 64, 4, 4, None, 168),
+                   (64, 64, 4, 3), (32, 64, 4, 3, None, 128), (32, 64, 4, 3, None, 168), (32, 64, 4, 4, None, 128)],
+}
 ROUNDS = {"v6": CANDIDATES, "v6-refine": REFINE, "v7": POLY, "v7-sustained": SUSTAINED, "v8": DESC,
-          "v8-refine": DESC_REFINE, "v9": FUSED}
-KINDS = ["fwd", "dq", "dkdv", "dkdv_tma", "dq_desc", "dkdv_desc", "dkdv_fused"]
+          "v8-refine": DESC_REFINE, "v9": FUSED, "v10": ONE_LOOP}
+KINDS = ["fwd", "dq", "dkdv", "dkdv_tma", "dq_desc", "dkdv_desc", "dkdv_desc1", "dkdv_fused"]
 
 
 def sass_stats(compiled) -> dict[str, int]:
@@ -144,10 +152,13 @@ def main() -> None:
     q, k, v, do = (torch.randn(b, h, n, d, device="cuda", dtype=dtype) for _ in range(4))
     o, lse = ti.flash_forward(q, k, v, causal)
     one = 2.0 * b * h * n * n * d * (0.5 if causal else 1.0)
-    products = {"fwd": 2, "dq": 3, "dkdv": 4, "dkdv_tma": 5, "dq_desc": 3, "dkdv_desc": 4, "dkdv_fused": 5}
+    products = {"fwd": 2, "dq": 3, "dkdv": 4, "dkdv_tma": 5, "dq_desc": 3, "dkdv_desc": 4, "dkdv_desc1": 4,
+                "dkdv_fused": 5}
     rows = []
+    references = {}  # by what a kernel computes: the one-loop dK/dV kernel is checked against the three-loop one
     for kind in args.kinds:
-        reference = None
+        same_as = "dkdv_desc" if kind == "dkdv_desc1" else kind
+        reference = references.get(same_as)
         candidates = ROUNDS[args.round or ("v6-refine" if args.refine else "v6")]
         for cfg in candidates[kind]:
             ti.forced_configs[kind] = cfg
@@ -162,7 +173,8 @@ def main() -> None:
                 "dkdv": lambda t=t: launch_dkdv(t, causal),
                 "dkdv_tma": lambda t=t: launch_dkdv(t, causal, atomic=True, tma=True),
                 "dq_desc": lambda t=t: launch_dq_desc(t, causal),
-                "dkdv_desc": lambda t=t: launch_dkdv_desc(t, causal),
+                "dkdv_desc": lambda t=t: launch_dkdv_desc(t, causal, one_loop=False),
+                "dkdv_desc1": lambda t=t: launch_dkdv_desc(t, causal, one_loop=True),
                 "dkdv_fused": lambda t=t: launch_dkdv_desc(t, causal, fused_dq=True),
             }
             fn = launchers[kind]
@@ -172,9 +184,11 @@ def main() -> None:
                 # same outputs as the first candidate (a broken variant shows here)
                 parts = {"fwd": list(compiled) if kind == "fwd" else [], "dq": [t.dq], "dkdv": [t.dk, t.dv],
                          "dkdv_tma": [t.dk, t.dv, t.dq_acc], "dq_desc": [t.dq], "dkdv_desc": [t.dk, t.dv],
+                         "dkdv_desc1": [t.dk, t.dv],
                          "dkdv_fused": [t.dk, t.dv, t.dq_acc]}[kind]
                 out = torch.cat([x.flatten().float() for x in parts])
                 reference = out if reference is None else reference
+                references.setdefault(same_as, reference)
                 row["rel_err_vs_first"] = ((out - reference).norm() / reference.norm()).item()
                 ms = do_bench(fn, warmup=25, rep=args.rep, return_mode="median")
                 row.update(ms=ms, tflops=products[kind] * one / (ms * 1e-3) / 1e12)

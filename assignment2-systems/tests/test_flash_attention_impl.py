@@ -191,7 +191,8 @@ def test_triton_descriptor_backward_in_interpreter():
     Hopper path (the fused mode's bulk reduction has no interpreter version: GPU only): float16, several
     heads, ragged lengths, causal and not, against float64; with the launch cache on, the two kernels share
     q, k, v and dO's descriptors (each launch's pre-hook resizing their blocks), which must give bitwise what
-    fresh descriptors give."""
+    fresh descriptors give; and the dK/dV kernel's ONE_LOOP form (the causal band unrolled, one masked loop),
+    bitwise what its three loops give."""
     triton = pytest.importorskip("triton")
     if tuple(int(x) for x in triton.__version__.split(".")[:2]) < (3, 9):
         pytest.skip("Triton's interpreter before 3.9 cannot loop over tensor-valued range bounds")
@@ -213,20 +214,22 @@ def test_triton_descriptor_backward_in_interpreter():
                 v = torch.randn_like(k, requires_grad=True)
                 do = torch.randn(shape, dtype=torch.float16)
                 runs = {}
-                for cache in (False, True):
+                for cache, one_loop in ((False, False), (True, False), (True, True)):
                     triton_impl.set_launch_cache(cache)
+                    triton_impl.set_dkdv_one_loop(one_loop)
                     made.clear()
                     with poisoned_outputs():
                         o = FlashAttentionTriton.apply(q, k, v, causal)
-                        runs[cache] = (o, *torch.autograd.grad(o, (q, k, v), do))
+                        runs[cache, one_loop] = (o, *torch.autograd.grad(o, (q, k, v), do))
                     # 6 + 6 descriptors, or 8 with q, k, v and dO shared
                     assert len(made) == (8 if cache else 12), (cache, len(made))
-                for a, b in zip(runs[False], runs[True]):
-                    assert torch.equal(a, b), (shape, causal, "shared descriptors changed a result")
+                for variant in ((True, False), (True, True)):
+                    for a, b in zip(runs[False, False], runs[variant]):
+                        assert torch.equal(a, b), (shape, causal, variant, "a result changed")
                 q2, k2, v2 = (x.detach().double().requires_grad_() for x in (q, k, v))
                 o2, _ = attention_with_lse(q2, k2, v2, causal)
                 g2 = torch.autograd.grad(o2, (q2, k2, v2), do.double())
-                for name, a, b in zip(("O", "dQ", "dK", "dV"), runs[True], (o2, *g2)):
+                for name, a, b in zip(("O", "dQ", "dK", "dV"), runs[True, True], (o2, *g2)):
                     err = ((a.double() - b).norm() / b.norm()).item()
                     assert err < 3e-3, (shape, causal, name, err)
         print("ok")
@@ -387,6 +390,32 @@ def test_triton_launch_cache(monkeypatch):
         _check(_triton(), (1, 2, 301, 64), 190, True, torch.bfloat16, "cuda", 1.5e-2, 3e-2)
         assert len(dispatches) == 3
     finally:
+        triton_impl._settings.update(old)
+
+
+@needs_cuda
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_triton_dkdv_one_loop_configs(head_dim):
+    """Each tile config of the descriptor dK/dV kernel's ONE_LOOP form, forced in turn: ragged lengths over
+    several heads, causal and not, more keys than queries and fewer, against float64."""
+    from cs336_systems.flash_attention import triton_impl
+
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("the descriptor backward needs Hopper or newer (tensor memory accelerator)")
+    old = dict(triton_impl._settings)
+    triton_impl.set_backward_mode("split")
+    triton_impl.set_dkdv_one_loop(True)
+    try:
+        for cfg in triton_impl._dkdv_desc1_configs(head_dim, wide=False):
+            triton_impl.forced_configs["dkdv_desc1"] = cfg
+            for causal in (False, True):
+                triton_impl.last_compiled.pop("dkdv_desc1", None)
+                _check(_triton(), (1, 3, 301, head_dim), 301, causal, torch.bfloat16, "cuda", 1.5e-2, 3e-2)
+                assert "dkdv_desc1" in triton_impl.last_compiled, "the one-loop kernel did not run"
+                _check(_triton(), (2, 2, 190, head_dim), 333, causal, torch.float16, "cuda", 1.5e-2, 3e-2)
+                _check(_triton(), (1, 2, 333, head_dim), 129, causal, torch.bfloat16, "cuda", 1.5e-2, 3e-2)
+    finally:
+        triton_impl.forced_configs.pop("dkdv_desc1", None)
         triton_impl._settings.update(old)
 
 

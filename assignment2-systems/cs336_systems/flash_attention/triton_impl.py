@@ -46,6 +46,7 @@ _settings: dict[str, Any] = {
     "fp32_precision": "tf32",
     "descriptors": os.environ.get("CS336_FA2_DESC", "1") != "0",
     "launch_cache": os.environ.get("CS336_FA2_LAUNCH_CACHE", "0") == "1",
+    "dkdv_one_loop": os.environ.get("CS336_FA2_DKDV_ONE_LOOP", "0") == "1",
 }
 
 
@@ -73,6 +74,13 @@ def set_launch_cache(enabled: bool) -> None:
     """Whether a shape the autotuner has seen launches its chosen config directly or goes through
     `triton.autotune`'s dispatch (key building, argument dicts) on every call (the default, for now)."""
     _settings["launch_cache"] = bool(enabled)
+
+
+def set_dkdv_one_loop(enabled: bool) -> None:
+    """Whether the descriptor dK/dV kernel runs its ONE_LOOP form (the causal band unrolled, one masked loop
+    over the other query tiles: no products serialised at 3-4 stages under Triton 3.6; NOTES.md, v10).
+    Off by default until it is timed on a GPU."""
+    _settings["dkdv_one_loop"] = bool(enabled)
 
 
 def set_descriptors(enabled: bool) -> None:
@@ -147,6 +155,15 @@ def _dkdv_desc_configs(head_dim: int, wide: bool) -> list[tuple]:
     return [(64, 64, 4, 3), (32, 64, 4, 3), (64, 128, 8, 2)]
 
 
+# the descriptor dK/dV kernel's ONE_LOOP form: local sm_90a compiles (Triton 3.6, NOTES.md v10) leave the
+# 3- and 4-stage tiles unserialised, so they are candidates again beside v8's 2-stage winner
+def _dkdv_desc1_configs(head_dim: int, wide: bool) -> list[tuple]:
+    if head_dim <= 64:
+        return [(64, 64, 4, 3, None, 168), (64, 64, 4, 2, None, 168), (64, 64, 4, 4, None, 168),
+                (32, 64, 4, 3, None, 128), (64, 64, 4, 3)]
+    return _dkdv_desc_configs(head_dim, wide)
+
+
 # the descriptor dK/dV kernel that also reduces each dQ tile (backward mode "fused"): a float32 dQ tile and the
 # fifth product live, ~30 registers more than "dkdv_desc". Local sm_90a compiles (Triton 3.6, NOTES.md v9): at
 # d 64, 64 × 64 × 4 warps 198 registers, 32 × 128 × 8 warps 187, 32 × 64 fits a 168 cap; none of these spill.
@@ -160,10 +177,12 @@ def _dkdv_fused_configs(head_dim: int, wide: bool) -> list[tuple]:
 
 
 _CONFIG_LISTS = {"fwd": _fwd_configs, "dkdv": _dkdv_configs, "dq": _dq_configs, "dkdv_tma": _dkdv_tma_configs,
-                 "dq_desc": _dq_desc_configs, "dkdv_desc": _dkdv_desc_configs, "dkdv_fused": _dkdv_fused_configs}
+                 "dq_desc": _dq_desc_configs, "dkdv_desc": _dkdv_desc_configs, "dkdv_desc1": _dkdv_desc1_configs,
+                 "dkdv_fused": _dkdv_fused_configs}
 _KERNELS = {"fwd": tk.flash_fwd_kernel, "dkdv": tk.flash_bwd_dkdv_kernel, "dq": tk.flash_bwd_dq_kernel,
             "dkdv_tma": tk.flash_bwd_dkdv_kernel, "dq_desc": tkd.flash_bwd_dq_desc_kernel,
-            "dkdv_desc": tkd.flash_bwd_dkdv_desc_kernel, "dkdv_fused": tkd.flash_bwd_dkdv_desc_kernel}
+            "dkdv_desc": tkd.flash_bwd_dkdv_desc_kernel, "dkdv_desc1": tkd.flash_bwd_dkdv_desc_kernel,
+            "dkdv_fused": tkd.flash_bwd_dkdv_desc_kernel}
 _tuned_cache: dict[tuple, Any] = {}
 # (kind, head dim, wide, atomic dQ, N_QUERIES, N_KEYS, IS_CAUSAL, dtype) -> the config the autotuner chose there
 _chosen_configs: dict[tuple, triton.Config] = {}
@@ -221,7 +240,7 @@ def _set_fused_blocks(nargs: dict) -> None:
 
 
 _PRE_HOOKS = {"dkdv_tma": _set_dq_block, "dq_desc": _set_desc_blocks, "dkdv_desc": _set_desc_blocks,
-              "dkdv_fused": _set_fused_blocks}
+              "dkdv_desc1": _set_desc_blocks, "dkdv_fused": _set_fused_blocks}
 
 
 def _launch(kind: str, grid_rows: int, n_bh: int, head_dim: int, wide: bool, args: tuple, consts: dict):
@@ -506,16 +525,19 @@ def launch_dq_desc(t: BackwardTensors, is_causal: bool):
     return _launch("dq_desc", t.n_q, t.b * t.h, t.d_pad, t.wide, args, consts)
 
 
-def launch_dkdv_desc(t: BackwardTensors, is_causal: bool, fused_dq: bool = False):
+def launch_dkdv_desc(t: BackwardTensors, is_causal: bool, fused_dq: bool = False, one_loop: bool | None = None):
     """dK, dV through tensor descriptors; needs t.l2 and t.delta from launch_dq_desc, or with fused_dq from
-    launch_fused_desc's preprocess, and then also adds dQ (unscaled) into t.dq_acc."""
+    launch_fused_desc's preprocess, and then also adds dQ (unscaled) into t.dq_acc. one_loop (default: the
+    `set_dkdv_one_loop` setting; split backward only) runs the kernel's ONE_LOOP form."""
+    one_loop = (_settings["dkdv_one_loop"] if one_loop is None else one_loop) and not fused_dq
     dq_acc = t.descriptor("dq_acc") if fused_dq else None
     args = (
         *(t.descriptor(name) for name in ("q", "k", "v", "do", "dk", "dv")), dq_acc, t.l2, t.delta,
         t.h, t.n_q, t.n_k, t.sm_scale,
     )
-    consts = {"HEAD_DIM": t.d_pad, "IS_CAUSAL": bool(is_causal), "FUSED_DQ": fused_dq}
-    return _launch("dkdv_fused" if fused_dq else "dkdv_desc", t.n_k, t.b * t.h, t.d_pad, t.wide, args, consts)
+    consts = {"HEAD_DIM": t.d_pad, "IS_CAUSAL": bool(is_causal), "FUSED_DQ": fused_dq, "ONE_LOOP": one_loop}
+    kind = "dkdv_fused" if fused_dq else ("dkdv_desc1" if one_loop else "dkdv_desc")
+    return _launch(kind, t.n_k, t.b * t.h, t.d_pad, t.wide, args, consts)
 
 
 def launch_fused_desc(t: BackwardTensors, is_causal: bool) -> None:

@@ -113,29 +113,41 @@ def _dkdv_query_loop(
     kernel's recomputed S and dP."""
     for start_m in range(lo, hi, BLOCK_M):
         start_m = tl.multiple_of(start_m, BLOCK_M)
-        offs_m = start_m + offs_m_base
-        q = q_desc.load([b, h, start_m, 0]).reshape(BLOCK_M, HEAD_DIM)
-        do = do_desc.load([b, h, start_m, 0]).reshape(BLOCK_M, HEAD_DIM)
-        if QUERY_MASK:
-            row_ok = offs_m < N_QUERIES
-            l2 = tl.load(l2_ptrs + offs_m, mask=row_ok, other=float("inf"))
-            delta = tl.load(delta_ptrs + offs_m, mask=row_ok, other=0.0)
-        else:
-            l2 = tl.load(l2_ptrs + offs_m)
-            delta = tl.load(delta_ptrs + offs_m)
-        qk_t = tl.dot(k, tl.trans(q))
-        if CAUSAL_MASK:
-            qk_t = tl.where(offs_m[None, :] >= offs_n[:, None], qk_t * qk_scale, float("-inf"))
-            p_t = tl.math.exp2(qk_t - l2[None, :])
-        else:
-            p_t = tl.math.exp2(qk_t * qk_scale - l2[None, :])
-        dv = tl.dot(p_t.to(do.dtype), do, dv)
-        dp_t = tl.dot(v, tl.trans(do))
-        ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
-        dk = tl.dot(ds_t, q, dk)
-        if FUSED_DQ:
-            dq = tl.dot(tl.trans(ds_t), k)
-            dq_desc.atomic_add([b, h, start_m, 0], dq.reshape(1, 1, BLOCK_M, HEAD_DIM))
+        dk, dv = _dkdv_tile(dk, dv, k, v, q_desc, do_desc, dq_desc, l2_ptrs, delta_ptrs, b, h, offs_n, offs_m_base,
+                            start_m, qk_scale, N_QUERIES, BLOCK_M, HEAD_DIM, CAUSAL_MASK, QUERY_MASK, FUSED_DQ)
+    return dk, dv
+
+
+@triton.jit
+def _dkdv_tile(
+    dk, dv, k, v, q_desc, do_desc, dq_desc, l2_ptrs, delta_ptrs, b, h, offs_n, offs_m_base, start_m, qk_scale,
+    N_QUERIES, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, CAUSAL_MASK: tl.constexpr, QUERY_MASK: tl.constexpr,
+    FUSED_DQ: tl.constexpr,
+):
+    """One query tile's share of dK, dV (and with FUSED_DQ its dQ tile, reduced into the accumulator)."""
+    offs_m = start_m + offs_m_base
+    q = q_desc.load([b, h, start_m, 0]).reshape(BLOCK_M, HEAD_DIM)
+    do = do_desc.load([b, h, start_m, 0]).reshape(BLOCK_M, HEAD_DIM)
+    if QUERY_MASK:
+        row_ok = offs_m < N_QUERIES
+        l2 = tl.load(l2_ptrs + offs_m, mask=row_ok, other=float("inf"))
+        delta = tl.load(delta_ptrs + offs_m, mask=row_ok, other=0.0)
+    else:
+        l2 = tl.load(l2_ptrs + offs_m)
+        delta = tl.load(delta_ptrs + offs_m)
+    qk_t = tl.dot(k, tl.trans(q))
+    if CAUSAL_MASK:
+        qk_t = tl.where(offs_m[None, :] >= offs_n[:, None], qk_t * qk_scale, float("-inf"))
+        p_t = tl.math.exp2(qk_t - l2[None, :])
+    else:
+        p_t = tl.math.exp2(qk_t * qk_scale - l2[None, :])
+    dv = tl.dot(p_t.to(do.dtype), do, dv)
+    dp_t = tl.dot(v, tl.trans(do))
+    ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
+    dk = tl.dot(ds_t, q, dk)
+    if FUSED_DQ:
+        dq = tl.dot(tl.trans(ds_t), k)
+        dq_desc.atomic_add([b, h, start_m, 0], dq.reshape(1, 1, BLOCK_M, HEAD_DIM))
     return dk, dv
 
 
@@ -144,12 +156,18 @@ def flash_bwd_dkdv_desc_kernel(
     Q_DESC, K_DESC, V_DESC, DO_DESC, DK_DESC, DV_DESC, DQ_ACC_DESC, L2, Delta,
     N_HEADS, N_QUERIES, N_KEYS, sm_scale,
     HEAD_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    FUSED_DQ: tl.constexpr,
+    FUSED_DQ: tl.constexpr, ONE_LOOP: tl.constexpr = False,
 ):
     """One program = one key tile of one (batch, head), looping over query tiles; grid (batch·heads,
     cdiv(N_KEYS, BLOCK_N)). L2 (base-2 logsumexp) and Delta come from the dQ kernel, or with FUSED_DQ from
     `triton_kernels.flash_bwd_preprocess_kernel`, and then dQ (unscaled, float32) goes into DQ_ACC_DESC's
-    tensor."""
+    tensor.
+
+    ONE_LOOP: the causal diagonal band unrolled (straight-line code, no loop) and every other query tile in one
+    loop whose L₂/Delta loads are always masked, in place of up to three loops (band, interior, ragged tail).
+    Triton 3.6 makes ptxas serialise the warpgroup products of a 3-stage tile when pipelined loops follow one
+    another ("non wgmma instructions defining accumulator registers", benchmarks/compile_check_desc.py); with
+    one loop it does not, at 2, 3 or 4 stages, and the 168-register tiles stop spilling."""
     tl.static_assert(BLOCK_N % BLOCK_M == 0)
     bh = tl.program_id(0)
     pid_n = tl.program_id(1)  # under a causal mask low key tiles see the most queries: they launch first
@@ -170,7 +188,18 @@ def flash_bwd_dkdv_desc_kernel(
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     full_queries = (N_QUERIES // BLOCK_M) * BLOCK_M
-    if IS_CAUSAL:
+    if ONE_LOOP:
+        lo = 0
+        if IS_CAUSAL:  # queries < start_n see none of these keys; the band's rows past N_QUERIES get P = 0
+            for i in tl.static_range(BLOCK_N // BLOCK_M):
+                dk, dv = _dkdv_tile(dk, dv, k, v, Q_DESC, DO_DESC, DQ_ACC_DESC, l2_ptrs, delta_ptrs, b, h, offs_n,
+                                    offs_m, start_n + i * BLOCK_M, qk_scale, N_QUERIES, BLOCK_M, HEAD_DIM, True, True,
+                                    FUSED_DQ)
+            lo = start_n + BLOCK_N
+        dk, dv = _dkdv_query_loop(dk, dv, k, v, Q_DESC, DO_DESC, DQ_ACC_DESC, l2_ptrs, delta_ptrs, b, h, offs_n,
+                                  offs_m, lo, tl.cdiv(N_QUERIES, BLOCK_M) * BLOCK_M, qk_scale, N_QUERIES, BLOCK_M,
+                                  HEAD_DIM, False, True, FUSED_DQ)
+    elif IS_CAUSAL:
         # queries < start_n see none of these keys; [start_n, start_n + BLOCK_N) is the masked diagonal band
         diag_hi = start_n + BLOCK_N
         dk, dv = _dkdv_query_loop(dk, dv, k, v, Q_DESC, DO_DESC, DQ_ACC_DESC, l2_ptrs, delta_ptrs, b, h, offs_n,
@@ -179,11 +208,13 @@ def flash_bwd_dkdv_desc_kernel(
         lo = diag_hi
     else:
         lo = 0
-    dk, dv = _dkdv_query_loop(dk, dv, k, v, Q_DESC, DO_DESC, DQ_ACC_DESC, l2_ptrs, delta_ptrs, b, h, offs_n, offs_m,
-                              lo, full_queries, qk_scale, N_QUERIES, BLOCK_M, HEAD_DIM, False, False, FUSED_DQ)
-    dk, dv = _dkdv_query_loop(dk, dv, k, v, Q_DESC, DO_DESC, DQ_ACC_DESC, l2_ptrs, delta_ptrs, b, h, offs_n, offs_m,
-                              tl.maximum(lo, full_queries), N_QUERIES, qk_scale, N_QUERIES, BLOCK_M, HEAD_DIM,
-                              False, True, FUSED_DQ)
+    if not ONE_LOOP:
+        dk, dv = _dkdv_query_loop(dk, dv, k, v, Q_DESC, DO_DESC, DQ_ACC_DESC, l2_ptrs, delta_ptrs, b, h, offs_n,
+                                  offs_m, lo, full_queries, qk_scale, N_QUERIES, BLOCK_M, HEAD_DIM, False, False,
+                                  FUSED_DQ)
+        dk, dv = _dkdv_query_loop(dk, dv, k, v, Q_DESC, DO_DESC, DQ_ACC_DESC, l2_ptrs, delta_ptrs, b, h, offs_n,
+                                  offs_m, tl.maximum(lo, full_queries), N_QUERIES, qk_scale, N_QUERIES, BLOCK_M,
+                                  HEAD_DIM, False, True, FUSED_DQ)
     dk = dk * sm_scale
     DK_DESC.store([b, h, start_n, 0], dk.to(DK_DESC.dtype).reshape(1, 1, BLOCK_N, HEAD_DIM))
     DV_DESC.store([b, h, start_n, 0], dv.to(DV_DESC.dtype).reshape(1, 1, BLOCK_N, HEAD_DIM))
