@@ -25,17 +25,16 @@ import json
 import re
 import subprocess
 import sys
-import tempfile
 import types
 from pathlib import Path
 from typing import Any
 
 import triton
+from compile_check_hopper import BUNDLED_PTXAS, ptxas_report  # this folder: run as a script
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 KERNELS = Path(__file__).resolve().parents[1] / "cs336_systems" / "flash_attention"
-BUNDLED_PTXAS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
 
 # (kind, queries, keys, warps, stages, register cap): the shipped defaults first (triton_impl._*_desc_configs)
 TILES = [
@@ -95,13 +94,8 @@ def source(mod: Any, kind: str, block_m: int, block_n: int, head_dim: int, causa
 
 def ptxas_facts(ptxas: Path, ptx: str) -> dict[str, Any]:
     """Registers, spill bytes and the serialisation warning (with its reason) from `ptxas -v` on the PTX."""
-    with tempfile.TemporaryDirectory() as d:
-        src = Path(d) / "k.ptx"
-        src.write_text(ptx)
-        out = subprocess.run([str(ptxas), "-v", "--gpu-name=sm_90a", str(src), "-o", str(Path(d) / "k.cubin")],
-                             capture_output=True, text=True)
-    report = out.stdout + out.stderr
-    if out.returncode:
+    report = ptxas_report(ptx, ptxas)
+    if "fatal" in report:
         return {"error": report[-800:]}
     registers = re.search(r"Used (\d+) registers", report)
     spills = re.search(r"(\d+) bytes spill stores", report)

@@ -111,9 +111,11 @@ def sass_of(cubin: bytes) -> str:
         os.unlink(path)
 
 
-def ptxas_report(ptx: str) -> str:
+BUNDLED_PTXAS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+
+
+def ptxas_report(ptx: str, ptxas: Path = BUNDLED_PTXAS) -> str:
     """ptxas -v on the PTX (registers, spills, and any 'wgmma ... serialized' warning)."""
-    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
     with tempfile.TemporaryDirectory() as d:
         src = Path(d) / "k.ptx"
         src.write_text(ptx)

@@ -382,13 +382,7 @@ def _has_tma(x: Tensor) -> bool:
     per-element atomics instead)."""
     if os.environ.get("TRITON_INTERPRET") == "1" or not x.is_cuda:
         return False
-    index = x.device.index if x.device.index is not None else torch.cuda.current_device()
-    if index not in _capability_major:
-        _capability_major[index] = torch.cuda.get_device_capability(index)[0]
-    return _capability_major[index] >= 9
-
-
-_capability_major: dict[int, int] = {}
+    return torch.cuda.get_device_capability(x.device)[0] >= 9
 
 
 def _ready_for_descriptors(t: BackwardTensors) -> bool:

@@ -187,7 +187,6 @@ def flash_bwd_dkdv_desc_kernel(
     qk_scale = sm_scale * 1.4426950408889634
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
-    full_queries = (N_QUERIES // BLOCK_M) * BLOCK_M
     if ONE_LOOP:
         lo = 0
         if IS_CAUSAL:  # queries < start_n see none of these keys; the band's rows past N_QUERIES get P = 0
@@ -199,16 +198,18 @@ def flash_bwd_dkdv_desc_kernel(
         dk, dv = _dkdv_query_loop(dk, dv, k, v, Q_DESC, DO_DESC, DQ_ACC_DESC, l2_ptrs, delta_ptrs, b, h, offs_n,
                                   offs_m, lo, tl.cdiv(N_QUERIES, BLOCK_M) * BLOCK_M, qk_scale, N_QUERIES, BLOCK_M,
                                   HEAD_DIM, False, True, FUSED_DQ)
-    elif IS_CAUSAL:
-        # queries < start_n see none of these keys; [start_n, start_n + BLOCK_N) is the masked diagonal band
-        diag_hi = start_n + BLOCK_N
-        dk, dv = _dkdv_query_loop(dk, dv, k, v, Q_DESC, DO_DESC, DQ_ACC_DESC, l2_ptrs, delta_ptrs, b, h, offs_n,
-                                  offs_m, start_n, tl.minimum(diag_hi, N_QUERIES), qk_scale, N_QUERIES, BLOCK_M,
-                                  HEAD_DIM, True, True, FUSED_DQ)
-        lo = diag_hi
     else:
-        lo = 0
-    if not ONE_LOOP:
+        full_queries = (N_QUERIES // BLOCK_M) * BLOCK_M
+        if IS_CAUSAL:
+            # queries < start_n see none of these keys; [start_n, start_n + BLOCK_N) is the masked diagonal band
+            diag_hi = start_n + BLOCK_N
+            dk, dv = _dkdv_query_loop(dk, dv, k, v, Q_DESC, DO_DESC, DQ_ACC_DESC, l2_ptrs, delta_ptrs, b, h, offs_n,
+                                      offs_m, start_n, tl.minimum(diag_hi, N_QUERIES), qk_scale, N_QUERIES, BLOCK_M,
+                                      HEAD_DIM, True, True, FUSED_DQ)
+            lo = diag_hi
+        else:
+            lo = 0
+        # unmasked interior, then the ragged tail
         dk, dv = _dkdv_query_loop(dk, dv, k, v, Q_DESC, DO_DESC, DQ_ACC_DESC, l2_ptrs, delta_ptrs, b, h, offs_n,
                                   offs_m, lo, full_queries, qk_scale, N_QUERIES, BLOCK_M, HEAD_DIM, False, False,
                                   FUSED_DQ)
