@@ -43,6 +43,13 @@ TILES = [
     ("dq", 128, 64, 8, 4, 128), ("dq", 128, 64, 8, 3, 128), ("dq", 64, 64, 4, 3, None),
 ]
 
+# the dK/dV kernel that also reduces each dQ tile (FUSED_DQ, backward mode "fused"): triton_impl._dkdv_fused_configs
+FUSED_TILES = [
+    ("dkdv_fused", 64, 64, 4, 3, None), ("dkdv_fused", 64, 64, 4, 2, None), ("dkdv_fused", 32, 64, 4, 2, 168),
+    ("dkdv_fused", 32, 64, 4, 3, 168), ("dkdv_fused", 64, 64, 4, 3, 168), ("dkdv_fused", 32, 128, 8, 2, None),
+    ("dkdv_fused", 32, 128, 8, 3, None), ("dkdv_fused", 64, 128, 8, 2, None),
+]
+
 
 def load_kernels() -> Any:
     """triton_kernels_desc, with its one import from triton_kernels resolved by file path (no torch)."""
@@ -67,11 +74,13 @@ def source(mod: Any, kind: str, block_m: int, block_n: int, head_dim: int, causa
     """The kernel's signature as its launcher would bind it: 4-D descriptors of (1, 1, tile rows, d) blocks."""
     scalars = {"N_HEADS": "i32", "N_QUERIES": "i32", "N_KEYS": "i32", "sm_scale": "fp32"}
     consts = {"HEAD_DIM": head_dim, "IS_CAUSAL": causal, "BLOCK_M": block_m, "BLOCK_N": block_n}
-    if kind == "dkdv":
+    if kind in ("dkdv", "dkdv_fused"):
         fn = mod.flash_bwd_dkdv_desc_kernel
         q_rows, k_rows = ("Q_DESC", "DO_DESC"), ("K_DESC", "V_DESC", "DK_DESC", "DV_DESC")
         pointers = ("L2", "Delta")
-        consts.update(FUSED_DQ=False, DQ_ACC_DESC=None, ONE_LOOP=one_loop)
+        consts.update(FUSED_DQ=kind == "dkdv_fused", ONE_LOOP=one_loop)
+        if kind == "dkdv":
+            consts["DQ_ACC_DESC"] = None
     else:
         fn = mod.flash_bwd_dq_desc_kernel
         q_rows, k_rows = ("Q_DESC", "O_DESC", "DO_DESC", "DQ_DESC"), ("K_DESC", "V_DESC")
@@ -84,6 +93,8 @@ def source(mod: Any, kind: str, block_m: int, block_n: int, head_dim: int, causa
             signature[name] = descriptor(block_m, head_dim)
         elif name in k_rows:
             signature[name] = descriptor(block_n, head_dim)
+        elif name == "DQ_ACC_DESC":  # the fused kernel's float32 dQ accumulator, reduced one query tile at a time
+            signature[name] = descriptor(block_m, head_dim, "fp32")
         elif name in pointers:
             signature[name] = "*fp32"
         else:
@@ -118,6 +129,7 @@ def main() -> None:
     parser.add_argument("--head-dim", type=int, default=64, choices=(64, 128))
     parser.add_argument("--non-causal", action="store_true")
     parser.add_argument("--one-loop", action="store_true", help="the dK/dV kernel's ONE_LOOP form")
+    parser.add_argument("--fused", action="store_true", help="the dK/dV kernel that also reduces dQ (FUSED_DQ)")
     parser.add_argument("--json", type=Path, help="write the facts here")
     args = parser.parse_args()
     binaries = [BUNDLED_PTXAS if p == "bundled" else Path(p) for p in args.ptxas]
@@ -128,10 +140,10 @@ def main() -> None:
     mod = load_kernels()
     target = GPUTarget("cuda", 90, 32)
     print(f"triton {triton.__version__}, sm_90a, d {args.head_dim}, causal {not args.non_causal}, "
-          f"one loop {args.one_loop}; "
+          f"one loop {args.one_loop}, fused {args.fused}; "
           f"ptxas {', '.join(versions.values())}")
     rows = []
-    for kind, block_m, block_n, warps, stages, cap in TILES:
+    for kind, block_m, block_n, warps, stages, cap in FUSED_TILES if args.fused else TILES:
         options = {"num_warps": warps, "num_stages": stages, **({"maxnreg": cap} if cap else {})}
         compiled = triton.compile(source(mod, kind, block_m, block_n, args.head_dim, not args.non_causal,
                                          args.one_loop),
@@ -144,7 +156,7 @@ def main() -> None:
         print(json.dumps(row))
     if args.json:
         args.json.write_text(json.dumps({"triton": triton.__version__, "head_dim": args.head_dim,
-                                         "causal": not args.non_causal, "one_loop": args.one_loop,
+                                         "causal": not args.non_causal, "one_loop": args.one_loop, "fused": args.fused,
                                          "ptxas": versions, "rows": rows},
                                         indent=1))
         print(f"wrote {args.json}")
