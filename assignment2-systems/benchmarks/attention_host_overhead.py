@@ -26,6 +26,7 @@ import cProfile
 import io
 import json
 import pstats
+import statistics
 import time
 from pathlib import Path
 
@@ -96,6 +97,32 @@ def measure(name: str, seq: int, d: int, calls: int, profile_top: int) -> dict:
     return _measure(name, seq, d, calls, profile_top)
 
 
+TIMES = ("fwd_host_us", "fwd_gpu_us", "bwd_host_us", "bwd_gpu_us")
+
+
+def measure_rounds(names: list[str], seq: int, args: argparse.Namespace, profile_top: int) -> list[dict]:
+    """Every implementation measured once per round, each round starting further along the list; the row keeps
+    each time's median over the rounds and every round's value (`<time>_rounds`). Host time drifts from one
+    minute to the next on the GPU machines (SDPA cuDNN's forward at 4 096 tokens: 55 µs a call in one run, 188
+    in another), so a single pass in a fixed order charges the drift to whichever implementation ran then."""
+    samples: dict[str, list[dict]] = {name: [] for name in names}
+    for r in range(args.rounds):
+        shift = r * len(names) // args.rounds
+        for name in names[shift:] + names[:shift]:
+            samples[name].append(measure(name, seq, args.d, args.calls, profile_top if r == 0 else 0))
+    rows = []
+    for runs in samples.values():
+        row = dict(runs[0])
+        if all(run["status"] == "ok" for run in runs):
+            for key in TIMES:
+                row[f"{key}_rounds"] = [run[key] for run in runs]
+                row[key] = statistics.median(row[f"{key}_rounds"])
+        else:
+            row["status"] = next(run["status"] for run in runs if run["status"] != "ok")
+        rows.append(row)
+    return rows
+
+
 def _measure(name: str, seq: int, d: int, calls: int, profile_top: int) -> dict:
     fn, ctx = make_impl(name)
     q, k, v, do = _inputs((1, 1, seq, d), torch.bfloat16)
@@ -125,22 +152,24 @@ def main() -> None:
     parser.add_argument("--d", type=int, default=64)
     parser.add_argument("--calls", type=int, default=200)
     parser.add_argument("--profile-top", type=int, default=14, help="cProfile rows of our Triton calls (0: none)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds per length, the order rotated between them")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    if args.calls < 1 or args.d not in (16, 32, 64, 128) or min(args.seqs) < 1:
-        parser.error("--calls ≥ 1, --d one of 16/32/64/128, every --seqs ≥ 1")
+    if args.calls < 1 or args.rounds < 1 or args.d not in (16, 32, 64, 128) or min(args.seqs) < 1:
+        parser.error("--calls ≥ 1, --rounds ≥ 1, --d one of 16/32/64/128, every --seqs ≥ 1")
     unknown = sorted(set(args.impls) - set(ALL_IMPLS) - {TUNER_DISPATCH})
     if unknown:
         parser.error(f"unknown --impls {unknown}; choose from {[*ALL_IMPLS, TUNER_DISPATCH]}")
     if not torch.cuda.is_available():
         raise SystemExit("needs a CUDA GPU")
     rows = []
-    print(f"batch 1, one head, d {args.d}, bf16, causal; µs per call, host issue time | GPU kernel time")
+    print(f"batch 1, one head, d {args.d}, bf16, causal; µs per call, host issue time | GPU kernel time; "
+          f"median of {args.rounds} rounds, order rotated")
     print(f"{'impl':<22}{'seq':>7}{'fwd host':>10}{'fwd gpu':>9}{'bwd host':>10}{'bwd gpu':>9}")
     for seq in args.seqs:
-        for name in args.impls:
-            row = measure(name, seq, args.d, args.calls, args.profile_top if seq == args.seqs[0] else 0)
+        for row in measure_rounds(args.impls, seq, args, args.profile_top if seq == args.seqs[0] else 0):
             rows.append(row)
+            name = row["impl"]
             if row["status"] != "ok":
                 print(f"{name:<22}{seq:>7}  {row['status']}")
                 continue
@@ -154,7 +183,7 @@ def main() -> None:
                     print(f"  {r['cum_us_per_call']:8.1f}  ×{r['calls_per_call']:<5.1f} {r['function']}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"environment": environment(), "d": args.d, "calls": args.calls,
-                                    "rows": rows}, indent=1))
+                                    "rounds": args.rounds, "rows": rows}, indent=1))
     print(f"wrote {args.out}")
 
 
