@@ -25,6 +25,7 @@ import argparse
 import cProfile
 import io
 import json
+import math
 import pstats
 import statistics
 import time
@@ -33,6 +34,7 @@ from pathlib import Path
 import torch
 
 from cs336_systems.benchmarking.attention import ALL_IMPLS, _inputs, environment, make_impl
+from cs336_systems.benchmarking.common import round_robin
 
 DEFAULT_IMPLS = ["triton", "triton_tuner_dispatch", "fa3", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient"]
 # our Triton path, every call through the autotuner's dispatch (its launch cache off)
@@ -101,24 +103,27 @@ TIMES = ("fwd_host_us", "fwd_gpu_us", "bwd_host_us", "bwd_gpu_us")
 
 
 def measure_rounds(names: list[str], seq: int, args: argparse.Namespace, profile_top: int) -> list[dict]:
-    """Every implementation measured once per round, each round starting further along the list; the row keeps
-    each time's median over the rounds and every round's value (`<time>_rounds`). Host time drifts from one
+    """Every implementation measured once per round, the order rotated between rounds (`round_robin`); the row
+    keeps each time's median over the rounds and every round's value (`<time>_rounds`). Host time drifts from one
     minute to the next on the GPU machines (SDPA cuDNN's forward at 4 096 tokens: 55 µs a call in one run, 188
     in another), so a single pass in a fixed order charges the drift to whichever implementation ran then."""
-    samples: dict[str, list[dict]] = {name: [] for name in names}
-    for r in range(args.rounds):
-        shift = r * len(names) // args.rounds
-        for name in names[shift:] + names[:shift]:
-            samples[name].append(measure(name, seq, args.d, args.calls, profile_top if r == 0 else 0))
+    first: dict[str, dict] = {}  # each implementation's first row: its status, and the host profile if asked
+
+    def timed(name: str) -> dict[str, float]:
+        row = measure(name, seq, args.d, args.calls, 0 if name in first else profile_top)
+        first.setdefault(name, row)
+        return {key: row.get(key, math.nan) for key in TIMES}
+
+    _, _, samples = round_robin(names, args.rounds, timed)
     rows = []
-    for runs in samples.values():
-        row = dict(runs[0])
-        if all(run["status"] == "ok" for run in runs):
+    for name, runs in samples.items():
+        row = dict(first[name])
+        if row["status"] == "ok" and not any(math.isnan(run[key]) for run in runs for key in TIMES):
             for key in TIMES:
                 row[f"{key}_rounds"] = [run[key] for run in runs]
                 row[key] = statistics.median(row[f"{key}_rounds"])
-        else:
-            row["status"] = next(run["status"] for run in runs if run["status"] != "ok")
+        elif row["status"] == "ok":
+            row = {"impl": name, "seq": seq, "d": args.d, "status": "n/a: failed in a later round"}
         rows.append(row)
     return rows
 
