@@ -115,31 +115,30 @@ def main() -> None:
         finally:
             hopper_impl.set_forward_kernel(previous)
     ref = grads(lambda a, b, c: _sdpa(SDPBackend.CUDNN_ATTENTION, a, b, c, causal))
-    ours = grads(fa3)
-    result["bwd_check"] = {"path": hopper_impl.last_path["backward"] or "gluon dK/dV",
-                           **{f"{n}_rel_err_vs_cudnn": ((g.float() - r.float()).norm() / r.float().norm()).item()
-                              for n, g, r in zip(("dq", "dk", "dv"), ours, ref, strict=True)}}
+
+    def rel_errors(got) -> dict[str, float]:
+        return {f"{n}_rel_err_vs_cudnn": ((g.float() - r.float()).norm() / r.float().norm()).item()
+                for n, g, r in zip(("dq", "dk", "dv"), got, ref, strict=True)}
+
+    ours = rel_errors(grads(fa3))  # before reading the path that backward took
+    result["bwd_check"] = {"path": hopper_impl.last_path["backward"] or "gluon dK/dV", **ours}
     print(json.dumps(result["bwd_check"]), flush=True)
     fa2 = lambda a, b, c: FlashAttentionTriton.apply(a, b, c, causal)
     triton_mode = triton_impl._settings["backward"]
-    # the fused Triton backward (one dK/dV/dQ kernel, dQ bulk-reduced) against cuDNN too, before any timing
-    triton_impl.set_backward_mode("fused")
-    try:
-        fused = grads(fa2)
-    finally:
-        triton_impl.set_backward_mode(triton_mode)
-    result["fused_bwd_check"] = {f"{n}_rel_err_vs_cudnn": ((g.float() - r.float()).norm() / r.float().norm()).item()
-                                 for n, g, r in zip(("dq", "dk", "dv"), fused, ref, strict=True)}
-    print("fused triton backward", json.dumps(result["fused_bwd_check"]), flush=True)
-    # the split backward with the dK/dV kernel's one-loop form (v10) against cuDNN too
     one_loop_default = triton_impl._settings["dkdv_one_loop"]
-    triton_impl.set_dkdv_one_loop(True)
-    try:
-        one_loop = grads(fa2)
-    finally:
-        triton_impl.set_dkdv_one_loop(one_loop_default)
-    result["one_loop_bwd_check"] = {f"{n}_rel_err_vs_cudnn": ((g.float() - r.float()).norm() / r.float().norm()).item()
-                                    for n, g, r in zip(("dq", "dk", "dv"), one_loop, ref, strict=True)}
+
+    def fa2_grads_with(setter, value, default):  # one Triton setting changed for this call only
+        setter(value)
+        try:
+            return grads(fa2)
+        finally:
+            setter(default)
+
+    # the fused Triton backward (one dK/dV/dQ kernel, dQ bulk-reduced) and the split backward with the dK/dV
+    # kernel's one-loop form (v10) against cuDNN too, before any timing
+    result["fused_bwd_check"] = rel_errors(fa2_grads_with(triton_impl.set_backward_mode, "fused", triton_mode))
+    print("fused triton backward", json.dumps(result["fused_bwd_check"]), flush=True)
+    result["one_loop_bwd_check"] = rel_errors(fa2_grads_with(triton_impl.set_dkdv_one_loop, True, one_loop_default))
     print("one-loop triton backward", json.dumps(result["one_loop_bwd_check"]), flush=True)
 
     # name -> (attention, Gluon dK/dV backward on?, Triton backward mode); read when the backward runs
