@@ -17,8 +17,8 @@ On Hopper and newer, for 2-byte dtypes with 16-byte aligned strides, "split" run
 With CS336_FA2_LAUNCH_CACHE=1 or `set_launch_cache(True)`, once the autotuner has chosen a tile for a shape,
 later calls of that shape launch the chosen config directly instead of through the autotuner's dispatch, and
 the backward's two kernels share q, k, v and dO's tensor descriptors: at small shapes the host's issue time,
-not the GPU, sets a call's time (benchmarks/NOTES.md, "The grid on the H100"). Off by default until its GPU
-test and timing have run (NOTES.md, "The launch cache").
+not the GPU, sets a call's time (benchmarks/NOTES.md, "The grid on the H100"). Off by default: its GPU test
+passed, but its host saving so far measures within the machine's drift (NOTES.md, "The launch cache").
 float32 inputs multiply on the tensor cores in tf32 (`set_fp32_precision("ieee")` for exact float32).
 """
 
@@ -78,8 +78,8 @@ def set_launch_cache(enabled: bool) -> None:
 
 def set_dkdv_one_loop(enabled: bool) -> None:
     """Whether the descriptor dK/dV kernel runs its ONE_LOOP form (the causal band unrolled, one masked loop
-    over the other query tiles: no products serialised at 3-4 stages under Triton 3.6; NOTES.md, v10).
-    Off by default until it is timed on a GPU."""
+    over the other query tiles: no products serialised at 3-4 stages under Triton 3.6). Off by default: on an
+    H100 it ran slower than the three-loop form (2.16 against 2.08 ms at the leaderboard shape; NOTES.md, v10)."""
     _settings["dkdv_one_loop"] = bool(enabled)
 
 
@@ -155,12 +155,11 @@ def _dkdv_desc_configs(head_dim: int, wide: bool) -> list[tuple]:
     return [(64, 64, 4, 3), (32, 64, 4, 3), (64, 128, 8, 2)]
 
 
-# the descriptor dK/dV kernel's ONE_LOOP form: local sm_90a compiles (Triton 3.6, NOTES.md v10) leave the
-# 3- and 4-stage tiles unserialised, so they are candidates again beside v8's 2-stage winner
+# the descriptor dK/dV kernel's ONE_LOOP form: its two fastest tiles on an H100 (NOTES.md, v10: 2.16 and 2.32 ms;
+# the unserialised 3- and 4-stage 64 × 64 tiles ran 2.60-2.78 ms, losing the occupancy a third stage costs)
 def _dkdv_desc1_configs(head_dim: int, wide: bool) -> list[tuple]:
     if head_dim <= 64:
-        return [(64, 64, 4, 3, None, 168), (64, 64, 4, 2, None, 168), (64, 64, 4, 4, None, 168),
-                (32, 64, 4, 3, None, 128), (64, 64, 4, 3)]
+        return [(64, 64, 4, 2, None, 168), (32, 64, 4, 3, None, 128)]
     return _dkdv_desc_configs(head_dim, wide)
 
 

@@ -167,7 +167,8 @@ def flash_bwd_dkdv_desc_kernel(
     loop whose L₂/Delta loads are always masked, in place of up to three loops (band, interior, ragged tail).
     Triton 3.6 makes ptxas serialise the warpgroup products of a 3-stage tile when pipelined loops follow one
     another ("non wgmma instructions defining accumulator registers", benchmarks/compile_check_desc.py); with
-    one loop it does not, at 2, 3 or 4 stages, and the 168-register tiles stop spilling."""
+    one loop it does not, at 2, 3 or 4 stages. Opt-in: on an H100 it is slower all the same (its loop masks
+    every tile's L₂/Delta loads, and a third stage costs occupancy; benchmarks/NOTES.md, v10)."""
     tl.static_assert(BLOCK_N % BLOCK_M == 0)
     bh = tl.program_id(0)
     pid_n = tl.program_id(1)  # under a causal mask low key tiles see the most queries: they launch first
