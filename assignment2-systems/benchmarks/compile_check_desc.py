@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import triton
-from compile_check_hopper import BUNDLED_PTXAS, ptxas_report  # this folder: run as a script
+from compile_check_hopper import BUNDLED_PTXAS, ptxas_report, registers_and_spills  # this folder: run as a script
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
@@ -108,13 +108,10 @@ def ptxas_facts(ptxas: Path, ptx: str) -> dict[str, Any]:
     report = ptxas_report(ptx, ptxas)
     if "fatal" in report:
         return {"error": report[-800:]}
-    registers = re.search(r"Used (\d+) registers", report)
-    spills = re.search(r"(\d+) bytes spill stores", report)
+    registers, spill_bytes = registers_and_spills(report)
     serialized = [line.split("serialized due to ")[-1].split(" in the function")[0]
                   for line in report.splitlines() if "serialized" in line]
-    return {"registers": int(registers.group(1)) if registers else None,
-            "spill_bytes": int(spills.group(1)) if spills else None,
-            "serialized": serialized[0] if serialized else None}
+    return {"registers": registers, "spill_bytes": spill_bytes, "serialized": serialized[0] if serialized else None}
 
 
 def ptxas_version(ptxas: Path) -> str:

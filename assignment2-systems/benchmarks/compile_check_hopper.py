@@ -172,16 +172,22 @@ def registers_by_setmaxreg(sass: str) -> dict[str, int]:
     return top
 
 
+def registers_and_spills(report: str) -> tuple[int | None, int | None]:
+    """Registers used and spill-store bytes from a `ptxas -v` report (None where it does not say)."""
+    regs = re.search(r"Used (\d+) registers", report)
+    spill = re.search(r"(\d+) bytes spill stores", report)
+    return (int(regs.group(1)) if regs else None), (int(spill.group(1)) if spill else None)
+
+
 def facts(compiled: Any) -> dict[str, Any]:
     ptx = compiled.asm["ptx"]
     sass = sass_of(compiled.asm["cubin"])
     report = ptxas_report(ptx)
-    regs = re.search(r"Used (\d+) registers", report)
-    spill = re.search(r"(\d+) bytes spill stores", report)
+    registers, spill_bytes = registers_and_spills(report)
     waits = [int(n) for n in re.findall(r"wgmma\.wait_group\.sync\.aligned\s+(\d+)", ptx)]
     return {
-        "registers": int(regs.group(1)) if regs else None,
-        "spill_stores_bytes": int(spill.group(1)) if spill else None,
+        "registers": registers,
+        "spill_stores_bytes": spill_bytes,
         "shared_bytes": compiled.metadata.shared,
         "ptx_wgmma": len(re.findall(r"wgmma\.mma_async", ptx)),
         "ptx_wait_group": {n: waits.count(n) for n in sorted(set(waits))},
