@@ -325,6 +325,40 @@ def test_triton_every_fused_config(head_dim):
 
 
 @needs_cuda
+def test_triton_every_ws_config():
+    """Backward mode "ws" (Triton's Hopper warp specialisation of the split pair): each tile config of its dQ and
+    dK/dV kernels forced in turn against the float64 reference, several heads (tiles addressed by row across
+    all heads), causal and not, bf16 and fp16; the kernels that ran were warp-specialised; a length they do not
+    take (not a multiple of 128) falls back to the split backward, still right."""
+    from cs336_systems.flash_attention import triton_impl
+
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("Triton's warp specialisation of these kernels is built for Hopper (sm_90)")
+    old, old_autotune = triton_impl._settings["backward"], triton_impl._settings["autotune"]
+    triton_impl.set_backward_mode("ws")
+    triton_impl.set_autotune(False)
+    try:
+        for kind in ("dq_ws", "dkdv_ws"):
+            for cfg in triton_impl._CONFIG_LISTS[kind](64, False):
+                triton_impl.forced_configs[kind] = cfg
+                triton_impl.last_compiled.pop(kind, None)
+                for causal in (False, True):
+                    _check(_triton(), (2, 3, 256, 64), 256, causal, torch.bfloat16, "cuda", 1.5e-2, 3e-2)
+                    _check(_triton(), (1, 2, 640, 64), 640, causal, torch.float16, "cuda", 1.5e-2, 3e-2)
+                assert "ttg.warp_specialize" in triton_impl.last_compiled[kind].asm["ttgir"], (kind, cfg)
+            triton_impl.forced_configs.pop(kind, None)
+        for kind in ("dq_ws", "dkdv_ws"):
+            triton_impl.last_compiled.pop(kind, None)
+        _check(_triton(), (1, 2, 300, 64), 300, True, torch.bfloat16, "cuda", 1.5e-2, 3e-2)
+        assert "dq_ws" not in triton_impl.last_compiled and "dkdv_ws" not in triton_impl.last_compiled
+    finally:
+        for kind in ("dq_ws", "dkdv_ws"):
+            triton_impl.forced_configs.pop(kind, None)
+        triton_impl.set_backward_mode(old)
+        triton_impl.set_autotune(old_autotune)
+
+
+@needs_cuda
 def test_triton_repeatable():
     """Same inputs twice give bitwise the same outputs and gradients (the split backward has no atomics):
     a moving result would mean a race."""

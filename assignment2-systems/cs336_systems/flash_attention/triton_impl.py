@@ -10,7 +10,10 @@ other's tail of idle SMs;
 "tma" (Hopper and newer): like "atomic", but each dQ tile is added by one bulk reduction of the tensor memory
 accelerator (`cp.reduce.async.bulk.tensor`) instead of one atomic per element, off the compute threads;
 "fused" (Hopper and newer, 2-byte dtypes): the same single dK/dV/dQ kernel built on the tensor-descriptor
-dK/dV kernel of `triton_kernels_desc` (falls back to "split" where descriptors cannot run).
+dK/dV kernel of `triton_kernels_desc` (falls back to "split" where descriptors cannot run);
+"ws" (Hopper, 2-byte dtypes, d ≤ 64, equal query and key lengths that are multiples of 128): the split pair
+of `triton_kernels_ws`, a producer warpgroup and two consumer warpgroups per program built by Triton's own
+warp specialisation (falls back to "split" elsewhere).
 On Hopper and newer, for 2-byte dtypes with 16-byte aligned strides, "split" runs the kernels of
 `triton_kernels_desc`, which move every tile through tensor descriptors (set CS336_FA2_DESC=0 or
 `set_descriptors(False)` for the pointer kernels).
@@ -34,10 +37,11 @@ from torch import Tensor
 
 from cs336_systems.flash_attention import triton_kernels as tk
 from cs336_systems.flash_attention import triton_kernels_desc as tkd
+from cs336_systems.flash_attention import triton_kernels_ws as tkw
 from cs336_systems.flash_attention._common import alloc, as_4d, check_qkv
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-BACKWARD_MODES = ("split", "concurrent", "atomic", "tma", "fused")
+BACKWARD_MODES = ("split", "concurrent", "atomic", "tma", "fused", "ws")
 MAX_HEAD_DIM = 128
 
 _settings: dict[str, Any] = {
@@ -53,7 +57,8 @@ _settings: dict[str, Any] = {
 def set_backward_mode(mode: str) -> None:
     """"split" (dQ kernel, then dK/dV kernel), "concurrent" (the two on two streams), "atomic" (one kernel,
     float32 atomic dQ), "tma" (one kernel, dQ tiles reduced by the tensor memory accelerator) or "fused" (the
-    same with tensor descriptors for every tile)."""
+    same with tensor descriptors for every tile) or "ws" (the split pair under Triton's Hopper warp
+    specialisation, `triton_kernels_ws`; where it cannot run, "split")."""
     if mode not in BACKWARD_MODES:
         raise ValueError(f"backward mode must be one of {BACKWARD_MODES}, not {mode!r}")
     _settings["backward"] = mode
@@ -175,13 +180,26 @@ def _dkdv_fused_configs(head_dim: int, wide: bool) -> list[tuple]:
     return [(64, 64, 8, 2), (32, 64, 8, 2), (16, 64, 4, 2)]
 
 
+# the warp-specialised split pair (backward mode "ws"): (BLOCK_M, BLOCK_N, warps, stages); 4 warps is what
+# Triton's Hopper warp specialisation takes (a 4-warp producer partition and two 4-warp consumers, which split
+# the tile's first dimension: 128 keys for dK/dV, 128 queries for dQ); local sm_90a compiles in
+# benchmarks/results/compile_check_ws_v11.json
+def _dq_ws_configs(head_dim: int, wide: bool) -> list[tuple]:
+    return [(128, 64, 4, 3), (128, 64, 4, 2), (128, 32, 4, 3), (128, 128, 4, 2)]
+
+
+def _dkdv_ws_configs(head_dim: int, wide: bool) -> list[tuple]:
+    return [(64, 128, 4, 2), (64, 128, 4, 3), (32, 128, 4, 2), (32, 128, 4, 3)]
+
+
 _CONFIG_LISTS = {"fwd": _fwd_configs, "dkdv": _dkdv_configs, "dq": _dq_configs, "dkdv_tma": _dkdv_tma_configs,
                  "dq_desc": _dq_desc_configs, "dkdv_desc": _dkdv_desc_configs, "dkdv_desc1": _dkdv_desc1_configs,
-                 "dkdv_fused": _dkdv_fused_configs}
+                 "dkdv_fused": _dkdv_fused_configs, "dq_ws": _dq_ws_configs, "dkdv_ws": _dkdv_ws_configs}
 _KERNELS = {"fwd": tk.flash_fwd_kernel, "dkdv": tk.flash_bwd_dkdv_kernel, "dq": tk.flash_bwd_dq_kernel,
             "dkdv_tma": tk.flash_bwd_dkdv_kernel, "dq_desc": tkd.flash_bwd_dq_desc_kernel,
             "dkdv_desc": tkd.flash_bwd_dkdv_desc_kernel, "dkdv_desc1": tkd.flash_bwd_dkdv_desc_kernel,
-            "dkdv_fused": tkd.flash_bwd_dkdv_desc_kernel}
+            "dkdv_fused": tkd.flash_bwd_dkdv_desc_kernel, "dq_ws": tkw.flash_bwd_dq_ws_kernel,
+            "dkdv_ws": tkw.flash_bwd_dkdv_ws_kernel}
 _tuned_cache: dict[tuple, Any] = {}
 # (kind, head dim, wide, atomic dQ, N_QUERIES, N_KEYS, IS_CAUSAL, dtype) -> the config the autotuner chose there
 _chosen_configs: dict[tuple, triton.Config] = {}
@@ -238,8 +256,20 @@ def _set_fused_blocks(nargs: dict) -> None:
     nargs["DQ_ACC_DESC"].base.zero_()
 
 
+def _set_ws_blocks(nargs: dict) -> None:
+    """Autotune pre-hook of the warp-specialised kernels: 2-D blocks of (tile rows, d) over (batch·heads·seq,
+    d), 1-D blocks of (query tile,) for the vectors."""
+    rows = {"Q_DESC": nargs["BLOCK_M"], "DO_DESC": nargs["BLOCK_M"], "K_DESC": nargs["BLOCK_N"],
+            "V_DESC": nargs["BLOCK_N"]}
+    for name, n in rows.items():
+        nargs[name].block_shape = [n, nargs["HEAD_DIM"]]
+    for name in ("L2_DESC", "DELTA_DESC"):
+        nargs[name].block_shape = [nargs["BLOCK_M"]]
+
+
 _PRE_HOOKS = {"dkdv_tma": _set_dq_block, "dq_desc": _set_desc_blocks, "dkdv_desc": _set_desc_blocks,
-              "dkdv_desc1": _set_desc_blocks, "dkdv_fused": _set_fused_blocks}
+              "dkdv_desc1": _set_desc_blocks, "dkdv_fused": _set_fused_blocks, "dq_ws": _set_ws_blocks,
+              "dkdv_ws": _set_ws_blocks}
 
 
 def _launch(kind: str, grid_rows: int, n_bh: int, head_dim: int, wide: bool, args: tuple, consts: dict):
@@ -363,6 +393,8 @@ def flash_backward(
         main.wait_stream(side)  # later frees/reuses on the main stream are ordered after the dQ kernel
     elif _settings["backward"] == "fused" and _ready_for_descriptors(t):
         launch_fused_desc(t, is_causal)
+    elif _settings["backward"] == "ws" and _ready_for_ws(t):
+        launch_ws(t, is_causal)
     elif _settings["descriptors"] and _ready_for_descriptors(t):
         launch_dq_desc(t, is_causal)
         launch_dkdv_desc(t, is_causal)
@@ -394,6 +426,19 @@ def _ready_for_descriptors(t: BackwardTensors) -> bool:
     for name in ("q", "k", "v", "o", "do"):
         x = getattr(t, name)
         if not _descriptor_layout(x):
+            setattr(t, name, x.contiguous())
+    return True
+
+
+def _ready_for_ws(t: BackwardTensors) -> bool:
+    """Whether the warp-specialised pair can run: the descriptor backward's conditions, d ≤ 64 (the consumers'
+    registers are sized for it), equal query and key lengths that are multiples of 128 (every tile inside one
+    head: its descriptors are 2-D over all heads' rows). Inputs that are not contiguous are copied."""
+    if t.d_pad != 64 or t.n_q != t.n_k or t.n_q % 128 or not _ready_for_descriptors(t):
+        return False
+    for name in ("q", "k", "v", "do"):
+        x = getattr(t, name)
+        if not x.is_contiguous():
             setattr(t, name, x.contiguous())
     return True
 
@@ -542,6 +587,37 @@ def launch_fused_desc(t: BackwardTensors, is_causal: bool) -> None:
     t.dq_acc = torch.empty((t.b, t.h, t.n_q, t.d_pad), dtype=torch.float32, device=t.q.device)
     launch_dkdv_desc(t, is_causal, fused_dq=True)
     launch_dq_convert(t, scale=t.sm_scale)
+
+
+def launch_ws(t: BackwardTensors, is_causal: bool) -> None:
+    """Backward mode "ws": Delta and L₂ by the preprocess kernel, then the warp-specialised dQ and dK/dV kernels
+    (`triton_kernels_ws`)."""
+    launch_preprocess(t, write_l2=True)
+    launch_dq_ws(t, is_causal)
+    launch_dkdv_ws(t, is_causal)
+
+
+def _ws_args(t: BackwardTensors) -> tuple:
+    """q, k, v, dO as 2-D descriptors over (batch·heads·seq, d) and L₂, Delta as 1-D ones (blocks set per config
+    by the pre-hook); needs contiguous tensors (`_ready_for_ws`) and t.l2, t.delta from the preprocess."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    rows = t.b * t.h * t.n_q
+    matrices = (TensorDescriptor.from_tensor(getattr(t, name).view(rows, t.d_pad), [64, t.d_pad])
+                for name in ("q", "k", "v", "do"))
+    vectors = (TensorDescriptor.from_tensor(x.view(rows), [64]) for x in (t.l2, t.delta))
+    return (*matrices, *vectors)
+
+
+def launch_dq_ws(t: BackwardTensors, is_causal: bool):
+    consts = {"HEAD_DIM": t.d_pad, "IS_CAUSAL": bool(is_causal)}
+    return _launch("dq_ws", t.n_q, t.b * t.h, t.d_pad, t.wide, (*_ws_args(t), t.dq, t.n_q, t.sm_scale), consts)
+
+
+def launch_dkdv_ws(t: BackwardTensors, is_causal: bool):
+    consts = {"HEAD_DIM": t.d_pad, "IS_CAUSAL": bool(is_causal)}
+    return _launch("dkdv_ws", t.n_k, t.b * t.h, t.d_pad, t.wide, (*_ws_args(t), t.dk, t.dv, t.n_q, t.sm_scale),
+                   consts)
 
 
 def launch_dq_convert(t: BackwardTensors, scale: float = 1.0) -> None:

@@ -1,0 +1,107 @@
+"""The split backward (dQ kernel, dK/dV kernel) under Triton's own Hopper warp specialisation (v11).
+
+Why: at the leaderboard shape the descriptor kernels (`triton_kernels_desc`) are held by register-limited
+occupancy, not by waits (NOTES.md, v10): three 4-warp programs per SM at 168 registers, each running its four
+products and its exponentials one after another. FlashAttention-3 instead runs one producer warpgroup that only
+issues TMA copies and gives its registers away (`setmaxnreg`), and two consumer warpgroups of ~240 registers that
+each own half of the tile, so one consumer's exponentials run while the other's products do. Triton 3.6 builds
+that structure itself on sm_90 (its `nvgpu-warp-specialization` pass, from Meta) for a loop marked
+`tl.range(..., warp_specialize=True)` in a 4-warp kernel: a producer partition for the loop's descriptor loads
+and two consumer partitions of 4 warps (232 registers requested each), the tile's M dimension split between them.
+
+What that pass takes, found by compiling for sm_90 without a GPU (`benchmarks/compile_check_ws.py`): descriptor
+loads (not pointer loads) for everything the partitioned loop reads, 1-D descriptors for the per-row vectors
+(L₂, Delta), no reductions (Delta comes from `triton_kernels.flash_bwd_preprocess_kernel`), no descriptor
+stores of a partitioned tile (the epilogue stores through pointers), and one loop: a masked diagonal loop
+before the warp-specialised one breaks the pass, so the causal mask is applied on every tile of the one loop.
+Tiles are rows of 2-D descriptors over (batch·heads·seq, d), so every tile must lie inside one head: the
+sequence length must be a multiple of both tiles (the launcher falls back to the descriptor kernels otherwise).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def flash_bwd_dkdv_ws_kernel(
+    Q_DESC, K_DESC, V_DESC, DO_DESC, L2_DESC, DELTA_DESC, DK, DV,
+    N_CTX, sm_scale,
+    HEAD_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """One program = one key tile of one (batch, head); grid (batch·heads, N_CTX / BLOCK_N). Keys × queries
+    form as in `triton_kernels_desc` (K, V the register operands); the two consumers take 64 keys each."""
+    bh = tl.program_id(0)
+    pid_n = tl.program_id(1)  # under a causal mask low key tiles see the most queries: they launch first
+    sm_scale = tl.cast(sm_scale, tl.float32)
+    row0 = bh * N_CTX
+    start_n = pid_n * BLOCK_N
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    k = K_DESC.load([row0 + start_n, 0])
+    v = V_DESC.load([row0 + start_n, 0])
+    qk_scale = sm_scale * 1.4426950408889634
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    lo = start_n if IS_CAUSAL else 0  # queries < start_n see none of these keys
+    for start_m in tl.range(lo, N_CTX, BLOCK_M, warp_specialize=True):
+        q = Q_DESC.load([row0 + start_m, 0])
+        do = DO_DESC.load([row0 + start_m, 0])
+        l2 = L2_DESC.load([row0 + start_m])
+        delta = DELTA_DESC.load([row0 + start_m])
+        qk_t = tl.dot(k, tl.trans(q))
+        if IS_CAUSAL:
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            qk_t = tl.where(offs_m[None, :] >= offs_n[:, None], qk_t * qk_scale, float("-inf"))
+            p_t = tl.math.exp2(qk_t - l2[None, :])
+        else:
+            p_t = tl.math.exp2(qk_t * qk_scale - l2[None, :])
+        dv = tl.dot(p_t.to(do.dtype), do, dv)
+        dp_t = tl.dot(v, tl.trans(do))
+        ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
+        dk = tl.dot(ds_t, q, dk)
+    offs_d = tl.arange(0, HEAD_DIM)
+    rows = (row0 + offs_n).to(tl.int64)[:, None] * HEAD_DIM + offs_d[None, :]
+    tl.store(DK + rows, (dk * sm_scale).to(DK.dtype.element_ty))
+    tl.store(DV + rows, dv.to(DV.dtype.element_ty))
+
+
+@triton.jit
+def flash_bwd_dq_ws_kernel(
+    Q_DESC, K_DESC, V_DESC, DO_DESC, L2_DESC, DELTA_DESC, DQ,
+    N_CTX, sm_scale,
+    HEAD_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """One program = one query tile of one (batch, head); grid (batch·heads, N_CTX / BLOCK_M); the two consumers
+    take 64 queries each. L₂ and Delta come from the preprocess kernel."""
+    bh = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    if IS_CAUSAL:  # the longest query tiles of every head launch first
+        pid_m = tl.num_programs(1) - 1 - pid_m
+    sm_scale = tl.cast(sm_scale, tl.float32)
+    row0 = bh * N_CTX
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    q = Q_DESC.load([row0 + start_m, 0])
+    do = DO_DESC.load([row0 + start_m, 0])
+    l2 = L2_DESC.load([row0 + start_m])
+    delta = DELTA_DESC.load([row0 + start_m])
+    qk_scale = sm_scale * 1.4426950408889634
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    hi = start_m + BLOCK_M if IS_CAUSAL else N_CTX
+    for start_n in tl.range(0, hi, BLOCK_N, warp_specialize=True):
+        k = K_DESC.load([row0 + start_n, 0])
+        v = V_DESC.load([row0 + start_n, 0])
+        qk = tl.dot(q, tl.trans(k))
+        if IS_CAUSAL:
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            qk = tl.where(offs_m[:, None] >= offs_n[None, :], qk * qk_scale, float("-inf"))
+            p = tl.math.exp2(qk - l2[:, None])
+        else:
+            p = tl.math.exp2(qk * qk_scale - l2[:, None])
+        dp = tl.dot(do, tl.trans(v))
+        ds = (p * (dp - delta[:, None])).to(k.dtype)
+        dq = tl.dot(ds, k, dq)
+    offs_d = tl.arange(0, HEAD_DIM)
+    rows = (row0 + offs_m).to(tl.int64)[:, None] * HEAD_DIM + offs_d[None, :]
+    tl.store(DQ + rows, (dq * sm_scale).to(DQ.dtype.element_ty))
