@@ -1,7 +1,7 @@
-"""Compile the warp-specialised backward kernels (`triton_kernels_ws`, v11) for sm_90a without a GPU and report
-what Triton's Hopper warp specialisation built: whether the loop became a `ttg.warp_specialize` op, the registers
-its partitions asked for, the warpgroup products and waits in the PTX, and ptxas's registers, spills and
-serialisation warning.
+"""Compile the warp-specialised kernels (`triton_kernels_ws`, v11: the backward pair and the forward) for sm_90a
+without a GPU and report what Triton's Hopper warp specialisation built: whether the loop became a
+`ttg.warp_specialize` op, the registers its partitions asked for, the warpgroup products and waits in the PTX,
+and ptxas's registers, spills and serialisation warning.
 
 Needs only Triton 3.6 (the version on the GPU machines; no torch, no GPU):
 
@@ -33,6 +33,7 @@ KERNELS = Path(__file__).resolve().parents[1] / "cs336_systems" / "flash_attenti
 TILES = [
     ("dkdv", 64, 128, 4, 2), ("dkdv", 64, 128, 4, 3), ("dkdv", 32, 128, 4, 2), ("dkdv", 32, 128, 4, 3),
     ("dq", 128, 64, 4, 2), ("dq", 128, 64, 4, 3), ("dq", 128, 32, 4, 3), ("dq", 128, 128, 4, 2),
+    ("fwd", 128, 64, 4, 2), ("fwd", 128, 64, 4, 3), ("fwd", 128, 128, 4, 2), ("fwd", 128, 128, 4, 3),
 ]
 
 
@@ -46,7 +47,7 @@ def load_kernels() -> Any:
 def source(mod: Any, kind: str, block_m: int, block_n: int, head_dim: int, causal: bool,
            dtype: str = "bf16") -> ASTSource:
     """The signature as the launcher binds it: 2-D descriptors of (tile rows, d), 1-D ones of (query tile,)."""
-    fn = mod.flash_bwd_dkdv_ws_kernel if kind == "dkdv" else mod.flash_bwd_dq_ws_kernel
+    fn = {"dkdv": mod.flash_bwd_dkdv_ws_kernel, "dq": mod.flash_bwd_dq_ws_kernel, "fwd": mod.flash_fwd_ws_kernel}[kind]
     consts = {"HEAD_DIM": head_dim, "IS_CAUSAL": causal, "BLOCK_M": block_m, "BLOCK_N": block_n}
     signature = {}
     for name in fn.arg_names:
@@ -58,8 +59,10 @@ def source(mod: Any, kind: str, block_m: int, block_n: int, head_dim: int, causa
             signature[name] = f"tensordesc<{dtype}[{block_n}, {head_dim}]>"
         elif name in ("L2_DESC", "DELTA_DESC"):
             signature[name] = f"tensordesc<fp32[{block_m}]>"
-        elif name in ("DK", "DV", "DQ"):
+        elif name in ("DK", "DV", "DQ", "Out"):
             signature[name] = f"*{dtype}"
+        elif name == "L":
+            signature[name] = "*fp32"
         else:
             signature[name] = {"N_CTX": "i32", "sm_scale": "fp32"}[name]
     return ASTSource(fn, signature, consts)

@@ -124,6 +124,13 @@ def main() -> None:
     result["bwd_check"] = {"path": hopper_impl.last_path["backward"] or "gluon dK/dV", **ours}
     print(json.dumps(result["bwd_check"]), flush=True)
     fa2 = lambda a, b, c: FlashAttentionTriton.apply(a, b, c, causal)
+
+    def fa2_ws_forward(a, b, c):  # the warp-specialised forward (v11) for this call only
+        triton_impl.set_forward_mode("ws")
+        try:
+            return FlashAttentionTriton.apply(a, b, c, causal)
+        finally:
+            triton_impl.set_forward_mode("default")
     triton_mode = triton_impl._settings["backward"]
     one_loop_default = triton_impl._settings["dkdv_one_loop"]
 
@@ -142,6 +149,11 @@ def main() -> None:
     print("one-loop triton backward", json.dumps(result["one_loop_bwd_check"]), flush=True)
     result["ws_bwd_check"] = rel_errors(fa2_grads_with(triton_impl.set_backward_mode, "ws", triton_mode))
     print("warp-specialised triton backward", json.dumps(result["ws_bwd_check"]), flush=True)
+    with torch.no_grad():
+        out_ws, out_ref = fa2_ws_forward(q, k, v), _sdpa(SDPBackend.CUDNN_ATTENTION, q, k, v, causal)
+    result["ws_fwd_check"] = {"o_rel_err_vs_cudnn": ((out_ws.float() - out_ref.float()).norm()
+                                                      / out_ref.float().norm()).item()}
+    print("warp-specialised triton forward", json.dumps(result["ws_fwd_check"]), flush=True)
 
     # name -> (attention, Gluon dK/dV backward on?, Triton backward mode); read when the backward runs
     impls = {
@@ -154,6 +166,7 @@ def main() -> None:
         "cs336-fa3 (gluon fwd + one-loop triton bwd)": (fa3, False, None),
         "cs336-fa2 (triton, one-loop bwd)": (fa2, None, None),
         "cs336-fa2 (triton, ws bwd)": (fa2, None, "ws"),
+        "cs336-fa2 (triton, ws fwd + ws bwd)": (fa2_ws_forward, None, "ws"),
         "sdpa cudnn": (lambda a, b, c: _sdpa(SDPBackend.CUDNN_ATTENTION, a, b, c, causal), None, None),
         "sdpa flash": (lambda a, b, c: _sdpa(SDPBackend.FLASH_ATTENTION, a, b, c, causal), None, None),
     }

@@ -123,6 +123,8 @@ ONE_LOOP = {
 # v11: the split pair under Triton's Hopper warp specialisation (triton_kernels_ws: a producer warpgroup, two
 # consumers of 64 rows each) beside the descriptor pair's defaults, whose outputs they are checked against
 WARP_SPECIALIZED = {
+    "fwd": [(128, 64, 8, 3, None, 112)],
+    "fwd_ws": [(128, 64, 4, 3), (128, 64, 4, 2), (128, 128, 4, 2), (128, 128, 4, 3)],
     "dq_desc": [(128, 64, 8, 3, None, 128)],
     "dkdv_desc": [(64, 64, 4, 2, None, 168)],
     "dq_ws": [(128, 64, 4, 3), (128, 64, 4, 2), (128, 32, 4, 3), (128, 128, 4, 2)],
@@ -131,7 +133,8 @@ WARP_SPECIALIZED = {
 ROUNDS = {"v6": CANDIDATES, "v6-refine": REFINE, "v7": POLY, "v7-sustained": SUSTAINED, "v8": DESC,
           "v8-refine": DESC_REFINE, "v9": FUSED, "v10": ONE_LOOP,
           "v11": WARP_SPECIALIZED}
-KINDS = ["fwd", "dq", "dkdv", "dkdv_tma", "dq_desc", "dkdv_desc", "dkdv_desc1", "dkdv_fused", "dq_ws", "dkdv_ws"]
+KINDS = ["fwd", "dq", "dkdv", "dkdv_tma", "dq_desc", "dkdv_desc", "dkdv_desc1", "dkdv_fused", "dq_ws", "dkdv_ws",
+         "fwd_ws"]
 
 
 def sass_stats(compiled) -> dict[str, int]:
@@ -162,13 +165,15 @@ def main() -> None:
     ti.set_autotune(False)
     q, k, v, do = (torch.randn(b, h, n, d, device="cuda", dtype=dtype) for _ in range(4))
     o, lse = ti.flash_forward(q, k, v, causal)
+    o_ws, lse_ws = torch.empty_like(o), torch.empty_like(lse)  # the warp-specialised forward's outputs
     one = 2.0 * b * h * n * n * d * (0.5 if causal else 1.0)
     products = {"fwd": 2, "dq": 3, "dkdv": 4, "dkdv_tma": 5, "dq_desc": 3, "dkdv_desc": 4, "dkdv_desc1": 4,
-                "dkdv_fused": 5, "dq_ws": 3, "dkdv_ws": 4}
+                "dkdv_fused": 5, "dq_ws": 3, "dkdv_ws": 4, "fwd_ws": 2}
     rows = []
     references = {}  # by what a kernel computes: the one-loop dK/dV kernel is checked against the three-loop one
     for kind in args.kinds:
-        same_as = {"dkdv_desc1": "dkdv_desc", "dkdv_ws": "dkdv_desc", "dq_ws": "dq_desc"}.get(kind, kind)
+        same_as = {"dkdv_desc1": "dkdv_desc", "dkdv_ws": "dkdv_desc", "dq_ws": "dq_desc",
+                   "fwd_ws": "fwd"}.get(kind, kind)
         reference = references.get(same_as)
         candidates = ROUNDS[args.round or ("v6-refine" if args.refine else "v6")]
         for cfg in candidates[kind]:
@@ -189,6 +194,7 @@ def main() -> None:
                 "dkdv_fused": lambda t=t: launch_dkdv_desc(t, causal, fused_dq=True),
                 "dq_ws": lambda t=t: launch_dq_ws(t, causal),
                 "dkdv_ws": lambda t=t: launch_dkdv_ws(t, causal),
+                "fwd_ws": lambda: (ti.launch_fwd_ws(q, k, v, o_ws, lse_ws, causal), o_ws, lse_ws)[1:],
             }
             fn = launchers[kind]
             row = {"kind": kind, "cfg": cfg}
@@ -198,7 +204,8 @@ def main() -> None:
                 parts = {"fwd": list(compiled) if kind == "fwd" else [], "dq": [t.dq], "dkdv": [t.dk, t.dv],
                          "dkdv_tma": [t.dk, t.dv, t.dq_acc], "dq_desc": [t.dq], "dkdv_desc": [t.dk, t.dv],
                          "dkdv_desc1": [t.dk, t.dv],
-                         "dkdv_fused": [t.dk, t.dv, t.dq_acc], "dq_ws": [t.dq], "dkdv_ws": [t.dk, t.dv]}[kind]
+                         "dkdv_fused": [t.dk, t.dv, t.dq_acc], "dq_ws": [t.dq], "dkdv_ws": [t.dk, t.dv],
+                         "fwd_ws": list(compiled) if kind == "fwd_ws" else []}[kind]
                 out = torch.cat([x.flatten().float() for x in parts])
                 reference = out if reference is None else reference
                 references.setdefault(same_as, reference)

@@ -326,19 +326,21 @@ def test_triton_every_fused_config(head_dim):
 
 @needs_cuda
 def test_triton_every_ws_config():
-    """Backward mode "ws" (Triton's Hopper warp specialisation of the split pair): each tile config of its dQ and
-    dK/dV kernels forced in turn against the float64 reference, several heads (tiles addressed by row across
-    all heads), causal and not, bf16 and fp16; the kernels that ran were warp-specialised; a length they do not
-    take (not a multiple of 128) falls back to the split backward, still right."""
+    """Forward and backward mode "ws" (Triton's Hopper warp specialisation: `triton_kernels_ws`): each tile
+    config of its forward, dQ and dK/dV kernels forced in turn against the float64 reference, several heads
+    (tiles addressed by row across all heads), causal and not, bf16 and fp16; the kernels that ran were
+    warp-specialised; a length they do not take (not a multiple of 128) falls back to the default kernels."""
     from cs336_systems.flash_attention import triton_impl
 
     if torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("Triton's warp specialisation of these kernels is built for Hopper (sm_90)")
-    old, old_autotune = triton_impl._settings["backward"], triton_impl._settings["autotune"]
+    kinds = ("fwd_ws", "dq_ws", "dkdv_ws")
+    old = triton_impl._settings["backward"], triton_impl._settings["forward"], triton_impl._settings["autotune"]
     triton_impl.set_backward_mode("ws")
+    triton_impl.set_forward_mode("ws")
     triton_impl.set_autotune(False)
     try:
-        for kind in ("dq_ws", "dkdv_ws"):
+        for kind in kinds:
             for cfg in triton_impl._CONFIG_LISTS[kind](64, False):
                 triton_impl.forced_configs[kind] = cfg
                 triton_impl.last_compiled.pop(kind, None)
@@ -347,15 +349,17 @@ def test_triton_every_ws_config():
                     _check(_triton(), (1, 2, 640, 64), 640, causal, torch.float16, "cuda", 1.5e-2, 3e-2)
                 assert "ttg.warp_specialize" in triton_impl.last_compiled[kind].asm["ttgir"], (kind, cfg)
             triton_impl.forced_configs.pop(kind, None)
-        for kind in ("dq_ws", "dkdv_ws"):
+        for kind in kinds:
             triton_impl.last_compiled.pop(kind, None)
         _check(_triton(), (1, 2, 300, 64), 300, True, torch.bfloat16, "cuda", 1.5e-2, 3e-2)
-        assert "dq_ws" not in triton_impl.last_compiled and "dkdv_ws" not in triton_impl.last_compiled
+        _check(_triton(), (1, 2, 256, 32), 256, True, torch.bfloat16, "cuda", 1.5e-2, 3e-2)
+        assert not any(kind in triton_impl.last_compiled for kind in kinds)
     finally:
-        for kind in ("dq_ws", "dkdv_ws"):
+        for kind in kinds:
             triton_impl.forced_configs.pop(kind, None)
-        triton_impl.set_backward_mode(old)
-        triton_impl.set_autotune(old_autotune)
+        triton_impl.set_backward_mode(old[0])
+        triton_impl.set_forward_mode(old[1])
+        triton_impl.set_autotune(old[2])
 
 
 @needs_cuda

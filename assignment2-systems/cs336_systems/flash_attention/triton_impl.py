@@ -51,7 +51,16 @@ _settings: dict[str, Any] = {
     "descriptors": os.environ.get("CS336_FA2_DESC", "1") != "0",
     "launch_cache": os.environ.get("CS336_FA2_LAUNCH_CACHE", "0") == "1",
     "dkdv_one_loop": os.environ.get("CS336_FA2_DKDV_ONE_LOOP", "0") == "1",
+    "forward": os.environ.get("CS336_FA2_FWD", "default"),
 }
+
+
+def set_forward_mode(mode: str) -> None:
+    """"default" (`triton_kernels.flash_fwd_kernel`) or "ws" (`triton_kernels_ws.flash_fwd_ws_kernel`, Triton's
+    Hopper warp specialisation; where it cannot run, the default)."""
+    if mode not in ("default", "ws"):
+        raise ValueError(f"forward mode must be 'default' or 'ws', not {mode!r}")
+    _settings["forward"] = mode
 
 
 def set_backward_mode(mode: str) -> None:
@@ -192,14 +201,19 @@ def _dkdv_ws_configs(head_dim: int, wide: bool) -> list[tuple]:
     return [(64, 128, 4, 2), (64, 128, 4, 3), (32, 128, 4, 2), (32, 128, 4, 3)]
 
 
+def _fwd_ws_configs(head_dim: int, wide: bool) -> list[tuple]:
+    return [(128, 64, 4, 3), (128, 64, 4, 2), (128, 128, 4, 2), (128, 128, 4, 3)]
+
+
 _CONFIG_LISTS = {"fwd": _fwd_configs, "dkdv": _dkdv_configs, "dq": _dq_configs, "dkdv_tma": _dkdv_tma_configs,
                  "dq_desc": _dq_desc_configs, "dkdv_desc": _dkdv_desc_configs, "dkdv_desc1": _dkdv_desc1_configs,
-                 "dkdv_fused": _dkdv_fused_configs, "dq_ws": _dq_ws_configs, "dkdv_ws": _dkdv_ws_configs}
+                 "dkdv_fused": _dkdv_fused_configs, "dq_ws": _dq_ws_configs, "dkdv_ws": _dkdv_ws_configs,
+                 "fwd_ws": _fwd_ws_configs}
 _KERNELS = {"fwd": tk.flash_fwd_kernel, "dkdv": tk.flash_bwd_dkdv_kernel, "dq": tk.flash_bwd_dq_kernel,
             "dkdv_tma": tk.flash_bwd_dkdv_kernel, "dq_desc": tkd.flash_bwd_dq_desc_kernel,
             "dkdv_desc": tkd.flash_bwd_dkdv_desc_kernel, "dkdv_desc1": tkd.flash_bwd_dkdv_desc_kernel,
             "dkdv_fused": tkd.flash_bwd_dkdv_desc_kernel, "dq_ws": tkw.flash_bwd_dq_ws_kernel,
-            "dkdv_ws": tkw.flash_bwd_dkdv_ws_kernel}
+            "dkdv_ws": tkw.flash_bwd_dkdv_ws_kernel, "fwd_ws": tkw.flash_fwd_ws_kernel}
 _tuned_cache: dict[tuple, Any] = {}
 # (kind, head dim, wide, atomic dQ, N_QUERIES, N_KEYS, IS_CAUSAL, dtype) -> the config the autotuner chose there
 _chosen_configs: dict[tuple, triton.Config] = {}
@@ -262,14 +276,16 @@ def _set_ws_blocks(nargs: dict) -> None:
     rows = {"Q_DESC": nargs["BLOCK_M"], "DO_DESC": nargs["BLOCK_M"], "K_DESC": nargs["BLOCK_N"],
             "V_DESC": nargs["BLOCK_N"]}
     for name, n in rows.items():
-        nargs[name].block_shape = [n, nargs["HEAD_DIM"]]
+        if name in nargs:
+            nargs[name].block_shape = [n, nargs["HEAD_DIM"]]
     for name in ("L2_DESC", "DELTA_DESC"):
-        nargs[name].block_shape = [nargs["BLOCK_M"]]
+        if name in nargs:
+            nargs[name].block_shape = [nargs["BLOCK_M"]]
 
 
 _PRE_HOOKS = {"dkdv_tma": _set_dq_block, "dq_desc": _set_desc_blocks, "dkdv_desc": _set_desc_blocks,
               "dkdv_desc1": _set_desc_blocks, "dkdv_fused": _set_fused_blocks, "dq_ws": _set_ws_blocks,
-              "dkdv_ws": _set_ws_blocks}
+              "dkdv_ws": _set_ws_blocks, "fwd_ws": _set_ws_blocks}
 
 
 def _launch(kind: str, grid_rows: int, n_bh: int, head_dim: int, wide: bool, args: tuple, consts: dict):
@@ -357,8 +373,11 @@ def flash_forward(q: Tensor, k: Tensor, v: Tensor, is_causal: bool) -> tuple[Ten
         *_strides(q4), *_strides(k4), *_strides(v4), *_strides(o4), *_strides(lse),
         h, n_q, n_k, 1.0 / math.sqrt(d),
     )
-    consts = {"HEAD_DIM": d_pad, "IS_CAUSAL": bool(is_causal), "PRECISION": _precision(q.dtype)}
-    _launch("fwd", n_q, b * h, d_pad, q.dtype == torch.float32, args, consts)
+    if _settings["forward"] == "ws" and _ws_shape_ok(q4, k4, v4):
+        launch_fwd_ws(q4.contiguous(), k4.contiguous(), v4.contiguous(), o4, lse, bool(is_causal))
+    else:
+        consts = {"HEAD_DIM": d_pad, "IS_CAUSAL": bool(is_causal), "PRECISION": _precision(q.dtype)}
+        _launch("fwd", n_q, b * h, d_pad, q.dtype == torch.float32, args, consts)
     o = o4[..., :d] if d_pad != d else o4
     if q.ndim == 3:
         o, lse = o.squeeze(1), lse.squeeze(1)
@@ -430,11 +449,19 @@ def _ready_for_descriptors(t: BackwardTensors) -> bool:
     return True
 
 
+def _ws_shape_ok(q4: Tensor, k4: Tensor, v4: Tensor) -> bool:
+    """What the warp-specialised kernels take (`triton_kernels_ws`): Hopper, not the interpreter, a 2-byte dtype,
+    d = 64 (the consumers' registers are sized for it), equal query and key lengths that are multiples of 128
+    (every tile inside one head: their descriptors are 2-D over all heads' rows)."""
+    if not _has_tma(q4) or torch.cuda.get_device_capability(q4.device)[0] != 9 or q4.dtype.itemsize != 2:
+        return False
+    return q4.shape[-1] == 64 and q4.shape[2] == k4.shape[2] == v4.shape[2] and q4.shape[2] % 128 == 0
+
+
 def _ready_for_ws(t: BackwardTensors) -> bool:
-    """Whether the warp-specialised pair can run: the descriptor backward's conditions, d ≤ 64 (the consumers'
-    registers are sized for it), equal query and key lengths that are multiples of 128 (every tile inside one
-    head: its descriptors are 2-D over all heads' rows). Inputs that are not contiguous are copied."""
-    if t.d_pad != 64 or t.n_q != t.n_k or t.n_q % 128 or not _ready_for_descriptors(t):
+    """Whether the warp-specialised pair can run (`_ws_shape_ok` and the descriptor backward's conditions);
+    inputs that are not contiguous are copied."""
+    if not _ws_shape_ok(t.q, t.k, t.v) or not _ready_for_descriptors(t):
         return False
     for name in ("q", "k", "v", "do"):
         x = getattr(t, name)
@@ -607,6 +634,16 @@ def _ws_args(t: BackwardTensors) -> tuple:
                 for name in ("q", "k", "v", "do"))
     vectors = (TensorDescriptor.from_tensor(x.view(rows), [64]) for x in (t.l2, t.delta))
     return (*matrices, *vectors)
+
+
+def launch_fwd_ws(q4: Tensor, k4: Tensor, v4: Tensor, o4: Tensor, lse: Tensor, is_causal: bool):
+    """Forward mode "ws": O and L of contiguous (batch, heads, seq, 64) inputs through 2-D descriptors."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    b, h, n, d = q4.shape
+    q, k, v = (TensorDescriptor.from_tensor(x.view(b * h * n, d), [64, d]) for x in (q4, k4, v4))
+    consts = {"HEAD_DIM": d, "IS_CAUSAL": is_causal}
+    return _launch("fwd_ws", n, b * h, d, False, (q, k, v, o4, lse, n, 1.0 / math.sqrt(d)), consts)
 
 
 def launch_dq_ws(t: BackwardTensors, is_causal: bool):

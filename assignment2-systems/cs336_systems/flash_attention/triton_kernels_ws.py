@@ -105,3 +105,51 @@ def flash_bwd_dq_ws_kernel(
     offs_d = tl.arange(0, HEAD_DIM)
     rows = (row0 + offs_m).to(tl.int64)[:, None] * HEAD_DIM + offs_d[None, :]
     tl.store(DQ + rows, (dq * sm_scale).to(DQ.dtype.element_ty))
+
+
+@triton.jit
+def flash_fwd_ws_kernel(
+    Q_DESC, K_DESC, V_DESC, Out, L,
+    N_CTX, sm_scale,
+    HEAD_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """The forward (O and the natural-log L, both contiguous) under the same warp specialisation: one program =
+    one query tile of 128 of one (batch, head), the two consumers 64 queries each; grid (batch·heads,
+    N_CTX / BLOCK_M), the longest causal tiles first. As in the backward, one loop with the causal mask on every
+    tile (a loop for the diagonal tiles alone, before or after, keeps the pass from specialising)."""
+    bh = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    if IS_CAUSAL:
+        pid_m = tl.num_programs(1) - 1 - pid_m
+    sm_scale = tl.cast(sm_scale, tl.float32)
+    row0 = bh * N_CTX
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    q = Q_DESC.load([row0 + start_m, 0])
+    qk_scale = sm_scale * 1.4426950408889634
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    hi = start_m + BLOCK_M if IS_CAUSAL else N_CTX
+    for start_n in tl.range(0, hi, BLOCK_N, warp_specialize=True):
+        k = K_DESC.load([row0 + start_n, 0])
+        v = V_DESC.load([row0 + start_n, 0])
+        qk = tl.dot(q, tl.trans(k))
+        if IS_CAUSAL:
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            qk = tl.where(offs_m[:, None] >= offs_n[None, :], qk * qk_scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            p = tl.math.exp2(qk - m_new[:, None])
+        else:
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+            p = tl.math.exp2(qk * qk_scale - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc)
+        m_i = m_new
+    acc = acc / l_i[:, None]
+    offs_d = tl.arange(0, HEAD_DIM)
+    rows = (row0 + offs_m).to(tl.int64)
+    tl.store(Out + rows[:, None] * HEAD_DIM + offs_d[None, :], acc.to(Out.dtype.element_ty))
+    tl.store(L + rows, (m_i + tl.math.log2(l_i)) * 0.6931471805599453)
