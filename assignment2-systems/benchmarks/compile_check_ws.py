@@ -46,32 +46,27 @@ def load_kernels() -> Any:
 
 def source(mod: Any, kind: str, block_m: int, block_n: int, head_dim: int, causal: bool,
            dtype: str = "bf16") -> ASTSource:
-    """The signature as the launcher binds it: 2-D descriptors of (tile rows, d), 1-D ones of (query tile,)."""
+    """The signature as the launcher binds it: 16-byte aligned pointers (the kernels make their descriptors)."""
     fn = {"dkdv": mod.flash_bwd_dkdv_ws_kernel, "dq": mod.flash_bwd_dq_ws_kernel, "fwd": mod.flash_fwd_ws_kernel}[kind]
     consts = {"HEAD_DIM": head_dim, "IS_CAUSAL": causal, "BLOCK_M": block_m, "BLOCK_N": block_n}
-    signature = {}
-    for name in fn.arg_names:
+    signature, aligned = {}, []
+    for i, name in enumerate(fn.arg_names):
         if name in consts:
             signature[name] = "constexpr"
-        elif name in ("Q_DESC", "DO_DESC"):
-            signature[name] = f"tensordesc<{dtype}[{block_m}, {head_dim}]>"
-        elif name in ("K_DESC", "V_DESC"):
-            signature[name] = f"tensordesc<{dtype}[{block_n}, {head_dim}]>"
-        elif name in ("L2_DESC", "DELTA_DESC"):
-            signature[name] = f"tensordesc<fp32[{block_m}]>"
-        elif name in ("DK", "DV", "DQ", "Out"):
-            signature[name] = f"*{dtype}"
-        elif name == "L":
-            signature[name] = "*fp32"
-        else:
+        elif name in ("N_CTX", "sm_scale"):
             signature[name] = {"N_CTX": "i32", "sm_scale": "fp32"}[name]
-    return ASTSource(fn, signature, consts)
+        else:
+            signature[name] = "*fp32" if name in ("L2", "Delta", "L") else f"*{dtype}"
+            aligned.append(i)
+    return ASTSource(fn, signature, consts, {(i,): [["tt.divisibility", 16]] for i in aligned})
 
 
 def facts(compiled) -> dict[str, Any]:
     ttgir, ptx = compiled.asm["ttgir"], compiled.asm["ptx"]
     requested = re.search(r"requestedRegisters = array<i32: ([\d, ]+)>", ttgir)
-    return {"warp_specialized": "ttg.warp_specialize" in ttgir,
+    # rows of each TMA copy's destination: the partitioned tiles' copies are half the tile
+    copies = re.findall(r"async_tma_copy_global_to_local .* -> !ttg\.memdesc<([0-9x]+)", ttgir)
+    return {"warp_specialized": "ttg.warp_specialize" in ttgir, "tma_copy_shapes": sorted(set(copies)),
             "requested_registers": [int(r) for r in requested.group(1).split(",")] if requested else None,
             "setmaxnreg": ptx.count("setmaxnreg"), "ptx_wgmma": ptx.count("wgmma.mma_async"),
             "ptx_waits": len(re.findall(r"wgmma\.wait_group", ptx)), "shared_bytes": compiled.metadata.shared,

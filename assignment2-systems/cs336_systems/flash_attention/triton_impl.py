@@ -189,7 +189,7 @@ def _dkdv_fused_configs(head_dim: int, wide: bool) -> list[tuple]:
     return [(64, 64, 8, 2), (32, 64, 8, 2), (16, 64, 4, 2)]
 
 
-# the warp-specialised split pair (backward mode "ws"): (BLOCK_M, BLOCK_N, warps, stages); 4 warps is what
+# the warp-specialised kernels (forward and backward mode "ws"): (BLOCK_M, BLOCK_N, warps, stages); 4 warps is what
 # Triton's Hopper warp specialisation takes (a 4-warp producer partition and two 4-warp consumers, which split
 # the tile's first dimension: 128 keys for dK/dV, 128 queries for dQ); local sm_90a compiles in
 # benchmarks/results/compile_check_ws_v11.json
@@ -270,22 +270,8 @@ def _set_fused_blocks(nargs: dict) -> None:
     nargs["DQ_ACC_DESC"].base.zero_()
 
 
-def _set_ws_blocks(nargs: dict) -> None:
-    """Autotune pre-hook of the warp-specialised kernels: 2-D blocks of (tile rows, d) over (batch·heads·seq,
-    d), 1-D blocks of (query tile,) for the vectors."""
-    rows = {"Q_DESC": nargs["BLOCK_M"], "DO_DESC": nargs["BLOCK_M"], "K_DESC": nargs["BLOCK_N"],
-            "V_DESC": nargs["BLOCK_N"]}
-    for name, n in rows.items():
-        if name in nargs:
-            nargs[name].block_shape = [n, nargs["HEAD_DIM"]]
-    for name in ("L2_DESC", "DELTA_DESC"):
-        if name in nargs:
-            nargs[name].block_shape = [nargs["BLOCK_M"]]
-
-
 _PRE_HOOKS = {"dkdv_tma": _set_dq_block, "dq_desc": _set_desc_blocks, "dkdv_desc": _set_desc_blocks,
-              "dkdv_desc1": _set_desc_blocks, "dkdv_fused": _set_fused_blocks, "dq_ws": _set_ws_blocks,
-              "dkdv_ws": _set_ws_blocks, "fwd_ws": _set_ws_blocks}
+              "dkdv_desc1": _set_desc_blocks, "dkdv_fused": _set_fused_blocks}
 
 
 def _launch(kind: str, grid_rows: int, n_bh: int, head_dim: int, wide: bool, args: tuple, consts: dict):
@@ -624,26 +610,24 @@ def launch_ws(t: BackwardTensors, is_causal: bool) -> None:
     launch_dkdv_ws(t, is_causal)
 
 
-def _ws_args(t: BackwardTensors) -> tuple:
-    """q, k, v, dO as 2-D descriptors over (batch·heads·seq, d) and L₂, Delta as 1-D ones (blocks set per config
-    by the pre-hook); needs contiguous tensors (`_ready_for_ws`) and t.l2, t.delta from the preprocess."""
-    from triton.tools.tensor_descriptor import TensorDescriptor
+def _scratch(size: int, alignment: int, stream) -> Tensor:
+    """Global memory for the tensor descriptors the warp-specialised kernels make on the device."""
+    return torch.empty(size, dtype=torch.int8, device="cuda")
 
-    rows = t.b * t.h * t.n_q
-    matrices = (TensorDescriptor.from_tensor(getattr(t, name).view(rows, t.d_pad), [64, t.d_pad])
-                for name in ("q", "k", "v", "do"))
-    vectors = (TensorDescriptor.from_tensor(x.view(rows), [64]) for x in (t.l2, t.delta))
-    return (*matrices, *vectors)
+
+def _ws_args(t: BackwardTensors) -> tuple:
+    """q, k, v, dO (contiguous: `_ready_for_ws`) and L₂, Delta from the preprocess; the kernels make their
+    descriptors over (batch·heads·seq, d) rows themselves, in scratch from the allocator set here."""
+    triton.set_allocator(_scratch)
+    return t.q, t.k, t.v, t.do, t.l2, t.delta
 
 
 def launch_fwd_ws(q4: Tensor, k4: Tensor, v4: Tensor, o4: Tensor, lse: Tensor, is_causal: bool):
-    """Forward mode "ws": O and L of contiguous (batch, heads, seq, 64) inputs through 2-D descriptors."""
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
+    """Forward mode "ws": O and L of contiguous (batch, heads, seq, 64) inputs."""
     b, h, n, d = q4.shape
-    q, k, v = (TensorDescriptor.from_tensor(x.view(b * h * n, d), [64, d]) for x in (q4, k4, v4))
+    triton.set_allocator(_scratch)
     consts = {"HEAD_DIM": d, "IS_CAUSAL": is_causal}
-    return _launch("fwd_ws", n, b * h, d, False, (q, k, v, o4, lse, n, 1.0 / math.sqrt(d)), consts)
+    return _launch("fwd_ws", n, b * h, d, False, (q4, k4, v4, o4, lse, n, 1.0 / math.sqrt(d)), consts)
 
 
 def launch_dq_ws(t: BackwardTensors, is_causal: bool):

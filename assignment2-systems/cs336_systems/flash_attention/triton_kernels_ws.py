@@ -16,6 +16,10 @@ stores of a partitioned tile (the epilogue stores through pointers), and one loo
 before the warp-specialised one breaks the pass, so the causal mask is applied on every tile of the one loop.
 Tiles are rows of 2-D descriptors over (batch·heads·seq, d), so every tile must lie inside one head: the
 sequence length must be a multiple of both tiles (the launcher falls back to the descriptor kernels otherwise).
+The descriptors are made in the kernel (`tl.make_tensor_descriptor`), not on the host: the pass gives each
+consumer its half of a partitioned tile by halving the descriptor's block, which a host-made descriptor, encoded
+before the launch with the whole block, would not follow (its copies would overrun the half-size buffers). That
+needs a global scratch allocator for the descriptors (`triton.set_allocator`, set by the launcher).
 """
 
 from __future__ import annotations
@@ -25,8 +29,19 @@ import triton.language as tl
 
 
 @triton.jit
+def _rows(x, rows, block: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """A descriptor of `block` rows over the (rows, HEAD_DIM) matrix at x."""
+    return tl.make_tensor_descriptor(x, [rows, HEAD_DIM], [HEAD_DIM, 1], [block, HEAD_DIM])
+
+
+@triton.jit
+def _vector(x, rows, block: tl.constexpr):
+    return tl.make_tensor_descriptor(x, [rows], [1], [block])
+
+
+@triton.jit
 def flash_bwd_dkdv_ws_kernel(
-    Q_DESC, K_DESC, V_DESC, DO_DESC, L2_DESC, DELTA_DESC, DK, DV,
+    Q, K, V, DO, L2, Delta, DK, DV,
     N_CTX, sm_scale,
     HEAD_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -35,20 +50,24 @@ def flash_bwd_dkdv_ws_kernel(
     bh = tl.program_id(0)
     pid_n = tl.program_id(1)  # under a causal mask low key tiles see the most queries: they launch first
     sm_scale = tl.cast(sm_scale, tl.float32)
+    rows = tl.num_programs(0) * N_CTX
+    q_desc, do_desc = _rows(Q, rows, BLOCK_M, HEAD_DIM), _rows(DO, rows, BLOCK_M, HEAD_DIM)
+    k_desc, v_desc = _rows(K, rows, BLOCK_N, HEAD_DIM), _rows(V, rows, BLOCK_N, HEAD_DIM)
+    l2_desc, delta_desc = _vector(L2, rows, BLOCK_M), _vector(Delta, rows, BLOCK_M)
     row0 = bh * N_CTX
     start_n = pid_n * BLOCK_N
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    k = K_DESC.load([row0 + start_n, 0])
-    v = V_DESC.load([row0 + start_n, 0])
+    k = k_desc.load([row0 + start_n, 0])
+    v = v_desc.load([row0 + start_n, 0])
     qk_scale = sm_scale * 1.4426950408889634
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     lo = start_n if IS_CAUSAL else 0  # queries < start_n see none of these keys
     for start_m in tl.range(lo, N_CTX, BLOCK_M, warp_specialize=True):
-        q = Q_DESC.load([row0 + start_m, 0])
-        do = DO_DESC.load([row0 + start_m, 0])
-        l2 = L2_DESC.load([row0 + start_m])
-        delta = DELTA_DESC.load([row0 + start_m])
+        q = q_desc.load([row0 + start_m, 0])
+        do = do_desc.load([row0 + start_m, 0])
+        l2 = l2_desc.load([row0 + start_m])
+        delta = delta_desc.load([row0 + start_m])
         qk_t = tl.dot(k, tl.trans(q))
         if IS_CAUSAL:
             offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -68,7 +87,7 @@ def flash_bwd_dkdv_ws_kernel(
 
 @triton.jit
 def flash_bwd_dq_ws_kernel(
-    Q_DESC, K_DESC, V_DESC, DO_DESC, L2_DESC, DELTA_DESC, DQ,
+    Q, K, V, DO, L2, Delta, DQ,
     N_CTX, sm_scale,
     HEAD_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -79,19 +98,23 @@ def flash_bwd_dq_ws_kernel(
     if IS_CAUSAL:  # the longest query tiles of every head launch first
         pid_m = tl.num_programs(1) - 1 - pid_m
     sm_scale = tl.cast(sm_scale, tl.float32)
+    rows = tl.num_programs(0) * N_CTX
+    q_desc, do_desc = _rows(Q, rows, BLOCK_M, HEAD_DIM), _rows(DO, rows, BLOCK_M, HEAD_DIM)
+    k_desc, v_desc = _rows(K, rows, BLOCK_N, HEAD_DIM), _rows(V, rows, BLOCK_N, HEAD_DIM)
+    l2_desc, delta_desc = _vector(L2, rows, BLOCK_M), _vector(Delta, rows, BLOCK_M)
     row0 = bh * N_CTX
     start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
-    q = Q_DESC.load([row0 + start_m, 0])
-    do = DO_DESC.load([row0 + start_m, 0])
-    l2 = L2_DESC.load([row0 + start_m])
-    delta = DELTA_DESC.load([row0 + start_m])
+    q = q_desc.load([row0 + start_m, 0])
+    do = do_desc.load([row0 + start_m, 0])
+    l2 = l2_desc.load([row0 + start_m])
+    delta = delta_desc.load([row0 + start_m])
     qk_scale = sm_scale * 1.4426950408889634
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     hi = start_m + BLOCK_M if IS_CAUSAL else N_CTX
     for start_n in tl.range(0, hi, BLOCK_N, warp_specialize=True):
-        k = K_DESC.load([row0 + start_n, 0])
-        v = V_DESC.load([row0 + start_n, 0])
+        k = k_desc.load([row0 + start_n, 0])
+        v = v_desc.load([row0 + start_n, 0])
         qk = tl.dot(q, tl.trans(k))
         if IS_CAUSAL:
             offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -109,7 +132,7 @@ def flash_bwd_dq_ws_kernel(
 
 @triton.jit
 def flash_fwd_ws_kernel(
-    Q_DESC, K_DESC, V_DESC, Out, L,
+    Q, K, V, Out, L,
     N_CTX, sm_scale,
     HEAD_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -122,18 +145,21 @@ def flash_fwd_ws_kernel(
     if IS_CAUSAL:
         pid_m = tl.num_programs(1) - 1 - pid_m
     sm_scale = tl.cast(sm_scale, tl.float32)
+    rows = tl.num_programs(0) * N_CTX
+    q_desc = _rows(Q, rows, BLOCK_M, HEAD_DIM)
+    k_desc, v_desc = _rows(K, rows, BLOCK_N, HEAD_DIM), _rows(V, rows, BLOCK_N, HEAD_DIM)
     row0 = bh * N_CTX
     start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
-    q = Q_DESC.load([row0 + start_m, 0])
+    q = q_desc.load([row0 + start_m, 0])
     qk_scale = sm_scale * 1.4426950408889634
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     hi = start_m + BLOCK_M if IS_CAUSAL else N_CTX
     for start_n in tl.range(0, hi, BLOCK_N, warp_specialize=True):
-        k = K_DESC.load([row0 + start_n, 0])
-        v = V_DESC.load([row0 + start_n, 0])
+        k = k_desc.load([row0 + start_n, 0])
+        v = v_desc.load([row0 + start_n, 0])
         qk = tl.dot(q, tl.trans(k))
         if IS_CAUSAL:
             offs_n = start_n + tl.arange(0, BLOCK_N)
