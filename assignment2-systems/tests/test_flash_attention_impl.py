@@ -155,6 +155,47 @@ def test_triton_kernels_in_interpreter():
     _run_in_interpreter(code)
 
 
+def test_ws_kernels_in_interpreter():
+    """The warp-specialised kernels' arithmetic (forward and backward mode "ws", `triton_kernels_ws`: descriptors
+    made in the kernel over every head's rows, the causal mask on every tile, L₂ and Delta by descriptor) against
+    the float64 reference, every tile config of each kernel in turn, in Triton's CPU interpreter, which runs
+    the loops as written (the warp specialisation itself is compiled only for a GPU)."""
+    triton = pytest.importorskip("triton")
+    if tuple(int(x) for x in triton.__version__.split(".")[:2]) < (3, 9):
+        pytest.skip("Triton's interpreter before 3.9 cannot loop over tensor-valued range bounds")
+    code = textwrap.dedent(
+        """
+        import torch
+        from cs336_systems.flash_attention import attention_with_lse, triton_impl as ti
+        from cs336_systems.flash_attention.triton_impl import (BackwardTensors, launch_dkdv_ws, launch_dq_ws,
+                                                               launch_fwd_ws, launch_preprocess)
+        kinds = ("fwd_ws", "dq_ws", "dkdv_ws")
+        runs = [(kind, cfg) for kind in kinds for cfg in ti._CONFIG_LISTS[kind](64, False)]
+        for (kind, cfg), dtype in zip(runs, [torch.float32, torch.float16] * len(runs)):
+            ti.forced_configs.update({other: ti._CONFIG_LISTS[other](64, False)[0] for other in kinds})
+            ti.forced_configs[kind] = cfg
+            for causal in (False, True):
+                q, k, v, do = (torch.randn(2, 2, 256, 64).to(dtype) for _ in range(4))
+                o, lse = torch.full_like(q, float("nan")), torch.full((2, 2, 256), float("nan"))
+                launch_fwd_ws(q, k, v, o, lse, causal)
+                t = BackwardTensors(q, k, v, o, do, lse, 64)
+                t.dq, t.dk, t.dv = (torch.full_like(x, float("nan")) for x in (q, k, v))
+                launch_preprocess(t, write_l2=True)
+                launch_dq_ws(t, causal)
+                launch_dkdv_ws(t, causal)
+                q2, k2, v2 = (x.double().requires_grad_() for x in (q, k, v))
+                o2, lse2 = attention_with_lse(q2, k2, v2, causal)
+                grads = torch.autograd.grad(o2, (q2, k2, v2), do.double())
+                tol = 1e-5 if dtype == torch.float32 else 2e-3
+                for name, got, ref in zip(("O", "L", "dQ", "dK", "dV"), (o, lse, t.dq, t.dk, t.dv), (o2, lse2, *grads)):
+                    err = ((got.double() - ref).norm() / ref.norm()).item()
+                    assert err < tol, (kind, cfg, dtype, causal, name, err)
+        print("ok")
+        """
+    )
+    _run_in_interpreter(code)
+
+
 def test_triton_preprocess_and_dq_convert_in_interpreter():
     """The backward's helper kernels against torch, in Triton's CPU interpreter: Delta = rowsum(O ∘ dO),
     L₂ = L·log₂e (what the fused backward reads) and the cleared accumulator; dQ = scale · accumulator, cast
