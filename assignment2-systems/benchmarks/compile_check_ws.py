@@ -1,4 +1,4 @@
-"""Compile the warp-specialised kernels (`triton_kernels_ws`, v11: the backward pair and the forward) for sm_90a
+"""Compile the warp-specialised kernels (`ws_kernels_v11.py`, v11: the forward and the split backward) for sm_90a
 without a GPU and report what Triton's Hopper warp specialisation built: whether the loop became a
 `ttg.warp_specialize` op, the registers its partitions asked for, the warpgroup products and waits in the PTX,
 and ptxas's registers, spills and serialisation warning.
@@ -8,7 +8,7 @@ Needs only Triton 3.6 (the version on the GPU machines; no torch, no GPU):
     /tmp/tri36/bin/python assignment2-systems/benchmarks/compile_check_ws.py \\
         --json assignment2-systems/benchmarks/results/compile_check_ws_v11.json
 
-The kernel module is loaded by file path so that the cs336_systems package (which imports torch) stays out.
+The kernel module is loaded by file path (it needs no torch to compile).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from compile_check_hopper import BUNDLED_PTXAS
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-KERNELS = Path(__file__).resolve().parents[1] / "cs336_systems" / "flash_attention" / "triton_kernels_ws.py"
+KERNELS = Path(__file__).resolve().parent / "ws_kernels_v11.py"
 
 # (kind, query tile, key tile, warps, stages): the consumers split the tile's first dimension (keys for dK/dV,
 # queries for dQ) in two, so that dimension is 128
@@ -38,7 +38,7 @@ TILES = [
 
 
 def load_kernels() -> Any:
-    spec = importlib.util.spec_from_file_location("triton_kernels_ws", KERNELS)
+    spec = importlib.util.spec_from_file_location("ws_kernels_v11", KERNELS)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

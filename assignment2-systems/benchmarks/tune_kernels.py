@@ -10,6 +10,7 @@ import argparse
 import json
 
 import torch
+import ws_kernels_v11 as ws  # this folder: run as a script
 from triton.testing import do_bench
 
 from cs336_systems.flash_attention import triton_impl as ti
@@ -17,10 +18,8 @@ from cs336_systems.flash_attention.triton_impl import (
     BackwardTensors,
     launch_dkdv,
     launch_dkdv_desc,
-    launch_dkdv_ws,
     launch_dq,
     launch_dq_desc,
-    launch_dq_ws,
     launch_preprocess,
 )
 
@@ -120,15 +119,15 @@ ONE_LOOP = {
     "dkdv_desc1": [(64, 64, 4, 2, None, 168), (64, 64, 4, 3, None, 168), (64, 64, 4, 4, None, 168),
                    (64, 64, 4, 3), (32, 64, 4, 3, None, 128), (32, 64, 4, 3, None, 168), (32, 64, 4, 4, None, 128)],
 }
-# v11: the split pair under Triton's Hopper warp specialisation (triton_kernels_ws: a producer warpgroup, two
-# consumers of 64 rows each) beside the descriptor pair's defaults, whose outputs they are checked against
+# v11: the forward and the split pair under Triton's Hopper warp specialisation (ws_kernels_v11.py: a producer
+# warpgroup, two consumers of 64 rows each) beside the defaults, whose outputs they are checked against
 WARP_SPECIALIZED = {
     "fwd": [(128, 64, 8, 3, None, 112)],
-    "fwd_ws": [(128, 64, 4, 3), (128, 64, 4, 2), (128, 128, 4, 2), (128, 128, 4, 3)],
+    "fwd_ws": ws.FWD_CONFIGS,
     "dq_desc": [(128, 64, 8, 3, None, 128)],
     "dkdv_desc": [(64, 64, 4, 2, None, 168)],
-    "dq_ws": [(128, 64, 4, 3), (128, 64, 4, 2), (128, 32, 4, 3), (128, 128, 4, 2)],
-    "dkdv_ws": [(64, 128, 4, 2), (64, 128, 4, 3), (32, 128, 4, 2), (32, 128, 4, 3)],
+    "dq_ws": ws.DQ_CONFIGS,
+    "dkdv_ws": ws.DKDV_CONFIGS,
 }
 ROUNDS = {"v6": CANDIDATES, "v6-refine": REFINE, "v7": POLY, "v7-sustained": SUSTAINED, "v8": DESC,
           "v8-refine": DESC_REFINE, "v9": FUSED, "v10": ONE_LOOP,
@@ -192,9 +191,9 @@ def main() -> None:
                 "dkdv_desc": lambda t=t: launch_dkdv_desc(t, causal, one_loop=False),
                 "dkdv_desc1": lambda t=t: launch_dkdv_desc(t, causal, one_loop=True),
                 "dkdv_fused": lambda t=t: launch_dkdv_desc(t, causal, fused_dq=True),
-                "dq_ws": lambda t=t: launch_dq_ws(t, causal),
-                "dkdv_ws": lambda t=t: launch_dkdv_ws(t, causal),
-                "fwd_ws": lambda: (ti.launch_fwd_ws(q, k, v, o_ws, lse_ws, causal), o_ws, lse_ws)[1:],
+                "dq_ws": lambda t=t, cfg=cfg: ws.launch_dq(t, causal, cfg),
+                "dkdv_ws": lambda t=t, cfg=cfg: ws.launch_dkdv(t, causal, cfg),
+                "fwd_ws": lambda cfg=cfg: (ws.launch_fwd(q, k, v, o_ws, lse_ws, causal, cfg), o_ws, lse_ws),
             }
             fn = launchers[kind]
             row = {"kind": kind, "cfg": cfg}
@@ -205,14 +204,17 @@ def main() -> None:
                          "dkdv_tma": [t.dk, t.dv, t.dq_acc], "dq_desc": [t.dq], "dkdv_desc": [t.dk, t.dv],
                          "dkdv_desc1": [t.dk, t.dv],
                          "dkdv_fused": [t.dk, t.dv, t.dq_acc], "dq_ws": [t.dq], "dkdv_ws": [t.dk, t.dv],
-                         "fwd_ws": list(compiled) if kind == "fwd_ws" else []}[kind]
+                         "fwd_ws": list(compiled[1:]) if kind == "fwd_ws" else []}[kind]
                 out = torch.cat([x.flatten().float() for x in parts])
                 reference = out if reference is None else reference
                 references.setdefault(same_as, reference)
                 row["rel_err_vs_first"] = ((out - reference).norm() / reference.norm()).item()
                 ms = do_bench(fn, warmup=25, rep=args.rep, return_mode="median")
                 row.update(ms=ms, tflops=products[kind] * one / (ms * 1e-3) / 1e12)
-                compiled = ti.last_compiled.get(kind)
+                if kind in ("fwd_ws", "dq_ws", "dkdv_ws"):  # launched directly: fn returns the compiled kernel
+                    compiled = fn()[0] if kind == "fwd_ws" else fn()
+                else:
+                    compiled = ti.last_compiled.get(kind)
                 row.update(regs=getattr(compiled, "n_regs", None), spills=getattr(compiled, "n_spills", None),
                            **sass_stats(compiled))
             except Exception as e:  # out of shared memory/registers: report and go on

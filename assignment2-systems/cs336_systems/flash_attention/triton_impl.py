@@ -10,10 +10,7 @@ other's tail of idle SMs;
 "tma" (Hopper and newer): like "atomic", but each dQ tile is added by one bulk reduction of the tensor memory
 accelerator (`cp.reduce.async.bulk.tensor`) instead of one atomic per element, off the compute threads;
 "fused" (Hopper and newer, 2-byte dtypes): the same single dK/dV/dQ kernel built on the tensor-descriptor
-dK/dV kernel of `triton_kernels_desc` (falls back to "split" where descriptors cannot run);
-"ws" (Hopper, 2-byte dtypes, d ≤ 64, equal query and key lengths that are multiples of 128): the split pair
-of `triton_kernels_ws`, a producer warpgroup and two consumer warpgroups per program built by Triton's own
-warp specialisation (falls back to "split" elsewhere).
+dK/dV kernel of `triton_kernels_desc` (falls back to "split" where descriptors cannot run).
 On Hopper and newer, for 2-byte dtypes with 16-byte aligned strides, "split" runs the kernels of
 `triton_kernels_desc`, which move every tile through tensor descriptors (set CS336_FA2_DESC=0 or
 `set_descriptors(False)` for the pointer kernels).
@@ -37,11 +34,10 @@ from torch import Tensor
 
 from cs336_systems.flash_attention import triton_kernels as tk
 from cs336_systems.flash_attention import triton_kernels_desc as tkd
-from cs336_systems.flash_attention import triton_kernels_ws as tkw
 from cs336_systems.flash_attention._common import alloc, as_4d, check_qkv
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-BACKWARD_MODES = ("split", "concurrent", "atomic", "tma", "fused", "ws")
+BACKWARD_MODES = ("split", "concurrent", "atomic", "tma", "fused")
 MAX_HEAD_DIM = 128
 
 _settings: dict[str, Any] = {
@@ -51,23 +47,13 @@ _settings: dict[str, Any] = {
     "descriptors": os.environ.get("CS336_FA2_DESC", "1") != "0",
     "launch_cache": os.environ.get("CS336_FA2_LAUNCH_CACHE", "0") == "1",
     "dkdv_one_loop": os.environ.get("CS336_FA2_DKDV_ONE_LOOP", "0") == "1",
-    "forward": os.environ.get("CS336_FA2_FWD", "default"),
 }
-
-
-def set_forward_mode(mode: str) -> None:
-    """"default" (`triton_kernels.flash_fwd_kernel`) or "ws" (`triton_kernels_ws.flash_fwd_ws_kernel`, Triton's
-    Hopper warp specialisation; where it cannot run, the default)."""
-    if mode not in ("default", "ws"):
-        raise ValueError(f"forward mode must be 'default' or 'ws', not {mode!r}")
-    _settings["forward"] = mode
 
 
 def set_backward_mode(mode: str) -> None:
     """"split" (dQ kernel, then dK/dV kernel), "concurrent" (the two on two streams), "atomic" (one kernel,
     float32 atomic dQ), "tma" (one kernel, dQ tiles reduced by the tensor memory accelerator) or "fused" (the
-    same with tensor descriptors for every tile) or "ws" (the split pair under Triton's Hopper warp
-    specialisation, `triton_kernels_ws`; where it cannot run, "split")."""
+    same with tensor descriptors for every tile)."""
     if mode not in BACKWARD_MODES:
         raise ValueError(f"backward mode must be one of {BACKWARD_MODES}, not {mode!r}")
     _settings["backward"] = mode
@@ -189,31 +175,13 @@ def _dkdv_fused_configs(head_dim: int, wide: bool) -> list[tuple]:
     return [(64, 64, 8, 2), (32, 64, 8, 2), (16, 64, 4, 2)]
 
 
-# the warp-specialised kernels (forward and backward mode "ws"): (BLOCK_M, BLOCK_N, warps, stages); 4 warps is what
-# Triton's Hopper warp specialisation takes (a 4-warp producer partition and two 4-warp consumers, which split
-# the tile's first dimension: 128 keys for dK/dV, 128 queries for dQ); local sm_90a compiles in
-# benchmarks/results/compile_check_ws_v11.json
-def _dq_ws_configs(head_dim: int, wide: bool) -> list[tuple]:
-    return [(128, 64, 4, 3), (128, 64, 4, 2), (128, 32, 4, 3), (128, 128, 4, 2)]
-
-
-def _dkdv_ws_configs(head_dim: int, wide: bool) -> list[tuple]:
-    return [(64, 128, 4, 2), (64, 128, 4, 3), (32, 128, 4, 2), (32, 128, 4, 3)]
-
-
-def _fwd_ws_configs(head_dim: int, wide: bool) -> list[tuple]:
-    return [(128, 64, 4, 3), (128, 64, 4, 2), (128, 128, 4, 2), (128, 128, 4, 3)]
-
-
 _CONFIG_LISTS = {"fwd": _fwd_configs, "dkdv": _dkdv_configs, "dq": _dq_configs, "dkdv_tma": _dkdv_tma_configs,
                  "dq_desc": _dq_desc_configs, "dkdv_desc": _dkdv_desc_configs, "dkdv_desc1": _dkdv_desc1_configs,
-                 "dkdv_fused": _dkdv_fused_configs, "dq_ws": _dq_ws_configs, "dkdv_ws": _dkdv_ws_configs,
-                 "fwd_ws": _fwd_ws_configs}
+                 "dkdv_fused": _dkdv_fused_configs}
 _KERNELS = {"fwd": tk.flash_fwd_kernel, "dkdv": tk.flash_bwd_dkdv_kernel, "dq": tk.flash_bwd_dq_kernel,
             "dkdv_tma": tk.flash_bwd_dkdv_kernel, "dq_desc": tkd.flash_bwd_dq_desc_kernel,
             "dkdv_desc": tkd.flash_bwd_dkdv_desc_kernel, "dkdv_desc1": tkd.flash_bwd_dkdv_desc_kernel,
-            "dkdv_fused": tkd.flash_bwd_dkdv_desc_kernel, "dq_ws": tkw.flash_bwd_dq_ws_kernel,
-            "dkdv_ws": tkw.flash_bwd_dkdv_ws_kernel, "fwd_ws": tkw.flash_fwd_ws_kernel}
+            "dkdv_fused": tkd.flash_bwd_dkdv_desc_kernel}
 _tuned_cache: dict[tuple, Any] = {}
 # (kind, head dim, wide, atomic dQ, N_QUERIES, N_KEYS, IS_CAUSAL, dtype) -> the config the autotuner chose there
 _chosen_configs: dict[tuple, triton.Config] = {}
@@ -359,11 +327,8 @@ def flash_forward(q: Tensor, k: Tensor, v: Tensor, is_causal: bool) -> tuple[Ten
         *_strides(q4), *_strides(k4), *_strides(v4), *_strides(o4), *_strides(lse),
         h, n_q, n_k, 1.0 / math.sqrt(d),
     )
-    if _settings["forward"] == "ws" and _ws_shape_ok(q4, k4, v4):
-        launch_fwd_ws(q4.contiguous(), k4.contiguous(), v4.contiguous(), o4, lse, bool(is_causal))
-    else:
-        consts = {"HEAD_DIM": d_pad, "IS_CAUSAL": bool(is_causal), "PRECISION": _precision(q.dtype)}
-        _launch("fwd", n_q, b * h, d_pad, q.dtype == torch.float32, args, consts)
+    consts = {"HEAD_DIM": d_pad, "IS_CAUSAL": bool(is_causal), "PRECISION": _precision(q.dtype)}
+    _launch("fwd", n_q, b * h, d_pad, q.dtype == torch.float32, args, consts)
     o = o4[..., :d] if d_pad != d else o4
     if q.ndim == 3:
         o, lse = o.squeeze(1), lse.squeeze(1)
@@ -398,8 +363,6 @@ def flash_backward(
         main.wait_stream(side)  # later frees/reuses on the main stream are ordered after the dQ kernel
     elif _settings["backward"] == "fused" and _ready_for_descriptors(t):
         launch_fused_desc(t, is_causal)
-    elif _settings["backward"] == "ws" and _ready_for_ws(t):
-        launch_ws(t, is_causal)
     elif _settings["descriptors"] and _ready_for_descriptors(t):
         launch_dq_desc(t, is_causal)
         launch_dkdv_desc(t, is_causal)
@@ -431,27 +394,6 @@ def _ready_for_descriptors(t: BackwardTensors) -> bool:
     for name in ("q", "k", "v", "o", "do"):
         x = getattr(t, name)
         if not _descriptor_layout(x):
-            setattr(t, name, x.contiguous())
-    return True
-
-
-def _ws_shape_ok(q4: Tensor, k4: Tensor, v4: Tensor) -> bool:
-    """What the warp-specialised kernels take (`triton_kernels_ws`): Hopper, not the interpreter, a 2-byte dtype,
-    d = 64 (the consumers' registers are sized for it), equal query and key lengths that are multiples of 128
-    (every tile inside one head: their descriptors are 2-D over all heads' rows)."""
-    if not _has_tma(q4) or torch.cuda.get_device_capability(q4.device)[0] != 9 or q4.dtype.itemsize != 2:
-        return False
-    return q4.shape[-1] == 64 and q4.shape[2] == k4.shape[2] == v4.shape[2] and q4.shape[2] % 128 == 0
-
-
-def _ready_for_ws(t: BackwardTensors) -> bool:
-    """Whether the warp-specialised pair can run (`_ws_shape_ok` and the descriptor backward's conditions);
-    inputs that are not contiguous are copied."""
-    if not _ws_shape_ok(t.q, t.k, t.v) or not _ready_for_descriptors(t):
-        return False
-    for name in ("q", "k", "v", "do"):
-        x = getattr(t, name)
-        if not x.is_contiguous():
             setattr(t, name, x.contiguous())
     return True
 
@@ -600,45 +542,6 @@ def launch_fused_desc(t: BackwardTensors, is_causal: bool) -> None:
     t.dq_acc = torch.empty((t.b, t.h, t.n_q, t.d_pad), dtype=torch.float32, device=t.q.device)
     launch_dkdv_desc(t, is_causal, fused_dq=True)
     launch_dq_convert(t, scale=t.sm_scale)
-
-
-def launch_ws(t: BackwardTensors, is_causal: bool) -> None:
-    """Backward mode "ws": Delta and L₂ by the preprocess kernel, then the warp-specialised dQ and dK/dV kernels
-    (`triton_kernels_ws`)."""
-    launch_preprocess(t, write_l2=True)
-    launch_dq_ws(t, is_causal)
-    launch_dkdv_ws(t, is_causal)
-
-
-def _scratch(size: int, alignment: int, stream) -> Tensor:
-    """Global memory for the tensor descriptors the warp-specialised kernels make on the device."""
-    return torch.empty(size, dtype=torch.int8, device="cuda")
-
-
-def _ws_args(t: BackwardTensors) -> tuple:
-    """q, k, v, dO (contiguous: `_ready_for_ws`) and L₂, Delta from the preprocess; the kernels make their
-    descriptors over (batch·heads·seq, d) rows themselves, in scratch from the allocator set here."""
-    triton.set_allocator(_scratch)
-    return t.q, t.k, t.v, t.do, t.l2, t.delta
-
-
-def launch_fwd_ws(q4: Tensor, k4: Tensor, v4: Tensor, o4: Tensor, lse: Tensor, is_causal: bool):
-    """Forward mode "ws": O and L of contiguous (batch, heads, seq, 64) inputs."""
-    b, h, n, d = q4.shape
-    triton.set_allocator(_scratch)
-    consts = {"HEAD_DIM": d, "IS_CAUSAL": is_causal}
-    return _launch("fwd_ws", n, b * h, d, False, (q4, k4, v4, o4, lse, n, 1.0 / math.sqrt(d)), consts)
-
-
-def launch_dq_ws(t: BackwardTensors, is_causal: bool):
-    consts = {"HEAD_DIM": t.d_pad, "IS_CAUSAL": bool(is_causal)}
-    return _launch("dq_ws", t.n_q, t.b * t.h, t.d_pad, t.wide, (*_ws_args(t), t.dq, t.n_q, t.sm_scale), consts)
-
-
-def launch_dkdv_ws(t: BackwardTensors, is_causal: bool):
-    consts = {"HEAD_DIM": t.d_pad, "IS_CAUSAL": bool(is_causal)}
-    return _launch("dkdv_ws", t.n_k, t.b * t.h, t.d_pad, t.wide, (*_ws_args(t), t.dk, t.dv, t.n_q, t.sm_scale),
-                   consts)
 
 
 def launch_dq_convert(t: BackwardTensors, scale: float = 1.0) -> None:

@@ -1,25 +1,26 @@
-"""The split backward (dQ kernel, dK/dV kernel) under Triton's own Hopper warp specialisation (v11).
+"""v11, an experiment kept for the record (benchmarks/NOTES.md, "v11"): the forward and the split backward under
+Triton's own Hopper warp specialisation. Falsified on an H100: every kernel slower than the default it would
+replace, and wrong on the GPU in places (NaN rows); not part of `cs336_systems`. `tune_kernels.py --round v11`
+times these beside the defaults, `compile_check_ws.py` shows what the compiler built.
 
-Why: at the leaderboard shape the descriptor kernels (`triton_kernels_desc`) are held by register-limited
-occupancy, not by waits (NOTES.md, v10): three 4-warp programs per SM at 168 registers, each running its four
-products and its exponentials one after another. FlashAttention-3 instead runs one producer warpgroup that only
-issues TMA copies and gives its registers away (`setmaxnreg`), and two consumer warpgroups of ~240 registers that
-each own half of the tile, so one consumer's exponentials run while the other's products do. Triton 3.6 builds
-that structure itself on sm_90 (its `nvgpu-warp-specialization` pass, from Meta) for a loop marked
-`tl.range(..., warp_specialize=True)` in a 4-warp kernel: a producer partition for the loop's descriptor loads
-and two consumer partitions of 4 warps (232 registers requested each), the tile's M dimension split between them.
+Why it was tried: at the leaderboard shape the descriptor kernels (`triton_kernels_desc`) are held by
+register-limited occupancy, not by waits (NOTES.md, v10): three 4-warp programs per SM at 168 registers, each
+running its products and its exponentials one after another. FlashAttention-3 instead runs one producer warpgroup
+that only issues TMA copies and gives its registers away (`setmaxnreg`), and two consumer warpgroups of ~240
+registers that each own half of the tile. Triton 3.6 builds that structure itself on sm_90 (its
+`nvgpu-warp-specialization` pass, from Meta) for a loop marked `tl.range(..., warp_specialize=True)` in a 4-warp
+kernel: a producer partition for the loop's descriptor loads and two consumer partitions of 4 warps (232
+registers requested each), the tile's first dimension split between them.
 
-What that pass takes, found by compiling for sm_90 without a GPU (`benchmarks/compile_check_ws.py`): descriptor
-loads (not pointer loads) for everything the partitioned loop reads, 1-D descriptors for the per-row vectors
-(L₂, Delta), no reductions (Delta comes from `triton_kernels.flash_bwd_preprocess_kernel`), no descriptor
-stores of a partitioned tile (the epilogue stores through pointers), and one loop: a masked diagonal loop
-before the warp-specialised one breaks the pass, so the causal mask is applied on every tile of the one loop.
-Tiles are rows of 2-D descriptors over (batch·heads·seq, d), so every tile must lie inside one head: the
-sequence length must be a multiple of both tiles (the launcher falls back to the descriptor kernels otherwise).
-The descriptors are made in the kernel (`tl.make_tensor_descriptor`), not on the host: the pass gives each
+What that pass takes, found by compiling for sm_90 without a GPU: descriptor loads (not pointer loads) for
+everything the partitioned loop reads, 1-D descriptors for the per-row vectors (L₂, Delta), no reduction
+before the loop (Delta comes from `triton_kernels.flash_bwd_preprocess_kernel`), no descriptor store of a
+partitioned tile (the epilogue stores through pointers), and one loop: a masked diagonal loop before or after
+the specialised one breaks the pass or stops it, so the causal mask is applied on every tile. Tiles are rows of
+2-D descriptors over (batch·heads·seq, d): the sequence length must be a multiple of 128, d = 64, and the
+tensors contiguous. The descriptors are made in the kernel (`tl.make_tensor_descriptor`): the pass hands each
 consumer its half of a partitioned tile by halving the descriptor's block, which a host-made descriptor, encoded
-before the launch with the whole block, would not follow (its copies would overrun the half-size buffers). That
-needs a global scratch allocator for the descriptors (`triton.set_allocator`, set by the launcher).
+with the whole block before the launch, would not follow (its copies would overrun the half-size buffers).
 """
 
 from __future__ import annotations
@@ -179,3 +180,52 @@ def flash_fwd_ws_kernel(
     rows = (row0 + offs_m).to(tl.int64)
     tl.store(Out + rows[:, None] * HEAD_DIM + offs_d[None, :], acc.to(Out.dtype.element_ty))
     tl.store(L + rows, (m_i + tl.math.log2(l_i)) * 0.6931471805599453)
+
+
+# ---------------------------------------------------------------------------------------------- launchers
+# (BLOCK_M, BLOCK_N, warps, stages): what the GPU run timed (results/tune_v11_ws_h100.json); 4 warps is what the
+# pass specialises
+FWD_CONFIGS = [(128, 64, 4, 3), (128, 64, 4, 2), (128, 128, 4, 2), (128, 128, 4, 3)]
+DQ_CONFIGS = [(128, 64, 4, 3), (128, 64, 4, 2), (128, 32, 4, 3), (128, 128, 4, 2)]
+DKDV_CONFIGS = [(64, 128, 4, 2), (64, 128, 4, 3), (32, 128, 4, 2), (32, 128, 4, 3)]
+
+
+def _scratch(size: int, alignment: int, stream):
+    """Global memory for the descriptors the kernels make on the device."""
+    import torch
+
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _check(*tensors) -> None:
+    for x in tensors:
+        if not x.is_contiguous() or x.shape[-1] != 64 or x.shape[-2] % 128:
+            raise ValueError(f"v11's kernels take contiguous (..., seq % 128 == 0, 64) tensors, got {tuple(x.shape)}")
+
+
+def launch_fwd(q, k, v, o, lse, causal: bool, cfg: tuple):
+    """O and the natural-log L (both preallocated, contiguous) of (batch, heads, seq, 64) q, k, v."""
+    _check(q, k, v, o)
+    b, h, n, d = q.shape
+    triton.set_allocator(_scratch)
+    return flash_fwd_ws_kernel[(b * h, n // cfg[0])](
+        q, k, v, o, lse, n, 1.0 / d**0.5, HEAD_DIM=d, IS_CAUSAL=causal, BLOCK_M=cfg[0], BLOCK_N=cfg[1],
+        num_warps=cfg[2], num_stages=cfg[3])
+
+
+def launch_dq(t, causal: bool, cfg: tuple):
+    """dQ into t.dq; t is `triton_impl.BackwardTensors` with t.l2 and t.delta from `launch_preprocess`."""
+    _check(t.q, t.k, t.v, t.do, t.dq)
+    triton.set_allocator(_scratch)
+    return flash_bwd_dq_ws_kernel[(t.b * t.h, t.n_q // cfg[0])](
+        t.q, t.k, t.v, t.do, t.l2, t.delta, t.dq, t.n_q, t.sm_scale, HEAD_DIM=t.d_pad, IS_CAUSAL=causal,
+        BLOCK_M=cfg[0], BLOCK_N=cfg[1], num_warps=cfg[2], num_stages=cfg[3])
+
+
+def launch_dkdv(t, causal: bool, cfg: tuple):
+    """dK, dV into t.dk, t.dv (as `launch_dq`)."""
+    _check(t.q, t.k, t.v, t.do, t.dk, t.dv)
+    triton.set_allocator(_scratch)
+    return flash_bwd_dkdv_ws_kernel[(t.b * t.h, t.n_k // cfg[1])](
+        t.q, t.k, t.v, t.do, t.l2, t.delta, t.dk, t.dv, t.n_q, t.sm_scale, HEAD_DIM=t.d_pad, IS_CAUSAL=causal,
+        BLOCK_M=cfg[0], BLOCK_N=cfg[1], num_warps=cfg[2], num_stages=cfg[3])
