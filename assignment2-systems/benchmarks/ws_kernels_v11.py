@@ -41,6 +41,15 @@ def _vector(x, rows, block: tl.constexpr):
 
 
 @triton.jit
+def _backward_descriptors(Q, K, V, DO, L2, Delta, N_CTX, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                          BLOCK_N: tl.constexpr):
+    """q, dO by query tiles, k, v by key tiles, L₂ and Delta by query tiles, over every head's rows."""
+    rows = tl.num_programs(0) * N_CTX
+    return (_rows(Q, rows, BLOCK_M, HEAD_DIM), _rows(K, rows, BLOCK_N, HEAD_DIM), _rows(V, rows, BLOCK_N, HEAD_DIM),
+            _rows(DO, rows, BLOCK_M, HEAD_DIM), _vector(L2, rows, BLOCK_M), _vector(Delta, rows, BLOCK_M))
+
+
+@triton.jit
 def flash_bwd_dkdv_ws_kernel(
     Q, K, V, DO, L2, Delta, DK, DV,
     N_CTX, sm_scale,
@@ -51,10 +60,8 @@ def flash_bwd_dkdv_ws_kernel(
     bh = tl.program_id(0)
     pid_n = tl.program_id(1)  # under a causal mask low key tiles see the most queries: they launch first
     sm_scale = tl.cast(sm_scale, tl.float32)
-    rows = tl.num_programs(0) * N_CTX
-    q_desc, do_desc = _rows(Q, rows, BLOCK_M, HEAD_DIM), _rows(DO, rows, BLOCK_M, HEAD_DIM)
-    k_desc, v_desc = _rows(K, rows, BLOCK_N, HEAD_DIM), _rows(V, rows, BLOCK_N, HEAD_DIM)
-    l2_desc, delta_desc = _vector(L2, rows, BLOCK_M), _vector(Delta, rows, BLOCK_M)
+    q_desc, k_desc, v_desc, do_desc, l2_desc, delta_desc = _backward_descriptors(Q, K, V, DO, L2, Delta, N_CTX,
+                                                                                 HEAD_DIM, BLOCK_M, BLOCK_N)
     row0 = bh * N_CTX
     start_n = pid_n * BLOCK_N
     offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -81,9 +88,9 @@ def flash_bwd_dkdv_ws_kernel(
         ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
         dk = tl.dot(ds_t, q, dk)
     offs_d = tl.arange(0, HEAD_DIM)
-    rows = (row0 + offs_n).to(tl.int64)[:, None] * HEAD_DIM + offs_d[None, :]
-    tl.store(DK + rows, (dk * sm_scale).to(DK.dtype.element_ty))
-    tl.store(DV + rows, dv.to(DV.dtype.element_ty))
+    out = (row0 + offs_n).to(tl.int64)[:, None] * HEAD_DIM + offs_d[None, :]
+    tl.store(DK + out, (dk * sm_scale).to(DK.dtype.element_ty))
+    tl.store(DV + out, dv.to(DV.dtype.element_ty))
 
 
 @triton.jit
@@ -99,10 +106,8 @@ def flash_bwd_dq_ws_kernel(
     if IS_CAUSAL:  # the longest query tiles of every head launch first
         pid_m = tl.num_programs(1) - 1 - pid_m
     sm_scale = tl.cast(sm_scale, tl.float32)
-    rows = tl.num_programs(0) * N_CTX
-    q_desc, do_desc = _rows(Q, rows, BLOCK_M, HEAD_DIM), _rows(DO, rows, BLOCK_M, HEAD_DIM)
-    k_desc, v_desc = _rows(K, rows, BLOCK_N, HEAD_DIM), _rows(V, rows, BLOCK_N, HEAD_DIM)
-    l2_desc, delta_desc = _vector(L2, rows, BLOCK_M), _vector(Delta, rows, BLOCK_M)
+    q_desc, k_desc, v_desc, do_desc, l2_desc, delta_desc = _backward_descriptors(Q, K, V, DO, L2, Delta, N_CTX,
+                                                                                 HEAD_DIM, BLOCK_M, BLOCK_N)
     row0 = bh * N_CTX
     start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -127,8 +132,8 @@ def flash_bwd_dq_ws_kernel(
         ds = (p * (dp - delta[:, None])).to(k.dtype)
         dq = tl.dot(ds, k, dq)
     offs_d = tl.arange(0, HEAD_DIM)
-    rows = (row0 + offs_m).to(tl.int64)[:, None] * HEAD_DIM + offs_d[None, :]
-    tl.store(DQ + rows, (dq * sm_scale).to(DQ.dtype.element_ty))
+    out = (row0 + offs_m).to(tl.int64)[:, None] * HEAD_DIM + offs_d[None, :]
+    tl.store(DQ + out, (dq * sm_scale).to(DQ.dtype.element_ty))
 
 
 @triton.jit
