@@ -41,6 +41,18 @@ def _vector(x, rows, block: tl.constexpr):
 
 
 @triton.jit
+def _key_tile(q, k_desc, v_desc, row0, start_n, offs_m, qk_scale, IS_CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr):
+    """K, V of one key tile and Q·Kᵀ: raw without a mask, scaled by qk_scale and causally masked with one."""
+    k = k_desc.load([row0 + start_n, 0])
+    v = v_desc.load([row0 + start_n, 0])
+    qk = tl.dot(q, tl.trans(k))
+    if IS_CAUSAL:
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        qk = tl.where(offs_m[:, None] >= offs_n[None, :], qk * qk_scale, float("-inf"))
+    return k, v, qk
+
+
+@triton.jit
 def _backward_descriptors(Q, K, V, DO, L2, Delta, N_CTX, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
                           BLOCK_N: tl.constexpr):
     """q, dO by query tiles, k, v by key tiles, L₂ and Delta by query tiles, over every head's rows."""
@@ -119,12 +131,8 @@ def flash_bwd_dq_ws_kernel(
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     hi = start_m + BLOCK_M if IS_CAUSAL else N_CTX
     for start_n in tl.range(0, hi, BLOCK_N, warp_specialize=True):
-        k = k_desc.load([row0 + start_n, 0])
-        v = v_desc.load([row0 + start_n, 0])
-        qk = tl.dot(q, tl.trans(k))
+        k, v, qk = _key_tile(q, k_desc, v_desc, row0, start_n, offs_m, qk_scale, IS_CAUSAL, BLOCK_N)
         if IS_CAUSAL:
-            offs_n = start_n + tl.arange(0, BLOCK_N)
-            qk = tl.where(offs_m[:, None] >= offs_n[None, :], qk * qk_scale, float("-inf"))
             p = tl.math.exp2(qk - l2[:, None])
         else:
             p = tl.math.exp2(qk * qk_scale - l2[:, None])
@@ -164,12 +172,8 @@ def flash_fwd_ws_kernel(
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     hi = start_m + BLOCK_M if IS_CAUSAL else N_CTX
     for start_n in tl.range(0, hi, BLOCK_N, warp_specialize=True):
-        k = k_desc.load([row0 + start_n, 0])
-        v = v_desc.load([row0 + start_n, 0])
-        qk = tl.dot(q, tl.trans(k))
+        _, v, qk = _key_tile(q, k_desc, v_desc, row0, start_n, offs_m, qk_scale, IS_CAUSAL, BLOCK_N)
         if IS_CAUSAL:
-            offs_n = start_n + tl.arange(0, BLOCK_N)
-            qk = tl.where(offs_m[:, None] >= offs_n[None, :], qk * qk_scale, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(qk, 1))
             p = tl.math.exp2(qk - m_new[:, None])
         else:
