@@ -212,29 +212,29 @@ def _check(*tensors) -> None:
             raise ValueError(f"v11's kernels take contiguous (..., seq % 128 == 0, 64) tensors, got {tuple(x.shape)}")
 
 
+def _launch(kernel, grid: tuple, args: tuple, head_dim: int, causal: bool, cfg: tuple):
+    """One launch of a v11 kernel with tile config cfg; returns the compiled kernel."""
+    triton.set_allocator(_scratch)
+    return kernel[grid](*args, HEAD_DIM=head_dim, IS_CAUSAL=causal, BLOCK_M=cfg[0], BLOCK_N=cfg[1],
+                        num_warps=cfg[2], num_stages=cfg[3])
+
+
 def launch_fwd(q, k, v, o, lse, causal: bool, cfg: tuple):
     """O and the natural-log L (both preallocated, contiguous) of (batch, heads, seq, 64) q, k, v."""
     _check(q, k, v, o)
     b, h, n, d = q.shape
-    triton.set_allocator(_scratch)
-    return flash_fwd_ws_kernel[(b * h, n // cfg[0])](
-        q, k, v, o, lse, n, 1.0 / d**0.5, HEAD_DIM=d, IS_CAUSAL=causal, BLOCK_M=cfg[0], BLOCK_N=cfg[1],
-        num_warps=cfg[2], num_stages=cfg[3])
+    return _launch(flash_fwd_ws_kernel, (b * h, n // cfg[0]), (q, k, v, o, lse, n, 1.0 / d**0.5), d, causal, cfg)
 
 
 def launch_dq(t, causal: bool, cfg: tuple):
     """dQ into t.dq; t is `triton_impl.BackwardTensors` with t.l2 and t.delta from `launch_preprocess`."""
     _check(t.q, t.k, t.v, t.do, t.dq)
-    triton.set_allocator(_scratch)
-    return flash_bwd_dq_ws_kernel[(t.b * t.h, t.n_q // cfg[0])](
-        t.q, t.k, t.v, t.do, t.l2, t.delta, t.dq, t.n_q, t.sm_scale, HEAD_DIM=t.d_pad, IS_CAUSAL=causal,
-        BLOCK_M=cfg[0], BLOCK_N=cfg[1], num_warps=cfg[2], num_stages=cfg[3])
+    args = (t.q, t.k, t.v, t.do, t.l2, t.delta, t.dq, t.n_q, t.sm_scale)
+    return _launch(flash_bwd_dq_ws_kernel, (t.b * t.h, t.n_q // cfg[0]), args, t.d_pad, causal, cfg)
 
 
 def launch_dkdv(t, causal: bool, cfg: tuple):
     """dK, dV into t.dk, t.dv (as `launch_dq`)."""
     _check(t.q, t.k, t.v, t.do, t.dk, t.dv)
-    triton.set_allocator(_scratch)
-    return flash_bwd_dkdv_ws_kernel[(t.b * t.h, t.n_k // cfg[1])](
-        t.q, t.k, t.v, t.do, t.l2, t.delta, t.dk, t.dv, t.n_q, t.sm_scale, HEAD_DIM=t.d_pad, IS_CAUSAL=causal,
-        BLOCK_M=cfg[0], BLOCK_N=cfg[1], num_warps=cfg[2], num_stages=cfg[3])
+    args = (t.q, t.k, t.v, t.do, t.l2, t.delta, t.dk, t.dv, t.n_q, t.sm_scale)
+    return _launch(flash_bwd_dkdv_ws_kernel, (t.b * t.h, t.n_k // cfg[1]), args, t.d_pad, causal, cfg)
