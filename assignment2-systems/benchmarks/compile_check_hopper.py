@@ -81,9 +81,10 @@ def ws_variant(mod: Any, dtype: str, head_dim: int, causal: bool, block_m: int, 
 
 
 def bwd_variant(mod: Any, dtype: str, head_dim: int, causal: bool, block_m: int, block_n: int, stages: int,
-                num_warps: int) -> tuple[Any, dict, dict, dict]:
-    """The Gluon dK/dV kernel (fa3-v2): key tile block_n resident, query tiles of block_m through the ring."""
-    kernel = mod.flash_bwd_dkdv_hopper_kernel
+                num_warps: int, kernel: str = "flash_bwd_dkdv_hopper_kernel") -> tuple[Any, dict, dict, dict]:
+    """A Gluon dK/dV kernel (fa3-v2's by default): key tile block_n resident, query tiles of block_m through the
+    ring."""
+    kernel = getattr(mod, kernel)
     sig = {
         "q_desc": desc_type(dtype, [block_m, head_dim]),
         "k_desc": desc_type(dtype, [block_n, head_dim]),
@@ -272,6 +273,13 @@ BWD_VARIANTS = [
     for dt in ("bf16", "fp16") for d, bm, bn, st, nw in BWD_TILES for c in (True, False)
 ]
 
+# pipelined dK/dV (fa3-v5): one warpgroup, 64 keys × 64 queries, 3-4 stages
+BWD5_VARIANTS = [
+    {"dtype": dt, "head_dim": d, "causal": c, "block_m": 64, "block_n": 64, "stages": st, "num_warps": 4,
+     "kernel": "flash_bwd_dkdv_hopper_v5_kernel"}
+    for dt in ("bf16", "fp16") for d, st in ((64, 3), (64, 4), (128, 3)) for c in (True, False)
+]
+
 # warp-specialised forward (fa3-v4): (head dim, key tile, stages, pingpong); 128-row tiles, maxnreg 168
 WS_TILES = [(64, 64, 4, True), (64, 128, 3, True), (64, 128, 2, True), (64, 64, 4, False), (128, 64, 3, True),
             (128, 128, 2, True)]
@@ -282,7 +290,7 @@ WS_VARIANTS = [
 ]
 
 VARIANTS: list[tuple[str, Any, list[dict]]] = [("fwd", fwd_variant, FWD_VARIANTS), ("bwd", bwd_variant, BWD_VARIANTS),
-                                               ("ws", ws_variant, WS_VARIANTS)]
+                                               ("ws", ws_variant, WS_VARIANTS), ("bwd5", bwd_variant, BWD5_VARIANTS)]
 
 
 if __name__ == "__main__":

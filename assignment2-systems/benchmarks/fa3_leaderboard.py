@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import time
 from pathlib import Path
 
@@ -65,6 +66,9 @@ def main() -> None:
     parser.add_argument("--rep-ms", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=3, help="timing rounds, the order rotated between them")
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--only", type=re.compile, metavar="REGEX",
+                        help="time only the rows whose name matches (cuDNN's is always kept) and skip the Gluon "
+                             "forward sweep and the fused / one-loop checks")
     args = parser.parse_args()
     if args.rounds < 1 or args.rep_ms < 1:
         parser.error("--rounds and --rep-ms must be >= 1")
@@ -87,7 +91,7 @@ def main() -> None:
         # keys: "(key tile, stages, P in smem)" for the v1 forward, "ws (key tile, stages, ping-pong)" for fa3-v4
         check, sweep = {}, []
         for kernel, (launcher, configs) in SWEEPS.items():
-            for cfg in configs[args.head_dim]:
+            for cfg in configs[args.head_dim] if args.only is None else []:
                 name = str(cfg) if kernel == "v1" else f"{kernel} {cfg}"
                 sweep.append((name, getattr(hopper_impl, launcher), cfg))
         # each config checked then timed forward-only, printed as it goes: a config that hangs or fails (the ws
@@ -123,6 +127,24 @@ def main() -> None:
     ours = rel_errors(grads(fa3))  # before reading the path that backward took
     result["bwd_check"] = {"path": hopper_impl.last_path["backward"] or "gluon dK/dV", **ours}
     print(json.dumps(result["bwd_check"]), flush=True)
+    backward_kernel = hopper_impl._settings["backward_kernel"]
+
+    def with_backward_kernel(name: str, fn):  # one Gluon dK/dV kernel for this call (forward and backward)
+        hopper_impl.set_backward_kernel(name)
+        try:
+            return fn()
+        finally:
+            hopper_impl.set_backward_kernel(backward_kernel)
+
+    def fa3_triton_fwd(a, b, c):  # the Triton forward in front of the Gluon backward, for this call only
+        previous = hopper_impl._settings["forward"]
+        hopper_impl.set_forward_kernel("triton")
+        try:
+            return FlashAttentionHopper.apply(a, b, c, causal)
+        finally:
+            hopper_impl.set_forward_kernel(previous)
+    result["v5_bwd_check"] = rel_errors(with_backward_kernel("v5", lambda: grads(fa3_triton_fwd)))
+    print("gluon v5 dK/dV", json.dumps(result["v5_bwd_check"]), flush=True)
     fa2 = lambda a, b, c: FlashAttentionTriton.apply(a, b, c, causal)
     triton_mode = triton_impl._settings["backward"]
     one_loop_default = triton_impl._settings["dkdv_one_loop"]
@@ -136,14 +158,18 @@ def main() -> None:
 
     # the fused Triton backward (one dK/dV/dQ kernel, dQ bulk-reduced) and the split backward with the dK/dV
     # kernel's one-loop form (v10) against cuDNN too, before any timing
-    result["fused_bwd_check"] = rel_errors(fa2_grads_with(triton_impl.set_backward_mode, "fused", triton_mode))
-    print("fused triton backward", json.dumps(result["fused_bwd_check"]), flush=True)
-    result["one_loop_bwd_check"] = rel_errors(fa2_grads_with(triton_impl.set_dkdv_one_loop, True, one_loop_default))
-    print("one-loop triton backward", json.dumps(result["one_loop_bwd_check"]), flush=True)
+    if args.only is None:
+        result["fused_bwd_check"] = rel_errors(fa2_grads_with(triton_impl.set_backward_mode, "fused", triton_mode))
+        print("fused triton backward", json.dumps(result["fused_bwd_check"]), flush=True)
+        result["one_loop_bwd_check"] = rel_errors(fa2_grads_with(triton_impl.set_dkdv_one_loop, True,
+                                                                 one_loop_default))
+        print("one-loop triton backward", json.dumps(result["one_loop_bwd_check"]), flush=True)
 
     # name -> (attention, Gluon dK/dV backward on?, Triton backward mode); read when the backward runs
     impls = {
         "cs336-fa3 (gluon fwd + gluon dK/dV)": (fa3, True, None),
+        "cs336-fa3 (triton fwd + gluon v5 dK/dV)": (fa3_triton_fwd, True, None),
+        "cs336-fa3 (gluon fwd + gluon v5 dK/dV)": (fa3, True, None),
         "cs336-fa3 (gluon fwd + triton bwd)": (fa3, False, None),
         "cs336-fa3 (gluon fwd + fused triton bwd)": (fa3, False, "fused"),
         "cs336-fa3 (gluon ws fwd + triton bwd)": (fa3_ws, False, None),
@@ -167,13 +193,16 @@ def main() -> None:
         compiled_fa2(q3, k3, v3, causal).sum().backward()
 
     impls.update({name: (None, None, mode) for name, mode in harness.items()})
+    if args.only is not None:
+        impls = {name: row for name, row in impls.items() if args.only.search(name) or name == "sdpa cudnn"}
+        harness = {name: mode for name, mode in harness.items() if name in impls}
     result["backward_paths"] = {}
     backward_default = hopper_impl._settings["backward"]
 
     def measure(name: str) -> dict[str, float]:
         triton_impl.set_dkdv_one_loop(name in one_loop_rows)
         try:
-            return measure_row(name)
+            return with_backward_kernel("v5" if "v5" in name else "v2", lambda: measure_row(name))
         finally:
             triton_impl.set_dkdv_one_loop(one_loop_default)
 
@@ -196,7 +225,8 @@ def main() -> None:
         finally:
             triton_impl.set_backward_mode(triton_mode)
         if gluon_bwd is not None:
-            result["backward_paths"][name] = hopper_impl.last_path["backward"] or "gluon dK/dV"
+            result["backward_paths"][name] = (hopper_impl.last_path["backward"]
+                                              or f"gluon dK/dV {hopper_impl.last_path['backward_kernel']}")
             hopper_impl.set_backward_enabled(backward_default)
         print(name, json.dumps(times), flush=True)
         return times

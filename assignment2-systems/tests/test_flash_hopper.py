@@ -34,11 +34,23 @@ def gluon_backward_on():
 
 def test_the_gluon_backward_is_off_by_default_unless_asked_for():
     """The default follows the H100 measurement (the Triton backward was faster); CS336_FA3_BWD=1 turns it on."""
-    assert hopper_impl.settings_from({}) == {"enabled": True, "backward": False, "forward": "v1"}
+    assert hopper_impl.settings_from({}) == {"enabled": True, "backward": False, "forward": "v1",
+                                             "backward_kernel": "v2"}
     assert hopper_impl.settings_from({"CS336_FA3_BWD": "1"})["backward"] is True
     assert hopper_impl.settings_from({"CS336_FA3_BWD": "0", "CS336_FA3": "0"}) == {"enabled": False,
                                                                                  "backward": False,
-                                                                                 "forward": "v1"}
+                                                                                 "forward": "v1",
+                                                                                 "backward_kernel": "v2"}
+
+
+def test_the_pipelined_backward_kernel_and_the_triton_forward_are_chosen_by_name():
+    assert hopper_impl.settings_from({"CS336_FA3_BWD_KERNEL": "V5"})["backward_kernel"] == "v5"
+    assert hopper_impl.settings_from({"CS336_FA3_FWD": "triton"})["forward"] == "triton"
+    with pytest.raises(ValueError, match="CS336_FA3_BWD_KERNEL"):
+        hopper_impl.settings_from({"CS336_FA3_BWD_KERNEL": "v9"})
+    with pytest.raises(ValueError):
+        hopper_impl.set_backward_kernel("v9")
+    assert hopper_impl._settings["backward_kernel"] in hopper_impl.BACKWARD_KERNELS
 
 
 def test_the_warp_specialised_forward_is_opt_in():
@@ -50,6 +62,15 @@ def test_the_warp_specialised_forward_is_opt_in():
     with pytest.raises(ValueError):
         hopper_impl.set_forward_kernel("fast")
     assert hopper_impl._settings["forward"] in hopper_impl.FORWARD_KERNELS
+
+
+@pytest.fixture
+def v5_backward():
+    """The pipelined dK/dV kernel (fa3-v5) for one test, the previous choice back afterwards."""
+    previous = hopper_impl._settings["backward_kernel"]
+    hopper_impl.set_backward_kernel("v5")
+    yield
+    hopper_impl.set_backward_kernel(previous)
 
 
 @pytest.fixture
@@ -172,6 +193,43 @@ def test_hopper_backward_other_configs(head_dim, config, monkeypatch):
     monkeypatch.setitem(hopper_impl.BWD_CONFIGS, head_dim, config)
     for causal in (False, True):
         _check((1, 2, 1000, head_dim), 1000, causal, torch.bfloat16, "cuda", 1.5e-2, 3e-2)
+
+
+@needs_hopper
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("n", LENGTHS)
+def test_hopper_v5_backward(n, causal, head_dim, dtype, v5_backward):
+    """fa3-v5 (products of consecutive query tiles interleaved): one query tile (n 1, 17: the peeled first tile
+    alone), two, many, and a ragged last tile; NaN-prefilled outputs catch an unwritten key tile."""
+    tol_out, tol_grad = (1.5e-2, 3e-2) if dtype == torch.bfloat16 else (3e-3, 6e-3)
+    _check((1, 2, n, head_dim), n, causal, dtype, "cuda", tol_out, tol_grad)
+    assert hopper_impl.last_path["backward_kernel"] == "v5"
+
+
+@needs_hopper
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize(("n_q", "n_k"), [(1000, 17), (17, 1000), (300, 4097), (4097, 129)])
+def test_hopper_v5_unequal_lengths(n_q, n_k, causal, v5_backward):
+    """More keys than queries under a causal mask leaves key tiles with no query tile (dK = dV = 0 there)."""
+    _check((1, 2, n_q, 64), n_k, causal, torch.bfloat16, "cuda", 1.5e-2, 3e-2)
+
+
+@needs_hopper
+@pytest.mark.parametrize("config", [(64, 64, 4), (64, 64, 3)])
+def test_hopper_v5_other_stages_and_the_triton_forward(config, v5_backward, monkeypatch):
+    """4 stages, and the pipelined kernel behind the Triton forward (`set_forward_kernel("triton")`), as the
+    leaderboard benchmark times it."""
+    monkeypatch.setitem(hopper_impl.BWD5_CONFIGS, 64, config)
+    previous = hopper_impl._settings["forward"]
+    hopper_impl.set_forward_kernel("triton")
+    try:
+        for causal in (False, True):
+            _check((2, 3, 1000, 64), 1000, causal, torch.bfloat16, "cuda", 1.5e-2, 3e-2)
+            assert hopper_impl.last_path["forward_kernel"] == "triton"
+    finally:
+        hopper_impl.set_forward_kernel(previous)
 
 
 @needs_hopper

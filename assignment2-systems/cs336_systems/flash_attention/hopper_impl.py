@@ -4,7 +4,8 @@
 Q, K, V, O and L. Backward: by default the whole Triton backward (`triton_impl.flash_backward`), which measured
 1.2 ms faster at the leaderboard shape on an H100 (NOTES.md, fa3-v2); CS336_FA3_BWD=1 or
 `set_backward_enabled(True)` gives the Triton dQ kernel (which also writes D = rowsum(dO ∘ O)) then the Gluon
-dK/dV kernel. Inputs the Gluon kernels do not take fall back, whole, to the portable kernels:
+dK/dV kernel (fa3-v2's by default; CS336_FA3_BWD_KERNEL=v5 or `set_backward_kernel("v5")`: the pipelined
+fa3-v5 kernel, NOTES.md). Inputs the Gluon kernels do not take fall back, whole, to the portable kernels:
 a GPU other than compute capability 9.x, dtypes other than bf16/fp16, head dims other than 64 and 128, a
 Triton without Gluon; on a CPU the tiled PyTorch twin runs (so that the wiring is testable without a GPU).
 Nothing here imports Gluon until a Hopper launch.
@@ -42,26 +43,36 @@ CONFIGS: dict[int, tuple[int, int, bool]] = {64: (64, 4, True), 128: (64, 3, Tru
 # ping-pong = two consumer partitions of one warpgroup each (4 warps), else one consumer of 8 warps; compile facts
 # in NOTES.md ("fa3-v4"), all variants without spills under 240 registers per consumer thread
 WS_CONFIGS: dict[int, tuple[int, int, bool]] = {64: (64, 4, True), 128: (64, 3, True)}
-FORWARD_KERNELS = ("v1", "ws")
+# "triton": the portable Triton forward, so that a Gluon backward can be timed behind the faster forward
+FORWARD_KERNELS = ("v1", "ws", "triton")
 # head dim -> (query tile, key tile, stages) of the dK/dV kernel, 8 warps; d 128 takes 32-query tiles because
 # 64 spill (compile facts in NOTES.md, "fa3-v2")
 BWD_CONFIGS: dict[int, tuple[int, int, int]] = {64: (64, 128, 2), 128: (32, 128, 2)}
+# the pipelined dK/dV kernel (fa3-v5, one warpgroup, 64 × 64 tiles): head dim -> (query tile, key tile, stages);
+# d 64 takes 186 registers and 98 KB at 3 stages (two programs per SM), d 128 255 registers and 164 KB (one)
+BWD5_CONFIGS: dict[int, tuple[int, int, int]] = {64: (64, 64, 3), 128: (64, 64, 3)}
+# "v2": fa3-v2's kernel (two warpgroups, each query tile's products waited for before the next tile's);
+# "v5": the pipelined one
+BACKWARD_KERNELS = ("v2", "v5")
 
 
 def settings_from(environ: Mapping[str, str]) -> dict[str, Any]:
     """CS336_FA3=0 turns the Gluon kernels off; CS336_FA3_BWD=1 turns the Gluon dK/dV kernel on (off by default:
-    slower than the Triton backward on an H100, NOTES.md fa3-v2); CS336_FA3_FWD=ws picks the warp-specialised
-    forward (default v1)."""
+    slower than the Triton backward on an H100, NOTES.md fa3-v2) and CS336_FA3_BWD_KERNEL=v5 picks the pipelined
+    one (default v2); CS336_FA3_FWD=ws picks the warp-specialised forward, =triton the Triton one (default v1)."""
     forward = environ.get("CS336_FA3_FWD", "v1").strip().lower() or "v1"
     if forward not in FORWARD_KERNELS:
         raise ValueError(f"CS336_FA3_FWD={forward!r}: expected one of {FORWARD_KERNELS}")
+    backward_kernel = environ.get("CS336_FA3_BWD_KERNEL", "v2").strip().lower() or "v2"
+    if backward_kernel not in BACKWARD_KERNELS:
+        raise ValueError(f"CS336_FA3_BWD_KERNEL={backward_kernel!r}: expected one of {BACKWARD_KERNELS}")
     return {"enabled": environ.get("CS336_FA3", "1") != "0", "backward": environ.get("CS336_FA3_BWD", "0") != "0",
-            "forward": forward}
+            "forward": forward, "backward_kernel": backward_kernel}
 
 
 _settings: dict[str, Any] = settings_from(os.environ)
 # why the last call fell back ("" when the Gluon kernel ran): for tests and benchmarks
-last_path: dict[str, str] = {"forward": "", "backward": "", "forward_kernel": ""}
+last_path: dict[str, str] = {"forward": "", "backward": "", "forward_kernel": "", "backward_kernel": ""}
 
 
 def set_enabled(enabled: bool) -> None:
@@ -70,7 +81,7 @@ def set_enabled(enabled: bool) -> None:
 
 
 def set_forward_kernel(name: str) -> None:
-    """"v1" (default) or "ws" (the warp-specialised forward, fa3-v4)."""
+    """"v1" (default), "ws" (the warp-specialised forward, fa3-v4) or "triton" (the portable forward)."""
     if name not in FORWARD_KERNELS:
         raise ValueError(f"forward kernel {name!r}: expected one of {FORWARD_KERNELS}")
     _settings["forward"] = name
@@ -79,6 +90,13 @@ def set_forward_kernel(name: str) -> None:
 def set_backward_enabled(enabled: bool) -> None:
     """Turn the Gluon dK/dV kernel off (the backward is then the Triton one) or back on."""
     _settings["backward"] = bool(enabled)
+
+
+def set_backward_kernel(name: str) -> None:
+    """Which Gluon dK/dV kernel runs when the Gluon backward is on: "v2" (default) or "v5" (pipelined)."""
+    if name not in BACKWARD_KERNELS:
+        raise ValueError(f"backward kernel {name!r}: expected one of {BACKWARD_KERNELS}")
+    _settings["backward_kernel"] = name
 
 
 def backward_unsupported_reason(q: Tensor, k: Tensor, v: Tensor) -> str:
@@ -183,28 +201,34 @@ def hopper_forward_ws(q: Tensor, k: Tensor, v: Tensor, is_causal: bool,
 
 
 def hopper_backward(q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, grad_o: Tensor, is_causal: bool,
-                    config: tuple[int, int, int] | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """dQ (Triton kernel, which also writes D) and dK, dV (Gluon kernel); the caller has checked
-    `backward_unsupported_reason`."""
+                    config: tuple[int, int, int] | None = None,
+                    kernel: str | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """dQ (Triton kernel, which also writes D) and dK, dV (Gluon kernel `kernel`, by default the one set); the
+    caller has checked `backward_unsupported_reason`."""
     import triton
 
-    from cs336_systems.flash_attention import triton_impl
-    from cs336_systems.flash_attention.hopper_kernels import flash_bwd_dkdv_hopper_kernel
+    from cs336_systems.flash_attention import hopper_kernels, triton_impl
 
     d = q.shape[-1]
-    block_m, block_n, stages = config or BWD_CONFIGS[d]
+    kernel = kernel or _settings["backward_kernel"]
+    if kernel == "v5":
+        dkdv_kernel, num_warps = hopper_kernels.flash_bwd_dkdv_hopper_v5_kernel, 4
+        block_m, block_n, stages = config or BWD5_CONFIGS[d]
+    else:
+        dkdv_kernel, num_warps = hopper_kernels.flash_bwd_dkdv_hopper_kernel, NUM_WARPS
+        block_m, block_n, stages = config or BWD_CONFIGS[d]
     t = triton_impl.BackwardTensors(*(as_4d(x).contiguous() for x in (q, k, v, o, grad_o)), lse, d)
     if triton_impl._settings["descriptors"] and triton_impl._ready_for_descriptors(t):
         triton_impl.launch_dq_desc(t, is_causal)
     else:
         triton_impl.launch_dq(t, is_causal)
     grid = (t.b * t.h, triton.cdiv(t.n_k, block_n))
-    flash_bwd_dkdv_hopper_kernel[grid](
+    dkdv_kernel[grid](
         _descriptor(_flat(t.q), block_m), _descriptor(_flat(t.k), block_n), _descriptor(_flat(t.v), block_n),
         _descriptor(_flat(t.do), block_m), t.lse, t.delta, t.dk, t.dv,
         t.n_q, t.n_k, t.sm_scale,
         HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, IS_CAUSAL=bool(is_causal),
-        num_warps=NUM_WARPS,
+        num_warps=num_warps,
     )
     grads = [g.squeeze(1) if like.ndim == 3 else g for g, like in ((t.dq, q), (t.dk, k), (t.dv, v))]
     return grads[0], grads[1], grads[2]
@@ -215,6 +239,7 @@ def flash_backward(q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, grad
     """The Gluon dK/dV backward where it applies, else the portable one (Triton on CUDA, PyTorch elsewhere)."""
     reason = backward_unsupported_reason(q, k, v)
     last_path["backward"] = reason
+    last_path["backward_kernel"] = "" if reason else _settings["backward_kernel"]
     if not reason:
         return hopper_backward(q, k, v, o, lse, grad_o, is_causal)
     if q.device.type == "cuda":
@@ -232,6 +257,10 @@ def flash_forward(q: Tensor, k: Tensor, v: Tensor, is_causal: bool) -> tuple[Ten
     if not reason:
         if _settings["forward"] == "ws":
             return hopper_forward_ws(q, k, v, is_causal)
+        if _settings["forward"] == "triton":
+            from cs336_systems.flash_attention import triton_impl
+
+            return triton_impl.flash_forward(q, k, v, is_causal)
         return hopper_forward(q, k, v, is_causal)
     if q.device.type == "cuda":
         from cs336_systems.flash_attention import triton_impl

@@ -393,6 +393,144 @@ def flash_bwd_dkdv_hopper_kernel(
     gl.store(dv_ptr + ptr_off, dv.to(dtype), mask=key_ok)
 
 
+# ------------------------------------------------------------------------------ pipelined dK/dV (fa3-v5)
+#
+# fa3-v2 waited for every product of a query tile before the next tile's first one, so per tile the tensor
+# cores idled through the exponentials (only the dP^T product ran under them) and through the P^T and dS^T
+# stores. Here the products of consecutive tiles interleave (software pipelining across loop trips), so the
+# exponentials of tile j run under three products and dS^T under one:
+#
+#     tensor pipe:  ... S_j | dV_{j-1} | dK_{j-1} | dP_j | S_{j+1} | dV_j | dK_j | dP_{j+1} ...
+#     warps:        wait S_j -> P_j = exp2(...) -> P_j to smem -> wait all -> issue S_{j+1} -> dS_j to smem
+#
+# One warpgroup per program (4 warps, 64 keys × 64 queries per tile), so the only barriers are its own and two
+# programs share an SM (fa3-v2's two warpgroups met at a CTA barrier before every shared-memory operand). P^T
+# and dS^T are double-buffered: tile j writes buffer j % 2 while dV_{j-1}, dK_{j-1} read the other. A ring stage
+# is refilled only once dK_{j-1}, its last reader, has finished, so the ring needs STAGES >= 3 to keep a copy in
+# flight. L₂ and D of tile j+1 are loaded during tile j. The causal diagonal of a 64-key tile is its first query
+# tile only, which runs before the loop with the mask; the loop itself has none.
+
+
+@gluon.jit
+def _v5_vectors(lse_ptr, delta_ptr, row_base, start_m, N_QUERIES, BLOCK_M: gl.constexpr, s_layout: gl.constexpr):
+    """L₂ (base-2 logsumexp) and D of one query tile; rows past N_QUERIES get L₂ = +inf, hence P = dS = 0."""
+    offs_m = start_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, s_layout))
+    row_ok = offs_m < N_QUERIES
+    l2 = gl.load(lse_ptr + row_base + offs_m, mask=row_ok, other=float("inf")) * LOG2E
+    delta = gl.load(delta_ptr + row_base + offs_m, mask=row_ok, other=0.0)
+    return l2, delta
+
+
+@gluon.jit
+def flash_bwd_dkdv_hopper_v5_kernel(
+    q_desc, k_desc, v_desc, do_desc, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
+    N_QUERIES, N_KEYS, sm_scale,
+    HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+    IS_CAUSAL: gl.constexpr,
+):
+    """dK, dV of one (batch·head, key tile) per program, as `flash_bwd_dkdv_hopper_kernel` (same arguments and
+    grid) with the products of consecutive query tiles interleaved; 4 warps, BLOCK_N = BLOCK_M = 64."""
+    gl.static_assert(gl.num_warps() == 4, "one warpgroup per program")
+    gl.static_assert(BLOCK_N == BLOCK_M, "the causal diagonal must be the first query tile alone")
+    gl.static_assert(STAGES >= 3, "a stage is refilled one tile after its last reader")
+    dtype: gl.constexpr = q_desc.dtype
+    pid_bh = gl.program_id(0)
+    start_n = gl.program_id(1) * BLOCK_N
+    kv_row0 = pid_bh * N_KEYS + start_n
+    row_base = pid_bh.to(gl.int64) * N_QUERIES
+
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, BLOCK_M, 16])
+    acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                         instr_shape=[16, HEAD_DIM, 16])
+    k_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, HEAD_DIM], k_desc.layout)
+    v_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, HEAD_DIM], v_desc.layout)
+    q_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_DIM], q_desc.layout)
+    do_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_DIM], do_desc.layout)
+    ps_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+    p_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_N, BLOCK_M], ps_layout)
+    ds_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_N, BLOCK_M], ps_layout)
+    kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(kv_bar, count=1)
+    for i in gl.static_range(STAGES):
+        mbarrier.init(bars.index(i), count=1)
+
+    lo = start_n if IS_CAUSAL else 0  # queries before the tile's first key see none of it
+    n_tiles = gl.cdiv(gl.maximum(N_QUERIES - lo, 0), BLOCK_M)
+    q_row0 = pid_bh * N_QUERIES + lo
+    mbarrier.expect(kv_bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(k_desc, [kv_row0, 0], kv_bar, k_smem)
+    tma.async_copy_global_to_shared(v_desc, [kv_row0, 0], kv_bar, v_smem)
+    for i in gl.static_range(STAGES):
+        _issue_pair(q_desc, do_desc, q_smem, do_smem, bars, i, q_row0, n_tiles, BLOCK_M, STAGES)
+
+    qk_scale = sm_scale * 1.4426950408889634
+    offs_n = start_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, s_layout))
+    s_zero = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=s_layout)
+    dk = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, layout=acc_layout)
+    dv = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, layout=acc_layout)
+    l2, delta = _v5_vectors(lse_ptr, delta_ptr, row_base, lo, N_QUERIES, BLOCK_M, s_layout)
+    mbarrier.wait(kv_bar, 0)
+
+    # a causal key tile past the last query (more keys than queries) has no query tile: dK = dV = 0
+    if n_tiles > 0:
+        # query tile 0 (the diagonal under a causal mask): nothing of an earlier tile to interleave yet
+        mbarrier.wait(bars.index(0), 0)
+        s_tok = warpgroup_mma(k_smem, q_smem.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        dp_tok = warpgroup_mma(v_smem, do_smem.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        s = warpgroup_mma_wait(1, deps=(s_tok, ))
+        if IS_CAUSAL:
+            offs_m = lo + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, s_layout))
+            s = gl.where(offs_m[None, :] >= offs_n[:, None], s, -float("inf"))
+        p = gl.exp2(s * qk_scale - l2[None, :])
+        p_smem.index(0).store(p.to(dtype))
+        dp = warpgroup_mma_wait(0, deps=(dp_tok, ))
+        ds = p * (dp - delta[None, :])
+        ds_smem.index(0).store(ds.to(dtype))
+        fence_async_shared()
+
+        for j in range(1, n_tiles):
+            stage = j % STAGES
+            prev = (j - 1) % STAGES
+            buf = j % 2
+            l2, delta = _v5_vectors(lse_ptr, delta_ptr, row_base, lo + j * BLOCK_M, N_QUERIES, BLOCK_M, s_layout)
+            mbarrier.wait(bars.index(stage), (j // STAGES) & 1)
+            # this tile's scores first, then the previous tile's dV and dK, then this tile's dP^T
+            s_tok = warpgroup_mma(k_smem, q_smem.index(stage).permute((1, 0)), s_zero, use_acc=False,
+                                  is_async=True)
+            dv_tok = warpgroup_mma(p_smem.index(1 - buf), do_smem.index(prev), dv, is_async=True)
+            dk_tok = warpgroup_mma(ds_smem.index(1 - buf), q_smem.index(prev), dk, is_async=True)
+            dp_tok = warpgroup_mma(v_smem, do_smem.index(stage).permute((1, 0)), s_zero, use_acc=False,
+                                   is_async=True)
+            s = warpgroup_mma_wait(3, deps=(s_tok, ))
+            p = gl.exp2(s * qk_scale - l2[None, :])  # under dV_{j-1}, dK_{j-1} and dP_j
+            p_smem.index(buf).store(p.to(dtype))
+            dp, dv, dk = warpgroup_mma_wait(0, deps=(dp_tok, dv_tok, dk_tok))
+            # dK_{j-1} was the last reader of tile j-1's stage: refill it
+            _issue_pair(q_desc, do_desc, q_smem, do_smem, bars, j - 1 + STAGES, q_row0, n_tiles, BLOCK_M, STAGES)
+            ds = p * (dp - delta[None, :])
+            ds_smem.index(buf).store(ds.to(dtype))
+            fence_async_shared()
+
+        last = (n_tiles - 1) % 2
+        last_stage = (n_tiles - 1) % STAGES
+        dv_tok = warpgroup_mma(p_smem.index(last), do_smem.index(last_stage), dv, is_async=True)
+        dk_tok = warpgroup_mma(ds_smem.index(last), q_smem.index(last_stage), dk, is_async=True)
+        dv, dk = warpgroup_mma_wait(0, deps=(dv_tok, dk_tok))
+    mbarrier.invalidate(kv_bar)
+    for i in gl.static_range(STAGES):
+        mbarrier.invalidate(bars.index(i))
+
+    offs_k = start_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, acc_layout))
+    offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, acc_layout))
+    key_ok = (offs_k < N_KEYS)[:, None]
+    rows = (pid_bh * N_KEYS + offs_k).to(gl.int64)
+    ptr_off = rows[:, None] * HEAD_DIM + offs_d[None, :]
+    gl.store(dk_ptr + ptr_off, (dk * sm_scale).to(dtype), mask=key_ok)
+    gl.store(dv_ptr + ptr_off, dv.to(dtype), mask=key_ok)
+
+
 # ------------------------------------------------------------------------------- warp-specialised forward
 #
 # fa3-v4: FlashAttention-3's structure with Gluon's `warp_specialize` (Triton 3.6). Partitions of one program
