@@ -65,9 +65,14 @@ def tiktoken_like(vocab: dict[int, bytes], special_tokens: list[str]) -> tiktoke
     return tiktoken.Encoding(name="ours", pat_str=GPT2_PATTERN, mergeable_ranks=ranks, special_tokens=special)
 
 
+# Code points unassigned in Python's Unicode tables (Cn) are left out: the `regex` module and tiktoken's Rust regex
+# each classify them by their own, newer and differing, Unicode versions (regex 2026.11 reads U+3D000 as a letter,
+# tiktoken 0.14 as unassigned), so the two reference splits of such text disagree with each other, not with us.
+characters = st.characters(exclude_categories=["Cn", "Cs"])
 texts = st.one_of(
-    st.text(max_size=200),
-    st.lists(st.one_of(st.sampled_from(WORDS), st.text(max_size=3), st.just(" ")), max_size=60).map("".join),
+    st.text(characters, max_size=200),
+    st.lists(st.one_of(st.sampled_from(WORDS), st.text(characters, max_size=3), st.just(" ")),
+             max_size=60).map("".join),
 )
 texts_with_specials = st.lists(st.one_of(texts, st.just(EOT)), max_size=6).map("".join)
 
