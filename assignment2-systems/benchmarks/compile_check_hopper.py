@@ -280,6 +280,21 @@ BWD5_VARIANTS = [
     for dt in ("bf16", "fp16") for d, st in ((64, 3), (64, 4), (128, 3)) for c in (True, False)
 ]
 
+
+def bwd6_variant(mod: Any, dtype: str, head_dim: int, causal: bool, stages: int, num_warps: int,
+                 maxnreg: int) -> tuple[Any, dict, dict, dict]:
+    """fa3-v6: 128-key programs, two pipelined consumers of 64 keys (K/V descriptors of 64-row blocks)."""
+    kernel, sig, consts, attrs = bwd_variant(mod, dtype, head_dim, causal, 64, 64, stages, num_warps,
+                                             kernel="flash_bwd_dkdv_hopper_v6_kernel")
+    consts["BLOCK_N"] = 128
+    return kernel, sig, consts, attrs
+
+
+BWD6_VARIANTS = [
+    {"dtype": dt, "head_dim": 64, "causal": c, "stages": st, "num_warps": 4, "maxnreg": 168}
+    for dt in ("bf16", "fp16") for st in (3, 4) for c in (True, False)
+]
+
 # warp-specialised forward (fa3-v4): (head dim, key tile, stages, pingpong); 128-row tiles, maxnreg 168
 WS_TILES = [(64, 64, 4, True), (64, 128, 3, True), (64, 128, 2, True), (64, 64, 4, False), (128, 64, 3, True),
             (128, 128, 2, True)]
@@ -290,7 +305,8 @@ WS_VARIANTS = [
 ]
 
 VARIANTS: list[tuple[str, Any, list[dict]]] = [("fwd", fwd_variant, FWD_VARIANTS), ("bwd", bwd_variant, BWD_VARIANTS),
-                                               ("ws", ws_variant, WS_VARIANTS), ("bwd5", bwd_variant, BWD5_VARIANTS)]
+                                               ("ws", ws_variant, WS_VARIANTS), ("bwd5", bwd_variant, BWD5_VARIANTS),
+                                               ("bwd6", bwd6_variant, BWD6_VARIANTS)]
 
 
 if __name__ == "__main__":

@@ -143,8 +143,9 @@ def main() -> None:
             return FlashAttentionHopper.apply(a, b, c, causal)
         finally:
             hopper_impl.set_forward_kernel(previous)
-    result["v5_bwd_check"] = rel_errors(with_backward_kernel("v5", lambda: grads(fa3_triton_fwd)))
-    print("gluon v5 dK/dV", json.dumps(result["v5_bwd_check"]), flush=True)
+    for pipelined in ("v5", "v6"):
+        result[f"{pipelined}_bwd_check"] = rel_errors(with_backward_kernel(pipelined, lambda: grads(fa3_triton_fwd)))
+        print(f"gluon {pipelined} dK/dV", json.dumps(result[f"{pipelined}_bwd_check"]), flush=True)
     fa2 = lambda a, b, c: FlashAttentionTriton.apply(a, b, c, causal)
     triton_mode = triton_impl._settings["backward"]
     one_loop_default = triton_impl._settings["dkdv_one_loop"]
@@ -170,6 +171,8 @@ def main() -> None:
         "cs336-fa3 (gluon fwd + gluon dK/dV)": (fa3, True, None),
         "cs336-fa3 (triton fwd + gluon v5 dK/dV)": (fa3_triton_fwd, True, None),
         "cs336-fa3 (triton fwd + gluon v5 dK/dV, 4 stages)": (fa3_triton_fwd, True, None),
+        "cs336-fa3 (triton fwd + gluon v6 dK/dV)": (fa3_triton_fwd, True, None),
+        "cs336-fa3 (triton fwd + gluon v6 dK/dV, 4 stages)": (fa3_triton_fwd, True, None),
         "cs336-fa3 (gluon fwd + gluon v5 dK/dV)": (fa3, True, None),
         "cs336-fa3 (gluon fwd + triton bwd)": (fa3, False, None),
         "cs336-fa3 (gluon fwd + fused triton bwd)": (fa3, False, "fused"),
@@ -200,17 +203,20 @@ def main() -> None:
     result["backward_paths"] = {}
     backward_default = hopper_impl._settings["backward"]
 
-    v5_config = hopper_impl.BWD5_CONFIGS[args.head_dim]
+    pipelined_configs = (dict(hopper_impl.BWD5_CONFIGS), dict(hopper_impl.BWD6_CONFIGS))
 
     def measure(name: str) -> dict[str, float]:
         triton_impl.set_dkdv_one_loop(name in one_loop_rows)
-        if "4 stages" in name:  # the pipelined kernel's ring one stage deeper (115 KB: still two programs per SM)
-            hopper_impl.BWD5_CONFIGS[args.head_dim] = (*v5_config[:2], 4)
+        if "4 stages" in name:  # the pipelined kernels' ring one stage deeper (v5: 115 KB, still two programs/SM)
+            for configs in (hopper_impl.BWD5_CONFIGS, hopper_impl.BWD6_CONFIGS):
+                configs.update({d: (*cfg[:2], 4) for d, cfg in configs.items()})
+        kernel = next((k for k in ("v6", "v5") if k in name), "v2")
         try:
-            return with_backward_kernel("v5" if "v5" in name else "v2", lambda: measure_row(name))
+            return with_backward_kernel(kernel, lambda: measure_row(name))
         finally:
             triton_impl.set_dkdv_one_loop(one_loop_default)
-            hopper_impl.BWD5_CONFIGS[args.head_dim] = v5_config
+            hopper_impl.BWD5_CONFIGS.update(pipelined_configs[0])
+            hopper_impl.BWD6_CONFIGS.update(pipelined_configs[1])
 
     def measure_row(name: str) -> dict[str, float]:
         attn, gluon_bwd, mode = impls[name]

@@ -1,6 +1,6 @@
 """Hardware counters of every kernel in one leaderboard forward+backward (batch 1, 16 heads, 16 384 tokens, d 64,
 bf16, causal): ours (Triton forward, dQ and dK/dV kernels), the Gluon Hopper forward and dK/dV kernels (fa3-v2's and
-the pipelined fa3-v5), cuDNN's.
+the pipelined fa3-v5 and v6), cuDNN's.
 
 NOTES.md has explained our kernels' times by counting cycles (tensor-core work, exponentials, issued
 instructions) and by timing variants; this reads the counters instead: tensor-pipe and MUFU activity, issue-slot
@@ -65,6 +65,7 @@ def metric_list(query_text: str) -> list[str]:
 def classify(kernel: str) -> str:
     """Which implementation and which pass a kernel belongs to, from its name."""
     rules = [("flash_fwd_hopper", "gluon forward"), ("flash_bwd_dkdv_hopper_v5", "gluon v5 dK/dV"),
+             ("flash_bwd_dkdv_hopper_v6", "gluon v6 dK/dV"),
              ("flash_bwd_dkdv_hopper", "gluon dK/dV"),
              ("flash_fwd_kernel", "triton forward"), ("flash_bwd_dq_desc", "triton dQ (+D)"),
              ("flash_bwd_dkdv_desc", "triton dK/dV"), ("flash_bwd_dq_kernel", "triton dQ (pointers)"),
@@ -170,14 +171,17 @@ def run() -> None:
         hopper_impl.set_backward_enabled(True)
         return FlashAttentionHopper.apply(a, b, c, causal)
 
-    def gluon_v5(a, b, c):  # only the pipelined dK/dV kernel is new here: the Triton forward in front of it
-        hopper_impl.set_backward_kernel("v5")
-        hopper_impl.set_forward_kernel("triton")
-        return FlashAttentionHopper.apply(a, b, c, causal)
+    def pipelined(kernel: str):  # only the pipelined dK/dV kernels are new here: the Triton forward in front
+        def attn(a, b, c):
+            hopper_impl.set_backward_kernel(kernel)
+            hopper_impl.set_forward_kernel("triton")
+            return FlashAttentionHopper.apply(a, b, c, causal)
+        return attn
 
     impls = [("cs336-fa2 (triton)", lambda a, b, c: FlashAttentionTriton.apply(a, b, c, causal)),
              ("cs336-fa3 (gluon fwd, triton dQ, gluon dK/dV)", gluon), ("sdpa cudnn", cudnn),
-             ("cs336-fa3 (triton fwd and dQ, gluon v5 dK/dV)", gluon_v5)]
+             ("cs336-fa3 (triton fwd and dQ, gluon v5 dK/dV)", pipelined("v5")),
+             ("cs336-fa3 (triton fwd and dQ, gluon v6 dK/dV)", pipelined("v6"))]
     for name, attn in impls:
         for _ in range(3):  # autotune / compile outside the profiled range
             torch.autograd.grad(attn(q, k, v), (q, k, v), do)

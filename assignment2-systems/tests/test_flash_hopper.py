@@ -45,6 +45,7 @@ def test_the_gluon_backward_is_off_by_default_unless_asked_for():
 
 def test_the_pipelined_backward_kernel_and_the_triton_forward_are_chosen_by_name():
     assert hopper_impl.settings_from({"CS336_FA3_BWD_KERNEL": "V5"})["backward_kernel"] == "v5"
+    assert hopper_impl.settings_from({"CS336_FA3_BWD_KERNEL": "v6"})["backward_kernel"] == "v6"
     assert hopper_impl.settings_from({"CS336_FA3_FWD": "triton"})["forward"] == "triton"
     with pytest.raises(ValueError, match="CS336_FA3_BWD_KERNEL"):
         hopper_impl.settings_from({"CS336_FA3_BWD_KERNEL": "v9"})
@@ -64,12 +65,13 @@ def test_the_warp_specialised_forward_is_opt_in():
     assert hopper_impl._settings["forward"] in hopper_impl.FORWARD_KERNELS
 
 
-@pytest.fixture
-def v5_backward():
-    """The pipelined dK/dV kernel (fa3-v5) for one test, the previous choice back afterwards."""
+@pytest.fixture(params=["v5", "v6"])
+def pipelined_backward(request):
+    """A pipelined dK/dV kernel (fa3-v5, or its two-consumer form fa3-v6) for one test, the previous choice back
+    afterwards; yields the kernel that should run at d 64 and at d 128 (v6 is d-64 only and hands d 128 to v5)."""
     previous = hopper_impl._settings["backward_kernel"]
-    hopper_impl.set_backward_kernel("v5")
-    yield
+    hopper_impl.set_backward_kernel(request.param)
+    yield {64: request.param, 128: "v5"}
     hopper_impl.set_backward_kernel(previous)
 
 
@@ -200,28 +202,30 @@ def test_hopper_backward_other_configs(head_dim, config, monkeypatch):
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("n", LENGTHS)
-def test_hopper_v5_backward(n, causal, head_dim, dtype, v5_backward):
-    """fa3-v5 (products of consecutive query tiles interleaved): one query tile (n 1, 17: the peeled first tile
+def test_hopper_pipelined_backward(n, causal, head_dim, dtype, pipelined_backward):
+    """fa3-v5/v6 (products of consecutive query tiles interleaved): one query tile (n 1, 17: the peeled first tile
     alone), two, many, and a ragged last tile; NaN-prefilled outputs catch an unwritten key tile."""
     tol_out, tol_grad = (1.5e-2, 3e-2) if dtype == torch.bfloat16 else (3e-3, 6e-3)
     _check((1, 2, n, head_dim), n, causal, dtype, "cuda", tol_out, tol_grad)
-    assert hopper_impl.last_path["backward_kernel"] == "v5"
+    assert hopper_impl.last_path["backward_kernel"] == pipelined_backward[head_dim]
 
 
 @needs_hopper
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize(("n_q", "n_k"), [(1000, 17), (17, 1000), (300, 4097), (4097, 129)])
-def test_hopper_v5_unequal_lengths(n_q, n_k, causal, v5_backward):
-    """More keys than queries under a causal mask leaves key tiles with no query tile (dK = dV = 0 there)."""
+def test_hopper_pipelined_unequal_lengths(n_q, n_k, causal, pipelined_backward):
+    """More keys than queries under a causal mask leaves key tiles with no query tile (dK = dV = 0 there), and
+    v6's second consumer with none while its first has one."""
     _check((1, 2, n_q, 64), n_k, causal, torch.bfloat16, "cuda", 1.5e-2, 3e-2)
 
 
 @needs_hopper
-@pytest.mark.parametrize("config", [(64, 64, 4), (64, 64, 3)])
-def test_hopper_v5_other_stages_and_the_triton_forward(config, v5_backward, monkeypatch):
-    """4 stages, and the pipelined kernel behind the Triton forward (`set_forward_kernel("triton")`), as the
-    leaderboard benchmark times it."""
-    monkeypatch.setitem(hopper_impl.BWD5_CONFIGS, 64, config)
+@pytest.mark.parametrize("stages", [4, 3])
+def test_hopper_pipelined_other_stages_and_the_triton_forward(stages, pipelined_backward, monkeypatch):
+    """4 stages, and the pipelined kernels behind the Triton forward (`set_forward_kernel("triton")`), as the
+    leaderboard benchmark times them."""
+    monkeypatch.setitem(hopper_impl.BWD5_CONFIGS, 64, (64, 64, stages))
+    monkeypatch.setitem(hopper_impl.BWD6_CONFIGS, 64, (64, 128, stages))
     previous = hopper_impl._settings["forward"]
     hopper_impl.set_forward_kernel("triton")
     try:

@@ -5,9 +5,10 @@ Q, K, V, O and L. Backward: by default the whole Triton backward (`triton_impl.f
 1.2 ms faster at the leaderboard shape on an H100 (NOTES.md, fa3-v2); CS336_FA3_BWD=1 or
 `set_backward_enabled(True)` gives the Triton dQ kernel (which also writes D = rowsum(dO ∘ O)) then the Gluon
 dK/dV kernel (fa3-v2's by default; CS336_FA3_BWD_KERNEL=v5 or `set_backward_kernel("v5")`: the pipelined
-fa3-v5 kernel, NOTES.md). Inputs the Gluon kernels do not take fall back, whole, to the portable kernels:
-a GPU other than compute capability 9.x, dtypes other than bf16/fp16, head dims other than 64 and 128, a
-Triton without Gluon; on a CPU the tiled PyTorch twin runs (so that the wiring is testable without a GPU).
+fa3-v5 kernel; =v6 its two-consumer form, NOTES.md). Inputs the Gluon kernels do not take fall back, whole, to
+the portable kernels: a GPU other than compute capability 9.x, dtypes other than bf16/fp16, head dims other
+than 64 and 128, a Triton without Gluon; on a CPU the tiled PyTorch twin runs (so that the wiring is testable
+without a GPU).
 Nothing here imports Gluon until a Hopper launch.
 
 Forward kernel: by default `flash_fwd_hopper_kernel` (fa3-v1 schedule, the same warps issue the TMA copies).
@@ -51,9 +52,12 @@ BWD_CONFIGS: dict[int, tuple[int, int, int]] = {64: (64, 128, 2), 128: (32, 128,
 # the pipelined dK/dV kernel (fa3-v5, one warpgroup, 64 × 64 tiles): head dim -> (query tile, key tile, stages);
 # d 64 takes 186 registers and 98 KB at 3 stages (two programs per SM), d 128 255 registers and 164 KB (one)
 BWD5_CONFIGS: dict[int, tuple[int, int, int]] = {64: (64, 64, 3), 128: (64, 64, 3)}
+# fa3-v6 (two fa3-v5 consumers of 64 keys sharing a producer warp's Q/dO copies), d 64 only: (query tile, key tile
+# of the program, stages); 148 KB of shared memory at 3 stages, consumers at ~190 of their 240 registers
+BWD6_CONFIGS: dict[int, tuple[int, int, int]] = {64: (64, 128, 3)}
 # "v2": fa3-v2's kernel (two warpgroups, each query tile's products waited for before the next tile's);
-# "v5": the pipelined one
-BACKWARD_KERNELS = ("v2", "v5")
+# "v5": the pipelined one; "v6": v5 in two warp-specialised consumers (d 64; other head dims take v5)
+BACKWARD_KERNELS = ("v2", "v5", "v6")
 
 
 def settings_from(environ: Mapping[str, str]) -> dict[str, Any]:
@@ -93,7 +97,8 @@ def set_backward_enabled(enabled: bool) -> None:
 
 
 def set_backward_kernel(name: str) -> None:
-    """Which Gluon dK/dV kernel runs when the Gluon backward is on: "v2" (default) or "v5" (pipelined)."""
+    """Which Gluon dK/dV kernel runs when the Gluon backward is on: "v2" (default), "v5" (pipelined) or "v6"
+    (pipelined, two consumers sharing the copies)."""
     if name not in BACKWARD_KERNELS:
         raise ValueError(f"backward kernel {name!r}: expected one of {BACKWARD_KERNELS}")
     _settings["backward_kernel"] = name
@@ -211,12 +216,21 @@ def hopper_backward(q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, gra
 
     d = q.shape[-1]
     kernel = kernel or _settings["backward_kernel"]
-    if kernel == "v5":
-        dkdv_kernel, num_warps = hopper_kernels.flash_bwd_dkdv_hopper_v5_kernel, 4
+    if kernel == "v6" and d not in BWD6_CONFIGS:
+        kernel = "v5"
+    last_path["backward_kernel"] = kernel
+    options: dict[str, Any] = {}
+    if kernel == "v6":
+        dkdv_kernel, options["num_warps"] = hopper_kernels.flash_bwd_dkdv_hopper_v6_kernel, 4
+        options["maxnreg"] = hopper_kernels.WS_MAXNREG
+        block_m, block_n, stages = config or BWD6_CONFIGS[d]
+    elif kernel == "v5":
+        dkdv_kernel, options["num_warps"] = hopper_kernels.flash_bwd_dkdv_hopper_v5_kernel, 4
         block_m, block_n, stages = config or BWD5_CONFIGS[d]
     else:
-        dkdv_kernel, num_warps = hopper_kernels.flash_bwd_dkdv_hopper_kernel, NUM_WARPS
+        dkdv_kernel, options["num_warps"] = hopper_kernels.flash_bwd_dkdv_hopper_kernel, NUM_WARPS
         block_m, block_n, stages = config or BWD_CONFIGS[d]
+    kv_rows = 64 if kernel == "v6" else block_n  # v6's K/V copies are one consumer's 64 keys each
     t = triton_impl.BackwardTensors(*(as_4d(x).contiguous() for x in (q, k, v, o, grad_o)), lse, d)
     if triton_impl._settings["descriptors"] and triton_impl._ready_for_descriptors(t):
         triton_impl.launch_dq_desc(t, is_causal)
@@ -224,11 +238,11 @@ def hopper_backward(q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, gra
         triton_impl.launch_dq(t, is_causal)
     grid = (t.b * t.h, triton.cdiv(t.n_k, block_n))
     dkdv_kernel[grid](
-        _descriptor(_flat(t.q), block_m), _descriptor(_flat(t.k), block_n), _descriptor(_flat(t.v), block_n),
+        _descriptor(_flat(t.q), block_m), _descriptor(_flat(t.k), kv_rows), _descriptor(_flat(t.v), kv_rows),
         _descriptor(_flat(t.do), block_m), t.lse, t.delta, t.dk, t.dv,
         t.n_q, t.n_k, t.sm_scale,
         HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, IS_CAUSAL=bool(is_causal),
-        num_warps=num_warps,
+        **options,
     )
     grads = [g.squeeze(1) if like.ndim == 3 else g for g, like in ((t.dq, q), (t.dk, k), (t.dv, v))]
     return grads[0], grads[1], grads[2]
@@ -239,7 +253,7 @@ def flash_backward(q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, grad
     """The Gluon dK/dV backward where it applies, else the portable one (Triton on CUDA, PyTorch elsewhere)."""
     reason = backward_unsupported_reason(q, k, v)
     last_path["backward"] = reason
-    last_path["backward_kernel"] = "" if reason else _settings["backward_kernel"]
+    last_path["backward_kernel"] = ""  # hopper_backward names the kernel it launches
     if not reason:
         return hopper_backward(q, k, v, o, lse, grad_o, is_causal)
     if q.device.type == "cuda":

@@ -712,3 +712,168 @@ def flash_fwd_hopper_ws_kernel(
             (_ws_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty,
                             q_row0, kv_row0, n_tiles, NUM_CONSUMERS, BLOCK_N, STAGES)),
         ], [1], [WS_PRODUCER_REGS])
+
+
+# --------------------------------------------------------------- pipelined dK/dV, shared copies (fa3-v6)
+#
+# fa3-v5's schedule in two consumer warpgroups of one program, each owning 64 of the program's 128 keys, fed by a
+# producer warp that copies each Q/dO tile once for both: half the L2-to-SM traffic of v5's 64-key programs (each
+# 64-key program reads every Q/dO tile above its diagonal; at the leaderboard shape that is ~8.6 GB a backward).
+# Ring stages are freed by an "empty" mbarrier that each consumer arrives at once its dK product of that tile has
+# finished (count 2), so the consumers never meet at a CTA barrier; their own barriers (before a product reads the
+# P^T / dS^T they stored) span their own 128 threads. Under a causal mask the second consumer's keys see nothing of
+# query tile 0, so it frees that stage at once and starts on tile 1, its diagonal.
+
+
+@gluon.jit
+def _v6_producer(q_desc, k_desc, v_desc, do_desc, q_smem, k_smem, v_smem, do_smem, kv_bar, ready, empty,
+                 kv_row0, q_row0, n_tiles, BLOCK_M: gl.constexpr, STAGES: gl.constexpr):
+    """The load partition: both consumers' K and V halves once, then every Q/dO tile through the ring."""
+    H: gl.constexpr = k_desc.block_type.shape[0]
+    mbarrier.expect(kv_bar, 2 * (k_desc.block_type.nbytes + v_desc.block_type.nbytes))
+    for c in gl.static_range(2):
+        tma.async_copy_global_to_shared(k_desc, [kv_row0 + c * H, 0], kv_bar, k_smem.index(c))
+        tma.async_copy_global_to_shared(v_desc, [kv_row0 + c * H, 0], kv_bar, v_smem.index(c))
+    for t in range(n_tiles):
+        stage = t % STAGES
+        # a fresh mbarrier counts as having completed the phase before phase 0: the first round passes
+        mbarrier.wait(empty.index(stage), ((t // STAGES) & 1) ^ 1)
+        bar = ready.index(stage)
+        mbarrier.expect(bar, q_desc.block_type.nbytes + do_desc.block_type.nbytes)
+        row = q_row0 + t * BLOCK_M
+        tma.async_copy_global_to_shared(q_desc, [row, 0], bar, q_smem.index(stage))
+        tma.async_copy_global_to_shared(do_desc, [row, 0], bar, do_smem.index(stage))
+
+
+@gluon.jit
+def _v6_consumer(k_smem, v_smem, q_smem, do_smem, p_smem, ds_smem, kv_bar, ready, empty, lse_ptr, delta_ptr,
+                 dk_ptr, dv_ptr, pid_bh, start_n, lo, n_tiles, N_QUERIES, N_KEYS, sm_scale,
+                 WG: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
+                 IS_CAUSAL: gl.constexpr):
+    """Keys start_n + 64·WG … +64: fa3-v5's loop on the shared ring, freeing each stage through `empty`."""
+    gl.static_assert(gl.num_warps() == 4, "a consumer is one warpgroup")
+    H: gl.constexpr = 64
+    dtype: gl.constexpr = q_smem.dtype
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, BLOCK_M, 16])
+    acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                         instr_shape=[16, HEAD_DIM, 16])
+    k_s = k_smem.index(WG)
+    v_s = v_smem.index(WG)
+    key0 = start_n + WG * H
+    row_base = pid_bh.to(gl.int64) * N_QUERIES
+    qk_scale = sm_scale * 1.4426950408889634
+    offs_n = key0 + gl.arange(0, H, layout=gl.SliceLayout(1, s_layout))
+    s_zero = gl.zeros([H, BLOCK_M], gl.float32, layout=s_layout)
+    dk = gl.zeros([H, HEAD_DIM], gl.float32, layout=acc_layout)
+    dv = gl.zeros([H, HEAD_DIM], gl.float32, layout=acc_layout)
+    # the first query tile that sees these keys: under a causal mask the second consumer's diagonal is tile 1
+    t0 = WG if IS_CAUSAL else 0
+    if t0 > 0:
+        mbarrier.arrive(empty.index(0), count=1, pred=n_tiles > 0)
+    mbarrier.wait(kv_bar, 0)
+
+    if t0 < n_tiles:
+        l2, delta = _v5_vectors(lse_ptr, delta_ptr, row_base, lo + t0 * BLOCK_M, N_QUERIES, BLOCK_M, s_layout)
+        mbarrier.wait(ready.index(t0 % STAGES), (t0 // STAGES) & 1)
+        s_tok = warpgroup_mma(k_s, q_smem.index(t0 % STAGES).permute((1, 0)), s_zero, use_acc=False,
+                              is_async=True)
+        dp_tok = warpgroup_mma(v_s, do_smem.index(t0 % STAGES).permute((1, 0)), s_zero, use_acc=False,
+                               is_async=True)
+        s = warpgroup_mma_wait(1, deps=(s_tok, ))
+        if IS_CAUSAL:
+            offs_m = lo + t0 * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, s_layout))
+            s = gl.where(offs_m[None, :] >= offs_n[:, None], s, -float("inf"))
+        p = gl.exp2(s * qk_scale - l2[None, :])
+        p_smem.index(t0 % 2).store(p.to(dtype))
+        dp = warpgroup_mma_wait(0, deps=(dp_tok, ))
+        ds = p * (dp - delta[None, :])
+        ds_smem.index(t0 % 2).store(ds.to(dtype))
+        fence_async_shared()
+
+        for j in range(t0 + 1, n_tiles):
+            stage = j % STAGES
+            prev = (j - 1) % STAGES
+            buf = j % 2
+            l2, delta = _v5_vectors(lse_ptr, delta_ptr, row_base, lo + j * BLOCK_M, N_QUERIES, BLOCK_M, s_layout)
+            mbarrier.wait(ready.index(stage), (j // STAGES) & 1)
+            s_tok = warpgroup_mma(k_s, q_smem.index(stage).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+            dv_tok = warpgroup_mma(p_smem.index(1 - buf), do_smem.index(prev), dv, is_async=True)
+            dk_tok = warpgroup_mma(ds_smem.index(1 - buf), q_smem.index(prev), dk, is_async=True)
+            dp_tok = warpgroup_mma(v_s, do_smem.index(stage).permute((1, 0)), s_zero, use_acc=False,
+                                   is_async=True)
+            s = warpgroup_mma_wait(3, deps=(s_tok, ))
+            p = gl.exp2(s * qk_scale - l2[None, :])  # under dV_{j-1}, dK_{j-1} and dP_j
+            p_smem.index(buf).store(p.to(dtype))
+            dp, dv, dk = warpgroup_mma_wait(0, deps=(dp_tok, dv_tok, dk_tok))
+            mbarrier.arrive(empty.index(prev), count=1)  # this consumer is done with tile j-1's stage
+            ds = p * (dp - delta[None, :])
+            ds_smem.index(buf).store(ds.to(dtype))
+            fence_async_shared()
+
+        last = (n_tiles - 1) % 2
+        last_stage = (n_tiles - 1) % STAGES
+        dv_tok = warpgroup_mma(p_smem.index(last), do_smem.index(last_stage), dv, is_async=True)
+        dk_tok = warpgroup_mma(ds_smem.index(last), q_smem.index(last_stage), dk, is_async=True)
+        dv, dk = warpgroup_mma_wait(0, deps=(dv_tok, dk_tok))
+        mbarrier.arrive(empty.index(last_stage), count=1)
+
+    offs_k = key0 + gl.arange(0, H, layout=gl.SliceLayout(1, acc_layout))
+    offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, acc_layout))
+    key_ok = (offs_k < N_KEYS)[:, None]
+    rows = (pid_bh * N_KEYS + offs_k).to(gl.int64)
+    ptr_off = rows[:, None] * HEAD_DIM + offs_d[None, :]
+    gl.store(dk_ptr + ptr_off, (dk * sm_scale).to(dtype), mask=key_ok)
+    gl.store(dv_ptr + ptr_off, dv.to(dtype), mask=key_ok)
+
+
+@gluon.jit
+def flash_bwd_dkdv_hopper_v6_kernel(
+    q_desc, k_desc, v_desc, do_desc, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
+    N_QUERIES, N_KEYS, sm_scale,
+    HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+    IS_CAUSAL: gl.constexpr,
+):
+    """dK, dV of one (batch·head, 128-key tile) per program, grid (batch·heads, cdiv(N_KEYS, 128)): two fa3-v5
+    consumers of 64 keys each (the default partition of 4 warps and a 4-warp worker) and a 1-warp producer.
+    k_desc and v_desc have 64-row blocks (one consumer's keys), q_desc and do_desc BLOCK_M = 64. Launch with
+    num_warps=4 and maxnreg=WS_MAXNREG."""
+    gl.static_assert(BLOCK_N == 128, "two consumers of 64 keys")
+    gl.static_assert(BLOCK_M == 64, "the causal diagonal of a consumer must be one query tile")
+    gl.static_assert(k_desc.block_type.shape[0] == 64, "k_desc's block is one consumer's keys")
+    dtype: gl.constexpr = q_desc.dtype
+    pid_bh = gl.program_id(0)
+    start_n = gl.program_id(1) * BLOCK_N
+    kv_row0 = pid_bh * N_KEYS + start_n
+    lo = start_n if IS_CAUSAL else 0
+    n_tiles = gl.cdiv(gl.maximum(N_QUERIES - lo, 0), BLOCK_M)
+    q_row0 = pid_bh * N_QUERIES + lo
+
+    k_smem = gl.allocate_shared_memory(dtype, [2, 64, HEAD_DIM], k_desc.layout)
+    v_smem = gl.allocate_shared_memory(dtype, [2, 64, HEAD_DIM], v_desc.layout)
+    q_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_DIM], q_desc.layout)
+    do_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_DIM], do_desc.layout)
+    ps_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+    p0 = gl.allocate_shared_memory(dtype, [2, 64, BLOCK_M], ps_layout)  # each consumer's own P^T, dS^T pairs
+    ds0 = gl.allocate_shared_memory(dtype, [2, 64, BLOCK_M], ps_layout)
+    p1 = gl.allocate_shared_memory(dtype, [2, 64, BLOCK_M], ps_layout)
+    ds1 = gl.allocate_shared_memory(dtype, [2, 64, BLOCK_M], ps_layout)
+    kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(kv_bar, count=1)
+    for i in gl.static_range(STAGES):
+        mbarrier.init(ready.index(i), count=1)
+        mbarrier.init(empty.index(i), count=2)  # one arrive per consumer
+
+    # the partitions' argument lists are written out in full (see flash_fwd_hopper_ws_kernel)
+    gl.warp_specialize([
+        (_v6_consumer, (k_smem, v_smem, q_smem, do_smem, p0, ds0, kv_bar, ready, empty, lse_ptr, delta_ptr,
+                        dk_ptr, dv_ptr, pid_bh, start_n, lo, n_tiles, N_QUERIES, N_KEYS, sm_scale,
+                        0, HEAD_DIM, BLOCK_M, STAGES, IS_CAUSAL)),
+        (_v6_consumer, (k_smem, v_smem, q_smem, do_smem, p1, ds1, kv_bar, ready, empty, lse_ptr, delta_ptr,
+                        dk_ptr, dv_ptr, pid_bh, start_n, lo, n_tiles, N_QUERIES, N_KEYS, sm_scale,
+                        1, HEAD_DIM, BLOCK_M, STAGES, IS_CAUSAL)),
+        (_v6_producer, (q_desc, k_desc, v_desc, do_desc, q_smem, k_smem, v_smem, do_smem, kv_bar, ready, empty,
+                        kv_row0, q_row0, n_tiles, BLOCK_M, STAGES)),
+    ], [4, 1], [WS_CONSUMER_REGS, WS_PRODUCER_REGS])
