@@ -290,6 +290,31 @@ def bwd6_variant(mod: Any, dtype: str, head_dim: int, causal: bool, stages: int,
     return kernel, sig, consts, attrs
 
 
+def dq_variant(mod: Any, dtype: str, head_dim: int, causal: bool, stages: int,
+               num_warps: int, anchor_p: bool = True) -> tuple[Any, dict, dict, dict]:
+    """fa3-v7: the pipelined Gluon dQ kernel, 64 × 64 tiles."""
+    kernel = mod.flash_bwd_dq_hopper_kernel
+    sig = {
+        "q_desc": desc_type(dtype, [64, head_dim]), "k_desc": desc_type(dtype, [64, head_dim]),
+        "v_desc": desc_type(dtype, [64, head_dim]), "do_desc": desc_type(dtype, [64, head_dim]),
+        "o_ptr": f"*{dtype}", "do_ptr": f"*{dtype}", "lse_ptr": "*fp32", "delta_ptr": "*fp32", "dq_ptr": f"*{dtype}",
+        "N_QUERIES": "i32", "N_KEYS": "i32", "sm_scale": "fp32",
+        "HEAD_DIM": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "STAGES": "constexpr",
+        "IS_CAUSAL": "constexpr", "ANCHOR_P": "constexpr",
+    }
+    consts = {"HEAD_DIM": head_dim, "BLOCK_M": 64, "BLOCK_N": 64, "STAGES": stages, "IS_CAUSAL": causal,
+              "ANCHOR_P": anchor_p}
+    attrs = {(kernel.arg_names.index(n), ): [["tt.divisibility", 16]]
+             for n in ("o_ptr", "do_ptr", "lse_ptr", "delta_ptr", "dq_ptr")}
+    return kernel, sig, consts, attrs
+
+
+DQ_VARIANTS = [
+    {"dtype": dt, "head_dim": d, "causal": c, "stages": st, "num_warps": 4}
+    for dt in ("bf16", "fp16") for d, st in ((64, 2), (64, 3), (128, 2)) for c in (True, False)
+] + [{"dtype": "bf16", "head_dim": 64, "causal": c, "stages": 2, "num_warps": 4, "anchor_p": False}
+     for c in (True, False)]
+
 BWD6_VARIANTS = [
     {"dtype": dt, "head_dim": 64, "causal": c, "stages": st, "num_warps": 4, "maxnreg": 168}
     for dt in ("bf16", "fp16") for st in (3, 4) for c in (True, False)
@@ -306,7 +331,7 @@ WS_VARIANTS = [
 
 VARIANTS: list[tuple[str, Any, list[dict]]] = [("fwd", fwd_variant, FWD_VARIANTS), ("bwd", bwd_variant, BWD_VARIANTS),
                                                ("ws", ws_variant, WS_VARIANTS), ("bwd5", bwd_variant, BWD5_VARIANTS),
-                                               ("bwd6", bwd6_variant, BWD6_VARIANTS)]
+                                               ("bwd6", bwd6_variant, BWD6_VARIANTS), ("dq", dq_variant, DQ_VARIANTS)]
 
 
 if __name__ == "__main__":

@@ -143,9 +143,20 @@ def main() -> None:
             return FlashAttentionHopper.apply(a, b, c, causal)
         finally:
             hopper_impl.set_forward_kernel(previous)
+    dq_default = hopper_impl._settings["dq_kernel"]
+
+    def with_dq_kernel(name: str, fn):  # one dQ kernel in front of the Gluon dK/dV kernel, for this call
+        hopper_impl.set_dq_kernel(name)
+        try:
+            return fn()
+        finally:
+            hopper_impl.set_dq_kernel(dq_default)
     for pipelined in ("v5", "v6"):
         result[f"{pipelined}_bwd_check"] = rel_errors(with_backward_kernel(pipelined, lambda: grads(fa3_triton_fwd)))
         print(f"gluon {pipelined} dK/dV", json.dumps(result[f"{pipelined}_bwd_check"]), flush=True)
+    result["gluon_dq_check"] = rel_errors(with_dq_kernel("gluon", lambda: with_backward_kernel(
+        "v5", lambda: grads(fa3_triton_fwd))))
+    print("gluon dQ + v5 dK/dV", json.dumps(result["gluon_dq_check"]), flush=True)
     fa2 = lambda a, b, c: FlashAttentionTriton.apply(a, b, c, causal)
     triton_mode = triton_impl._settings["backward"]
     one_loop_default = triton_impl._settings["dkdv_one_loop"]
@@ -173,6 +184,8 @@ def main() -> None:
         "cs336-fa3 (triton fwd + gluon v5 dK/dV, 4 stages)": (fa3_triton_fwd, True, None),
         "cs336-fa3 (triton fwd + gluon v6 dK/dV)": (fa3_triton_fwd, True, None),
         "cs336-fa3 (triton fwd + gluon v6 dK/dV, 4 stages)": (fa3_triton_fwd, True, None),
+        "cs336-fa3 (triton fwd + gluon dQ + gluon v5 dK/dV)": (fa3_triton_fwd, True, None),
+        "cs336-fa3 (triton fwd + gluon dQ + gluon v6 dK/dV)": (fa3_triton_fwd, True, None),
         "cs336-fa3 (gluon fwd + gluon v5 dK/dV)": (fa3, True, None),
         "cs336-fa3 (gluon fwd + triton bwd)": (fa3, False, None),
         "cs336-fa3 (gluon fwd + fused triton bwd)": (fa3, False, "fused"),
@@ -212,7 +225,8 @@ def main() -> None:
                 configs.update({d: (*cfg[:2], 4) for d, cfg in configs.items()})
         kernel = next((k for k in ("v6", "v5") if k in name), "v2")
         try:
-            return with_backward_kernel(kernel, lambda: measure_row(name))
+            return with_dq_kernel("gluon" if "gluon dQ" in name else "triton",
+                                  lambda: with_backward_kernel(kernel, lambda: measure_row(name)))
         finally:
             triton_impl.set_dkdv_one_loop(one_loop_default)
             hopper_impl.BWD5_CONFIGS.update(pipelined_configs[0])

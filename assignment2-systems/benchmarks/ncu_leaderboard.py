@@ -65,7 +65,7 @@ def metric_list(query_text: str) -> list[str]:
 def classify(kernel: str) -> str:
     """Which implementation and which pass a kernel belongs to, from its name."""
     rules = [("flash_fwd_hopper", "gluon forward"), ("flash_bwd_dkdv_hopper_v5", "gluon v5 dK/dV"),
-             ("flash_bwd_dkdv_hopper_v6", "gluon v6 dK/dV"),
+             ("flash_bwd_dkdv_hopper_v6", "gluon v6 dK/dV"), ("flash_bwd_dq_hopper", "gluon dQ (+D)"),
              ("flash_bwd_dkdv_hopper", "gluon dK/dV"),
              ("flash_fwd_kernel", "triton forward"), ("flash_bwd_dq_desc", "triton dQ (+D)"),
              ("flash_bwd_dkdv_desc", "triton dK/dV"), ("flash_bwd_dq_kernel", "triton dQ (pointers)"),
@@ -167,13 +167,18 @@ def run() -> None:
         with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
             return sdpa(a, b, c, is_causal=causal)
 
-    def gluon(a, b, c):
+    def gluon(a, b, c):  # fa3-v1's forward, the Triton dQ kernel, fa3-v2's dK/dV kernel
         hopper_impl.set_backward_enabled(True)
+        hopper_impl.set_forward_kernel("v1")
+        hopper_impl.set_dq_kernel("triton")
+        hopper_impl.set_backward_kernel("v2")
         return FlashAttentionHopper.apply(a, b, c, causal)
 
-    def pipelined(kernel: str):  # only the pipelined dK/dV kernels are new here: the Triton forward in front
+    def pipelined(kernel: str, dq: str = "triton"):  # the pipelined backward kernels behind the Triton forward
         def attn(a, b, c):
+            hopper_impl.set_backward_enabled(True)
             hopper_impl.set_backward_kernel(kernel)
+            hopper_impl.set_dq_kernel(dq)
             hopper_impl.set_forward_kernel("triton")
             return FlashAttentionHopper.apply(a, b, c, causal)
         return attn
@@ -181,7 +186,8 @@ def run() -> None:
     impls = [("cs336-fa2 (triton)", lambda a, b, c: FlashAttentionTriton.apply(a, b, c, causal)),
              ("cs336-fa3 (gluon fwd, triton dQ, gluon dK/dV)", gluon), ("sdpa cudnn", cudnn),
              ("cs336-fa3 (triton fwd and dQ, gluon v5 dK/dV)", pipelined("v5")),
-             ("cs336-fa3 (triton fwd and dQ, gluon v6 dK/dV)", pipelined("v6"))]
+             ("cs336-fa3 (triton fwd and dQ, gluon v6 dK/dV)", pipelined("v6")),
+             ("cs336-fa3 (triton fwd, gluon dQ, gluon v5 dK/dV)", pipelined("v5", "gluon"))]
     for name, attn in impls:
         for _ in range(3):  # autotune / compile outside the profiled range
             torch.autograd.grad(attn(q, k, v), (q, k, v), do)

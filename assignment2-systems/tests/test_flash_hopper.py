@@ -35,12 +35,13 @@ def gluon_backward_on():
 def test_the_gluon_backward_is_off_by_default_unless_asked_for():
     """The default follows the H100 measurement (the Triton backward was faster); CS336_FA3_BWD=1 turns it on."""
     assert hopper_impl.settings_from({}) == {"enabled": True, "backward": False, "forward": "v1",
-                                             "backward_kernel": "v2"}
+                                             "backward_kernel": "v2", "dq_kernel": "triton"}
     assert hopper_impl.settings_from({"CS336_FA3_BWD": "1"})["backward"] is True
     assert hopper_impl.settings_from({"CS336_FA3_BWD": "0", "CS336_FA3": "0"}) == {"enabled": False,
                                                                                  "backward": False,
                                                                                  "forward": "v1",
-                                                                                 "backward_kernel": "v2"}
+                                                                                 "backward_kernel": "v2",
+                                                                                 "dq_kernel": "triton"}
 
 
 def test_the_pipelined_backward_kernel_and_the_triton_forward_are_chosen_by_name():
@@ -51,6 +52,11 @@ def test_the_pipelined_backward_kernel_and_the_triton_forward_are_chosen_by_name
         hopper_impl.settings_from({"CS336_FA3_BWD_KERNEL": "v9"})
     with pytest.raises(ValueError):
         hopper_impl.set_backward_kernel("v9")
+    assert hopper_impl.settings_from({"CS336_FA3_DQ": "Gluon"})["dq_kernel"] == "gluon"
+    with pytest.raises(ValueError, match="CS336_FA3_DQ"):
+        hopper_impl.settings_from({"CS336_FA3_DQ": "cuda"})
+    with pytest.raises(ValueError):
+        hopper_impl.set_dq_kernel("cuda")
     assert hopper_impl._settings["backward_kernel"] in hopper_impl.BACKWARD_KERNELS
 
 
@@ -73,6 +79,17 @@ def pipelined_backward(request):
     hopper_impl.set_backward_kernel(request.param)
     yield {64: request.param, 128: "v5"}
     hopper_impl.set_backward_kernel(previous)
+
+
+@pytest.fixture
+def gluon_dq():
+    """The pipelined Gluon dQ kernel (fa3-v7) in front of the pipelined dK/dV kernel (fa3-v5), for one test."""
+    previous = hopper_impl._settings["dq_kernel"], hopper_impl._settings["backward_kernel"]
+    hopper_impl.set_dq_kernel("gluon")
+    hopper_impl.set_backward_kernel("v5")
+    yield
+    hopper_impl.set_dq_kernel(previous[0])
+    hopper_impl.set_backward_kernel(previous[1])
 
 
 @pytest.fixture
@@ -234,6 +251,28 @@ def test_hopper_pipelined_other_stages_and_the_triton_forward(stages, pipelined_
             assert hopper_impl.last_path["forward_kernel"] == "triton"
     finally:
         hopper_impl.set_forward_kernel(previous)
+
+
+@needs_hopper
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("n", LENGTHS)
+def test_hopper_gluon_dq(n, causal, head_dim, dtype, gluon_dq):
+    """fa3-v7's dQ (and the D it writes for the dK/dV kernel): one key tile (the masked one alone), two, many, a
+    ragged last tile."""
+    tol_out, tol_grad = (1.5e-2, 3e-2) if dtype == torch.bfloat16 else (3e-3, 6e-3)
+    _check((1, 2, n, head_dim), n, causal, dtype, "cuda", tol_out, tol_grad)
+    assert hopper_impl.last_path["dq_kernel"] == "gluon"
+
+
+@needs_hopper
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize(("n_q", "n_k"), [(1000, 17), (17, 1000), (300, 4097), (4097, 129)])
+def test_hopper_gluon_dq_unequal_lengths(n_q, n_k, causal, gluon_dq, monkeypatch):
+    """Fewer keys than a causal query tile's end, and a 3-stage ring."""
+    monkeypatch.setitem(hopper_impl.DQ_STAGES, 64, 3)
+    _check((1, 2, n_q, 64), n_k, causal, torch.bfloat16, "cuda", 1.5e-2, 3e-2)
 
 
 @needs_hopper

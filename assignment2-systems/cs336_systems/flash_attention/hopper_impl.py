@@ -5,7 +5,8 @@ Q, K, V, O and L. Backward: by default the whole Triton backward (`triton_impl.f
 1.2 ms faster at the leaderboard shape on an H100 (NOTES.md, fa3-v2); CS336_FA3_BWD=1 or
 `set_backward_enabled(True)` gives the Triton dQ kernel (which also writes D = rowsum(dO ∘ O)) then the Gluon
 dK/dV kernel (fa3-v2's by default; CS336_FA3_BWD_KERNEL=v5 or `set_backward_kernel("v5")`: the pipelined
-fa3-v5 kernel; =v6 its two-consumer form, NOTES.md). Inputs the Gluon kernels do not take fall back, whole, to
+fa3-v5 kernel; =v6 its two-consumer form; CS336_FA3_DQ=gluon puts the pipelined Gluon dQ kernel, fa3-v7, in
+front of it; NOTES.md). Inputs the Gluon kernels do not take fall back, whole, to
 the portable kernels: a GPU other than compute capability 9.x, dtypes other than bf16/fp16, head dims other
 than 64 and 128, a Triton without Gluon; on a CPU the tiled PyTorch twin runs (so that the wiring is testable
 without a GPU).
@@ -58,6 +59,10 @@ BWD6_CONFIGS: dict[int, tuple[int, int, int]] = {64: (64, 128, 3)}
 # "v2": fa3-v2's kernel (two warpgroups, each query tile's products waited for before the next tile's);
 # "v5": the pipelined one; "v6": v5 in two warp-specialised consumers (d 64; other head dims take v5)
 BACKWARD_KERNELS = ("v2", "v5", "v6")
+# the dQ kernel in front of a Gluon dK/dV kernel: "triton" (the descriptor kernel, default) or "gluon" (fa3-v7,
+# pipelined, one warpgroup per 64 queries); head dim -> its K/V ring stages (2: 66 KB, three programs per SM)
+DQ_KERNELS = ("triton", "gluon")
+DQ_STAGES: dict[int, int] = {64: 2, 128: 2}
 
 
 def settings_from(environ: Mapping[str, str]) -> dict[str, Any]:
@@ -70,13 +75,17 @@ def settings_from(environ: Mapping[str, str]) -> dict[str, Any]:
     backward_kernel = environ.get("CS336_FA3_BWD_KERNEL", "v2").strip().lower() or "v2"
     if backward_kernel not in BACKWARD_KERNELS:
         raise ValueError(f"CS336_FA3_BWD_KERNEL={backward_kernel!r}: expected one of {BACKWARD_KERNELS}")
+    dq_kernel = environ.get("CS336_FA3_DQ", "triton").strip().lower() or "triton"
+    if dq_kernel not in DQ_KERNELS:
+        raise ValueError(f"CS336_FA3_DQ={dq_kernel!r}: expected one of {DQ_KERNELS}")
     return {"enabled": environ.get("CS336_FA3", "1") != "0", "backward": environ.get("CS336_FA3_BWD", "0") != "0",
-            "forward": forward, "backward_kernel": backward_kernel}
+            "forward": forward, "backward_kernel": backward_kernel, "dq_kernel": dq_kernel}
 
 
 _settings: dict[str, Any] = settings_from(os.environ)
 # why the last call fell back ("" when the Gluon kernel ran): for tests and benchmarks
-last_path: dict[str, str] = {"forward": "", "backward": "", "forward_kernel": "", "backward_kernel": ""}
+last_path: dict[str, str] = {"forward": "", "backward": "", "forward_kernel": "", "backward_kernel": "",
+                             "dq_kernel": ""}
 
 
 def set_enabled(enabled: bool) -> None:
@@ -102,6 +111,13 @@ def set_backward_kernel(name: str) -> None:
     if name not in BACKWARD_KERNELS:
         raise ValueError(f"backward kernel {name!r}: expected one of {BACKWARD_KERNELS}")
     _settings["backward_kernel"] = name
+
+
+def set_dq_kernel(name: str) -> None:
+    """The dQ kernel of the Gluon backward: "triton" (default) or "gluon" (the pipelined fa3-v7 kernel)."""
+    if name not in DQ_KERNELS:
+        raise ValueError(f"dQ kernel {name!r}: expected one of {DQ_KERNELS}")
+    _settings["dq_kernel"] = name
 
 
 def backward_unsupported_reason(q: Tensor, k: Tensor, v: Tensor) -> str:
@@ -232,7 +248,14 @@ def hopper_backward(q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, gra
         block_m, block_n, stages = config or BWD_CONFIGS[d]
     kv_rows = 64 if kernel == "v6" else block_n  # v6's K/V copies are one consumer's 64 keys each
     t = triton_impl.BackwardTensors(*(as_4d(x).contiguous() for x in (q, k, v, o, grad_o)), lse, d)
-    if triton_impl._settings["descriptors"] and triton_impl._ready_for_descriptors(t):
+    last_path["dq_kernel"] = _settings["dq_kernel"]
+    if _settings["dq_kernel"] == "gluon":
+        hopper_kernels.flash_bwd_dq_hopper_kernel[(t.b * t.h, triton.cdiv(t.n_q, 64))](
+            *(_descriptor(_flat(x), 64) for x in (t.q, t.k, t.v, t.do)), t.o, t.do, t.lse, t.delta, t.dq,
+            t.n_q, t.n_k, t.sm_scale,
+            HEAD_DIM=d, BLOCK_M=64, BLOCK_N=64, STAGES=DQ_STAGES[d], IS_CAUSAL=bool(is_causal), num_warps=4,
+        )
+    elif triton_impl._settings["descriptors"] and triton_impl._ready_for_descriptors(t):
         triton_impl.launch_dq_desc(t, is_causal)
     else:
         triton_impl.launch_dq(t, is_causal)

@@ -714,6 +714,148 @@ def flash_fwd_hopper_ws_kernel(
         ], [1], [WS_PRODUCER_REGS])
 
 
+# ------------------------------------------------------------------------------ pipelined dQ (fa3-v7)
+#
+# The dQ side of the split backward with fa3-v5's interleaving: one warpgroup per 64-query tile walks the key
+# tiles that tile sees, K and V through a TMA ring, and issues per key tile j: S_j = Q K_jᵀ, then the previous
+# tile's dQ += dS_{j−1} K_{j−1} (dS from double-buffered shared memory), then dP_j = dO V_jᵀ; waits for S_j only,
+# so the exponentials run under the other two products. Every key tile but the last is wholly visible (below the
+# causal diagonal, inside N_KEYS): only the last one is masked, so it runs after the loop. Like the Triton dQ
+# kernel it runs first in the backward and writes D = rowsum(dO ∘ O) for the dK/dV kernel.
+
+
+@gluon.jit
+def _dq_step(j, q_smem, do_smem, k_smem, v_smem, ds_smem, kv_bars, k_desc, v_desc, kv_row0, n_tiles, dq, s_zero,
+             l2, delta, offs_m, N_KEYS, qk_scale, IS_CAUSAL: gl.constexpr, HAS_PREV: gl.constexpr,
+             MASKED: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, s_layout: gl.constexpr,
+             ANCHOR_P: gl.constexpr):
+    """Key tile j: its S and dP products around the previous tile's dQ product, its dS into shared memory."""
+    stage = j % STAGES
+    buf = j % 2
+    mbarrier.wait(kv_bars.index(stage), (j // STAGES) & 1)
+    s_tok = warpgroup_mma(q_smem, k_smem.index(stage).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+    if HAS_PREV:
+        dq_tok = warpgroup_mma(ds_smem.index(1 - buf), k_smem.index((j - 1) % STAGES), dq, is_async=True)
+    dp_tok = warpgroup_mma(do_smem, v_smem.index(stage).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+    if HAS_PREV:
+        s = warpgroup_mma_wait(2, deps=(s_tok, ))
+    else:
+        s = warpgroup_mma_wait(1, deps=(s_tok, ))
+    if MASKED:  # keys past N_KEYS (the next head's rows, or zero fill) and, causal, past each query
+        offs_n = j * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+        keep = offs_n[None, :] < N_KEYS
+        if IS_CAUSAL:
+            keep = keep & (offs_n[None, :] <= offs_m[:, None])
+        s = gl.where(keep, s, -float("inf"))
+    p = gl.exp2(s * qk_scale - l2[:, None])  # under dQ_{j-1} and dP_j
+    if HAS_PREV:
+        if ANCHOR_P:
+            # a store of P (overwritten by dS below) that ptxas keeps above the wait, and with it the exponentials
+            # it needs: without one it sinks all but 6 of the 32 below the wait (nothing else reads them first)
+            ds_smem.index(buf).store(p.to(ds_smem.dtype))
+        dp, dq = warpgroup_mma_wait(0, deps=(dp_tok, dq_tok))
+        # dQ_{j-1} was the last reader of tile j-1's stage: refill it
+        _issue_pair(k_desc, v_desc, k_smem, v_smem, kv_bars, j - 1 + STAGES, kv_row0, n_tiles, BLOCK_N, STAGES)
+    else:
+        dp = warpgroup_mma_wait(0, deps=(dp_tok, ))
+    ds = p * (dp - delta[:, None])
+    ds_smem.index(buf).store(ds.to(ds_smem.dtype))
+    fence_async_shared()
+    return dq
+
+
+@gluon.jit
+def flash_bwd_dq_hopper_kernel(
+    q_desc, k_desc, v_desc, do_desc, o_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
+    N_QUERIES, N_KEYS, sm_scale,
+    HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+    IS_CAUSAL: gl.constexpr, ANCHOR_P: gl.constexpr = True,
+):
+    """dQ of one (batch·head, 64-query tile) per program, grid (batch·heads, cdiv(N_QUERIES, 64)), the longest
+    tiles first under a causal mask; also writes D. o_ptr, do_ptr, dq_ptr: contiguous (batch·heads, N_QUERIES,
+    HEAD_DIM) in the inputs' dtype; lse_ptr (natural log) and delta_ptr: float32 (batch·heads, N_QUERIES)."""
+    gl.static_assert(gl.num_warps() == 4, "one warpgroup per program")
+    gl.static_assert(BLOCK_M == 64, "one warpgroup's rows")
+    gl.static_assert(STAGES >= 2, "a stage is refilled after the dQ product that reads it")
+    dtype: gl.constexpr = q_desc.dtype
+    pid_bh = gl.program_id(0)
+    pid_m = gl.program_id(1)
+    if IS_CAUSAL:
+        pid_m = gl.num_programs(1) - 1 - pid_m
+    start_m = pid_m * BLOCK_M
+    q_row0 = pid_bh * N_QUERIES + start_m
+    kv_row0 = pid_bh * N_KEYS
+    row_base = pid_bh.to(gl.int64) * N_QUERIES
+    hi = gl.minimum(start_m + BLOCK_M, N_KEYS) if IS_CAUSAL else N_KEYS
+    n_tiles = gl.cdiv(hi, BLOCK_N)
+
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, BLOCK_N, 16])
+    acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                         instr_shape=[16, HEAD_DIM, 16])
+    q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_DIM], q_desc.layout)
+    do_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_DIM], do_desc.layout)
+    k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
+    v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
+    ds_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+    ds_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_M, BLOCK_N], ds_layout)
+    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    kv_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(q_bar, count=1)
+    for i in gl.static_range(STAGES):
+        mbarrier.init(kv_bars.index(i), count=1)
+    mbarrier.expect(q_bar, q_desc.block_type.nbytes + do_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(q_desc, [q_row0, 0], q_bar, q_smem)
+    tma.async_copy_global_to_shared(do_desc, [q_row0, 0], q_bar, do_smem)
+    for i in gl.static_range(STAGES):
+        _issue_pair(k_desc, v_desc, k_smem, v_smem, kv_bars, i, kv_row0, n_tiles, BLOCK_N, STAGES)
+
+    # D = rowsum(dO ∘ O) of this tile (for the dK/dV kernel too) and L₂; rows past N_QUERIES: D = 0, L₂ = +inf
+    io_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+    rows_io = start_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, io_layout))
+    cols_io = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, io_layout))
+    io_off = (row_base + rows_io)[:, None] * HEAD_DIM + cols_io[None, :]
+    io_ok = (rows_io < N_QUERIES)[:, None]
+    o = gl.load(o_ptr + io_off, mask=io_ok, other=0.0).to(gl.float32)
+    do = gl.load(do_ptr + io_off, mask=io_ok, other=0.0).to(gl.float32)
+    delta_io = gl.sum(o * do, axis=1)
+    gl.store(delta_ptr + row_base + rows_io, delta_io, mask=rows_io < N_QUERIES)
+    delta = gl.convert_layout(delta_io, gl.SliceLayout(1, s_layout))
+    offs_m = start_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, s_layout))
+    l2 = gl.load(lse_ptr + row_base + offs_m, mask=offs_m < N_QUERIES, other=float("inf")) * LOG2E
+
+    qk_scale = sm_scale * 1.4426950408889634
+    s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
+    dq = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, layout=acc_layout)
+    mbarrier.wait(q_bar, 0)
+    if n_tiles > 1:
+        dq = _dq_step(0, q_smem, do_smem, k_smem, v_smem, ds_smem, kv_bars, k_desc, v_desc, kv_row0, n_tiles, dq,
+                      s_zero, l2, delta, offs_m, N_KEYS, qk_scale, IS_CAUSAL, False, False, BLOCK_N, STAGES,
+                      s_layout, ANCHOR_P)
+        for j in range(1, n_tiles - 1):
+            dq = _dq_step(j, q_smem, do_smem, k_smem, v_smem, ds_smem, kv_bars, k_desc, v_desc, kv_row0, n_tiles,
+                          dq, s_zero, l2, delta, offs_m, N_KEYS, qk_scale, IS_CAUSAL, True, False, BLOCK_N, STAGES,
+                          s_layout, ANCHOR_P)
+        dq = _dq_step(n_tiles - 1, q_smem, do_smem, k_smem, v_smem, ds_smem, kv_bars, k_desc, v_desc, kv_row0,
+                      n_tiles, dq, s_zero, l2, delta, offs_m, N_KEYS, qk_scale, IS_CAUSAL, True, True, BLOCK_N,
+                      STAGES, s_layout, ANCHOR_P)
+    else:
+        dq = _dq_step(0, q_smem, do_smem, k_smem, v_smem, ds_smem, kv_bars, k_desc, v_desc, kv_row0, n_tiles, dq,
+                      s_zero, l2, delta, offs_m, N_KEYS, qk_scale, IS_CAUSAL, False, True, BLOCK_N, STAGES,
+                      s_layout, ANCHOR_P)
+    last = n_tiles - 1
+    dq_tok = warpgroup_mma(ds_smem.index(last % 2), k_smem.index(last % STAGES), dq, is_async=True)
+    dq = warpgroup_mma_wait(0, deps=(dq_tok, ))
+    mbarrier.invalidate(q_bar)
+    for i in gl.static_range(STAGES):
+        mbarrier.invalidate(kv_bars.index(i))
+
+    rows = start_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, acc_layout))
+    cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, acc_layout))
+    out_off = (row_base + rows)[:, None] * HEAD_DIM + cols[None, :]
+    gl.store(dq_ptr + out_off, (dq * sm_scale).to(dtype), mask=(rows < N_QUERIES)[:, None])
+
+
 # --------------------------------------------------------------- pipelined dK/dV, shared copies (fa3-v6)
 #
 # fa3-v5's schedule in two consumer warpgroups of one program, each owning 64 of the program's 128 keys, fed by a
