@@ -111,13 +111,16 @@ def main() -> None:
 
     fa3 = lambda a, b, c: FlashAttentionHopper.apply(a, b, c, causal)
 
-    def fa3_ws(a, b, c):  # the warp-specialised forward (fa3-v4) for this call only
-        previous = hopper_impl._settings["forward"]
-        hopper_impl.set_forward_kernel("ws")
+    def with_setting(setting: str, setter, value, fn):  # one hopper_impl setting changed for the call fn()
+        previous = hopper_impl._settings[setting]
+        setter(value)
         try:
-            return FlashAttentionHopper.apply(a, b, c, causal)
+            return fn()
         finally:
-            hopper_impl.set_forward_kernel(previous)
+            setter(previous)
+
+    def fa3_ws(a, b, c):  # the warp-specialised forward (fa3-v4) for this call only
+        return with_setting("forward", hopper_impl.set_forward_kernel, "ws", lambda: fa3(a, b, c))
     ref = grads(lambda a, b, c: _sdpa(SDPBackend.CUDNN_ATTENTION, a, b, c, causal))
 
     def rel_errors(got) -> dict[str, float]:
@@ -127,36 +130,24 @@ def main() -> None:
     ours = rel_errors(grads(fa3))  # before reading the path that backward took
     result["bwd_check"] = {"path": hopper_impl.last_path["backward"] or "gluon dK/dV", **ours}
     print(json.dumps(result["bwd_check"]), flush=True)
-    backward_kernel = hopper_impl._settings["backward_kernel"]
 
     def with_backward_kernel(name: str, fn):  # one Gluon dK/dV kernel for this call (forward and backward)
-        hopper_impl.set_backward_kernel(name)
-        try:
-            return fn()
-        finally:
-            hopper_impl.set_backward_kernel(backward_kernel)
-
-    def fa3_triton_fwd(a, b, c):  # the Triton forward in front of the Gluon backward, for this call only
-        previous = hopper_impl._settings["forward"]
-        hopper_impl.set_forward_kernel("triton")
-        try:
-            return FlashAttentionHopper.apply(a, b, c, causal)
-        finally:
-            hopper_impl.set_forward_kernel(previous)
-    dq_default = hopper_impl._settings["dq_kernel"]
+        return with_setting("backward_kernel", hopper_impl.set_backward_kernel, name, fn)
 
     def with_dq_kernel(name: str, fn):  # one dQ kernel in front of the Gluon dK/dV kernel, for this call
-        hopper_impl.set_dq_kernel(name)
-        try:
-            return fn()
-        finally:
-            hopper_impl.set_dq_kernel(dq_default)
-    for pipelined in ("v5", "v6"):
-        result[f"{pipelined}_bwd_check"] = rel_errors(with_backward_kernel(pipelined, lambda: grads(fa3_triton_fwd)))
-        print(f"gluon {pipelined} dK/dV", json.dumps(result[f"{pipelined}_bwd_check"]), flush=True)
-    result["gluon_dq_check"] = rel_errors(with_dq_kernel("gluon", lambda: with_backward_kernel(
-        "v5", lambda: grads(fa3_triton_fwd))))
-    print("gluon dQ + v5 dK/dV", json.dumps(result["gluon_dq_check"]), flush=True)
+        return with_setting("dq_kernel", hopper_impl.set_dq_kernel, name, fn)
+
+    def fa3_triton_fwd(a, b, c):  # the Triton forward in front of the Gluon backward, for this call only
+        return with_setting("forward", hopper_impl.set_forward_kernel, "triton", lambda: fa3(a, b, c))
+
+    def pipelined_grads(dq: str, dkdv: str):  # the Gluon backward on, with these kernels, for one backward
+        return with_setting("backward", hopper_impl.set_backward_enabled, True, lambda: with_dq_kernel(
+            dq, lambda: with_backward_kernel(dkdv, lambda: grads(fa3_triton_fwd))))
+    for key, (dq, dkdv) in {"v5_bwd_check": ("triton", "v5"), "v6_bwd_check": ("triton", "v6"),
+                            "gluon_dq_check": ("gluon", "v5")}.items():
+        result[key] = {**rel_errors(pipelined_grads(dq, dkdv)), "dq_kernel": hopper_impl.last_path["dq_kernel"],
+                       "dkdv_kernel": hopper_impl.last_path["backward_kernel"]}
+        print(key, json.dumps(result[key]), flush=True)
     fa2 = lambda a, b, c: FlashAttentionTriton.apply(a, b, c, causal)
     triton_mode = triton_impl._settings["backward"]
     one_loop_default = triton_impl._settings["dkdv_one_loop"]

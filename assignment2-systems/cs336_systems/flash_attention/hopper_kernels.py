@@ -277,6 +277,19 @@ def flash_fwd_hopper_kernel(
 
 
 @gluon.jit
+def _store_key_rows(dk, dv, dk_ptr, dv_ptr, key0, pid_bh, N_KEYS, sm_scale, ROWS: gl.constexpr,
+                    HEAD_DIM: gl.constexpr, acc_layout: gl.constexpr):
+    """dK (scaled) and dV of ROWS keys from key0, masked: key rows past N_KEYS belong to the next head."""
+    offs_k = key0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, acc_layout))
+    offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, acc_layout))
+    key_ok = (offs_k < N_KEYS)[:, None]
+    rows = (pid_bh * N_KEYS + offs_k).to(gl.int64)
+    ptr_off = rows[:, None] * HEAD_DIM + offs_d[None, :]
+    gl.store(dk_ptr + ptr_off, (dk * sm_scale).to(dk_ptr.dtype.element_ty), mask=key_ok)
+    gl.store(dv_ptr + ptr_off, dv.to(dv_ptr.dtype.element_ty), mask=key_ok)
+
+
+@gluon.jit
 def _bwd_step(j, k_smem, v_smem, q_smem, do_smem, p_smem, ds_smem, bars, q_desc, do_desc, q_row0, n_tiles,
               lo, mask_until, offs_n, dk, dv, s_zero, lse_ptr, delta_ptr, row_base, N_QUERIES, qk_scale,
               IS_CAUSAL: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr, s_layout: gl.constexpr):
@@ -382,15 +395,7 @@ def flash_bwd_dkdv_hopper_kernel(
     mbarrier.invalidate(kv_bar)
     for i in gl.static_range(STAGES):
         mbarrier.invalidate(bars.index(i))
-
-    # masked stores: key rows past N_KEYS belong to the next head
-    offs_k = start_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, acc_layout))
-    offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, acc_layout))
-    key_ok = (offs_k < N_KEYS)[:, None]
-    rows = (pid_bh * N_KEYS + offs_k).to(gl.int64)
-    ptr_off = rows[:, None] * HEAD_DIM + offs_d[None, :]
-    gl.store(dk_ptr + ptr_off, (dk * sm_scale).to(dtype), mask=key_ok)
-    gl.store(dv_ptr + ptr_off, dv.to(dtype), mask=key_ok)
+    _store_key_rows(dk, dv, dk_ptr, dv_ptr, start_n, pid_bh, N_KEYS, sm_scale, BLOCK_N, HEAD_DIM, acc_layout)
 
 
 # ------------------------------------------------------------------------------ pipelined dK/dV (fa3-v5)
@@ -419,6 +424,69 @@ def _v5_vectors(lse_ptr, delta_ptr, row_base, start_m, N_QUERIES, BLOCK_M: gl.co
     l2 = gl.load(lse_ptr + row_base + offs_m, mask=row_ok, other=float("inf")) * LOG2E
     delta = gl.load(delta_ptr + row_base + offs_m, mask=row_ok, other=0.0)
     return l2, delta
+
+
+@gluon.jit
+def _dkdv_pipelined(k_s, v_s, q_smem, do_smem, p_smem, ds_smem, ready, empty, q_desc, do_desc, q_row0, lse_ptr,
+                    delta_ptr, row_base, lo, t0, n_tiles, offs_n, N_QUERIES, qk_scale, dk, dv, s_zero, l2, delta,
+                    IS_CAUSAL: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr, s_layout: gl.constexpr,
+                    PRODUCER: gl.constexpr):
+    """dK, dV of one warpgroup's 64 keys over query tiles t0 … n_tiles − 1 (t0 the causal diagonal, masked, run
+    before the loop; l2, delta: its vectors, loaded by the caller while K and V arrive). A ring stage is released
+    once its last reader, the dK product, has finished: by arriving at its `empty` barrier when a producer
+    partition refills the ring (PRODUCER), else by refilling it here."""
+    if t0 < n_tiles:
+        # query tile t0: nothing of an earlier tile to interleave yet
+        mbarrier.wait(ready.index(t0 % STAGES), (t0 // STAGES) & 1)
+        s_tok = warpgroup_mma(k_s, q_smem.index(t0 % STAGES).permute((1, 0)), s_zero, use_acc=False,
+                              is_async=True)
+        dp_tok = warpgroup_mma(v_s, do_smem.index(t0 % STAGES).permute((1, 0)), s_zero, use_acc=False,
+                               is_async=True)
+        s = warpgroup_mma_wait(1, deps=(s_tok, ))
+        if IS_CAUSAL:
+            offs_m = lo + t0 * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, s_layout))
+            s = gl.where(offs_m[None, :] >= offs_n[:, None], s, -float("inf"))
+        p = gl.exp2(s * qk_scale - l2[None, :])
+        p_smem.index(t0 % 2).store(p.to(p_smem.dtype))
+        dp = warpgroup_mma_wait(0, deps=(dp_tok, ))
+        ds = p * (dp - delta[None, :])
+        ds_smem.index(t0 % 2).store(ds.to(ds_smem.dtype))
+        fence_async_shared()
+
+        for j in range(t0 + 1, n_tiles):
+            stage = j % STAGES
+            prev = (j - 1) % STAGES
+            buf = j % 2
+            l2, delta = _v5_vectors(lse_ptr, delta_ptr, row_base, lo + j * BLOCK_M, N_QUERIES, BLOCK_M, s_layout)
+            mbarrier.wait(ready.index(stage), (j // STAGES) & 1)
+            # this tile's scores first, then the previous tile's dV and dK, then this tile's dP^T
+            s_tok = warpgroup_mma(k_s, q_smem.index(stage).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+            dv_tok = warpgroup_mma(p_smem.index(1 - buf), do_smem.index(prev), dv, is_async=True)
+            dk_tok = warpgroup_mma(ds_smem.index(1 - buf), q_smem.index(prev), dk, is_async=True)
+            dp_tok = warpgroup_mma(v_s, do_smem.index(stage).permute((1, 0)), s_zero, use_acc=False,
+                                   is_async=True)
+            s = warpgroup_mma_wait(3, deps=(s_tok, ))
+            p = gl.exp2(s * qk_scale - l2[None, :])  # under dV_{j-1}, dK_{j-1} and dP_j
+            p_smem.index(buf).store(p.to(p_smem.dtype))
+            dp, dv, dk = warpgroup_mma_wait(0, deps=(dp_tok, dv_tok, dk_tok))
+            # dK_{j-1} was the last reader of tile j-1's stage
+            if PRODUCER:
+                mbarrier.arrive(empty.index(prev), count=1)
+            else:
+                _issue_pair(q_desc, do_desc, q_smem, do_smem, ready, j - 1 + STAGES, q_row0, n_tiles, BLOCK_M,
+                            STAGES)
+            ds = p * (dp - delta[None, :])
+            ds_smem.index(buf).store(ds.to(ds_smem.dtype))
+            fence_async_shared()
+
+        last = (n_tiles - 1) % 2
+        last_stage = (n_tiles - 1) % STAGES
+        dv_tok = warpgroup_mma(p_smem.index(last), do_smem.index(last_stage), dv, is_async=True)
+        dk_tok = warpgroup_mma(ds_smem.index(last), q_smem.index(last_stage), dk, is_async=True)
+        dv, dk = warpgroup_mma_wait(0, deps=(dv_tok, dk_tok))
+        if PRODUCER:
+            mbarrier.arrive(empty.index(last_stage), count=1)
+    return dk, dv
 
 
 @gluon.jit
@@ -472,63 +540,14 @@ def flash_bwd_dkdv_hopper_v5_kernel(
     dv = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, layout=acc_layout)
     l2, delta = _v5_vectors(lse_ptr, delta_ptr, row_base, lo, N_QUERIES, BLOCK_M, s_layout)
     mbarrier.wait(kv_bar, 0)
-
     # a causal key tile past the last query (more keys than queries) has no query tile: dK = dV = 0
-    if n_tiles > 0:
-        # query tile 0 (the diagonal under a causal mask): nothing of an earlier tile to interleave yet
-        mbarrier.wait(bars.index(0), 0)
-        s_tok = warpgroup_mma(k_smem, q_smem.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-        dp_tok = warpgroup_mma(v_smem, do_smem.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-        s = warpgroup_mma_wait(1, deps=(s_tok, ))
-        if IS_CAUSAL:
-            offs_m = lo + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, s_layout))
-            s = gl.where(offs_m[None, :] >= offs_n[:, None], s, -float("inf"))
-        p = gl.exp2(s * qk_scale - l2[None, :])
-        p_smem.index(0).store(p.to(dtype))
-        dp = warpgroup_mma_wait(0, deps=(dp_tok, ))
-        ds = p * (dp - delta[None, :])
-        ds_smem.index(0).store(ds.to(dtype))
-        fence_async_shared()
-
-        for j in range(1, n_tiles):
-            stage = j % STAGES
-            prev = (j - 1) % STAGES
-            buf = j % 2
-            l2, delta = _v5_vectors(lse_ptr, delta_ptr, row_base, lo + j * BLOCK_M, N_QUERIES, BLOCK_M, s_layout)
-            mbarrier.wait(bars.index(stage), (j // STAGES) & 1)
-            # this tile's scores first, then the previous tile's dV and dK, then this tile's dP^T
-            s_tok = warpgroup_mma(k_smem, q_smem.index(stage).permute((1, 0)), s_zero, use_acc=False,
-                                  is_async=True)
-            dv_tok = warpgroup_mma(p_smem.index(1 - buf), do_smem.index(prev), dv, is_async=True)
-            dk_tok = warpgroup_mma(ds_smem.index(1 - buf), q_smem.index(prev), dk, is_async=True)
-            dp_tok = warpgroup_mma(v_smem, do_smem.index(stage).permute((1, 0)), s_zero, use_acc=False,
-                                   is_async=True)
-            s = warpgroup_mma_wait(3, deps=(s_tok, ))
-            p = gl.exp2(s * qk_scale - l2[None, :])  # under dV_{j-1}, dK_{j-1} and dP_j
-            p_smem.index(buf).store(p.to(dtype))
-            dp, dv, dk = warpgroup_mma_wait(0, deps=(dp_tok, dv_tok, dk_tok))
-            # dK_{j-1} was the last reader of tile j-1's stage: refill it
-            _issue_pair(q_desc, do_desc, q_smem, do_smem, bars, j - 1 + STAGES, q_row0, n_tiles, BLOCK_M, STAGES)
-            ds = p * (dp - delta[None, :])
-            ds_smem.index(buf).store(ds.to(dtype))
-            fence_async_shared()
-
-        last = (n_tiles - 1) % 2
-        last_stage = (n_tiles - 1) % STAGES
-        dv_tok = warpgroup_mma(p_smem.index(last), do_smem.index(last_stage), dv, is_async=True)
-        dk_tok = warpgroup_mma(ds_smem.index(last), q_smem.index(last_stage), dk, is_async=True)
-        dv, dk = warpgroup_mma_wait(0, deps=(dv_tok, dk_tok))
+    dk, dv = _dkdv_pipelined(k_smem, v_smem, q_smem, do_smem, p_smem, ds_smem, bars, bars, q_desc, do_desc, q_row0,
+                             lse_ptr, delta_ptr, row_base, lo, 0, n_tiles, offs_n, N_QUERIES, qk_scale, dk, dv,
+                             s_zero, l2, delta, IS_CAUSAL, BLOCK_M, STAGES, s_layout, False)
     mbarrier.invalidate(kv_bar)
     for i in gl.static_range(STAGES):
         mbarrier.invalidate(bars.index(i))
-
-    offs_k = start_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, acc_layout))
-    offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, acc_layout))
-    key_ok = (offs_k < N_KEYS)[:, None]
-    rows = (pid_bh * N_KEYS + offs_k).to(gl.int64)
-    ptr_off = rows[:, None] * HEAD_DIM + offs_d[None, :]
-    gl.store(dk_ptr + ptr_off, (dk * sm_scale).to(dtype), mask=key_ok)
-    gl.store(dv_ptr + ptr_off, dv.to(dtype), mask=key_ok)
+    _store_key_rows(dk, dv, dk_ptr, dv_ptr, start_n, pid_bh, N_KEYS, sm_scale, BLOCK_N, HEAD_DIM, acc_layout)
 
 
 # ------------------------------------------------------------------------------- warp-specialised forward
@@ -895,7 +914,6 @@ def _v6_consumer(k_smem, v_smem, q_smem, do_smem, p_smem, ds_smem, kv_bar, ready
     """Keys start_n + 64·WG … +64: fa3-v5's loop on the shared ring, freeing each stage through `empty`."""
     gl.static_assert(gl.num_warps() == 4, "a consumer is one warpgroup")
     H: gl.constexpr = 64
-    dtype: gl.constexpr = q_smem.dtype
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BLOCK_M, 16])
     acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -913,60 +931,13 @@ def _v6_consumer(k_smem, v_smem, q_smem, do_smem, p_smem, ds_smem, kv_bar, ready
     t0 = WG if IS_CAUSAL else 0
     if t0 > 0:
         mbarrier.arrive(empty.index(0), count=1, pred=n_tiles > 0)
+    l2, delta = _v5_vectors(lse_ptr, delta_ptr, row_base, lo + t0 * BLOCK_M, N_QUERIES, BLOCK_M, s_layout)
     mbarrier.wait(kv_bar, 0)
-
-    if t0 < n_tiles:
-        l2, delta = _v5_vectors(lse_ptr, delta_ptr, row_base, lo + t0 * BLOCK_M, N_QUERIES, BLOCK_M, s_layout)
-        mbarrier.wait(ready.index(t0 % STAGES), (t0 // STAGES) & 1)
-        s_tok = warpgroup_mma(k_s, q_smem.index(t0 % STAGES).permute((1, 0)), s_zero, use_acc=False,
-                              is_async=True)
-        dp_tok = warpgroup_mma(v_s, do_smem.index(t0 % STAGES).permute((1, 0)), s_zero, use_acc=False,
-                               is_async=True)
-        s = warpgroup_mma_wait(1, deps=(s_tok, ))
-        if IS_CAUSAL:
-            offs_m = lo + t0 * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, s_layout))
-            s = gl.where(offs_m[None, :] >= offs_n[:, None], s, -float("inf"))
-        p = gl.exp2(s * qk_scale - l2[None, :])
-        p_smem.index(t0 % 2).store(p.to(dtype))
-        dp = warpgroup_mma_wait(0, deps=(dp_tok, ))
-        ds = p * (dp - delta[None, :])
-        ds_smem.index(t0 % 2).store(ds.to(dtype))
-        fence_async_shared()
-
-        for j in range(t0 + 1, n_tiles):
-            stage = j % STAGES
-            prev = (j - 1) % STAGES
-            buf = j % 2
-            l2, delta = _v5_vectors(lse_ptr, delta_ptr, row_base, lo + j * BLOCK_M, N_QUERIES, BLOCK_M, s_layout)
-            mbarrier.wait(ready.index(stage), (j // STAGES) & 1)
-            s_tok = warpgroup_mma(k_s, q_smem.index(stage).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-            dv_tok = warpgroup_mma(p_smem.index(1 - buf), do_smem.index(prev), dv, is_async=True)
-            dk_tok = warpgroup_mma(ds_smem.index(1 - buf), q_smem.index(prev), dk, is_async=True)
-            dp_tok = warpgroup_mma(v_s, do_smem.index(stage).permute((1, 0)), s_zero, use_acc=False,
-                                   is_async=True)
-            s = warpgroup_mma_wait(3, deps=(s_tok, ))
-            p = gl.exp2(s * qk_scale - l2[None, :])  # under dV_{j-1}, dK_{j-1} and dP_j
-            p_smem.index(buf).store(p.to(dtype))
-            dp, dv, dk = warpgroup_mma_wait(0, deps=(dp_tok, dv_tok, dk_tok))
-            mbarrier.arrive(empty.index(prev), count=1)  # this consumer is done with tile j-1's stage
-            ds = p * (dp - delta[None, :])
-            ds_smem.index(buf).store(ds.to(dtype))
-            fence_async_shared()
-
-        last = (n_tiles - 1) % 2
-        last_stage = (n_tiles - 1) % STAGES
-        dv_tok = warpgroup_mma(p_smem.index(last), do_smem.index(last_stage), dv, is_async=True)
-        dk_tok = warpgroup_mma(ds_smem.index(last), q_smem.index(last_stage), dk, is_async=True)
-        dv, dk = warpgroup_mma_wait(0, deps=(dv_tok, dk_tok))
-        mbarrier.arrive(empty.index(last_stage), count=1)
-
-    offs_k = key0 + gl.arange(0, H, layout=gl.SliceLayout(1, acc_layout))
-    offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, acc_layout))
-    key_ok = (offs_k < N_KEYS)[:, None]
-    rows = (pid_bh * N_KEYS + offs_k).to(gl.int64)
-    ptr_off = rows[:, None] * HEAD_DIM + offs_d[None, :]
-    gl.store(dk_ptr + ptr_off, (dk * sm_scale).to(dtype), mask=key_ok)
-    gl.store(dv_ptr + ptr_off, dv.to(dtype), mask=key_ok)
+    # the copies are the producer's: no descriptors here (the refill branch of the loop is compiled out)
+    dk, dv = _dkdv_pipelined(k_s, v_s, q_smem, do_smem, p_smem, ds_smem, ready, empty, None, None, 0,
+                             lse_ptr, delta_ptr, row_base, lo, t0, n_tiles, offs_n, N_QUERIES, qk_scale, dk, dv,
+                             s_zero, l2, delta, IS_CAUSAL, BLOCK_M, STAGES, s_layout, True)
+    _store_key_rows(dk, dv, dk_ptr, dv_ptr, key0, pid_bh, N_KEYS, sm_scale, H, HEAD_DIM, acc_layout)
 
 
 @gluon.jit
