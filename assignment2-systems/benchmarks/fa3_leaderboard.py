@@ -143,8 +143,14 @@ def main() -> None:
     def pipelined_grads(dq: str, dkdv: str):  # the Gluon backward on, with these kernels, for one backward
         return with_setting("backward", hopper_impl.set_backward_enabled, True, lambda: with_dq_kernel(
             dq, lambda: with_backward_kernel(dkdv, lambda: grads(fa3_triton_fwd))))
-    for key, (dq, dkdv) in {"v5_bwd_check": ("triton", "v5"), "v6_bwd_check": ("triton", "v6"),
-                            "gluon_dq_check": ("gluon", "v5")}.items():
+    # each check only where --only keeps a row of its kernels (a kernel that hangs on its first GPU run then
+    # takes only its own call down)
+    checks = {"v5_bwd_check": ("triton", "v5", "cs336-fa3 (triton fwd + gluon v5 dK/dV)"),
+              "v6_bwd_check": ("triton", "v6", "cs336-fa3 (triton fwd + gluon v6 dK/dV)"),
+              "gluon_dq_check": ("gluon", "v5", "cs336-fa3 (triton fwd + gluon dQ + gluon v5 dK/dV)")}
+    for key, (dq, dkdv, row) in checks.items():
+        if args.only is not None and not args.only.search(row):
+            continue
         result[key] = {**rel_errors(pipelined_grads(dq, dkdv)), "dq_kernel": hopper_impl.last_path["dq_kernel"],
                        "dkdv_kernel": hopper_impl.last_path["backward_kernel"]}
         print(key, json.dumps(result[key]), flush=True)
