@@ -150,7 +150,7 @@ def table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def run() -> None:
+def run(skip: re.Pattern | None = None) -> None:
     import torch
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.nn.functional import scaled_dot_product_attention as sdpa
@@ -189,6 +189,8 @@ def run() -> None:
              ("cs336-fa3 (triton fwd and dQ, gluon v6 dK/dV)", pipelined("v6")),
              ("cs336-fa3 (triton fwd, gluon dQ, gluon v5 dK/dV)", pipelined("v5", "gluon"))]
     for name, attn in impls:
+        if skip is not None and skip.search(name):
+            continue
         for _ in range(3):  # autotune / compile outside the profiled range
             torch.autograd.grad(attn(q, k, v), (q, k, v), do)
         torch.cuda.synchronize()
@@ -204,7 +206,8 @@ def main(argv: list[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="cmd", required=True)
     p_metrics = sub.add_parser("metrics", help="print the --metrics list for this ncu")
     p_metrics.add_argument("query", type=Path, help="output of `ncu --query-metrics`")
-    sub.add_parser("run", help="the profiled program (run it under ncu)")
+    p_run = sub.add_parser("run", help="the profiled program (run it under ncu)")
+    p_run.add_argument("--skip", type=re.compile, metavar="REGEX", help="leave out the implementations it matches")
     p_sum = sub.add_parser("summarize", help="ncu's raw CSV -> table and JSON")
     p_sum.add_argument("raw", type=Path)
     p_sum.add_argument("--json", type=Path, required=True)
@@ -215,7 +218,7 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(f"{args.query}: no known metric names in it")
         print(",".join(names))
     elif args.cmd == "run":
-        run()
+        run(args.skip)
     else:
         records = summarize(parse_raw(args.raw))
         text = table(records)
