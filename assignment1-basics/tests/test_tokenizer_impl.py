@@ -40,7 +40,10 @@ WORDS = [
     "...",
     "'ll",
 ]
-settings.register_profile("tokenizer", max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# derandomized: these compare against tiktoken, whose Unicode tables are not the `regex` module's, so an input the
+# two libraries split differently (see `characters` below) must fail every run or none, never one CI run in many
+settings.register_profile("tokenizer", max_examples=200, deadline=None, derandomize=True,
+                          suppress_health_check=[HealthCheck.too_slow])
 
 
 def make_text(rng: random.Random, num_words: int) -> str:
