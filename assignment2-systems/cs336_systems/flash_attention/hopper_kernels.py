@@ -403,17 +403,19 @@ def flash_bwd_dkdv_hopper_kernel(
 # fa3-v2 waited for every product of a query tile before the next tile's first one, so per tile the tensor
 # cores idled through the exponentials (only the dP^T product ran under them) and through the P^T and dS^T
 # stores. Here the products of consecutive tiles interleave (software pipelining across loop trips), so the
-# exponentials of tile j run under three products and dS^T under one:
+# exponentials of tile j run under three products:
 #
 #     tensor pipe:  ... S_j | dV_{j-1} | dK_{j-1} | dP_j | S_{j+1} | dV_j | dK_j | dP_{j+1} ...
-#     warps:        wait S_j -> P_j = exp2(...) -> P_j to smem -> wait all -> issue S_{j+1} -> dS_j to smem
+#     warps:        issue all four -> wait S_j -> P_j = exp2(...) -> P_j to smem -> wait all -> dS_j to smem
 #
-# One warpgroup per program (4 warps, 64 keys × 64 queries per tile), so the only barriers are its own and two
-# programs share an SM (fa3-v2's two warpgroups met at a CTA barrier before every shared-memory operand). P^T
-# and dS^T are double-buffered: tile j writes buffer j % 2 while dV_{j-1}, dK_{j-1} read the other. A ring stage
-# is refilled only once dK_{j-1}, its last reader, has finished, so the ring needs STAGES >= 3 to keep a copy in
-# flight. L₂ and D of tile j+1 are loaded during tile j. The causal diagonal of a 64-key tile is its first query
-# tile only, which runs before the loop with the mask; the loop itself has none.
+# (Issuing S_{j+1} before dS_j as well, to hide dS_j under it, keeps an accumulator in flight across the loop's
+# back edge, and ptxas then serialises every product: NOTES.md, fa3-v5.) One warpgroup per program (4 warps,
+# 64 keys × 64 queries per tile), so the only barriers are its own and two programs share an SM, filling each
+# other's gaps (fa3-v2's two warpgroups met at a CTA barrier before every shared-memory operand). P^T and dS^T
+# are double-buffered: tile j writes buffer j % 2 while dV_{j-1}, dK_{j-1} read the other. A ring stage is
+# refilled only once dK_{j-1}, its last reader, has finished, so the ring needs STAGES >= 3 to keep a copy in
+# flight. The causal diagonal of a 64-key tile is its first query tile only, which runs before the loop with
+# the mask; the loop itself has none.
 
 
 @gluon.jit
