@@ -15,8 +15,9 @@ Nothing here imports Gluon until a Hopper launch.
 Forward kernel: by default `flash_fwd_hopper_kernel` (fa3-v1 schedule, the same warps issue the TMA copies).
 CS336_FA3_FWD=ws or `set_forward_kernel("ws")` selects the warp-specialised `flash_fwd_hopper_ws_kernel`
 (fa3-v4: a 1-warp TMA producer partition and two ping-pong consumer warpgroups of 64 rows each, `WS_CONFIGS`),
-opt-in until it is measured on an H100 (NOTES.md, "fa3-v4"). `last_path["forward_kernel"]` names the kernel that
-ran ("v1" or "ws"; "" after a fallback).
+opt-in until it is measured on an H100 (NOTES.md, "fa3-v4"); CS336_FA3_FWD=triton puts the portable Triton forward
+in front of the Gluon backward. `last_path` names the kernels that ran ("forward_kernel": "v1", "ws" or "triton";
+"backward_kernel", "dq_kernel"; "" after a fallback).
 """
 
 from __future__ import annotations
