@@ -225,8 +225,9 @@ def hopper_forward_ws(q: Tensor, k: Tensor, v: Tensor, is_causal: bool,
 def hopper_backward(q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, grad_o: Tensor, is_causal: bool,
                     config: tuple[int, int, int] | None = None,
                     kernel: str | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """dQ (Triton kernel, which also writes D) and dK, dV (Gluon kernel `kernel`, by default the one set); the
-    caller has checked `backward_unsupported_reason`."""
+    """dQ (the Triton kernel, or the pipelined Gluon one after `set_dq_kernel("gluon")`; either also writes D) and
+    dK, dV (Gluon kernel `kernel`, by default the one set; v6 hands head dims it does not take to v5); the caller
+    has checked `backward_unsupported_reason`."""
     import triton
 
     from cs336_systems.flash_attention import hopper_kernels, triton_impl
