@@ -124,7 +124,7 @@ def _run_in_interpreter(code: str) -> None:
 
 def test_triton_kernels_in_interpreter():
     """The Triton kernels' indexing and masking, run by Triton's CPU interpreter in a child process
-    (TRITON_INTERPRET must be set before the kernels are defined). Both backward forms, ragged tiles."""
+    (TRITON_INTERPRET must be set before the kernels are defined). The backward forms, ragged tiles."""
     triton = pytest.importorskip("triton")
     if tuple(int(x) for x in triton.__version__.split(".")[:2]) < (3, 9):
         pytest.skip("Triton's interpreter before 3.9 cannot loop over tensor-valued range bounds")
@@ -133,7 +133,9 @@ def test_triton_kernels_in_interpreter():
         import torch
         from cs336_systems.flash_attention import FlashAttentionTriton, attention_with_lse, poisoned_outputs
         from cs336_systems.flash_attention import triton_impl
-        for mode, shape, n_k in [("split", (1, 2, 75, 32), 75), ("atomic", (1, 90, 16), 40)]:
+        # "pipelined" has no Hopper here: it must fall back to the split kernels
+        for mode, shape, n_k in [("split", (1, 2, 75, 32), 75), ("atomic", (1, 90, 16), 40),
+                                 ("pipelined", (1, 2, 75, 32), 75)]:
             triton_impl.set_backward_mode(mode)
             for causal in (False, True):
                 q = torch.randn(shape, requires_grad=True)
@@ -309,7 +311,7 @@ def test_triton_flash(shape_q, n_k, causal, dtype, tol):
 
 
 @needs_cuda
-@pytest.mark.parametrize("mode", ["split", "concurrent", "atomic", "tma", "fused"])
+@pytest.mark.parametrize("mode", ["split", "concurrent", "atomic", "tma", "fused", "pipelined"])
 def test_triton_backward_modes(mode):
     """Every backward form at ragged lengths over several heads (a TMA dQ tile that runs past one head's
     queries spills into the next head's rows: they must receive exact zeros), every head dim class, fp32."""

@@ -223,11 +223,11 @@ def hopper_forward_ws(q: Tensor, k: Tensor, v: Tensor, is_causal: bool,
 
 
 def hopper_backward(q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, grad_o: Tensor, is_causal: bool,
-                    config: tuple[int, int, int] | None = None,
-                    kernel: str | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """dQ (the Triton kernel, or the pipelined Gluon one after `set_dq_kernel("gluon")`; either also writes D) and
-    dK, dV (Gluon kernel `kernel`, by default the one set; v6 hands head dims it does not take to v5); the caller
-    has checked `backward_unsupported_reason`."""
+                    config: tuple[int, int, int] | None = None, kernel: str | None = None,
+                    dq_kernel: str | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """dQ (`dq_kernel`, by default the one set: the Triton kernel, or the pipelined Gluon one; either also writes
+    D) and dK, dV (Gluon kernel `kernel`, by default the one set; v6 hands head dims it does not take to v5); the
+    caller has checked `unsupported_reason` (and, through `flash_backward`, the backward's own switch)."""
     import triton
 
     from cs336_systems.flash_attention import hopper_kernels, triton_impl
@@ -250,8 +250,9 @@ def hopper_backward(q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, gra
         block_m, block_n, stages = config or BWD_CONFIGS[d]
     kv_rows = 64 if kernel == "v6" else block_n  # v6's K/V copies are one consumer's 64 keys each
     t = triton_impl.BackwardTensors(*(as_4d(x).contiguous() for x in (q, k, v, o, grad_o)), lse, d)
-    last_path["dq_kernel"] = _settings["dq_kernel"]
-    if _settings["dq_kernel"] == "gluon":
+    dq_kernel = dq_kernel or _settings["dq_kernel"]
+    last_path["dq_kernel"] = dq_kernel
+    if dq_kernel == "gluon":
         hopper_kernels.flash_bwd_dq_hopper_kernel[(t.b * t.h, triton.cdiv(t.n_q, 64))](
             *(_descriptor(_flat(x), 64) for x in (t.q, t.k, t.v, t.do)), t.o, t.do, t.lse, t.delta, t.dq,
             t.n_q, t.n_k, t.sm_scale,

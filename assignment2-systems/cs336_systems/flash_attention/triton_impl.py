@@ -37,7 +37,7 @@ from cs336_systems.flash_attention import triton_kernels_desc as tkd
 from cs336_systems.flash_attention._common import alloc, as_4d, check_qkv
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-BACKWARD_MODES = ("split", "concurrent", "atomic", "tma", "fused")
+BACKWARD_MODES = ("split", "concurrent", "atomic", "tma", "fused", "pipelined")
 MAX_HEAD_DIM = 128
 
 _settings: dict[str, Any] = {
@@ -52,8 +52,10 @@ _settings: dict[str, Any] = {
 
 def set_backward_mode(mode: str) -> None:
     """"split" (dQ kernel, then dK/dV kernel), "concurrent" (the two on two streams), "atomic" (one kernel,
-    float32 atomic dQ), "tma" (one kernel, dQ tiles reduced by the tensor memory accelerator) or "fused" (the
-    same with tensor descriptors for every tile)."""
+    float32 atomic dQ), "tma" (one kernel, dQ tiles reduced by the tensor memory accelerator), "fused" (the
+    same with tensor descriptors for every tile) or "pipelined" (on Hopper, bf16/fp16, d 64 or 128: the Gluon
+    kernels whose products of consecutive tiles interleave, `hopper_impl`'s fa3-v7 dQ and fa3-v5 dK/dV; "split"
+    elsewhere)."""
     if mode not in BACKWARD_MODES:
         raise ValueError(f"backward mode must be one of {BACKWARD_MODES}, not {mode!r}")
     _settings["backward"] = mode
@@ -347,6 +349,11 @@ def flash_backward(
     if 0 in grad_o.stride():
         # a broadcast dO (`o.sum().backward()`): the kernels' loads of it could not be vectorised
         grad_o = grad_o.contiguous()
+    if _settings["backward"] == "pipelined":
+        from cs336_systems.flash_attention import hopper_impl
+
+        if not hopper_impl.unsupported_reason(q, k, v):
+            return hopper_impl.hopper_backward(q, k, v, o, lse, grad_o, is_causal, kernel="v5", dq_kernel="gluon")
     t = BackwardTensors(*(_prep(x, d_pad) for x in (q, k, v, o, grad_o)), lse, d)
     if _settings["backward"] in ("atomic", "tma"):
         tma = _settings["backward"] == "tma" and _has_tma(q)
