@@ -55,7 +55,7 @@ BWD_CONFIGS: dict[int, tuple[int, int, int]] = {64: (64, 128, 2), 128: (32, 128,
 # d 64 takes 186 registers and 98 KB at 3 stages (two programs per SM), d 128 255 registers and 164 KB (one)
 BWD5_CONFIGS: dict[int, tuple[int, int, int]] = {64: (64, 64, 3), 128: (64, 64, 3)}
 # fa3-v6 (two fa3-v5 consumers of 64 keys sharing a producer warp's Q/dO copies), d 64 only: (query tile, key tile
-# of the program, stages); 148 KB of shared memory at 3 stages, consumers at ~190 of their 240 registers
+# of the program, stages); 148 KB of shared memory at 3 stages, consumers at ~180 of their 240 registers
 BWD6_CONFIGS: dict[int, tuple[int, int, int]] = {64: (64, 128, 3)}
 # "v2": fa3-v2's kernel (two warpgroups, each query tile's products waited for before the next tile's);
 # "v5": the pipelined one; "v6": v5 in two warp-specialised consumers (d 64; other head dims take v5)

@@ -418,6 +418,12 @@ def flash_bwd_dkdv_hopper_kernel(
 # the mask; the loop itself has none.
 
 
+@gluon.constexpr_function
+def _warpgroup_mma_layout(columns):
+    """The register layout of a 64-row product accumulator (or operand tile) of one warpgroup, `columns` wide."""
+    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, columns, 16])
+
+
 @gluon.jit
 def _v5_vectors(lse_ptr, delta_ptr, row_base, start_m, N_QUERIES, BLOCK_M: gl.constexpr, s_layout: gl.constexpr):
     """L₂ (base-2 logsumexp) and D of one query tile; rows past N_QUERIES get L₂ = +inf, hence P = dS = 0."""
@@ -509,10 +515,8 @@ def flash_bwd_dkdv_hopper_v5_kernel(
     kv_row0 = pid_bh * N_KEYS + start_n
     row_base = pid_bh.to(gl.int64) * N_QUERIES
 
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, BLOCK_M, 16])
-    acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                         instr_shape=[16, HEAD_DIM, 16])
+    s_layout: gl.constexpr = _warpgroup_mma_layout(BLOCK_M)
+    acc_layout: gl.constexpr = _warpgroup_mma_layout(HEAD_DIM)
     k_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, HEAD_DIM], k_desc.layout)
     v_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, HEAD_DIM], v_desc.layout)
     q_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_DIM], q_desc.layout)
@@ -810,10 +814,8 @@ def flash_bwd_dq_hopper_kernel(
     hi = gl.minimum(start_m + BLOCK_M, N_KEYS) if IS_CAUSAL else N_KEYS
     n_tiles = gl.cdiv(hi, BLOCK_N)
 
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, BLOCK_N, 16])
-    acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                         instr_shape=[16, HEAD_DIM, 16])
+    s_layout: gl.constexpr = _warpgroup_mma_layout(BLOCK_N)
+    acc_layout: gl.constexpr = _warpgroup_mma_layout(HEAD_DIM)
     q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_DIM], q_desc.layout)
     do_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_DIM], do_desc.layout)
     k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
@@ -916,10 +918,8 @@ def _v6_consumer(k_smem, v_smem, q_smem, do_smem, p_smem, ds_smem, kv_bar, ready
     """Keys start_n + 64·WG … +64: fa3-v5's loop on the shared ring, freeing each stage through `empty`."""
     gl.static_assert(gl.num_warps() == 4, "a consumer is one warpgroup")
     H: gl.constexpr = 64
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, BLOCK_M, 16])
-    acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                         instr_shape=[16, HEAD_DIM, 16])
+    s_layout: gl.constexpr = _warpgroup_mma_layout(BLOCK_M)
+    acc_layout: gl.constexpr = _warpgroup_mma_layout(HEAD_DIM)
     k_s = k_smem.index(WG)
     v_s = v_smem.index(WG)
     key0 = start_n + WG * H
