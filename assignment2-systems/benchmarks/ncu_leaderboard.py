@@ -80,20 +80,15 @@ def classify(kernel: str) -> str:
     return "other"
 
 
-def parse_raw(path: Path) -> list[dict[str, str]]:
+def parse_raw(path: Path) -> tuple[list[dict[str, str]], dict[str, str]]:
     """ncu's `--csv --page raw`: a header row of metric names, a row of units, then one row per kernel; ncu's own
-    log lines (starting with '==') may precede it."""
+    log lines (starting with '==') may precede it. Returns the kernels' rows (name -> cell) and the units row."""
     lines = [ln for ln in path.read_text(errors="replace").splitlines() if ln and not ln.startswith("==")]
     rows = list(csv.reader(lines))
     if len(rows) < 3:
         raise SystemExit(f"{path}: no kernel rows (did ncu profile anything? see the call's log)")
     header, units = rows[0], rows[1]
-    kernels = []
-    for row in rows[2:]:
-        rec = {name: value for name, value in zip(header, row, strict=False)}
-        rec["_units"] = json.dumps(dict(zip(header, units, strict=False)))
-        kernels.append(rec)
-    return kernels
+    return [dict(zip(header, row, strict=False)) for row in rows[2:]], dict(zip(header, units, strict=False))
 
 
 def _num(value: str) -> float | None:
@@ -103,18 +98,18 @@ def _num(value: str) -> float | None:
         return None
 
 
-def summarize(kernels: list[dict[str, str]]) -> list[dict]:
-    """One record per kernel: its name, class, and every metric as a number where it is one."""
+TO_MICROSECONDS = {"nsecond": 1e-3, "usecond": 1.0, "msecond": 1e3}
+
+
+def summarize(kernels: list[dict[str, str]], units: dict[str, str]) -> list[dict]:
+    """One record per kernel: its name, class, and every metric as a number where it is one (durations in µs)."""
     out = []
     for rec in kernels:
         name = rec.get("Kernel Name", "?")
-        units = json.loads(rec["_units"])
         metrics = {k: _num(v) for k, v in rec.items() if "__" in k}
         duration = metrics.get("gpu__time_duration.sum")
-        if duration is not None and units.get("gpu__time_duration.sum") == "nsecond":
-            metrics["gpu__time_duration.sum"] = duration / 1e3  # to µs
-        elif duration is not None and units.get("gpu__time_duration.sum") == "msecond":
-            metrics["gpu__time_duration.sum"] = duration * 1e3
+        if duration is not None:
+            metrics["gpu__time_duration.sum"] = duration * TO_MICROSECONDS.get(units.get("gpu__time_duration.sum"), 1.0)
         out.append({"kernel": name[:160], "class": classify(name), "metrics": metrics})
     return out
 
@@ -220,7 +215,7 @@ def main(argv: list[str] | None = None) -> None:
     elif args.cmd == "run":
         run(args.skip)
     else:
-        records = summarize(parse_raw(args.raw))
+        records = summarize(*parse_raw(args.raw))
         text = table(records)
         print(text)
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -56,7 +56,7 @@ RAW = "==PROF== Connected to process 123\n" + HEADER + """
 def test_raw_csv_becomes_one_record_per_kernel_in_microseconds(ncu_script, tmp_path):
     raw = tmp_path / "raw.csv"
     raw.write_text(RAW)
-    records = ncu_script.summarize(ncu_script.parse_raw(raw))
+    records = ncu_script.summarize(*ncu_script.parse_raw(raw))
     assert [r["class"] for r in records] == ["triton forward", "cudnn backward"]
     assert records[0]["metrics"]["gpu__time_duration.sum"] == pytest.approx(1250.0)  # 1.25 ms
     assert records[1]["metrics"]["gpu__time_duration.sum"] == pytest.approx(3180500.0)  # thousands separator
